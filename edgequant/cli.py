@@ -1,0 +1,394 @@
+"""The ``edgequant`` command: a thin layer over ``edgequant.pipeline`` and the stores.
+
+Every user-facing failure is one line on stderr and a non-zero exit code:
+2 for bad input, 1 for a failure while working, 130 for Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import shlex
+import sys
+from pathlib import Path
+
+import click
+
+from edgequant import __version__
+from edgequant.errors import BadInput, EdgequantError
+
+FORMATS = ("table", "json", "csv", "md")
+
+
+# ---------------------------------------------------------------------------
+# shared options
+
+
+def db_option(f):
+    return click.option("--db", metavar="PATH", default=None,
+                        help="Results database (SQLite file). Default: $EDGEQUANT_DB or "
+                             "~/.local/share/edgequant/results.db.")(f)
+
+
+def cache_option(f):
+    return click.option("--cache-dir", metavar="DIR", default=None, type=click.Path(file_okay=False),
+                        help="Where checkpoints and GGUF artifacts are cached. Default: $EDGEQUANT_CACHE_DIR "
+                             "or ~/.cache/edgequant.")(f)
+
+
+def model_options(f):
+    f = click.option("--profile", "profile_name", default="default", show_default=True, metavar="NAME|PATH",
+                     help="Quant profile: a built-in name (default, quick) or a path to a TOML file.")(f)
+    f = click.option("--model", default=None, metavar="PATH|HF_REPO",
+                     help="bf16 Hugging Face checkpoint folder, or a hub id (downloaded only when named). "
+                          "Default: the embedded Gemma 3 270M.")(f)
+    return f
+
+
+def bench_overrides(f):
+    f = click.option("--warmup", type=int, default=None, help="Warm-up runs before measuring (profile's bench.warmup).")(f)
+    f = click.option("-r", "--repetitions", type=int, default=None,
+                     help="Measured repetitions per test, at least 3 (profile's bench.repetitions).")(f)
+    f = click.option("-n", "--n-gen", type=int, default=None,
+                     help="Tokens generated in the tg test (profile's bench.n_gen, llama-bench -n).")(f)
+    f = click.option("-p", "--n-prompt", type=int, default=None,
+                     help="Prompt tokens in the pp test (profile's bench.n_prompt, llama-bench -p).")(f)
+    f = click.option("-t", "--threads", type=int, default=None,
+                     help="CPU threads; 0 = one per physical core (profile's bench.threads).")(f)
+    return f
+
+
+def _cache_root(cache_dir: str | None) -> Path:
+    from edgequant.paths import cache_dir as default_cache
+
+    return Path(cache_dir).expanduser() if cache_dir else default_cache()
+
+
+def _open_store(db: str | None):
+    from edgequant.paths import default_db
+    from edgequant.results.store import Store
+
+    return Store(db or default_db())
+
+
+def _load_profile(name: str, **overrides):
+    from edgequant.profiles import load_profile, with_bench_overrides
+
+    return with_bench_overrides(load_profile(name), **overrides)
+
+
+def _command_line() -> str:
+    return " ".join(shlex.quote(a) for a in ["edgequant", *sys.argv[1:]])
+
+
+# ---------------------------------------------------------------------------
+# progress
+
+
+class RichReporter:
+    """Progress bars on stderr for every long step."""
+
+    def __init__(self, console):
+        from rich.progress import (BarColumn, DownloadColumn, Progress, SpinnerColumn, TextColumn,
+                                   TimeElapsedColumn)
+
+        self.console = console
+        self.progress = Progress(SpinnerColumn(), TextColumn("{task.description:<34}"), BarColumn(),
+                                 DownloadColumn(binary_units=True), TimeElapsedColumn(),
+                                 console=console, transient=False)
+        self.bench_progress = Progress(SpinnerColumn(), TextColumn("{task.description:<34}"), BarColumn(),
+                                       TextColumn("{task.completed:.0f}/{task.total:.0f} rungs"),
+                                       TextColumn("{task.fields[phase]}"), TimeElapsedColumn(),
+                                       console=console, transient=False)
+        self._tasks: dict[str, int] = {}
+        self._bench_task = None
+
+    def __enter__(self):
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.progress.stop()
+        self.bench_progress.stop()
+        return False
+
+    def step(self, message: str) -> None:
+        self.console.print(f"[cyan]•[/cyan] {message}")
+
+    def bytes_progress(self, task: str, done: float, total: float | None) -> None:
+        tid = self._tasks.get(task)
+        if tid is None:
+            tid = self._tasks[task] = self.progress.add_task(task, total=total)
+        self.progress.update(tid, completed=done, total=total)
+
+    def start_bench(self, n_rungs: int) -> None:
+        self.progress.stop()
+        self.bench_progress.start()
+        self._bench_task = self.bench_progress.add_task("benchmarking", total=n_rungs, phase="")
+
+    def rung_started(self, quant: str) -> None:
+        if self._bench_task is not None:
+            self.bench_progress.update(self._bench_task, description=f"benchmarking {quant}", phase="loading")
+
+    def rung_phase(self, quant: str, phase: str) -> None:
+        if self._bench_task is not None:
+            self.bench_progress.update(self._bench_task, phase=phase)
+
+    def rung_done(self, quant: str, status: str) -> None:
+        if self._bench_task is not None:
+            self.bench_progress.update(self._bench_task, advance=1, phase="")
+        if status != "ok":
+            self.console.print(f"[red]•[/red] {quant}: {status}")
+
+
+def _stderr_console():
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+def _render(store, run_id: str, fmt: str, output: str | None) -> None:
+    from rich.console import Console
+
+    from edgequant.quantize.atomic import atomic_write_text
+    from edgequant.results import report as rep
+
+    summary = rep.summarize(store, run_id)
+    if fmt == "table":
+        if output:
+            console = Console(record=True, width=200, file=open(os.devnull, "w"))
+            rep.render_table(summary, console)
+            atomic_write_text(Path(output), console.export_text())
+        else:
+            console = Console()
+            if not console.is_terminal:
+                console = Console(width=max(console.width, 180))
+            rep.render_table(summary, console)
+        return
+    text = {"json": rep.render_json, "csv": rep.render_csv, "md": rep.render_markdown}[fmt](summary)
+    if output:
+        atomic_write_text(Path(output), text)
+    else:
+        click.echo(text, nl=not text.endswith("\n"))
+
+
+# ---------------------------------------------------------------------------
+# commands
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="edgequant")
+def cli():
+    """Measure what each quantization level of a model costs and breaks.
+
+    edgequant converts a bf16 Hugging Face checkpoint into a ladder of GGUF
+    quantizations, benchmarks every rung like llama-bench, stores every figure
+    and prints a comparison table against the bf16 reference.
+    """
+
+
+@cli.command()
+@model_options
+@bench_overrides
+@db_option
+@cache_option
+@click.option("--format", "fmt", type=click.Choice(FORMATS), default="table", show_default=True,
+              help="How to print the comparison at the end.")
+def run(model, profile_name, threads, n_prompt, n_gen, repetitions, warmup, db, cache_dir, fmt):
+    """Quantize, benchmark and compare: the whole job on the host.
+
+    Converts the checkpoint to the profile's reference GGUF (BF16) once, makes
+    every quant type of the profile, benchmarks each rung in its own process
+    (load time, pp and tg tokens/s, TTFT, peak memory) and prints the table.
+    Artifacts are cached: a re-run converts and quantizes nothing.
+    """
+    from edgequant import pipeline
+
+    profile = _load_profile(profile_name, threads=threads, n_prompt=n_prompt, n_gen=n_gen,
+                            repetitions=repetitions, warmup=warmup)
+    cache = _cache_root(cache_dir)
+    store = _open_store(db)
+    console = _stderr_console()
+    with RichReporter(console) as reporter:
+        resolved = pipeline.resolve_model(model, cache, reporter)
+        ckpt = resolved.checkpoint
+        run_id = store.start_run(_command_line(), profile.name, ckpt.model_id, resolved.model_hash)
+        stage = "quantizing"
+        try:
+            artifacts = pipeline.build_ladder(resolved, profile, cache, reporter)
+            store.set_prep_seconds(run_id, pipeline.process_age_seconds())
+            stage = "benchmarking"
+            reporter.start_bench(len(artifacts))
+            outcome = pipeline.bench_rungs(store, run_id, ckpt.model_id, resolved.model_hash, artifacts,
+                                           profile, reporter)
+        except KeyboardInterrupt:
+            store.finish_run(run_id, "partial", f"interrupted (Ctrl-C) while {stage}")
+            raise EdgequantError(f"interrupted while {stage}; run {run_id} is stored as partial", 130) from None
+        except EdgequantError as exc:
+            store.finish_run(run_id, "partial", f"stopped while {stage}: {exc}")
+            raise
+    failed = outcome.failed
+    store.finish_run(run_id, "complete", f"{len(failed)} rung(s) failed" if failed else None)
+    _render(store, run_id, fmt, None)
+    console.print(f"[dim]stored as run {run_id} in {store.path}; "
+                  f"`edgequant report {run_id}` shows it again[/dim]")
+    if failed:
+        raise EdgequantError(f"{len(failed)} rung(s) did not finish: "
+                             + "; ".join(f"{o.artifact.quant} {o.status}" for o in failed), 1)
+
+
+@cli.command()
+@model_options
+@db_option
+@cache_option
+@click.option("--json", "as_json", is_flag=True, help="Print the artifacts as JSON instead of a table.")
+def quantize(model, profile_name, db, cache_dir, as_json):
+    """Build the profile's GGUF ladder (cached) and list the artifacts.
+
+    Converts the checkpoint once to the reference GGUF with convert-hf-to-gguf,
+    then makes each quant type with llama.cpp's llama_model_quantize.  Records
+    file size, bits per weight, sha256 and tensor type counts of each artifact.
+    """
+    import json
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from edgequant import pipeline
+
+    profile = _load_profile(profile_name)
+    cache = _cache_root(cache_dir)
+    store = _open_store(db)
+    with RichReporter(_stderr_console()) as reporter:
+        resolved = pipeline.resolve_model(model, cache, reporter)
+        try:
+            artifacts = pipeline.build_ladder(resolved, profile, cache, reporter)
+        except KeyboardInterrupt:
+            raise EdgequantError("interrupted while quantizing; finished artifacts are kept, "
+                                 "no partial file is left", 130) from None
+    for art in artifacts:
+        store.record_artifact(art.record())
+    if as_json:
+        click.echo(json.dumps([{**art.record(), "reused": art.reused} for art in artifacts], indent=2))
+        return
+    table = Table(title=f"GGUF ladder · {resolved.checkpoint.model_id} · profile {profile.name}")
+    for col in ("rung", "size MiB", "bits/w", "sha256", "tensor types", "cached", "path"):
+        table.add_column(col, justify="right" if col in ("size MiB", "bits/w") else "left")
+    for art in artifacts:
+        types = ", ".join(f"{k}×{v}" for k, v in sorted(art.tensor_types.items(), key=lambda kv: -kv[1]))
+        table.add_row(art.quant + (" (ref)" if art.is_reference else ""), f"{art.size_bytes / 2**20:,.1f}",
+                      f"{art.bits_per_weight:.2f}", art.sha256[:12], types,
+                      "yes" if art.reused else "new", str(art.path))
+    Console().print(table)
+
+
+@cli.command()
+@model_options
+@bench_overrides
+@db_option
+@cache_option
+@click.option("--format", "fmt", type=click.Choice(FORMATS), default="table", show_default=True,
+              help="How to print the comparison at the end.")
+def bench(model, profile_name, threads, n_prompt, n_gen, repetitions, warmup, db, cache_dir, fmt):
+    """Benchmark the profile's already-built rungs on the host and store a run.
+
+    Each rung runs in its own process: model load time, prompt processing
+    (pp, default 512 tokens) and generation (tg, default 128 tokens) tokens/s,
+    mean ± stddev over the repetitions after a warm-up, time to first token and
+    peak RSS (anonymous and mmapped file pages apart).  The method matches
+    llama-bench: random tokens, tokenization and sampling excluded.  Build the
+    rungs first with `edgequant quantize`.
+    """
+    from edgequant import pipeline
+
+    profile = _load_profile(profile_name, threads=threads, n_prompt=n_prompt, n_gen=n_gen,
+                            repetitions=repetitions, warmup=warmup)
+    cache = _cache_root(cache_dir)
+    store = _open_store(db)
+    console = _stderr_console()
+    with RichReporter(console) as reporter:
+        resolved = pipeline.resolve_model(model, cache, reporter)
+        artifacts = pipeline.cached_ladder(resolved, profile, cache, reporter)
+        ckpt = resolved.checkpoint
+        run_id = store.start_run(_command_line(), profile.name, ckpt.model_id, resolved.model_hash)
+        store.set_prep_seconds(run_id, pipeline.process_age_seconds())
+        try:
+            reporter.start_bench(len(artifacts))
+            outcome = pipeline.bench_rungs(store, run_id, ckpt.model_id, resolved.model_hash, artifacts,
+                                           profile, reporter)
+        except KeyboardInterrupt:
+            store.finish_run(run_id, "partial", "interrupted (Ctrl-C) while benchmarking")
+            raise EdgequantError(f"interrupted while benchmarking; run {run_id} is stored as partial", 130) from None
+    failed = outcome.failed
+    store.finish_run(run_id, "complete", f"{len(failed)} rung(s) failed" if failed else None)
+    _render(store, run_id, fmt, None)
+    if failed:
+        raise EdgequantError(f"{len(failed)} rung(s) did not finish: "
+                             + "; ".join(f"{o.artifact.quant} {o.status}" for o in failed), 1)
+
+
+@cli.command()
+@click.argument("run_id", default="last", metavar="[RUN_ID]")
+@click.option("--format", "fmt", type=click.Choice(FORMATS), default="table", show_default=True,
+              help="table (rich), json (every figure), csv (a row per rung) or md (Markdown table).")
+@click.option("--output", "-o", metavar="FILE", default=None, help="Write to FILE instead of standard output.")
+@click.option("--list", "list_runs", is_flag=True, help="List the stored runs instead of showing one.")
+@db_option
+def report(run_id, fmt, output, list_runs, db):
+    """Re-render a stored run (RUN_ID, or `last`), or list the runs with --list."""
+    store = _open_store(db)
+    if list_runs:
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(title=f"runs in {store.path}")
+        for col in ("run", "status", "model", "profile", "started", "command"):
+            table.add_column(col)
+        import time as _time
+
+        for r in store.runs():
+            table.add_row(r["run_id"], r["status"] + (f" ({r['status_detail']})" if r["status_detail"] else ""),
+                          str(r["model_id"]), str(r["profile"]),
+                          _time.strftime("%Y-%m-%d %H:%M", _time.localtime(r["started_at"])), r["command"])
+        Console().print(table)
+        return
+    _render(store, run_id, fmt, output)
+
+
+# ---------------------------------------------------------------------------
+# entry point: library errors become one clean line
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        cli.main(args=argv, prog_name="edgequant", standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except click.UsageError as exc:
+        cmd = exc.ctx.command_path if exc.ctx else "edgequant"
+        click.echo(f"edgequant: error: {exc.format_message()} (see `{cmd} --help`)", err=True)
+        return 2
+    except click.Abort:
+        click.echo("edgequant: interrupted", err=True)
+        return 130
+    except EdgequantError as exc:
+        click.echo(f"edgequant: error: {exc}", err=True)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        click.echo("edgequant: interrupted", err=True)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - the last line of defence: never a traceback
+        if os.environ.get("EDGEQUANT_DEBUG"):
+            raise
+        click.echo(f"edgequant: internal error: {type(exc).__name__}: {exc} "
+                   f"(set EDGEQUANT_DEBUG=1 for a traceback and report it)", err=True)
+        return 1
+    return 0
+
+
+def entry() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry()

@@ -1,0 +1,157 @@
+"""The library API behind the CLI: resolve a model, build its ladder, benchmark
+every rung on the host, store the rows.  Each stage is a function; ``run``
+chains them.  Nothing here prints: progress goes through a ``Reporter``.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Protocol
+
+from edgequant.devices.host import host_device, host_device_id
+from edgequant.errors import BadInput
+from edgequant.profiles import Profile
+from edgequant.quantize.checkpoint import (Checkpoint, checkpoint_hash, download_from_hub, looks_like_hub_id,
+                                           open_checkpoint)
+from edgequant.quantize.ladder import Artifact, Ladder
+from edgequant.results.store import Measurement, RowKey, Store
+
+
+class Reporter(Protocol):
+    def step(self, message: str) -> None: ...
+    def bytes_progress(self, task: str, done: float, total: float | None) -> None: ...
+    def rung_started(self, quant: str) -> None: ...
+    def rung_phase(self, quant: str, phase: str) -> None: ...
+    def rung_done(self, quant: str, status: str) -> None: ...
+
+
+class NullReporter:
+    def step(self, message: str) -> None:
+        pass
+
+    def bytes_progress(self, task: str, done: float, total: float | None) -> None:
+        pass
+
+    def rung_started(self, quant: str) -> None:
+        pass
+
+    def rung_phase(self, quant: str, phase: str) -> None:
+        pass
+
+    def rung_done(self, quant: str, status: str) -> None:
+        pass
+
+
+@dataclass
+class ResolvedModel:
+    checkpoint: Checkpoint
+    model_hash: str
+
+
+def resolve_model(model: str | None, cache_root: Path, reporter: Reporter) -> ResolvedModel:
+    """``None`` is the embedded default; a folder is a local checkpoint; ``org/name`` is a hub id."""
+    from edgequant.quantize.default_model import DEFAULT_MODEL_ID, materialize_default
+
+    if model is None:
+        path = materialize_default(cache_root, step=reporter.step)
+        ckpt = open_checkpoint(path, model_id=DEFAULT_MODEL_ID)
+    elif Path(model).exists() or not looks_like_hub_id(model):
+        ckpt = open_checkpoint(model)
+    else:
+        reporter.step(f"downloading {model} from the Hugging Face hub")
+        ckpt = open_checkpoint(download_from_hub(model, cache_root), model_id=model)
+    reporter.step(f"fingerprinting {ckpt.path}")
+    digest = checkpoint_hash(ckpt, cache_root / "checkpoint-hashes.json")
+    return ResolvedModel(ckpt, digest)
+
+
+def build_ladder(resolved: ResolvedModel, profile: Profile, cache_root: Path,
+                 reporter: Reporter) -> list[Artifact]:
+    ladder = Ladder(resolved.checkpoint, resolved.model_hash, profile, cache_root)
+    return ladder.build(reporter.bytes_progress)
+
+
+def cached_ladder(resolved: ResolvedModel, profile: Profile, cache_root: Path,
+                  reporter: Reporter) -> list[Artifact]:
+    """The ladder's artifacts if all are already built; BadInput naming the missing ones otherwise."""
+    ladder = Ladder(resolved.checkpoint, resolved.model_hash, profile, cache_root)
+    missing = ladder.missing()
+    if missing:
+        raise BadInput(f"{len(missing)} rung(s) of profile {profile.name} are not built yet "
+                       f"({', '.join(r.quant for r in missing)}); run `edgequant quantize` first")
+    return ladder.build(reporter.bytes_progress)
+
+
+@dataclass
+class RungOutcome:
+    artifact: Artifact
+    status: str
+    detail: str | None = None
+
+
+@dataclass
+class BenchOutcome:
+    run_id: str
+    outcomes: list[RungOutcome] = field(default_factory=list)
+
+    @property
+    def failed(self) -> list[RungOutcome]:
+        return [o for o in self.outcomes if o.status != "ok"]
+
+
+def _artifact_measurements(art: Artifact) -> list[Measurement]:
+    return [Measurement("size", art.size_bytes, "bytes"),
+            Measurement("bpw", art.bits_per_weight, "bits/weight"),
+            Measurement("n_params", art.n_params, "count")]
+
+
+def bench_rungs(store: Store, run_id: str, model_id: str, model_hash: str, artifacts: list[Artifact],
+                profile: Profile, reporter: Reporter,
+                measure: Callable | None = None) -> BenchOutcome:
+    """Benchmark every artifact on the host, each in its own process; one transaction per rung."""
+    from importlib import metadata
+
+    from edgequant.bench.host import BenchError, measure_gguf
+
+    measure = measure or measure_gguf
+    settings = profile.bench
+    params = {"runner": "host", **settings.as_params()}
+    device, device_id = host_device(), host_device_id()
+    runtime_version = metadata.version("llama-cpp-python")
+    outcome = BenchOutcome(run_id)
+    for art in artifacts:
+        store.record_artifact(art.record())
+        key = RowKey(model_id=model_id, model_hash=model_hash, quant=art.quant, artifact_sha256=art.sha256,
+                     is_reference=art.is_reference, device_id=device_id, device=device,
+                     runtime="llama.cpp", runtime_version=runtime_version, params=params)
+        reporter.rung_started(art.quant)
+        try:
+            res = measure(art.path, settings, repack=params["repack"],
+                          on_progress=lambda phase, q=art.quant: reporter.rung_phase(q, phase))
+        except BenchError as exc:
+            store.record_rung(run_id, key, _artifact_measurements(art), status=exc.status, detail=str(exc))
+            outcome.outcomes.append(RungOutcome(art, exc.status, str(exc)))
+            reporter.rung_done(art.quant, exc.status)
+            continue
+        rows = _artifact_measurements(art) + [
+            Measurement("load_time", res.load_s, "s", None, 1),
+            Measurement("pp_tps", res.pp.mean, "t/s", res.pp.stddev, res.pp.n),
+            Measurement("tg_tps", res.tg.mean, "t/s", res.tg.stddev, res.tg.n),
+            Measurement("ttft", res.ttft_ms.mean, "ms", res.ttft_ms.stddev, res.ttft_ms.n),
+            Measurement("peak_rss", res.peak_rss_bytes, "bytes"),
+            Measurement("peak_rss_anon", res.peak_rss_anon_bytes, "bytes"),
+            Measurement("peak_rss_file", res.peak_rss_file_bytes, "bytes"),
+        ]
+        store.record_rung(run_id, key, rows, status="ok")
+        outcome.outcomes.append(RungOutcome(art, "ok"))
+        reporter.rung_done(art.quant, "ok")
+    return outcome
+
+
+def process_age_seconds() -> float:
+    """Seconds since this process started (imports included)."""
+    import psutil
+
+    return time.time() - psutil.Process().create_time()

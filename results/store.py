@@ -1,0 +1,284 @@
+"""The results store: SQLite, named append-only migrations, one row per measurement.
+
+Every write happens in a transaction.  A run is inserted as ``running`` and
+ends ``complete`` only when every rung finished; an interrupted or failed run
+ends ``partial``/``failed``, and a run still ``running`` whose process is gone
+is reported as ``partial``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sqlite3
+import time
+import uuid
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+from edgequant.errors import BadInput
+
+# Named, append-only: never edit or reorder an entry, only add new ones.
+MIGRATIONS: list[tuple[str, str]] = [
+    ("001_runs_and_measurements", """
+        CREATE TABLE runs (
+            run_id TEXT PRIMARY KEY,
+            started_at REAL NOT NULL,
+            finished_at REAL,
+            status TEXT NOT NULL CHECK (status IN ('running', 'complete', 'partial', 'failed')),
+            status_detail TEXT,
+            command TEXT NOT NULL,
+            profile TEXT,
+            model_id TEXT,
+            model_hash TEXT,
+            edgequant_version TEXT NOT NULL,
+            hostname TEXT NOT NULL,
+            pid INTEGER NOT NULL,
+            prep_seconds REAL
+        );
+        CREATE TABLE artifacts (
+            sha256 TEXT PRIMARY KEY,
+            model_hash TEXT NOT NULL,
+            quant TEXT NOT NULL,
+            format TEXT NOT NULL,
+            size_bytes INTEGER NOT NULL,
+            n_params INTEGER NOT NULL,
+            bits_per_weight REAL NOT NULL,
+            tensor_types TEXT NOT NULL,
+            cache_key TEXT NOT NULL,
+            path TEXT NOT NULL,
+            created_at REAL NOT NULL
+        );
+        CREATE TABLE measurements (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            run_id TEXT NOT NULL REFERENCES runs(run_id),
+            model_id TEXT NOT NULL,
+            model_hash TEXT NOT NULL,
+            quant TEXT NOT NULL,
+            artifact_sha256 TEXT NOT NULL,
+            is_reference INTEGER NOT NULL,
+            device_id TEXT NOT NULL,
+            device TEXT NOT NULL,
+            runtime TEXT NOT NULL,
+            runtime_version TEXT NOT NULL,
+            params TEXT NOT NULL,
+            metric TEXT NOT NULL,
+            value REAL NOT NULL,
+            stddev REAL,
+            repetitions INTEGER,
+            unit TEXT NOT NULL,
+            measured_at REAL NOT NULL
+        );
+        CREATE INDEX measurements_run ON measurements(run_id);
+        CREATE INDEX measurements_key ON measurements(model_hash, quant, device_id, metric);
+        CREATE TABLE rung_status (
+            run_id TEXT NOT NULL REFERENCES runs(run_id),
+            quant TEXT NOT NULL,
+            device_id TEXT NOT NULL,
+            status TEXT NOT NULL,
+            detail TEXT,
+            PRIMARY KEY (run_id, quant, device_id)
+        );
+    """),
+]
+
+
+@dataclass(frozen=True)
+class Measurement:
+    metric: str
+    value: float
+    unit: str
+    stddev: float | None = None
+    repetitions: int | None = None
+
+
+@dataclass(frozen=True)
+class RowKey:
+    """What every measurement row of one rung on one device shares."""
+
+    model_id: str
+    model_hash: str
+    quant: str
+    artifact_sha256: str
+    is_reference: bool
+    device_id: str
+    device: dict
+    runtime: str
+    runtime_version: str
+    params: dict
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class Store:
+    def __init__(self, path: str | os.PathLike):
+        self.path = str(path)
+        if self.path != ":memory:":
+            parent = Path(self.path).expanduser().parent
+            try:
+                parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise BadInput(f"results database {self.path}: cannot create its folder: {exc}") from None
+        try:
+            self.conn = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+            self.conn.row_factory = sqlite3.Row
+            self.conn.execute("PRAGMA foreign_keys = ON")
+            if self.path != ":memory:":
+                self.conn.execute("PRAGMA journal_mode = WAL")
+            self._migrate()
+        except sqlite3.DatabaseError as exc:
+            raise BadInput(f"results database {self.path}: not a usable SQLite database ({exc}); "
+                           f"pass another file with --db") from None
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def __enter__(self) -> "Store":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield self.conn
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            raise
+        else:
+            self.conn.execute("COMMIT")
+
+    # -- migrations ---------------------------------------------------------
+
+    def _migrate(self) -> None:
+        self.conn.execute("CREATE TABLE IF NOT EXISTS _migrations (name TEXT PRIMARY KEY, applied_at REAL NOT NULL)")
+        applied = {r["name"] for r in self.conn.execute("SELECT name FROM _migrations")}
+        known = {name for name, _ in MIGRATIONS}
+        newer = sorted(applied - known)
+        if newer:
+            raise BadInput(f"results database {self.path} has migrations this edgequant does not know "
+                           f"({', '.join(newer)}); upgrade edgequant or use another --db")
+        for name, sql in MIGRATIONS:
+            if name in applied:
+                continue
+            with self.transaction() as conn:
+                for statement in sql.split(";"):
+                    if statement.strip():
+                        conn.execute(statement)
+                conn.execute("INSERT INTO _migrations (name, applied_at) VALUES (?, ?)", (name, time.time()))
+
+    def migrations(self) -> list[str]:
+        return [r["name"] for r in self.conn.execute("SELECT name FROM _migrations ORDER BY name")]
+
+    # -- runs ---------------------------------------------------------------
+
+    def start_run(self, command: str, profile: str | None, model_id: str | None, model_hash: str | None) -> str:
+        from edgequant import __version__
+
+        run_id = time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:6]
+        with self.transaction() as conn:
+            conn.execute(
+                "INSERT INTO runs (run_id, started_at, status, command, profile, model_id, model_hash,"
+                " edgequant_version, hostname, pid) VALUES (?, ?, 'running', ?, ?, ?, ?, ?, ?, ?)",
+                (run_id, time.time(), command, profile, model_id, model_hash, __version__,
+                 socket.gethostname(), os.getpid()))
+        return run_id
+
+    def set_prep_seconds(self, run_id: str, seconds: float) -> None:
+        with self.transaction() as conn:
+            conn.execute("UPDATE runs SET prep_seconds = ? WHERE run_id = ?", (seconds, run_id))
+
+    def finish_run(self, run_id: str, status: str, detail: str | None = None) -> None:
+        with self.transaction() as conn:
+            conn.execute("UPDATE runs SET status = ?, status_detail = ?, finished_at = ? WHERE run_id = ?",
+                         (status, detail, time.time(), run_id))
+
+    def run(self, run_id: str) -> dict[str, Any]:
+        if run_id == "last":
+            row = self.conn.execute("SELECT * FROM runs ORDER BY started_at DESC, rowid DESC LIMIT 1").fetchone()
+            if row is None:
+                raise BadInput(f"results database {self.path} holds no runs yet; run `edgequant run` first")
+        else:
+            row = self.conn.execute("SELECT * FROM runs WHERE run_id = ?", (run_id,)).fetchone()
+            if row is None:
+                raise BadInput(f"run '{run_id}' is not in {self.path}; `edgequant report --list` shows the runs")
+        out = dict(row)
+        if out["status"] == "running" and (out["hostname"] != socket.gethostname() or not _pid_alive(out["pid"])):
+            if out["hostname"] == socket.gethostname():
+                out["status"] = "partial"
+                out["status_detail"] = out["status_detail"] or "the process ended before the run finished"
+        return out
+
+    def runs(self, limit: int = 50) -> list[dict[str, Any]]:
+        rows = self.conn.execute("SELECT run_id FROM runs ORDER BY started_at DESC, rowid DESC LIMIT ?", (limit,))
+        return [self.run(r["run_id"]) for r in rows.fetchall()]
+
+    # -- artifacts and measurements ------------------------------------------
+
+    def record_artifact(self, info: dict[str, Any]) -> None:
+        with self.transaction() as conn:
+            conn.execute(
+                "INSERT OR REPLACE INTO artifacts (sha256, model_hash, quant, format, size_bytes, n_params,"
+                " bits_per_weight, tensor_types, cache_key, path, created_at)"
+                " VALUES (:sha256, :model_hash, :quant, :format, :size_bytes, :n_params, :bits_per_weight,"
+                " :tensor_types, :cache_key, :path, :created_at)",
+                {**info, "tensor_types": json.dumps(info["tensor_types"], sort_keys=True)})
+
+    def artifact(self, sha256: str) -> dict[str, Any] | None:
+        row = self.conn.execute("SELECT * FROM artifacts WHERE sha256 = ?", (sha256,)).fetchone()
+        if row is None:
+            return None
+        out = dict(row)
+        out["tensor_types"] = json.loads(out["tensor_types"])
+        return out
+
+    def record_rung(self, run_id: str, key: RowKey, measurements: Iterable[Measurement],
+                    status: str = "ok", detail: str | None = None) -> None:
+        """Store one rung's measurements and its status in a single transaction."""
+        now = time.time()
+        with self.transaction() as conn:
+            for m in measurements:
+                conn.execute(
+                    "INSERT INTO measurements (run_id, model_id, model_hash, quant, artifact_sha256,"
+                    " is_reference, device_id, device, runtime, runtime_version, params, metric, value,"
+                    " stddev, repetitions, unit, measured_at) VALUES"
+                    " (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (run_id, key.model_id, key.model_hash, key.quant, key.artifact_sha256,
+                     int(key.is_reference), key.device_id, json.dumps(key.device, sort_keys=True),
+                     key.runtime, key.runtime_version, json.dumps(key.params, sort_keys=True),
+                     m.metric, float(m.value), m.stddev, m.repetitions, m.unit, now))
+            conn.execute(
+                "INSERT OR REPLACE INTO rung_status (run_id, quant, device_id, status, detail) VALUES (?, ?, ?, ?, ?)",
+                (run_id, key.quant, key.device_id, status, detail))
+
+    def measurements(self, run_id: str) -> list[dict[str, Any]]:
+        rows = self.conn.execute(
+            "SELECT run_id, model_id, model_hash, quant, artifact_sha256, is_reference, device_id, device,"
+            " runtime, runtime_version, params, metric, value, stddev, repetitions, unit, measured_at"
+            " FROM measurements WHERE run_id = ? ORDER BY id", (run_id,))
+        out = []
+        for r in rows:
+            d = dict(r)
+            d["device"] = json.loads(d["device"])
+            d["params"] = json.loads(d["params"])
+            d["is_reference"] = bool(d["is_reference"])
+            out.append(d)
+        return out
+
+    def rung_statuses(self, run_id: str) -> list[dict[str, Any]]:
+        rows = self.conn.execute("SELECT quant, device_id, status, detail FROM rung_status WHERE run_id = ?"
+                                 " ORDER BY rowid", (run_id,))
+        return [dict(r) for r in rows]

@@ -1,0 +1,87 @@
+"""Shared pytest fixtures for the edgequant test suite.
+
+Plain fixtures only; add new ones below.  The checkpoint builders live in
+``tests/tiny_model.py`` (importable as ``tiny_model`` because pytest puts this
+folder on ``sys.path``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tiny_model import make_tiny_gemma3
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random-weight Gemma 3 checkpoint (bf16 safetensors + a real
+    SentencePiece tokenizer), built once per test session with seed 0.
+
+    Treat it as read-only: it is shared by every test in the session.
+    """
+    root = tmp_path_factory.mktemp("tiny_checkpoint")
+    return make_tiny_gemma3(root / "tiny-gemma3", seed=0)
+
+
+# ---------------------------------------------------------------------------
+# running the real CLI in a subprocess
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def cli_env(tmp: Path, **extra: str) -> dict[str, str]:
+    """An environment whose default cache and database live under ``tmp``."""
+    env = dict(os.environ)
+    env.update(EDGEQUANT_CACHE_DIR=str(tmp / "cache"), EDGEQUANT_DB=str(tmp / "results.db"),
+               COLUMNS="200", TQDM_DISABLE="1")
+    env.pop("EDGEQUANT_DEBUG", None)
+    env.update(extra)
+    return env
+
+
+def run_cli(*args: str, env: dict[str, str], timeout: float = 900) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "edgequant.cli", *args], env=env, capture_output=True,
+                          text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+def start_cli(*args: str, env: dict[str, str]) -> subprocess.Popen:
+    """Start the CLI in its own process group, as a terminal would, so Ctrl-C can be sent to the group."""
+    return subprocess.Popen([sys.executable, "-m", "edgequant.cli", *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True, start_new_session=True)
+
+
+def ctrl_c(proc: subprocess.Popen, timeout: float = 60) -> tuple[str, str]:
+    os.killpg(proc.pid, signal.SIGINT)
+    out, err = proc.communicate(timeout=timeout)
+    return out, err
+
+
+def wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        if proc is not None and proc.poll() is not None:
+            out, err = proc.communicate()
+            raise AssertionError(f"process ended (rc={proc.returncode}) before {what}: {err[-2000:]}")
+        time.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def assert_one_line_error(result_stderr: str, *needles: str) -> str:
+    """A user-facing failure is one line, no traceback; return that line."""
+    lines = [ln for ln in result_stderr.splitlines() if ln.strip()]
+    assert "Traceback" not in result_stderr, result_stderr
+    errors = [ln for ln in lines if ln.startswith("edgequant: error:")]
+    assert len(errors) == 1, result_stderr
+    for needle in needles:
+        assert needle in errors[0], errors[0]
+    return errors[0]
