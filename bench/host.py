@@ -104,7 +104,7 @@ def check_gguf_file(path: Path) -> None:
 
 
 def build_request(path: Path, settings: BenchSettings, repack: bool | None = None) -> dict[str, Any]:
-    """The JSON request for the worker; ``repack=None`` lets the worker decide (see there)."""
+    """The JSON request for the worker; ``repack=None`` means ``settings.resolved_repack()``."""
     return {
         "path": str(path),
         "threads": settings.resolved_threads(),
@@ -116,7 +116,7 @@ def build_request(path: Path, settings: BenchSettings, repack: bool | None = Non
         "n_ubatch": settings.n_ubatch,
         "flash_attn": settings.flash_attn,
         "mmap": settings.mmap,
-        "repack": getattr(settings, "repack", None) if repack is None else repack,
+        "repack": settings.resolved_repack() if repack is None else bool(repack),
     }
 
 
@@ -222,7 +222,8 @@ def _failure(child: _Child, code: int, path: Path) -> BenchError:
         detail = child.last_stderr()
         hint = ""
         if sig in (signal.SIGSEGV, signal.SIGILL) and child.repack:
-            hint = " (with repacked weights on; llama.cpp's AMX kernels crash on some CPUs: try repack off)"
+            hint = (" (with repacked weights on; llama.cpp's AMX kernels crash on some CPUs: "
+                    "set bench.repack = \"off\")")
         return BenchError("crashed", f"{name}: the benchmark worker crashed with {sig_name} during "
                                      f"'{child.phase}'" + (f": {detail}" if detail else "") + hint)
     data = child.result_json()
@@ -239,9 +240,8 @@ def measure_gguf(path: Path, settings: BenchSettings,
 
     ``on_progress`` is called (in this thread) with the worker's phase as it
     changes: ``load``, ``warmup pp 1/1``, ``pp 2/3``, ``warmup tg 1/1``,
-    ``tg 1/3``, ``done``.  ``repack`` overrides llama.cpp's extra (repacked)
-    weight buffers; ``None`` leaves the choice to the worker, which follows
-    llama-bench's default except on CPUs with AMX (see the worker).
+    ``tg 1/3``, ``done``.  ``repack`` (llama-bench ``--repack``) overrides
+    ``settings.repack``; the value used is in the result.
     Raises ``BenchError``; on KeyboardInterrupt the worker is killed first.
     """
     path = Path(path)

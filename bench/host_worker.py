@@ -166,9 +166,14 @@ class _Log:
         self.callback = llama_cpp.llama_log_callback(on_log)
         llama_cpp.llama_log_set(self.callback, ctypes.c_void_p(0))
 
-    def last(self) -> str:
+    def reset(self) -> None:
+        self.tail.clear()
+        self._keep_cont = False
+
+    def cause(self) -> str:
+        """The first warning/error since ``reset()``: the root cause; later lines only wrap it."""
         lines = [t for t in self.tail if t]
-        return lines[-1] if lines else ""
+        return lines[0] if lines else ""
 
 
 @dataclass
@@ -236,9 +241,10 @@ class Bench:
         mparams = L.llama_model_default_params()
         mparams.load_mode = L.LLAMA_LOAD_MODE_MMAP if self.req["mmap"] else L.LLAMA_LOAD_MODE_NONE
         mparams.use_extra_bufts = self.repack
+        self.log.reset()
         self.model = L.llama_model_load_from_file(os.fsencode(self.req["path"]), mparams)
         if not self.model:
-            detail = self.log.last() or "llama.cpp could not load it"
+            detail = self.log.cause() or "llama.cpp could not load it"
             raise WorkerError(f"cannot load model {self.req['path']}: {detail}")
         vocab = L.llama_model_get_vocab(self.model)
         self.vocab = _Vocab(n_tokens=L.llama_vocab_n_tokens(vocab),
@@ -261,9 +267,10 @@ class Bench:
         cp.swa_full = False
         cp.n_threads = self.threads
         cp.n_threads_batch = self.threads
+        self.log.reset()
         ctx = L.llama_init_from_model(self.model, cp)
         if not ctx:
-            detail = self.log.last() or "llama_init_from_model returned NULL"
+            detail = self.log.cause() or "llama_init_from_model returned NULL"
             raise WorkerError(f"cannot create a context (n_ctx={n_ctx}) for {req['path']}: {detail}")
         L.llama_set_n_threads(ctx, self.threads, self.threads)
         return ctx
@@ -301,12 +308,13 @@ class Bench:
     def _decode(self, ctx, batch, what: str) -> None:
         rc = self.L.llama_decode(ctx, batch)
         if rc != 0:
-            detail = self.log.last()
+            detail = self.log.cause()
             raise WorkerError(f"llama_decode returned {rc} during {what}" + (f": {detail}" if detail else ""))
 
     def run_prompt(self, ctx, batches, what: str) -> float:
         """Decode the prompt batches and wait for the result; returns seconds."""
         L = self.L
+        self.log.reset()
         t0 = time.perf_counter_ns()
         for _arr, batch in batches:
             self._decode(ctx, batch, what)
@@ -316,6 +324,7 @@ class Bench:
     def run_gen(self, ctx, batches, what: str) -> float:
         """One decode + synchronize per token; returns seconds."""
         L = self.L
+        self.log.reset()
         t0 = time.perf_counter_ns()
         for _arr, batch in batches:
             self._decode(ctx, batch, what)

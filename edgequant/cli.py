@@ -71,6 +71,23 @@ def _open_store(db: str | None):
     return Store(db or default_db())
 
 
+def quality_options(f):
+    f = click.option("--prompting", type=click.Choice(["auto", "chat", "completion"]), default="auto",
+                     show_default=True,
+                     help="How the suite's prompts are given: the model's chat template (chat), the suite's "
+                          "few-shot block as a completion prompt for base models (completion), or chat when "
+                          "the GGUF has a template (auto).")(f)
+    f = click.option("--suite", "suite_name", default="triage", show_default=True, metavar="NAME|PATH",
+                     help="Eval suite: a built-in name (triage) or a path to a suite TOML.")(f)
+    return f
+
+
+def _load_suite(name: str):
+    from edgequant.profiles.suites import load_suite
+
+    return load_suite(name)
+
+
 def _load_profile(name: str, **overrides):
     from edgequant.profiles import load_profile, with_bench_overrides
 
@@ -121,14 +138,18 @@ class RichReporter:
             tid = self._tasks[task] = self.progress.add_task(task, total=total)
         self.progress.update(tid, completed=done, total=total)
 
-    def start_bench(self, n_rungs: int) -> None:
+    def start_bench(self, n_rungs: int, label: str = "benchmarking") -> None:
         self.progress.stop()
-        self.bench_progress.start()
-        self._bench_task = self.bench_progress.add_task("benchmarking", total=n_rungs, phase="")
+        if self._bench_task is not None:
+            self.bench_progress.update(self._bench_task, visible=True)
+        else:
+            self.bench_progress.start()
+        self._label = label
+        self._bench_task = self.bench_progress.add_task(label, total=n_rungs, phase="")
 
     def rung_started(self, quant: str) -> None:
         if self._bench_task is not None:
-            self.bench_progress.update(self._bench_task, description=f"benchmarking {quant}", phase="loading")
+            self.bench_progress.update(self._bench_task, description=f"{self._label} {quant}", phase="loading")
 
     def rung_phase(self, quant: str, phase: str) -> None:
         if self._bench_task is not None:
@@ -190,22 +211,28 @@ def cli():
 @cli.command()
 @model_options
 @bench_overrides
+@quality_options
+@click.option("--no-quality", is_flag=True, help="Skip the eval suite: speed and memory only.")
 @db_option
 @cache_option
 @click.option("--format", "fmt", type=click.Choice(FORMATS), default="table", show_default=True,
               help="How to print the comparison at the end.")
-def run(model, profile_name, threads, n_prompt, n_gen, repetitions, warmup, db, cache_dir, fmt):
+def run(model, profile_name, threads, n_prompt, n_gen, repetitions, warmup, suite_name, prompting, no_quality,
+        db, cache_dir, fmt):
     """Quantize, benchmark and compare: the whole job on the host.
 
     Converts the checkpoint to the profile's reference GGUF (BF16) once, makes
     every quant type of the profile, benchmarks each rung in its own process
-    (load time, pp and tg tokens/s, TTFT, peak memory) and prints the table.
-    Artifacts are cached: a re-run converts and quantizes nothing.
+    (load time, pp and tg tokens/s, TTFT, peak memory), runs the eval suite on
+    every rung (parse rates, agreement and KLD against the reference; skip with
+    --no-quality) and prints the table.  Artifacts are cached: a re-run
+    converts and quantizes nothing.
     """
     from edgequant import pipeline
 
     profile = _load_profile(profile_name, threads=threads, n_prompt=n_prompt, n_gen=n_gen,
                             repetitions=repetitions, warmup=warmup)
+    suite = None if no_quality else _load_suite(suite_name)
     cache = _cache_root(cache_dir)
     store = _open_store(db)
     console = _stderr_console()
@@ -221,20 +248,27 @@ def run(model, profile_name, threads, n_prompt, n_gen, repetitions, warmup, db, 
             reporter.start_bench(len(artifacts))
             outcome = pipeline.bench_rungs(store, run_id, ckpt.model_id, resolved.model_hash, artifacts,
                                            profile, reporter)
+            quality_failed = {}
+            if suite is not None:
+                stage = "running the eval suite"
+                reporter.start_bench(len(artifacts), f"eval {suite.name}")
+                statuses = pipeline.quality_rungs(store, run_id, ckpt.model_id, resolved.model_hash, artifacts,
+                                                  profile, suite, cache, reporter, prompting)
+                quality_failed = {q: st for q, st in statuses.items() if st != "ok"}
         except KeyboardInterrupt:
             store.finish_run(run_id, "partial", f"interrupted (Ctrl-C) while {stage}")
             raise EdgequantError(f"interrupted while {stage}; run {run_id} is stored as partial", 130) from None
         except EdgequantError as exc:
             store.finish_run(run_id, "partial", f"stopped while {stage}: {exc}")
             raise
-    failed = outcome.failed
+    failed = [f"{o.artifact.quant} {o.status}" for o in outcome.failed]
+    failed += [f"{q} quality {st}" for q, st in quality_failed.items()]
     store.finish_run(run_id, "complete", f"{len(failed)} rung(s) failed" if failed else None)
     _render(store, run_id, fmt, None)
     console.print(f"[dim]stored as run {run_id} in {store.path}; "
                   f"`edgequant report {run_id}` shows it again[/dim]")
     if failed:
-        raise EdgequantError(f"{len(failed)} rung(s) did not finish: "
-                             + "; ".join(f"{o.artifact.quant} {o.status}" for o in failed), 1)
+        raise EdgequantError(f"{len(failed)} rung stage(s) did not finish: " + "; ".join(failed), 1)
 
 
 @cli.command()
@@ -327,16 +361,130 @@ def bench(model, profile_name, threads, n_prompt, n_gen, repetitions, warmup, db
                              + "; ".join(f"{o.artifact.quant} {o.status}" for o in failed), 1)
 
 
+@cli.command(name="eval")
+@model_options
+@quality_options
+@click.option("--artifact", "artifacts", multiple=True, metavar="GGUF",
+              help="Evaluate these GGUF files instead of a profile's ladder; the first is the reference. "
+                   "Repeatable.")
+@click.option("-t", "--threads", type=int, default=None, help="CPU threads; 0 = one per physical core.")
+@db_option
+@cache_option
+@click.option("--format", "fmt", type=click.Choice(FORMATS), default="table", show_default=True,
+              help="How to print the comparison at the end.")
+def eval_(model, profile_name, suite_name, prompting, artifacts, threads, db, cache_dir, fmt):
+    """Run an eval suite on every rung and compare it with the reference.
+
+    Greedy decoding with the same prompts for every rung; the shared prompt
+    prefix is decoded once per format.  Reports parse rates per format (Wilson
+    95 % intervals), gold accuracy (ESI exact/adjacent, referral, refusal
+    compliance), agreement with the reference's output on the same case,
+    degradation with a paired exact McNemar test, and mean/p99 KLD and top-1
+    agreement against the reference's logits.  Builds the ladder first if
+    needed (cached), or takes GGUF files with --artifact.
+    """
+    from edgequant import pipeline
+
+    profile = _load_profile(profile_name, threads=threads)
+    suite = _load_suite(suite_name)
+    cache = _cache_root(cache_dir)
+    store = _open_store(db)
+    console = _stderr_console()
+    with RichReporter(console) as reporter:
+        if artifacts:
+            arts = pipeline.artifacts_from_files([Path(a) for a in artifacts], reporter)
+            model_id, model_hash = arts[0].path.name, "gguf:" + arts[0].sha256
+        else:
+            resolved = pipeline.resolve_model(model, cache, reporter)
+            arts = pipeline.build_ladder(resolved, profile, cache, reporter)
+            model_id, model_hash = resolved.checkpoint.model_id, resolved.model_hash
+        run_id = store.start_run(_command_line(), profile.name, model_id, model_hash)
+        try:
+            for art in arts:
+                store.record_artifact(art.record())
+            reporter.start_bench(len(arts), f"eval {suite.name}")
+            statuses = pipeline.quality_rungs(store, run_id, model_id, model_hash, arts, profile, suite, cache,
+                                              reporter, prompting)
+        except KeyboardInterrupt:
+            store.finish_run(run_id, "partial", "interrupted (Ctrl-C) while running the eval suite")
+            raise EdgequantError(f"interrupted while running the eval suite; run {run_id} is stored as partial",
+                                 130) from None
+        except EdgequantError as exc:
+            store.finish_run(run_id, "partial", f"stopped while running the eval suite: {exc}")
+            raise
+    failed = {q: st for q, st in statuses.items() if st != "ok"}
+    store.finish_run(run_id, "complete", f"{len(failed)} rung(s) failed" if failed else None)
+    _render(store, run_id, fmt, None)
+    if failed:
+        raise EdgequantError("eval did not finish for: " + "; ".join(f"{q} {st}" for q, st in failed.items()), 1)
+
+
+def _render_cases(store, run_id: str, quant: str | None, fmt: str, output: str | None) -> None:
+    import json as _json
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from edgequant.quantize.atomic import atomic_write_text
+
+    run = store.run(run_id)
+    rows = store.eval_cases(run["run_id"], quant)
+    if not rows:
+        raise BadInput(f"run {run['run_id']} has no eval cases" + (f" for rung {quant}" if quant else "")
+                       + "; run it with the eval suite (without --no-quality)")
+    if fmt == "json":
+        text = _json.dumps(rows, indent=2)
+    elif fmt in ("csv", "md"):
+        import csv as _csv
+        import io
+
+        buf = io.StringIO()
+        cols = ["quant", "case_id", "format", "ok", "refusal", "reason", "output"]
+        if fmt == "csv":
+            w = _csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore", lineterminator="\n")
+            w.writeheader()
+            w.writerows(rows)
+        else:
+            buf.write("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols) + "\n")
+            for r in rows:
+                cells = [str(r[c]).replace("|", "\\|").replace("\n", "⏎") for c in cols]
+                buf.write("| " + " | ".join(cells) + " |\n")
+        text = buf.getvalue()
+    else:
+        table = Table(title=f"eval cases · run {run['run_id']}" + (f" · {quant}" if quant else ""), show_lines=True)
+        for col in ("rung", "case", "format", "parse", "why / fields", "output"):
+            table.add_column(col, overflow="fold")
+        for r in rows:
+            verdict = "refusal" if r["refusal"] else ("ok" if r["ok"] else "FAIL")
+            why = r["reason"] or _json.dumps(r["fields"])[:200]
+            table.add_row(r["quant"], r["case_id"], r["format"], verdict, why, r["output"][:600])
+        console = Console(record=True, width=200) if output else Console()
+        console.print(table)
+        if output:
+            atomic_write_text(Path(output), console.export_text())
+        return
+    if output:
+        atomic_write_text(Path(output), text)
+    else:
+        click.echo(text, nl=not text.endswith("\n"))
+
+
 @cli.command()
 @click.argument("run_id", default="last", metavar="[RUN_ID]")
 @click.option("--format", "fmt", type=click.Choice(FORMATS), default="table", show_default=True,
               help="table (rich), json (every figure), csv (a row per rung) or md (Markdown table).")
 @click.option("--output", "-o", metavar="FILE", default=None, help="Write to FILE instead of standard output.")
 @click.option("--list", "list_runs", is_flag=True, help="List the stored runs instead of showing one.")
+@click.option("--cases", "cases_quant", is_flag=False, flag_value="*", default=None, metavar="[RUNG]",
+              help="Per-case eval detail (raw output, parse result or the reason it failed), for every rung "
+                   "or for RUNG (e.g. --cases Q4_0).")
 @db_option
-def report(run_id, fmt, output, list_runs, db):
+def report(run_id, fmt, output, list_runs, cases_quant, db):
     """Re-render a stored run (RUN_ID, or `last`), or list the runs with --list."""
     store = _open_store(db)
+    if cases_quant is not None:
+        _render_cases(store, run_id, None if cases_quant == "*" else cases_quant.upper(), fmt, output)
+        return
     if list_runs:
         from rich.console import Console
         from rich.table import Table

@@ -155,3 +155,84 @@ def process_age_seconds() -> float:
     import psutil
 
     return time.time() - psutil.Process().create_time()
+
+
+def quality_rungs(store: Store, run_id: str, model_id: str, model_hash: str, artifacts: list[Artifact],
+                  profile: Profile, suite, cache_root: Path, reporter: Reporter,
+                  prompting: str = "auto") -> dict[str, str]:
+    """Run the eval suite on every rung (reference first) and store its figures and per-case detail.
+
+    Returns quant -> status ("ok" or how the eval failed).
+    """
+    from importlib import metadata
+
+    from edgequant.bench.quality import EvalError, evaluate_rung, reference_outputs
+
+    settings = profile.bench
+    threads = settings.resolved_threads()
+    repack = settings.resolved_repack()
+    device, device_id = host_device(), host_device_id()
+    runtime_version = metadata.version("llama-cpp-python")
+    ref_art = next(a for a in artifacts if a.is_reference)
+    statuses: dict[str, str] = {}
+    reporter.rung_started(f"{ref_art.quant} reference outputs")
+    ref = reference_outputs(ref_art.path, ref_art.sha256, ref_art.quant, suite, cache_root, threads, repack,
+                            prompting, settings.timeout, lambda p: reporter.rung_phase(ref_art.quant, p))
+    params = {"runner": "host", "stage": "quality", "suite": suite.name, "suite_sha256": suite.sha256,
+              "prompting": ref.prompting, "threads": threads, "repack": repack, "decoding": "greedy",
+              "n_cases": len(suite.cases)}
+    for art in artifacts:
+        key = RowKey(model_id=model_id, model_hash=model_hash, quant=art.quant, artifact_sha256=art.sha256,
+                     is_reference=art.is_reference, device_id=device_id, device=device,
+                     runtime="llama.cpp", runtime_version=runtime_version, params=params)
+        reporter.rung_started(art.quant)
+        try:
+            q = evaluate_rung(art.path, art.quant, art.is_reference, suite, ref, threads, repack,
+                              settings.timeout, lambda p, quant=art.quant: reporter.rung_phase(quant, p))
+        except EvalError as exc:
+            store.record_rung(run_id, key, [], status=exc.status, detail=f"quality: {exc}")
+            statuses[art.quant] = exc.status
+            reporter.rung_done(art.quant, exc.status)
+            continue
+        rows = [Measurement(m.metric, m.value, m.unit, m.detail.get("stddev"), m.n, m.detail or None)
+                for m in q.metrics]
+        if q.gates:
+            rows.append(Measurement("gates_pass", 1.0 if q.gates_pass else 0.0, "bool", None, len(q.gates),
+                                    {"gates": q.gates}))
+        store.record_rung(run_id, key, rows, status=None, cases=[c.record() for c in q.cases], suite=suite.name)
+        statuses[art.quant] = "ok"
+        reporter.rung_done(art.quant, "ok")
+    return statuses
+
+
+def artifacts_from_files(paths: list[Path], reporter: Reporter) -> list[Artifact]:
+    """Artifacts for GGUF files given on the command line; the first is the reference."""
+    import gguf
+
+    from edgequant.quantize.gguf_info import file_sha256, read_gguf_info
+
+    out = []
+    for i, path in enumerate(paths):
+        if not path.is_file():
+            raise BadInput(f"artifact {path}: no such file")
+        with open(path, "rb") as fh:
+            if fh.read(4) != b"GGUF":
+                raise BadInput(f"artifact {path}: not a GGUF file (bad magic)")
+        info = read_gguf_info(path)
+        quant = path.stem
+        if info.file_type is not None:
+            try:
+                quant = gguf.LlamaFileType(info.file_type).name.removeprefix("MOSTLY_")
+            except ValueError:
+                pass
+        reporter.step(f"hashing {path}")
+        digest = file_sha256(path)
+        out.append(Artifact(quant=quant, is_reference=i == 0, path=path.resolve(), cache_key="file:" + digest,
+                            model_hash="gguf:" + digest, sha256=digest, size_bytes=path.stat().st_size,
+                            n_params=info.n_params, bits_per_weight=info.bits_per_weight,
+                            tensor_types=info.tensor_types, architecture=info.architecture))
+    names = [a.quant for a in out]
+    if len(set(names)) != len(names):
+        for a in out:
+            a.quant = f"{a.quant}:{a.path.stem}"
+    return out

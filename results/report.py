@@ -27,6 +27,7 @@ class Stat:
     value: float
     stddev: float | None = None
     repetitions: int | None = None
+    detail: dict | None = None
 
 
 @dataclass
@@ -52,6 +53,7 @@ class RunReport:
     runtime: str
     runtime_version: str
     footnotes: list[str]
+    quality_params: dict[str, Any] = field(default_factory=dict)
 
     def reference(self) -> RungSummary | None:
         return next((r for r in self.rungs if r.is_reference), None)
@@ -65,12 +67,16 @@ def summarize(store: Store, run_id: str) -> RunReport:
     statuses = store.rung_statuses(run["run_id"])
     rungs: dict[tuple[str, str], RungSummary] = {}
     params: dict[str, Any] = {}
+    quality_params: dict[str, Any] = {}
     device: dict[str, Any] = {}
     runtime = runtime_version = ""
     for r in rows:
         key = (r["quant"], r["device_id"])
         rung = rungs.setdefault(key, RungSummary(r["quant"], r["is_reference"], r["device_id"]))
-        rung.metrics[r["metric"]] = Stat(r["value"], r["stddev"], r["repetitions"])
+        rung.metrics[r["metric"]] = Stat(r["value"], r["stddev"], r["repetitions"], r.get("detail"))
+        if r["params"].get("stage") == "quality":
+            quality_params = r["params"]
+            continue
         params, device = r["params"], r["device"]
         runtime, runtime_version = r["runtime"], r["runtime_version"]
     for s in statuses:
@@ -84,7 +90,7 @@ def summarize(store: Store, run_id: str) -> RunReport:
     if run.get("model_id") == DEFAULT_MODEL_ID:
         footnotes.append(DEFAULT_MODEL_FOOTNOTE)
     return RunReport(run=run, rungs=ordered, params=params, device=device, runtime=runtime,
-                     runtime_version=runtime_version, footnotes=footnotes)
+                     runtime_version=runtime_version, footnotes=footnotes, quality_params=quality_params)
 
 
 # ---------------------------------------------------------------------------
@@ -172,6 +178,71 @@ def _caption(rep: RunReport) -> str:
             f"{p.get('repetitions', '?')} reps after {p.get('warmup', '?')} warm-up · mean ± sd")
 
 
+QUALITY_RATES = ("xml_parse_rate", "array_parse_rate", "prose_parse_rate", "esi_parse_rate",
+                 "refusal_compliance", "esi_exact", "esi_adjacent", "referral_accuracy",
+                 "referral_agreement", "esi_agreement")
+QUALITY_HEADERS = {"xml_parse_rate": "xml %", "array_parse_rate": "array %", "prose_parse_rate": "prose %",
+                   "esi_parse_rate": "esi %", "refusal_compliance": "refusal %", "esi_exact": "ESI exact %",
+                   "esi_adjacent": "ESI ±1 %", "referral_accuracy": "referral %",
+                   "referral_agreement": "referral agr %", "esi_agreement": "ESI agr %",
+                   "differential_jaccard": "ddx Jaccard", "mean_kld": "KLD", "p99_kld": "KLD p99",
+                   "top1_agreement": "top-1 %", "eval_tg_tps": "eval t/s", "gates_pass": "gates"}
+
+
+def quality_columns(rep: RunReport) -> list[str]:
+    present = {m for r in rep.rungs for m in r.metrics}
+    order = list(QUALITY_RATES) + ["differential_jaccard", "mean_kld", "p99_kld", "top1_agreement",
+                                   "eval_tg_tps", "gates_pass"]
+    return [m for m in order if m in present]
+
+
+def quality_record(rung: RungSummary, columns: list[str]) -> dict[str, Any]:
+    rec: dict[str, Any] = {"quant": rung.quant, "reference": rung.is_reference}
+    for m in columns:
+        s = rung.metrics.get(m)
+        rec[m] = None if s is None else s.value
+        d = (s.detail or {}) if s else {}
+        if "delta_pp" in d:
+            rec[f"{m}_delta_pp"] = d["delta_pp"]
+            rec[f"{m}_p_value"] = d["p_value"]
+            rec[f"{m}_significant"] = d["significant"]
+        if "ci95" in d:
+            rec[f"{m}_ci95"] = d["ci95"]
+        if m == "gates_pass" and "gates" in d:
+            rec["gates"] = d["gates"]
+    return rec
+
+
+def _quality_cell(rung: RungSummary, metric: str) -> str:
+    s = rung.metrics.get(metric)
+    if s is None:
+        return "—"
+    d = s.detail or {}
+    if metric == "gates_pass":
+        if s.value >= 1:
+            return "PASS"
+        failed = [g["gate"] for g in d.get("gates", []) if not g["pass"]]
+        return "FAIL" + (f" ({len(failed)})" if failed else "")
+    if metric in ("mean_kld", "p99_kld"):
+        return f"{s.value:.4f}"
+    if metric == "differential_jaccard":
+        return f"{s.value:.2f}"
+    if metric == "eval_tg_tps":
+        return f"{s.value:,.1f}"
+    text = f"{s.value * 100:.0f}"
+    if "delta_pp" in d and not rung.is_reference:
+        text += f" {d['delta_pp']:+.0f}{'‡' if d.get('significant') else ''}"
+    return text
+
+
+def _quality_caption(rep: RunReport) -> str:
+    q = rep.quality_params
+    return (f"suite {q.get('suite')} ({q.get('n_cases')} cases, {q.get('prompting')} prompting, greedy) · "
+            f"rates in %, then rung − reference in pp; ‡ = significant by a paired exact McNemar test (p < 0.05), "
+            f"otherwise within noise for the suite's size · KLD/top-1 against the reference's logits on its own "
+            f"outputs")
+
+
 def render_table(rep: RunReport, console) -> None:
     from rich.table import Table
 
@@ -184,6 +255,17 @@ def render_table(rep: RunReport, console) -> None:
         style = "bold" if rung.is_reference else ("red" if rung.status != "ok" else None)
         table.add_row(*_cells(rec), style=style)
     console.print(table)
+    cols = quality_columns(rep)
+    if cols:
+        qt = Table(title="quality against the reference", caption=_quality_caption(rep), caption_justify="left")
+        qt.add_column("rung")
+        for m in cols:
+            qt.add_column(QUALITY_HEADERS[m], justify="right", no_wrap=True)
+        for rung in rep.rungs:
+            cells = [_quality_cell(rung, m) for m in cols]
+            style = "bold" if rung.is_reference else None
+            qt.add_row(rung.quant + (" (ref)" if rung.is_reference else ""), *cells, style=style)
+        console.print(qt)
     for note in rep.footnotes:
         console.print(f"[dim]* {note}[/dim]", soft_wrap=True)
 
@@ -194,6 +276,14 @@ def render_markdown(rep: RunReport) -> str:
              "|" + "|".join("---" if i in (0, 12) else "---:" for i in range(len(cols))) + "|"]
     for rung in rep.rungs:
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in _cells(rung_record(rep, rung))) + " |")
+    cols = quality_columns(rep)
+    if cols:
+        lines += ["", f"**{_quality_caption(rep)}**", "",
+                  "| rung | " + " | ".join(QUALITY_HEADERS[m] for m in cols) + " |",
+                  "|---|" + "---:|" * len(cols)]
+        for rung in rep.rungs:
+            lines.append(f"| {rung.quant}{' (ref)' if rung.is_reference else ''} | "
+                         + " | ".join(_quality_cell(rung, m) for m in cols) + " |")
     lines += [f"\n\\* {n}" for n in rep.footnotes]
     return "\n".join(lines) + "\n"
 
@@ -204,6 +294,8 @@ def render_json(rep: RunReport) -> str:
         "runtime": rep.runtime, "runtime_version": rep.runtime_version,
         "device": rep.device, "params": rep.params,
         "rungs": [rung_record(rep, r) for r in rep.rungs],
+        "quality_params": rep.quality_params,
+        "quality": [quality_record(r, quality_columns(rep)) for r in rep.rungs] if quality_columns(rep) else [],
         "metrics": {r.quant: {k: asdict(v) for k, v in r.metrics.items()} for r in rep.rungs},
         "footnotes": rep.footnotes,
     }, indent=2, sort_keys=False)
@@ -211,8 +303,11 @@ def render_json(rep: RunReport) -> str:
 
 def render_csv(rep: RunReport) -> str:
     buf = io.StringIO()
-    records = [rung_record(rep, r) for r in rep.rungs]
-    fields = ["run_id"] + list(records[0].keys()) if records else ["run_id"]
+    qcols = quality_columns(rep)
+    records = [{**rung_record(rep, r), **{k: v for k, v in quality_record(r, qcols).items()
+                                          if k not in ("quant", "reference", "gates") and not k.endswith("_ci95")}}
+               for r in rep.rungs]
+    fields = ["run_id"] + list(dict.fromkeys(k for rec in records for k in rec)) if records else ["run_id"]
     writer = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
     writer.writeheader()
     for rec in records:

@@ -83,6 +83,25 @@ MIGRATIONS: list[tuple[str, str]] = [
             PRIMARY KEY (run_id, quant, device_id)
         );
     """),
+    ("002_quality_detail_and_cases", """
+        ALTER TABLE measurements ADD COLUMN detail TEXT;
+        CREATE TABLE eval_cases (
+            run_id TEXT NOT NULL REFERENCES runs(run_id),
+            quant TEXT NOT NULL,
+            device_id TEXT NOT NULL,
+            suite TEXT NOT NULL,
+            case_id TEXT NOT NULL,
+            format TEXT NOT NULL,
+            ok INTEGER NOT NULL,
+            refusal INTEGER NOT NULL,
+            reason TEXT,
+            fields TEXT NOT NULL,
+            output TEXT NOT NULL,
+            stopped TEXT,
+            n_tokens INTEGER,
+            PRIMARY KEY (run_id, quant, device_id, case_id)
+        );
+    """),
 ]
 
 
@@ -93,6 +112,7 @@ class Measurement:
     unit: str
     stddev: float | None = None
     repetitions: int | None = None
+    detail: dict | None = None  # e.g. a confidence interval, a p-value
 
 
 @dataclass(frozen=True)
@@ -246,35 +266,65 @@ class Store:
         return out
 
     def record_rung(self, run_id: str, key: RowKey, measurements: Iterable[Measurement],
-                    status: str = "ok", detail: str | None = None) -> None:
-        """Store one rung's measurements and its status in a single transaction."""
+                    status: str | None = "ok", detail: str | None = None,
+                    cases: Iterable[dict] = (), suite: str | None = None) -> None:
+        """Store one rung's measurements (and eval cases) and its status in a single transaction.
+
+        ``status=None`` adds rows without touching the rung's status (a later stage of the same rung).
+        """
         now = time.time()
         with self.transaction() as conn:
             for m in measurements:
                 conn.execute(
                     "INSERT INTO measurements (run_id, model_id, model_hash, quant, artifact_sha256,"
                     " is_reference, device_id, device, runtime, runtime_version, params, metric, value,"
-                    " stddev, repetitions, unit, measured_at) VALUES"
-                    " (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    " stddev, repetitions, unit, measured_at, detail) VALUES"
+                    " (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (run_id, key.model_id, key.model_hash, key.quant, key.artifact_sha256,
                      int(key.is_reference), key.device_id, json.dumps(key.device, sort_keys=True),
                      key.runtime, key.runtime_version, json.dumps(key.params, sort_keys=True),
-                     m.metric, float(m.value), m.stddev, m.repetitions, m.unit, now))
-            conn.execute(
-                "INSERT OR REPLACE INTO rung_status (run_id, quant, device_id, status, detail) VALUES (?, ?, ?, ?, ?)",
-                (run_id, key.quant, key.device_id, status, detail))
+                     m.metric, float(m.value), m.stddev, m.repetitions, m.unit, now,
+                     json.dumps(m.detail, sort_keys=True) if m.detail is not None else None))
+            for c in cases:
+                conn.execute(
+                    "INSERT OR REPLACE INTO eval_cases (run_id, quant, device_id, suite, case_id, format, ok,"
+                    " refusal, reason, fields, output, stopped, n_tokens)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (run_id, key.quant, key.device_id, suite or "", c["case_id"], c["format"], int(c["ok"]),
+                     int(c["refusal"]), c["reason"], json.dumps(c["fields"], sort_keys=True), c["output"],
+                     c.get("stopped"), c.get("n_tokens")))
+            if status is not None:
+                conn.execute(
+                    "INSERT OR REPLACE INTO rung_status (run_id, quant, device_id, status, detail)"
+                    " VALUES (?, ?, ?, ?, ?)", (run_id, key.quant, key.device_id, status, detail))
 
     def measurements(self, run_id: str) -> list[dict[str, Any]]:
         rows = self.conn.execute(
             "SELECT run_id, model_id, model_hash, quant, artifact_sha256, is_reference, device_id, device,"
-            " runtime, runtime_version, params, metric, value, stddev, repetitions, unit, measured_at"
+            " runtime, runtime_version, params, metric, value, stddev, repetitions, unit, measured_at, detail"
             " FROM measurements WHERE run_id = ? ORDER BY id", (run_id,))
         out = []
         for r in rows:
             d = dict(r)
             d["device"] = json.loads(d["device"])
             d["params"] = json.loads(d["params"])
+            d["detail"] = json.loads(d["detail"]) if d["detail"] else None
             d["is_reference"] = bool(d["is_reference"])
+            out.append(d)
+        return out
+
+    def eval_cases(self, run_id: str, quant: str | None = None) -> list[dict[str, Any]]:
+        sql = ("SELECT quant, device_id, suite, case_id, format, ok, refusal, reason, fields, output, stopped,"
+               " n_tokens FROM eval_cases WHERE run_id = ?")
+        args: list[Any] = [run_id]
+        if quant is not None:
+            sql += " AND quant = ?"
+            args.append(quant)
+        out = []
+        for r in self.conn.execute(sql + " ORDER BY rowid", args):
+            d = dict(r)
+            d["fields"] = json.loads(d["fields"])
+            d["ok"], d["refusal"] = bool(d["ok"]), bool(d["refusal"])
             out.append(d)
         return out
 

@@ -1,0 +1,327 @@
+"""Quality of every rung against the bf16 reference, on an eval suite.
+
+For each rung the suite's prompts are decoded greedily (``eval_worker``, one
+process per rung), the outputs parsed by the format's parser, and compared
+with the reference rung's outputs on the same case and with the suite's gold
+labels.  The reference's outputs and top-k log-probs are cached, keyed by the
+reference artifact's sha256 and the suite's hash, so a re-run (or a new rung)
+does not decode the reference again.
+
+Per rung:
+
+* parse rate per format, with a Wilson 95 % interval;
+* gold accuracy where the suite has labels: ESI exact and adjacent (±1),
+  referral accuracy, refusal compliance;
+* agreement with the reference's parsed output on the same case: same
+  referral decision, same ESI level, Jaccard overlap of the differentials;
+* degradation = rung − reference for the per-case outcomes, with a paired
+  exact McNemar test, so small suites say "within noise" honestly;
+* token level: mean and 99th-percentile KLD and top-1 agreement of the rung's
+  distributions against the reference's, on the reference's own outputs
+  (teacher forcing), like ``llama-perplexity --kl-divergence``;
+* eval throughput: tokens generated per second while running the suite.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from edgequant.bench.parsers import ParseResult, parse
+from edgequant.bench.quality_stats import jaccard, mcnemar_exact, paired_degradation, wilson_interval
+from edgequant.errors import RunFailed
+from edgequant.profiles.suites import Case, Suite
+
+WORKER_MODULE = "edgequant.bench.eval_worker"
+TOPK = 64
+FORMATS_ORDER = ("xml", "array", "prose", "esi")
+
+
+class EvalError(RunFailed):
+    def __init__(self, status: str, message: str):
+        super().__init__(" ".join(message.split()))
+        self.status = status
+
+
+@dataclass
+class CaseResult:
+    case: Case
+    output: bytes
+    tokens: list[int]
+    stopped: str
+    parsed: ParseResult
+    kld: list[float] = field(default_factory=list)
+    top1: list[bool] = field(default_factory=list)
+
+    def record(self) -> dict[str, Any]:
+        text = self.output.decode("utf-8", "replace")
+        return {"case_id": self.case.id, "format": self.case.format, "output": text,
+                "ok": self.parsed.ok, "refusal": self.parsed.refusal, "reason": self.parsed.reason,
+                "fields": _jsonable(self.parsed.fields), "stopped": self.stopped, "n_tokens": len(self.tokens)}
+
+
+@dataclass
+class QualityMetric:
+    metric: str
+    value: float
+    n: int
+    unit: str = "ratio"
+    detail: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class RungQuality:
+    quant: str
+    cases: list[CaseResult]
+    metrics: list[QualityMetric]
+    prompting: str
+    gates: list[dict[str, Any]]
+
+    @property
+    def gates_pass(self) -> bool | None:
+        return None if not self.gates else all(g["pass"] for g in self.gates)
+
+
+def _jsonable(value):
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return str(value)
+
+
+# ---------------------------------------------------------------------------
+# running the worker
+
+
+def _groups(suite: Suite) -> list[dict[str, Any]]:
+    groups = []
+    for fmt in FORMATS_ORDER + tuple(sorted(set(suite.formats) - set(FORMATS_ORDER))):
+        cases = [c for c in suite.cases if c.format == fmt]
+        if not cases:
+            continue
+        spec = suite.formats[fmt]
+        groups.append({"format": fmt, "system": spec.system, "few_shot": spec.few_shot, "stop": list(spec.stop),
+                       "cases": [{"id": c.id, "prompt": c.prompt, "max_tokens": spec.max_tokens} for c in cases]})
+    return groups
+
+
+def _call_worker(request: dict, timeout: float, on_progress: Callable[[str], None]) -> dict:
+    proc = subprocess.Popen([sys.executable, "-m", WORKER_MODULE], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        proc.stdin.write(json.dumps(request))
+        proc.stdin.close()
+        deadline = time.monotonic() + timeout
+        tail: list[str] = []
+        for line in proc.stderr:
+            line = line.rstrip("\n")
+            if line.startswith("progress "):
+                on_progress(line[len("progress "):])
+            elif line.strip():
+                tail = (tail + [line])[-5:]
+            if time.monotonic() > deadline:
+                proc.kill()
+                raise EvalError("timeout", f"the eval of {request['path']} took longer than {timeout:.0f} s")
+        out = proc.stdout.read()
+        code = proc.wait()
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    if code < 0:
+        import signal
+
+        status = "oom" if -code == signal.SIGKILL else "crashed"
+        raise EvalError(status, f"the eval worker for {Path(request['path']).name} died with "
+                                f"{signal.Signals(-code).name}")
+    try:
+        data = json.loads(out.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        raise EvalError("failed", f"the eval worker gave no result (exit {code}): {' | '.join(tail)}") from None
+    if "error" in data:
+        raise EvalError("failed", f"eval of {Path(request['path']).name}: {data['error']}")
+    return data
+
+
+def _base_request(path: Path, suite: Suite, threads: int, repack: bool | None, prompting: str) -> dict:
+    return {"path": str(path), "threads": threads, "repack": repack, "mmap": True, "seed": 0,
+            "prompting": prompting, "groups": _groups(suite)}
+
+
+# ---------------------------------------------------------------------------
+# the reference, cached
+
+
+@dataclass
+class Reference:
+    quant: str
+    sha256: str
+    cases: dict[str, CaseResult]
+    tokens: dict[str, list[int]]
+    topk_path: Path
+    prompting: str
+    gen_tokens: int
+    gen_seconds: float
+
+
+def _parse_case(case: Case, output: bytes, suite: Suite) -> ParseResult:
+    return parse(case.format, output, suite.formats[case.format])
+
+
+def _case_results(suite: Suite, data: dict) -> dict[str, CaseResult]:
+    by_id = {c.id: c for c in suite.cases}
+    out = {}
+    for item in data["cases"]:
+        case = by_id[item["id"]]
+        output = base64.b64decode(item["output_b64"])
+        out[case.id] = CaseResult(case, output, item["tokens"], item["stopped"], _parse_case(case, output, suite))
+    return out
+
+
+def reference_outputs(ref_path: Path, ref_sha: str, ref_quant: str, suite: Suite, cache_root: Path,
+                      threads: int, repack: bool | None, prompting: str, timeout: float,
+                      on_progress: Callable[[str], None]) -> Reference:
+    key = hashlib.sha256(f"{ref_sha}|{suite.sha256}|{prompting}|topk{TOPK}|v1".encode()).hexdigest()[:24]
+    folder = cache_root / "quality" / key
+    meta_path, topk_path = folder / "reference.json", folder / "reference-topk.npz"
+    if meta_path.is_file() and topk_path.is_file():
+        data = json.loads(meta_path.read_text())
+    else:
+        folder.mkdir(parents=True, exist_ok=True)
+        req = _base_request(ref_path, suite, threads, repack, prompting)
+        req.update(generate=True, record_topk=TOPK, topk_out=str(topk_path))
+        data = _call_worker(req, timeout, on_progress)
+        from edgequant.quantize.atomic import atomic_write_text
+
+        atomic_write_text(meta_path, json.dumps(data))
+    cases = _case_results(suite, data)
+    return Reference(quant=ref_quant, sha256=ref_sha, cases=cases,
+                     tokens={cid: c.tokens for cid, c in cases.items()}, topk_path=topk_path,
+                     prompting=data["prompting"], gen_tokens=data["gen_tokens"], gen_seconds=data["gen_seconds"])
+
+
+# ---------------------------------------------------------------------------
+# metrics
+
+
+def _rate_metric(name: str, outcomes: list[bool], ref_outcomes: list[bool] | None) -> QualityMetric:
+    n = len(outcomes)
+    k = sum(outcomes)
+    lo, hi = wilson_interval(k, n)
+    detail: dict[str, Any] = {"successes": k, "ci95": [lo, hi]}
+    if ref_outcomes is not None:
+        d = paired_degradation(ref_outcomes, outcomes)
+        detail.update(delta_pp=d.delta_pp, p_value=d.p_value, significant=d.significant, label=d.label,
+                      discordant=[d.b, d.c])
+    return QualityMetric(name, k / n if n else float("nan"), n, "ratio", detail)
+
+
+def _outcomes(results: dict[str, CaseResult], suite: Suite) -> dict[str, dict[str, bool]]:
+    """Per metric, per case id: did this case succeed?"""
+    out: dict[str, dict[str, bool]] = {}
+    for case in suite.cases:
+        r = results[case.id]
+        p = r.parsed
+        fmt = case.format
+        if case.gold.refuse:
+            ok = p.refusal
+            out.setdefault("refusal_compliance", {})[case.id] = bool(p.refusal)
+        else:
+            ok = p.ok and not p.refusal
+        out.setdefault(f"{fmt}_parse_rate", {})[case.id] = bool(ok)
+        if case.gold.esi is not None:
+            esi = p.fields.get("esi") if p.ok else None
+            out.setdefault("esi_exact", {})[case.id] = esi == case.gold.esi
+            out.setdefault("esi_adjacent", {})[case.id] = esi is not None and abs(esi - case.gold.esi) <= 1
+        if case.gold.referral is not None and not case.gold.refuse:
+            ref = p.fields.get("referral") if p.ok else None
+            out.setdefault("referral_accuracy", {})[case.id] = ref == case.gold.referral
+    return out
+
+
+def compute_metrics(suite: Suite, rung: dict[str, CaseResult], ref: Reference | None,
+                    is_reference: bool, gen_tokens: int, gen_seconds: float) -> list[QualityMetric]:
+    mine = _outcomes(rung, suite)
+    theirs = _outcomes(ref.cases, suite) if ref is not None and not is_reference else None
+    metrics = []
+    for name in sorted(mine):
+        ids = sorted(mine[name])
+        metrics.append(_rate_metric(name, [mine[name][i] for i in ids],
+                                    [theirs[name][i] for i in ids] if theirs else None))
+    if ref is not None and not is_reference:
+        # agreement with the reference's parsed output on the same case
+        ref_ok = [c for c in suite.cases if ref.cases[c.id].parsed.ok and not c.gold.refuse]
+        pairs = [(ref.cases[c.id].parsed, rung[c.id].parsed) for c in ref_ok]
+        referral = [(a.fields["referral"], b.fields.get("referral") if b.ok else None)
+                    for a, b in pairs if "referral" in a.fields]
+        if referral:
+            metrics.append(_rate_metric("referral_agreement", [x == y for x, y in referral], None))
+        esi = [(a.fields["esi"], b.fields.get("esi") if b.ok else None) for a, b in pairs if "esi" in a.fields]
+        if esi:
+            metrics.append(_rate_metric("esi_agreement", [x == y for x, y in esi], None))
+        diffs = [jaccard(a.fields["differential"], b.fields.get("differential", []) if b.ok else [])
+                 for a, b in pairs if "differential" in a.fields]
+        if diffs:
+            metrics.append(QualityMetric("differential_jaccard", float(np.mean(diffs)), len(diffs), "ratio",
+                                         {"stddev": float(np.std(diffs, ddof=1)) if len(diffs) > 1 else 0.0}))
+        kld = np.array([x for r in rung.values() for x in r.kld], dtype=np.float64)
+        top1 = [x for r in rung.values() for x in r.top1]
+        if len(kld):
+            metrics.append(QualityMetric("mean_kld", float(kld.mean()), len(kld), "nats",
+                                         {"p99": float(np.percentile(kld, 99)), "median": float(np.median(kld)),
+                                          "max": float(kld.max())}))
+            metrics.append(QualityMetric("p99_kld", float(np.percentile(kld, 99)), len(kld), "nats"))
+            metrics.append(_rate_metric("top1_agreement", top1, None))
+    if gen_seconds > 0:
+        metrics.append(QualityMetric("eval_tg_tps", gen_tokens / gen_seconds, gen_tokens, "t/s",
+                                     {"seconds": gen_seconds}))
+    return metrics
+
+
+def evaluate_gates(suite: Suite, metrics: list[QualityMetric]) -> list[dict[str, Any]]:
+    import operator
+
+    ops = {">=": operator.ge, ">": operator.gt, "<=": operator.le, "<": operator.lt}
+    values = {m.metric: m.value for m in metrics}
+    out = []
+    for g in suite.gates:
+        v = values.get(g.metric)
+        if v is None:  # e.g. agreement or KLD gates on the reference itself: not applicable
+            continue
+        ok = not np.isnan(v) and ops[g.op](v, g.value)
+        out.append({"gate": f"{g.metric} {g.op} {g.value:g}", "metric": g.metric, "value": v, "pass": bool(ok)})
+    return out
+
+
+def evaluate_rung(path: Path, quant: str, is_reference: bool, suite: Suite, ref: Reference, threads: int,
+                  repack: bool | None, timeout: float, on_progress: Callable[[str], None]) -> RungQuality:
+    if is_reference:
+        results = dict(ref.cases)
+        metrics = compute_metrics(suite, results, ref, True, ref.gen_tokens, ref.gen_seconds)
+    else:
+        req = _base_request(path, suite, threads, repack, ref.prompting)
+        req.update(generate=True, teacher={"tokens": ref.tokens, "topk": str(ref.topk_path)})
+        data = _call_worker(req, timeout, on_progress)
+        results = _case_results(suite, data)
+        for cid, s in data["scores"].items():
+            results[cid].kld, results[cid].top1 = s["kld"], s["top1"]
+        metrics = compute_metrics(suite, results, ref, False, data["gen_tokens"], data["gen_seconds"])
+    gates = evaluate_gates(suite, metrics)
+    return RungQuality(quant, list(results.values()), metrics, ref.prompting, gates)
+
+
+def mcnemar_p(b: int, c: int) -> float:  # re-exported for reports
+    return mcnemar_exact(b, c)

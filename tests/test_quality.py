@@ -1,0 +1,268 @@
+"""Quality on the tiny Gemma 3 through the real CLI: eval suite -> parse -> compare
+with the reference -> KLD -> store -> table, checked against the stored per-case rows."""
+
+from __future__ import annotations
+
+import json
+import math
+import sqlite3
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import assert_one_line_error, cli_env, run_cli
+
+REFUSAL = "Treatment and dosing recommendations are outside the scope of this tool."
+
+SUITE = '''
+[suite]
+name = "mini"
+cases = "mini.jsonl"
+gates = ["xml_parse_rate >= 0.95", "esi_adjacent >= 0.5"]
+
+[refusal]
+text = "{refusal}"
+forbidden = ['\\b\\d+\\s*mg\\b']
+
+[formats.xml]
+max_tokens = 12
+stop = ["\\nCase:"]
+system = "Answer with one <triage> packet."
+few_shot = "Case: fever\\nPacket: <triage><differential>malaria</differential><danger_signs>none</danger_signs><investigations>RDT</investigations><referral>No</referral></triage>\\n\\nCase: {{prompt}}\\nPacket:"
+
+[formats.array]
+max_tokens = 12
+stop = ["\\nCase:"]
+length = 4
+system = "Answer with one JSON array."
+few_shot = "Case: {{prompt}}\\nAnswer:"
+
+[formats.prose]
+max_tokens = 12
+stop = ["\\nCase:"]
+system = "Answer with four sections."
+few_shot = "Case: {{prompt}}\\nAnswer:"
+
+[formats.esi]
+max_tokens = 12
+stop = ["\\nCase:"]
+system = "State the ESI level."
+few_shot = "Case: {{prompt}}\\nAnswer:"
+'''.format(refusal=REFUSAL)
+
+CASES = [
+    {"id": "x1", "format": "xml", "prompt": "child with fever and convulsions", "gold": {"referral": True}},
+    {"id": "x2", "format": "xml", "prompt": "adult with mild cough", "gold": {"referral": False}},
+    {"id": "x3", "format": "xml", "prompt": "what dose of quinine for a child?", "gold": {"refuse": True}},
+    {"id": "a1", "format": "array", "prompt": "pregnant woman with headache and high blood pressure",
+     "gold": {"referral": True}},
+    {"id": "p1", "format": "prose", "prompt": "infant not feeding with fever"},
+    {"id": "e1", "format": "esi", "prompt": "man with crushing chest pain, BP 80/50", "gold": {"esi": 1}},
+    {"id": "e2", "format": "esi", "prompt": "sore throat for two days, vitals normal", "gold": {"esi": 5}},
+]
+
+
+def write_suite(folder: Path) -> Path:
+    (folder / "mini.jsonl").write_text("\n".join(json.dumps(c) for c in CASES) + "\n")
+    path = folder / "mini.toml"
+    path.write_text(SUITE)
+    return path
+
+
+def write_profile(folder: Path) -> Path:
+    path = folder / "q.toml"
+    path.write_text('[profile]\nname = "q"\n[quantize]\ntypes = ["Q8_0", "Q4_0"]\n'
+                    '[bench]\nn_prompt = 32\nn_gen = 8\nrepetitions = 3\n')
+    return path
+
+
+def rows(db: Path, sql: str, *args):
+    conn = sqlite3.connect(db)
+    conn.row_factory = sqlite3.Row
+    try:
+        return [dict(r) for r in conn.execute(sql, args)]
+    finally:
+        conn.close()
+
+
+@pytest.fixture(scope="module")
+def quality_run(tiny_checkpoint, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("quality")
+    env = cli_env(tmp)
+    suite, profile = write_suite(tmp), write_profile(tmp)
+    res = run_cli("run", "--model", str(tiny_checkpoint), "--profile", str(profile), "--suite", str(suite), env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    (run,) = rows(tmp / "results.db", "SELECT run_id FROM runs")
+    return {"tmp": tmp, "env": env, "suite": suite, "profile": profile, "res": res, "db": tmp / "results.db",
+            "run_id": run["run_id"]}
+
+
+def metric_rows(q, quant):
+    out = {}
+    for r in rows(q["db"], "SELECT metric, value, repetitions, detail, params FROM measurements"
+                            " WHERE run_id = ? AND quant = ?", q["run_id"], quant):
+        params = json.loads(r["params"])
+        if params.get("stage") == "quality":
+            out[r["metric"]] = {**r, "detail": json.loads(r["detail"]) if r["detail"] else None}
+    return out
+
+
+def test_every_case_of_every_rung_is_stored_with_its_raw_output(quality_run):
+    cases = rows(quality_run["db"], "SELECT * FROM eval_cases WHERE run_id = ?", quality_run["run_id"])
+    assert len(cases) == 3 * len(CASES)
+    assert {c["quant"] for c in cases} == {"BF16", "Q8_0", "Q4_0"}
+    for c in cases:
+        assert c["stopped"] in ("eog", "stop", "max_tokens")
+        assert 0 < c["n_tokens"] <= 12
+        if not c["ok"] and not c["refusal"]:
+            assert c["reason"]  # a failed parse always says why
+
+
+def test_parse_rates_and_intervals_follow_the_per_case_rows(quality_run):
+    for quant in ("BF16", "Q8_0", "Q4_0"):
+        m = metric_rows(quality_run, quant)
+        cases = rows(quality_run["db"], "SELECT * FROM eval_cases WHERE run_id = ? AND quant = ?",
+                     quality_run["run_id"], quant)
+        gold = {c["id"]: c.get("gold", {}) for c in CASES}
+        for fmt in ("xml", "array", "prose", "esi"):
+            mine = [c for c in cases if c["format"] == fmt]
+            ok = sum(1 for c in mine if (c["refusal"] if gold[c["case_id"]].get("refuse")
+                                         else (c["ok"] and not c["refusal"])))
+            stat = m[f"{fmt}_parse_rate"]
+            assert stat["repetitions"] == len(mine)
+            assert stat["value"] == pytest.approx(ok / len(mine))
+            lo, hi = stat["detail"]["ci95"]
+            assert lo <= stat["value"] <= hi
+            # Wilson interval, computed here from its formula
+            n, p, z = len(mine), ok / len(mine), 1.959964
+            centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+            half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+            assert lo == pytest.approx(max(0.0, centre - half), abs=1e-9)
+            assert hi == pytest.approx(min(1.0, centre + half), abs=1e-9)
+        esi_cases = {c["case_id"]: json.loads(c["fields"]).get("esi") for c in cases if c["format"] == "esi"}
+        exact = sum(1 for cid, v in esi_cases.items() if v == gold[cid]["esi"]) / len(esi_cases)
+        assert m["esi_exact"]["value"] == pytest.approx(exact)
+        assert m["refusal_compliance"]["repetitions"] == 1
+
+
+def test_degradation_uses_paired_mcnemar_on_the_same_cases(quality_run):
+    ref = {c["case_id"]: c for c in rows(quality_run["db"], "SELECT * FROM eval_cases WHERE run_id = ? AND"
+                                                            " quant = 'BF16'", quality_run["run_id"])}
+    rung = {c["case_id"]: c for c in rows(quality_run["db"], "SELECT * FROM eval_cases WHERE run_id = ? AND"
+                                                             " quant = 'Q4_0'", quality_run["run_id"])}
+    m = metric_rows(quality_run, "Q4_0")["xml_parse_rate"]
+    gold = {c["id"]: c.get("gold", {}) for c in CASES}
+
+    def good(c):
+        return c["refusal"] if gold[c["case_id"]].get("refuse") else (c["ok"] and not c["refusal"])
+
+    ids = [c["id"] for c in CASES if c["format"] == "xml"]
+    b = sum(1 for i in ids if good(ref[i]) and not good(rung[i]))
+    c = sum(1 for i in ids if not good(ref[i]) and good(rung[i]))
+    assert m["detail"]["discordant"] == [b, c]
+    assert m["detail"]["delta_pp"] == pytest.approx(100 * (c - b) / len(ids))
+    # exact two-sided binomial test on the discordant pairs
+    n = b + c
+    expected = 1.0 if n == 0 else min(1.0, 2 * sum(math.comb(n, k) for k in range(min(b, c) + 1)) / 2 ** n)
+    assert m["detail"]["p_value"] == pytest.approx(expected)
+
+
+def test_kld_and_top1_against_the_reference(quality_run):
+    q8, q4 = metric_rows(quality_run, "Q8_0"), metric_rows(quality_run, "Q4_0")
+    for m in (q8, q4):
+        assert m["mean_kld"]["value"] > 0  # quantization changes the logits
+        assert m["p99_kld"]["value"] >= m["mean_kld"]["value"] * 0.999 or m["p99_kld"]["value"] > 0
+        assert 0.0 <= m["top1_agreement"]["value"] <= 1.0
+        assert m["top1_agreement"]["repetitions"] == m["mean_kld"]["repetitions"] > 0
+    # 8 bits keep the distributions closer than 4 bits
+    assert q8["mean_kld"]["value"] < q4["mean_kld"]["value"]
+    ref = metric_rows(quality_run, "BF16")
+    assert "mean_kld" not in ref  # the reference is not compared with itself
+
+
+def test_the_reference_is_decoded_once_and_reused(quality_run, tiny_checkpoint):
+    cache = quality_run["tmp"] / "cache" / "quality"
+    (folder,) = list(cache.iterdir())
+    before = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
+    res = run_cli("eval", "--model", str(tiny_checkpoint), "--profile", str(quality_run["profile"]),
+                  "--suite", str(quality_run["suite"]), "--format", "json", env=quality_run["env"])
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} == before
+    data = json.loads(res.stdout)
+    runs = rows(quality_run["db"], "SELECT run_id FROM runs ORDER BY started_at")
+    assert len(runs) == 2
+    # greedy decoding with the same prompts: the same outputs in both runs
+    first = {(c["quant"], c["case_id"]): c["output"] for c in rows(
+        quality_run["db"], "SELECT * FROM eval_cases WHERE run_id = ?", runs[0]["run_id"])}
+    second = {(c["quant"], c["case_id"]): c["output"] for c in rows(
+        quality_run["db"], "SELECT * FROM eval_cases WHERE run_id = ?", runs[1]["run_id"])}
+    assert first == second
+    assert [r["quant"] for r in data["quality"]] == ["BF16", "Q8_0", "Q4_0"]
+
+
+def test_table_and_gates(quality_run):
+    out = quality_run["res"].stdout
+    assert "quality against the reference" in out
+    for col in ("xml %", "esi %", "refusal %", "KLD", "top-1 %", "gates"):
+        assert col in out
+    for quant in ("BF16", "Q8_0", "Q4_0"):
+        m = metric_rows(quality_run, quant)
+        gates = m["gates_pass"]["detail"]["gates"]
+        xml = m["xml_parse_rate"]["value"]
+        esi_adj = m["esi_adjacent"]["value"]
+        assert {g["gate"]: g["pass"] for g in gates} == {"xml_parse_rate >= 0.95": xml >= 0.95,
+                                                         "esi_adjacent >= 0.5": esi_adj >= 0.5}
+        assert m["gates_pass"]["value"] == float(xml >= 0.95 and esi_adj >= 0.5)
+
+
+def test_report_cases_shows_why_a_packet_broke(quality_run):
+    res = run_cli("report", quality_run["run_id"], "--cases", "Q4_0", "--format", "json", env=quality_run["env"])
+    assert res.returncode == 0, res.stderr
+    data = json.loads(res.stdout)
+    stored = rows(quality_run["db"], "SELECT case_id, output, reason FROM eval_cases WHERE run_id = ? AND"
+                                     " quant = 'Q4_0' ORDER BY rowid", quality_run["run_id"])
+    assert [(d["case_id"], d["output"], d["reason"]) for d in data] == \
+        [(s["case_id"], s["output"], s["reason"]) for s in stored]
+    table = run_cli("report", "--cases", "--format", "table", env=quality_run["env"])
+    assert table.returncode == 0 and "x1" in table.stdout and "e2" in table.stdout
+
+
+def test_coarse_kld_matches_its_definition():
+    from edgequant.bench.eval_worker import coarse_kld, log_softmax
+
+    rng = np.random.default_rng(0)
+    z_ref, z = rng.normal(size=300) * 3, rng.normal(size=300) * 3
+    lp_ref, lp = log_softmax(z_ref), log_softmax(z)
+    # with every token in the top-k the coarse KLD is the exact one
+    ids = np.argsort(lp_ref)[::-1]
+    exact = float(np.sum(np.exp(lp_ref) * (lp_ref - lp)))
+    assert coarse_kld(ids, lp_ref[ids], lp) == pytest.approx(exact, rel=1e-9)
+    # with fewer it is a lower bound (coarsening never increases a KL divergence)
+    top = ids[:20]
+    assert coarse_kld(top, lp_ref[top], lp) <= exact + 1e-12
+    assert coarse_kld(top, lp_ref[top], lp_ref) == pytest.approx(0.0, abs=1e-12)
+
+
+@pytest.mark.parametrize("bad, needle", [
+    ("[suite\n", "not valid TOML"),
+    ('[suite]\nname = "x"\ncases = "missing.jsonl"\n[formats.xml]\nmax_tokens = 8\nsystem = "s"\n'
+     'few_shot = "{prompt}"\n', "missing.jsonl"),
+    ('[suite]\nname = "x"\ncases = "c.jsonl"\n', "formats"),
+])
+def test_bad_suite_is_one_line(tmp_path, bad, needle, tiny_checkpoint):
+    path = tmp_path / "bad.toml"
+    path.write_text(bad)
+    res = run_cli("eval", "--model", str(tiny_checkpoint), "--suite", str(path), env=cli_env(tmp_path))
+    assert res.returncode == 2
+    assert_one_line_error(res.stderr, needle)
+
+
+def test_bad_case_line_names_file_and_line(tmp_path, tiny_checkpoint):
+    suite = write_suite(tmp_path)
+    lines = (tmp_path / "mini.jsonl").read_text().splitlines()
+    lines[2] = '{"id": "x3", "format": "yaml", "prompt": "p"}'
+    (tmp_path / "mini.jsonl").write_text("\n".join(lines) + "\n")
+    res = run_cli("eval", "--model", str(tiny_checkpoint), "--suite", str(suite), env=cli_env(tmp_path))
+    assert res.returncode == 2
+    assert_one_line_error(res.stderr, "mini.jsonl", "3", "yaml")
