@@ -62,14 +62,37 @@ CASE_MARK = "\u0000EDGEQUANT-CASE\u0000"
 
 def log_softmax(z: np.ndarray) -> np.ndarray:
     z = z.astype(np.float64, copy=False)
-    m = z.max()
-    return z - (m + np.log(np.exp(z - m).sum()))
+    return z - logsumexp(z)
+
+
+def logsumexp(z: np.ndarray) -> float:
+    m = float(z.max())
+    return m + float(np.log(np.exp(z - m, dtype=np.float64).sum()))
+
+
+def top_k(z: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The k most likely tokens (most likely first) and their log-probs, from raw logits."""
+    lse = logsumexp(z)
+    idx = np.argpartition(z, -k)[-k:]
+    idx = idx[np.argsort(z[idx])[::-1]]
+    return idx.astype(np.int32), (z[idx].astype(np.float64) - lse).astype(np.float32)
+
+
+def score_position(ref_ids: np.ndarray, ref_lp: np.ndarray, z: np.ndarray) -> tuple[float, bool]:
+    """KLD(ref || this) on the coarsened distributions, and top-1 agreement, from this model's raw logits."""
+    lse = logsumexp(z)
+    q_lp = z[ref_ids].astype(np.float64) - lse
+    return _coarse(ref_lp, q_lp), int(np.argmax(z)) == int(ref_ids[0])
 
 
 def coarse_kld(ref_ids: np.ndarray, ref_lp: np.ndarray, lp: np.ndarray) -> float:
     """KL(ref || this) over the reference's top-k tokens plus one bin for the rest."""
-    p = np.exp(ref_lp.astype(np.float64))
-    q_lp = lp[ref_ids]
+    return _coarse(ref_lp, lp[ref_ids])
+
+
+def _coarse(ref_lp: np.ndarray, q_lp: np.ndarray) -> float:
+    ref_lp = ref_lp.astype(np.float64)
+    p = np.exp(ref_lp)
     kld = float(np.sum(p * (ref_lp - q_lp)))
     p_rest = max(0.0, 1.0 - float(p.sum()))
     q_rest = max(0.0, 1.0 - float(np.exp(q_lp).sum()))
@@ -265,11 +288,9 @@ def run(req: dict, progress) -> dict:
                     z = sess.logits(-1)
                     tok = int(np.argmax(z))
                     if k:
-                        lp = log_softmax(z)
-                        idx = np.argpartition(lp, -k)[-k:]
-                        idx = idx[np.argsort(lp[idx])[::-1]]
-                        top_ids.append(idx.astype(np.int32))
-                        top_lp.append(lp[idx].astype(np.float32))
+                        ids, lps = top_k(z, k)
+                        top_ids.append(ids)
+                        top_lp.append(lps)
                     toks.append(tok)
                     if L.llama_vocab_is_eog(sess.vocab, tok):
                         stopped = "eog"
@@ -293,14 +314,18 @@ def run(req: dict, progress) -> dict:
                 ids, lps = ref_topk[f"{cid}.ids"], ref_topk[f"{cid}.lp"]
                 sess.truncate(n_prefix)
                 sess.decode(tokens)
-                dists = [log_softmax(sess.logits(-1))]
-                if len(ref_tokens) > 1:
-                    sess.decode(ref_tokens[:-1], logits_all=True)
-                    dists += [log_softmax(sess.logits(i)) for i in range(len(ref_tokens) - 1)]
                 kld, top1 = [], []
-                for j, lp in enumerate(dists[:len(ids)]):
-                    kld.append(coarse_kld(ids[j], lps[j], lp))
-                    top1.append(bool(int(np.argmax(lp)) == int(ids[j][0])))
+                n = min(len(ref_tokens), len(ids))
+                if n:
+                    first = score_position(ids[0], lps[0], sess.logits(-1))
+                    kld.append(first[0])
+                    top1.append(first[1])
+                if n > 1:
+                    sess.decode(ref_tokens[:n - 1], logits_all=True)
+                    for j in range(1, n):
+                        d, t = score_position(ids[j], lps[j], sess.logits(j - 1))
+                        kld.append(d)
+                        top1.append(t)
                 scores[cid] = {"kld": kld, "top1": top1}
             done += 1
             progress(f"eval {done}/{total}")

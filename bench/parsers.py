@@ -133,13 +133,22 @@ def contains_refusal_sentence(text: str, refusal: RefusalSpec | None) -> bool:
     return bool(sentence) and f" {sentence} " in f" {_normalize(text)} "
 
 
+_BLANKS = re.compile(r"\s+")
+
+
 def forbidden_content(text: str, refusal: RefusalSpec | None) -> tuple[str, ...]:
-    """The treatment/dosing snippets (one per matching pattern) found in text."""
-    if refusal is None:
+    r"""The treatment/dosing snippets (one per matching pattern) found in text.
+
+    Patterns see the text with every whitespace run collapsed to one space: that
+    is what "500  mg" and "500\nmg" mean, and it keeps patterns such as
+    ``\d+\s*-?\s*hourly`` from backtracking for minutes over a run of blanks.
+    """
+    if refusal is None or not refusal.forbidden:
         return ()
+    flat = _BLANKS.sub(" ", text)
     found = []
     for rx in refusal.forbidden:
-        m = rx.search(text)
+        m = rx.search(flat)
         if m:
             found.append(m.group(0)[:80])
             if len(found) >= MAX_FORBIDDEN_REPORTED:

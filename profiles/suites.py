@@ -19,7 +19,8 @@ A suite is a TOML file plus a JSONL cases file next to it::
 
     [refusal]                             # needed when a case has gold.refuse
     text = "Treatment and dosing recommendations are outside the scope ..."
-    forbidden = ['\\d+\\s*mg\\b', 'tablets?']  # treatment/dosing content, case-insensitive
+    forbidden = ['\\d+\\s*mg\\b', 'tablets?']  # treatment/dosing content, case-insensitive,
+                                          # matched with whitespace runs collapsed to one space
 
 One case per JSONL line: ``{"id", "format", "prompt", "gold"?}``; gold is an
 object with optional ``esi`` (1-5, esi cases only), ``referral`` and

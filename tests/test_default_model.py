@@ -58,6 +58,28 @@ def test_default_run_measures_the_whole_ladder(default_run):
     assert "dequantized from a Q4_K_M" in out  # the default's caveat is printed under its table
 
 
+def test_default_run_judges_every_rung_on_the_built_in_suite(default_run):
+    from edgequant.profiles.suites import load_suite
+
+    db = default_run["tmp"] / "results.db"
+    suite = load_suite("triage")
+    cases = rows(db, "SELECT quant, COUNT(*) AS n FROM eval_cases GROUP BY quant")
+    assert {c["quant"]: c["n"] for c in cases} == {q: len(suite.cases) for q in DEFAULT_LADDER}
+    ms = rows(db, "SELECT quant, metric, value FROM measurements WHERE metric IN"
+                  " ('xml_parse_rate', 'esi_adjacent', 'refusal_compliance', 'mean_kld', 'top1_agreement',"
+                  " 'gates_pass', 'eval_tg_tps')")
+    got = {(m["quant"], m["metric"]): m["value"] for m in ms}
+    for quant in DEFAULT_LADDER:
+        for metric in ("xml_parse_rate", "esi_adjacent", "refusal_compliance", "gates_pass", "eval_tg_tps"):
+            assert (quant, metric) in got, (quant, metric)
+        if quant != "BF16":
+            assert got[(quant, "mean_kld")] > 0 and 0 < got[(quant, "top1_agreement")] <= 1
+    # the field's ordering, which even this model shows: 8 bits diverge far less than 2 bits
+    assert got[("Q8_0", "mean_kld")] < got[("Q2_K", "mean_kld")]
+    assert got[("Q8_0", "top1_agreement")] > got[("Q2_K", "top1_agreement")]
+    assert "quality against the reference" in default_run["result"].stdout
+
+
 def test_materialized_checkpoint_is_bf16_safetensors_matching_the_gguf(default_run):
     import llama_cpp
     import torch

@@ -392,6 +392,10 @@ HOSTILE = [
     ("not text", "xml", 12345, ["bytes or str"]),
     ("none", "esi", None, ["bytes or str"]),
     ("many brackets in strings", "array", '["' + "[" * 60_000 + '"', ["truncated array"]),
+    ("digit then 60k blanks xml", "xml", "1" + " " * 60_000, ["no <triage> packet"]),
+    ("digit then 60k blanks prose", "prose", "1" + " \t" * 30_000, ["none of the headings"]),
+    ("blank line of 60k", "prose", " " * 60_000 + "x", ["none of the headings"]),
+    ("hashes and blanks", "prose", "#" * 6 + " " * 30_000 + "**" + " " * 30_000, ["none of the headings"]),
     ("many headings", "prose", "Danger signs:\n" * 4000, ["missing heading 'Differential'"]),
     ("many headings out of order", "prose",
      "Differential: a\n" + "Investigations: x\n" * 3000 + "Danger signs: y\n", ["out of order"]),
@@ -415,6 +419,19 @@ def test_hostile_set_is_fast_in_total(suite):
         parse(fmt, payload, suite.formats[fmt])
     # well under a second each; the bound is generous and only catches hangs
     assert time.perf_counter() - start < 5.0
+
+
+def test_backtracking_forbidden_pattern_is_defused(xml):
+    """A suite pattern with competing quantifiers must not hang on a run of blanks."""
+    from edgequant.profiles.suites import RefusalSpec
+
+    rx = re.compile(r"\b\d+\s*-?\s*hourly\b", re.IGNORECASE)
+    spec = dataclasses.replace(xml, refusal=RefusalSpec(SENTENCE, (rx,), (rx.pattern,)))
+    start = time.perf_counter()
+    r = parse("xml", "4" + " " * 60_000 + "x", spec)
+    assert time.perf_counter() - start < 5.0 and not r.ok
+    assert parse("xml", f"<triage><refusal>{SENTENCE} 4 -\n hourly</refusal></triage>", spec).forbidden == (
+        "4 - hourly",)
 
 
 def test_expat_layer_rejects_dtds_even_without_the_text_check():
