@@ -11,8 +11,8 @@ flash-attention mode, load mode (mmap) and repack setting.  Targets: pp within
 +/-10 %, tg within +/-5 % (ratio = edgequant / llama-bench).
 
 Shared machines are noisy, so every run also reports *contention*: the share of
-its wall time during which some runnable task waited for a CPU (Linux PSI,
-``/proc/pressure/cpu``).  With ``--rounds N`` the two sides alternate N times
+the machine's CPUs that other work (other processes, hypervisor steal) used
+while it ran (``/proc/stat`` minus the run's own CPU time).  With ``--rounds N`` the two sides alternate N times
 (the order flips every round) and the verdict uses the median ratio, which
 separates a difference of method from a neighbour's burst of load.
 """
@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -41,26 +43,38 @@ TOLERANCE = {"pp": 0.10, "tg": 0.05}
 T = TypeVar("T")
 
 
-def _cpu_stall_us() -> int | None:
-    """Cumulative microseconds in which some task waited for a CPU (PSI), if available."""
+def _busy_cpu_seconds() -> float | None:
+    """CPU seconds all CPUs spent busy (user, nice, system, irq, softirq, steal) since boot."""
     try:
-        with open("/proc/pressure/cpu", encoding="ascii") as fh:
-            for line in fh:
-                if line.startswith("some "):
-                    return int(line.rsplit("total=", 1)[1])
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
+        with open("/proc/stat", encoding="ascii") as fh:
+            fields = fh.readline().split()
+    except OSError:
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in fields[1:9])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def _own_cpu_seconds() -> float:
+    """CPU seconds of this process and its reaped children (the measured runs)."""
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
 
 
 def timed_with_contention(fn: Callable[[], T]) -> tuple[T, float | None]:
-    """Run ``fn``; return its value and the fraction of wall time the CPUs were contended."""
-    s0, t0 = _cpu_stall_us(), time.monotonic()
+    """Run ``fn``; return its value and the share of all CPUs used by *other* work meanwhile.
+
+    Other work = busy CPU time of the whole machine (hypervisor steal
+    included) minus the CPU time of this process and the run it waited for,
+    divided by wall time x CPUs.  Our own threads waiting for a CPU do not count.
+    """
+    b0, o0, t0 = _busy_cpu_seconds(), _own_cpu_seconds(), time.monotonic()
     value = fn()
-    s1, t1 = _cpu_stall_us(), time.monotonic()
-    if s0 is None or s1 is None or t1 <= t0:
+    b1, o1, t1 = _busy_cpu_seconds(), _own_cpu_seconds(), time.monotonic()
+    if b0 is None or b1 is None or t1 <= t0:
         return value, None
-    return value, (s1 - s0) / 1e6 / (t1 - t0)
+    others = (b1 - b0) - (o1 - o0)
+    return value, max(0.0, others / ((t1 - t0) * (os.cpu_count() or 1)))
 
 
 @dataclass(frozen=True)
@@ -195,8 +209,8 @@ def main(argv: list[str] | None = None) -> int:
         console.print(render(rows, settings))
         for line in verdicts(rows):
             console.print(line)
-        console.print("contention = share of wall time some task waited for a CPU (PSI); "
-                      "rows with high contention measure the neighbours, not the method.")
+        console.print("contention = share of the CPUs used by other work during the run (lb = llama-bench, "
+                      "eq = edgequant); rows with high contention measure the neighbours, not the method.")
     return 0
 
 

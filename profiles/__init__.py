@@ -244,7 +244,12 @@ def parse_profile(data: dict, path: Path) -> Profile:
 
 
 def builtin_profiles() -> list[str]:
-    return sorted(p.name[:-5] for p in resources.files(__package__).iterdir() if p.name.endswith(".toml"))
+    """Names of the shipped quant profiles (TOML files here that are not eval suites)."""
+    names = []
+    for p in resources.files(__package__).iterdir():
+        if p.name.endswith(".toml") and not tomllib.loads(p.read_text(encoding="utf-8")).get("suite"):
+            names.append(p.name[:-5])
+    return sorted(names)
 
 
 def load_profile(name_or_path: str | Path) -> Profile:
@@ -254,7 +259,7 @@ def load_profile(name_or_path: str | Path) -> Profile:
         path = text_path
     else:
         path = Path(str(resources.files(__package__) / f"{name_or_path}.toml"))
-        if not path.exists():
+        if not path.exists() or name_or_path not in builtin_profiles():
             raise BadInput(f"profile '{name_or_path}' not found; built-in profiles: "
                            f"{', '.join(builtin_profiles())}, or pass a path to a .toml file")
     if not path.is_file():
