@@ -121,6 +121,12 @@ def _groups(suite: Suite) -> list[dict[str, Any]]:
 def _call_worker(request: dict, timeout: float, on_progress: Callable[[str], None]) -> dict:
     proc = subprocess.Popen([sys.executable, "-m", WORKER_MODULE], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
+    import threading
+
+    chunks: list[str] = []
+    # the result can exceed a pipe's buffer: read stdout while stderr is followed, or both block
+    reader = threading.Thread(target=lambda: chunks.append(proc.stdout.read()), daemon=True)
+    reader.start()
     try:
         proc.stdin.write(json.dumps(request))
         proc.stdin.close()
@@ -135,8 +141,9 @@ def _call_worker(request: dict, timeout: float, on_progress: Callable[[str], Non
             if time.monotonic() > deadline:
                 proc.kill()
                 raise EvalError("timeout", f"the eval of {request['path']} took longer than {timeout:.0f} s")
-        out = proc.stdout.read()
         code = proc.wait()
+        reader.join()
+        out = "".join(chunks)
     except BaseException:
         proc.kill()
         proc.wait()

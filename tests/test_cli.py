@@ -41,7 +41,7 @@ def tiny_run(tiny_checkpoint, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("tiny_run")
     env = cli_env(tmp)
     profile = tiny_profile(tmp)
-    result = run_cli("run", "--model", str(tiny_checkpoint), "--profile", str(profile), env=env)
+    result = run_cli("run", "--no-quality", "--model", str(tiny_checkpoint), "--profile", str(profile), env=env)
     assert result.returncode == 0, result.stderr
     return {"tmp": tmp, "env": env, "profile": profile, "result": result, "db": tmp / "results.db",
             "cache": tmp / "cache"}
@@ -286,7 +286,7 @@ def test_too_little_disk_is_caught_before_converting(tiny_checkpoint, tmp_path):
 
 def test_ctrl_c_while_converting_leaves_no_file_and_a_partial_run(tiny_checkpoint, tmp_path):
     env = cli_env(tmp_path)
-    proc = start_cli("run", "--model", str(tiny_checkpoint), "--profile", str(tiny_profile(tmp_path)), env=env)
+    proc = start_cli("run", "--no-quality", "--model", str(tiny_checkpoint), "--profile", str(tiny_profile(tmp_path)), env=env)
     arts = tmp_path / "cache" / "artifacts"
     wait_for(lambda: any(".partial" in p.name for p in arts.rglob("*")), 120, "conversion to start", proc)
     out, err = ctrl_c(proc)
@@ -301,7 +301,7 @@ def test_ctrl_c_while_benchmarking_keeps_finished_rungs_and_kills_the_worker(tin
     env = cli_env(tmp_path)
     # long enough that the interrupt lands inside the benchmark of the first rung
     profile = tiny_profile(tmp_path, types=["Q8_0"], n_gen=64, repetitions=400)
-    proc = start_cli("run", "--model", str(tiny_checkpoint), "--profile", str(profile), env=env)
+    proc = start_cli("run", "--no-quality", "--model", str(tiny_checkpoint), "--profile", str(profile), env=env)
 
     def worker_running():
         try:
