@@ -87,7 +87,7 @@ def main() -> None:
         e_total = time.perf_counter() - t
 
         t = time.perf_counter()
-        subprocess.run([str(BIN / "edgequant"), "run", *model_args, "-p", "16", "-n", "4", "--warmup", "0"],
+        subprocess.run([str(BIN / "edgequant"), "run", *model_args, "--no-quality", "-p", "16", "-n", "4", "--warmup", "0"],
                        check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         run_total = time.perf_counter() - t
         conn = sqlite3.connect(tmp / "r.db")
