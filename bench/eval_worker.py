@@ -45,17 +45,14 @@ from __future__ import annotations
 
 import base64
 import ctypes
-import json
 import os
 import sys
 import time
-import traceback
 from typing import Any
 
 import numpy as np
 
-from edgequant.bench.host_worker import (Bench, WorkerError, _die_with_parent, _flash_attn_type, _Log,
-                                         _private_stdout)
+from edgequant.bench.host_worker import Bench, WorkerError, _flash_attn_type, _Log, serve
 
 CASE_MARK = "\u0000EDGEQUANT-CASE\u0000"
 
@@ -343,23 +340,7 @@ def run(req: dict, progress) -> dict:
 
 
 def main() -> int:
-    _die_with_parent()
-    out = _private_stdout()
-
-    def progress(text: str) -> None:
-        sys.stderr.write(f"progress {text}\n")
-        sys.stderr.flush()
-
-    try:
-        result, code = run(json.loads(sys.stdin.read() or "null"), progress), 0
-    except WorkerError as exc:
-        result, code = {"error": str(exc)}, 1
-    except Exception as exc:  # one line to the parent; the traceback to stderr
-        traceback.print_exc()
-        result, code = {"error": f"{type(exc).__name__}: {exc}"}, 1
-    out.write(json.dumps(result) + "\n")
-    out.flush()
-    return code
+    return serve(run)
 
 
 if __name__ == "__main__":

@@ -503,7 +503,8 @@ def _private_stdout() -> TextIO:
     return os.fdopen(fd, "w", encoding="utf-8")
 
 
-def main() -> int:
+def serve(handle: Callable[[Any, Callable[[str], None]], dict]) -> int:
+    """The worker protocol: a JSON request on stdin, one JSON line on stdout, progress on stderr."""
     _die_with_parent()
     out = _private_stdout()
 
@@ -512,7 +513,7 @@ def main() -> int:
         sys.stderr.flush()
 
     try:
-        result = measure(_check_request(json.loads(sys.stdin.read() or "null")), progress)
+        result = handle(json.loads(sys.stdin.read() or "null"), progress)
         code = 0
     except WorkerError as exc:
         result, code = {"error": str(exc)}, 1
@@ -524,6 +525,10 @@ def main() -> int:
     out.write(json.dumps(result) + "\n")
     out.flush()
     return code
+
+
+def main() -> int:
+    return serve(lambda request, progress: measure(_check_request(request), progress))
 
 
 if __name__ == "__main__":

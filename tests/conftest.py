@@ -85,3 +85,15 @@ def assert_one_line_error(result_stderr: str, *needles: str) -> str:
     for needle in needles:
         assert needle in errors[0], errors[0]
     return errors[0]
+
+
+def db_rows(db: Path, sql: str, *args) -> list[dict]:
+    """Rows of a results database, read with plain sqlite3 (not edgequant's store)."""
+    import sqlite3
+
+    conn = sqlite3.connect(db)
+    conn.row_factory = sqlite3.Row
+    try:
+        return [dict(r) for r in conn.execute(sql, args)]
+    finally:
+        conn.close()

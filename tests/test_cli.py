@@ -9,7 +9,6 @@ import io
 import json
 import os
 import re
-import sqlite3
 from collections import Counter
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import gguf
 import psutil
 import pytest
 
-from conftest import REPO, assert_one_line_error, cli_env, ctrl_c, run_cli, start_cli, wait_for
+from conftest import db_rows, REPO, assert_one_line_error, cli_env, ctrl_c, run_cli, start_cli, wait_for
 from tiny_model import make_checkpoint_without_tokenizer, make_pickle_only_checkpoint, \
     make_unsupported_arch_checkpoint
 
@@ -46,14 +45,6 @@ def tiny_run(tiny_checkpoint, tmp_path_factory):
     return {"tmp": tmp, "env": env, "profile": profile, "result": result, "db": tmp / "results.db",
             "cache": tmp / "cache"}
 
-
-def db_rows(db: Path, sql: str, *args):
-    conn = sqlite3.connect(db)
-    conn.row_factory = sqlite3.Row
-    try:
-        return [dict(r) for r in conn.execute(sql, args)]
-    finally:
-        conn.close()
 
 
 def sha256(path: Path) -> str:

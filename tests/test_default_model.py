@@ -4,12 +4,11 @@
 from __future__ import annotations
 
 import json
-import sqlite3
 from pathlib import Path
 
 import pytest
 
-from conftest import assert_one_line_error, cli_env, ctrl_c, run_cli, start_cli, wait_for
+from conftest import db_rows as rows, assert_one_line_error, cli_env, ctrl_c, run_cli, start_cli, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -26,14 +25,6 @@ def default_run(tmp_path_factory):
     assert result.returncode == 0, result.stderr[-3000:]
     return {"tmp": tmp, "env": env, "result": result}
 
-
-def rows(db: Path, sql: str, *args):
-    conn = sqlite3.connect(db)
-    conn.row_factory = sqlite3.Row
-    try:
-        return [dict(r) for r in conn.execute(sql, args)]
-    finally:
-        conn.close()
 
 
 def test_default_run_measures_the_whole_ladder(default_run):

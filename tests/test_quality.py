@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import json
 import math
-import sqlite3
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import assert_one_line_error, cli_env, run_cli
+from conftest import db_rows as rows, assert_one_line_error, cli_env, run_cli
 
 REFUSAL = "Treatment and dosing recommendations are outside the scope of this tool."
 
@@ -76,14 +75,6 @@ def write_profile(folder: Path) -> Path:
                     '[bench]\nn_prompt = 32\nn_gen = 8\nrepetitions = 3\n')
     return path
 
-
-def rows(db: Path, sql: str, *args):
-    conn = sqlite3.connect(db)
-    conn.row_factory = sqlite3.Row
-    try:
-        return [dict(r) for r in conn.execute(sql, args)]
-    finally:
-        conn.close()
 
 
 @pytest.fixture(scope="module")
