@@ -79,10 +79,14 @@ def perplexity_kld(ref: Path, test: Path, text_file: Path, n_ctx: int, threads: 
     exe = build_llama_tool("llama-perplexity", on_progress=lambda m: print(f"  {m}", file=sys.stderr))
     with tempfile.TemporaryDirectory() as tmp:
         base = Path(tmp) / "base.kld"
-        common = ["-f", str(text_file), "-c", str(n_ctx), "-t", str(threads), "--repack", "0"] \
-            if _has_repack(exe) else ["-f", str(text_file), "-c", str(n_ctx), "-t", str(threads)]
-        subprocess.run([str(exe), "-m", str(ref), "--kl-divergence-base", str(base), *common], check=True,
-                       capture_output=True, text=True)
+        # repacking off, as edgequant's default on AMX hosts (where it crashes)
+        common = ["-f", str(text_file), "-c", str(n_ctx), "-t", str(threads)]
+        if _has_repack(exe):
+            common.append("--no-repack")
+        base_run = subprocess.run([str(exe), "-m", str(ref), "--kl-divergence-base", str(base), *common],
+                                  capture_output=True, text=True)
+        if base_run.returncode != 0:
+            raise SystemExit("llama-perplexity failed on the reference:\n" + base_run.stderr[-2000:])
         res = subprocess.run([str(exe), "-m", str(test), "--kl-divergence-base", str(base), "--kl-divergence",
                               *common], check=True, capture_output=True, text=True)
     log = res.stdout + res.stderr
