@@ -38,7 +38,7 @@ from typing import Any, Callable
 import numpy as np
 
 from edgequant.bench.parsers import ParseResult, parse
-from edgequant.bench.quality_stats import jaccard, mcnemar_exact, paired_degradation, wilson_interval
+from edgequant.bench.quality_stats import jaccard, paired_degradation, wilson_interval
 from edgequant.errors import RunFailed
 from edgequant.profiles.suites import Case, Suite
 
@@ -328,7 +328,3 @@ def evaluate_rung(path: Path, quant: str, is_reference: bool, suite: Suite, ref:
         metrics = compute_metrics(suite, results, ref, False, data["gen_tokens"], data["gen_seconds"])
     gates = evaluate_gates(suite, metrics)
     return RungQuality(quant, list(results.values()), metrics, ref.prompting, gates)
-
-
-def mcnemar_p(b: int, c: int) -> float:  # re-exported for reports
-    return mcnemar_exact(b, c)

@@ -6,7 +6,6 @@ Every user-facing failure is one line on stderr and a non-zero exit code:
 
 from __future__ import annotations
 
-import functools
 import os
 import shlex
 import sys
