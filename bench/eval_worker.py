@@ -1,4 +1,4 @@
-"""Run an eval suite's prompts through one GGUF, in this process (greedy, prefix-cached).
+"""Run an eval suite's prompts through one GGUF, in this process (greedy, batched, prefix-shared).
 
 Run as ``python -m edgequant.bench.eval_worker``: one JSON request on stdin,
 one JSON line on stdout (the result, or ``{"error": ...}`` with exit code 1),
@@ -7,13 +7,12 @@ progress lines ``progress eval i/n`` on stderr.  The request
 
     {"path": str, "threads": int, "repack": bool|null, "mmap": bool, "seed": int,
      "prompting": "auto"|"chat"|"completion",
+     "slots": int,                     # cases decoded side by side (default 8)
      "groups": [{"format": str, "system": str, "few_shot": str, "stop": [str],
                  "cases": [{"id": str, "prompt": str, "max_tokens": int}]}],
      "generate": bool,                 # greedy-decode every case
-     "record_topk": int,               # >0: keep the top-k log-probs of every generated step
-     "topk_out": str|null,             # where to write them (.npz, written atomically)
-     "teacher": {"tokens": {case_id: [token, ...]}, "topk": str}|null}
-                                       # score these tokens against the reference's top-k
+     "teacher": {"tokens": {case_id: [token, ...]}, "reference": str}|null}
+                                       # score these tokens: this model against the reference GGUF
 
 Method:
 
@@ -22,32 +21,35 @@ Method:
   system turn and a user turn; ``completion`` puts the case into the suite's
   few-shot block at ``{prompt}`` (for base models).  ``auto`` uses the chat
   template when the GGUF has one.  The prompts are the same for every rung.
-* Prefix reuse: the text before the case (system prompt + few-shot block, or
-  the chat template's head) is decoded once per format; each case then drops
-  everything after that prefix from the KV cache (``llama_memory_seq_rm``) and
-  decodes only its own tokens.  The context keeps a full-size sliding-window
-  cache (``swa_full``) so the prefix is never evicted.
-* Greedy decoding (argmax of the logits; no sampler, so no seed dependence),
-  stopping at an end-of-generation token, at a stop string, or at
-  ``max_tokens``.  The raw output bytes are returned (base64): parsers see
-  exactly what the model wrote, invalid UTF-8 included.
+* Prefix sharing: the text before the case (system prompt + few-shot block, or
+  the chat template's head) is decoded once per format into sequence 0 of a
+  unified KV cache.  Each case runs in a slot (sequence 1..slots) that starts
+  as a copy of sequence 0 (``llama_memory_seq_cp``: the cells are shared, not
+  recomputed) and decodes only its own tokens.  The context keeps a full-size
+  sliding-window cache (``swa_full``) so the prefix is never evicted.
+* Batched greedy decoding: up to ``slots`` cases generate side by side, one
+  token per case per ``llama_decode`` (continuous batching: a finished case's
+  slot takes the next case at once).  A CPU decode step streams the weights
+  once for the whole batch, so the suite runs several times faster than one
+  case after another, while every case still sees only its own prompt.
+  Argmax of the logits (no sampler, no seed dependence); a case stops at an
+  end-of-generation token, at a stop string, or at ``max_tokens``.  The raw
+  output bytes are returned (base64): parsers see exactly what the model
+  wrote, invalid UTF-8 included.
 * Token-level divergence, like ``llama-perplexity --kl-divergence``: the
-  reference's own output tokens are teacher-forced through this model after
-  the same prompt, and at every output position the KL divergence
-  KL(reference || this) and whether both agree on the most likely token are
-  computed.  The reference distribution is kept as its top-k log-probs plus
-  the remaining mass as one bin, so the KLD is that of the two distributions
-  coarsened to k+1 bins: a lower bound of the full-vocabulary KLD that is
-  tight when the top-k hold nearly all the mass (k=64 by default).
+  reference's own output tokens are teacher-forced through this model and
+  through the reference GGUF (loaded beside it) after the same prompt; at
+  every output position the KL divergence KL(reference || this) over the full
+  vocabulary and whether both agree on the most likely token are computed.
 """
 
 from __future__ import annotations
 
 import base64
 import ctypes
-import os
 import sys
 import time
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -55,51 +57,30 @@ import numpy as np
 from edgequant.bench.host_worker import Bench, WorkerError, _flash_attn_type, _Log, serve
 
 CASE_MARK = "\u0000EDGEQUANT-CASE\u0000"
+DEFAULT_SLOTS = 8
+KLD_CHUNK = 64        # teacher-forced positions per decode: bounds the logits copied at once
 
 
-def log_softmax(z: np.ndarray) -> np.ndarray:
-    z = z.astype(np.float64, copy=False)
-    return z - logsumexp(z)
+def log_softmax_rows(z: np.ndarray) -> np.ndarray:
+    """Row-wise log-softmax of raw logits (float32 values, float64 normalizers)."""
+    z = np.atleast_2d(np.asarray(z, dtype=np.float32))
+    m = z.max(axis=1, keepdims=True)
+    shifted = z - m
+    lse = np.log(np.exp(shifted).sum(axis=1, keepdims=True, dtype=np.float64))
+    return (shifted - lse.astype(np.float32)).astype(np.float32, copy=False)
 
 
-def logsumexp(z: np.ndarray) -> float:
-    m = float(z.max())
-    return m + float(np.log(np.exp(z - m, dtype=np.float64).sum()))
-
-
-def top_k(z: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """The k most likely tokens (most likely first) and their log-probs, from raw logits."""
-    lse = logsumexp(z)
-    idx = np.argpartition(z, -k)[-k:]
-    idx = idx[np.argsort(z[idx])[::-1]]
-    return idx.astype(np.int32), (z[idx].astype(np.float64) - lse).astype(np.float32)
-
-
-def score_position(ref_ids: np.ndarray, ref_lp: np.ndarray, z: np.ndarray) -> tuple[float, bool]:
-    """KLD(ref || this) on the coarsened distributions, and top-1 agreement, from this model's raw logits."""
-    lse = logsumexp(z)
-    q_lp = z[ref_ids].astype(np.float64) - lse
-    return _coarse(ref_lp, q_lp), int(np.argmax(z)) == int(ref_ids[0])
-
-
-def coarse_kld(ref_ids: np.ndarray, ref_lp: np.ndarray, lp: np.ndarray) -> float:
-    """KL(ref || this) over the reference's top-k tokens plus one bin for the rest."""
-    return _coarse(ref_lp, lp[ref_ids])
-
-
-def _coarse(ref_lp: np.ndarray, q_lp: np.ndarray) -> float:
-    ref_lp = ref_lp.astype(np.float64)
-    p = np.exp(ref_lp)
-    kld = float(np.sum(p * (ref_lp - q_lp)))
-    p_rest = max(0.0, 1.0 - float(p.sum()))
-    q_rest = max(0.0, 1.0 - float(np.exp(q_lp).sum()))
-    if p_rest > 1e-12:
-        kld += p_rest * (np.log(p_rest) - np.log(max(q_rest, 1e-30)))
-    return max(kld, 0.0)
+def kld_rows(ref_logits: np.ndarray, logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per row: KL(ref || this) in nats over the full vocabulary, and whether the argmaxes agree."""
+    lp = log_softmax_rows(ref_logits)
+    lq = log_softmax_rows(logits)
+    kld = np.sum(np.exp(lp) * (lp - lq), axis=1, dtype=np.float64)
+    same = np.argmax(lp, axis=1) == np.argmax(lq, axis=1)
+    return np.maximum(kld, 0.0), same
 
 
 class Session:
-    """A loaded model with one context big enough for the longest case."""
+    """A loaded model with one context: the shared prefix in sequence 0, cases in 1..slots."""
 
     def __init__(self, L, req: dict, log: _Log):
         self.L = L
@@ -114,6 +95,13 @@ class Session:
         self.n_vocab = L.llama_vocab_n_tokens(self.vocab)
         self.ctx = None
         self.n_ctx = 0
+        self.n_seq = 0
+
+    def close(self) -> None:
+        if self.ctx is not None:
+            self.L.llama_free(self.ctx)
+            self.ctx = None
+        self.L.llama_model_free(self.model)
 
     # -- text <-> tokens ------------------------------------------------------
 
@@ -164,60 +152,80 @@ class Session:
 
     # -- context ----------------------------------------------------------------
 
-    def ensure_context(self, n_ctx: int) -> None:
+    def ensure_context(self, n_ctx: int, n_seq: int = 1) -> None:
+        """A context of at least ``n_ctx`` cells shared by ``n_seq`` sequences (unified KV cache)."""
         n_ctx = max(256, -(-n_ctx // 256) * 256)
-        if self.ctx is not None and self.n_ctx >= n_ctx:
+        if self.ctx is not None and self.n_ctx >= n_ctx and self.n_seq >= n_seq:
             return
         L = self.L
         if self.ctx is not None:
             L.llama_free(self.ctx)
+            self.ctx = None
         cp = L.llama_context_default_params()
         cp.n_ctx = n_ctx
         cp.n_batch = min(n_ctx, 2048)
         cp.n_ubatch = 512
+        cp.n_seq_max = n_seq
+        cp.kv_unified = True
         cp.flash_attn_type = _flash_attn_type(L, self.req.get("flash_attn", "auto"))
         cp.swa_full = True
         cp.n_threads = cp.n_threads_batch = self.req["threads"]
         self.ctx = L.llama_init_from_model(self.model, cp)
         if not self.ctx:
             raise WorkerError(f"cannot create a {n_ctx}-token context for {self.req['path']}: {self.log.last()}")
-        self.n_ctx = n_ctx
+        self.n_ctx, self.n_seq = n_ctx, n_seq
         self.batch_cap = cp.n_batch
 
     @property
     def mem(self):
         return self.L.llama_get_memory(self.ctx)
 
-    def decode(self, tokens: list[int], logits_all: bool = False) -> None:
-        """Decode tokens after what is in the cache; logits for the last (or every) token."""
-        L = self.L
-        start = L.llama_memory_seq_pos_max(self.mem, 0) + 1
+    def next_pos(self, seq: int) -> int:
+        return self.L.llama_memory_seq_pos_max(self.mem, seq) + 1
+
+    def decode(self, tokens: list[int], seq: int = 0, logits_all: bool = False) -> None:
+        """Decode tokens after what sequence ``seq`` holds; logits for the last (or every) token."""
+        start = self.next_pos(seq)
         for off in range(0, len(tokens), self.batch_cap):
             chunk = tokens[off:off + self.batch_cap]
             last_chunk = off + self.batch_cap >= len(tokens)
-            batch = L.llama_batch_init(len(chunk), 0, 1)
-            try:
-                for i, tok in enumerate(chunk):
-                    batch.token[i] = tok
-                    batch.pos[i] = start + off + i
-                    batch.n_seq_id[i] = 1
-                    batch.seq_id[i][0] = 0
-                    batch.logits[i] = 1 if (logits_all or (last_chunk and i == len(chunk) - 1)) else 0
-                batch.n_tokens = len(chunk)
-                rc = L.llama_decode(self.ctx, batch)
-            finally:
-                L.llama_batch_free(batch)
-            if rc != 0:
-                raise WorkerError(f"llama_decode returned {rc}: {self.log.last()}")
+            self.decode_entries([(tok, start + off + i, seq,
+                                  logits_all or (last_chunk and i == len(chunk) - 1))
+                                 for i, tok in enumerate(chunk)])
+
+    def decode_entries(self, entries: list[tuple[int, int, int, bool]]) -> None:
+        """One ``llama_decode`` of (token, position, sequence, wants logits) entries."""
+        L = self.L
+        batch = L.llama_batch_init(len(entries), 0, 1)
+        try:
+            for i, (tok, pos, seq, want) in enumerate(entries):
+                batch.token[i] = tok
+                batch.pos[i] = pos
+                batch.n_seq_id[i] = 1
+                batch.seq_id[i][0] = seq
+                batch.logits[i] = 1 if want else 0
+            batch.n_tokens = len(entries)
+            rc = L.llama_decode(self.ctx, batch)
+        finally:
+            L.llama_batch_free(batch)
+        if rc != 0:
+            raise WorkerError(f"llama_decode returned {rc}: {self.log.last()}")
 
     def logits(self, i: int) -> np.ndarray:
         ptr = self.L.llama_get_logits_ith(self.ctx, i)
         return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
 
-    def truncate(self, n_keep: int) -> None:
-        if not self.L.llama_memory_seq_rm(self.mem, 0, n_keep, -1):
-            self.L.llama_memory_clear(self.mem, False)
-            raise WorkerError("the KV cache could not drop a case after the shared prefix")
+    def fork_prefix(self, seq: int) -> None:
+        """Make ``seq`` a copy of sequence 0 (the shared prefix), dropping what it held."""
+        L = self.L
+        L.llama_memory_seq_rm(self.mem, seq, -1, -1)
+        if seq != 0:
+            L.llama_memory_seq_cp(self.mem, 0, seq, -1, -1)
+
+    def start_prefix(self, tokens: list[int]) -> None:
+        L = self.L
+        L.llama_memory_clear(self.mem, False)
+        self.decode(tokens, seq=0)
 
 
 def _prompt_parts(sess: Session, group: dict, mode: str, template: str | None) -> tuple[str, str]:
@@ -234,6 +242,109 @@ def _prompt_parts(sess: Session, group: dict, mode: str, template: str | None) -
     return (system + "\n\n" + head if system else head), tail
 
 
+@dataclass
+class _Slot:
+    seq: int
+    case: dict
+    max_tokens: int
+    out: bytearray = field(default_factory=bytearray)
+    toks: list[int] = field(default_factory=list)
+    pos: int = 0
+    stopped: str = ""
+
+
+class _Generator:
+    """Continuous batching of one format's cases over the shared prefix."""
+
+    def __init__(self, sess: Session, stops: list[bytes], n_prefix: int, slots: int):
+        self.sess = sess
+        self.stops = stops
+        self.n_prefix = n_prefix
+        self.slots = slots
+
+    def _step(self, slot: _Slot, z: np.ndarray) -> bool:
+        """Take the argmax token; True while the case goes on."""
+        L, sess = self.sess.L, self.sess
+        tok = int(np.argmax(z))
+        slot.toks.append(tok)
+        if L.llama_vocab_is_eog(sess.vocab, tok):
+            slot.stopped = "eog"
+            return False
+        slot.out += sess.piece(tok)
+        hit = next((s for s in self.stops if s in slot.out), None)
+        if hit is not None:
+            del slot.out[slot.out.index(hit):]
+            slot.stopped = "stop"
+            return False
+        if len(slot.toks) >= slot.max_tokens:
+            slot.stopped = "max_tokens"
+            return False
+        return True
+
+    def _admit(self, seq: int, case: dict, tokens: list[int]) -> _Slot | None:
+        """Start a case in ``seq``: its prompt after the shared prefix, and its first token."""
+        slot = _Slot(seq, case, int(case["max_tokens"]))
+        if slot.max_tokens <= 0:
+            slot.stopped = "max_tokens"
+            return slot
+        self.sess.fork_prefix(seq)
+        self.sess.decode(tokens, seq=seq)
+        slot.pos = self.n_prefix + len(tokens)
+        self._step(slot, self.sess.logits(-1))
+        return slot
+
+    def run(self, encoded: list[tuple[dict, list[int]]], on_done) -> None:
+        queue = list(encoded)
+        running: list[_Slot] = []
+        free = list(range(self.slots, 0, -1))
+        while queue or running:
+            while queue and free:
+                case, tokens = queue.pop(0)
+                slot = self._admit(free.pop(), case, tokens)
+                if slot.stopped:
+                    free.append(slot.seq)
+                    on_done(slot)
+                else:
+                    running.append(slot)
+            if not running:
+                continue
+            self.sess.decode_entries([(s.toks[-1], s.pos, s.seq, True) for s in running])
+            still = []
+            for i, slot in enumerate(running):
+                slot.pos += 1
+                if self._step(slot, self.sess.logits(i)):
+                    still.append(slot)
+                else:
+                    free.append(slot.seq)
+                    on_done(slot)
+            running = still
+
+
+def _teacher_scores(sess: Session, ref: Session, tokens: list[int], ref_tokens: list[int]) -> tuple[list, list]:
+    """KLD(ref || this) and top-1 agreement at every position of the reference's output."""
+    n = len(ref_tokens)
+    if n == 0:
+        return [], []
+    klds, same = [], []
+    for s in (sess, ref):
+        s.fork_prefix(1)
+        s.decode(tokens, seq=1)
+    d, t = kld_rows(ref.logits(-1)[None, :], sess.logits(-1)[None, :])
+    klds += d.tolist()
+    same += t.tolist()
+    rest = ref_tokens[:n - 1]
+    for off in range(0, len(rest), KLD_CHUNK):
+        chunk = rest[off:off + KLD_CHUNK]
+        rows = []
+        for s in (ref, sess):
+            s.decode(chunk, seq=1, logits_all=True)
+            rows.append(np.stack([s.logits(i) for i in range(len(chunk))]))
+        d, t = kld_rows(rows[0], rows[1])
+        klds += d.tolist()
+        same += t.tolist()
+    return klds, same
+
+
 def run(req: dict, progress) -> dict:
     import llama_cpp as L
 
@@ -246,97 +357,64 @@ def run(req: dict, progress) -> dict:
     if mode == "chat" and not template:
         raise WorkerError(f"{req['path']} has no chat template (tokenizer.chat_template); use prompting = completion")
 
-    k = int(req.get("record_topk") or 0)
     teacher = req.get("teacher")
-    ref_topk = None
-    if teacher:
-        with np.load(teacher["topk"]) as z:
-            ref_topk = {name: z[name] for name in z.files}
-    topk_arrays: dict[str, np.ndarray] = {}
-    cases_out: list[dict[str, Any]] = []
+    ref = Session(L, dict(req, path=teacher["reference"]), log) if teacher else None
+    if ref is not None and ref.n_vocab != sess.n_vocab:
+        raise WorkerError(f"{teacher['reference']} has a {ref.n_vocab}-token vocabulary and {req['path']} "
+                          f"{sess.n_vocab}: they are not the same model")
+    slots = max(1, int(req.get("slots") or DEFAULT_SLOTS))
+    results: dict[str, dict[str, Any]] = {}
     scores: dict[str, dict[str, list]] = {}
     gen_tokens = 0
     gen_seconds = 0.0
     total = sum(len(g["cases"]) for g in req["groups"])
-    done = 0
+    done = [0]
 
     for group in req["groups"]:
         prefix_text, suffix = _prompt_parts(sess, group, mode, template)
         prefix = sess.tokenize(prefix_text, add_special=True)
         stops = [s.encode("utf-8") for s in group.get("stop", []) if s]
         encoded = [(c, sess.tokenize(c["prompt"] + suffix, add_special=False)) for c in group["cases"]]
-        longest = max((len(t) + int(c["max_tokens"]) + len((teacher or {}).get("tokens", {}).get(c["id"], []))
-                       for c, t in encoded), default=0)
-        sess.ensure_context(len(prefix) + longest + 8)
-        L.llama_memory_clear(sess.mem, False)
-        sess.decode(prefix)
-        n_prefix = len(prefix)
-        for case, tokens in encoded:
-            cid = case["id"]
-            if req.get("generate", True):
-                sess.truncate(n_prefix)
-                sess.decode(tokens)
-                out = bytearray()
-                toks: list[int] = []
-                top_ids, top_lp = [], []
-                stopped = "max_tokens"
-                t0 = time.perf_counter()
-                for _ in range(int(case["max_tokens"])):
-                    z = sess.logits(-1)
-                    tok = int(np.argmax(z))
-                    if k:
-                        ids, lps = top_k(z, k)
-                        top_ids.append(ids)
-                        top_lp.append(lps)
-                    toks.append(tok)
-                    if L.llama_vocab_is_eog(sess.vocab, tok):
-                        stopped = "eog"
-                        break
-                    out += sess.piece(tok)
-                    hit = next((s for s in stops if s in out), None)
-                    if hit is not None:
-                        del out[out.index(hit):]
-                        stopped = "stop"
-                        break
-                    sess.decode([tok])
-                gen_seconds += time.perf_counter() - t0
-                gen_tokens += len(toks)
-                if k:
-                    topk_arrays[f"{cid}.ids"] = np.stack(top_ids) if top_ids else np.zeros((0, k), np.int32)
-                    topk_arrays[f"{cid}.lp"] = np.stack(top_lp) if top_lp else np.zeros((0, k), np.float32)
-                cases_out.append({"id": cid, "output_b64": base64.b64encode(bytes(out)).decode("ascii"),
-                                  "tokens": toks, "n_prompt": n_prefix + len(tokens), "stopped": stopped})
-            if teacher and cid in teacher["tokens"] and f"{cid}.ids" in ref_topk:
-                ref_tokens = teacher["tokens"][cid]
-                ids, lps = ref_topk[f"{cid}.ids"], ref_topk[f"{cid}.lp"]
-                sess.truncate(n_prefix)
-                sess.decode(tokens)
-                kld, top1 = [], []
-                n = min(len(ref_tokens), len(ids))
-                if n:
-                    first = score_position(ids[0], lps[0], sess.logits(-1))
-                    kld.append(first[0])
-                    top1.append(first[1])
-                if n > 1:
-                    sess.decode(ref_tokens[:n - 1], logits_all=True)
-                    for j in range(1, n):
-                        d, t = score_position(ids[j], lps[j], sess.logits(j - 1))
-                        kld.append(d)
-                        top1.append(t)
-                scores[cid] = {"kld": kld, "top1": top1}
-            done += 1
-            progress(f"eval {done}/{total}")
+        longest = max((len(t) + int(c["max_tokens"]) for c, t in encoded), default=0)
+        if teacher:
+            longest = max([longest] + [len(t) + len(teacher["tokens"].get(c["id"], [])) for c, t in encoded])
+        n_seq = slots + 1 if req.get("generate", True) else 2
+        sess.ensure_context(len(prefix) + (n_seq - 1) * (longest + 8) + 8, n_seq)
+        sess.start_prefix(prefix)
 
-    if k and req.get("topk_out"):
-        dest = req["topk_out"]
-        tmp = f"{dest}.partial-{os.getpid()}.npz"
-        np.savez(tmp, **topk_arrays)
-        os.replace(tmp, dest)
-    if sess.ctx is not None:
-        L.llama_free(sess.ctx)
-    L.llama_model_free(sess.model)
+        if req.get("generate", True):
+            def finished(slot: _Slot) -> None:
+                results[slot.case["id"]] = {
+                    "id": slot.case["id"], "output_b64": base64.b64encode(bytes(slot.out)).decode("ascii"),
+                    "tokens": slot.toks, "n_prompt": None, "stopped": slot.stopped}
+                if not teacher:
+                    done[0] += 1
+                    progress(f"eval {done[0]}/{total}")
+
+            t0 = time.perf_counter()
+            _Generator(sess, stops, len(prefix), min(slots, len(encoded)) or 1).run(encoded, finished)
+            gen_seconds += time.perf_counter() - t0
+            for c, t in encoded:
+                results[c["id"]]["n_prompt"] = len(prefix) + len(t)
+                gen_tokens += len(results[c["id"]]["tokens"])
+
+        if teacher:
+            ref.ensure_context(len(prefix) + longest + 8, 2)
+            ref.start_prefix(prefix)
+            for case, tokens in encoded:
+                ref_tokens = teacher["tokens"].get(case["id"])
+                if ref_tokens is not None:
+                    kld, top1 = _teacher_scores(sess, ref, tokens, ref_tokens)
+                    scores[case["id"]] = {"kld": kld, "top1": top1}
+                done[0] += 1
+                progress(f"eval {done[0]}/{total}")
+
+    sess.close()
+    if ref is not None:
+        ref.close()
+    cases_out = [results[c["id"]] for g in req["groups"] for c in g["cases"] if c["id"] in results]
     return {"cases": cases_out, "scores": scores, "prompting": mode, "gen_tokens": gen_tokens,
-            "gen_seconds": gen_seconds, "runtime_version": L.__version__}
+            "gen_seconds": gen_seconds, "slots": slots, "runtime_version": L.__version__}
 
 
 def main() -> int:

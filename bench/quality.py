@@ -3,9 +3,11 @@
 For each rung the suite's prompts are decoded greedily (``eval_worker``, one
 process per rung), the outputs parsed by the format's parser, and compared
 with the reference rung's outputs on the same case and with the suite's gold
-labels.  The reference's outputs and top-k log-probs are cached, keyed by the
-reference artifact's sha256 and the suite's hash, so a re-run (or a new rung)
-does not decode the reference again.
+labels.  The reference's outputs are cached, keyed by the reference
+artifact's sha256 and the suite's hash, so a re-run (or a new rung) does not
+generate with the reference again; for the token-level figures the worker
+loads the reference GGUF beside the rung and compares full-vocabulary
+distributions, so nothing is approximated.
 
 Per rung:
 
@@ -19,7 +21,8 @@ Per rung:
 * token level: mean and 99th-percentile KLD and top-1 agreement of the rung's
   distributions against the reference's, on the reference's own outputs
   (teacher forcing), like ``llama-perplexity --kl-divergence``;
-* eval throughput: tokens generated per second while running the suite.
+* eval throughput: tokens generated per second of the generation phase
+  (cases' prompts included), with the suite's cases batched side by side.
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ from edgequant.errors import RunFailed
 from edgequant.profiles.suites import Case, Suite
 
 WORKER_MODULE = "edgequant.bench.eval_worker"
-TOPK = 64
+EVAL_SLOTS = 8        # cases decoded side by side (continuous batching in the worker)
 FORMATS_ORDER = ("xml", "array", "prose", "esi")
 
 
@@ -165,7 +168,7 @@ def _call_worker(request: dict, timeout: float, on_progress: Callable[[str], Non
 
 def _base_request(path: Path, suite: Suite, threads: int, repack: bool | None, prompting: str) -> dict:
     return {"path": str(path), "threads": threads, "repack": repack, "mmap": True, "seed": 0,
-            "prompting": prompting, "groups": _groups(suite)}
+            "prompting": prompting, "slots": EVAL_SLOTS, "groups": _groups(suite)}
 
 
 # ---------------------------------------------------------------------------
@@ -176,9 +179,9 @@ def _base_request(path: Path, suite: Suite, threads: int, repack: bool | None, p
 class Reference:
     quant: str
     sha256: str
+    path: Path
     cases: dict[str, CaseResult]
     tokens: dict[str, list[int]]
-    topk_path: Path
     prompting: str
     gen_tokens: int
     gen_seconds: float
@@ -201,22 +204,22 @@ def _case_results(suite: Suite, data: dict) -> dict[str, CaseResult]:
 def reference_outputs(ref_path: Path, ref_sha: str, ref_quant: str, suite: Suite, cache_root: Path,
                       threads: int, repack: bool | None, prompting: str, timeout: float,
                       on_progress: Callable[[str], None]) -> Reference:
-    key = hashlib.sha256(f"{ref_sha}|{suite.sha256}|{prompting}|topk{TOPK}|v1".encode()).hexdigest()[:24]
+    key = hashlib.sha256(f"{ref_sha}|{suite.sha256}|{prompting}|slots{EVAL_SLOTS}|v2".encode()).hexdigest()[:24]
     folder = cache_root / "quality" / key
-    meta_path, topk_path = folder / "reference.json", folder / "reference-topk.npz"
-    if meta_path.is_file() and topk_path.is_file():
+    meta_path = folder / "reference.json"
+    if meta_path.is_file():
         data = json.loads(meta_path.read_text())
     else:
         folder.mkdir(parents=True, exist_ok=True)
         req = _base_request(ref_path, suite, threads, repack, prompting)
-        req.update(generate=True, record_topk=TOPK, topk_out=str(topk_path))
+        req.update(generate=True)
         data = _call_worker(req, timeout, on_progress)
         from edgequant.quantize.atomic import atomic_write_text
 
         atomic_write_text(meta_path, json.dumps(data))
     cases = _case_results(suite, data)
-    return Reference(quant=ref_quant, sha256=ref_sha, cases=cases,
-                     tokens={cid: c.tokens for cid, c in cases.items()}, topk_path=topk_path,
+    return Reference(quant=ref_quant, sha256=ref_sha, path=ref_path, cases=cases,
+                     tokens={cid: c.tokens for cid, c in cases.items()},
                      prompting=data["prompting"], gen_tokens=data["gen_tokens"], gen_seconds=data["gen_seconds"])
 
 
@@ -294,7 +297,7 @@ def compute_metrics(suite: Suite, rung: dict[str, CaseResult], ref: Reference | 
             metrics.append(_rate_metric("top1_agreement", top1, None))
     if gen_seconds > 0:
         metrics.append(QualityMetric("eval_tg_tps", gen_tokens / gen_seconds, gen_tokens, "t/s",
-                                     {"seconds": gen_seconds}))
+                                     {"seconds": gen_seconds, "slots": EVAL_SLOTS}))
     return metrics
 
 
@@ -320,7 +323,7 @@ def evaluate_rung(path: Path, quant: str, is_reference: bool, suite: Suite, ref:
         metrics = compute_metrics(suite, results, ref, True, ref.gen_tokens, ref.gen_seconds)
     else:
         req = _base_request(path, suite, threads, repack, ref.prompting)
-        req.update(generate=True, teacher={"tokens": ref.tokens, "topk": str(ref.topk_path)})
+        req.update(generate=True, teacher={"tokens": ref.tokens, "reference": str(ref.path)})
         data = _call_worker(req, timeout, on_progress)
         results = _case_results(suite, data)
         for cid, s in data["scores"].items():

@@ -5,8 +5,8 @@
    edgequant's mean KLD and top-1 agreement next to `llama-perplexity
    --kl-divergence` (built from the llama.cpp source vendored in the installed
    llama-cpp-python).  Target: within 10 % (relative).
-   edgequant scores like llama-perplexity here: the text is cut into chunks of
-   --ctx tokens (BOS first) and the second half of every chunk is scored.
+   edgequant scores like llama-perplexity here (same chunks, same scored
+   positions), with the full-vocabulary KLD code of its eval worker.
 2. Eval throughput: for a stored run, tokens/s generated while running the
    suite (eval_tg_tps) against the rung's plain generation speed (tg_tps).
    Target: at least 0.8x.
@@ -39,38 +39,36 @@ def default_text() -> str:
     return "\n\n".join(parts * 2)
 
 
-def edgequant_kld(ref: Path, test: Path, text: str, n_ctx: int, threads: int, k: int) -> tuple[float, float, int]:
-    """Mean coarse KLD(ref || test) and top-1 agreement over the scored halves of each chunk."""
+def edgequant_kld(ref: Path, test: Path, text: str, n_ctx: int, threads: int) -> tuple[float, float, int]:
+    """Mean KLD(ref || test) and top-1 agreement, with the worker's code, chunked as llama-perplexity does:
+    the text tokenized with BOS, cut into n_ctx-token chunks whose first token is set to BOS, and the
+    positions from n_ctx/2 to n_ctx-2 of each chunk scored (each predicts the next token)."""
     import llama_cpp as L
 
-    from edgequant.bench.eval_worker import Session, coarse_kld, log_softmax
+    from edgequant.bench.eval_worker import Session, kld_rows
     from edgequant.bench.host_worker import _Log
 
-    def chunk_logprobs(path: Path):
-        sess = Session(L, {"path": str(path), "threads": threads, "repack": None, "mmap": True}, _Log(L, False))
-        tokens = sess.tokenize(text, add_special=False)
-        sess.ensure_context(n_ctx)
-        bos = L.llama_vocab_bos(sess.vocab)
-        out = []
-        for start in range(0, len(tokens) - n_ctx + 2, n_ctx - 1):
-            chunk = [bos] + tokens[start:start + n_ctx - 1]
-            if len(chunk) < n_ctx:
-                break
+    log = _Log(L, False)
+    sessions = [Session(L, {"path": str(p), "threads": threads, "repack": False, "mmap": True}, log)
+                for p in (ref, test)]
+    tokens = sessions[0].tokenize(text, add_special=True)
+    first = n_ctx // 2
+    klds, same = [], []
+    for start in range(0, len(tokens) - n_ctx + 1, n_ctx):
+        chunk = list(tokens[start:start + n_ctx])
+        chunk[0] = L.llama_vocab_bos(sessions[0].vocab)
+        rows = []
+        for sess in sessions:
+            sess.ensure_context(n_ctx)
             L.llama_memory_clear(sess.mem, False)
             sess.decode(chunk, logits_all=True)
-            out.append([log_softmax(sess.logits(i)) for i in range(n_ctx // 2, n_ctx - 1)])
-        return out
-
-    ref_lp = chunk_logprobs(ref)
-    test_lp = chunk_logprobs(test)
-    klds, top1 = [], []
-    for rc, tc in zip(ref_lp, test_lp):
-        for a, b in zip(rc, tc):
-            ids = np.argpartition(a, -k)[-k:]
-            ids = ids[np.argsort(a[ids])[::-1]]
-            klds.append(coarse_kld(ids, a[ids], b))
-            top1.append(int(np.argmax(a)) == int(np.argmax(b)))
-    return float(np.mean(klds)), float(np.mean(top1)), len(klds)
+            rows.append(np.stack([sess.logits(i) for i in range(first, n_ctx - 1)]))
+        d, t = kld_rows(rows[0], rows[1])
+        klds += d.tolist()
+        same += t.tolist()
+    for sess in sessions:
+        sess.close()
+    return float(np.mean(klds)), float(np.mean(same)), len(klds)
 
 
 def perplexity_kld(ref: Path, test: Path, text_file: Path, n_ctx: int, threads: int) -> tuple[float, float]:
@@ -124,7 +122,6 @@ def main() -> None:
     ap.add_argument("--text", type=Path, help="text file to score (default: the built-in suite's text)")
     ap.add_argument("--ctx", type=int, default=256)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--topk", type=int, default=64)
     ap.add_argument("--db", type=Path)
     ap.add_argument("--run")
     args = ap.parse_args()
@@ -137,7 +134,7 @@ def main() -> None:
             print(f"KLD agreement on {text_file if args.text else 'the built-in suite text'} (c={args.ctx}); "
                   f"target within 10 % relative")
             for test in args.test:
-                ours_kld, ours_top1, n = edgequant_kld(args.ref, test, text, args.ctx, args.threads, args.topk)
+                ours_kld, ours_top1, n = edgequant_kld(args.ref, test, text, args.ctx, args.threads)
                 ref_kld, ref_top1 = perplexity_kld(args.ref, test, text_file, args.ctx, args.threads)
                 dk = abs(ours_kld - ref_kld) / ref_kld if ref_kld else float("inf")
                 dt = abs(ours_top1 - ref_top1) / ref_top1 if ref_top1 else float("inf")

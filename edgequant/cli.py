@@ -503,6 +503,165 @@ def report(run_id, fmt, output, list_runs, cases_quant, db):
 
 
 # ---------------------------------------------------------------------------
+# devices
+
+
+def device_dir_option(f):
+    return click.option("--device-dir", metavar="DIR", default=None,
+                        help="Work directory on the device. Default: $EDGEQUANT_DEVICE_DIR or "
+                             "/data/local/tmp/edgequant (Linux boards without /data need another).")(f)
+
+
+@cli.group(invoke_without_command=True)
+@click.option("--device", "device_specs", multiple=True, metavar="SPEC",
+              help="Only these devices: SERIAL, HOST:PORT (direct adbd over TCP), server:SERIAL (through the "
+                   "adb server), host, or all. Repeatable. Default: every device the adb server knows, plus "
+                   "$EDGEQUANT_DEVICES (comma-separated specs).")
+@click.option("--json", "as_json", is_flag=True, help="Print the devices as JSON instead of a table.")
+@device_dir_option
+@click.pass_context
+def devices(ctx, device_specs, as_json, device_dir):
+    """List reachable phones: model, SoC, ABI, Android, RAM, CPU clusters, free space, thermal, battery.
+
+    Facts come from one shell round-trip per device (getprop, /proc/meminfo,
+    cpufreq policies, df of the work directory, dumpsys thermalservice and
+    battery).  `threads` is the number of big cores (the cluster(s) with the
+    highest max frequency).  `edgequant devices clean SERIAL` removes
+    edgequant's files from a device.
+    """
+    if ctx.invoked_subcommand is not None:
+        return
+    import json
+
+    from edgequant.devices import listing
+    from edgequant.devices.select import device_dir as resolve_device_dir
+
+    entries = listing.survey(device_specs, resolve_device_dir(device_dir))
+    if as_json:
+        click.echo(json.dumps([e.to_dict() for e in entries], indent=2))
+    else:
+        from rich.console import Console
+
+        console = Console()
+        if not console.is_terminal:
+            console = Console(width=max(console.width, 180))
+        listing.render_table(entries, console)
+    failed = listing.failure(entries)
+    if failed is not None:
+        raise failed
+
+
+@devices.command()
+@click.argument("serial", metavar="SERIAL")
+@device_dir_option
+def clean(serial, device_dir):
+    """Remove edgequant's files (pushed models, tools, partial pushes) from a device's work directory.
+
+    SERIAL is any device spec (SERIAL, HOST:PORT, server:SERIAL).  Only what
+    edgequant put there is removed, from a work directory carrying its marker;
+    system and shared folders (/, /data, /sdcard, ...) are refused.
+    """
+    from edgequant.devices import push, select
+
+    workdir = select.device_dir(device_dir)
+    push.check_workdir(workdir)
+    targets = select.resolve([serial])
+    if len(targets) != 1 or not isinstance(targets[0], select.Target):
+        raise BadInput(f"`devices clean` takes one device, not {serial!r}")
+    transport = select.open_transport(targets[0])
+    try:
+        freed = push.clean(transport, workdir)
+    finally:
+        transport.close()
+    click.echo(f"removed edgequant's files from {workdir} on {targets[0].serial} ({freed / 1024:,.1f} MiB)")
+
+
+@cli.group()
+def runner():
+    """Build and inspect the on-device runner (llama.cpp's llama-bench and llama-completion).
+
+    The runner is built from the llama.cpp source vendored in the installed
+    llama-cpp-python, so device and host numbers come from the same revision.
+    """
+
+
+def _runner_summary(r) -> list[tuple[str, str]]:
+    m = r.manifest or {}
+    rows = [("folder", str(r.path)), ("target", r.target or "unknown (no manifest)"),
+            ("binaries", f"{r.machine} {r.os}" + (" static" if r.static else "")),
+            ("tools", ", ".join(["llama-bench"] + ([r.completion] if r.completion else [])))]
+    if m:
+        rows += [("llama.cpp", str(m.get("llama_cpp", m.get("revision", "")))),
+                 ("flags", " ".join(m.get("flags", [])) or "(target defaults)"),
+                 ("backends", ", ".join(m.get("backend_modules", [])) or "built in"),
+                 ("files", f"{len(m.get('files', []))} (sha256 in manifest.json)"),
+                 ("built", f"{m.get('built_at', '?')} in {m.get('build_seconds', '?')} s with "
+                           f"{m.get('jobs', '?')} jobs")]
+    return rows
+
+
+def _print_runner(r) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(show_header=False, box=None)
+    table.add_column(style="bold")
+    table.add_column(overflow="fold")
+    for key, value in _runner_summary(r):
+        table.add_row(key, value)
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=max(console.width, 200))
+    console.print(table)
+    console.print()
+
+
+@runner.command("build")
+@click.option("--target", type=click.Choice(["android-arm64", "linux-arm64", "host"]), required=True,
+              help="android-arm64: phones, with the NDK in $ANDROID_NDK_HOME; linux-arm64: 64-bit ARM Linux "
+                   "boards (static, ARMv8.0), also used by the tests under qemu; host: this machine.")
+@click.option("--flag", "flags", multiple=True, metavar="-DNAME=VALUE",
+              help="An extra CMake definition, overriding the target's default of the same name "
+                   "(e.g. --flag -DGGML_CPU_ARM_ARCH=armv8.2-a+dotprod). Repeatable.")
+@click.option("-j", "--jobs", type=click.IntRange(min=1), default=None, help="Parallel compile jobs (default: CPUs).")
+@cache_option
+def runner_build(target, flags, jobs, cache_dir):
+    """Build the runner for --target (cached by llama.cpp revision, target and flags) and print where it is."""
+    from edgequant.bench.runner import build_runner
+
+    console = _stderr_console()
+    r = build_runner(target, flags=flags, jobs=jobs, cache_root=_cache_root(cache_dir),
+                     on_progress=lambda msg: console.print(f"[cyan]•[/cyan] {msg}"))
+    _print_runner(r)
+
+
+@runner.command("info")
+@click.option("--runner-dir", type=click.Path(file_okay=False), default=None,
+              help="A runner folder (built here or prebuilt: bin/llama-bench and lib/) to check and describe. "
+                   "Default: list the runners cached for the installed llama.cpp revision.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@cache_option
+def runner_info(runner_dir, as_json, cache_dir):
+    """Check a runner folder (executables, ELF machine, checksums) or list the cached runners."""
+    import json
+
+    from edgequant.bench.runner import cached_runners, open_runner_dir
+
+    runners = [open_runner_dir(runner_dir)] if runner_dir else cached_runners(cache_root=_cache_root(cache_dir))
+    if as_json:
+        click.echo(json.dumps([{"path": str(r.path), "target": r.target, "machine": r.machine, "os": r.os,
+                                "static": r.static, "completion": r.completion, "manifest": r.manifest}
+                               for r in runners], indent=2))
+        return
+    if not runners:
+        click.echo("no runners cached yet; build one with `edgequant runner build --target host` "
+                   "(or linux-arm64, android-arm64)")
+        return
+    for r in runners:
+        _print_runner(r)
+
+
+# ---------------------------------------------------------------------------
 # entry point: library errors become one clean line
 
 

@@ -13,6 +13,9 @@ import pytest
 
 from tiny_model import make_tiny_gemma3
 
+# The ADB device peer (tests/adbpeer/): adb_host_key, adb_peer_factory, adb_peer, adb_cli.
+from adbpeer.pytest_fixtures import adb_cli, adb_host_key, adb_peer, adb_peer_factory  # noqa: F401
+
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:

@@ -219,20 +219,48 @@ def test_report_cases_shows_why_a_packet_broke(quality_run):
     assert table.returncode == 0 and "x1" in table.stdout and "e2" in table.stdout
 
 
-def test_coarse_kld_matches_its_definition():
-    from edgequant.bench.eval_worker import coarse_kld, log_softmax
+def test_kld_rows_is_the_full_vocabulary_kl_divergence():
+    from edgequant.bench.eval_worker import kld_rows
 
     rng = np.random.default_rng(0)
-    z_ref, z = rng.normal(size=300) * 3, rng.normal(size=300) * 3
-    lp_ref, lp = log_softmax(z_ref), log_softmax(z)
-    # with every token in the top-k the coarse KLD is the exact one
-    ids = np.argsort(lp_ref)[::-1]
-    exact = float(np.sum(np.exp(lp_ref) * (lp_ref - lp)))
-    assert coarse_kld(ids, lp_ref[ids], lp) == pytest.approx(exact, rel=1e-9)
-    # with fewer it is a lower bound (coarsening never increases a KL divergence)
-    top = ids[:20]
-    assert coarse_kld(top, lp_ref[top], lp) <= exact + 1e-12
-    assert coarse_kld(top, lp_ref[top], lp_ref) == pytest.approx(0.0, abs=1e-12)
+    z_ref, z = rng.normal(size=(3, 500)) * 4, rng.normal(size=(3, 500)) * 4
+    z[2] = z_ref[2] + 7.5  # a shifted copy: same distribution after softmax
+    kld, same = kld_rows(z_ref, z)
+    for row in range(3):
+        # the definition, term by term in plain Python floats
+        e_ref = [math.exp(v) for v in z_ref[row]]
+        e = [math.exp(v) for v in z[row]]
+        p = [v / sum(e_ref) for v in e_ref]
+        q = [v / sum(e) for v in e]
+        exact = sum(pi * math.log(pi / qi) for pi, qi in zip(p, q))
+        assert kld[row] == pytest.approx(exact, rel=1e-4, abs=1e-6)
+        assert bool(same[row]) == (int(np.argmax(z_ref[row])) == int(np.argmax(z[row])))
+    assert kld[0] > 0.1 and kld[2] == pytest.approx(0.0, abs=1e-5) and same[2]
+
+
+def test_batched_cases_do_not_see_each_other(quality_run):
+    """Cases decoded side by side (slots > 1) give the same text as one case at a time."""
+    import subprocess
+    import sys
+
+    from edgequant.bench.quality import _groups
+    from edgequant.profiles.suites import load_suite
+
+    (art,) = rows(quality_run["db"], "SELECT path FROM artifacts WHERE quant = 'Q8_0'")
+    suite = load_suite(str(quality_run["suite"]))
+    outputs = {}
+    for slots in (1, 4):
+        req = {"path": art["path"], "threads": 2, "repack": None, "mmap": True, "seed": 0,
+               "prompting": "completion", "slots": slots, "groups": _groups(suite), "generate": True}
+        res = subprocess.run([sys.executable, "-m", "edgequant.bench.eval_worker"], input=json.dumps(req),
+                             capture_output=True, text=True, timeout=600)
+        assert res.returncode == 0, res.stderr[-2000:]
+        data = json.loads(res.stdout.strip().splitlines()[-1])
+        assert data["slots"] == slots
+        outputs[slots] = {c["id"]: (c["output_b64"], c["tokens"]) for c in data["cases"]}
+    assert set(outputs[1]) == {c["id"] for c in CASES}
+    assert outputs[1] == outputs[4]
+    assert sum(len(t) for _, t in outputs[1].values()) > len(CASES)  # something was generated
 
 
 @pytest.mark.parametrize("bad, needle", [
