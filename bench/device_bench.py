@@ -59,6 +59,7 @@ from typing import Any, Callable
 
 from edgequant.bench.host import BenchError
 from edgequant.bench.stats import Summary
+from edgequant.devices.facts import Cluster, big_core_count
 from edgequant.devices.transport import DeviceError, Transport, quote
 from edgequant.errors import RunFailed
 from edgequant.profiles import BenchSettings
@@ -370,8 +371,9 @@ def parse_llama_bench_json(text: str) -> dict[str, BenchTest]:
 def parse_cpu_topology(text: str) -> int:
     """Big cores from ``policy <cpus> : <max kHz>`` and ``online <ranges>`` lines (``cpu_topology_command``).
 
-    Big = every online CPU outside the slowest cpufreq cluster; with one cluster
-    (or no cpufreq), every online CPU.  On a 1+3+4 phone that is 4.
+    Big = every online CPU outside the slowest cpufreq cluster (the rule of
+    ``devices.facts.big_core_count``); with one cluster (or no cpufreq), every
+    online CPU.  On a 1+3+4 phone that is 4.
     """
     text = _bounded(text, MAX_TEXT_CHARS, "the CPU topology")
     policies: list[tuple[set[int], int]] = []
@@ -386,13 +388,10 @@ def parse_cpu_topology(text: str) -> int:
                 policies.append((cpus, int(freq)))
         elif len(words) == 2 and words[0] == "online":
             online = _cpu_ranges(words[1])
-    if len({freq for _cpus, freq in policies}) >= 2:
-        slowest = min(freq for _cpus, freq in policies)
-        big = set().union(*(cpus for cpus, freq in policies if freq > slowest))
-        if online:
-            big &= online
-        if big:
-            return len(big)
+    clusters = [Cluster(tuple(sorted(cpus & online if online else cpus)), freq) for cpus, freq in policies]
+    big = big_core_count([c for c in clusters if c.cpus])
+    if big:
+        return big
     if online:
         return len(online)
     if policies:

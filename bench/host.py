@@ -123,7 +123,8 @@ def build_request(path: Path, settings: BenchSettings, repack: bool | None = Non
 class _Child:
     """The running worker: feeds stdin, collects stdout, reads stderr line by line."""
 
-    def __init__(self, request: dict[str, Any], on_progress: Callable[[str], None] | None):
+    def __init__(self, request: dict[str, Any], on_progress: Callable[[str], None] | None,
+                 module: str = WORKER_MODULE):
         self.on_progress = on_progress
         self.phase = "start-up"
         self.stdout = bytearray()
@@ -131,7 +132,7 @@ class _Child:
         self.repack: bool | None = None
         self._partial = b""
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", WORKER_MODULE],
+            [sys.executable, "-m", module],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             # its own session: a terminal's Ctrl-C reaches only us, and we stop the worker
             start_new_session=True,

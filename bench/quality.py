@@ -121,8 +121,9 @@ def _groups(suite: Suite) -> list[dict[str, Any]]:
     return groups
 
 
-def _call_worker(request: dict, timeout: float, on_progress: Callable[[str], None]) -> dict:
-    proc = subprocess.Popen([sys.executable, "-m", WORKER_MODULE], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+def _call_worker(request: dict, timeout: float, on_progress: Callable[[str], None],
+                 module: str = WORKER_MODULE) -> dict:
+    proc = subprocess.Popen([sys.executable, "-m", module], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     import threading
 

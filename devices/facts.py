@@ -303,15 +303,25 @@ def parse_thermal_zones(text: str) -> list[Temperature]:
     return temps
 
 
-def recommended_threads(facts: DeviceFacts) -> int:
-    """The number of big cores: the cluster(s) with the highest max frequency.
+def big_core_count(clusters: list[Cluster]) -> int | None:
+    """The big cores: every CPU outside the slowest cpufreq cluster (on a 1+3+4 phone, 4;
+    on 1+4+4, 5), so the little cores, which would make every thread wait for the slowest,
+    are left out.  None when fewer than two distinct max frequencies are known."""
+    known = [c for c in clusters if c.max_khz]
+    if len({c.max_khz for c in known}) < 2:
+        return None
+    slowest = min(c.max_khz for c in known)
+    return len({cpu for c in known if c.max_khz > slowest for cpu in c.cpus}) or None
 
-    Without frequencies, all known CPUs (a homogeneous or unknown layout);
-    without anything, 4 (the big-core count of most phones)."""
-    known = [c for c in facts.clusters if c.max_khz]
-    if known:
-        top = max(c.max_khz for c in known)
-        return sum(len(c.cpus) for c in known if c.max_khz == top)
+
+def recommended_threads(facts: DeviceFacts) -> int:
+    """The default thread count on a device: its big cores (:func:`big_core_count`).
+
+    With one cluster or no frequencies, all known CPUs (a homogeneous or unknown
+    layout); without anything, 4 (the big-core count of most phones)."""
+    big = big_core_count(facts.clusters)
+    if big:
+        return big
     if facts.cpu_count:
         return facts.cpu_count
     cpus = {cpu for c in facts.clusters for cpu in c.cpus}
@@ -326,29 +336,34 @@ SECTIONS = ("getprop", "meminfo", "cpufreq", "cpus", "cpuinfo", "df", "thermalse
             "uname", "end")
 
 
-def facts_script(workdir: str, nonce: str) -> str:
-    """One shell script printing every source, each after a ``<nonce> <section>`` line.
+def _section_commands(workdir: str) -> dict[str, str]:
+    return {
+        "getprop": "getprop 2>/dev/null",
+        "meminfo": "cat /proc/meminfo 2>/dev/null",
+        "cpufreq": "for p in /sys/devices/system/cpu/cpufreq/policy*; do [ -d \"$p\" ] && "
+                   "echo \"${p##*/}|$(cat \"$p/related_cpus\" 2>/dev/null)|$(cat \"$p/cpuinfo_max_freq\" 2>/dev/null)\"; "
+                   "done",
+        "cpus": "for c in /sys/devices/system/cpu/cpu[0-9]*; do [ -d \"$c\" ] && "
+                "echo \"${c##*/}|$(cat \"$c/cpufreq/cpuinfo_max_freq\" 2>/dev/null)\"; done",
+        "cpuinfo": "cat /proc/cpuinfo 2>/dev/null",
+        "df": f"d={quote(workdir)}; while [ ! -d \"$d\" ] && [ \"$d\" != / ]; do d=$(dirname \"$d\"); done; "
+              "df -k \"$d\" 2>/dev/null",
+        "thermalservice": "dumpsys thermalservice 2>/dev/null",
+        "battery": "dumpsys battery 2>/dev/null",
+        "zones": "for z in /sys/class/thermal/thermal_zone*; do [ -d \"$z\" ] && "
+                 "echo \"${z##*/}|$(cat \"$z/type\" 2>/dev/null)|$(cat \"$z/temp\" 2>/dev/null)\"; done",
+        "uname": "uname -m 2>/dev/null",
+    }
+
+
+def facts_script(workdir: str, nonce: str, sections: tuple[str, ...] | None = None) -> str:
+    """One shell script printing every source (or only ``sections``), each after a
+    ``<nonce> <section>`` line.
 
     ``df`` looks at the nearest existing folder of ``workdir`` so listing creates nothing."""
-    s = f"echo {nonce}"
-    return "\n".join([
-        f"{s} getprop; getprop 2>/dev/null",
-        f"{s} meminfo; cat /proc/meminfo 2>/dev/null",
-        f"{s} cpufreq; for p in /sys/devices/system/cpu/cpufreq/policy*; do [ -d \"$p\" ] && "
-        "echo \"${p##*/}|$(cat \"$p/related_cpus\" 2>/dev/null)|$(cat \"$p/cpuinfo_max_freq\" 2>/dev/null)\"; done",
-        f"{s} cpus; for c in /sys/devices/system/cpu/cpu[0-9]*; do [ -d \"$c\" ] && "
-        "echo \"${c##*/}|$(cat \"$c/cpufreq/cpuinfo_max_freq\" 2>/dev/null)\"; done",
-        f"{s} cpuinfo; cat /proc/cpuinfo 2>/dev/null",
-        f"{s} df; d={quote(workdir)}; while [ ! -d \"$d\" ] && [ \"$d\" != / ]; do d=$(dirname \"$d\"); done; "
-        "df -k \"$d\" 2>/dev/null",
-        f"{s} thermalservice; dumpsys thermalservice 2>/dev/null",
-        f"{s} battery; dumpsys battery 2>/dev/null",
-        f"{s} zones; for z in /sys/class/thermal/thermal_zone*; do [ -d \"$z\" ] && "
-        "echo \"${z##*/}|$(cat \"$z/type\" 2>/dev/null)|$(cat \"$z/temp\" 2>/dev/null)\"; done",
-        f"{s} uname; uname -m 2>/dev/null",
-        f"{s} end",
-        "true",
-    ])
+    commands = _section_commands(workdir)
+    wanted = [name for name in SECTIONS if name != "end" and (sections is None or name in sections)]
+    return "\n".join([f"echo {nonce} {name}; {commands[name]}" for name in wanted] + [f"echo {nonce} end", "true"])
 
 
 def new_nonce() -> str:
@@ -411,8 +426,12 @@ def facts_from_sections(serial: str, transport: str, workdir: str, sections: dic
     )
 
 
-def collect_facts(transport: Transport, workdir: str, timeout: float = 60) -> DeviceFacts:
-    """Every fact of one device in a single shell round-trip."""
+def collect_facts(transport: Transport, workdir: str, timeout: float = 60,
+                  sections: tuple[str, ...] | None = None) -> DeviceFacts:
+    """Every fact of one device (or those of ``sections``) in a single shell round-trip."""
     nonce = new_nonce()
-    result = transport.shell(facts_script(workdir, nonce), timeout=timeout)
+    result = transport.shell(facts_script(workdir, nonce, sections), timeout=timeout)
     return facts_from_sections(transport.serial, transport.kind, workdir, split_sections(result.stdout, nonce))
+
+
+HEALTH_SECTIONS = ("meminfo", "thermalservice", "battery", "zones")

@@ -124,24 +124,36 @@ class Pusher:
     def _shell(self, command: str, timeout: float = SHELL_TIMEOUT):
         return self.transport.shell(command, timeout=timeout)
 
-    def push(self, local: Path, sha256: str | None = None, name: str | None = None) -> PushResult:
+    def push(self, local: Path, sha256: str | None = None, name: str | None = None,
+             dest: str | None = None, executable: bool = False) -> PushResult:
+        """Push ``local`` to ``models/<sha256[:16]>-<name>``, or to ``dest`` (a path relative to the work
+        directory under one of its owned folders, e.g. ``bin/llama-bench``) when given."""
         local = Path(local)
         size = local.stat().st_size
         sha256 = sha256 or file_sha256(local)
-        final_name = remote_name(name or local.name, sha256)
-        remote = posixpath.join(self.models, final_name)
-        partial = posixpath.join(self.models, f".{final_name}.partial")
+        if dest is None:
+            folder, final_name = self.models, remote_name(name or local.name, sha256)
+        else:
+            rel = posixpath.normpath(dest)
+            head, _, base = rel.partition("/")
+            if head not in OWNED or head == MARKER or ".." in rel.split("/") or not _NAME.fullmatch(
+                    posixpath.basename(rel)):
+                raise BadInput(f"cannot push to {dest!r}: not a file under one of {', '.join(OWNED[:-1])}")
+            folder = posixpath.join(self.workdir, posixpath.dirname(rel))
+            final_name = posixpath.basename(rel)
+        remote = posixpath.join(folder, final_name)
+        partial = posixpath.join(folder, f".{final_name}.partial")
         serial = self.transport.serial
         if self._verified.get(remote) == sha256:
             return PushResult(remote, size, 0, 0.0, True)
 
         probe = self._shell(
-            f"mkdir -p {quote(self.models)} && : > {quote(posixpath.join(self.workdir, MARKER))} || exit 20; "
+            f"mkdir -p {quote(folder)} && : > {quote(posixpath.join(self.workdir, MARKER))} || exit 20; "
             f"rm -f {quote(partial)}; "
             f"if [ -f {quote(remote)} ]; then echo \"have $({_HASH_CMD.format(quote(remote))})\"; fi; "
-            f"echo @@df; df -k {quote(self.models)}", timeout=VERIFY_TIMEOUT)
+            f"echo @@df; df -k {quote(folder)}", timeout=VERIFY_TIMEOUT)
         if probe.exit_code == 20:
-            raise DeviceError("io", f"cannot create {self.models} on {serial}: "
+            raise DeviceError("io", f"cannot create {folder} on {serial}: "
                                     f"{(probe.stdout + probe.stderr).strip()[:160]}; pick another --device-dir")
         have = re.search(r"^have ([0-9a-f]{64})\b", probe.stdout, re.M)
         if have and have.group(1) == sha256:
@@ -166,8 +178,10 @@ class Pusher:
             raise
         seconds = time.monotonic() - start
         check = self._shell(
-            f"h=$({_HASH_CMD.format(quote(partial))}); case \"$h\" in {sha256}*) mv -f {quote(partial)} "
-            f"{quote(remote)} || exit 8;; *) rm -f {quote(partial)}; echo \"got:$h\"; exit 9;; esac",
+            f"h=$({_HASH_CMD.format(quote(partial))}); case \"$h\" in {sha256}*) "
+            + (f"chmod 755 {quote(partial)} && " if executable else "")
+            + f"mv -f {quote(partial)} {quote(remote)} || exit 8;; "
+            f"*) rm -f {quote(partial)}; echo \"got:$h\"; exit 9;; esac",
             timeout=VERIFY_TIMEOUT)
         if check.exit_code == 9:
             got = re.search(r"got:([0-9a-f]{64})", check.stdout)

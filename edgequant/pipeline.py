@@ -68,15 +68,16 @@ def resolve_model(model: str | None, cache_root: Path, reporter: Reporter) -> Re
 
 
 def build_ladder(resolved: ResolvedModel, profile: Profile, cache_root: Path,
-                 reporter: Reporter) -> list[Artifact]:
-    ladder = Ladder(resolved.checkpoint, resolved.model_hash, profile, cache_root)
+                 reporter: Reporter, imatrix=None) -> list[Artifact]:
+    """``imatrix``: an ImatrixProvider (edgequant.calibrate.SuiteImatrix) for ``+imatrix`` rungs."""
+    ladder = Ladder(resolved.checkpoint, resolved.model_hash, profile, cache_root, imatrix=imatrix)
     return ladder.build(reporter.bytes_progress)
 
 
 def cached_ladder(resolved: ResolvedModel, profile: Profile, cache_root: Path,
-                  reporter: Reporter) -> list[Artifact]:
+                  reporter: Reporter, imatrix=None) -> list[Artifact]:
     """The ladder's artifacts if all are already built; BadInput naming the missing ones otherwise."""
-    ladder = Ladder(resolved.checkpoint, resolved.model_hash, profile, cache_root)
+    ladder = Ladder(resolved.checkpoint, resolved.model_hash, profile, cache_root, imatrix=imatrix)
     missing = ladder.missing()
     if missing:
         raise BadInput(f"{len(missing)} rung(s) of profile {profile.name} are not built yet "
@@ -137,8 +138,8 @@ def bench_rungs(store: Store, run_id: str, model_id: str, model_hash: str, artif
             continue
         rows = _artifact_measurements(art) + [
             Measurement("load_time", res.load_s, "s", None, 1),
-            Measurement("pp_tps", res.pp.mean, "t/s", res.pp.stddev, res.pp.n),
-            Measurement("tg_tps", res.tg.mean, "t/s", res.tg.stddev, res.tg.n),
+            Measurement("pp_tps", res.pp.mean, "t/s", res.pp.stddev, res.pp.n, {"samples": list(res.pp.samples)}),
+            Measurement("tg_tps", res.tg.mean, "t/s", res.tg.stddev, res.tg.n, {"samples": list(res.tg.samples)}),
             Measurement("ttft", res.ttft_ms.mean, "ms", res.ttft_ms.stddev, res.ttft_ms.n),
             Measurement("peak_rss", res.peak_rss_bytes, "bytes"),
             Measurement("peak_rss_anon", res.peak_rss_anon_bytes, "bytes"),
@@ -159,9 +160,11 @@ def process_age_seconds() -> float:
 
 def quality_rungs(store: Store, run_id: str, model_id: str, model_hash: str, artifacts: list[Artifact],
                   profile: Profile, suite, cache_root: Path, reporter: Reporter,
-                  prompting: str = "auto") -> dict[str, str]:
+                  prompting: str = "auto", only: set[str] | None = None,
+                  extra_params: dict | None = None) -> dict[str, str]:
     """Run the eval suite on every rung (reference first) and store its figures and per-case detail.
 
+    ``only``: evaluate just these quants (a resumed run); the reference's outputs are always used.
     Returns quant -> status ("ok" or how the eval failed).
     """
     from importlib import metadata
@@ -180,8 +183,10 @@ def quality_rungs(store: Store, run_id: str, model_id: str, model_hash: str, art
                             prompting, settings.timeout, lambda p: reporter.rung_phase(ref_art.quant, p))
     params = {"runner": "host", "stage": "quality", "suite": suite.name, "suite_sha256": suite.sha256,
               "prompting": ref.prompting, "threads": threads, "repack": repack, "decoding": "greedy",
-              "n_cases": len(suite.cases)}
+              "n_cases": len(suite.cases), **(extra_params or {})}
     for art in artifacts:
+        if only is not None and art.quant not in only:
+            continue
         key = RowKey(model_id=model_id, model_hash=model_hash, quant=art.quant, artifact_sha256=art.sha256,
                      is_reference=art.is_reference, device_id=device_id, device=device,
                      runtime="llama.cpp", runtime_version=runtime_version, params=params)

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from edgequant.errors import BadInput
+from edgequant.profiles.onnx_variants import OnnxSpec, OnnxVariant, parse_onnx  # noqa: F401 - re-exported
 
 # Types llama.cpp refuses to make without an importance matrix
 # (mirrors the check in llama.cpp's tools/quantize).
@@ -128,16 +129,44 @@ def cpu_has_amx() -> bool:
 
 
 @dataclass(frozen=True)
+class DeviceSettings:
+    """``[device]``: how runs on phones wait for a cool phone (see edgequant.devices.health)."""
+
+    cooldown_status: int = 0          # highest Android thermal status to start a rung at (0 none .. 6)
+    cooldown_celsius: float = 40.0    # highest battery (else hottest sensor) temperature to start at
+    cooldown_max_wait: float = 300.0  # seconds to wait for it before starting anyway (marked throttled)
+    cooldown_poll: float = 10.0       # seconds between readings while waiting
+
+    def cooldown(self):
+        from edgequant.devices.health import CoolDown
+
+        return CoolDown(self.cooldown_status, self.cooldown_celsius, self.cooldown_max_wait, self.cooldown_poll)
+
+
+_DEVICE_BOUNDS = {"cooldown_status": (0, 6), "cooldown_celsius": (-20.0, 120.0),
+                  "cooldown_max_wait": (0.0, 24 * 3600.0), "cooldown_poll": (0.1, 3600.0)}
+
+
+@dataclass(frozen=True)
 class Profile:
     name: str
     path: Path
     description: str
     quant: QuantSpec
     bench: BenchSettings
+    device: DeviceSettings = DeviceSettings()
+    onnx: OnnxSpec = OnnxSpec()          # [onnx]: ONNX variants (none by default)
 
     def rungs(self) -> list[str]:
         """The reference first, then the quant types in profile order."""
         return [self.quant.reference] + [t for t in self.quant.types if t != self.quant.reference]
+
+    @property
+    def needs_imatrix(self) -> bool:
+        """Whether a rung asks for an importance matrix (``+imatrix``)."""
+        from edgequant.quantize.overrides import parse_rung
+
+        return any(parse_rung(t).imatrix for t in self.quant.types)
 
 
 # ---------------------------------------------------------------------------
@@ -174,15 +203,28 @@ class _Checker:
         return value
 
     def quant_type(self, value, where: str, reference: bool = False) -> str:
+        """A type name, upper-cased; for a quant rung the canonical rung name (edgequant.quantize.overrides)."""
         known = quant_types()
+        if not reference and isinstance(value, str) and "+" in value:
+            from edgequant.quantize.overrides import parse_rung
+
+            spec = parse_rung(value, f"{self.label}: field '{where}'")
+            if spec.base not in known:
+                raise self.fail(where, f"has unknown quant type {spec.base!r} in {value!r}; valid types: "
+                                       f"{_valid_list(known)}")
+            if spec.base in FLOAT_TYPES:
+                raise self.fail(where, f"{value!r}: modifiers apply to quant types, not to {spec.base}")
+            if spec.base in NEEDS_IMATRIX and not spec.imatrix:
+                raise self.fail(where, f"{spec.base} needs an importance matrix; add '+imatrix' to {value!r}")
+            return spec.name
         if not isinstance(value, str) or value.upper() not in known:
             raise self.fail(where, f"has unknown quant type {value!r}; valid types: {_valid_list(known)}")
         name = value.upper()
         if reference and name not in FLOAT_TYPES:
             raise self.fail(where, f"must be a float type, got {value!r}; allowed: {_valid_list(FLOAT_TYPES)}")
         if not reference and name in NEEDS_IMATRIX:
-            raise self.fail(where, f"{name} needs an importance matrix, which this profile does not give; "
-                                   f"pick another type")
+            raise self.fail(where, f"{name} needs an importance matrix; write it as '{name}+imatrix' "
+                                   f"(computed from the eval suite's calibration cases)")
         return name
 
 
@@ -209,7 +251,7 @@ _BENCH_BOUNDS = {
 
 def parse_profile(data: dict, path: Path) -> Profile:
     c = _Checker(path)
-    c.table(data, "", {"profile", "quantize", "bench"})
+    c.table(data, "", {"profile", "quantize", "bench", "device", "onnx"})
     meta = c.table(data.get("profile", {}), "profile", {"name", "description"})
     name = meta.get("name", path.stem)
     if not isinstance(name, str) or not name:
@@ -238,17 +280,20 @@ def parse_profile(data: dict, path: Path) -> Profile:
         raise c.fail("bench.repack", f"must be one of {', '.join(REPACK)}, got {bench.repack!r}")
     if bench.n_ubatch > bench.n_batch:
         raise c.fail("bench.n_ubatch", f"must be <= bench.n_batch ({bench.n_batch})")
+    device = _dataclass_from(c, DeviceSettings, data.get("device", {}), "device", _DEVICE_BOUNDS)
     return Profile(name=name, path=path, description=description,
                    quant=QuantSpec(reference=reference, types=tuple(checked), options=options),
-                   bench=bench)
+                   bench=bench, device=device, onnx=parse_onnx(c, data.get("onnx")))
 
 
 def builtin_profiles() -> list[str]:
-    """Names of the shipped quant profiles (TOML files here that are not eval suites)."""
+    """Names of the shipped quant profiles (TOML files here that are not eval suites or gates profiles)."""
     names = []
     for p in resources.files(__package__).iterdir():
-        if p.name.endswith(".toml") and not tomllib.loads(p.read_text(encoding="utf-8")).get("suite"):
-            names.append(p.name[:-5])
+        if p.name.endswith(".toml"):
+            data = tomllib.loads(p.read_text(encoding="utf-8"))
+            if not data.get("suite") and not data.get("gates"):
+                names.append(p.name[:-5])
     return sorted(names)
 
 

@@ -365,6 +365,11 @@ def _parse_gate(c: _Checker, text: Any, where: str) -> Gate:
     return Gate(metric=metric, op=op, value=value)
 
 
+def parse_gate(text: str, label: str = "--gate") -> Gate:
+    """A gate given outside a suite file (e.g. ``edgequant tune --gate 'xml_parse_rate>=0.95'``)."""
+    return _parse_gate(_Checker(label), text, "gate")
+
+
 def _gold(c: _Checker, data: Any, fmt: str) -> Gold:
     if not isinstance(data, dict):
         raise c.fail("gold", "must be an object with optional esi, referral, refuse")

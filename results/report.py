@@ -9,7 +9,7 @@ from __future__ import annotations
 import csv
 import io
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from edgequant.results.store import Store
@@ -38,6 +38,9 @@ class RungSummary:
     status: str = "ok"
     detail: str | None = None
     metrics: dict[str, Stat] = field(default_factory=dict)
+    device: dict[str, Any] = field(default_factory=dict)
+    params: dict[str, Any] = field(default_factory=dict)  # the bench stage's
+    quality_device: str | None = None  # where the quality metrics were measured, when not on device_id
 
     def get(self, metric: str) -> float | None:
         s = self.metrics.get(metric)
@@ -54,6 +57,7 @@ class RunReport:
     runtime_version: str
     footnotes: list[str]
     quality_params: dict[str, Any] = field(default_factory=dict)
+    quality_from: str | None = None  # per_device: the device whose quality figures these rungs share
 
     def reference(self) -> RungSummary | None:
         return next((r for r in self.rungs if r.is_reference), None)
@@ -70,27 +74,97 @@ def summarize(store: Store, run_id: str) -> RunReport:
     quality_params: dict[str, Any] = {}
     device: dict[str, Any] = {}
     runtime = runtime_version = ""
+    onnx_note = None
     for r in rows:
         key = (r["quant"], r["device_id"])
         rung = rungs.setdefault(key, RungSummary(r["quant"], r["is_reference"], r["device_id"]))
         rung.metrics[r["metric"]] = Stat(r["value"], r["stddev"], r["repetitions"], r.get("detail"))
+        rung.device = rung.device or r["device"]
+        if r["params"].get("stage") == "tune":   # the search's verdicts (edgequant tune): not a measurement setup
+            continue
         if r["params"].get("stage") == "quality":
             quality_params = r["params"]
             continue
+        rung.params, rung.device = r["params"], r["device"]
+        if r["runtime"] == "onnxruntime":   # ONNX rungs: named in a footnote; the header describes the GGUF rows
+            onnx_note = (f"ONNX-* rows: onnxruntime {r['runtime_version']}, "
+                         f"{r['params'].get('execution_provider', 'CPUExecutionProvider')}, "
+                         f"intra-op threads {r['params'].get('threads')}, inter-op 1")
+            if runtime:
+                continue
         params, device = r["params"], r["device"]
         runtime, runtime_version = r["runtime"], r["runtime_version"]
     for s in statuses:
         key = (s["quant"], s["device_id"])
         rung = rungs.setdefault(key, RungSummary(s["quant"], False, s["device_id"]))
         rung.status, rung.detail = s["status"], s["detail"]
-    ordered = sorted(rungs.values(), key=lambda r: (not r.is_reference,))
-    footnotes = [f"{r.quant}: {r.status}: {r.detail}" for r in ordered if r.status != "ok" and r.detail]
+    _join_quality_measured_elsewhere(rungs, {(s["quant"], s["device_id"]) for s in statuses})
+    # the reference first; a rung with modifiers (Q4_K_M+imatrix, Q4_K_M+emb=Q8_0) next to its plain type
+    first_of_base: dict[str, int] = {}
+    for i, r in enumerate(rungs.values()):
+        first_of_base.setdefault(r.quant.split("+", 1)[0], i)
+    ordered = sorted(rungs.values(), key=lambda r: (not r.is_reference, first_of_base[r.quant.split("+", 1)[0]]))
+    several = len({r.device_id for r in ordered}) > 1
+    footnotes = [f"{r.quant}{' on ' + r.device_id if several else ''}: {r.status}: {r.detail}"
+                 for r in ordered if r.detail and (r.status != "ok" or r.get("throttled"))]
     if run["status"] != "complete":
         footnotes.insert(0, f"run is {run['status']}: {run.get('status_detail') or 'not finished'}")
+    if onnx_note:
+        footnotes.append(onnx_note)
     if run.get("model_id") == DEFAULT_MODEL_ID:
         footnotes.append(DEFAULT_MODEL_FOOTNOTE)
     return RunReport(run=run, rungs=ordered, params=params, device=device, runtime=runtime,
                      runtime_version=runtime_version, footnotes=footnotes, quality_params=quality_params)
+
+
+def _join_quality_measured_elsewhere(rungs: dict[tuple[str, str], RungSummary],
+                                     benched: set[tuple[str, str]]) -> None:
+    """A phone run computes quality on the host from the same GGUF bytes: those quality-only rungs
+    join the phone rows of the same quant (remembering where they were measured) and leave the table."""
+    for (quant, dev), q in list(rungs.items()):
+        if q.params or (quant, dev) in benched:
+            continue                      # this device benchmarked the rung itself
+        targets = [r for (qq, d), r in rungs.items() if qq == quant and d != dev and (r.params or (qq, d) in benched)]
+        if not targets:
+            continue
+        for r in targets:
+            for name, stat in q.metrics.items():
+                r.metrics.setdefault(name, stat)
+            r.quality_device = dev
+        del rungs[(quant, dev)]
+
+
+def per_device(rep: RunReport) -> list[RunReport]:
+    """One report per device of a run (in the order the devices first appear), each with its own
+    reference rung, device facts and bench parameters.  A device without quality figures of its own
+    (phones: the eval runs on the host) shares those of the device that has them, rung by rung."""
+    groups: dict[str, list[RungSummary]] = {}
+    for rung in rep.rungs:
+        groups.setdefault(rung.device_id, []).append(rung)
+    # quality depends on the GGUF, not on the device; eval throughput is the host's own and is not shared
+    shared = set(QUALITY_HEADERS) - {"eval_tg_tps"}
+    source: dict[str, RungSummary] = {}
+    for rung in rep.rungs:
+        if any(m in shared for m in rung.metrics):
+            source.setdefault(rung.quant, rung)
+    out = []
+    for device_id, rungs in groups.items():
+        quality_from = None
+        if source and not any(m in shared for r in rungs for m in r.metrics):
+            borrowed = []
+            for r in rungs:
+                src = source.get(r.quant)
+                extra = {k: v for k, v in src.metrics.items() if k in shared} if src else {}
+                borrowed.append(replace(r, metrics={**r.metrics, **extra}))
+                quality_from = quality_from or (src.device_id if src else None)
+            rungs = borrowed
+        bench = next((r for r in rungs if r.params), None)
+        out.append(RunReport(run=rep.run, rungs=rungs, params=bench.params if bench else rep.params,
+                             device=next((r.device for r in rungs if r.device), rep.device),
+                             runtime=rep.runtime, runtime_version=rep.runtime_version,
+                             footnotes=rep.footnotes, quality_params=rep.quality_params,
+                             quality_from=quality_from))
+    return out
 
 
 # ---------------------------------------------------------------------------
@@ -118,8 +192,10 @@ def rung_record(rep: RunReport, rung: RungSummary) -> dict[str, Any]:
 
     rec = {
         "quant": rung.quant,
+        "device_id": rung.device_id,
         "reference": rung.is_reference,
         "status": rung.status,
+        "throttled": None if "throttled" not in m else bool(m["throttled"].value),
         "detail": rung.detail,
         "size_mib": val("size", MiB),
         "bits_per_weight": val("bpw"),
@@ -163,16 +239,26 @@ def _columns(rep: RunReport) -> list[str]:
 
 def _cells(rec: dict[str, Any]) -> list[str]:
     name = rec["quant"] + (" (ref)" if rec["reference"] else "")
-    status = rec["status"]
+    status = rec["status"] + (", throttled" if rec.get("throttled") else "")
     return [name, _fmt(rec["size_mib"]), _fmt(rec["bits_per_weight"], 2), _fmt(rec["load_s"], 2),
             _pm(rec["pp_tps"], rec["pp_tps_sd"]), _pm(rec["tg_tps"], rec["tg_tps_sd"]),
             _pm(rec["ttft_ms"], rec["ttft_ms_sd"]), _fmt(rec["peak_rss_mib"]), _fmt(rec["peak_anon_mib"]),
             _fmt(rec["pp_speedup"], 2), _fmt(rec["tg_speedup"], 2), _fmt(rec["size_ratio"], 3), status]
 
 
+def _where(d: dict[str, Any]) -> str:
+    if not d:
+        return "?"
+    if d.get("kind") in ("android", "linux"):
+        os_name = f"Android {d.get('android_release')}" if d.get("kind") == "android" else "Linux"
+        return (f"{d.get('cpu_model') or d.get('serial')} ({d.get('soc') or '?'}, {d.get('clusters') or '?'}, "
+                f"{os_name}) via adb {d.get('serial')}, runner {d.get('runner') or 'prebuilt'}")
+    return f"{d.get('cpu_model', d.get('model', '?'))}, {d.get('physical_cores', '?')} cores"
+
+
 def _caption(rep: RunReport) -> str:
     d, p = rep.device, rep.params
-    where = f"{d.get('cpu_model', d.get('model', '?'))}, {d.get('physical_cores', '?')} cores" if d else "?"
+    where = _where(d)
     return (f"run {rep.run['run_id']} ({rep.run['status']}) · model {rep.run.get('model_id')} · "
             f"{rep.runtime} {rep.runtime_version} on {where} · threads {p.get('threads', '?')}, "
             f"{p.get('repetitions', '?')} reps after {p.get('warmup', '?')} warm-up · mean ± sd")
@@ -243,25 +329,46 @@ def _quality_caption(rep: RunReport) -> str:
             f"outputs")
 
 
+def _quality_groups(rep: RunReport) -> list[tuple[RunReport, str | None]]:
+    """The device groups whose quality table to show, each once per place it was measured."""
+    out, seen = [], set()
+    for g in per_device(rep):
+        if not quality_columns(g):
+            continue
+        elsewhere = next((r.quality_device for r in g.rungs if r.quality_device), None)
+        where = elsewhere or g.rungs[0].device_id
+        if where in seen:
+            continue
+        seen.add(where)
+        out.append((g, elsewhere))
+    return out
+
+
+def _measured_on(elsewhere: str | None) -> str:
+    return f" · measured on {elsewhere} from the same GGUF bytes" if elsewhere else ""
+
+
 def render_table(rep: RunReport, console) -> None:
     from rich.table import Table
 
-    table = Table(title=f"edgequant · {rep.run.get('profile') or ''}", caption=_caption(rep),
-                  caption_justify="left")
-    for i, col in enumerate(_columns(rep)):
-        table.add_column(col, justify="left" if i in (0, 12) else "right", no_wrap=i != 12)
-    for rung in rep.rungs:
-        rec = rung_record(rep, rung)
-        style = "bold" if rung.is_reference else ("red" if rung.status != "ok" else None)
-        table.add_row(*_cells(rec), style=style)
-    console.print(table)
-    cols = quality_columns(rep)
-    if cols:
-        qt = Table(title="quality against the reference", caption=_quality_caption(rep), caption_justify="left")
+    for g in per_device(rep):
+        table = Table(title=f"edgequant · {rep.run.get('profile') or ''} · {g.rungs[0].device_id}",
+                      caption=_caption(g), caption_justify="left")
+        for i, col in enumerate(_columns(g)):
+            table.add_column(col, justify="left" if i in (0, 12) else "right", no_wrap=i != 12)
+        for rung in g.rungs:
+            rec = rung_record(g, rung)
+            style = "bold" if rung.is_reference else ("red" if rung.status != "ok" else None)
+            table.add_row(*_cells(rec), style=style)
+        console.print(table)
+    for g, elsewhere in _quality_groups(rep):
+        cols = quality_columns(g)
+        qt = Table(title="quality against the reference", caption=_quality_caption(g) + _measured_on(elsewhere),
+                   caption_justify="left")
         qt.add_column("rung")
         for m in cols:
             qt.add_column(QUALITY_HEADERS[m], justify="right", no_wrap=True)
-        for rung in rep.rungs:
+        for rung in g.rungs:
             cells = [_quality_cell(rung, m) for m in cols]
             style = "bold" if rung.is_reference else None
             qt.add_row(rung.quant + (" (ref)" if rung.is_reference else ""), *cells, style=style)
@@ -271,21 +378,25 @@ def render_table(rep: RunReport, console) -> None:
 
 
 def render_markdown(rep: RunReport) -> str:
-    cols = _columns(rep)
-    lines = [f"**{_caption(rep)}**", "", "| " + " | ".join(cols) + " |",
-             "|" + "|".join("---" if i in (0, 12) else "---:" for i in range(len(cols))) + "|"]
-    for rung in rep.rungs:
-        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in _cells(rung_record(rep, rung))) + " |")
-    cols = quality_columns(rep)
-    if cols:
-        lines += ["", f"**{_quality_caption(rep)}**", "",
+    lines: list[str] = []
+    for g in per_device(rep):
+        cols = _columns(g)
+        lines += [f"**{_caption(g)}**", "", "| " + " | ".join(cols) + " |",
+                  "|" + "|".join("---" if i in (0, 12) else "---:" for i in range(len(cols))) + "|"]
+        for rung in g.rungs:
+            lines.append("| " + " | ".join(c.replace("|", "\\|") for c in _cells(rung_record(g, rung))) + " |")
+        lines.append("")
+    for g, elsewhere in _quality_groups(rep):
+        cols = quality_columns(g)
+        lines += [f"**{_quality_caption(g)}{_measured_on(elsewhere)}**", "",
                   "| rung | " + " | ".join(QUALITY_HEADERS[m] for m in cols) + " |",
                   "|---|" + "---:|" * len(cols)]
-        for rung in rep.rungs:
+        for rung in g.rungs:
             lines.append(f"| {rung.quant}{' (ref)' if rung.is_reference else ''} | "
                          + " | ".join(_quality_cell(rung, m) for m in cols) + " |")
-    lines += [f"\n\\* {n}" for n in rep.footnotes]
-    return "\n".join(lines) + "\n"
+        lines.append("")
+    lines += [f"\\* {n}\n" for n in rep.footnotes]
+    return "\n".join(lines).rstrip("\n") + "\n"
 
 
 def render_json(rep: RunReport) -> str:
@@ -293,10 +404,11 @@ def render_json(rep: RunReport) -> str:
         "run": rep.run,
         "runtime": rep.runtime, "runtime_version": rep.runtime_version,
         "device": rep.device, "params": rep.params,
-        "rungs": [rung_record(rep, r) for r in rep.rungs],
+        "rungs": [rung_record(g, r) for g in per_device(rep) for r in g.rungs],
         "quality_params": rep.quality_params,
         "quality": [quality_record(r, quality_columns(rep)) for r in rep.rungs] if quality_columns(rep) else [],
-        "metrics": {r.quant: {k: asdict(v) for k, v in r.metrics.items()} for r in rep.rungs},
+        "metrics": {(r.quant if len(per_device(rep)) == 1 else f"{r.quant}@{r.device_id}"):
+                    {k: asdict(v) for k, v in r.metrics.items()} for r in rep.rungs},
         "footnotes": rep.footnotes,
     }, indent=2, sort_keys=False)
 
@@ -304,9 +416,9 @@ def render_json(rep: RunReport) -> str:
 def render_csv(rep: RunReport) -> str:
     buf = io.StringIO()
     qcols = quality_columns(rep)
-    records = [{**rung_record(rep, r), **{k: v for k, v in quality_record(r, qcols).items()
-                                          if k not in ("quant", "reference", "gates") and not k.endswith("_ci95")}}
-               for r in rep.rungs]
+    records = [{**rung_record(g, r), **{k: v for k, v in quality_record(r, qcols).items()
+                                        if k not in ("quant", "reference", "gates") and not k.endswith("_ci95")}}
+               for g in per_device(rep) for r in g.rungs]
     fields = ["run_id"] + list(dict.fromkeys(k for rec in records for k in rec)) if records else ["run_id"]
     writer = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
     writer.writeheader()

@@ -1,4 +1,8 @@
-"""The results store: SQLite, named append-only migrations, one row per measurement.
+"""The results store: SQLite or PostgreSQL, named append-only migrations, one row per measurement.
+
+SQLite (a file path) is the embedded default; a ``postgresql://`` URL stores
+to a PostgreSQL server shared by several hosts (``edgequant.results.pg`` holds
+the few dialect translations).  The same migrations run on both.
 
 Every write happens in a transaction.  A run is inserted as ``running`` and
 ends ``complete`` only when every rung finished; an interrupted or failed run
@@ -10,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import sqlite3
 import time
@@ -102,7 +107,30 @@ MIGRATIONS: list[tuple[str, str]] = [
             PRIMARY KEY (run_id, quant, device_id, case_id)
         );
     """),
+    ("003_tags_and_run_indexes", """
+        CREATE TABLE tags (
+            name TEXT PRIMARY KEY,
+            run_id TEXT NOT NULL REFERENCES runs(run_id),
+            tagged_at REAL NOT NULL
+        );
+        CREATE INDEX runs_started ON runs(started_at);
+        CREATE INDEX runs_status_started ON runs(status, started_at);
+    """),
+    ("004_calibration_splits", """
+        CREATE TABLE calibration_splits (
+            split_sha256 TEXT NOT NULL,
+            suite TEXT NOT NULL,
+            suite_sha256 TEXT NOT NULL,
+            case_id TEXT NOT NULL,
+            role TEXT NOT NULL CHECK (role IN ('calibration', 'evaluation')),
+            PRIMARY KEY (split_sha256, case_id)
+        );
+    """),
 ]
+
+# names `edgequant compare`/`report` resolve besides run ids and tags
+RUN_ALIASES = ("last", "last-complete")
+TAG_NAME = re.compile(r"[A-Za-z][A-Za-z0-9._-]{0,63}")
 
 
 @dataclass(frozen=True)
@@ -143,7 +171,20 @@ def _pid_alive(pid: int) -> bool:
 
 class Store:
     def __init__(self, path: str | os.PathLike):
+        from edgequant.results.pg import PgConnection, is_postgres_url
+
         self.path = str(path)
+        self._pg: PgConnection | None = None
+        if is_postgres_url(self.path):
+            self._pg = PgConnection(self.path)
+            self.conn = self._pg
+            self.path = self._pg.display  # never the password
+            try:
+                self._migrate()
+            except BaseException:
+                self._pg.close()
+                raise
+            return
         if self.path != ":memory:":
             parent = Path(self.path).expanduser().parent
             try:
@@ -170,38 +211,79 @@ class Store:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    @property
+    def dialect(self) -> str:
+        return "postgresql" if self._pg is not None else "sqlite"
+
     @contextmanager
-    def transaction(self) -> Iterator[sqlite3.Connection]:
-        self.conn.execute("BEGIN IMMEDIATE")
+    def transaction(self) -> Iterator[Any]:
+        pg = self._pg
+        if pg is None:
+            self.conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield self.conn
+            except BaseException:
+                self.conn.execute("ROLLBACK")
+                raise
+            else:
+                self.conn.execute("COMMIT")
+            return
         try:
-            yield self.conn
+            pg.execute("BEGIN")
+        except pg.errors as exc:
+            raise pg.failure(exc) from None
+        try:
+            yield pg
+            pg.execute("COMMIT")
+        except pg.errors as exc:
+            pg.rollback_quietly()
+            raise pg.failure(exc) from None
         except BaseException:
-            self.conn.execute("ROLLBACK")
+            pg.rollback_quietly()
             raise
+
+    def _ddl(self, statement: str) -> None:
+        if self._pg is not None:
+            self._pg.execute_ddl(statement)
         else:
-            self.conn.execute("COMMIT")
+            self.conn.execute(statement)
 
     # -- migrations ---------------------------------------------------------
 
+    def _lock_schema(self) -> None:
+        """Inside a transaction: serialize schema changes with every other writer (SQLite's
+        BEGIN IMMEDIATE already holds the write lock; PostgreSQL takes an advisory lock)."""
+        if self._pg is not None:
+            self._pg.lock_schema()
+
     def _migrate(self) -> None:
-        self.conn.execute("CREATE TABLE IF NOT EXISTS _migrations (name TEXT PRIMARY KEY, applied_at REAL NOT NULL)")
-        applied = {r["name"] for r in self.conn.execute("SELECT name FROM _migrations")}
+        # Several hosts or processes may open a fresh database at once: each migration is applied
+        # under the schema lock, after checking again that nobody applied it meanwhile.
+        with self.transaction() as conn:
+            self._lock_schema()
+            self._ddl("CREATE TABLE IF NOT EXISTS _migrations (name TEXT PRIMARY KEY, applied_at REAL NOT NULL)")
+            applied = {r["name"] for r in conn.execute("SELECT name FROM _migrations")}
         known = {name for name, _ in MIGRATIONS}
         newer = sorted(applied - known)
         if newer:
             raise BadInput(f"results database {self.path} has migrations this edgequant does not know "
-                           f"({', '.join(newer)}); upgrade edgequant or use another --db")
+                           f"({', '.join(newer)}): it was written by a newer edgequant; upgrade edgequant "
+                           f"or use another --db (nothing was changed)")
         for name, sql in MIGRATIONS:
             if name in applied:
                 continue
             with self.transaction() as conn:
+                self._lock_schema()
+                if conn.execute("SELECT name FROM _migrations WHERE name = ?", (name,)).fetchone():
+                    continue
                 for statement in sql.split(";"):
                     if statement.strip():
-                        conn.execute(statement)
+                        self._ddl(statement)
                 conn.execute("INSERT INTO _migrations (name, applied_at) VALUES (?, ?)", (name, time.time()))
 
     def migrations(self) -> list[str]:
-        return [r["name"] for r in self.conn.execute("SELECT name FROM _migrations ORDER BY name")]
+        """Applied migration names, in the order they were applied."""
+        return [r["name"] for r in self.conn.execute("SELECT name FROM _migrations ORDER BY rowid")]
 
     # -- runs ---------------------------------------------------------------
 
@@ -226,21 +308,65 @@ class Store:
             conn.execute("UPDATE runs SET status = ?, status_detail = ?, finished_at = ? WHERE run_id = ?",
                          (status, detail, time.time(), run_id))
 
+    def resume_run(self, run_id: str) -> dict[str, Any]:
+        """Mark an unfinished run as running again in this process (``edgequant run --resume``)."""
+        run = self.run(run_id)
+        if run["status"] == "complete":
+            raise BadInput(f"run {run['run_id']} is complete; there is nothing to resume")
+        if run["status"] == "running":
+            raise BadInput(f"run {run['run_id']} is still running (pid {run['pid']} on {run['hostname']}); "
+                           "wait for it or stop it first")
+        with self.transaction() as conn:
+            conn.execute("UPDATE runs SET status = 'running', status_detail = NULL, finished_at = NULL,"
+                         " hostname = ?, pid = ? WHERE run_id = ?", (socket.gethostname(), os.getpid(),
+                                                                     run["run_id"]))
+        return run
+
     def run(self, run_id: str) -> dict[str, Any]:
-        if run_id == "last":
-            row = self.conn.execute("SELECT * FROM runs ORDER BY started_at DESC, rowid DESC LIMIT 1").fetchone()
+        """One run by id, by tag (`edgequant tag`), or `last` / `last-complete`."""
+        if run_id in RUN_ALIASES:
+            where = "WHERE status = 'complete' " if run_id == "last-complete" else ""
+            row = self.conn.execute(f"SELECT * FROM runs {where}ORDER BY started_at DESC, rowid DESC LIMIT 1"
+                                    ).fetchone()
             if row is None:
-                raise BadInput(f"results database {self.path} holds no runs yet; run `edgequant run` first")
+                what = "complete runs" if where else "runs"
+                raise BadInput(f"results database {self.path} holds no {what} yet; run `edgequant run` first")
         else:
             row = self.conn.execute("SELECT * FROM runs WHERE run_id = ?", (run_id,)).fetchone()
             if row is None:
-                raise BadInput(f"run '{run_id}' is not in {self.path}; `edgequant report --list` shows the runs")
+                row = self.conn.execute("SELECT runs.* FROM tags JOIN runs ON runs.run_id = tags.run_id"
+                                        " WHERE tags.name = ?", (run_id,)).fetchone()
+            if row is None:
+                raise BadInput(f"run '{run_id}' is not in {self.path} (neither a run id nor a tag); "
+                               f"`edgequant report --list` shows the runs")
         out = dict(row)
+        out.pop("rowid", None)  # PostgreSQL's emulated rowid column
         if out["status"] == "running" and (out["hostname"] != socket.gethostname() or not _pid_alive(out["pid"])):
             if out["hostname"] == socket.gethostname():
                 out["status"] = "partial"
                 out["status_detail"] = out["status_detail"] or "the process ended before the run finished"
         return out
+
+    def tag(self, run_id: str, name: str) -> str:
+        """Point tag ``name`` at a run (moving it if it exists); returns the run id."""
+        if not TAG_NAME.fullmatch(name) or name in RUN_ALIASES:
+            raise BadInput(f"tag name {name!r}: use a letter, then letters, digits, '.', '_' or '-' "
+                           f"(at most 64), and not {' or '.join(RUN_ALIASES)}")
+        if self.conn.execute("SELECT run_id FROM runs WHERE run_id = ?", (name,)).fetchone():
+            raise BadInput(f"tag name {name!r} is a run id; pick another name")
+        target = self.run(run_id)["run_id"]
+        with self.transaction() as conn:
+            conn.execute("INSERT INTO tags (name, run_id, tagged_at) VALUES (?, ?, ?) ON CONFLICT (name) DO UPDATE"
+                         " SET run_id = excluded.run_id, tagged_at = excluded.tagged_at", (name, target, time.time()))
+        return target
+
+    def tags(self, run_id: str | None = None) -> list[dict[str, Any]]:
+        sql = "SELECT name, run_id, tagged_at FROM tags"
+        args: tuple = ()
+        if run_id is not None:
+            sql += " WHERE run_id = ?"
+            args = (run_id,)
+        return [dict(r) for r in self.conn.execute(sql + " ORDER BY name", args)]
 
     def runs(self, limit: int = 50) -> list[dict[str, Any]]:
         rows = self.conn.execute("SELECT run_id FROM runs ORDER BY started_at DESC, rowid DESC LIMIT ?", (limit,))
@@ -250,12 +376,13 @@ class Store:
 
     def record_artifact(self, info: dict[str, Any]) -> None:
         with self.transaction() as conn:
+            cols = ("sha256", "model_hash", "quant", "format", "size_bytes", "n_params", "bits_per_weight",
+                    "tensor_types", "cache_key", "path", "created_at")
+            values = {**info, "tensor_types": json.dumps(info["tensor_types"], sort_keys=True)}
             conn.execute(
-                "INSERT OR REPLACE INTO artifacts (sha256, model_hash, quant, format, size_bytes, n_params,"
-                " bits_per_weight, tensor_types, cache_key, path, created_at)"
-                " VALUES (:sha256, :model_hash, :quant, :format, :size_bytes, :n_params, :bits_per_weight,"
-                " :tensor_types, :cache_key, :path, :created_at)",
-                {**info, "tensor_types": json.dumps(info["tensor_types"], sort_keys=True)})
+                f"INSERT INTO artifacts ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})"
+                " ON CONFLICT (sha256) DO UPDATE SET "
+                + ", ".join(f"{c} = excluded.{c}" for c in cols[1:]), [values[c] for c in cols])
 
     def artifact(self, sha256: str) -> dict[str, Any] | None:
         row = self.conn.execute("SELECT * FROM artifacts WHERE sha256 = ?", (sha256,)).fetchone()
@@ -287,16 +414,21 @@ class Store:
                      json.dumps(m.detail, sort_keys=True) if m.detail is not None else None))
             for c in cases:
                 conn.execute(
-                    "INSERT OR REPLACE INTO eval_cases (run_id, quant, device_id, suite, case_id, format, ok,"
+                    "INSERT INTO eval_cases (run_id, quant, device_id, suite, case_id, format, ok,"
                     " refusal, reason, fields, output, stopped, n_tokens)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                    " ON CONFLICT (run_id, quant, device_id, case_id) DO UPDATE SET suite = excluded.suite,"
+                    " format = excluded.format, ok = excluded.ok, refusal = excluded.refusal,"
+                    " reason = excluded.reason, fields = excluded.fields, output = excluded.output,"
+                    " stopped = excluded.stopped, n_tokens = excluded.n_tokens",
                     (run_id, key.quant, key.device_id, suite or "", c["case_id"], c["format"], int(c["ok"]),
                      int(c["refusal"]), c["reason"], json.dumps(c["fields"], sort_keys=True), c["output"],
                      c.get("stopped"), c.get("n_tokens")))
             if status is not None:
                 conn.execute(
-                    "INSERT OR REPLACE INTO rung_status (run_id, quant, device_id, status, detail)"
-                    " VALUES (?, ?, ?, ?, ?)", (run_id, key.quant, key.device_id, status, detail))
+                    "INSERT INTO rung_status (run_id, quant, device_id, status, detail) VALUES (?, ?, ?, ?, ?)"
+                    " ON CONFLICT (run_id, quant, device_id) DO UPDATE SET status = excluded.status,"
+                    " detail = excluded.detail", (run_id, key.quant, key.device_id, status, detail))
 
     def measurements(self, run_id: str) -> list[dict[str, Any]]:
         rows = self.conn.execute(
@@ -326,6 +458,23 @@ class Store:
             d["fields"] = json.loads(d["fields"])
             d["ok"], d["refusal"] = bool(d["ok"]), bool(d["refusal"])
             out.append(d)
+        return out
+
+    def record_split(self, suite: str, split: dict[str, Any]) -> None:
+        """A calibration/evaluation split of a suite (edgequant.quantize.imatrix.Split.record())."""
+        with self.transaction() as conn:
+            for role in ("calibration", "evaluation"):
+                for case_id in split[role]:
+                    conn.execute("INSERT INTO calibration_splits (split_sha256, suite, suite_sha256, case_id, role)"
+                                 " VALUES (?, ?, ?, ?, ?) ON CONFLICT (split_sha256, case_id) DO NOTHING",
+                                 (split["split_sha256"], suite, split["suite_sha256"], case_id, role))
+
+    def split_cases(self, split_sha256: str) -> dict[str, list[str]]:
+        """Case ids per role of a stored split."""
+        out: dict[str, list[str]] = {"calibration": [], "evaluation": []}
+        for r in self.conn.execute("SELECT case_id, role FROM calibration_splits WHERE split_sha256 = ?"
+                                   " ORDER BY case_id", (split_sha256,)):
+            out[r["role"]].append(r["case_id"])
         return out
 
     def rung_statuses(self, run_id: str) -> list[dict[str, Any]]:

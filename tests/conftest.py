@@ -15,6 +15,8 @@ from tiny_model import make_tiny_gemma3
 
 # The ADB device peer (tests/adbpeer/): adb_host_key, adb_peer_factory, adb_peer, adb_cli.
 from adbpeer.pytest_fixtures import adb_cli, adb_host_key, adb_peer, adb_peer_factory  # noqa: F401
+# A throwaway PostgreSQL server (tests/pgserver.py): pg_server, pg_url.
+from pgserver import pg_server, pg_url  # noqa: F401
 
 
 @pytest.fixture(scope="session")
@@ -100,3 +102,12 @@ def db_rows(db: Path, sql: str, *args) -> list[dict]:
         return [dict(r) for r in conn.execute(sql, args)]
     finally:
         conn.close()
+
+
+@pytest.fixture(scope="session")
+def imatrix_tool() -> Path:
+    """llama.cpp's llama-imatrix, built once from the vendored source into the normal edgequant cache
+    (the host build tree the host runner shares), so only the first session on a machine pays for it."""
+    from edgequant.bench.llamacpp_tools import build_llama_tool
+
+    return build_llama_tool("llama-imatrix", on_progress=lambda m: print(m, file=sys.stderr))

@@ -64,6 +64,9 @@ def test_run_stores_every_metric_for_every_rung(tiny_run):
         assert set(metrics) == BENCH_METRICS, quant
         for m in ("pp_tps", "tg_tps", "ttft"):
             assert metrics[m]["value"] > 0 and metrics[m]["repetitions"] == 3 and metrics[m]["stddev"] >= 0
+        for m in ("pp_tps", "tg_tps"):  # the per-repetition rates are kept (llama-bench export's samples)
+            samples = json.loads(metrics[m]["detail"])["samples"]
+            assert len(samples) == 3 and sum(samples) / 3 == pytest.approx(metrics[m]["value"])
         assert metrics["peak_rss"]["value"] >= metrics["peak_rss_anon"]["value"] > 0
         assert metrics["peak_rss_file"]["value"] > 0  # the GGUF is mmapped
         # TTFT (ms) is the prefill time of each pp repetition and pp = 64 / that time, so by

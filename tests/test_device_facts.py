@@ -130,8 +130,8 @@ def test_pixel_facts_end_to_end():
     assert f.workdir_free_kib == 67132544
     assert f.thermal_status == 0 and f.thermal_status_name == "none"
     assert (f.battery_level, f.battery_celsius, f.battery_mv) == (78, 28.7, 4123)
-    # the prime core alone has the highest max frequency
-    assert F.recommended_threads(f) == 1
+    # 1 prime + 4 mid + 4 little: every core but the little cluster
+    assert F.recommended_threads(f) == 5
 
 
 def test_samsung_facts_end_to_end_with_crlf():
@@ -158,9 +158,12 @@ def test_fallbacks_when_sources_are_missing():
     assert f.abi == "aarch64" and f.is_arm64 and f.soc == "Samsung Exynos9611"
 
 
-def test_recommended_threads_counts_equal_top_clusters():
+def test_recommended_threads_counts_every_cluster_above_the_slowest():
     f = F.DeviceFacts("s", "direct", clusters=[F.Cluster((0, 1, 2), 2016000), F.Cluster((3, 4), 2803200),
                                                 F.Cluster((5, 6), 2803200)])
+    assert F.recommended_threads(f) == 4
+    f = F.DeviceFacts("s", "direct", clusters=[F.Cluster((0, 1, 2, 3), 1785600), F.Cluster((4, 5, 6), 2496000),
+                                                F.Cluster((7,), 2995200)])
     assert F.recommended_threads(f) == 4
     assert F.recommended_threads(F.DeviceFacts("s", "direct")) == 4
 

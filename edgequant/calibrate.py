@@ -1,0 +1,196 @@
+"""Calibration glue: the suite's importance matrix for a ladder, and the split recorded in the store.
+
+``quantize.imatrix`` holds the split, the calibration text, the file cache and
+the hand-over to llama.cpp; this module wires it to the reference's outputs
+(``bench.quality``) and to the ``llama-imatrix`` build (``bench.llamacpp_tools``),
+which the quantize stage must not import itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from edgequant.bench.llamacpp_tools import build_llama_tool, locked
+from edgequant.profiles import Profile
+from edgequant.profiles.suites import Suite
+from edgequant.quantize.imatrix import (ImatrixFile, Split, cache_folder, cache_key, calibration_text,
+                                        compute_imatrix, open_cached, split_suite, subset_suite)
+from edgequant.quantize.ladder import Artifact, ImatrixProvider
+
+IMATRIX_TOOL = "llama-imatrix"
+
+
+@dataclass
+class Calibration:
+    """A suite split into the cases an imatrix learns from and the cases that judge the result."""
+
+    suite: Suite
+    split: Split
+    prompting: str = "auto"
+
+    @classmethod
+    def of(cls, suite: Suite, prompting: str = "auto") -> "Calibration":
+        return cls(suite, split_suite(suite), prompting)
+
+    @property
+    def calibration_suite(self) -> Suite:
+        return subset_suite(self.suite, self.split, "calibration")
+
+    @property
+    def evaluation_suite(self) -> Suite:
+        return subset_suite(self.suite, self.split, "evaluation")
+
+    def params(self) -> dict:
+        """What quality rows measured on the evaluation half carry in their params."""
+        return {"split": self.split.sha256, "split_side": "evaluation", "suite_full_sha256": self.suite.sha256,
+                "n_calibration": len(self.split.calibration)}
+
+
+class SuiteImatrix(ImatrixProvider):
+    """Computes (once, cached) the importance matrix of a reference artifact on a calibration split."""
+
+    def __init__(self, calibration: Calibration, profile: Profile, model_hash: str, cache_root: Path,
+                 say: Callable[[str], None] = lambda _m: None, jobs: int = 2):
+        self.cal = calibration
+        self.profile = profile
+        self.model_hash = model_hash
+        self.cache_root = cache_root
+        self.say = say
+        self.jobs = jobs
+        self.identity = f"{calibration.suite.sha256}|{calibration.split.sha256}|{calibration.prompting}"
+        self.last: ImatrixFile | None = None
+
+    def get(self, reference: Artifact, report=None) -> ImatrixFile:
+        from edgequant.bench.quality import reference_outputs
+
+        cal = self.cal
+        key = cache_key(reference.sha256, cal.suite.sha256, cal.split.sha256, cal.prompting)
+        folder = cache_folder(self.cache_root, key)
+        with locked(folder.parent, key):
+            cached = open_cached(folder)
+            if cached is not None:
+                self.last = cached
+                return cached
+            settings = self.profile.bench
+            threads, repack = settings.resolved_threads(), settings.resolved_repack()
+            calib = cal.calibration_suite
+            self.say(f"reference outputs on {len(calib.cases)} calibration cases of {cal.suite.name}")
+            ref = reference_outputs(reference.path, reference.sha256, reference.quant, calib, self.cache_root,
+                                    threads, repack, cal.prompting, settings.timeout, lambda _p: None)
+            outputs = {cid: c.output.decode("utf-8", "replace") for cid, c in ref.cases.items()}
+            text = calibration_text(calib, outputs, ref.prompting)
+            tool = build_llama_tool(IMATRIX_TOOL, jobs=self.jobs, on_progress=self.say)
+            meta = {"suite": cal.suite.name, "suite_sha256": cal.suite.sha256, "split": cal.split.record(),
+                    "prompting": ref.prompting, "reference_quant": reference.quant,
+                    "reference_path": str(reference.path), "tool": IMATRIX_TOOL}
+            self.last = compute_imatrix(tool, reference.path, reference.sha256, self.model_hash, text, folder,
+                                        meta, threads, repack, self.say, settings.timeout)
+            return self.last
+
+
+def record_split(store, cal: Calibration) -> None:
+    """Keep the split in the results store (table calibration_splits)."""
+    store.record_split(cal.suite.name, cal.split.record())
+
+
+# ---------------------------------------------------------------------------
+# edgequant tune on the host
+
+
+def tune_host(store, run_id: str, resolved, profile: Profile, suite: Suite, prompting: str, gates: list,
+              cache_root: Path, reporter, min_tg: float | None = None, max_size: int | None = None,
+              types: tuple[str, ...] | None = None, variants: tuple[str, ...] | None = None):
+    """Search the candidates on this host, measuring each on the suite's evaluation half; store every figure.
+
+    Returns ``(TuneResult, reference_failures)``; the second lists the gates the reference itself fails.
+    """
+    from dataclasses import replace
+    from importlib import metadata
+
+    from edgequant import pipeline
+    from edgequant.bench import tune
+    from edgequant.devices.host import host_device, host_device_id
+    from edgequant.quantize.ladder import Ladder
+    from edgequant.results.store import Measurement, RowKey
+
+    cal = Calibration.of(suite, prompting)
+    record_split(store, cal)
+    eval_suite = cal.evaluation_suite
+    extra = {**cal.params(), "stage_of": "tune"}
+    provider = SuiteImatrix(cal, profile, resolved.model_hash, cache_root, reporter.step)
+    model_id, model_hash = resolved.checkpoint.model_id, resolved.model_hash
+    only_ref = replace(profile, quant=replace(profile.quant, types=()))
+    ref_art = pipeline.build_ladder(resolved, only_ref, cache_root, reporter)[0]
+    store.record_artifact(ref_art.record())
+    built: dict[str, Artifact] = {}
+
+    def values(quant: str) -> tuple[dict[str, float], float | None, float | None]:
+        rows = [r for r in store.measurements(run_id) if r["quant"] == quant]
+        metrics = {r["metric"]: r["value"] for r in rows if r["params"].get("stage") == "quality"}
+        speed = {r["metric"]: r["value"] for r in rows if r["params"].get("stage") != "quality"}
+        return metrics, speed.get("tg_tps"), speed.get("pp_tps")
+
+    def measure_art(art: Artifact) -> None:
+        reporter.start_bench(1, "tune")
+        pipeline.bench_rungs(store, run_id, model_id, model_hash, [art], profile, reporter)
+        reporter.start_bench(1, f"eval {eval_suite.name} (evaluation half)")
+        pipeline.quality_rungs(store, run_id, model_id, model_hash, [ref_art, art], profile, eval_suite,
+                               cache_root, reporter, prompting, only={art.quant}, extra_params=extra)
+
+    reporter.step(f"measuring the reference {ref_art.quant} on {len(eval_suite.cases)} evaluation cases "
+                  f"({len(cal.split.calibration)} calibrate the imatrix)")
+    measure_art(ref_art)
+    ref_metrics, _, _ = values(ref_art.quant)
+    ref_failures = [f"{g} ({ref_metrics[g.metric]:.3f})" for g in gates
+                    if g.metric in ref_metrics and tune.gate_margin(g, ref_metrics[g.metric]) < 0]
+
+    def build(spec):
+        ladder = Ladder(resolved.checkpoint, model_hash, profile, cache_root, imatrix=provider, types=[spec.name])
+        art = ladder.build(reporter.bytes_progress)[1]
+        built[spec.name] = art
+        return art
+
+    def measure(spec, art):
+        store.record_artifact(art.record())
+        measure_art(art)
+        metrics, tg, pp = values(art.quant)
+        return tune.Measured(art.size_bytes, metrics, tg, pp)
+
+    levels = tune.candidates(types or tune.DEFAULT_TYPES, variants or tune.DEFAULT_VARIANTS)
+    result = tune.search(levels, gates, build, measure, min_tg, max_size, reporter.step)
+
+    device, device_id = host_device(), host_device_id()
+    runtime_version = metadata.version("llama-cpp-python")
+    params = {"runner": "host", "stage": "tune", "gates": [str(g) for g in gates], "min_tg": min_tg,
+              "max_size": max_size, **cal.params()}
+    for t in result.tried:
+        art = built.get(t.name)
+        key = RowKey(model_id=model_id, model_hash=model_hash, quant=t.name,
+                     artifact_sha256=art.sha256 if art else "", is_reference=False, device_id=device_id,
+                     device=device, runtime="llama.cpp", runtime_version=runtime_version, params=params)
+        chosen = result.best is not None and t.name == result.best.name
+        rows = [Measurement("tune_pass", 1.0 if t.verdict == "pass" else 0.0, "bool", None, None,
+                            {"verdict": t.verdict, "reasons": t.reasons, "chosen": chosen})]
+        if t.measured is None and art is not None:
+            rows += [Measurement("size", art.size_bytes, "bytes"), Measurement("bpw", art.bits_per_weight,
+                                                                              "bits/weight")]
+        status = {"pass": "ok", "fail": "rejected", "skipped": "skipped"}[t.verdict]
+        store.record_rung(run_id, key, rows, status=status, detail="; ".join(t.reasons) or None)
+    return result, ref_failures
+
+
+def for_profile(profile: Profile, suite: Suite | None, suite_name: str, prompting: str, model_hash: str,
+                cache_root: Path, store, say: Callable[[str], None]):
+    """For a profile with ``+imatrix`` rungs: the provider, the suite to judge with (its evaluation half)
+    and the params quality rows carry.  Profiles without them get ``(None, suite, {})``."""
+    if not profile.needs_imatrix:
+        return None, suite, {}
+    from edgequant.profiles.suites import load_suite
+
+    cal = Calibration.of(suite if suite is not None else load_suite(suite_name), prompting)
+    if store is not None:
+        record_split(store, cal)
+    judge = cal.evaluation_suite if suite is not None else None
+    return SuiteImatrix(cal, profile, model_hash, cache_root, say), judge, cal.params()

@@ -1,0 +1,114 @@
+"""The ONNX rungs' stages of ``edgequant run``: build the profile's ``[onnx]`` variants, measure them on the
+host with onnxruntime, run the eval suite on them.  Rows use ``runtime = "onnxruntime"`` and the same
+metric names and units as the GGUF rungs, so both sit in one table against the same bf16 reference.
+"""
+
+from __future__ import annotations
+
+from importlib import metadata
+from pathlib import Path
+
+from edgequant.devices.host import host_device, host_device_id
+from edgequant.pipeline import BenchOutcome, Reporter, ResolvedModel, RungOutcome, _artifact_measurements
+from edgequant.profiles import Profile
+from edgequant.quantize.ladder import Artifact
+from edgequant.results.store import Measurement, RowKey, Store
+
+RUNTIME = "onnxruntime"
+
+
+def build_onnx(resolved: ResolvedModel, profile: Profile, cache_root: Path, reporter: Reporter) -> list:
+    """The profile's ONNX variants (exported and quantized once, cached); [] when it lists none."""
+    if not profile.onnx:
+        return []
+    from edgequant.quantize.onnx_export import OnnxLadder
+
+    ladder = OnnxLadder.for_profile(resolved.checkpoint, resolved.model_hash, profile, cache_root)
+    return ladder.build(reporter.bytes_progress)
+
+
+def _params(profile: Profile) -> dict:
+    s = profile.bench
+    return {"runner": "host", "threads": s.resolved_threads(), "n_prompt": s.n_prompt, "n_gen": s.n_gen,
+            "repetitions": s.repetitions, "warmup": s.warmup, "execution_provider": "CPUExecutionProvider",
+            "inter_op_threads": 1}
+
+
+def bench_onnx_rungs(store: Store, run_id: str, model_id: str, model_hash: str, artifacts: list[Artifact],
+                     profile: Profile, reporter: Reporter) -> BenchOutcome:
+    """Measure every ONNX rung on the host (one process each, ``bench.onnx_host``); one transaction per rung."""
+    from edgequant.bench.host import BenchError
+    from edgequant.bench.onnx_host import measure_onnx
+
+    params = _params(profile)
+    device, device_id = host_device(), host_device_id()
+    outcome = BenchOutcome(run_id)
+    for art in artifacts:
+        store.record_artifact(art.record())
+        key = RowKey(model_id=model_id, model_hash=model_hash, quant=art.quant, artifact_sha256=art.sha256,
+                     is_reference=False, device_id=device_id, device=device, runtime=RUNTIME,
+                     runtime_version=metadata.version("onnxruntime"), params=params)
+        reporter.rung_started(art.quant)
+        try:
+            res = measure_onnx(art.path, profile.bench,
+                               on_progress=lambda phase, q=art.quant: reporter.rung_phase(q, phase))
+        except BenchError as exc:
+            store.record_rung(run_id, key, _artifact_measurements(art), status=exc.status, detail=str(exc))
+            outcome.outcomes.append(RungOutcome(art, exc.status, str(exc)))
+            reporter.rung_done(art.quant, exc.status)
+            continue
+        rows = _artifact_measurements(art) + [
+            Measurement("load_time", res.load_s, "s", None, 1),
+            Measurement("pp_tps", res.pp.mean, "t/s", res.pp.stddev, res.pp.n),
+            Measurement("tg_tps", res.tg.mean, "t/s", res.tg.stddev, res.tg.n),
+            Measurement("ttft", res.ttft_ms.mean, "ms", res.ttft_ms.stddev, res.ttft_ms.n),
+            Measurement("peak_rss", res.peak_rss_bytes, "bytes"),
+            Measurement("peak_rss_anon", res.peak_rss_anon_bytes, "bytes"),
+            Measurement("peak_rss_file", res.peak_rss_file_bytes, "bytes"),
+        ]
+        store.record_rung(run_id, key, rows, status="ok")
+        outcome.outcomes.append(RungOutcome(art, "ok"))
+        reporter.rung_done(art.quant, "ok")
+    return outcome
+
+
+def quality_onnx_rungs(store: Store, run_id: str, model_id: str, model_hash: str, gguf_artifacts: list[Artifact],
+                       onnx_artifacts: list[Artifact], profile: Profile, suite, cache_root: Path,
+                       reporter: Reporter, prompting: str = "auto", extra_params: dict | None = None) -> dict[str, str]:
+    """The eval suite on every ONNX rung, against the GGUF reference's cached outputs and logits."""
+    from edgequant.bench.onnx_eval import evaluate_onnx_rung
+    from edgequant.bench.quality import EvalError, reference_outputs
+
+    settings = profile.bench
+    threads = settings.resolved_threads()
+    repack = settings.resolved_repack()
+    ref_art = next(a for a in gguf_artifacts if a.is_reference)
+    ref = reference_outputs(ref_art.path, ref_art.sha256, ref_art.quant, suite, cache_root, threads, repack,
+                            prompting, settings.timeout, lambda p: reporter.rung_phase(ref_art.quant, p))
+    params = {"runner": "host", "stage": "quality", "suite": suite.name, "suite_sha256": suite.sha256,
+              "prompting": ref.prompting, "threads": threads, "decoding": "greedy", "n_cases": len(suite.cases),
+              "reference": ref_art.quant, "execution_provider": "CPUExecutionProvider", **(extra_params or {})}
+    device, device_id = host_device(), host_device_id()
+    statuses: dict[str, str] = {}
+    for art in onnx_artifacts:
+        key = RowKey(model_id=model_id, model_hash=model_hash, quant=art.quant, artifact_sha256=art.sha256,
+                     is_reference=False, device_id=device_id, device=device, runtime=RUNTIME,
+                     runtime_version=metadata.version("onnxruntime"), params=params)
+        reporter.rung_started(art.quant)
+        try:
+            q = evaluate_onnx_rung(art.path, art.quant, suite, ref, threads, settings.timeout,
+                                   lambda p, quant=art.quant: reporter.rung_phase(quant, p))
+        except EvalError as exc:
+            store.record_rung(run_id, key, [], status=exc.status, detail=f"quality: {exc}")
+            statuses[art.quant] = exc.status
+            reporter.rung_done(art.quant, exc.status)
+            continue
+        rows = [Measurement(m.metric, m.value, m.unit, m.detail.get("stddev"), m.n, m.detail or None)
+                for m in q.metrics]
+        if q.gates:
+            rows.append(Measurement("gates_pass", 1.0 if q.gates_pass else 0.0, "bool", None, len(q.gates),
+                                    {"gates": q.gates}))
+        store.record_rung(run_id, key, rows, status=None, cases=[c.record() for c in q.cases], suite=suite.name)
+        statuses[art.quant] = "ok"
+        reporter.rung_done(art.quant, "ok")
+    return statuses

@@ -1,0 +1,487 @@
+"""``edgequant compare BASELINE CANDIDATE``: pair two stored runs and apply the regression gates.
+
+Rows pair on model (checkpoint hash), rung (quant), device and parameters
+(``repetitions``/``warmup``/``timeout`` aside: they change the precision, not
+the quantity).  Speed and quality rows of a rung carry different parameters,
+so they pair separately.  The table shows only the columns that differ:
+identity columns (model, device, parameters) when they vary between rows,
+and a metric only when its value changed in at least one pair.
+
+Gates (``edgequant.results.gates``): speed drop beyond a percentage and the
+runs' noise, memory rise beyond a percentage and an absolute amount, a quality
+drop significant by the paired exact McNemar test on the per-case outcomes,
+a suite gate going PASS -> FAIL, and a baseline rung or device missing (or
+failed) in the candidate.  Rendering (rich, Markdown, JSON, JUnit XML) is
+separate from the records.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+from xml.etree import ElementTree as ET
+
+from edgequant.bench.quality_stats import paired_degradation
+from edgequant.errors import BadInput
+from edgequant.results.gates import Gates
+from edgequant.results.store import Store
+
+MiB = 1024 * 1024
+# parameters that change a figure's precision, not what is measured
+UNPAIRED_PARAMS = frozenset({"repetitions", "warmup", "timeout"})
+# metric display order; others follow alphabetically
+METRIC_ORDER = ("size", "bpw", "load_time", "pp_tps", "tg_tps", "ttft", "peak_rss", "peak_rss_anon",
+                "peak_rss_file", "xml_parse_rate", "array_parse_rate", "prose_parse_rate", "esi_parse_rate",
+                "refusal_compliance", "esi_exact", "esi_adjacent", "referral_accuracy", "referral_agreement",
+                "esi_agreement", "differential_jaccard", "mean_kld", "p99_kld", "top1_agreement", "eval_tg_tps",
+                "gates_pass")
+SKIP_METRICS = frozenset({"n_params"})
+
+
+@dataclass
+class Figure:
+    value: float
+    stddev: float | None
+    unit: str
+    detail: dict | None = None
+
+
+@dataclass
+class Pair:
+    """One model × rung × device × parameters present in both runs."""
+
+    model_id: str
+    model_hash: str
+    quant: str
+    device_id: str
+    stage: str
+    params: dict[str, Any]
+    baseline: dict[str, Figure]
+    candidate: dict[str, Figure]
+    identity: dict[str, tuple[str, str]] = field(default_factory=dict)  # artifact/runtime: baseline, candidate
+
+
+@dataclass
+class GateResult:
+    model_id: str
+    quant: str
+    device_id: str
+    gate: str        # speed:tg_tps, memory:peak_rss, quality:xml_parse_rate, suite:<gate>, present
+    status: str      # pass | fail | skip
+    message: str
+    baseline: float | None = None
+    candidate: float | None = None
+
+
+@dataclass
+class Comparison:
+    baseline: dict[str, Any]
+    candidate: dict[str, Any]
+    gates: Gates
+    pairs: list[Pair]
+    results: list[GateResult]
+    unpaired: list[str]
+
+    @property
+    def regressions(self) -> list[GateResult]:
+        return [r for r in self.results if r.status == "fail"]
+
+
+# ---------------------------------------------------------------------------
+# loading and pairing
+
+
+def _params_key(params: dict[str, Any]) -> str:
+    return json.dumps({k: v for k, v in params.items() if k not in UNPAIRED_PARAMS}, sort_keys=True)
+
+
+def _groups(rows: list[dict[str, Any]]) -> dict[tuple, dict[str, Any]]:
+    out: dict[tuple, dict[str, Any]] = {}
+    for r in rows:
+        if r["metric"] in SKIP_METRICS:
+            continue
+        stage = r["params"].get("stage", "bench")
+        k = (r["model_hash"], r["quant"], r["device_id"], stage, _params_key(r["params"]))
+        g = out.setdefault(k, {"model_id": r["model_id"], "params": r["params"], "figures": {},
+                               "artifact": r["artifact_sha256"], "runtime": f"{r['runtime']} {r['runtime_version']}"})
+        g["figures"][r["metric"]] = Figure(r["value"], r["stddev"], r["unit"], r["detail"])
+    return out
+
+
+def _units(rows: list[dict[str, Any]], statuses: list[dict[str, Any]]) -> dict[tuple, tuple[str, str, str | None]]:
+    """(model_hash, quant, device_id) -> (model_id, status, detail) of every rung a run touched."""
+    out: dict[tuple, tuple[str, str, str | None]] = {}
+    model = {}
+    for r in rows:
+        model[(r["quant"], r["device_id"])] = (r["model_hash"], r["model_id"])
+        out.setdefault((r["model_hash"], r["quant"], r["device_id"]), (r["model_id"], "ok", None))
+    for s in statuses:
+        mh, mid = model.get((s["quant"], s["device_id"]), ("", ""))
+        out[(mh, s["quant"], s["device_id"])] = (mid, s["status"], s["detail"])
+    return out
+
+
+def _param_diff(a: dict[str, Any], b: dict[str, Any]) -> str:
+    keys = sorted(k for k in set(a) | set(b) if k not in UNPAIRED_PARAMS and a.get(k) != b.get(k))
+    return ", ".join(f"{k} {a.get(k)!r} → {b.get(k)!r}" for k in keys)
+
+
+def compare_runs(store: Store, baseline: str, candidate: str, gates: Gates) -> Comparison:
+    """Pair the two runs' rows and apply the gates; BadInput when no row pairs."""
+    base_run, cand_run = store.run(baseline), store.run(candidate)
+    b_rows, c_rows = store.measurements(base_run["run_id"]), store.measurements(cand_run["run_id"])
+    if not b_rows:
+        raise BadInput(f"baseline run {base_run['run_id']} has no stored measurements; pick another baseline")
+    if not c_rows:
+        raise BadInput(f"candidate run {cand_run['run_id']} has no stored measurements; nothing to compare")
+    b_groups, c_groups = _groups(b_rows), _groups(c_rows)
+    pairs = []
+    for k in sorted(set(b_groups) & set(c_groups), key=lambda k: (k[2], k[0], k[3], k[1])):
+        b, c = b_groups[k], c_groups[k]
+        identity = {}
+        if b["artifact"] != c["artifact"]:
+            identity["artifact"] = (b["artifact"][:12], c["artifact"][:12])
+        if b["runtime"] != c["runtime"]:
+            identity["runtime"] = (b["runtime"], c["runtime"])
+        pairs.append(Pair(b["model_id"], k[0], k[1], k[2], k[3], b["params"], b["figures"], c["figures"], identity))
+    if not pairs:
+        hint = ""
+        if b_groups and c_groups:
+            bg, cg = next(iter(b_groups.items())), next(iter(c_groups.items()))
+            if bg[0][0] != cg[0][0]:
+                hint = f" (different models: {bg[1]['model_id']} vs {cg[1]['model_id']})"
+            elif _param_diff(bg[1]["params"], cg[1]["params"]):
+                hint = f" (parameters differ: {_param_diff(bg[1]['params'], cg[1]['params'])})"
+        raise BadInput(f"no comparable rows: baseline {base_run['run_id']} and candidate {cand_run['run_id']} "
+                       f"share no model × rung × device × parameters{hint}")
+    b_cases = _cases_by_rung(store, base_run["run_id"])
+    c_cases = _cases_by_rung(store, cand_run["run_id"])
+    results: list[GateResult] = []
+    for p in pairs:
+        results += _speed_memory_gates(p, gates)
+        if p.stage == "quality":
+            results += _quality_gates(p, gates, b_cases.get((p.quant, p.device_id), {}),
+                                      c_cases.get((p.quant, p.device_id), {}))
+    unpaired = []
+    b_units = _units(b_rows, store.rung_statuses(base_run["run_id"]))
+    c_units = _units(c_rows, store.rung_statuses(cand_run["run_id"]))
+    c_devices = {k[2] for k in c_units}
+    for k, (model_id, status, _detail) in sorted(b_units.items(), key=lambda kv: (kv[0][2], kv[0][1])):
+        if status != "ok":
+            continue  # the baseline did not measure it either
+        mh, quant, device_id = k
+        if k not in c_units:
+            why = (f"device {device_id} is missing in the candidate" if device_id not in c_devices
+                   else f"rung {quant} on {device_id} is missing in the candidate")
+            results.append(GateResult(model_id, quant, device_id, "present", "fail" if gates.missing else "skip", why))
+            continue
+        _mid, c_status, c_detail = c_units[k]
+        if c_status != "ok":
+            results.append(GateResult(model_id, quant, device_id, "present", "fail" if gates.missing else "skip",
+                                      f"rung {quant} on {device_id} {c_status} in the candidate"
+                                      + (f": {c_detail}" if c_detail else "")))
+            continue
+        if not any(p.model_hash == mh and p.quant == quant and p.device_id == device_id for p in pairs):
+            unpaired.append(f"{quant} on {device_id}: parameters differ")
+            results.append(GateResult(model_id, quant, device_id, "present", "skip",
+                                      "measured with other parameters in the candidate; not compared"))
+            continue
+        results.append(GateResult(model_id, quant, device_id, "present", "pass", "present in both runs"))
+        # a stage the baseline measured (e.g. quality) that the candidate lacks or ran otherwise
+        for gk, g in b_groups.items():
+            if gk[:3] == (mh, quant, device_id) and gk not in c_groups:
+                unpaired.append(f"{quant} on {device_id}: {gk[3]} rows not comparable")
+                results.append(GateResult(model_id, quant, device_id, f"present:{gk[3]}", "skip",
+                                          f"the candidate has no {gk[3]} rows with the baseline's parameters; "
+                                          f"{gk[3]} not compared"))
+    return Comparison(base_run, cand_run, gates, pairs, results, unpaired)
+
+
+# ---------------------------------------------------------------------------
+# gates
+
+
+def _speed_memory_gates(p: Pair, g: Gates) -> list[GateResult]:
+    out = []
+    for metric in g.speed_metrics:
+        b, c = p.baseline.get(metric), p.candidate.get(metric)
+        if b is None or c is None:
+            continue
+        drop = b.value - c.value
+        pct = 100.0 * drop / b.value if b.value else 0.0
+        noise = g.noise_factor * ((b.stddev or 0.0) + (c.stddev or 0.0))
+        failed = pct > g.max_drop_pct and drop > noise
+        msg = (f"{metric} {b.value:,.2f} → {c.value:,.2f} {b.unit} ({-pct:+.1f} %, noise ±{noise:,.2f}; "
+               f"limit −{g.max_drop_pct:g} % and beyond the noise)")
+        out.append(GateResult(p.model_id, p.quant, p.device_id, f"speed:{metric}", "fail" if failed else "pass",
+                              msg, b.value, c.value))
+    for metric in g.memory_metrics:
+        b, c = p.baseline.get(metric), p.candidate.get(metric)
+        if b is None or c is None:
+            continue
+        rise = c.value - b.value
+        pct = 100.0 * rise / b.value if b.value else (0.0 if rise <= 0 else float("inf"))
+        scale, unit = (MiB, "MiB") if b.unit == "bytes" else (1.0, b.unit)
+        failed = pct > g.max_rise_pct and rise > g.max_rise_mib * scale
+        msg = (f"{metric} {b.value / scale:,.1f} → {c.value / scale:,.1f} {unit} ({pct:+.1f} %, "
+               f"{rise / scale:+,.1f} {unit}; limit +{g.max_rise_pct:g} % and +{g.max_rise_mib:g} MiB)")
+        out.append(GateResult(p.model_id, p.quant, p.device_id, f"memory:{metric}", "fail" if failed else "pass",
+                              msg, b.value, c.value))
+    return out
+
+
+def _cases_by_rung(store: Store, run_id: str) -> dict[tuple[str, str], dict[str, dict]]:
+    out: dict[tuple[str, str], dict[str, dict]] = {}
+    for c in store.eval_cases(run_id):
+        out.setdefault((c["quant"], c["device_id"]), {})[c["case_id"]] = c
+    return out
+
+
+def _suite_for(params: dict[str, Any]):
+    """The suite whose gold labels judge the cases, if it is loadable and unchanged (same sha256)."""
+    from edgequant.profiles.suites import load_suite
+
+    name = params.get("suite")
+    if not name:
+        return None
+    try:
+        suite = load_suite(name)
+    except Exception:  # noqa: BLE001 - a suite that no longer loads: fall back to gold-free outcomes
+        return None
+    return suite if getattr(suite, "sha256", None) == params.get("suite_sha256") else None
+
+
+def case_outcomes(cases: dict[str, dict], suite) -> dict[str, dict[str, bool]]:
+    """Per metric, per case id: was this case right?  With the suite's gold labels, the same outcomes
+    as the quality stage; without them, a case is right when its output parsed (answer or refusal)."""
+    out: dict[str, dict[str, bool]] = {}
+    if suite is None:
+        for cid, r in cases.items():
+            out.setdefault(f"{r['format']}_parse_rate", {})[cid] = bool(r["ok"] or r["refusal"])
+        return out
+    for case in suite.cases:
+        r = cases.get(case.id)
+        if r is None:
+            continue
+        if case.gold.refuse:
+            ok = bool(r["refusal"])
+            out.setdefault("refusal_compliance", {})[case.id] = ok
+        else:
+            ok = bool(r["ok"] and not r["refusal"])
+        out.setdefault(f"{case.format}_parse_rate", {})[case.id] = ok
+        fields = r["fields"] if r["ok"] else {}
+        if case.gold.esi is not None:
+            esi = fields.get("esi")
+            out.setdefault("esi_exact", {})[case.id] = esi == case.gold.esi
+            out.setdefault("esi_adjacent", {})[case.id] = isinstance(esi, int) and abs(esi - case.gold.esi) <= 1
+        if case.gold.referral is not None and not case.gold.refuse:
+            out.setdefault("referral_accuracy", {})[case.id] = fields.get("referral") == case.gold.referral
+    return out
+
+
+def _quality_gates(p: Pair, g: Gates, b_cases: dict[str, dict], c_cases: dict[str, dict]) -> list[GateResult]:
+    out = []
+    if b_cases and c_cases:
+        suite = _suite_for(p.params)
+        b_out, c_out = case_outcomes(b_cases, suite), case_outcomes(c_cases, suite)
+        for metric in sorted(set(b_out) & set(c_out)):
+            ids = sorted(set(b_out[metric]) & set(c_out[metric]))
+            if not ids:
+                continue
+            d = paired_degradation([b_out[metric][i] for i in ids], [c_out[metric][i] for i in ids], g.alpha)
+            failed = d.significant and d.delta_pp < 0
+            rb = sum(b_out[metric][i] for i in ids) / len(ids)
+            rc = sum(c_out[metric][i] for i in ids) / len(ids)
+            msg = (f"{metric} {100 * rb:.1f} % → {100 * rc:.1f} % on {len(ids)} paired cases: {d.label}, "
+                   f"McNemar b={d.b} c={d.c}")
+            out.append(GateResult(p.model_id, p.quant, p.device_id, f"quality:{metric}", "fail" if failed else "pass",
+                                  msg, rb, rc))
+    if g.suite_gates:
+        bg, cg = p.baseline.get("gates_pass"), p.candidate.get("gates_pass")
+        if bg is not None and cg is not None:
+            c_by_name = {x["gate"]: x for x in (cg.detail or {}).get("gates", [])}
+            for gate in (bg.detail or {}).get("gates", []):
+                other = c_by_name.get(gate["gate"])
+                if other is None:
+                    continue
+                failed = bool(gate["pass"]) and not other["pass"]
+                word = {True: "PASS", False: "FAIL"}
+                msg = (f"{gate['gate']}: {word[bool(gate['pass'])]} → {word[bool(other['pass'])]} "
+                       f"({gate['value']:.3g} → {other['value']:.3g})")
+                out.append(GateResult(p.model_id, p.quant, p.device_id, f"suite:{gate['gate']}",
+                                      "fail" if failed else "pass", msg, gate["value"], other["value"]))
+    return out
+
+
+# ---------------------------------------------------------------------------
+# the table: only the columns that differ
+
+
+def _metric_order(names) -> list[str]:
+    rank = {m: i for i, m in enumerate(METRIC_ORDER)}
+    return sorted(names, key=lambda m: (rank.get(m, len(rank)), m))
+
+
+def _fmt(v: float, unit: str) -> str:
+    if unit == "bytes":
+        return f"{v / MiB:,.1f} MiB"
+    if unit == "ratio":
+        return f"{100 * v:.1f} %"
+    if unit == "bool":
+        return "PASS" if v >= 1 else "FAIL"
+    if abs(v) >= 100:
+        return f"{v:,.1f}"
+    return f"{v:.4g}"
+
+
+def _delta(b: Figure, c: Figure) -> str:
+    if b.unit == "ratio":
+        return f"{100 * (c.value - b.value):+.1f} pp"
+    if b.unit == "bool":
+        return ""
+    if b.value:
+        return f"{100 * (c.value - b.value) / b.value:+.1f} %"
+    return f"{c.value - b.value:+.3g}"
+
+
+def changed_metrics(cmp: Comparison) -> list[str]:
+    names = set()
+    for p in cmp.pairs:
+        for m in set(p.baseline) & set(p.candidate):
+            if p.baseline[m].value != p.candidate[m].value:
+                names.add(m)
+    return _metric_order(names)
+
+
+def table_rows(cmp: Comparison) -> tuple[list[str], list[list[str]], list[str]]:
+    """Headers, cells and each row's verdict for the pair table (shared by the renderers)."""
+    models = {p.model_id for p in cmp.pairs}
+    devices = {p.device_id for p in cmp.pairs}
+    stages = {p.stage for p in cmp.pairs}
+    param_keys = sorted({k for p in cmp.pairs for k in p.params
+                         if k not in UNPAIRED_PARAMS and k != "stage"
+                         and len({json.dumps(q.params.get(k), sort_keys=True) for q in cmp.pairs
+                                  if q.stage == p.stage}) > 1})
+    identity_cols = sorted({k for p in cmp.pairs for k in p.identity})
+    metrics = changed_metrics(cmp)
+    headers = (["model"] if len(models) > 1 else []) + ["rung"] + (["device"] if len(devices) > 1 else []) \
+        + (["stage"] if len(stages) > 1 else []) + param_keys + identity_cols + metrics + ["verdict"]
+    by_pair: dict[tuple, list[GateResult]] = {}
+    for r in cmp.results:
+        by_pair.setdefault((r.model_id, r.quant, r.device_id), []).append(r)
+    rows, verdicts = [], []
+    for p in cmp.pairs:
+        cells = ([p.model_id] if len(models) > 1 else []) + [p.quant] \
+            + ([p.device_id] if len(devices) > 1 else []) + ([p.stage] if len(stages) > 1 else [])
+        cells += [str(p.params.get(k, "—")) for k in param_keys]
+        cells += [f"{p.identity[k][0]} → {p.identity[k][1]}" if k in p.identity else "=" for k in identity_cols]
+        for m in metrics:
+            b, c = p.baseline.get(m), p.candidate.get(m)
+            if b is None or c is None:
+                cells.append("—")
+            elif b.value == c.value:
+                cells.append("=")
+            else:
+                d = _delta(b, c)
+                cells.append(f"{_fmt(b.value, b.unit)} → {_fmt(c.value, c.unit)}" + (f" ({d})" if d else ""))
+        stage_gates = [r for r in by_pair.get((p.model_id, p.quant, p.device_id), [])
+                       if r.status == "fail" and _gate_stage(r.gate) == p.stage]
+        verdict = "REGRESSION: " + ", ".join(r.gate for r in stage_gates) if stage_gates else "ok"
+        cells.append(verdict)
+        rows.append(cells)
+        verdicts.append(verdict)
+    return headers, rows, verdicts
+
+
+def _gate_stage(gate: str) -> str:
+    return "quality" if gate.startswith(("quality:", "suite:")) else "bench"
+
+
+def _title(cmp: Comparison) -> str:
+    b, c = cmp.baseline, cmp.candidate
+    return f"compare baseline {b['run_id']} ({b['status']}) → candidate {c['run_id']} ({c['status']})"
+
+
+def _summary_line(cmp: Comparison) -> str:
+    n = len(cmp.regressions)
+    checked = sum(1 for r in cmp.results if r.status != "skip")
+    return (f"{n} regression(s) in {checked} gate checks (gates: {cmp.gates.name})" if n
+            else f"no regression in {checked} gate checks (gates: {cmp.gates.name})")
+
+
+def render_table(cmp: Comparison, console) -> None:
+    from rich.table import Table
+
+    headers, rows, verdicts = table_rows(cmp)
+    console.print(_title(cmp), highlight=False, soft_wrap=True)
+    table = Table(caption="only the columns that differ; baseline → candidate (delta)", caption_justify="left")
+    for h in headers:
+        table.add_column(h, justify="left" if h in ("model", "rung", "device", "stage", "verdict") else "right")
+    for cells, verdict in zip(rows, verdicts):
+        table.add_row(*cells, style="red" if verdict != "ok" else None)
+    console.print(table)
+    for r in cmp.results:
+        if r.status in ("fail", "skip"):
+            style = "red" if r.status == "fail" else "yellow"
+            console.print(f"[{style}]{r.status.upper()}[/{style}] {r.quant} on {r.device_id} · {r.gate}: "
+                          f"{r.message}", soft_wrap=True, markup=True, highlight=False)
+    console.print(("[red]" if cmp.regressions else "[green]") + _summary_line(cmp)
+                  + ("[/red]" if cmp.regressions else "[/green]"))
+
+
+def _md_cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def render_markdown(cmp: Comparison) -> str:
+    headers, rows, _ = table_rows(cmp)
+    icon = "❌" if cmp.regressions else "✅"
+    lines = [f"### {icon} edgequant: {_summary_line(cmp)}", "", f"{_title(cmp)}", "",
+             "| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in rows]
+    fails = [r for r in cmp.results if r.status == "fail"]
+    if fails:
+        lines += ["", "**Regressions**", ""]
+        lines += [f"- `{r.quant}` on `{r.device_id}` · {r.gate}: {_md_cell(r.message)}" for r in fails]
+    skipped = [r for r in cmp.results if r.status == "skip"]
+    if skipped:
+        lines += ["", "**Not compared**", ""]
+        lines += [f"- `{r.quant}` on `{r.device_id}` · {r.gate}: {_md_cell(r.message)}" for r in skipped]
+    return "\n".join(lines) + "\n"
+
+
+def render_json(cmp: Comparison) -> str:
+    return json.dumps({
+        "baseline": cmp.baseline, "candidate": cmp.candidate,
+        "gates_profile": asdict(cmp.gates),
+        "regression": bool(cmp.regressions),
+        "pairs": [{"model_id": p.model_id, "model_hash": p.model_hash, "quant": p.quant, "device_id": p.device_id,
+                   "stage": p.stage, "params": p.params, "identity": p.identity,
+                   "metrics": {m: {"baseline": asdict(p.baseline[m]), "candidate": asdict(p.candidate[m])}
+                               for m in _metric_order(set(p.baseline) & set(p.candidate))}}
+                  for p in cmp.pairs],
+        "gates": [asdict(r) for r in cmp.results],
+        "not_compared": cmp.unpaired,
+    }, indent=2)
+
+
+def render_junit(cmp: Comparison) -> str:
+    """One test case per rung × device × gate; a regression is a <failure>, a gate not checked <skipped>."""
+    suite = ET.Element("testsuite", name="edgequant compare", tests=str(len(cmp.results)),
+                       failures=str(len(cmp.regressions)),
+                       skipped=str(sum(1 for r in cmp.results if r.status == "skip")), errors="0")
+    props = ET.SubElement(suite, "properties")
+    for name, value in (("baseline", cmp.baseline["run_id"]), ("candidate", cmp.candidate["run_id"]),
+                        ("gates", cmp.gates.name)):
+        ET.SubElement(props, "property", name=name, value=str(value))
+    for r in cmp.results:
+        case = ET.SubElement(suite, "testcase", classname=f"{r.model_id}.{r.quant}.{r.device_id}", name=r.gate)
+        if r.status == "fail":
+            ET.SubElement(case, "failure", message=r.message, type="regression").text = r.message
+        elif r.status == "skip":
+            ET.SubElement(case, "skipped", message=r.message)
+        else:
+            ET.SubElement(case, "system-out").text = r.message
+    ET.indent(suite)
+    return ET.tostring(suite, encoding="unicode", xml_declaration=True) + "\n"

@@ -1,0 +1,118 @@
+"""ONNX rungs measured and judged like the GGUF rungs: the onnxruntime host bench, the eval suite against
+the bf16 reference GGUF's outputs and logits, and `edgequant run` storing onnxruntime rows beside GGUF ones."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from conftest import db_rows, run_cli, cli_env
+from onnx_fixtures import tiny_bf16_gguf, tiny_onnx  # noqa: F401 - fixtures
+from test_quality import CASES, write_suite
+
+from edgequant.bench.host import BenchError
+from edgequant.bench.onnx_host import measure_onnx
+from edgequant.profiles import BenchSettings
+
+SMALL = BenchSettings(n_prompt=24, n_gen=6, repetitions=3, warmup=1, threads=1, timeout=300.0)
+
+
+def test_host_bench_of_an_int4_rung(tiny_onnx):
+    arts, _, _ = tiny_onnx
+    phases: list[str] = []
+    res = measure_onnx(arts["int4"].path, SMALL, on_progress=phases.append)
+    for s in (res.pp, res.tg, res.ttft_ms):
+        assert s.n == SMALL.repetitions and all(v > 0 for v in s.samples)
+    # TTFT is the prefill time: pp t/s = n_prompt / TTFT, repetition by repetition
+    for tps, ms in zip(res.pp.samples, res.ttft_ms.samples):
+        assert tps == pytest.approx(SMALL.n_prompt / (ms / 1000.0), rel=1e-9)
+    assert res.raw["execution_provider"] == "CPUExecutionProvider"
+    assert (res.threads, res.raw["intra_op_threads"], res.raw["inter_op_threads"]) == (1, 1, 1)
+    assert res.load_s > 0 and res.peak_rss_bytes >= res.peak_rss_anon_bytes > 0
+    assert res.peak_rss_bytes > res.baseline_rss_bytes
+    assert res.model_size_bytes == arts["int4"].size_bytes
+    assert phases[0] == "load" and phases[-1] == "done"
+    assert "pp 3/3" in phases and "tg 3/3" in phases and "warmup pp 1/1" in phases
+
+
+def test_a_corrupt_model_fails_as_a_rung_not_as_a_crash(tiny_onnx, tmp_path):
+    arts, _, _ = tiny_onnx
+    folder = tmp_path / "broken"
+    shutil.copytree(arts["int8"].path.parent, folder)
+    model = folder / "model.onnx"
+    model.write_bytes(model.read_bytes()[:5000])
+    with pytest.raises(BenchError) as err:
+        measure_onnx(model, SMALL)
+    assert err.value.status == "failed" and "corrupt or truncated" in str(err.value)
+
+
+@pytest.fixture(scope="module")
+def onnx_quality(tiny_onnx, tiny_bf16_gguf, tmp_path_factory):
+    from edgequant.bench.onnx_eval import evaluate_onnx_rung
+    from edgequant.bench.quality import reference_outputs
+    from edgequant.profiles.suites import load_suite
+
+    arts, _, _ = tiny_onnx
+    tmp = tmp_path_factory.mktemp("onnx_quality")
+    suite = load_suite(str(write_suite(tmp)))
+    ref = reference_outputs(tiny_bf16_gguf, "f" * 64, "BF16", suite, tmp / "cache", 1, None, "auto", 300,
+                            lambda p: None)
+    out = {v: evaluate_onnx_rung(arts[v].path, arts[v].quant, suite, ref, 1, 300, lambda p: None)
+           for v in ("fp32", "int4")}
+    return out, ref, suite
+
+
+def test_onnx_rungs_get_the_gguf_quality_metrics(onnx_quality):
+    out, ref, suite = onnx_quality
+    for q in out.values():
+        m = {x.metric: x for x in q.metrics}
+        for name in ("xml_parse_rate", "array_parse_rate", "prose_parse_rate", "esi_parse_rate",
+                     "refusal_compliance", "esi_exact", "esi_adjacent", "referral_accuracy",
+                     "mean_kld", "p99_kld", "top1_agreement", "eval_tg_tps"):
+            assert name in m, name
+        # degradation against the reference, paired by case (McNemar)
+        assert {"p_value", "discordant", "delta_pp"} <= set(m["xml_parse_rate"].detail)
+        assert len(q.cases) == len(CASES) and q.prompting == ref.prompting
+        # KLD at every position of the reference's own output, case by case
+        for c in q.cases:
+            assert len(c.kld) == len(c.top1) == len(ref.tokens[c.case.id])
+            assert all(k >= 0 for k in c.kld)
+
+
+def test_fp32_export_agrees_with_the_bf16_reference_and_int4_less(onnx_quality):
+    out, ref, _ = onnx_quality
+    fp32 = {m.metric: m.value for m in out["fp32"].metrics}
+    int4 = {m.metric: m.value for m in out["int4"].metrics}
+    assert fp32["top1_agreement"] >= 0.95 and fp32["mean_kld"] < 0.01
+    assert int4["mean_kld"] > fp32["mean_kld"]
+    same = [c.output == ref.cases[c.case.id].output for c in out["fp32"].cases]
+    assert sum(same) >= 0.8 * len(same)
+    # same prompts, same tokenizer: the first generated token follows the same prompt tokens
+    assert all(c.tokens[:1] == ref.tokens[c.case.id][:1] for c in out["fp32"].cases
+               if c.top1 and c.top1[0])
+
+
+def test_run_stores_onnxruntime_rows_beside_gguf_rows(tiny_checkpoint, tiny_onnx, tmp_path):
+    _, _, cache = tiny_onnx
+    prof = tmp_path / "p.toml"
+    prof.write_text('[profile]\nname = "mixed"\n[quantize]\ntypes = []\n[onnx]\nvariants = ["int4"]\n'
+                    '[bench]\nn_prompt = 16\nn_gen = 4\nrepetitions = 3\nthreads = 1\n')
+    env = cli_env(tmp_path)
+    res = run_cli("run", "--model", str(tiny_checkpoint), "--profile", str(prof), "--no-quality",
+                  "--cache-dir", str(cache), env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = db_rows(tmp_path / "results.db", "SELECT quant, runtime, metric, value, repetitions, params"
+                                            " FROM measurements")
+    by = {}
+    for r in rows:
+        by.setdefault((r["quant"], r["runtime"]), {})[r["metric"]] = r
+    assert set(by) == {("BF16", "llama.cpp"), ("ONNX-INT4", "onnxruntime")}
+    onnx_rows, gguf_rows = by[("ONNX-INT4", "onnxruntime")], by[("BF16", "llama.cpp")]
+    assert set(gguf_rows) <= set(onnx_rows)                      # every GGUF figure exists for ONNX too
+    assert onnx_rows["pp_tps"]["repetitions"] == 3
+    assert json.loads(onnx_rows["pp_tps"]["params"])["execution_provider"] == "CPUExecutionProvider"
+    art = db_rows(tmp_path / "results.db", "SELECT format, quant FROM artifacts WHERE quant = 'ONNX-INT4'")
+    assert art == [{"format": "onnx", "quant": "ONNX-INT4"}]
+    assert "ONNX-INT4" in res.stdout and "onnxruntime" in res.stdout
