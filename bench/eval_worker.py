@@ -14,6 +14,10 @@ progress lines ``progress eval i/n`` on stderr.  The request
      "teacher": {"tokens": {case_id: [token, ...]}, "reference": str}|null}
                                        # score these tokens: this model against the reference GGUF
 
+With ``"prompts_only": true`` nothing is decoded: the result is every case's
+whole prompt text and its tokens (``prompts``), for running the same prompts
+elsewhere (``edgequant.device_quality``).
+
 Method:
 
 * Prompting: ``chat`` renders each case with the model's own chat template
@@ -345,17 +349,48 @@ def _teacher_scores(sess: Session, ref: Session, tokens: list[int], ref_tokens: 
     return klds, same
 
 
-def run(req: dict, progress) -> dict:
-    import llama_cpp as L
-
-    log = _Log(L, echo=bool(req.get("verbose")))
-    sess = Session(L, req, log)
+def _prompting(sess: Session, req: dict) -> tuple[str, str | None]:
+    """(the prompting mode, the model's chat template)."""
     template = sess.chat_template()
     mode = req.get("prompting", "auto")
     if mode == "auto":
         mode = "chat" if template else "completion"
     if mode == "chat" and not template:
         raise WorkerError(f"{req['path']} has no chat template (tokenizer.chat_template); use prompting = completion")
+    return mode, template
+
+
+def prompts(sess: Session, req: dict) -> dict:
+    """Every case's whole prompt text and the tokens ``run`` decodes for it, without decoding.
+
+    ``run`` tokenizes the shared prefix (with BOS) and the case's own text apart;
+    ``whole_tokens`` is the whole text tokenized at once (with BOS), as a
+    program given the text (llama-completion) does.  Where the two differ, the
+    join between prefix and case tokenizes differently."""
+    mode, template = _prompting(sess, req)
+    out = []
+    for group in req["groups"]:
+        prefix_text, suffix = _prompt_parts(sess, group, mode, template)
+        prefix = sess.tokenize(prefix_text, add_special=True)
+        for c in group["cases"]:
+            text = prefix_text + c["prompt"] + suffix
+            out.append({"id": c["id"], "text": text,
+                        "tokens": prefix + sess.tokenize(c["prompt"] + suffix, add_special=False),
+                        "whole_tokens": sess.tokenize(text, add_special=True)})
+    return {"prompting": mode, "prompts": out}
+
+
+def run(req: dict, progress) -> dict:
+    import llama_cpp as L
+
+    log = _Log(L, echo=bool(req.get("verbose")))
+    sess = Session(L, req, log)
+    if req.get("prompts_only"):
+        try:
+            return prompts(sess, req)
+        finally:
+            sess.close()
+    mode, template = _prompting(sess, req)
 
     teacher = req.get("teacher")
     ref = Session(L, dict(req, path=teacher["reference"]), log) if teacher else None

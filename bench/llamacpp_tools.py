@@ -281,7 +281,7 @@ def host_tree(version: str | None = None, cache_root: Path | None = None) -> Bui
 
 def build_llama_tool(target: str, jobs: int = 2, version: str | None = None,
                      on_progress: Say | None = None) -> Path:
-    """Build one llama.cpp CMake target (``llama-bench``, ``llama-perplexity``, ...) for this host.
+    """Build one llama.cpp CMake target (``llama-bench``, ``llama-perplexity``, ``llama-imatrix``, ...) for this host.
 
     Returns the path of the binary (in the host build tree's bin/); the build
     is skipped when it already exists.  Raises ``RunFailed`` naming the

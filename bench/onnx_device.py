@@ -320,7 +320,10 @@ def run_onnx_device_bench(transport: Transport, tool: RemoteTool, model: Path, m
         threads = settings.threads if settings.threads > 0 else big_cores(transport)
     key = sets_key(model_sha256, n_prompt, n_cached, seed)
     progress("inputs")
-    folders = stage_sets(model, n_prompt, n_cached, staging / key, seed)
+    try:
+        folders = stage_sets(model, n_prompt, n_cached, staging / key, seed)
+    except BadInput as exc:   # a corrupt model is a failed rung; the other rungs go on
+        raise BenchError("failed", str(exc)) from None
     pusher = Pusher(transport, workdir)
     progress("push")
     pushed = {f.name: pusher.push(f, name=f.name).remote for f in model_files(model.parent)}

@@ -30,8 +30,6 @@ with the result.
 
 from __future__ import annotations
 
-import json
-import os
 import sys
 import time
 from pathlib import Path

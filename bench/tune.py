@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from edgequant.errors import BadInput
+from edgequant.profiles import NEEDS_IMATRIX
 from edgequant.profiles.suites import Gate
 from edgequant.quantize.overrides import RungSpec, parse_rung
 
@@ -111,6 +112,8 @@ def candidates(types: tuple[str, ...] = DEFAULT_TYPES, variants: tuple[str, ...]
             spec = parse_rung(base + variant, "tune candidate")
             if spec.token_embedding_type and spec.token_embedding_type == spec.base:
                 continue  # e.g. Q8_0+emb=Q8_0: the stock Q8_0 already
+            if spec.base in NEEDS_IMATRIX and not spec.imatrix:
+                continue  # llama.cpp cannot make it without one
             level.append(spec)
         levels.append(level)
     return levels

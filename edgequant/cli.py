@@ -153,10 +153,14 @@ class RichReporter:
         self.progress.stop()
         if self._bench_task is not None:
             self.bench_progress.update(self._bench_task, visible=True)
-        else:
-            self.bench_progress.start()
+        self.bench_progress.start()     # (again, after pause())
         self._label = label
         self._bench_task = self.bench_progress.add_task(label, total=n_rungs, phase="")
+
+    def pause(self) -> None:
+        """Stop the live bars while another live view (the farm's table) owns the console."""
+        self.progress.stop()
+        self.bench_progress.stop()
 
     def rung_started(self, quant: str) -> None:
         if self._bench_task is not None:
@@ -224,9 +228,13 @@ def cli():
 @bench_overrides
 @quality_options
 @click.option("--no-quality", is_flag=True, help="Skip the eval suite: speed and memory only.")
+@click.option("--quality-on-device", is_flag=True,
+              help="Run the eval suite on each phone with its llama-completion (greedy, the host eval's prompts), "
+                   "against the reference's outputs generated there, instead of on the host. No KLD/top-1 there.")
 @click.option("--device", "device_specs", multiple=True, metavar="SPEC",
-              help="Where to benchmark: host (default), a phone (SERIAL, HOST:PORT, server:SERIAL) or all. "
-                   "Repeatable. Quality is computed on the host from the same GGUF bytes.")
+              help="Where to benchmark: host (default), a phone (SERIAL, HOST:PORT, server:SERIAL), all, or a "
+                   "device pool (pool:NAME|PATH, a TOML listing specs and labels). Repeatable; phones run in "
+                   "parallel, each under a lease. Quality is computed on the host from the same GGUF bytes.")
 @device_dir_option
 @click.option("--runner-dir", type=click.Path(file_okay=False), default=None,
               help="Prebuilt on-device runner folder (bin/llama-bench, lib/). Default: a cached build that runs "
@@ -235,13 +243,16 @@ def cli():
               help="Longest wait for a phone to cool down before each rung (profile's device.cooldown_max_wait).")
 @click.option("--resume", "resume_id", default=None, metavar="RUN_ID",
               help="Finish a partial run with its own options: rungs already stored are not measured again.")
+@click.option("--lease-wait", type=click.FloatRange(min=0), default=300, show_default=True, metavar="SECONDS",
+              help="How long to wait for a phone another edgequant process is using before refusing.")
 @db_option
 @cache_option
 @click.option("--format", "fmt", type=click.Choice(FORMATS), default="table", show_default=True,
               help="How to print the comparison at the end.")
 @click.pass_context
 def run(ctx, model, profile_name, threads, n_prompt, n_gen, repetitions, warmup, suite_name, prompting, no_quality,
-        device_specs, device_dir, runner_dir, cooldown_max_wait, resume_id, db, cache_dir, fmt):
+        device_specs, device_dir, runner_dir, cooldown_max_wait, resume_id, lease_wait, db, cache_dir, fmt,
+        quality_on_device):
     """Quantize, benchmark and compare: the whole job, on the host or on phones.
 
     Converts the checkpoint to the profile's reference GGUF (BF16) once, makes
@@ -267,17 +278,19 @@ def run(ctx, model, profile_name, threads, n_prompt, n_gen, repetitions, warmup,
         params = dict(again.params)
         if params.get("resume_id"):
             raise BadInput(f"run {stored['run_id']} was itself a resume; resume the run it names")
-        params.update(resume_id=stored["run_id"], db=db or params.get("db"), fmt=fmt)
+        params.update(resume_id=stored["run_id"], db=db or params.get("db"), fmt=fmt, lease_wait=lease_wait)
         return _run(**params)
     return _run(model, profile_name, threads, n_prompt, n_gen, repetitions, warmup, suite_name, prompting,
-                no_quality, device_specs, device_dir, runner_dir, cooldown_max_wait, None, db, cache_dir, fmt)
+                no_quality, device_specs, device_dir, runner_dir, cooldown_max_wait, None, db, cache_dir, fmt,
+                lease_wait=lease_wait, quality_on_device=quality_on_device)
 
 
 def _run(model, profile_name, threads, n_prompt, n_gen, repetitions, warmup, suite_name, prompting, no_quality,
-         device_specs, device_dir, runner_dir, cooldown_max_wait, resume_id, db, cache_dir, fmt):
+         device_specs, device_dir, runner_dir, cooldown_max_wait, resume_id, db, cache_dir, fmt, lease_wait=300,
+         quality_on_device=False):
     from dataclasses import replace
 
-    from edgequant import calibrate, device_run, onnx_pipeline, pipeline
+    from edgequant import calibrate, device_quality, device_run, farm, onnx_pipeline, pipeline
     from edgequant.devices.host import host_device_id
     from edgequant.devices.select import device_dir as resolve_device_dir
     from edgequant.devices.transport import DeviceError
@@ -290,14 +303,14 @@ def _run(model, profile_name, threads, n_prompt, n_gen, repetitions, warmup, sui
     cache = _cache_root(cache_dir)
     store = _open_store(db)
     console = _stderr_console()
-    on_host, phones = (True, []) if not device_specs else device_run.resolve_devices(device_specs)
+    on_host, phones, pool_entries = (True, [], {}) if not device_specs else farm.resolve_farm(device_specs)
     workdir = resolve_device_dir(device_dir) if phones else None
-    contexts: list = []
-    lost: list[device_run.DeviceLost] = []
+    opened: list[farm.Phone] = []
+    lost: list[farm.Phone] = []
     with RichReporter(console) as reporter:
         try:
-            for target in phones:       # fail fast: an unauthorized or wrong-ABI phone stops nothing half-done
-                contexts.append(device_run.open_device(target, workdir, runner_dir, cache, reporter))
+            # fail fast: a busy (leased), unauthorized or wrong-ABI phone stops nothing half-done
+            opened = farm.open_phones(phones, workdir, runner_dir, cache, reporter, lease_wait, pool_entries)
             resolved = pipeline.resolve_model(model, cache, reporter)
             ckpt = resolved.checkpoint
             if resume_id:
@@ -308,6 +321,8 @@ def _run(model, profile_name, threads, n_prompt, n_gen, repetitions, warmup, sui
                 run_id = resume_id
             else:
                 run_id = store.start_run(_command_line(), profile.name, ckpt.model_id, resolved.model_hash)
+            for phone in opened:
+                phone.lease.run = run_id        # written into the lease at its next renewal
             done = {(s["quant"], s["device_id"]) for s in store.rung_statuses(run_id)}
             stage = "quantizing"
             try:
@@ -332,23 +347,42 @@ def _run(model, profile_name, threads, n_prompt, n_gen, repetitions, warmup, sui
                         outcome = onnx_pipeline.bench_onnx_rungs(store, run_id, ckpt.model_id, resolved.model_hash,
                                                                  todo, profile, reporter)
                         failed += [f"{o.artifact.quant} {o.status}" for o in outcome.failed]
-                for dctx in contexts:
-                    stage = f"benchmarking on {dctx.serial}"
-                    todo = [a for a in artifacts if (a.quant, dctx.device_id) not in done]
-                    reporter.start_bench(len(todo), f"{dctx.serial}")
-                    try:
-                        outcome = device_run.bench_rungs_on_device(store, run_id, ckpt.model_id,
-                                                                   resolved.model_hash, todo, profile, dctx,
-                                                                   reporter)
-                        failed += [f"{o.artifact.quant} on {dctx.serial} {o.status}" for o in outcome.failed
-                                   if o.status != "skipped"]
-                    except device_run.DeviceLost as exc:
-                        lost.append(exc)
-                        console.print(f"[red]•[/red] {exc}")
-                if suite is not None:
+                if opened:
+                    stage = "benchmarking on the phones"
+                    shared = farm.LockedStore(store)    # the phones' threads write through one lock
+
+                    def device_job(dctx, todo, phone_reporter):
+                        """Everything measured on one opened phone (``dctx``) for the rungs in ``todo``; the
+                        farm calls it from that phone's thread, under its lease, one rung at a time."""
+                        benched = {(s["quant"], s["device_id"]) for s in shared.rung_statuses(run_id)}
+                        outcome = device_run.bench_rungs_on_device(
+                            shared, run_id, ckpt.model_id, resolved.model_hash,
+                            [a for a in todo if (a.quant, dctx.device_id) not in benched], profile, dctx,
+                            phone_reporter)
+                        if quality_on_device and suite is not None:
+                            statuses = device_quality.quality_rungs_on_device(
+                                shared, run_id, ckpt.model_id, resolved.model_hash, artifacts, profile, suite, dctx,
+                                phone_reporter, prompting=prompting, extra_params=qparams,
+                                only={a.quant for a in todo})
+                            outcome.outcomes += [pipeline.RungOutcome(a, f"quality {statuses[a.quant]}") for a in todo
+                                                 if statuses.get(a.quant, "ok") != "ok"]
+                        return outcome
+
+                    evaluated = {(r["quant"], r["device_id"]) for r in store.measurements(run_id)
+                                 if r["params"].get("where") == "device"} if quality_on_device else None
+                    plan = {p.serial: [a for a in artifacts if (a.quant, p.ctx.device_id) not in done
+                                       or (evaluated is not None and (a.quant, p.ctx.device_id) not in evaluated)]
+                            for p in opened}
+                    reporter.pause()
+                    result = farm.run_farm(opened, plan, device_job, runner_dir=runner_dir, cache_root=cache,
+                                           console=console)
+                    farm.render_summary(result, console)
+                    failed += result.failed_rungs
+                    lost = result.lost
+                if suite is not None and (on_host or not quality_on_device):
                     stage = "running the eval suite"
                     have = {r["quant"] for r in store.measurements(run_id)
-                            if r["params"].get("stage") == "quality"}
+                            if r["params"].get("stage") == "quality" and r["params"].get("where") != "device"}
                     todo = [a for a in artifacts if a.quant not in have]
                     if todo:
                         reporter.start_bench(len(todo), f"eval {suite.name}")
@@ -373,14 +407,13 @@ def _run(model, profile_name, threads, n_prompt, n_gen, repetitions, warmup, sui
         except DeviceError as exc:
             raise EdgequantError(str(exc), 1) from None
         finally:
-            for dctx in contexts:
-                dctx.close()
+            farm.close_phones(opened)
     if lost:
-        detail = "; ".join(str(e) for e in lost)
+        detail = "; ".join(f"{p.serial}: {p.failure}" for p in lost)
         store.finish_run(run_id, "partial", detail)
         _render(store, run_id, fmt, None)
-        raise EdgequantError(f"{lost[0]}; the finished rungs are stored in run {run_id}, marked partial; "
-                             f"`edgequant run --resume {run_id}` measures the rest", 1)
+        raise EdgequantError(f"{len(lost)} phone(s) failed ({detail}); the finished rungs are stored in run "
+                             f"{run_id}, marked partial; `edgequant run --resume {run_id}` measures the rest", 1)
     store.finish_run(run_id, "complete", f"{len(failed)} rung(s) failed" if failed else None)
     _render(store, run_id, fmt, None)
     console.print(f"[dim]stored as run {run_id} in {store.path}; "

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import os
 import posixpath
+import threading
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -49,7 +50,8 @@ class DeviceLost(EdgequantError):
     """The connection to a phone failed mid-run; what was finished is stored."""
 
     def __init__(self, serial: str, doing: str, cause: DeviceError):
-        super().__init__(f"device {serial} stopped answering while {doing}: {cause}", 1)
+        verb = "stopped answering" if cause.kind in ("offline", "timeout") else "failed"
+        super().__init__(f"device {serial} {verb} while {doing}: {cause}", 1)
         self.serial = serial
         self.cause = cause
 
@@ -100,8 +102,17 @@ def _say(reporter, message: str) -> None:
     reporter.step(message)
 
 
+# phones opened in parallel (edgequant.farm) build a missing runner once, not once each
+_RUNNER_LOCK = threading.Lock()
+
+
 def choose_runner(facts: DeviceFacts, runner_dir: str | None, cache_root: Path, reporter):
     """The runner for this device: ``--runner-dir``, else a cached one that runs there, else build one."""
+    with _RUNNER_LOCK:
+        return _choose_runner(facts, runner_dir, cache_root, reporter)
+
+
+def _choose_runner(facts: DeviceFacts, runner_dir: str | None, cache_root: Path, reporter):
     from edgequant.bench.runner import build_runner, cached_runners, open_runner_dir
 
     os_name = "android" if facts.sdk is not None else "linux"
@@ -119,9 +130,9 @@ def choose_runner(facts: DeviceFacts, runner_dir: str | None, cache_root: Path, 
 
 
 def open_device(target: select.Target, workdir: str, runner_dir: str | None, cache_root: Path,
-                reporter) -> DeviceContext:
-    """Connect, read the facts, refuse non-arm64, install the runner."""
-    transport = select.open_transport(target)
+                reporter, transport: Transport | None = None) -> DeviceContext:
+    """Connect (or use ``transport``, already open), read the facts, refuse non-arm64, install the runner."""
+    transport = transport or select.open_transport(target)
     try:
         facts = collect_facts(transport, workdir)
         select.require_arm64(facts)
@@ -191,7 +202,16 @@ def bench_rungs_on_device(store: Store, run_id: str, model_id: str, model_hash: 
                 reporter.rung_phase(quant, f"push {100 * p.done / max(p.total, 1):.0f}% {p.mb_per_s:.1f} MB/s")
 
             ctx.pusher.on_progress = progress
-            pushed = ctx.pusher.push(art.path, art.sha256, name=f"{art.quant}.gguf")
+            try:
+                pushed = ctx.pusher.push(art.path, art.sha256, name=f"{art.quant}.gguf")
+            except DeviceError as exc:
+                if exc.kind != "no_space":
+                    raise
+                # a full disk is this rung's problem: smaller rungs may still fit
+                store.record_rung(run_id, key, _artifact_measurements(art), status="skipped", detail=str(exc))
+                outcome.outcomes.append(RungOutcome(art, "skipped", str(exc)))
+                reporter.rung_done(art.quant, "skipped")
+                continue
             doing = f"waiting for {ctx.serial} to cool down before {art.quant}"
             reporter.rung_phase(art.quant, "cooling down")
             cool = wait_cool(ctx.transport, ctx.workdir, cooldown,

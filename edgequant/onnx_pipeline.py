@@ -112,3 +112,53 @@ def quality_onnx_rungs(store: Store, run_id: str, model_id: str, model_hash: str
         statuses[art.quant] = "ok"
         reporter.rung_done(art.quant, "ok")
     return statuses
+
+
+def onnx_rungs_on_device(store: Store, run_id: str, model_id: str, model_hash: str, artifacts: list[Artifact],
+                         profile: Profile, transport, workdir: str, device_id: str, device: dict, tool,
+                         staging: Path, reporter: Reporter, threads: int | None = None) -> BenchOutcome:
+    """Measure every ONNX rung on one device with ``onnxruntime_perf_test`` (``bench.onnx_device``); rows with
+    the host rows' metric names (pp_tps = prefill, tg_tps = decode, ttft = prefill latency)."""
+    from edgequant.bench.host import BenchError
+    from edgequant.bench.onnx_device import run_onnx_device_bench
+
+    s = profile.bench
+    outcome = BenchOutcome(run_id)
+    for art in artifacts:
+        store.record_artifact(art.record())
+        reporter.rung_started(art.quant)
+        try:
+            res = run_onnx_device_bench(transport, tool, art.path, art.sha256, s, workdir=workdir, staging=staging,
+                                        threads=threads,
+                                        on_progress=lambda ph, q=art.quant: reporter.rung_phase(q, ph))
+            used_threads = res.threads
+        except BenchError as exc:
+            res, used_threads = None, threads or s.threads
+            error = exc
+        params = {"runner": "device", "tool": "onnxruntime_perf_test", "threads": used_threads,
+                  "n_prompt": s.n_prompt, "n_cached": s.n_prompt, "repetitions": s.repetitions, "warmup": 1,
+                  "execution_provider": "CPUExecutionProvider", "inter_op_threads": 1}
+        key = RowKey(model_id=model_id, model_hash=model_hash, quant=art.quant, artifact_sha256=art.sha256,
+                     is_reference=False, device_id=device_id, device=device, runtime=RUNTIME,
+                     runtime_version=metadata.version("onnxruntime"), params=params)
+        if res is None:
+            store.record_rung(run_id, key, _artifact_measurements(art), status=error.status, detail=str(error))
+            outcome.outcomes.append(RungOutcome(art, error.status, str(error)))
+            reporter.rung_done(art.quant, error.status)
+            continue
+        rows = _artifact_measurements(art) + [
+            Measurement("load_time", res.load_s, "s", None, 1, {"source": "Session creation time cost"}),
+            Measurement("pp_tps", res.pp.mean, "t/s", res.pp.stddev, res.pp.n,
+                        {"method": f"prefill: {res.n_prompt} tokens / latency"}),
+            Measurement("tg_tps", res.tg.mean, "t/s", res.tg.stddev, res.tg.n,
+                        {"method": f"decode: 1 / latency of one token after {res.n_cached} cached"}),
+            Measurement("ttft", res.ttft_ms.mean, "ms", res.ttft_ms.stddev, res.ttft_ms.n),
+            Measurement("peak_rss", res.peak_rss_bytes, "bytes", None, None,
+                        {"source": "time -v Max RSS", "tool_peak_working_set": res.peak_working_set_bytes}),
+            Measurement("peak_rss_anon", res.peak_rss_anon_bytes, "bytes"),
+            Measurement("peak_rss_file", res.peak_rss_file_bytes, "bytes"),
+        ]
+        store.record_rung(run_id, key, rows, status="ok")
+        outcome.outcomes.append(RungOutcome(art, "ok"))
+        reporter.rung_done(art.quant, "ok")
+    return outcome

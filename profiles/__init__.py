@@ -287,12 +287,12 @@ def parse_profile(data: dict, path: Path) -> Profile:
 
 
 def builtin_profiles() -> list[str]:
-    """Names of the shipped quant profiles (TOML files here that are not eval suites or gates profiles)."""
+    """Names of the shipped quant profiles (TOML files here that are not eval suites, gates profiles or pools)."""
     names = []
     for p in resources.files(__package__).iterdir():
         if p.name.endswith(".toml"):
             data = tomllib.loads(p.read_text(encoding="utf-8"))
-            if not data.get("suite") and not data.get("gates"):
+            if not data.get("suite") and not data.get("gates") and not data.get("pool"):
                 names.append(p.name[:-5])
     return sorted(names)
 

@@ -28,7 +28,6 @@ import ctypes
 import hashlib
 import json
 import os
-import shutil
 import subprocess
 import tempfile
 import time
@@ -313,7 +312,3 @@ class ImatrixArray:
         import llama_cpp
 
         return ctypes.cast(self.array, ctypes.POINTER(llama_cpp.llama_model_imatrix_data))
-
-
-def remove_cached(folder: Path) -> None:
-    shutil.rmtree(folder, ignore_errors=True)

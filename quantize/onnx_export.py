@@ -34,7 +34,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -458,39 +457,54 @@ def _export_language_model(checkpoint: str, output: str, architecture: str) -> N
         pass
 
 
-def _make_variant(source: str, output: str, kind: str, options: dict, external: bool) -> None:
+def _int8(source: str, output: str, options: dict, external: bool) -> None:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    ops = ["MatMul"] + (["Gather"] if options.get("quantize_embedding") else [])
+    quantize_dynamic(source, output, op_types_to_quantize=ops, per_channel=bool(options.get("per_channel")),
+                     weight_type=QuantType.QInt8, use_external_data_format=external)
+
+
+def _int4(source: str, output: str, options: dict, external: bool) -> None:
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    ops = ("MatMul", "Gather") if options.get("quantize_embedding") else ("MatMul",)
+    quant = MatMulNBitsQuantizer(onnx.load(source), bits=4, block_size=int(options["block_size"]),
+                                 is_symmetric=bool(options["symmetric"]),
+                                 accuracy_level=int(options["accuracy_level"]) or None,
+                                 op_types_to_quantize=ops, quant_axes=(("MatMul", 0), ("Gather", 1)))
+    quant.process()
+    quant.model.save_model_to_file(output, use_external_data_format=external)
+
+
+def _save(model, output: str, external: bool) -> None:
     import onnx
 
-    if kind == "int8":
-        from onnxruntime.quantization import QuantType, quantize_dynamic
-
-        ops = ["MatMul"] + (["Gather"] if options.get("quantize_embedding") else [])
-        quantize_dynamic(source, output, op_types_to_quantize=ops, per_channel=bool(options.get("per_channel")),
-                         weight_type=QuantType.QInt8, use_external_data_format=external)
-        return
-    model = onnx.load(source)
-    if kind == "int4":
-        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
-
-        ops = ("MatMul", "Gather") if options.get("quantize_embedding") else ("MatMul",)
-        quant = MatMulNBitsQuantizer(model, bits=4, block_size=int(options["block_size"]),
-                                     is_symmetric=bool(options["symmetric"]),
-                                     accuracy_level=int(options["accuracy_level"]) or None,
-                                     op_types_to_quantize=ops, quant_axes=(("MatMul", 0), ("Gather", 1)))
-        quant.process()
-        quant.model.save_model_to_file(output, use_external_data_format=external)
-        return
-    if kind == "fp16":
-        from onnxruntime.transformers.float16 import convert_float_to_float16
-
-        model = convert_float_to_float16(model, keep_io_types=True, disable_shape_infer=True)
-    elif kind != "fp32":
-        raise BadInput(f"unknown ONNX variant kind {kind!r}")
     if external:
         onnx.save_model(model, output, save_as_external_data=True, all_tensors_to_one_file=True,
                         location=DATA_FILE, size_threshold=1024)
     else:
         onnx.save_model(model, output)
+
+
+def _fp16(source: str, output: str, options: dict, external: bool) -> None:
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    _save(convert_float_to_float16(onnx.load(source), keep_io_types=True, disable_shape_infer=True), output, external)
+
+
+def _fp32(source: str, output: str, options: dict, external: bool) -> None:
+    import onnx
+
+    _save(onnx.load(source), output, external)
+
+
+# variant kind -> maker(source model, output path, options, external data?); one line per kind
+VARIANT_MAKERS: dict[str, Callable[[str, str, dict, bool], None]] = {
+    "fp32": _fp32, "fp16": _fp16, "int8": _int8, "int4": _int4,
+}
 
 
 def _worker(argv: list[str]) -> int:
@@ -501,7 +515,7 @@ def _worker(argv: list[str]) -> int:
         if req["op"] == "export":
             _export_language_model(req["checkpoint"], req["output"], req["architecture"])
         else:
-            _make_variant(req["source"], req["output"], req["kind"], req["options"], req["external_data"])
+            VARIANT_MAKERS[req["kind"]](req["source"], req["output"], req["options"], req["external_data"])
     except BadInput as exc:
         result, code = {"bad_input": str(exc)}, 2
     except MemoryError:

@@ -58,6 +58,7 @@ class RunReport:
     footnotes: list[str]
     quality_params: dict[str, Any] = field(default_factory=dict)
     quality_from: str | None = None  # per_device: the device whose quality figures these rungs share
+    quality_params_by_device: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def reference(self) -> RungSummary | None:
         return next((r for r in self.rungs if r.is_reference), None)
@@ -72,6 +73,7 @@ def summarize(store: Store, run_id: str) -> RunReport:
     rungs: dict[tuple[str, str], RungSummary] = {}
     params: dict[str, Any] = {}
     quality_params: dict[str, Any] = {}
+    quality_by_device: dict[str, dict[str, Any]] = {}
     device: dict[str, Any] = {}
     runtime = runtime_version = ""
     onnx_note = None
@@ -83,7 +85,7 @@ def summarize(store: Store, run_id: str) -> RunReport:
         if r["params"].get("stage") == "tune":   # the search's verdicts (edgequant tune): not a measurement setup
             continue
         if r["params"].get("stage") == "quality":
-            quality_params = r["params"]
+            quality_params = quality_by_device[r["device_id"]] = r["params"]
             continue
         rung.params, rung.device = r["params"], r["device"]
         if r["runtime"] == "onnxruntime":   # ONNX rungs: named in a footnote; the header describes the GGUF rows
@@ -114,7 +116,8 @@ def summarize(store: Store, run_id: str) -> RunReport:
     if run.get("model_id") == DEFAULT_MODEL_ID:
         footnotes.append(DEFAULT_MODEL_FOOTNOTE)
     return RunReport(run=run, rungs=ordered, params=params, device=device, runtime=runtime,
-                     runtime_version=runtime_version, footnotes=footnotes, quality_params=quality_params)
+                     runtime_version=runtime_version, footnotes=footnotes, quality_params=quality_params,
+                     quality_params_by_device=quality_by_device)
 
 
 def _join_quality_measured_elsewhere(rungs: dict[tuple[str, str], RungSummary],
@@ -162,7 +165,10 @@ def per_device(rep: RunReport) -> list[RunReport]:
         out.append(RunReport(run=rep.run, rungs=rungs, params=bench.params if bench else rep.params,
                              device=next((r.device for r in rungs if r.device), rep.device),
                              runtime=rep.runtime, runtime_version=rep.runtime_version,
-                             footnotes=rep.footnotes, quality_params=rep.quality_params,
+                             footnotes=rep.footnotes,
+                             quality_params=rep.quality_params_by_device.get(quality_from or device_id,
+                                                                             rep.quality_params),
+                             quality_params_by_device=rep.quality_params_by_device,
                              quality_from=quality_from))
     return out
 
@@ -323,10 +329,15 @@ def _quality_cell(rung: RungSummary, metric: str) -> str:
 
 def _quality_caption(rep: RunReport) -> str:
     q = rep.quality_params
-    return (f"suite {q.get('suite')} ({q.get('n_cases')} cases, {q.get('prompting')} prompting, greedy) · "
+    if q.get("where") == "device":   # edgequant run --quality-on-device
+        where = (f" · measured on {rep.rungs[0].device_id} with {q.get('tool', 'llama-completion')}, "
+                 f"the reference's outputs generated there too")
+        token_level = " · KLD/top-1 not measured on the device (llama-completion returns text, not logits)"
+    else:
+        where, token_level = "", " · KLD/top-1 against the reference's logits on its own outputs"
+    return (f"suite {q.get('suite')} ({q.get('n_cases')} cases, {q.get('prompting')} prompting, greedy){where} · "
             f"rates in %, then rung − reference in pp; ‡ = significant by a paired exact McNemar test (p < 0.05), "
-            f"otherwise within noise for the suite's size · KLD/top-1 against the reference's logits on its own "
-            f"outputs")
+            f"otherwise within noise for the suite's size" + token_level)
 
 
 def _quality_groups(rep: RunReport) -> list[tuple[RunReport, str | None]]:

@@ -192,7 +192,8 @@ class Store:
             except OSError as exc:
                 raise BadInput(f"results database {self.path}: cannot create its folder: {exc}") from None
         try:
-            self.conn = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+            # usable from the farm's phone threads, which call it one at a time (edgequant.farm.LockedStore)
+            self.conn = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
             self.conn.row_factory = sqlite3.Row
             self.conn.execute("PRAGMA foreign_keys = ON")
             if self.path != ":memory:":

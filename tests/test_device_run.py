@@ -180,9 +180,11 @@ def test_unplugged_mid_run_is_partial_and_resumes(tiny_checkpoint, phone, arm64_
         pusher.push(Path(arts["BF16"]["path"]), arts["BF16"]["sha256"], name="BF16.gguf")
     finally:
         transport.close()
+    # every push of a model drops: the farm's reconnect-and-retry (edgequant/farm.py) gives up in the end
     peer.faults.drop_send_after = 4096
-    peer.faults.drop_send_times = 1
+    peer.faults.drop_send_times = None
     res = run_cli(*_run_args(tiny_checkpoint, peer, workdir, profile, arm64_runner), env=env, timeout=1500)
+    peer.faults.drop_send_after = None
     assert res.returncode == 1
     line = assert_one_line_error(res.stderr, "--resume")
     run = _run_row(env)
@@ -281,3 +283,35 @@ def test_device_run_errors_are_one_line(tiny_checkpoint, phone, arm64_runner, ad
     assert_one_line_error(res.stderr, "no-such-run")
     # nothing was started: no run is stored for these failures
     assert not Path(env["EDGEQUANT_DB"]).exists() or not db_rows(Path(env["EDGEQUANT_DB"]), "SELECT * FROM runs")
+
+
+def test_a_full_disk_skips_the_rungs_that_do_not_fit_and_measures_the_rest(tiny_checkpoint, phone, arm64_runner,
+                                                                          tmp_path):
+    from edgequant import device_run, pipeline
+    from edgequant.profiles import load_profile
+    from edgequant.results.store import Store
+
+    peer, workdir, env, profile_path = phone
+    profile = load_profile(profile_path)
+    cache = tmp_path / "cache"
+    resolved = pipeline.resolve_model(str(tiny_checkpoint), cache, pipeline.NullReporter())
+    artifacts = pipeline.build_ladder(resolved, profile, cache, pipeline.NullReporter())
+    smallest = min(artifacts, key=lambda a: a.size_bytes)
+    ctx = device_run.open_device(select.Target(peer.serial, "direct"), workdir, str(arm64_runner.path), cache,
+                                 pipeline.NullReporter())
+    try:
+        peer.faults.disk_free = smallest.size_bytes + 64 * 1024    # only the smallest rung fits
+        store = Store(tmp_path / "r.db")
+        run_id = store.start_run("test", profile.name, "tiny", resolved.model_hash)
+        out = device_run.bench_rungs_on_device(store, run_id, "tiny", resolved.model_hash, artifacts, profile, ctx,
+                                               pipeline.NullReporter())
+    finally:
+        ctx.close()
+    statuses = {s["quant"]: s for s in store.rung_statuses(run_id)}
+    assert statuses[smallest.quant]["status"] == "ok"
+    for art in artifacts:
+        if art is not smallest:
+            assert statuses[art.quant]["status"] == "skipped"
+            assert "not enough space" in statuses[art.quant]["detail"]
+    assert [o.status for o in out.outcomes].count("ok") == 1
+    assert not list(Path(workdir).rglob("*.partial"))

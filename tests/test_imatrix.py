@@ -273,15 +273,18 @@ def test_an_imatrix_for_another_model_is_refused(imatrix_run, tmp_path):
 
 
 def test_a_run_with_imatrix_rungs_judges_on_the_evaluation_half_only(imatrix_run, tiny_checkpoint):
-    profile = write_profile(imatrix_run["tmp"], ["Q4_K_M", "Q4_K_M+imatrix"], "runimx")
+    profile = write_profile(imatrix_run["tmp"], ["Q4_K_M+imatrix", "Q8_0", "Q4_K_M"], "runimx")
     db = imatrix_run["tmp"] / "run.db"
     res = run_cli("run", "--model", str(tiny_checkpoint), "--profile", str(profile), "--suite",
                   str(imatrix_run["suite"]), "--cache-dir", str(imatrix_run["cache"]), "--db", str(db),
                   env=imatrix_run["env"])
     assert res.returncode == 0, res.stderr[-3000:]
-    assert "Q4_K_M+imatrix" in res.stdout and "Q4_K_M " in res.stdout
+    # the table shows a rung with modifiers next to its plain type, whatever the profile's order
+    rows = [ln.split("│")[1].strip() for ln in res.stdout.splitlines() if ln.startswith("│")]
+    first = rows[:rows.index("Q8_0") + 1]
+    assert first == ["BF16 (ref)", "Q4_K_M+imatrix", "Q4_K_M", "Q8_0"], rows
     split = split_suite(load_suite(imatrix_run["suite"]))
-    for quant in ("BF16", "Q4_K_M", "Q4_K_M+imatrix"):
+    for quant in ("BF16", "Q4_K_M", "Q4_K_M+imatrix", "Q8_0"):
         ids = {r["case_id"] for r in db_rows(db, "SELECT case_id FROM eval_cases WHERE quant = ?", quant)}
         assert ids == set(split.evaluation), quant
     params = {json.loads(r["params"]).get("split") for r in

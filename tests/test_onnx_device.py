@@ -135,3 +135,41 @@ def test_missing_inputs_on_the_device_are_a_failed_rung(tiny_onnx, adb_peer, pee
     err = tool_failure(run, "onnxruntime_perf_test (prefill)")
     assert isinstance(err, BenchError) and err.status == "failed"
     assert "status 255" in str(err) and "there is no test data" in str(err)
+
+
+def test_device_rows_are_stored_like_host_rows(tiny_onnx, adb_peer, peer_transport, tmp_path):
+    from conftest import db_rows
+
+    from edgequant.devices.push import Pusher
+    from edgequant.onnx_pipeline import onnx_rungs_on_device
+    from edgequant.pipeline import NullReporter
+    from edgequant.profiles import Profile, QuantSpec
+    from edgequant.results.store import Store
+
+    arts, ladder, _ = tiny_onnx
+    workdir = str(adb_peer.sandbox / "eq")
+    tool_local = tmp_path / "onnxruntime_perf_test"
+    tool_local.write_text(f"#!{sys.executable}\n" + STANDIN.read_text())
+    tool = Pusher(peer_transport, workdir).push(tool_local, dest="bin/onnxruntime_perf_test", executable=True)
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "model.onnx").write_bytes(arts["int8"].path.read_bytes()[:4000])
+    bad = type(arts["int8"])(**{**arts["int8"].__dict__, "path": broken / "model.onnx", "quant": "ONNX-BROKEN"})
+    profile = Profile("p", tmp_path / "p.toml", "", QuantSpec(), BenchSettings(n_prompt=8, repetitions=3,
+                                                                                 threads=1, timeout=300.0))
+    db = tmp_path / "r.db"
+    store = Store(db)
+    run_id = store.start_run("test", "p", "tiny", ladder.model_hash)
+    out = onnx_rungs_on_device(store, run_id, "tiny", ladder.model_hash, [arts["int4"], bad], profile,
+                               peer_transport, workdir, f"adb:{adb_peer.serial}", {"kind": "android"},
+                               RemoteTool(tool.remote), tmp_path / "sets", NullReporter())
+    assert [o.status for o in out.outcomes] == ["ok", "failed"]
+    rows = db_rows(db, "SELECT quant, runtime, device_id, metric, repetitions FROM measurements")
+    int4 = {r["metric"]: r for r in rows if r["quant"] == "ONNX-INT4"}
+    assert {"pp_tps", "tg_tps", "ttft", "load_time", "peak_rss", "peak_rss_anon", "size", "bpw"} <= set(int4)
+    assert {r["runtime"] for r in rows} == {"onnxruntime"}
+    assert {r["device_id"] for r in rows} == {f"adb:{adb_peer.serial}"}
+    assert int4["pp_tps"]["repetitions"] == 3
+    st = db_rows(db, "SELECT quant, status, detail FROM rung_status")
+    assert {r["quant"]: r["status"] for r in st} == {"ONNX-INT4": "ok", "ONNX-BROKEN": "failed"}
+    assert "corrupt or truncated" in next(r["detail"] for r in st if r["quant"] == "ONNX-BROKEN")

@@ -93,13 +93,22 @@ def test_fp32_export_matches_the_pytorch_model(tiny_onnx, tiny_checkpoint):
 
     arts, _, _ = tiny_onnx
     hf = AutoModelForCausalLM.from_pretrained(str(tiny_checkpoint), dtype=torch.float32).eval()
-    toks = [2, 100, 200, 300, 17, 18, 19, 500, 600, 7]
+    # 200 tokens: past the tiny model's 128-token sliding window, where a mask traced wrongly would show
+    toks = [2] + np.random.default_rng(0).integers(10, 1000, 199).tolist()
     with torch.no_grad():
         want = hf(torch.tensor([toks])).logits[0].numpy()
+    tol = 1e-3 * max(1.0, np.abs(want).max())
     m = KVModel(str(arts["fp32"].path), 1)
     got, _ = m.step(toks, m.empty_cache(), 0)
     assert np.array_equal(got.argmax(-1), want.argmax(-1))
-    assert np.abs(got - want).max() < 1e-3 * max(1.0, np.abs(want).max())
+    assert np.abs(got - want).max() < tol
+    # and through the KV cache, one token at a time after a 100-token prompt
+    logits, cache = m.step(toks[:100], m.empty_cache(), 0)
+    rows = list(logits)
+    for pos, tok in enumerate(toks[100:], start=100):
+        logits, cache = m.step([tok], cache, pos)
+        rows.append(logits[0])
+    assert np.abs(np.stack(rows) - want).max() < tol
 
 
 def test_kv_cache_steps_give_the_logits_of_one_full_pass(tiny_onnx):

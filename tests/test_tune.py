@@ -102,6 +102,11 @@ def test_when_nothing_passes_the_closest_gate_and_candidate_are_named():
     assert fake.measured == ["Q8_0", "Q8_0+imatrix"]
 
 
+def test_types_that_need_an_imatrix_are_only_tried_with_one():
+    names = [s.name for level in tune.candidates(("Q4_K_M", "IQ2_XS"), ("", "+imatrix")) for s in level]
+    assert names == ["Q4_K_M", "Q4_K_M+imatrix", "IQ2_XS+imatrix"]
+
+
 @pytest.mark.parametrize("text, expected", [("300M", 300 * 2**20), ("1.5G", int(1.5 * 2**30)),
                                             ("250MiB", 250 * 2**20), ("1000", 1000)])
 def test_sizes(text, expected):
