@@ -21,6 +21,7 @@ The first GGUF is the reference the prompts are built from.
 from __future__ import annotations
 
 import argparse
+import base64
 import os
 import shutil
 import sys
@@ -78,7 +79,8 @@ def main() -> int:
                              for k, f in suite.formats.items()})
 
     runner = open_runner_dir(args.runner_dir)
-    launcher = ("qemu-aarch64-static", "-cpu", args.cpu) if runner.machine == "aarch64" and os.uname().machine != "aarch64" else ()
+    foreign = runner.machine == "aarch64" and os.uname().machine != "aarch64"
+    launcher = ("qemu-aarch64-static", "-cpu", args.cpu) if foreign else ()
     work = Path(tempfile.mkdtemp(prefix="eq-devq-"))
     ctx = SimpleNamespace(transport=LocalFolder(), runner_path=runner.path, serial="this machine",
                           remote=RemoteRunner.for_runner(runner, str(runner.path), launcher=launcher))
@@ -97,8 +99,6 @@ def main() -> int:
             device, tokens, _secs = dq._run_rung(ctx, plan, str(work), str(gguf), gguf.stem, suite)
             wall = time.perf_counter() - t0
             same, notes = 0, []
-            import base64
-
             for cid, got in device.items():
                 want = base64.b64decode(host[cid]["output_b64"])
                 if got.output == want and got.stopped == host[cid]["stopped"]:

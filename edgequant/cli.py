@@ -234,7 +234,8 @@ def cli():
 @click.option("--device", "device_specs", multiple=True, metavar="SPEC",
               help="Where to benchmark: host (default), a phone (SERIAL, HOST:PORT, server:SERIAL), all, or a "
                    "device pool (pool:NAME|PATH, a TOML listing specs and labels). Repeatable; phones run in "
-                   "parallel, each under a lease. Quality is computed on the host from the same GGUF bytes.")
+                   "parallel, each under a lease. Quality is computed on the host from the same GGUF bytes "
+                   "(on the phones with --quality-on-device).")
 @device_dir_option
 @click.option("--runner-dir", type=click.Path(file_okay=False), default=None,
               help="Prebuilt on-device runner folder (bin/llama-bench, lib/). Default: a cached build that runs "

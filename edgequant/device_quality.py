@@ -118,8 +118,9 @@ class DeviceCase:
 def completion_args(tool: list[str], threads: int, n_ctx: int, max_tokens: int, stops: list[str],
                     repack: bool | None) -> list[str]:
     """llama-completion's command line for one case (the model and prompt file are added by the script)."""
+    # --swa-full: the host eval's context keeps the full sliding-window cache too
     args = [*tool, "--no-escape", "-no-cnv", "--no-display-prompt", "--no-warmup", "--samplers", "temperature",
-            "--temp", "0", "-s", "0", "-n", str(max_tokens), "-c", str(n_ctx), "-t", str(threads)]
+            "--temp", "0", "-s", "0", "-n", str(max_tokens), "-c", str(n_ctx), "-t", str(threads), "--swa-full"]
     if repack is False:
         args.append("--no-repack")
     for s in stops:
@@ -186,7 +187,7 @@ def cut_at_stops(output: bytes, stops: list[bytes]) -> tuple[bytes, bool]:
     return output[:best[1]], True
 
 
-def case_from_run(run: CaseRun, stops: list[bytes], max_tokens: int) -> DeviceCase:
+def case_from_run(run: CaseRun, stops: list[bytes]) -> DeviceCase:
     """One case's output as the host eval would have returned it (see the module doc)."""
     n_tokens, seconds = _perf(run.log_text())
     if run.full_size > OUTPUT_LIMIT:
@@ -298,7 +299,7 @@ def _run_rung(ctx, plan: _Plan, rundir: str, model: str, quant: str, suite) -> t
             status, what = failure_status(run, plan.timeout)
             raise EvalError(status, f"case {case.id} of {quant} on {ctx.serial}: {what}")
         spec = suite.formats[case.format]
-        dc = case_from_run(run, [s.encode("utf-8") for s in spec.stop if s], spec.max_tokens)
+        dc = case_from_run(run, [s.encode("utf-8") for s in spec.stop if s])
         parsed = dc.parsed or _parse_case(case, dc.output, suite)
         cr = CaseResult(case, dc.output, [], dc.stopped, parsed)
         cr.n_tokens = dc.n_tokens      # type: ignore[attr-defined] - read by _record

@@ -220,10 +220,13 @@ class LeaseLost(DeviceError):
 
 
 class PhoneBusy(EdgequantError):
-    def __init__(self, serial: str, holder: str, waited: float, where: str):
-        super().__init__(f"device {serial} is in use by {holder}; waited {waited:.0f} s (--lease-wait): "
-                         f"run again when it is free, or if that run is gone remove {where}", 1)
+    def __init__(self, serial: str, holder: str, waited: float, hint: str):
+        super().__init__(f"device {serial} is in use by {holder}; waited {waited:.0f} s (--lease-wait): {hint}", 1)
         self.serial = serial
+
+
+class _Stopped(Exception):
+    """Another phone failed while this one was being opened: stop quietly."""
 
 
 _OWNER_LINE = re.compile(r"^(token|host|pid|run)=(.*)$", re.M)
@@ -380,25 +383,26 @@ def take_lease(target: select.Target, transport: Transport, workdir: str, cache_
         pid = lock.holder_pid()
         if waited >= wait_s:
             raise PhoneBusy(target.serial, f"another edgequant process of this host (pid {pid or '?'})", waited,
-                            f"nothing: it ends with that process")
+                            "run again when that process ends, or wait longer")
         if not told:
             on_wait(f"{target.serial} is in use by edgequant pid {pid or '?'} on this host: waiting up to "
                     f"{wait_s:.0f} s")
             told = True
         if stop.wait(min(LEASE_POLL_S, max(wait_s - waited, 0.05))):
-            raise KeyboardInterrupt
+            raise _Stopped()
     lease = DeviceLease(transport, workdir, run)
     try:
         told = False
         while (holder := lease.try_acquire()) is not None:
             waited = time.monotonic() - start
             if waited >= wait_s:
-                raise PhoneBusy(target.serial, holder.describe(), waited, f"{lease.path} on the phone")
+                raise PhoneBusy(target.serial, holder.describe(), waited,
+                                f"run again when it is free (if that run is gone, remove {lease.path} on the phone)")
             if not told:
                 on_wait(f"{target.serial} is in use by {holder.describe()}: waiting up to {wait_s:.0f} s")
                 told = True
             if stop.wait(min(LEASE_POLL_S, max(wait_s - waited, 0.05))):
-                raise KeyboardInterrupt
+                raise _Stopped()
     except BaseException:
         lock.release()
         raise
@@ -485,7 +489,7 @@ def open_phones(targets: list[select.Target], workdir: str, runner_dir: str | No
     other failure releases every phone and is raised (one line), before the run starts.
 
     ``entries``: pool entries by serial (a label, a work directory other than ``workdir``)."""
-    from concurrent.futures import ThreadPoolExecutor
+    from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 
     entries = entries or {}
     phones = []
@@ -510,7 +514,10 @@ def open_phones(targets: list[select.Target], workdir: str, runner_dir: str | No
                 return
             except DeviceError as exc:
                 transport.close()
-                if exc.kind not in RETRYABLE or attempt == len(retry_delays) or stop.is_set():
+                if stop.is_set():
+                    release_phone(phone, transport)
+                    raise _Stopped() from None
+                if exc.kind not in RETRYABLE or attempt == len(retry_delays):
                     release_phone(phone, transport)
                     raise
                 phone.retries += 1
@@ -526,23 +533,23 @@ def open_phones(targets: list[select.Target], workdir: str, runner_dir: str | No
         for p in phones:
             open_one(p)
         return phones
-    errors: list[BaseException] = []
     with ThreadPoolExecutor(max_workers=len(phones), thread_name_prefix="eq-open") as pool:
         futures = [pool.submit(open_one, p) for p in phones]
         try:
-            for f in futures:
-                try:
-                    f.result()
-                except BaseException as exc:  # noqa: BLE001 - the first one is raised below
-                    stop.set()
-                    errors.append(exc)
+            # the first failure stops the phones still waiting for a lease or a retry
+            _, pending = wait(futures, return_when=FIRST_EXCEPTION)
+            if pending:
+                stop.set()
+                wait(pending)
         except KeyboardInterrupt:
             stop.set()
+            pool.shutdown(wait=True)
             close_phones(phones)
             raise
+    errors = [f.exception() for f in futures if f.exception() is not None]
     if errors:
         close_phones(phones)
-        raise errors[0]
+        raise next((e for e in errors if not isinstance(e, _Stopped)), errors[0])
     return phones
 
 

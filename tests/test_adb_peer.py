@@ -398,7 +398,8 @@ def test_out_of_disk(adb_peer, adb_cli, adb_host_key, tmp_path):
 def test_low_memory_killer(adb_peer, adb_cli):
     adb_cli.connect(adb_peer)
     s = adb_peer.serial
-    adb_peer.faults.lmk = [LmkRule(r"sleep 3[0-9]", delay=0.2)]
+    # the delay leaves the wrappers (toybox time, sh -c) time to spawn their child, even on a loaded machine
+    adb_peer.faults.lmk = [LmkRule(r"sleep 3[0-9]", delay=1.0)]
     killed = adb_cli.run("shell", "sleep 31", serial=s, timeout=25)
     assert killed.returncode == 137                                  # shell v2 exit code of a SIGKILLed process
     timed = adb_cli.run("shell", "toybox time -v sleep 32; echo rc=$?", serial=s, timeout=25)

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import db_rows, run_cli
+from adbpeer.peer import LmkRule
+from conftest import assert_one_line_error, db_rows, run_cli
 from test_device_run import phone  # noqa: F401 - the ADB peer "phone" fixture
 from test_runner import arm64_runner  # noqa: F401 - the session fixture that builds the runner
 
@@ -20,11 +21,11 @@ from edgequant import device_quality as dq
 PROFILE = """
 [profile]
 name = "phone-eval"
-description = "the reference and one rung, the smallest llama-bench run"
+description = "the reference and two rungs, the smallest llama-bench run"
 
 [quantize]
 reference = "BF16"
-types = ["Q8_0"]
+types = ["Q8_0", "Q4_0"]
 
 [bench]
 threads = 2
@@ -83,10 +84,12 @@ def device_eval(tiny_checkpoint, phone, arm64_runner, tmp_path):  # noqa: F811 -
     (tmp_path / "phone-mini.jsonl").write_text("\n".join(json.dumps(c) for c in CASES) + "\n")
     suite = tmp_path / "phone-mini.toml"
     suite.write_text(SUITE)
+    # the low-memory killer takes Q4_0's llama-completion (not its llama-bench): that rung's eval fails
+    peer.faults.lmk = [LmkRule(r"(?s)llama-completion .*Q4_0", delay=0.5)]   # (?s): a stop string is "\n..."
     res = run_cli("run", "--model", str(tiny_checkpoint), "--profile", str(profile), "--device", peer.serial,
                   "--device-dir", workdir, "--runner-dir", str(arm64_runner.path), "--suite", str(suite),
                   "--quality-on-device", env=env, timeout=1500)
-    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.returncode == 1, res.stderr[-3000:]
     db = Path(env["EDGEQUANT_DB"])
     (run,) = db_rows(db, "SELECT run_id, status FROM runs")
     return {"peer": peer, "res": res, "db": db, "run": run, "suite": suite,
@@ -97,6 +100,12 @@ def test_quality_on_device_matches_the_host_eval_and_is_stored_as_the_phones(dev
     d = device_eval
     db, run_id, device_id = d["db"], d["run"]["run_id"], f"adb:{d['peer'].serial}"
     assert d["run"]["status"] == "complete"
+    # Q4_0's eval was killed: one line says so, its status says why, the other rungs are whole
+    assert_one_line_error(d["res"].stderr, "Q4_0")
+    statuses = {s["quant"]: s for s in db_rows(db, "SELECT * FROM rung_status WHERE run_id = ?", run_id)}
+    assert statuses["Q4_0"]["status"] == "oom" and "quality on device" in statuses["Q4_0"]["detail"]
+    assert statuses["BF16"]["status"] == statuses["Q8_0"]["status"] == "ok"
+    assert d["peer"].lmk_kills
     quality = [r for r in db_rows(db, "SELECT * FROM measurements WHERE run_id = ?", run_id)
                if json.loads(r["params"]).get("stage") == "quality"]
     assert {r["quant"] for r in quality} == {"BF16", "Q8_0"}
@@ -164,16 +173,16 @@ def test_results_file_is_read_by_its_lengths_and_stops_at_anything_malformed():
 
 def test_completion_output_becomes_what_the_host_eval_returns():
     log = b"prompt eval time = 20.00 ms / 40 tokens\n       eval time = 50.00 ms /    5 runs\n"
-    eog = dq.case_from_run(dq.CaseRun(0, 1, b"<triage></triage>" + dq.EOG_MARK + b"\n\n", 40, log), [b"\nCase:"], 9)
+    eog = dq.case_from_run(dq.CaseRun(0, 1, b"<triage></triage>" + dq.EOG_MARK + b"\n\n", 40, log), [b"\nCase:"])
     assert (eog.output, eog.stopped, eog.n_tokens, eog.parsed) == (b"<triage></triage>", "eog", 6, None)
     assert eog.seconds == pytest.approx(0.07)
-    stop = dq.case_from_run(dq.CaseRun(0, 1, b"A\nCase: B\n\n", 12), [b"\nCase:"], 9)
+    stop = dq.case_from_run(dq.CaseRun(0, 1, b"A\nCase: B\n\n", 12), [b"\nCase:"])
     assert (stop.output, stop.stopped) == (b"A", "stop")
-    plain = dq.case_from_run(dq.CaseRun(0, 1, b"\xff\xfe not utf-8\n\n", 14), [b"\nCase:"], 9)
+    plain = dq.case_from_run(dq.CaseRun(0, 1, b"\xff\xfe not utf-8\n\n", 14), [b"\nCase:"])
     assert (plain.output, plain.stopped, plain.n_tokens) == (b"\xff\xfe not utf-8", "max_tokens", None)
-    huge = dq.case_from_run(dq.CaseRun(0, 1, b"x" * 100, dq.OUTPUT_LIMIT + 1), [], 9)
+    huge = dq.case_from_run(dq.CaseRun(0, 1, b"x" * 100, dq.OUTPUT_LIMIT + 1), [])
     assert huge.parsed is not None and not huge.parsed.ok and "larger than" in huge.parsed.reason
-    cut = dq.case_from_run(dq.CaseRun(0, 1, b"no blank line at the end", 24), [], 9)
+    cut = dq.case_from_run(dq.CaseRun(0, 1, b"no blank line at the end", 24), [])
     assert cut.parsed is not None and not cut.parsed.ok
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import sqlite3
 import subprocess
 import threading
@@ -294,6 +295,16 @@ def test_a_busy_phone_makes_the_second_run_wait_or_refuse(tiny_checkpoint, farm_
         assert not Path(env["EDGEQUANT_DB"]).exists() or not db_rows(Path(env["EDGEQUANT_DB"]),
                                                                      "SELECT * FROM runs")
         assert not [e for e in peer.events_of("sync") if e.startswith("SEND")]
+        # another edgequant process of this host holds the phone: refused too, naming that process
+        host_lock = farm.HostLock(Path(env["EDGEQUANT_CACHE_DIR"]), peer.serial)
+        assert host_lock.try_acquire()
+        try:
+            local = run_cli(*_run_args(tiny_checkpoint, profile, arm64_runner, "--device", peer.serial,
+                                       "--device-dir", workdir, "--lease-wait", "0"), env=env, timeout=300)
+        finally:
+            host_lock.release()
+        assert local.returncode == 1
+        assert_one_line_error(local.stderr, peer.serial, f"process of this host (pid {os.getpid()})")
         # a longer wait: the run waits until the holder is done, then runs
         timer = threading.Timer(4.0, other.release)
         timer.start()
@@ -327,18 +338,13 @@ def test_a_dropped_phone_is_retried_then_failed_while_the_other_finishes(tiny_ch
     flaky.faults.drop_send_after = 64 * 1024
     flaky.faults.drop_send_times = 1
     proc = start_cli(*_run_args(tiny_checkpoint, profile, arm64_runner, "--device", f"pool:{pool}"), env=env)
-    # doomed goes away for good once it has finished its first rung
-    db = Path(env["EDGEQUANT_DB"])
 
-    def doomed_finished_a_rung():
-        try:
-            return any(r["device_id"] == f"adb:{doomed.serial}" for r in
-                       db_rows(db, "SELECT device_id FROM rung_status"))
-        except sqlite3.OperationalError:  # the database is still being created
-            return False
+    # doomed goes away for good once it has finished its first rung: when its second model is pushed
+    def doomed_pushes_its_second_rung():
+        return any("Q4_0" in e for e in doomed.events_of("sync") if e.startswith("SEND"))
 
     try:
-        wait_for(doomed_finished_a_rung, timeout=900, what="the doomed phone's first rung", proc=proc)
+        wait_for(doomed_pushes_its_second_rung, timeout=900, what="the doomed phone's second push", proc=proc)
         doomed.close()
         out, err = proc.communicate(timeout=1500)
     finally:
@@ -359,3 +365,103 @@ def test_a_dropped_phone_is_retried_then_failed_while_the_other_finishes(tiny_ch
     assert "retry 3/3" in res.stderr and "gave up after 3 retries" in res.stderr
     summary = res.stderr[res.stderr.index("farm: 2 phone(s)"):]
     assert "not run: the phone failed" in summary
+
+
+def test_a_killed_farm_run_resumes_past_its_own_stale_lease(tiny_checkpoint, farm_env, adb_peer_factory,
+                                                            arm64_runner, tmp_path):
+    env, profile = farm_env
+    a, b = _phones(adb_peer_factory, 2)
+    pool = _pool(tmp_path, (a, b))
+    proc = start_cli(*_run_args(tiny_checkpoint, profile, arm64_runner, "--device", f"pool:{pool}"), env=env)
+    db = Path(env["EDGEQUANT_DB"])
+
+    def a_rung_is_stored():
+        try:
+            return bool(db_rows(db, "SELECT * FROM rung_status"))
+        except sqlite3.OperationalError:  # the database is still being created
+            return False
+
+    try:
+        wait_for(a_rung_is_stored, timeout=900, what="a stored rung", proc=proc)
+        os.killpg(proc.pid, signal.SIGKILL)     # no chance to release anything
+        proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    run = _last_run(env)
+    stored = _statuses(env, run["run_id"])
+    assert 1 <= len(stored) < 4
+    # the killed process left its leases on the phones
+    for peer in (a, b):
+        assert f"pid={proc.pid}" in (Path(_workdir(peer)) / "lease" / "owner").read_text()
+    # its process is gone, on this host: the resume takes the leases at once, without waiting
+    resumed = run_cli("run", "--resume", run["run_id"], "--lease-wait", "0", env=env, timeout=1500)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert _last_run(env)["status"] == "complete"
+    assert _statuses(env, run["run_id"]) == {(f"adb:{p.serial}", q): "ok" for p in (a, b) for q in RUNGS}
+    counts = db_rows(db, "SELECT device_id, quant, COUNT(*) AS n FROM measurements WHERE run_id = ? "
+                         "AND metric = 'tg_tps' GROUP BY device_id, quant", run["run_id"])
+    assert [r["n"] for r in counts] == [1, 1, 1, 1]     # nothing measured twice
+    for peer in (a, b):
+        assert not (Path(_workdir(peer)) / "lease").exists()
+
+
+def test_live_view_and_summary_render_each_phone(tmp_path):
+    from rich.console import Console
+
+    from edgequant.pipeline import RungOutcome
+
+    class Art:
+        def __init__(self, quant):
+            self.quant = quant
+
+    ok = farm.Phone(select.Target("10.0.0.5:5555", "direct"), "/data/local/tmp/eq", "shelf 1",
+                    state="running", rung="Q4_0", phase="push 40% 12.0 MB/s", total=3, done=1)
+    ok.outcomes = [RungOutcome(Art("BF16"), "ok"),
+                   RungOutcome(Art("Q8_0"), "skipped", "the file does not fit in the RAM")]
+    bad = farm.Phone(select.Target("R5CT1234", "server"), "/data/local/tmp/eq", None, state="failed", total=3,
+                     retries=3)
+    bad.outcomes = [RungOutcome(Art("BF16"), "oom", "killed")]
+    bad.not_run = [("Q8_0", "not run: the phone failed"), ("Q4_0", "not run: the phone failed")]
+    bad.failure = "device R5CT1234 stopped answering (gave up after 3 retries)"
+    console = Console(record=True, width=160, file=open(os.devnull, "w"))
+    console.print(farm.FarmView([ok, bad]).table())
+    live = console.export_text()
+    row = next(ln for ln in live.splitlines() if "10.0.0.5:5555 (shelf 1)" in ln)
+    assert "running" in row and "Q4_0" in row and "1/3" in row and "push 40%" in row
+    assert "failed" in next(ln for ln in live.splitlines() if "R5CT1234" in ln)
+    farm.render_summary(farm.FarmResult([ok, bad], 12.0), console)
+    text = console.export_text()
+    assert "farm: 2 phone(s) in 12 s" in text
+    ok_row = next(ln for ln in text.splitlines() if "10.0.0.5:5555 (shelf 1)" in ln)
+    assert "BF16" in ok_row and "Q8_0: skipped (the file does not fit in the RAM)" in ok_row
+    assert "Q8_0: not run: the phone failed" in text and "phone failed: device R5CT1234 stopped answering" in text
+    assert "BF16: oom (killed)" in text
+    assert farm.FarmResult([ok, bad], 1).failed_rungs == ["BF16 on R5CT1234 oom"]
+    assert [p.serial for p in farm.FarmResult([ok, bad], 1).lost] == ["R5CT1234"]
+
+
+def test_one_bad_phone_stops_the_others_before_anything_starts(tiny_checkpoint, farm_env, adb_peer_factory,
+                                                               arm64_runner, tmp_path):
+    env, profile = farm_env
+    good, busy = _phones(adb_peer_factory, 2)
+    x86 = adb_peer_factory(props={"ro.product.cpu.abi": "x86_64", "ro.product.cpu.abilist": "x86_64,x86"})
+    holder_transport = _transport(busy)
+    other = farm.DeviceLease(holder_transport, _workdir(busy), host="rack-host-2", pid=4242)
+    try:
+        assert other.try_acquire() is None
+        pool = _pool(tmp_path, (good, busy, x86))
+        # busy would be waited for a long time; the wrong-ABI phone ends the wait at once
+        res = run_cli(*_run_args(tiny_checkpoint, profile, arm64_runner, "--device", f"pool:{pool}",
+                                 "--lease-wait", "1200"), env=env, timeout=300)
+        assert res.returncode != 0
+        assert_one_line_error(res.stderr, x86.serial, "arm64")
+        # nothing started, and the phone that was taken is free again; busy's holder keeps its lease
+        assert not Path(env["EDGEQUANT_DB"]).exists() or not db_rows(Path(env["EDGEQUANT_DB"]),
+                                                                     "SELECT * FROM runs")
+        assert not (Path(_workdir(good)) / "lease").exists()
+        assert not (Path(_workdir(x86)) / "lease").exists()
+        assert "host=rack-host-2" in (Path(_workdir(busy)) / "lease" / "owner").read_text()
+        assert not [e for e in good.events_of("sync") if e.startswith("SEND") and ".gguf" in e]
+    finally:
+        holder_transport.close()
