@@ -11,6 +11,8 @@ $(VENV)/.installed: pyproject.toml
 	# the CPU build of torch (plain `torch` can resolve to a multi-GB CUDA build)
 	$(PIP) install 'torch==2.13.0'
 	$(PIP) install -e '.[test]'
+	# the ONNX exporter has its own pinned transformers: installed beside, not into, the environment
+	$(VENV)/bin/edgequant setup-onnx
 	touch $@
 
 setup: $(VENV)/.installed

@@ -76,10 +76,10 @@ def kld_target(work: Path, common: list[str]) -> None:
             print(f"{t}: imatrix mean KLD {imx:.5f} is NOT lower than plain {plain:.5f}: target not met")
 
 
-def text_kld_target(work: Path, common: list[str], n_ctx: int = 256) -> None:
-    """The quick variant: teacher-forced KLD on the evaluation cases' prompts (few-shot block + case),
-    chunked like llama-perplexity, with the worker's full-vocabulary KLD code.  No generation, so
-    it takes a minute instead of the full eval; the text is still held apart from the calibration."""
+def text_kld_target(work: Path, common: list[str], n_ctx: int = 128) -> None:
+    """The quick variant: teacher-forced KLD on the evaluation cases' own prompts (without the
+    few-shot blocks, which the calibration text contains too), chunked like llama-perplexity, with the
+    worker's full-vocabulary KLD code.  No generation, so it takes minutes instead of the full eval."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from quality_targets import edgequant_kld
 
@@ -90,7 +90,7 @@ def text_kld_target(work: Path, common: list[str], n_ctx: int = 256) -> None:
     suite_name = common[common.index("--suite") + 1]
     suite = load_suite(suite_name)
     evaluation = subset_suite(suite, split_suite(suite), "evaluation")
-    text = "\n\n".join(evaluation.completion_prompt(c) for c in evaluation.cases)
+    text = "\n\n".join(c.prompt for c in evaluation.cases)
     profile = work / "imatrix-targets.toml"
     types = [t + v for t in TYPES for v in ("", "+imatrix")]
     profile.write_text('[profile]\nname = "imatrix-targets"\n[quantize]\n'
@@ -101,7 +101,7 @@ def text_kld_target(work: Path, common: list[str], n_ctx: int = 256) -> None:
         return
     arts = {a["quant"]: Path(a["path"]) for a in json.loads(out[:out.rindex("]") + 1])}
     threads = BenchSettings().resolved_threads()
-    print(f"teacher-forced KLD on the {len(evaluation.cases)} evaluation prompts of {suite.name} "
+    print(f"teacher-forced KLD on the {len(evaluation.cases)} evaluation case prompts of {suite.name} "
           f"(n_ctx {n_ctx}, second half of each chunk scored)")
     kld = {}
     for q in types:

@@ -34,19 +34,16 @@ def main() -> int:
     from edgequant.paths import cache_dir
     from edgequant.pipeline import NullReporter, build_ladder, resolve_model
     from edgequant.profiles import BenchSettings, _Checker, load_profile, parse_onnx
-    from edgequant.quantize.onnx_export import OnnxLadder, ensure_exporter, exporter_dir
+    from edgequant.quantize.onnx_export import OnnxLadder, install_exporter
 
     cache = Path(args.cache_dir).expanduser() if args.cache_dir else cache_dir()
     reporter = NullReporter()
     resolved = resolve_model(None, cache, reporter)
     spec = parse_onnx(_Checker(Path("onnx_targets")), {"variants": ["fp32", "int8", "int4"]})
-    exporter = ensure_exporter(cache)
+    install_exporter()   # once per environment (`edgequant setup-onnx`); not timed
 
     work = Path(tempfile.mkdtemp(prefix="eq-onnx-targets-"))
     try:
-        link = exporter_dir(work)
-        link.parent.mkdir(parents=True)
-        link.symlink_to(exporter, target_is_directory=True)
         ladder = OnnxLadder(resolved.checkpoint, resolved.model_hash, spec, work)
         t0 = time.perf_counter()
         arts = ladder.build()

@@ -964,6 +964,22 @@ def clean(serial, device_dir):
     click.echo(f"removed edgequant's files from {workdir} on {targets[0].serial} ({freed / 1024:,.1f} MiB)")
 
 
+@cli.command("setup-onnx")
+def setup_onnx():
+    """Install the ONNX exporter (optimum-onnx 0.1.0 and its pinned transformers) into this environment.
+
+    optimum-onnx pins an older transformers than edgequant runs on, so it gets a
+    folder of its own that only the export process sees.  pip fetches it from
+    PyPI once (about 140 MB); `make setup` runs this.  ONNX rungs need it.
+    """
+    from edgequant.quantize.onnx_export import install_exporter
+
+    console = _stderr_console()
+    folder = install_exporter(lambda task, done, total: console.print(f"[cyan]•[/cyan] {task}")
+                              if not done else None)
+    click.echo(f"ONNX exporter installed in {folder}")
+
+
 @cli.group()
 def runner():
     """Build and inspect the on-device runner (llama.cpp's llama-bench and llama-completion).

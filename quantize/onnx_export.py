@@ -16,9 +16,10 @@
 The exporter lives in its own package folder.  optimum-onnx 0.1.0 (the
 release on PyPI) requires ``transformers<4.58`` while edgequant runs on
 transformers 5, so the exporter and its pinned transformers are installed
-once with ``pip install --no-deps --target`` under the cache
-(``tools/onnx-exporter-<hash>``) and put first on ``PYTHONPATH`` of the export
-process only; torch, onnx and the rest come from edgequant's own environment.
+once, by ``edgequant setup-onnx`` (``make setup`` runs it), with ``pip install
+--no-deps --target`` into the environment (``share/edgequant/onnx-exporter-<hash>``)
+and put first on ``PYTHONPATH`` of the export process only; nothing is
+downloaded during a run; torch, onnx and the rest come from edgequant's own environment.
 
 Artifacts follow the GGUF ladder's rules: content-addressed folders
 (``onnx-<VARIANT>-<key>/model.onnx`` plus ``model.onnx_data`` when the model is
@@ -84,15 +85,23 @@ def onnx_versions() -> dict[str, str]:
 # the exporter's package folder
 
 
-def exporter_dir(cache_root: Path) -> Path:
+def exporter_dir(cache_root: Path | None = None) -> Path:
+    """Where ``edgequant setup-onnx`` puts the exporter: inside this Python environment, so it is
+    installed with the environment (``make setup``) and never fetched while a run is going on."""
     digest = hashlib.sha256("\n".join(EXPORTER_PINS).encode()).hexdigest()[:12]
-    return cache_root / "tools" / f"onnx-exporter-{digest}"
+    return Path(sys.prefix) / "share" / "edgequant" / f"onnx-exporter-{digest}"
 
 
-def ensure_exporter(cache_root: Path, report: Progress = lambda *a: None) -> Path:
-    """The folder holding optimum-onnx and its pinned transformers; installed once (pip, --no-deps)."""
-    folder = exporter_dir(cache_root)
-    if (folder / "optimum" / "exporters" / "onnx").is_dir():
+def _installed(folder: Path) -> bool:
+    return (folder / "optimum" / "exporters" / "onnx").is_dir()
+
+
+def install_exporter(report: Progress = lambda *a: None) -> Path:
+    """Install optimum-onnx and its pinned transformers (pip, --no-deps) into :func:`exporter_dir`.
+
+    The one network access of the ONNX path, made only when the user asks (``edgequant setup-onnx``)."""
+    folder = exporter_dir()
+    if _installed(folder):
         return folder
     folder.parent.mkdir(parents=True, exist_ok=True)
     clean_stale_partials(folder.parent)
@@ -106,6 +115,16 @@ def ensure_exporter(cache_root: Path, report: Progress = lambda *a: None) -> Pat
             raise RunFailed(f"installing the ONNX exporter ({', '.join(EXPORTER_PINS)}) failed with exit "
                             f"{proc.returncode}: {_last_line(log)}; full log: {log}")
     report("installing the ONNX exporter", 1, 1)
+    return folder
+
+
+def ensure_exporter(cache_root: Path | None = None, report: Progress = lambda *a: None) -> Path:
+    """The folder holding optimum-onnx and its pinned transformers; BadInput when it is not installed."""
+    folder = exporter_dir()
+    if not _installed(folder):
+        raise BadInput("the ONNX exporter (optimum-onnx 0.1.0 with its own pinned transformers) is not "
+                       "installed in this environment; run `edgequant setup-onnx` once (pip fetches about "
+                       "140 MB from PyPI; `make setup` does it)")
     return folder
 
 

@@ -2,8 +2,8 @@
 
 The artifacts live in one folder under the session's base temp dir; the ladder is content-addressed,
 so every test module that asks for them after the first gets the cached files.  The exporter's package
-folder (optimum-onnx and its pinned transformers, installed once with pip) is kept in the normal
-edgequant cache and linked in, so a machine downloads it once, not once per session.
+folder (optimum-onnx and its pinned transformers) is the environment's own, installed by
+`edgequant setup-onnx` during `make setup`: the tests download nothing.
 """
 
 from __future__ import annotations
@@ -12,10 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from edgequant.paths import cache_dir
 from edgequant.profiles import _Checker, parse_onnx
 from edgequant.quantize.checkpoint import checkpoint_hash, open_checkpoint
-from edgequant.quantize.onnx_export import OnnxLadder, ensure_exporter, exporter_dir
+from edgequant.quantize.onnx_export import OnnxLadder, ensure_exporter
 
 ONNX_TABLE = {
     "variants": ["fp32", "fp16", "int8", "int4", "int4-emb", "fp32-ext"],
@@ -26,14 +25,9 @@ ONNX_TABLE = {
 
 
 def shared_cache(base: Path) -> Path:
-    """A cache folder for a test, with the exporter linked in from the user's edgequant cache."""
-    root = base / "onnx-cache"
-    link = exporter_dir(root)
-    if not link.exists():
-        real = ensure_exporter(cache_dir())
-        link.parent.mkdir(parents=True, exist_ok=True)
-        link.symlink_to(real, target_is_directory=True)
-    return root
+    """A cache folder for a test; the exporter is the environment's (`make setup` installs it)."""
+    ensure_exporter()   # one clear line when `edgequant setup-onnx` was not run
+    return base / "onnx-cache"
 
 
 @pytest.fixture(scope="session")
