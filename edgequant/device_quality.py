@@ -49,7 +49,8 @@ from edgequant.bench.quality import (EvalError, CaseResult, Reference, _base_req
                                      _parse_case, compute_metrics, evaluate_gates)
 from edgequant.devices.facts import recommended_threads
 from edgequant.devices.transport import DeviceError, quote
-from edgequant.results.store import Measurement, RowKey
+from edgequant.pipeline import quality_measurements
+from edgequant.results.store import RowKey
 
 OUTPUT_LIMIT = 1 << 20          # bytes of one case's output read back; more is a failed parse
 LOG_TAIL = 8192                 # bytes of one case's log read back
@@ -434,13 +435,8 @@ def quality_rungs_on_device(store, run_id: str, model_id: str, model_hash: str, 
                     m.detail = {"seconds": gen_seconds, "slots": 1,
                                 "source": "llama-completion timings, one case at a time, prompts included"}
             gates = evaluate_gates(suite, metrics)
-            rows = [Measurement(m.metric, m.value, m.unit, m.detail.get("stddev"), m.n, m.detail or None)
-                    for m in metrics]
-            if gates:
-                rows.append(Measurement("gates_pass", 1.0 if all(g["pass"] for g in gates) else 0.0, "bool", None,
-                                        len(gates), {"gates": gates}))
-            store.record_rung(run_id, row_key, rows, status=None, cases=[_record(c) for c in results.values()],
-                              suite=suite.name)
+            store.record_rung(run_id, row_key, quality_measurements(metrics, gates), status=None,
+                              cases=[_record(c) for c in results.values()], suite=suite.name)
             statuses[art.quant] = "ok"
             reporter.rung_done(art.quant, "ok")
     except DeviceError as exc:

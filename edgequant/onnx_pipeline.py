@@ -9,7 +9,8 @@ from importlib import metadata
 from pathlib import Path
 
 from edgequant.devices.host import host_device, host_device_id
-from edgequant.pipeline import BenchOutcome, Reporter, ResolvedModel, RungOutcome, _artifact_measurements
+from edgequant.pipeline import (BenchOutcome, Reporter, ResolvedModel, RungOutcome, _artifact_measurements,
+                                quality_measurements)
 from edgequant.profiles import Profile
 from edgequant.quantize.ladder import Artifact
 from edgequant.results.store import Measurement, RowKey, Store
@@ -103,12 +104,8 @@ def quality_onnx_rungs(store: Store, run_id: str, model_id: str, model_hash: str
             statuses[art.quant] = exc.status
             reporter.rung_done(art.quant, exc.status)
             continue
-        rows = [Measurement(m.metric, m.value, m.unit, m.detail.get("stddev"), m.n, m.detail or None)
-                for m in q.metrics]
-        if q.gates:
-            rows.append(Measurement("gates_pass", 1.0 if q.gates_pass else 0.0, "bool", None, len(q.gates),
-                                    {"gates": q.gates}))
-        store.record_rung(run_id, key, rows, status=None, cases=[c.record() for c in q.cases], suite=suite.name)
+        store.record_rung(run_id, key, quality_measurements(q.metrics, q.gates), status=None,
+                          cases=[c.record() for c in q.cases], suite=suite.name)
         statuses[art.quant] = "ok"
         reporter.rung_done(art.quant, "ok")
     return statuses

@@ -158,6 +158,15 @@ def process_age_seconds() -> float:
     return time.time() - psutil.Process().create_time()
 
 
+def quality_measurements(metrics, gates: list[dict]) -> list[Measurement]:
+    """The store rows of one rung's quality metrics, plus ``gates_pass`` when the suite has gates."""
+    rows = [Measurement(m.metric, m.value, m.unit, m.detail.get("stddev"), m.n, m.detail or None) for m in metrics]
+    if gates:
+        rows.append(Measurement("gates_pass", 1.0 if all(g["pass"] for g in gates) else 0.0, "bool", None,
+                                len(gates), {"gates": gates}))
+    return rows
+
+
 def quality_rungs(store: Store, run_id: str, model_id: str, model_hash: str, artifacts: list[Artifact],
                   profile: Profile, suite, cache_root: Path, reporter: Reporter,
                   prompting: str = "auto", only: set[str] | None = None,
@@ -199,12 +208,8 @@ def quality_rungs(store: Store, run_id: str, model_id: str, model_hash: str, art
             statuses[art.quant] = exc.status
             reporter.rung_done(art.quant, exc.status)
             continue
-        rows = [Measurement(m.metric, m.value, m.unit, m.detail.get("stddev"), m.n, m.detail or None)
-                for m in q.metrics]
-        if q.gates:
-            rows.append(Measurement("gates_pass", 1.0 if q.gates_pass else 0.0, "bool", None, len(q.gates),
-                                    {"gates": q.gates}))
-        store.record_rung(run_id, key, rows, status=None, cases=[c.record() for c in q.cases], suite=suite.name)
+        store.record_rung(run_id, key, quality_measurements(q.metrics, q.gates), status=None,
+                          cases=[c.record() for c in q.cases], suite=suite.name)
         statuses[art.quant] = "ok"
         reporter.rung_done(art.quant, "ok")
     return statuses
