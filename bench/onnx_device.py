@@ -285,6 +285,100 @@ class RemoteTool:
         return {"LD_LIBRARY_PATH": self.lib_dir} if self.lib_dir else {}
 
 
+# ---------------------------------------------------------------------------
+# the tool on this host, and its install on a device
+
+REMOTE_BIN = posixpath.join("bin", PERF_TEST)        # under the work directory, beside the runner's tools
+REMOTE_LIB = posixpath.join("lib", "onnxruntime")    # its own libraries, apart from the runner's lib/
+_BUILD_HINT = ("build onnxruntime for Android with --android --android_abi arm64-v8a (see the README, "
+               "'ONNX rungs') and pass build/Android/Release/onnxruntime_perf_test")
+
+
+@dataclass(frozen=True)
+class LocalPerfTest:
+    """An ``onnxruntime_perf_test`` on this host, checked before anything is pushed (``open_perf_test``)."""
+
+    path: Path
+    machine: str | None            # ELF machine ("aarch64"); None for a script (``#!``), run by its interpreter
+    os: str | None                 # "android" | "linux" for a dynamic ELF; None when static or a script
+    libs: tuple[Path, ...] = ()    # shared libraries it needs that sit beside it (libonnxruntime.so)
+
+    def describe(self) -> str:
+        if self.machine is None:
+            return f"{self.path} (a script)"
+        return f"{self.path} ({self.machine} {self.os or 'static'}" + \
+            (f", with {', '.join(p.name for p in self.libs)})" if self.libs else ")")
+
+    def require(self, os_name: str, where: str) -> None:
+        """Refuse, in one line, a dynamic build for another OS's linker than the device's."""
+        if self.os is not None and self.os != os_name:
+            raise BadInput(f"--onnx-perf-test {self.path} is linked for {self.os}, but {where} runs {os_name}; "
+                           + (_BUILD_HINT if os_name == "android" else "build it for aarch64 Linux"))
+
+
+def open_perf_test(path: Path | str) -> LocalPerfTest:
+    """Check a host file meant to run as ``onnxruntime_perf_test`` on arm64 devices; ``BadInput`` if it cannot.
+
+    An aarch64 ELF (its needed libraries found beside it are pushed with it), or a ``#!`` script (the tests'
+    stand-in).  A folder holding ``onnxruntime_perf_test`` (the build folder) is taken too."""
+    import os
+
+    from edgequant.bench.elf import NotElf, read_elf
+
+    p = Path(path).expanduser()
+    if p.is_dir() and (p / PERF_TEST).is_file():
+        p = p / PERF_TEST
+    if not p.exists():
+        raise BadInput(f"--onnx-perf-test {p}: no such file; {_BUILD_HINT}")
+    if not p.is_file():
+        raise BadInput(f"--onnx-perf-test {p}: not a file (and no {PERF_TEST} in it); {_BUILD_HINT}")
+    if not os.access(p, os.X_OK):
+        raise BadInput(f"--onnx-perf-test {p}: not executable; chmod +x it")
+    try:
+        with open(p, "rb") as fh:
+            head = fh.read(4)
+        if head[:2] == b"#!":
+            return LocalPerfTest(p.resolve(), None, None)
+        info = read_elf(p)
+    except NotElf as exc:
+        raise BadInput(f"--onnx-perf-test {exc}; {_BUILD_HINT}") from None
+    except OSError as exc:
+        raise BadInput(f"--onnx-perf-test {p}: cannot be read: {exc.strerror or exc}") from None
+    if info.machine != "aarch64":
+        raise BadInput(f"--onnx-perf-test {p} is built for {info.machine}, but edgequant's devices are aarch64 "
+                       f"(arm64-v8a); {_BUILD_HINT}")
+    libs: list[Path] = []
+    queue, seen = list(info.needed), set()
+    while queue:                       # the needed libraries that came with the build, and theirs
+        name = queue.pop(0)
+        if name in seen:
+            continue
+        seen.add(name)
+        lib = p.parent / name
+        if lib.is_file():
+            try:
+                lib_info = read_elf(lib)
+            except (NotElf, OSError) as exc:
+                raise BadInput(f"--onnx-perf-test {p}: its library {lib} is unreadable ({exc})") from None
+            if lib_info.machine != "aarch64":
+                raise BadInput(f"--onnx-perf-test {p}: its library {lib} is {lib_info.machine}, not aarch64")
+            libs.append(lib.resolve())
+            queue += lib_info.needed
+        elif name.startswith("libonnxruntime"):
+            raise BadInput(f"--onnx-perf-test {p} needs {name}, which is not beside it; keep the build folder's "
+                           f"{name} next to the binary")
+    return LocalPerfTest(p.resolve(), info.machine, info.os if info.interpreter else None, tuple(libs))
+
+
+def install_perf_test(pusher, local: LocalPerfTest) -> RemoteTool:
+    """Push the tool to ``WORKDIR/bin`` and its libraries to ``WORKDIR/lib/onnxruntime`` (``pusher``: a
+    ``devices.push.Pusher``; a file the device already holds with the same sha256 is not sent again)."""
+    remote = pusher.push(local.path, dest=REMOTE_BIN, executable=True).remote
+    for lib in local.libs:
+        pusher.push(lib, dest=posixpath.join(REMOTE_LIB, lib.name))
+    return RemoteTool(remote, posixpath.join(pusher.workdir, REMOTE_LIB) if local.libs else None)
+
+
 def sets_key(model_sha256: str, n_prompt: int, n_cached: int, seed: int) -> str:
     return hashlib.sha256(f"{model_sha256}|{n_prompt}|{n_cached}|{seed}|v1".encode()).hexdigest()[:16]
 

@@ -7,14 +7,17 @@ measures every live variant at each level:
 
 * a candidate larger than one that already passed is not measured (it cannot
   win on size);
-* a variant that failed the gates is not retried at a lower precision (lower
-  precision is assumed not to fix what higher precision broke);
+* a variant that failed the quality gates is not retried at a lower precision
+  (lower precision is assumed not to fix what higher precision broke); one
+  rejected only for speed (``--min-tg``, or its benchmark failed: killed, or
+  too large for the device) is, since lower precision is smaller and faster;
 * a candidate over ``--max-size`` is not measured.
 
-Building and measuring are callables, so the same search runs on the host or,
-later, on a phone: ``build(spec) -> artifact`` (anything with ``size_bytes``)
-and ``measure(spec, artifact) -> Measured``.  Nothing here touches llama.cpp,
-files or the store; the caller records the evidence.
+Building and measuring are callables, so the same search runs on the host or
+on a phone (``edgequant.calibrate.tune``): ``build(spec) -> artifact``
+(anything with ``size_bytes``) and ``measure(spec, artifact) -> Measured``.
+Nothing here touches llama.cpp, files or the store; the caller records the
+evidence.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ class Measured:
     metrics: dict[str, float]            # quality metrics by gate name (xml_parse_rate, mean_kld, ...)
     tg_tps: float | None = None
     pp_tps: float | None = None
+    speed_failure: str | None = None     # why speed was not measured (the benchmark was killed, skipped, ...)
 
 
 @dataclass
@@ -151,20 +155,25 @@ def search(levels: list[list[RungSpec]], gates: list[Gate], build: Callable[[Run
             say(f"measuring {spec.name} ({t.size_bytes / 2**20:.1f} MiB)")
             m = measure(spec, art)
             t.measured = m
+            quality_failed = False
             for gate in gates:
                 value = m.metrics.get(gate.metric)
                 t.gaps[str(gate)] = gap = gate_margin(gate, value)
                 if gap < 0:
                     shown = "not measured" if value is None else f"{value:.3f}"
                     t.reasons.append(f"{gate}: {shown}")
-            if min_tg is not None:
+                    quality_failed = True
+            if m.speed_failure:
+                t.reasons.append(m.speed_failure)   # a rung that cannot run where it is meant to ship
+            elif min_tg is not None:
                 tg_gate = Gate("tg_tps", ">=", min_tg)
                 t.gaps[f"tg_tps >= {min_tg:g}"] = gap = gate_margin(tg_gate, m.tg_tps)
                 if gap < 0:
                     t.reasons.append(f"tg {m.tg_tps or 0:.1f} t/s is under --min-tg {min_tg:g}")
             if t.reasons:
                 t.verdict = "fail"
-                failed_variant[variant] = spec.name
+                if quality_failed:      # too slow or too big is not inherited by smaller, faster types
+                    failed_variant[variant] = spec.name
                 continue
             t.verdict = "pass"
             if best is None or (t.size_bytes, -(m.tg_tps or 0)) < (best.size_bytes, -(best.measured.tg_tps or 0)):
@@ -180,7 +189,8 @@ def no_pass_message(result: TuneResult, gates: list[Gate]) -> str:
     closest = result.closest()
     n = len(result.measured)
     if closest is None:
-        return f"no candidate passed ({n} measured)"
+        reasons = sorted({r for t in result.measured for r in t.reasons})
+        return f"no candidate passed ({n} measured): " + "; ".join(reasons)[:300]
     gate, gap, t = closest
     value = gap  # signed shortfall
     return (f"no candidate passes every gate ({n} measured); the closest was gate {gate} at {t.name} "

@@ -96,22 +96,29 @@ def record_split(store, cal: Calibration) -> None:
 
 
 # ---------------------------------------------------------------------------
-# edgequant tune on the host
+# edgequant tune: on the host, or with its speed measured on a phone
 
 
-def tune_host(store, run_id: str, resolved, profile: Profile, suite: Suite, prompting: str, gates: list,
-              cache_root: Path, reporter, min_tg: float | None = None, max_size: int | None = None,
-              types: tuple[str, ...] | None = None, variants: tuple[str, ...] | None = None):
-    """Search the candidates on this host, measuring each on the suite's evaluation half; store every figure.
+def tune(store, run_id: str, resolved, profile: Profile, suite: Suite, prompting: str, gates: list,
+         cache_root: Path, reporter, min_tg: float | None = None, max_size: int | None = None,
+         types: tuple[str, ...] | None = None, variants: tuple[str, ...] | None = None, phone=None):
+    """Search the candidates, measuring each on the suite's evaluation half; store every figure.
+
+    ``phone``: an opened ``farm.Phone`` (lease held, runner installed).  Speed and memory are then measured
+    on it by the on-device llama-bench, exactly as ``edgequant run --device`` measures a rung
+    (``device_run.bench_rungs_on_device``), and ``min_tg`` applies to its figures; quality is still
+    computed on the host from the same GGUF bytes.  ``None``: everything on this host.  A phone that
+    stops answering raises ``device_run.DeviceLost`` (what was measured stays stored).
 
     Returns ``(TuneResult, reference_failures)``; the second lists the gates the reference itself fails.
     """
     from dataclasses import replace
     from importlib import metadata
 
-    from edgequant import pipeline
-    from edgequant.bench import tune
+    from edgequant import device_run, pipeline
+    from edgequant.bench import tune as tuning
     from edgequant.devices.host import host_device, host_device_id
+    from edgequant.devices.transport import DeviceError
     from edgequant.quantize.ladder import Ladder
     from edgequant.results.store import Measurement, RowKey
 
@@ -126,25 +133,49 @@ def tune_host(store, run_id: str, resolved, profile: Profile, suite: Suite, prom
     store.record_artifact(ref_art.record())
     built: dict[str, Artifact] = {}
 
+    if phone is None:
+        device, device_id, runner = host_device(), host_device_id(), "host"
+
+        def bench(art: Artifact):
+            return pipeline.bench_rungs(store, run_id, model_id, model_hash, [art], profile, reporter)
+    else:
+        device, device_id, runner = phone.ctx.device_record(), phone.ctx.device_id, "device"
+
+        def bench(art: Artifact):
+            try:
+                phone.lease.renew()     # held across the whole search, which can outlast a stale lease
+            except DeviceError as exc:
+                raise device_run.DeviceLost(phone.serial, "renewing its lease", exc) from None
+            return device_run.bench_rungs_on_device(store, run_id, model_id, model_hash, [art], profile,
+                                                    phone.ctx, reporter)
+
     def values(quant: str) -> tuple[dict[str, float], float | None, float | None]:
         rows = [r for r in store.measurements(run_id) if r["quant"] == quant]
         metrics = {r["metric"]: r["value"] for r in rows if r["params"].get("stage") == "quality"}
-        speed = {r["metric"]: r["value"] for r in rows if r["params"].get("stage") != "quality"}
+        speed = {r["metric"]: r["value"] for r in rows
+                 if r["device_id"] == device_id and r["params"].get("stage") not in ("quality", "tune")}
         return metrics, speed.get("tg_tps"), speed.get("pp_tps")
 
-    def measure_art(art: Artifact) -> None:
-        reporter.start_bench(1, "tune")
-        pipeline.bench_rungs(store, run_id, model_id, model_hash, [art], profile, reporter)
+    def measure_art(art: Artifact) -> str | None:
+        """Speed where it ships, quality on the host; why speed was not measured, or None."""
+        reporter.start_bench(1, "tune" if phone is None else f"tune on {phone.serial}")
+        outcome = bench(art)
         reporter.start_bench(1, f"eval {eval_suite.name} (evaluation half)")
         pipeline.quality_rungs(store, run_id, model_id, model_hash, [ref_art, art], profile, eval_suite,
                                cache_root, reporter, prompting, only={art.quant}, extra_params=extra)
+        failed = outcome.failed
+        if not failed:
+            return None
+        o = failed[0]
+        return f"speed not measured on {device_id}: {o.status}" + (f" ({o.detail})" if o.detail else "")
 
-    reporter.step(f"measuring the reference {ref_art.quant} on {len(eval_suite.cases)} evaluation cases "
-                  f"({len(cal.split.calibration)} calibrate the imatrix)")
+    where = "on this host" if phone is None else f"on {phone.serial}"
+    reporter.step(f"measuring the reference {ref_art.quant} (speed {where}) on {len(eval_suite.cases)} evaluation "
+                  f"cases ({len(cal.split.calibration)} calibrate the imatrix)")
     measure_art(ref_art)
     ref_metrics, _, _ = values(ref_art.quant)
     ref_failures = [f"{g} ({ref_metrics[g.metric]:.3f})" for g in gates
-                    if g.metric in ref_metrics and tune.gate_margin(g, ref_metrics[g.metric]) < 0]
+                    if g.metric in ref_metrics and tuning.gate_margin(g, ref_metrics[g.metric]) < 0]
 
     def build(spec):
         ladder = Ladder(resolved.checkpoint, model_hash, profile, cache_root, imatrix=provider, types=[spec.name])
@@ -154,16 +185,15 @@ def tune_host(store, run_id: str, resolved, profile: Profile, suite: Suite, prom
 
     def measure(spec, art):
         store.record_artifact(art.record())
-        measure_art(art)
+        speed_failure = measure_art(art)
         metrics, tg, pp = values(art.quant)
-        return tune.Measured(art.size_bytes, metrics, tg, pp)
+        return tuning.Measured(art.size_bytes, metrics, tg, pp, speed_failure)
 
-    levels = tune.candidates(types or tune.DEFAULT_TYPES, variants or tune.DEFAULT_VARIANTS)
-    result = tune.search(levels, gates, build, measure, min_tg, max_size, reporter.step)
+    levels = tuning.candidates(types or tuning.DEFAULT_TYPES, variants or tuning.DEFAULT_VARIANTS)
+    result = tuning.search(levels, gates, build, measure, min_tg, max_size, reporter.step)
 
-    device, device_id = host_device(), host_device_id()
     runtime_version = metadata.version("llama-cpp-python")
-    params = {"runner": "host", "stage": "tune", "gates": [str(g) for g in gates], "min_tg": min_tg,
+    params = {"runner": runner, "stage": "tune", "gates": [str(g) for g in gates], "min_tg": min_tg,
               "max_size": max_size, **cal.params()}
     for t in result.tried:
         art = built.get(t.name)

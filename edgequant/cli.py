@@ -41,6 +41,12 @@ def device_dir_option(f):
                              "/data/local/tmp/edgequant (Linux boards without /data need another).")(f)
 
 
+def runner_dir_option(f):
+    return click.option("--runner-dir", type=click.Path(file_okay=False), default=None,
+                        help="Prebuilt on-device runner folder (bin/llama-bench, lib/). Default: a cached build that "
+                             "runs on the device, else one is built (`edgequant runner build`).")(f)
+
+
 def model_options(f):
     f = click.option("--profile", "profile_name", default="default", show_default=True, metavar="NAME|PATH",
                      help="Quant profile: a built-in name (default, quick) or a path to a TOML file.")(f)
@@ -237,11 +243,14 @@ def cli():
                    "parallel, each under a lease. Quality is computed on the host from the same GGUF bytes "
                    "(on the phones with --quality-on-device).")
 @device_dir_option
-@click.option("--runner-dir", type=click.Path(file_okay=False), default=None,
-              help="Prebuilt on-device runner folder (bin/llama-bench, lib/). Default: a cached build that runs "
-                   "on the device, else one is built (`edgequant runner build`).")
+@runner_dir_option
 @click.option("--cooldown-max-wait", type=click.FloatRange(min=0), default=None, metavar="SECONDS",
               help="Longest wait for a phone to cool down before each rung (profile's device.cooldown_max_wait).")
+@click.option("--onnx-perf-test", default=None, metavar="PATH",
+              help="onnxruntime_perf_test built for Android arm64-v8a (e.g. onnxruntime's "
+                   "build/Android/Release/onnxruntime_perf_test, with libonnxruntime.so beside it): measures the "
+                   "profile's ONNX rungs on the phones; pushed once to each phone's work directory. Without it "
+                   "ONNX rungs on a phone are stored as skipped.")
 @click.option("--resume", "resume_id", default=None, metavar="RUN_ID",
               help="Finish a partial run with its own options: rungs already stored are not measured again.")
 @click.option("--lease-wait", type=click.FloatRange(min=0), default=300, show_default=True, metavar="SECONDS",
@@ -253,7 +262,7 @@ def cli():
 @click.pass_context
 def run(ctx, model, profile_name, threads, n_prompt, n_gen, repetitions, warmup, suite_name, prompting, no_quality,
         device_specs, device_dir, runner_dir, cooldown_max_wait, resume_id, lease_wait, db, cache_dir, fmt,
-        quality_on_device):
+        quality_on_device, onnx_perf_test):
     """Quantize, benchmark and compare: the whole job, on the host or on phones.
 
     Converts the checkpoint to the profile's reference GGUF (BF16) once, makes
@@ -283,12 +292,53 @@ def run(ctx, model, profile_name, threads, n_prompt, n_gen, repetitions, warmup,
         return _run(**params)
     return _run(model, profile_name, threads, n_prompt, n_gen, repetitions, warmup, suite_name, prompting,
                 no_quality, device_specs, device_dir, runner_dir, cooldown_max_wait, None, db, cache_dir, fmt,
-                lease_wait=lease_wait, quality_on_device=quality_on_device)
+                lease_wait=lease_wait, quality_on_device=quality_on_device, onnx_perf_test=onnx_perf_test)
+
+
+ONNX_NO_PERF_TEST = ("no onnxruntime_perf_test for the phone: pass --onnx-perf-test PATH (onnxruntime_perf_test "
+                     "built for Android arm64-v8a; see the README, 'ONNX rungs')")
+
+
+def _onnx_perf_test(path: str | None):
+    """The checked ``--onnx-perf-test`` (``bench.onnx_device.LocalPerfTest``), or None without the option."""
+    if not path:
+        return None
+    from edgequant.bench.onnx_device import open_perf_test
+
+    return open_perf_test(path)
+
+
+def _onnx_on_host(store, run_id: str, resolved, onnx_artifacts: list, profile, reporter) -> list[str]:
+    """Measure ONNX rungs on the host as every command does (``onnx_pipeline.bench_onnx_rungs``);
+    "RUNG STATUS" for each that did not finish."""
+    from edgequant import onnx_pipeline
+
+    if not onnx_artifacts:
+        return []
+    reporter.start_bench(len(onnx_artifacts), "benchmarking ONNX")
+    outcome = onnx_pipeline.bench_onnx_rungs(store, run_id, resolved.checkpoint.model_id, resolved.model_hash,
+                                             onnx_artifacts, profile, reporter)
+    return [f"{o.artifact.quant} {o.status}" for o in outcome.failed]
+
+
+def _onnx_quality_on_host(store, run_id: str, resolved, gguf_artifacts: list, onnx_artifacts: list, profile, suite,
+                          cache: Path, reporter, prompting: str, qparams: dict) -> list[str]:
+    """The eval suite on ONNX rungs on the host, against the GGUF reference (``onnx_pipeline.quality_onnx_rungs``);
+    "RUNG quality STATUS" for each that did not finish."""
+    from edgequant import onnx_pipeline
+
+    if not onnx_artifacts:
+        return []
+    reporter.start_bench(len(onnx_artifacts), f"eval {suite.name} (ONNX)")
+    statuses = onnx_pipeline.quality_onnx_rungs(store, run_id, resolved.checkpoint.model_id, resolved.model_hash,
+                                                gguf_artifacts, onnx_artifacts, profile, suite, cache, reporter,
+                                                prompting, qparams)
+    return [f"{q} quality {st}" for q, st in statuses.items() if st != "ok"]
 
 
 def _run(model, profile_name, threads, n_prompt, n_gen, repetitions, warmup, suite_name, prompting, no_quality,
          device_specs, device_dir, runner_dir, cooldown_max_wait, resume_id, db, cache_dir, fmt, lease_wait=300,
-         quality_on_device=False):
+         quality_on_device=False, onnx_perf_test=None):
     from dataclasses import replace
 
     from edgequant import calibrate, device_quality, device_run, farm, onnx_pipeline, pipeline
@@ -306,12 +356,16 @@ def _run(model, profile_name, threads, n_prompt, n_gen, repetitions, warmup, sui
     console = _stderr_console()
     on_host, phones, pool_entries = (True, [], {}) if not device_specs else farm.resolve_farm(device_specs)
     workdir = resolve_device_dir(device_dir) if phones else None
+    perf_test = _onnx_perf_test(onnx_perf_test)
     opened: list[farm.Phone] = []
     lost: list[farm.Phone] = []
     with RichReporter(console) as reporter:
         try:
             # fail fast: a busy (leased), unauthorized or wrong-ABI phone stops nothing half-done
             opened = farm.open_phones(phones, workdir, runner_dir, cache, reporter, lease_wait, pool_entries)
+            if perf_test is not None and profile.onnx:
+                for phone in opened:   # a build for another OS's linker than a phone's: refused before starting
+                    perf_test.require(phone.ctx.os_name, f"device {phone.serial}")
             resolved = pipeline.resolve_model(model, cache, reporter)
             ckpt = resolved.checkpoint
             if resume_id:
@@ -343,11 +397,7 @@ def _run(model, profile_name, threads, n_prompt, n_gen, repetitions, warmup, sui
                                                    profile, reporter)
                     failed += [f"{o.artifact.quant} {o.status}" for o in outcome.failed]
                     todo = [a for a in onnx_artifacts if (a.quant, host_id) not in done]
-                    if todo:
-                        reporter.start_bench(len(todo), "benchmarking ONNX")
-                        outcome = onnx_pipeline.bench_onnx_rungs(store, run_id, ckpt.model_id, resolved.model_hash,
-                                                                 todo, profile, reporter)
-                        failed += [f"{o.artifact.quant} {o.status}" for o in outcome.failed]
+                    failed += _onnx_on_host(store, run_id, resolved, todo, profile, reporter)
                 if opened:
                     stage = "benchmarking on the phones"
                     shared = farm.LockedStore(store)    # the phones' threads write through one lock
@@ -356,23 +406,32 @@ def _run(model, profile_name, threads, n_prompt, n_gen, repetitions, warmup, sui
                         """Everything measured on one opened phone (``dctx``) for the rungs in ``todo``; the
                         farm calls it from that phone's thread, under its lease, one rung at a time."""
                         benched = {(s["quant"], s["device_id"]) for s in shared.rung_statuses(run_id)}
+                        gguf = [a for a in todo if a.quant not in onnx_quants]
+                        onnx = [a for a in todo if a.quant in onnx_quants and (a.quant, dctx.device_id) not in benched]
                         outcome = device_run.bench_rungs_on_device(
                             shared, run_id, ckpt.model_id, resolved.model_hash,
-                            [a for a in todo if (a.quant, dctx.device_id) not in benched], profile, dctx,
+                            [a for a in gguf if (a.quant, dctx.device_id) not in benched], profile, dctx,
                             phone_reporter)
-                        if quality_on_device and suite is not None:
+                        if quality_on_device and suite is not None and gguf:
                             statuses = device_quality.quality_rungs_on_device(
                                 shared, run_id, ckpt.model_id, resolved.model_hash, artifacts, profile, suite, dctx,
                                 phone_reporter, prompting=prompting, extra_params=qparams,
-                                only={a.quant for a in todo})
-                            outcome.outcomes += [pipeline.RungOutcome(a, f"quality {statuses[a.quant]}") for a in todo
+                                only={a.quant for a in gguf})
+                            outcome.outcomes += [pipeline.RungOutcome(a, f"quality {statuses[a.quant]}") for a in gguf
                                                  if statuses.get(a.quant, "ok") != "ok"]
+                        if onnx:
+                            outcome.outcomes += device_run.bench_onnx_rungs_on_device(
+                                shared, run_id, ckpt.model_id, resolved.model_hash, onnx, profile, dctx,
+                                phone_reporter, cache / "onnx-device-sets", perf_test,
+                                skip_reason=ONNX_NO_PERF_TEST).outcomes
                         return outcome
 
                     evaluated = {(r["quant"], r["device_id"]) for r in store.measurements(run_id)
                                  if r["params"].get("where") == "device"} if quality_on_device else None
+                    onnx_quants = {a.quant for a in onnx_artifacts}
                     plan = {p.serial: [a for a in artifacts if (a.quant, p.ctx.device_id) not in done
                                        or (evaluated is not None and (a.quant, p.ctx.device_id) not in evaluated)]
+                            + [a for a in onnx_artifacts if (a.quant, p.ctx.device_id) not in done]
                             for p in opened}
                     reporter.pause()
                     result = farm.run_farm(opened, plan, device_job, runner_dir=runner_dir, cache_root=cache,
@@ -392,12 +451,8 @@ def _run(model, profile_name, threads, n_prompt, n_gen, repetitions, warmup, sui
                                                           only={a.quant for a in todo}, extra_params=qparams)
                         failed += [f"{q} quality {st}" for q, st in statuses.items() if st != "ok"]
                     todo = [a for a in onnx_artifacts if a.quant not in have]
-                    if todo:
-                        reporter.start_bench(len(todo), f"eval {suite.name} (ONNX)")
-                        statuses = onnx_pipeline.quality_onnx_rungs(store, run_id, ckpt.model_id,
-                                                                    resolved.model_hash, artifacts, todo, profile,
-                                                                    suite, cache, reporter, prompting, qparams)
-                        failed += [f"{q} quality {st}" for q, st in statuses.items() if st != "ok"]
+                    failed += _onnx_quality_on_host(store, run_id, resolved, artifacts, todo, profile, suite, cache,
+                                                    reporter, prompting, qparams)
             except KeyboardInterrupt:
                 store.finish_run(run_id, "partial", f"interrupted (Ctrl-C) while {stage}")
                 raise EdgequantError(f"interrupted while {stage}; run {run_id} is stored as partial; "
@@ -482,7 +537,7 @@ def quantize(model, profile_name, db, cache_dir, as_json, suite_name):
               help="How to print the comparison at the end.")
 @calibration_suite_option
 def bench(model, profile_name, threads, n_prompt, n_gen, repetitions, warmup, db, cache_dir, fmt, suite_name):
-    """Benchmark the profile's already-built rungs on the host and store a run.
+    """Benchmark the profile's already-built rungs (GGUF, and ONNX with onnxruntime) on the host and store a run.
 
     Each rung runs in its own process: model load time, prompt processing
     (pp, default 512 tokens) and generation (tg, default 128 tokens) tokens/s,
@@ -491,7 +546,7 @@ def bench(model, profile_name, threads, n_prompt, n_gen, repetitions, warmup, db
     llama-bench: random tokens, tokenization and sampling excluded.  Build the
     rungs first with `edgequant quantize`.
     """
-    from edgequant import calibrate, pipeline
+    from edgequant import calibrate, onnx_pipeline, pipeline
 
     profile = _load_profile(profile_name, threads=threads, n_prompt=n_prompt, n_gen=n_gen,
                             repetitions=repetitions, warmup=warmup)
@@ -503,6 +558,7 @@ def bench(model, profile_name, threads, n_prompt, n_gen, repetitions, warmup, db
         imatrix, _, _ = calibrate.for_profile(profile, None, suite_name, "auto", resolved.model_hash, cache, None,
                                               reporter.step)
         artifacts = pipeline.cached_ladder(resolved, profile, cache, reporter, imatrix=imatrix)
+        onnx_artifacts = onnx_pipeline.cached_onnx(resolved, profile, cache, reporter)
         ckpt = resolved.checkpoint
         run_id = store.start_run(_command_line(), profile.name, ckpt.model_id, resolved.model_hash)
         store.set_prep_seconds(run_id, pipeline.process_age_seconds())
@@ -510,15 +566,15 @@ def bench(model, profile_name, threads, n_prompt, n_gen, repetitions, warmup, db
             reporter.start_bench(len(artifacts))
             outcome = pipeline.bench_rungs(store, run_id, ckpt.model_id, resolved.model_hash, artifacts,
                                            profile, reporter)
+            failed = [f"{o.artifact.quant} {o.status}" for o in outcome.failed]
+            failed += _onnx_on_host(store, run_id, resolved, onnx_artifacts, profile, reporter)
         except KeyboardInterrupt:
             store.finish_run(run_id, "partial", "interrupted (Ctrl-C) while benchmarking")
             raise EdgequantError(f"interrupted while benchmarking; run {run_id} is stored as partial", 130) from None
-    failed = outcome.failed
     store.finish_run(run_id, "complete", f"{len(failed)} rung(s) failed" if failed else None)
     _render(store, run_id, fmt, None)
     if failed:
-        raise EdgequantError(f"{len(failed)} rung(s) did not finish: "
-                             + "; ".join(f"{o.artifact.quant} {o.status}" for o in failed), 1)
+        raise EdgequantError(f"{len(failed)} rung(s) did not finish: " + "; ".join(failed), 1)
 
 
 @cli.command(name="eval")
@@ -526,7 +582,7 @@ def bench(model, profile_name, threads, n_prompt, n_gen, repetitions, warmup, db
 @quality_options
 @click.option("--artifact", "artifacts", multiple=True, metavar="GGUF",
               help="Evaluate these GGUF files instead of a profile's ladder; the first is the reference. "
-                   "Repeatable.")
+                   "GGUF only: the profile's ONNX rungs are not evaluated then. Repeatable.")
 @click.option("-t", "--threads", type=int, default=None, help="CPU threads; 0 = one per physical core.")
 @db_option
 @cache_option
@@ -541,9 +597,10 @@ def eval_(model, profile_name, suite_name, prompting, artifacts, threads, db, ca
     compliance), agreement with the reference's output on the same case,
     degradation with a paired exact McNemar test, and mean/p99 KLD and top-1
     agreement against the reference's logits.  Builds the ladder first if
-    needed (cached), or takes GGUF files with --artifact.
+    needed (cached), the profile's ONNX variants included (judged against the
+    same GGUF reference), or takes GGUF files with --artifact.
     """
-    from edgequant import calibrate, pipeline
+    from edgequant import calibrate, onnx_pipeline, pipeline
 
     profile = _load_profile(profile_name, threads=threads)
     suite = _load_suite(suite_name)
@@ -551,8 +608,12 @@ def eval_(model, profile_name, suite_name, prompting, artifacts, threads, db, ca
     store = _open_store(db)
     console = _stderr_console()
     qparams: dict = {}
+    onnx_arts: list = []
     with RichReporter(console) as reporter:
         if artifacts:
+            if profile.onnx:
+                reporter.step(f"--artifact takes GGUF files: the ONNX rungs of profile {profile.name} are not "
+                              f"evaluated (drop --artifact to evaluate the profile's GGUF and ONNX rungs)")
             arts = pipeline.artifacts_from_files([Path(a) for a in artifacts], reporter)
             model_id, model_hash = arts[0].path.name, "gguf:" + arts[0].sha256
         else:
@@ -560,6 +621,7 @@ def eval_(model, profile_name, suite_name, prompting, artifacts, threads, db, ca
             imatrix, suite, qparams = calibrate.for_profile(profile, suite, suite_name, prompting,
                                                             resolved.model_hash, cache, store, reporter.step)
             arts = pipeline.build_ladder(resolved, profile, cache, reporter, imatrix=imatrix)
+            onnx_arts = onnx_pipeline.build_onnx(resolved, profile, cache, reporter)
             model_id, model_hash = resolved.checkpoint.model_id, resolved.model_hash
         run_id = store.start_run(_command_line(), profile.name, model_id, model_hash)
         try:
@@ -568,6 +630,9 @@ def eval_(model, profile_name, suite_name, prompting, artifacts, threads, db, ca
             reporter.start_bench(len(arts), f"eval {suite.name}")
             statuses = pipeline.quality_rungs(store, run_id, model_id, model_hash, arts, profile, suite, cache,
                                               reporter, prompting, extra_params=qparams)
+            failed = [f"{q} {st}" for q, st in statuses.items() if st != "ok"]
+            failed += _onnx_quality_on_host(store, run_id, resolved, arts, onnx_arts, profile, suite, cache,
+                                            reporter, prompting, qparams) if onnx_arts else []
         except KeyboardInterrupt:
             store.finish_run(run_id, "partial", "interrupted (Ctrl-C) while running the eval suite")
             raise EdgequantError(f"interrupted while running the eval suite; run {run_id} is stored as partial",
@@ -575,11 +640,10 @@ def eval_(model, profile_name, suite_name, prompting, artifacts, threads, db, ca
         except EdgequantError as exc:
             store.finish_run(run_id, "partial", f"stopped while running the eval suite: {exc}")
             raise
-    failed = {q: st for q, st in statuses.items() if st != "ok"}
     store.finish_run(run_id, "complete", f"{len(failed)} rung(s) failed" if failed else None)
     _render(store, run_id, fmt, None)
     if failed:
-        raise EdgequantError("eval did not finish for: " + "; ".join(f"{q} {st}" for q, st in failed.items()), 1)
+        raise EdgequantError("eval did not finish for: " + "; ".join(failed), 1)
 
 
 def _render_cases(store, run_id: str, quant: str | None, fmt: str, output: str | None) -> None:
@@ -776,11 +840,28 @@ def imatrix(model, profile_name, suite_name, prompting, db, cache_dir):
                f"· {m.get('seconds')} s · sha256 {imx.sha256[:16]}")
 
 
-def _tune_table(result, gates) -> None:
+def _tune_device(spec: str) -> list:
+    """The phone ``tune --device SPEC`` measures speed on (none for ``host``); one line for anything else."""
+    from edgequant import device_run
+
+    if spec.strip() == "host":
+        return []
+    if spec.strip().startswith("pool:"):
+        raise BadInput(f"--device {spec}: tune measures on one device; name one phone (SERIAL, HOST:PORT, "
+                       "server:SERIAL) or host")
+    on_host, phones = device_run.resolve_devices((spec,))
+    if on_host or len(phones) != 1:
+        names = ", ".join(p.serial for p in phones)
+        raise BadInput(f"--device {spec} names {len(phones)} phones ({names}); tune measures on one device: "
+                       "name one phone (SERIAL, HOST:PORT, server:SERIAL) or host")
+    return phones
+
+
+def _tune_table(result, gates, speed_on: str) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title="tune candidates (high to low precision)")
+    table = Table(title=f"tune candidates (high to low precision) · speed on {speed_on}, quality on this host")
     cols = ["rung", "verdict", "size MiB", "tg t/s"] + [g.metric for g in gates] + ["why"]
     for col in cols:
         table.add_column(col, overflow="fold", justify="right" if col in ("size MiB", "tg t/s") else "left")
@@ -800,8 +881,12 @@ def _tune_table(result, gates) -> None:
 
 
 @cli.command()
-@click.option("--device", default="host", show_default=True, metavar="host",
-              help="Where candidates are measured. Only the host for now.")
+@click.option("--device", default="host", show_default=True, metavar="SPEC",
+              help="Where each candidate's speed and memory are measured: host, or one phone (SERIAL, HOST:PORT, "
+                   "server:SERIAL), by the on-device llama-bench runner as `run --device` does; --min-tg then "
+                   "applies to the phone's tg. Quality is always computed on the host from the same GGUF bytes.")
+@device_dir_option
+@runner_dir_option
 @click.option("--gate", "gate_texts", multiple=True, metavar="METRIC>=VALUE",
               help="A gate every candidate must pass, e.g. 'xml_parse_rate>=0.95' (repeatable). "
                    "Default: the suite's gates.")
@@ -820,26 +905,30 @@ def _tune_table(result, gates) -> None:
 @quality_options
 @db_option
 @cache_option
-def tune(device, gate_texts, min_tg, max_size, types_csv, variants_csv, model, profile_name, suite_name, prompting,
-         db, cache_dir):
+def tune(device, device_dir, runner_dir, gate_texts, min_tg, max_size, types_csv, variants_csv, model, profile_name,
+         suite_name, prompting, db, cache_dir):
     """Find the smallest rung that passes every gate (then the fastest), with the evidence.
 
     Walks base types from high to low precision, each with the importance
     matrix on and off and a few per-tensor overrides, and measures each
-    candidate (speed, and quality on the suite's evaluation half; the other
-    half calibrates the imatrix).  A candidate larger than one already passing
-    is not measured; a variant that failed is not retried at lower precision.
-    The search is stored as an ordinary run (`edgequant report` shows it).
+    candidate: speed and memory on the host, or with --device on that phone
+    (pushed and run by llama-bench, as `edgequant run --device` does), and
+    quality on the host, on the suite's evaluation half (the other half
+    calibrates the imatrix).  A candidate larger than one already passing is
+    not measured; a variant that failed the quality gates is not retried at
+    lower precision.  The search is stored as an ordinary run (`edgequant
+    report` and `pick` show it, under the phone with --device).
     """
     import time as _time
 
-    from edgequant import calibrate, pipeline
+    from edgequant import calibrate, device_run, farm, pipeline
     from edgequant.bench import tune as tuning
+    from edgequant.devices.select import device_dir as resolve_device_dir
+    from edgequant.devices.transport import DeviceError
     from edgequant.profiles.suites import parse_gate
 
-    if device != "host":
-        raise BadInput(f"--device {device}: tune measures on the host only for now; use --device host")
     t0 = _time.monotonic()
+    phones = _tune_device(device)
     profile = _load_profile(profile_name)
     suite = _load_suite(suite_name)
     gates = [parse_gate(g, f"--gate {g!r}") for g in gate_texts] or list(suite.gates)
@@ -861,24 +950,41 @@ def tune(device, gate_texts, min_tg, max_size, types_csv, variants_csv, model, p
         for v in variants:
             parse_rung("Q8_0" + v, f"--variants {v!r}")
     calibrate.Calibration.of(suite, prompting)  # a suite too small to split fails here, before any work
+    workdir = resolve_device_dir(device_dir) if phones else None
     cache = _cache_root(cache_dir)
     store = _open_store(db)
     console = _stderr_console()
+    opened: list = []
     with RichReporter(console) as reporter:
-        resolved = pipeline.resolve_model(model, cache, reporter)
-        ckpt = resolved.checkpoint
-        run_id = store.start_run(_command_line(), profile.name, ckpt.model_id, resolved.model_hash)
         try:
-            result, ref_failures = calibrate.tune_host(store, run_id, resolved, profile, suite, prompting, gates,
-                                                       cache, reporter, min_tg, size_limit, types, variants)
-        except KeyboardInterrupt:
-            store.finish_run(run_id, "partial", "interrupted (Ctrl-C) while tuning")
-            raise EdgequantError(f"interrupted while tuning; run {run_id} is stored as partial", 130) from None
-        except EdgequantError as exc:
-            store.finish_run(run_id, "partial", f"stopped while tuning: {exc}")
-            raise
+            # the phone first (lease, facts, runner): a busy or unreachable one stops nothing half-done
+            opened = farm.open_phones(phones, workdir, runner_dir, cache, reporter)
+            phone = opened[0] if opened else None
+            speed_on = phone.ctx.device_id if phone is not None else "this host"
+            resolved = pipeline.resolve_model(model, cache, reporter)
+            ckpt = resolved.checkpoint
+            run_id = store.start_run(_command_line(), profile.name, ckpt.model_id, resolved.model_hash)
+            if phone is not None:
+                phone.lease.run = run_id
+            try:
+                result, ref_failures = calibrate.tune(store, run_id, resolved, profile, suite, prompting, gates,
+                                                      cache, reporter, min_tg, size_limit, types, variants, phone)
+            except KeyboardInterrupt:
+                store.finish_run(run_id, "partial", "interrupted (Ctrl-C) while tuning")
+                raise EdgequantError(f"interrupted while tuning; run {run_id} is stored as partial", 130) from None
+            except (device_run.DeviceLost, DeviceError) as exc:
+                store.finish_run(run_id, "partial", f"stopped while tuning: {exc}")
+                raise EdgequantError(f"{exc}; the candidates measured so far are stored in run {run_id}, "
+                                     f"marked partial", 1) from None
+            except EdgequantError as exc:
+                store.finish_run(run_id, "partial", f"stopped while tuning: {exc}")
+                raise
+        except DeviceError as exc:
+            raise EdgequantError(str(exc), 1) from None
+        finally:
+            farm.close_phones(opened)
     seconds = _time.monotonic() - t0
-    _tune_table(result, gates)
+    _tune_table(result, gates, speed_on)
     n = len(result.measured)
     if result.best is None:
         msg = tuning.no_pass_message(result, gates)
@@ -890,7 +996,8 @@ def tune(device, gate_texts, min_tg, max_size, types_csv, variants_csv, model, p
         raise BadInput(msg)
     b = result.best
     store.finish_run(run_id, "complete", f"tune chose {b.name}")
-    click.echo(f"chosen: {b.name} · {b.size_bytes / 2**20:,.1f} MiB · tg {b.measured.tg_tps or 0:.1f} t/s · "
+    click.echo(f"chosen: {b.name} · {b.size_bytes / 2**20:,.1f} MiB · tg {b.measured.tg_tps or 0:.1f} t/s on "
+               f"{speed_on} · "
                f"{b.measured and 'passes ' + ', '.join(str(g) for g in gates)}")
     console.print(f"[dim]tune measured {n} of {len(result.tried)} candidates in {seconds:.0f} s; stored as run "
                   f"{run_id}; `edgequant report {run_id}` shows it again[/dim]")

@@ -28,10 +28,12 @@ from __future__ import annotations
 
 import os
 import posixpath
+import re
 import threading
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 from edgequant.bench.device_bench import RemoteRunner, device_repack, run_device_bench
 from edgequant.bench.host import BenchError
@@ -67,6 +69,7 @@ class DeviceContext:
     runner_revision: str | None
     remote: RemoteRunner
     pusher: Pusher
+    onnx_tool: Any = None          # bench.onnx_device.RemoteTool once onnxruntime_perf_test is installed
 
     @property
     def serial(self) -> str:
@@ -265,6 +268,38 @@ def bench_rungs_on_device(store: Store, run_id: str, model_id: str, model_hash: 
     except DeviceError as exc:
         raise DeviceLost(ctx.serial, doing, exc) from None
     return outcome
+
+
+def bench_onnx_rungs_on_device(store: Store, run_id: str, model_id: str, model_hash: str,
+                               artifacts: list[Artifact], profile: Profile, ctx: DeviceContext, reporter,
+                               staging_root: Path, tool=None, skip_reason: str = ""):
+    """The ONNX rungs on one device with onnxruntime_perf_test (``onnx_pipeline.onnx_rungs_on_device``).
+
+    ``tool``: the host's ``bench.onnx_device.LocalPerfTest``, installed in the work directory once per
+    connection (a file the device holds with the same sha256 is not sent again); without it every rung is
+    stored as skipped with ``skip_reason``.  The input sets are written under ``staging_root/<serial>``."""
+    from edgequant import onnx_pipeline
+    from edgequant.bench.onnx_device import install_perf_test
+
+    threads = profile.bench.threads if profile.bench.threads > 0 else recommended_threads(ctx.facts)
+    if tool is None:
+        return onnx_pipeline.skip_onnx_rungs_on_device(store, run_id, model_id, model_hash, artifacts, profile,
+                                                       ctx.device_id, ctx.device_record(), skip_reason, reporter,
+                                                       threads)
+    doing = f"installing {tool.path.name}"
+    try:
+        if ctx.onnx_tool is None:
+            tool.require(ctx.os_name, f"device {ctx.serial}")
+            ctx.pusher.on_progress = None
+            _say(reporter, f"{ctx.serial}: installing {tool.describe()} in {ctx.workdir}")
+            ctx.onnx_tool = install_perf_test(ctx.pusher, tool)
+        doing = "benchmarking the ONNX rungs"
+        staging = staging_root / re.sub(r"[^A-Za-z0-9._-]", "_", ctx.serial)   # one folder per phone thread
+        return onnx_pipeline.onnx_rungs_on_device(store, run_id, model_id, model_hash, artifacts, profile,
+                                                  ctx.transport, ctx.workdir, ctx.device_id, ctx.device_record(),
+                                                  ctx.onnx_tool, staging, reporter, threads=threads)
+    except DeviceError as exc:
+        raise DeviceLost(ctx.serial, doing, exc) from None
 
 
 def resolve_devices(specs: tuple[str, ...]) -> tuple[bool, list[select.Target]]:

@@ -9,6 +9,7 @@ from importlib import metadata
 from pathlib import Path
 
 from edgequant.devices.host import host_device, host_device_id
+from edgequant.errors import BadInput
 from edgequant.pipeline import (BenchOutcome, Reporter, ResolvedModel, RungOutcome, _artifact_measurements,
                                 quality_measurements)
 from edgequant.profiles import Profile
@@ -25,6 +26,22 @@ def build_onnx(resolved: ResolvedModel, profile: Profile, cache_root: Path, repo
     from edgequant.quantize.onnx_export import OnnxLadder
 
     ladder = OnnxLadder.for_profile(resolved.checkpoint, resolved.model_hash, profile, cache_root)
+    return ladder.build(reporter.bytes_progress)
+
+
+def cached_onnx(resolved: ResolvedModel, profile: Profile, cache_root: Path, reporter: Reporter) -> list:
+    """The profile's ONNX variants if all are already built (as ``pipeline.cached_ladder`` for GGUF);
+    BadInput naming the missing ones otherwise."""
+    if not profile.onnx:
+        return []
+    from edgequant.quantize.onnx_export import OnnxLadder, rung_name
+
+    ladder = OnnxLadder.for_profile(resolved.checkpoint, resolved.model_hash, profile, cache_root)
+    missing = ladder.missing()
+    if missing:
+        names = sorted({rung_name(p.variant.name) for p in missing})
+        raise BadInput(f"{len(missing)} ONNX rung(s) of profile {profile.name} are not built yet "
+                       f"({', '.join(names)}); run `edgequant quantize` first")
     return ladder.build(reporter.bytes_progress)
 
 
@@ -111,6 +128,33 @@ def quality_onnx_rungs(store: Store, run_id: str, model_id: str, model_hash: str
     return statuses
 
 
+def _device_key(model_id: str, model_hash: str, art: Artifact, profile: Profile, device_id: str, device: dict,
+                threads: int) -> RowKey:
+    s = profile.bench
+    params = {"runner": "device", "tool": "onnxruntime_perf_test", "threads": threads,
+              "n_prompt": s.n_prompt, "n_cached": s.n_prompt, "repetitions": s.repetitions, "warmup": 1,
+              "execution_provider": "CPUExecutionProvider", "inter_op_threads": 1}
+    return RowKey(model_id=model_id, model_hash=model_hash, quant=art.quant, artifact_sha256=art.sha256,
+                  is_reference=False, device_id=device_id, device=device, runtime=RUNTIME,
+                  runtime_version=metadata.version("onnxruntime"), params=params)
+
+
+def skip_onnx_rungs_on_device(store: Store, run_id: str, model_id: str, model_hash: str, artifacts: list[Artifact],
+                              profile: Profile, device_id: str, device: dict, reason: str, reporter: Reporter,
+                              threads: int) -> BenchOutcome:
+    """Store every ONNX rung of one device as ``skipped`` with ``reason`` (e.g. no onnxruntime_perf_test for
+    it), so the run says why those rows have no figures instead of leaving them out."""
+    outcome = BenchOutcome(run_id)
+    for art in artifacts:
+        store.record_artifact(art.record())
+        reporter.rung_started(art.quant)
+        key = _device_key(model_id, model_hash, art, profile, device_id, device, threads)
+        store.record_rung(run_id, key, _artifact_measurements(art), status="skipped", detail=reason)
+        outcome.outcomes.append(RungOutcome(art, "skipped", reason))
+        reporter.rung_done(art.quant, "skipped")
+    return outcome
+
+
 def onnx_rungs_on_device(store: Store, run_id: str, model_id: str, model_hash: str, artifacts: list[Artifact],
                          profile: Profile, transport, workdir: str, device_id: str, device: dict, tool,
                          staging: Path, reporter: Reporter, threads: int | None = None) -> BenchOutcome:
@@ -132,12 +176,7 @@ def onnx_rungs_on_device(store: Store, run_id: str, model_id: str, model_hash: s
         except BenchError as exc:
             res, used_threads = None, threads or s.threads
             error = exc
-        params = {"runner": "device", "tool": "onnxruntime_perf_test", "threads": used_threads,
-                  "n_prompt": s.n_prompt, "n_cached": s.n_prompt, "repetitions": s.repetitions, "warmup": 1,
-                  "execution_provider": "CPUExecutionProvider", "inter_op_threads": 1}
-        key = RowKey(model_id=model_id, model_hash=model_hash, quant=art.quant, artifact_sha256=art.sha256,
-                     is_reference=False, device_id=device_id, device=device, runtime=RUNTIME,
-                     runtime_version=metadata.version("onnxruntime"), params=params)
+        key = _device_key(model_id, model_hash, art, profile, device_id, device, used_threads)
         if res is None:
             store.record_rung(run_id, key, _artifact_measurements(art), status=error.status, detail=str(error))
             outcome.outcomes.append(RungOutcome(art, error.status, str(error)))

@@ -159,6 +159,14 @@ class RowKey:
     params: dict
 
 
+OPEN_WAIT_SECONDS = 60.0
+
+
+def _is_busy(exc: sqlite3.OperationalError) -> bool:
+    text = str(exc).lower()
+    return "locked" in text or "busy" in text
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -191,17 +199,50 @@ class Store:
                 parent.mkdir(parents=True, exist_ok=True)
             except OSError as exc:
                 raise BadInput(f"results database {self.path}: cannot create its folder: {exc}") from None
-        try:
-            # usable from the farm's phone threads, which call it one at a time (edgequant.farm.LockedStore)
-            self.conn = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
-            self.conn.row_factory = sqlite3.Row
-            self.conn.execute("PRAGMA foreign_keys = ON")
-            if self.path != ":memory:":
+        # Switching a fresh file to WAL needs the file to itself, and SQLite answers "database is
+        # locked" at once (without its busy handler) when another process opens it at that moment:
+        # several writers starting together retry the whole opening for up to OPEN_WAIT_SECONDS.
+        deadline = time.monotonic() + OPEN_WAIT_SECONDS
+        pause = 0.05
+        while True:
+            try:
+                self._open_sqlite()
+                return
+            except sqlite3.OperationalError as exc:
+                self._close_quietly()
+                if _is_busy(exc) and time.monotonic() < deadline:
+                    time.sleep(pause)
+                    pause = min(pause * 2, 1.0)
+                    continue
+                raise BadInput(f"results database {self.path}: not usable ({exc}); if another edgequant "
+                               f"holds it, wait for it, or pass another file with --db") from None
+            except sqlite3.DatabaseError as exc:
+                self._close_quietly()
+                raise BadInput(f"results database {self.path}: not a usable SQLite database ({exc}); "
+                               f"pass another file with --db") from None
+            except BaseException:
+                self._close_quietly()
+                raise
+
+    def _open_sqlite(self) -> None:
+        # usable from the farm's phone threads, which call it one at a time (edgequant.farm.LockedStore)
+        self.conn = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
+        self.conn.row_factory = sqlite3.Row
+        self.conn.execute("PRAGMA foreign_keys = ON")
+        if self.path != ":memory:":
+            mode = self.conn.execute("PRAGMA journal_mode").fetchone()[0]
+            if str(mode).lower() != "wal":
                 self.conn.execute("PRAGMA journal_mode = WAL")
-            self._migrate()
-        except sqlite3.DatabaseError as exc:
-            raise BadInput(f"results database {self.path}: not a usable SQLite database ({exc}); "
-                           f"pass another file with --db") from None
+        self._migrate()
+
+    def _close_quietly(self) -> None:
+        conn = getattr(self, "conn", None)
+        if conn is not None:
+            try:
+                conn.close()
+            except sqlite3.Error:
+                pass
+            self.conn = None
 
     def close(self) -> None:
         self.conn.close()

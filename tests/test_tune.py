@@ -93,6 +93,30 @@ def test_max_size_and_min_tg_are_gates_too():
     assert result.best.name == "Q3_K_M"
 
 
+def test_a_speed_failure_does_not_stop_the_variant_descending():
+    """Too slow (--min-tg) or not runnable where it ships (its benchmark failed) at Q8_0 says nothing about a
+    smaller, faster type: unlike a quality failure, the variant is still tried lower down."""
+    fake = Fake({t: 1 for t in TYPES}, tg={"Q8_0": 3.0, "Q6_K": 4.0, "Q5_K_M": 9.0})
+    oom = {"Q5_K_M"}
+    measure = fake.measure
+
+    def measure_or_oom(spec, art):
+        m = measure(spec, art)
+        if spec.name in oom:
+            m.tg_tps, m.speed_failure = None, "speed not measured on adb:X: oom (killed)"
+        return m
+
+    result = tune.search(tune.candidates(("Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M"), ("",)), GATE, fake.build,
+                         measure_or_oom, min_tg=8.0)
+    by = {t.name: t for t in result.tried}
+    assert by["Q8_0"].verdict == by["Q6_K"].verdict == "fail"
+    assert by["Q8_0"].reasons == ["tg 3.0 t/s is under --min-tg 8"]
+    # a failed benchmark rejects the candidate (with why) even though its quality passes, and is no tg gap
+    assert by["Q5_K_M"].verdict == "fail" and by["Q5_K_M"].reasons == ["speed not measured on adb:X: oom (killed)"]
+    assert fake.measured == ["Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M"]
+    assert result.best.name == "Q4_K_M"
+
+
 def test_when_nothing_passes_the_closest_gate_and_candidate_are_named():
     fake = Fake({"Q8_0": 0.90, "Q8_0+imatrix": 0.93, "Q6_K": 0.2})
     result = run(fake)
@@ -129,9 +153,14 @@ def test_tune_bad_input_is_one_line(tmp_path, tiny_checkpoint):
     res = run_cli("tune", "--model", str(tiny_checkpoint), "--suite", str(small), env=env)
     assert res.returncode == 2
     assert_one_line_error(res.stderr, "has 4 cases", "at least 8")
-    res = run_cli("tune", "--device", "R58M123", "--suite", str(full), env=env)
-    assert res.returncode == 2
-    assert_one_line_error(res.stderr, "--device R58M123", "--device host")
+    # --device takes run's device specs, one device: a bad spec, a pool, an unknown serial are one line
+    for spec, needles in [("no good!", ("'no good!' is not a device spec", "HOST:PORT")),
+                          ("tcp:nowhere", ("expected tcp:HOST:PORT",)),
+                          ("pool:rack", ("tune measures on one device",)),
+                          ("R58M123", ("unknown device serial 'R58M123'", "edgequant devices"))]:
+        res = run_cli("tune", "--device", spec, "--suite", str(full), env=env)
+        assert res.returncode == 2, (spec, res.stderr)
+        assert_one_line_error(res.stderr, *needles)
     res = run_cli("tune", "--suite", str(full), "--gate", "xml_parse_rate=>0.9", env=env)
     assert res.returncode == 2
     assert_one_line_error(res.stderr, "xml_parse_rate=>0.9")
