@@ -10,9 +10,13 @@ progress lines ``progress eval i/n`` on stderr.  The request
      "slots": int,                     # cases decoded side by side (default 8)
      "groups": [{"format": str, "system": str, "few_shot": str, "stop": [str],
                  "cases": [{"id": str, "prompt": str, "max_tokens": int}]}],
-     "generate": bool,                 # greedy-decode every case
-     "teacher": {"tokens": {case_id: [token, ...]}, "reference": str}|null}
-                                       # score these tokens: this model against the reference GGUF
+     "generate": bool}                 # greedy-decode every case
+
+With ``"op": "teacher"`` the request names several rungs and nothing is
+generated: ``{"op": "teacher", "reference": str, "rungs": [str, ...],
+"tokens": {case_id: [token, ...]}, ...}`` scores the reference's output tokens
+through every rung against the reference, and the result is
+``{"scores": {rung_path: {case_id: {"kld": [...], "top1": [...]}}}}``.
 
 With ``"prompts_only": true`` nothing is decoded: the result is every case's
 whole prompt text and its tokens (``prompts``), for running the same prompts
@@ -41,10 +45,12 @@ Method:
   output bytes are returned (base64): parsers see exactly what the model
   wrote, invalid UTF-8 included.
 * Token-level divergence, like ``llama-perplexity --kl-divergence``: the
-  reference's own output tokens are teacher-forced through this model and
-  through the reference GGUF (loaded beside it) after the same prompt; at
-  every output position the KL divergence KL(reference || this) over the full
+  reference's own output tokens are teacher-forced through the reference GGUF
+  and through each rung (all loaded in one process) after the same prompt; at
+  every output position the KL divergence KL(reference || rung) over the full
   vocabulary and whether both agree on the most likely token are computed.
+  The reference decodes each position once and its distribution is compared
+  with every rung's, so its cost does not grow with the ladder.
 """
 
 from __future__ import annotations
@@ -81,6 +87,24 @@ def kld_rows(ref_logits: np.ndarray, logits: np.ndarray) -> tuple[np.ndarray, np
     kld = np.sum(np.exp(lp) * (lp - lq), axis=1, dtype=np.float64)
     same = np.argmax(lp, axis=1) == np.argmax(lq, axis=1)
     return np.maximum(kld, 0.0), same
+
+
+class RefRows:
+    """The reference's full-vocabulary distribution at a block of positions, computed once and compared
+    with any number of rungs' logits at the same positions (the same figures as ``kld_rows``)."""
+
+    def __init__(self, ref_logits: np.ndarray):
+        self.lp = log_softmax_rows(ref_logits)
+        self.p = np.exp(self.lp)
+        self.top = np.argmax(self.lp, axis=1)
+
+    def compare(self, logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Per row: KL(ref || this) in nats, and whether the argmaxes agree."""
+        lq = log_softmax_rows(logits)
+        np.subtract(self.lp, lq, out=lq)
+        np.multiply(self.p, lq, out=lq)
+        kld = lq.sum(axis=1, dtype=np.float64)
+        return np.maximum(kld, 0.0), self.top == np.argmax(logits, axis=1)
 
 
 class Session:
@@ -324,29 +348,81 @@ class _Generator:
             running = still
 
 
-def _teacher_scores(sess: Session, ref: Session, tokens: list[int], ref_tokens: list[int]) -> tuple[list, list]:
-    """KLD(ref || this) and top-1 agreement at every position of the reference's output."""
-    n = len(ref_tokens)
-    if n == 0:
-        return [], []
-    klds, same = [], []
-    for s in (sess, ref):
-        s.fork_prefix(1)
-        s.decode(tokens, seq=1)
-    d, t = kld_rows(ref.logits(-1)[None, :], sess.logits(-1)[None, :])
-    klds += d.tolist()
-    same += t.tolist()
-    rest = ref_tokens[:n - 1]
-    for off in range(0, len(rest), KLD_CHUNK):
-        chunk = rest[off:off + KLD_CHUNK]
-        rows = []
-        for s in (ref, sess):
-            s.decode(chunk, seq=1, logits_all=True)
-            rows.append(np.stack([s.logits(i) for i in range(len(chunk))]))
-        d, t = kld_rows(rows[0], rows[1])
-        klds += d.tolist()
-        same += t.tolist()
-    return klds, same
+def _teacher_batches(tokens: list[int], ref_tokens: list[int], start: int, cap: int):
+    """The decodes that teacher-force ``ref_tokens`` after a case's prompt ``tokens`` (sequence 1 from
+    position ``start``): lists of (token, position, 1, wants logits), each with at most KLD_CHUNK rows
+    of logits and ``cap`` tokens.  Logit rows come out in order: row j predicts ``ref_tokens[j]``."""
+    seq = tokens + ref_tokens[:-1]
+    first = len(tokens) - 1
+    batch: list[tuple[int, int, int, bool]] = []
+    n_rows = 0
+    for i, tok in enumerate(seq):
+        want = i >= first
+        batch.append((tok, start + i, 1, want))
+        n_rows += want
+        if len(batch) == cap or n_rows == KLD_CHUNK:
+            yield batch
+            batch, n_rows = [], 0
+    if batch:
+        yield batch
+
+
+def teacher(req: dict, progress) -> dict:
+    """KLD and top-1 of every rung against the reference at each of the reference's output positions."""
+    import llama_cpp as L
+
+    log = _Log(L, echo=bool(req.get("verbose")))
+    ref = Session(L, dict(req, path=req["reference"]), log)
+    rungs: list[Session] = []
+    try:
+        for path in req["rungs"]:
+            rungs.append(Session(L, dict(req, path=path), log))
+            if rungs[-1].n_vocab != ref.n_vocab:
+                raise WorkerError(f"{req['reference']} has a {ref.n_vocab}-token vocabulary and {path} "
+                                  f"{rungs[-1].n_vocab}: they are not the same model")
+        mode, template = _prompting(ref, req)
+        ref_tokens: dict[str, list[int]] = req["tokens"]
+        scores: dict[str, dict[str, dict[str, list]]] = {path: {} for path in req["rungs"]}
+        total = sum(1 for g in req["groups"] for c in g["cases"] if c["id"] in ref_tokens)
+        done = 0
+        models = [ref] + rungs
+        for group in req["groups"]:
+            prefix_text, suffix = _prompt_parts(ref, group, mode, template)
+            prefix = ref.tokenize(prefix_text, add_special=True)
+            encoded = [(c, ref.tokenize(c["prompt"] + suffix, add_special=False))
+                       for c in group["cases"] if c["id"] in ref_tokens]
+            if not encoded:
+                continue
+            longest = max(len(t) + len(ref_tokens[c["id"]]) for c, t in encoded)
+            for m in models:
+                m.ensure_context(len(prefix) + longest + 8, 2)
+                m.start_prefix(prefix)
+            cap = min(m.batch_cap for m in models)
+            for case, tokens in encoded:
+                out = ref_tokens[case["id"]]
+                per_rung = [([], []) for _ in rungs]
+                if out:
+                    for m in models:
+                        m.fork_prefix(1)
+                    for batch in _teacher_batches(tokens, out, len(prefix), cap):
+                        for m in models:
+                            m.decode_entries(batch)
+                        rows = [i for i, entry in enumerate(batch) if entry[3]]
+                        if not rows:
+                            continue
+                        block = RefRows(np.stack([ref.logits(i) for i in rows]))
+                        for r, (klds, same) in zip(rungs, per_rung):
+                            d, t = block.compare(np.stack([r.logits(i) for i in rows]))
+                            klds += d.tolist()
+                            same += t.tolist()
+                for path, (klds, same) in zip(req["rungs"], per_rung):
+                    scores[path][case["id"]] = {"kld": klds, "top1": same}
+                done += 1
+                progress(f"kld {done}/{total}")
+        return {"scores": scores, "prompting": mode, "runtime_version": L.__version__}
+    finally:
+        for m in rungs + [ref]:
+            m.close()
 
 
 def _prompting(sess: Session, req: dict) -> tuple[str, str | None]:
@@ -381,6 +457,8 @@ def prompts(sess: Session, req: dict) -> dict:
 
 
 def run(req: dict, progress) -> dict:
+    if req.get("op") == "teacher":
+        return teacher(req, progress)
     import llama_cpp as L
 
     log = _Log(L, echo=bool(req.get("verbose")))
@@ -392,63 +470,43 @@ def run(req: dict, progress) -> dict:
             sess.close()
     mode, template = _prompting(sess, req)
 
-    teacher = req.get("teacher")
-    ref = Session(L, dict(req, path=teacher["reference"]), log) if teacher else None
-    if ref is not None and ref.n_vocab != sess.n_vocab:
-        raise WorkerError(f"{teacher['reference']} has a {ref.n_vocab}-token vocabulary and {req['path']} "
-                          f"{sess.n_vocab}: they are not the same model")
     slots = max(1, int(req.get("slots") or DEFAULT_SLOTS))
     results: dict[str, dict[str, Any]] = {}
-    scores: dict[str, dict[str, list]] = {}
     gen_tokens = 0
     gen_seconds = 0.0
     total = sum(len(g["cases"]) for g in req["groups"])
     done = [0]
 
-    for group in req["groups"]:
-        prefix_text, suffix = _prompt_parts(sess, group, mode, template)
-        prefix = sess.tokenize(prefix_text, add_special=True)
-        stops = [s.encode("utf-8") for s in group.get("stop", []) if s]
-        encoded = [(c, sess.tokenize(c["prompt"] + suffix, add_special=False)) for c in group["cases"]]
-        longest = max((len(t) + int(c["max_tokens"]) for c, t in encoded), default=0)
-        if teacher:
-            longest = max([longest] + [len(t) + len(teacher["tokens"].get(c["id"], [])) for c, t in encoded])
-        n_seq = slots + 1 if req.get("generate", True) else 2
-        sess.ensure_context(len(prefix) + (n_seq - 1) * (longest + 8) + 8, n_seq)
-        sess.start_prefix(prefix)
+    try:
+        for group in req["groups"]:
+            prefix_text, suffix = _prompt_parts(sess, group, mode, template)
+            prefix = sess.tokenize(prefix_text, add_special=True)
+            stops = [s.encode("utf-8") for s in group.get("stop", []) if s]
+            encoded = [(c, sess.tokenize(c["prompt"] + suffix, add_special=False)) for c in group["cases"]]
+            if not encoded:
+                continue
+            longest = max(len(t) + int(c["max_tokens"]) for c, t in encoded)
+            n_slots = min(slots, len(encoded))
+            sess.ensure_context(len(prefix) + n_slots * (longest + 8) + 8, n_slots + 1)
+            sess.start_prefix(prefix)
 
-        if req.get("generate", True):
             def finished(slot: _Slot) -> None:
                 results[slot.case["id"]] = {
                     "id": slot.case["id"], "output_b64": base64.b64encode(bytes(slot.out)).decode("ascii"),
                     "tokens": slot.toks, "n_prompt": None, "stopped": slot.stopped}
-                if not teacher:
-                    done[0] += 1
-                    progress(f"eval {done[0]}/{total}")
+                done[0] += 1
+                progress(f"eval {done[0]}/{total}")
 
             t0 = time.perf_counter()
-            _Generator(sess, stops, len(prefix), min(slots, len(encoded)) or 1).run(encoded, finished)
+            _Generator(sess, stops, len(prefix), n_slots).run(encoded, finished)
             gen_seconds += time.perf_counter() - t0
             for c, t in encoded:
                 results[c["id"]]["n_prompt"] = len(prefix) + len(t)
                 gen_tokens += len(results[c["id"]]["tokens"])
-
-        if teacher:
-            ref.ensure_context(len(prefix) + longest + 8, 2)
-            ref.start_prefix(prefix)
-            for case, tokens in encoded:
-                ref_tokens = teacher["tokens"].get(case["id"])
-                if ref_tokens is not None:
-                    kld, top1 = _teacher_scores(sess, ref, tokens, ref_tokens)
-                    scores[case["id"]] = {"kld": kld, "top1": top1}
-                done[0] += 1
-                progress(f"eval {done[0]}/{total}")
-
-    sess.close()
-    if ref is not None:
-        ref.close()
+    finally:
+        sess.close()
     cases_out = [results[c["id"]] for g in req["groups"] for c in g["cases"] if c["id"] in results]
-    return {"cases": cases_out, "scores": scores, "prompting": mode, "gen_tokens": gen_tokens,
+    return {"cases": cases_out, "prompting": mode, "gen_tokens": gen_tokens,
             "gen_seconds": gen_seconds, "slots": slots, "runtime_version": L.__version__}
 
 

@@ -5,9 +5,11 @@ process per rung), the outputs parsed by the format's parser, and compared
 with the reference rung's outputs on the same case and with the suite's gold
 labels.  The reference's outputs are cached, keyed by the reference
 artifact's sha256 and the suite's hash, so a re-run (or a new rung) does not
-generate with the reference again; for the token-level figures the worker
-loads the reference GGUF beside the rung and compares full-vocabulary
-distributions, so nothing is approximated.
+generate with the reference again.  For the token-level figures one teacher
+process loads the reference GGUF beside a group of rungs (as many as fit in
+memory) and compares full-vocabulary distributions, so nothing is
+approximated and the reference decodes each position once per group, not
+once per rung.
 
 Per rung:
 
@@ -317,18 +319,67 @@ def evaluate_gates(suite: Suite, metrics: list[QualityMetric]) -> list[dict[str,
     return out
 
 
+def generate_rung(path: Path, suite: Suite, ref: Reference, threads: int, repack: bool | None, timeout: float,
+                  on_progress: Callable[[str], None]) -> dict:
+    """One rung's greedy outputs on every case (the worker's result), in a process of its own."""
+    req = _base_request(path, suite, threads, repack, ref.prompting)
+    req.update(generate=True)
+    return _call_worker(req, timeout, on_progress)
+
+
+def teacher_groups(ref_size: int, rungs: list[tuple[Path, int]], available: int | None = None) -> list[list[Path]]:
+    """Split rungs (path, file size) into groups the teacher pass loads beside the reference at once:
+    the reference plus a group stay within 60 % of the memory available now (at least one rung each)."""
+    if available is None:
+        import psutil
+
+        available = psutil.virtual_memory().available
+    budget = 0.6 * available - ref_size
+    groups: list[list[Path]] = []
+    used = 0.0
+    for path, size in rungs:
+        if groups and used + size <= budget:
+            groups[-1].append(path)
+            used += size
+        else:
+            groups.append([path])
+            used = size
+    return groups
+
+
+def teacher_scores(ref: Reference, paths: list[Path], suite: Suite, threads: int, repack: bool | None,
+                   timeout: float, on_progress: Callable[[str], None]) -> dict[Path, dict[str, dict]]:
+    """KLD and top-1 per case of each rung against the reference, the reference's outputs teacher-forced
+    through all of them in one process (the reference decodes every position once for the whole group)."""
+    if not paths:
+        return {}
+    req = _base_request(ref.path, suite, threads, repack, ref.prompting)
+    req.update(op="teacher", reference=str(ref.path), rungs=[str(p) for p in paths], tokens=ref.tokens)
+    data = _call_worker(req, timeout * len(paths), on_progress)
+    return {p: data["scores"][str(p)] for p in paths}
+
+
+def rung_quality(quant: str, suite: Suite, ref: Reference, data: dict,
+                 scores: dict[str, dict] | None) -> RungQuality:
+    """A rung's figures from its outputs (``generate_rung``) and its token-level scores (``teacher_scores``)."""
+    results = _case_results(suite, data)
+    for cid, sc in (scores or {}).items():
+        results[cid].kld, results[cid].top1 = sc["kld"], sc["top1"]
+    metrics = compute_metrics(suite, results, ref, False, data["gen_tokens"], data["gen_seconds"])
+    return RungQuality(quant, list(results.values()), metrics, ref.prompting, evaluate_gates(suite, metrics))
+
+
+def reference_quality(suite: Suite, ref: Reference) -> RungQuality:
+    results = dict(ref.cases)
+    metrics = compute_metrics(suite, results, ref, True, ref.gen_tokens, ref.gen_seconds)
+    return RungQuality(ref.quant, list(results.values()), metrics, ref.prompting, evaluate_gates(suite, metrics))
+
+
 def evaluate_rung(path: Path, quant: str, is_reference: bool, suite: Suite, ref: Reference, threads: int,
                   repack: bool | None, timeout: float, on_progress: Callable[[str], None]) -> RungQuality:
+    """One rung on its own: its outputs, then its token-level scores against the reference."""
     if is_reference:
-        results = dict(ref.cases)
-        metrics = compute_metrics(suite, results, ref, True, ref.gen_tokens, ref.gen_seconds)
-    else:
-        req = _base_request(path, suite, threads, repack, ref.prompting)
-        req.update(generate=True, teacher={"tokens": ref.tokens, "reference": str(ref.path)})
-        data = _call_worker(req, timeout, on_progress)
-        results = _case_results(suite, data)
-        for cid, s in data["scores"].items():
-            results[cid].kld, results[cid].top1 = s["kld"], s["top1"]
-        metrics = compute_metrics(suite, results, ref, False, data["gen_tokens"], data["gen_seconds"])
-    gates = evaluate_gates(suite, metrics)
-    return RungQuality(quant, list(results.values()), metrics, ref.prompting, gates)
+        return reference_quality(suite, ref)
+    data = generate_rung(path, suite, ref, threads, repack, timeout, on_progress)
+    scores = teacher_scores(ref, [path], suite, threads, repack, timeout, on_progress)[path]
+    return rung_quality(quant, suite, ref, data, scores)

@@ -178,7 +178,7 @@ def quality_rungs(store: Store, run_id: str, model_id: str, model_hash: str, art
     """
     from importlib import metadata
 
-    from edgequant.bench.quality import EvalError, evaluate_rung, reference_outputs
+    from edgequant.bench import quality
 
     settings = profile.bench
     threads = settings.resolved_threads()
@@ -188,30 +188,59 @@ def quality_rungs(store: Store, run_id: str, model_id: str, model_hash: str, art
     ref_art = next(a for a in artifacts if a.is_reference)
     statuses: dict[str, str] = {}
     reporter.rung_started(f"{ref_art.quant} reference outputs")
-    ref = reference_outputs(ref_art.path, ref_art.sha256, ref_art.quant, suite, cache_root, threads, repack,
-                            prompting, settings.timeout, lambda p: reporter.rung_phase(ref_art.quant, p))
+    ref = quality.reference_outputs(ref_art.path, ref_art.sha256, ref_art.quant, suite, cache_root, threads,
+                                    repack, prompting, settings.timeout,
+                                    lambda p: reporter.rung_phase(ref_art.quant, p))
     params = {"runner": "host", "stage": "quality", "suite": suite.name, "suite_sha256": suite.sha256,
               "prompting": ref.prompting, "threads": threads, "repack": repack, "decoding": "greedy",
               "n_cases": len(suite.cases), **(extra_params or {})}
-    for art in artifacts:
-        if only is not None and art.quant not in only:
-            continue
-        key = RowKey(model_id=model_id, model_hash=model_hash, quant=art.quant, artifact_sha256=art.sha256,
-                     is_reference=art.is_reference, device_id=device_id, device=device,
-                     runtime="llama.cpp", runtime_version=runtime_version, params=params)
+
+    def key(art: Artifact) -> RowKey:
+        return RowKey(model_id=model_id, model_hash=model_hash, quant=art.quant, artifact_sha256=art.sha256,
+                      is_reference=art.is_reference, device_id=device_id, device=device,
+                      runtime="llama.cpp", runtime_version=runtime_version, params=params)
+
+    def store_quality(art: Artifact, q, status: str | None = None, detail: str | None = None) -> None:
+        store.record_rung(run_id, key(art), quality_measurements(q.metrics, q.gates), status=status,
+                          detail=detail, cases=[c.record() for c in q.cases], suite=suite.name)
+        statuses[art.quant] = status or "ok"
+        reporter.rung_done(art.quant, status or "ok")
+
+    selected = [a for a in artifacts if only is None or a.quant in only]
+    # 1. every rung's own outputs, one process per rung
+    outputs: list[tuple[Artifact, dict]] = []
+    for art in selected:
         reporter.rung_started(art.quant)
+        if art.is_reference:
+            store_quality(art, quality.reference_quality(suite, ref))
+            continue
         try:
-            q = evaluate_rung(art.path, art.quant, art.is_reference, suite, ref, threads, repack,
-                              settings.timeout, lambda p, quant=art.quant: reporter.rung_phase(quant, p))
-        except EvalError as exc:
-            store.record_rung(run_id, key, [], status=exc.status, detail=f"quality: {exc}")
+            outputs.append((art, quality.generate_rung(art.path, suite, ref, threads, repack, settings.timeout,
+                                                       lambda p, quant=art.quant: reporter.rung_phase(quant, p))))
+        except quality.EvalError as exc:
+            store.record_rung(run_id, key(art), [], status=exc.status, detail=f"quality: {exc}")
             statuses[art.quant] = exc.status
             reporter.rung_done(art.quant, exc.status)
+    # 2. token-level scores: the reference's outputs teacher-forced through as many rungs at once as fit
+    groups = quality.teacher_groups(ref_art.size_bytes, [(a.path, a.size_bytes) for a, _ in outputs])
+    by_path = {a.path: (a, data) for a, data in outputs}
+    for group in groups:
+        label = f"KLD vs {ref_art.quant}: " + ", ".join(by_path[p][0].quant for p in group)
+        reporter.rung_started(label)
+        try:
+            scores = quality.teacher_scores(ref, group, suite, threads, repack, settings.timeout,
+                                            lambda p, label=label: reporter.rung_phase(label, p))
+        except quality.EvalError as exc:
+            if len(group) > 1:      # several rungs beside the reference may be too many: one at a time
+                groups.extend([p] for p in group)
+                continue
+            art, data = by_path[group[0]]
+            store_quality(art, quality.rung_quality(art.quant, suite, ref, data, None), status=exc.status,
+                          detail=f"quality: outputs judged, token-level scores failed: {exc}")
             continue
-        store.record_rung(run_id, key, quality_measurements(q.metrics, q.gates), status=None,
-                          cases=[c.record() for c in q.cases], suite=suite.name)
-        statuses[art.quant] = "ok"
-        reporter.rung_done(art.quant, "ok")
+        for path in group:
+            art, data = by_path[path]
+            store_quality(art, quality.rung_quality(art.quant, suite, ref, data, scores[path]))
     return statuses
 
 

@@ -238,6 +238,57 @@ def test_kld_rows_is_the_full_vocabulary_kl_divergence():
     assert kld[0] > 0.1 and kld[2] == pytest.approx(0.0, abs=1e-5) and same[2]
 
 
+def test_reference_rows_compared_with_several_rungs_give_the_definition():
+    from edgequant.bench.eval_worker import RefRows
+
+    rng = np.random.default_rng(1)
+    z_ref = rng.normal(size=(4, 300)) * 3
+    rungs = [rng.normal(size=(4, 300)) * 3, z_ref + rng.normal(size=(4, 300)) * 0.05, z_ref - 2.0]
+    block = RefRows(z_ref)
+    for z in rungs:
+        kld, same = block.compare(z)
+        for row in range(4):
+            e_ref = [math.exp(v) for v in z_ref[row]]
+            e = [math.exp(v) for v in z[row]]
+            p = [v / sum(e_ref) for v in e_ref]
+            q = [v / sum(e) for v in e]
+            exact = sum(pi * math.log(pi / qi) for pi, qi in zip(p, q))
+            assert kld[row] == pytest.approx(exact, rel=1e-3, abs=1e-6)
+            assert bool(same[row]) == (int(np.argmax(z_ref[row])) == int(np.argmax(z[row])))
+    assert np.allclose(block.compare(rungs[2])[0], 0.0, atol=1e-5)  # a shift is the same distribution
+
+
+def _teacher(quality_run, paths):
+    from edgequant.bench.quality import reference_outputs, teacher_scores
+    from edgequant.profiles.suites import load_suite
+
+    suite = load_suite(str(quality_run["suite"]))
+    (ref_art,) = rows(quality_run["db"], "SELECT path, sha256 FROM artifacts WHERE quant = 'BF16'")
+    ref = reference_outputs(Path(ref_art["path"]), ref_art["sha256"], "BF16", suite,
+                            quality_run["tmp"] / "teacher-cache", 2, None, "completion", 600, lambda p: None)
+    return ref, teacher_scores(ref, [Path(p) for p in paths], suite, 2, None, 600, lambda p: None)
+
+
+def test_one_teacher_pass_for_several_rungs_matches_one_pass_per_rung(quality_run):
+    """Sharing the reference's decode between rungs changes no figure: each rung scored in the group
+    equals the rung scored alone, and the reference scored against itself diverges nowhere."""
+    paths = {r["quant"]: r["path"] for r in rows(quality_run["db"], "SELECT quant, path FROM artifacts")}
+    group = [paths["Q8_0"], paths["Q4_0"], paths["BF16"]]
+    ref, together = _teacher(quality_run, group)
+    for path in group[:2]:
+        _, alone = _teacher(quality_run, [path])
+        a, b = alone[Path(path)], together[Path(path)]
+        assert set(a) == set(b) == set(ref.tokens)
+        for cid in a:
+            assert len(a[cid]["kld"]) == len(ref.tokens[cid]) == len(b[cid]["top1"])
+            assert a[cid]["top1"] == b[cid]["top1"]
+            assert a[cid]["kld"] == pytest.approx(b[cid]["kld"], rel=1e-4, abs=1e-7)
+    itself = together[Path(paths["BF16"])]
+    assert all(all(itself[cid]["top1"]) and max(itself[cid]["kld"], default=0.0) < 1e-6 for cid in itself)
+    q4 = [x for c in together[Path(paths["Q4_0"])].values() for x in c["kld"]]
+    assert sum(q4) > 0  # a 4-bit rung does diverge somewhere
+
+
 def test_batched_cases_do_not_see_each_other(quality_run):
     """Cases decoded side by side (slots > 1) give the same text as one case at a time."""
     import subprocess
