@@ -49,6 +49,7 @@ from edgequant.bench.llamacpp_tools import (CMAKE_CONFIGURE_FLAGS, BuildTree, Sa
                                             installed_version, is_on, llama_cpp_source, locked, merge_defines,
                                             tools_root)
 from edgequant.errors import BadInput, RunFailed
+from edgequant.hashing import file_sha256
 from edgequant.quantize.atomic import atomic_write_text, clean_stale_partials, partial_name
 
 MANIFEST = "manifest.json"
@@ -214,14 +215,6 @@ class RunnerDir:
                            + f"; build one with `edgequant runner build --target {hint}`")
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def open_runner_dir(path: Path | str, *, verify: bool = True, machine: str | None = None,
                     os_name: str | None = None, where: str = "the device") -> RunnerDir:
     """Check a runner folder (built here or prebuilt) and describe it; ``BadInput`` if unusable.
@@ -277,7 +270,7 @@ def _verify(path: Path, manifest: dict) -> None:
             if not file.is_symlink():
                 raise BadInput(f"runner folder {path}: {rel} is missing; rebuild it")
             continue
-        if not file.is_file() or file.stat().st_size != entry.get("size") or _sha256(file) != entry.get("sha256"):
+        if not file.is_file() or file.stat().st_size != entry.get("size") or file_sha256(file) != entry.get("sha256"):
             raise BadInput(f"runner folder {path}: {rel} is missing or changed since it was built "
                            f"(sha256 differs from {MANIFEST}); rebuild it with `edgequant runner build`")
 
@@ -400,7 +393,7 @@ def _assemble(plan: RunnerPlan, bin_dir: Path, tools: list[str], tmp: Path, seco
         if p.is_symlink():
             files.append({"path": rel, "link": os.readlink(p)})
         else:
-            files.append({"path": rel, "size": p.stat().st_size, "sha256": _sha256(p)})
+            files.append({"path": rel, "size": p.stat().st_size, "sha256": file_sha256(p)})
     manifest = {
         "manifest_version": MANIFEST_VERSION,
         "target": plan.target.name,

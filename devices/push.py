@@ -24,7 +24,6 @@ the next run starts the push again.
 
 from __future__ import annotations
 
-import hashlib
 import posixpath
 import re
 import time
@@ -35,6 +34,7 @@ from typing import Callable
 from edgequant.devices.facts import parse_df
 from edgequant.devices.transport import DeviceError, Transport, quote
 from edgequant.errors import BadInput
+from edgequant.hashing import file_sha256
 
 MARKER = ".edgequant"
 MODELS = "models"
@@ -71,14 +71,6 @@ def remote_name(name: str, sha256: str) -> str:
     if not re.fullmatch(r"[0-9a-f]{64}", sha256):
         raise BadInput(f"{sha256!r} is not a sha256 hex digest")
     return f"{sha256[:PREFIX_LEN]}-{name}"
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edgequant.errors import BadInput
+from edgequant.hashing import file_sha256
 from edgequant.quantize.atomic import atomic_write_text
 
 # Architectures llama.cpp's converter turns into a runnable GGUF text model and
@@ -116,14 +117,6 @@ def open_checkpoint(path: str | os.PathLike, model_id: str | None = None) -> Che
                       files=files, weight_bytes=weight_bytes, config=config)
 
 
-def _file_sha256(path: Path, chunk: int = 8 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 def checkpoint_hash(ckpt: Checkpoint, cache_file: Path) -> str:
     """sha256 over (name, sha256) of every model-defining file, with a stat-keyed cache."""
     try:
@@ -138,7 +131,7 @@ def checkpoint_hash(ckpt: Checkpoint, cache_file: Path) -> str:
         key = f"{p}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}"
         digest = cache.get(key)
         if digest is None:
-            digest = _file_sha256(p)
+            digest = file_sha256(p)
             cache[key] = digest
             changed = True
         h.update(f"{name}\0{digest}\n".encode())

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import hashlib
 import struct
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 from edgequant.errors import RunFailed
+from edgequant.hashing import file_sha256  # noqa: F401  (artifact code imports it from here)
 
 GGUF_MAGIC = b"GGUF"
 
@@ -127,16 +127,6 @@ def read_gguf_info(path: Path) -> GGUFInfo:
     return GGUFInfo(architecture=str(arch) if arch is not None else "?",
                     file_type=int(ftype) if isinstance(ftype, int) else None,
                     n_params=n_params, tensor_bytes=n_bytes, tensor_types=dict(sorted(counts.items())))
-
-
-def file_sha256(path: Path, chunk: int = 16 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb", buffering=0) as fh:
-        buf = bytearray(chunk)
-        view = memoryview(buf)
-        while n := fh.readinto(buf):
-            h.update(view[:n])
-    return h.hexdigest()
 
 
 def estimated_bits_per_weight(quant: str) -> float:

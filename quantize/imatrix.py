@@ -38,6 +38,7 @@ from typing import Callable
 import numpy as np
 
 from edgequant.errors import BadInput, RunFailed
+from edgequant.hashing import file_sha256
 from edgequant.profiles.suites import Suite
 from edgequant.quantize.atomic import atomic_write_text
 
@@ -221,7 +222,7 @@ def compute_imatrix(tool: Path, reference: Path, reference_sha256: str, model_ha
             tail = [ln.strip() for ln in log.read_text(errors="replace").splitlines() if ln.strip()][-1:]
             raise RunFailed(f"llama-imatrix failed (exit {proc.returncode}): {' '.join(tail)[:300]} "
                             f"(full log: {log})")
-        digest = _sha256(out)
+        digest = file_sha256(out)
         manifest = {**meta, "reference_sha256": reference_sha256, "model_hash": model_hash,
                     "sha256": digest, "n_tokens": n_tokens, "chunk_size": ctx, "n_chunks": n_tokens // ctx,
                     "seconds": round(time.perf_counter() - t0, 2), "created_at": time.time()}
@@ -229,14 +230,6 @@ def compute_imatrix(tool: Path, reference: Path, reference_sha256: str, model_ha
         atomic_write_text(folder / "manifest.json", json.dumps(manifest, indent=2, sort_keys=True))
         os.replace(out, folder / "imatrix.gguf")
     return ImatrixFile(folder / "imatrix.gguf", manifest)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def count_tokens(model: Path, text: str) -> int:
