@@ -9,8 +9,7 @@ progress lines ``progress eval i/n`` on stderr.  The request
      "prompting": "auto"|"chat"|"completion",
      "slots": int,                     # cases decoded side by side (default 8)
      "groups": [{"format": str, "system": str, "few_shot": str, "stop": [str],
-                 "cases": [{"id": str, "prompt": str, "max_tokens": int}]}],
-     "generate": bool}                 # greedy-decode every case
+                 "cases": [{"id": str, "prompt": str, "max_tokens": int}]}]}
 
 With ``"op": "teacher"`` the request names several rungs and nothing is
 generated: ``{"op": "teacher", "reference": str, "rungs": [str, ...],

@@ -213,9 +213,7 @@ def reference_outputs(ref_path: Path, ref_sha: str, ref_quant: str, suite: Suite
         data = json.loads(meta_path.read_text())
     else:
         folder.mkdir(parents=True, exist_ok=True)
-        req = _base_request(ref_path, suite, threads, repack, prompting)
-        req.update(generate=True)
-        data = _call_worker(req, timeout, on_progress)
+        data = _call_worker(_base_request(ref_path, suite, threads, repack, prompting), timeout, on_progress)
         from edgequant.quantize.atomic import atomic_write_text
 
         atomic_write_text(meta_path, json.dumps(data))
@@ -321,9 +319,7 @@ def evaluate_gates(suite: Suite, metrics: list[QualityMetric]) -> list[dict[str,
 def generate_rung(path: Path, suite: Suite, ref: Reference, threads: int, repack: bool | None, timeout: float,
                   on_progress: Callable[[str], None]) -> dict:
     """One rung's greedy outputs on every case (the worker's result), in a process of its own."""
-    req = _base_request(path, suite, threads, repack, ref.prompting)
-    req.update(generate=True)
-    return _call_worker(req, timeout, on_progress)
+    return _call_worker(_base_request(path, suite, threads, repack, ref.prompting), timeout, on_progress)
 
 
 def teacher_groups(ref_size: int, rungs: list[tuple[Path, int]], available: int | None = None) -> list[list[Path]]:
@@ -372,13 +368,3 @@ def reference_quality(suite: Suite, ref: Reference) -> RungQuality:
     results = dict(ref.cases)
     metrics = compute_metrics(suite, results, ref, True, ref.gen_tokens, ref.gen_seconds)
     return RungQuality(ref.quant, list(results.values()), metrics, ref.prompting, evaluate_gates(suite, metrics))
-
-
-def evaluate_rung(path: Path, quant: str, is_reference: bool, suite: Suite, ref: Reference, threads: int,
-                  repack: bool | None, timeout: float, on_progress: Callable[[str], None]) -> RungQuality:
-    """One rung on its own: its outputs, then its token-level scores against the reference."""
-    if is_reference:
-        return reference_quality(suite, ref)
-    data = generate_rung(path, suite, ref, threads, repack, timeout, on_progress)
-    scores = teacher_scores(ref, [path], suite, threads, repack, timeout, on_progress)[path]
-    return rung_quality(quant, suite, ref, data, scores)

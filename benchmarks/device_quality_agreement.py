@@ -93,7 +93,7 @@ def main() -> int:
           f"tokens differ from the host eval's: {len(plan.differ)}")
     try:
         for gguf in ggufs:
-            req = dict(_base_request(gguf, suite, args.threads, None, "auto"), generate=True)
+            req = _base_request(gguf, suite, args.threads, None, "auto")
             host = {c["id"]: c for c in _call_worker(req, 3600, lambda p: None)["cases"]}
             t0 = time.perf_counter()
             device, tokens, _secs = dq._run_rung(ctx, plan, str(work), str(gguf), gguf.stem, suite)

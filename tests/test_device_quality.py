@@ -71,7 +71,7 @@ def _host_outputs(gguf: Path, suite_path: Path) -> dict[str, dict]:
     from edgequant.profiles.suites import load_suite
 
     suite = load_suite(suite_path)
-    data = _call_worker(dict(_base_request(gguf, suite, 2, None, "auto"), generate=True), 600, lambda p: None)
+    data = _call_worker(_base_request(gguf, suite, 2, None, "auto"), 600, lambda p: None)
     return {c["id"]: {"output": base64.b64decode(c["output_b64"]).decode("utf-8", "replace"),
                       "stopped": c["stopped"], "n_tokens": len(c["tokens"])} for c in data["cases"]}
 

@@ -165,10 +165,9 @@ def test_low_memory_killer_marks_the_rung_oom_and_the_ladder_goes_on(tiny_checkp
     assert peer.lmk_kills, "the peer's low-memory killer never fired"
 
 
-def test_unplugged_mid_run_is_partial_and_resumes(tiny_checkpoint, phone, arm64_runner):
-    peer, workdir, env, profile = phone
-    # build the ladder, and put the runner and the reference on the phone beforehand, so that the
-    # first file the run pushes is Q8_0's: the connection drops in the middle of it
+def preload_runner_and_reference(tiny_checkpoint, peer, workdir, env, profile, arm64_runner) -> dict:
+    """Build the profile's ladder and put the runner and the BF16 reference on the phone beforehand, so
+    the first model a run pushes is the first quantized rung's.  Returns the ladder's artifacts by quant."""
     built = run_cli("quantize", "--model", str(tiny_checkpoint), "--profile", str(profile), "--json", env=env,
                     timeout=900)
     assert built.returncode == 0, built.stderr[-2000:]
@@ -181,6 +180,14 @@ def test_unplugged_mid_run_is_partial_and_resumes(tiny_checkpoint, phone, arm64_
         pusher.push(Path(arts["BF16"]["path"]), arts["BF16"]["sha256"], name="BF16.gguf")
     finally:
         transport.close()
+    return arts
+
+
+def test_unplugged_mid_run_is_partial_and_resumes(tiny_checkpoint, phone, arm64_runner):
+    peer, workdir, env, profile = phone
+    # build the ladder, and put the runner and the reference on the phone beforehand, so that the
+    # first file the run pushes is Q8_0's: the connection drops in the middle of it
+    preload_runner_and_reference(tiny_checkpoint, peer, workdir, env, profile, arm64_runner)
     # every push of a model drops: the farm's reconnect-and-retry (edgequant/farm.py) gives up in the end
     peer.faults.drop_send_after = 4096
     peer.faults.drop_send_times = None

@@ -219,6 +219,15 @@ def test_report_cases_shows_why_a_packet_broke(quality_run):
     assert table.returncode == 0 and "x1" in table.stdout and "e2" in table.stdout
 
 
+def _exact_kld(z_ref_row, z_row) -> float:
+    """KL(softmax(z_ref) || softmax(z)) by the definition, term by term in plain Python floats."""
+    e_ref = [math.exp(v) for v in z_ref_row]
+    e = [math.exp(v) for v in z_row]
+    p = [v / sum(e_ref) for v in e_ref]
+    q = [v / sum(e) for v in e]
+    return sum(pi * math.log(pi / qi) for pi, qi in zip(p, q))
+
+
 def test_kld_rows_is_the_full_vocabulary_kl_divergence():
     from edgequant.bench.eval_worker import kld_rows
 
@@ -227,13 +236,7 @@ def test_kld_rows_is_the_full_vocabulary_kl_divergence():
     z[2] = z_ref[2] + 7.5  # a shifted copy: same distribution after softmax
     kld, same = kld_rows(z_ref, z)
     for row in range(3):
-        # the definition, term by term in plain Python floats
-        e_ref = [math.exp(v) for v in z_ref[row]]
-        e = [math.exp(v) for v in z[row]]
-        p = [v / sum(e_ref) for v in e_ref]
-        q = [v / sum(e) for v in e]
-        exact = sum(pi * math.log(pi / qi) for pi, qi in zip(p, q))
-        assert kld[row] == pytest.approx(exact, rel=1e-4, abs=1e-6)
+        assert kld[row] == pytest.approx(_exact_kld(z_ref[row], z[row]), rel=1e-4, abs=1e-6)
         assert bool(same[row]) == (int(np.argmax(z_ref[row])) == int(np.argmax(z[row])))
     assert kld[0] > 0.1 and kld[2] == pytest.approx(0.0, abs=1e-5) and same[2]
 
@@ -248,12 +251,7 @@ def test_reference_rows_compared_with_several_rungs_give_the_definition():
     for z in rungs:
         kld, same = block.compare(z)
         for row in range(4):
-            e_ref = [math.exp(v) for v in z_ref[row]]
-            e = [math.exp(v) for v in z[row]]
-            p = [v / sum(e_ref) for v in e_ref]
-            q = [v / sum(e) for v in e]
-            exact = sum(pi * math.log(pi / qi) for pi, qi in zip(p, q))
-            assert kld[row] == pytest.approx(exact, rel=1e-3, abs=1e-6)
+            assert kld[row] == pytest.approx(_exact_kld(z_ref[row], z[row]), rel=1e-3, abs=1e-6)
             assert bool(same[row]) == (int(np.argmax(z_ref[row])) == int(np.argmax(z[row])))
     assert np.allclose(block.compare(rungs[2])[0], 0.0, atol=1e-5)  # a shift is the same distribution
 
@@ -302,7 +300,7 @@ def test_batched_cases_do_not_see_each_other(quality_run):
     outputs = {}
     for slots in (1, 4):
         req = {"path": art["path"], "threads": 2, "repack": None, "mmap": True, "seed": 0,
-               "prompting": "completion", "slots": slots, "groups": _groups(suite), "generate": True}
+               "prompting": "completion", "slots": slots, "groups": _groups(suite)}
         res = subprocess.run([sys.executable, "-m", "edgequant.bench.eval_worker"], input=json.dumps(req),
                              capture_output=True, text=True, timeout=600)
         assert res.returncode == 0, res.stderr[-2000:]

@@ -11,12 +11,10 @@ import json
 from pathlib import Path
 
 from conftest import assert_one_line_error, db_rows, run_cli
-from test_device_run import phone  # noqa: F401 - the peer + qemu phone fixture
+from test_device_run import phone, preload_runner_and_reference  # noqa: F401 - phone: the peer + qemu fixture
 from test_imatrix import write_suite
 from test_runner import arm64_runner  # noqa: F401 - the session fixture that builds the runner
 
-from edgequant.devices import select
-from edgequant.devices.push import Pusher
 
 
 def _tune_args(tiny_checkpoint, peer, workdir, profile, runner, suite, types, *extra):
@@ -118,18 +116,7 @@ def test_a_phone_lost_mid_search_leaves_a_partial_run(tiny_checkpoint, phone, ar
     suite = write_suite(tmp_path / "suite")
     # the runner and the reference are on the phone already; the first push tune makes is the Q8_0
     # candidate's, and every push of a model drops the connection
-    built = run_cli("quantize", "--model", str(tiny_checkpoint), "--profile", str(profile), "--json", env=env,
-                    timeout=900)
-    assert built.returncode == 0, built.stderr[-2000:]
-    arts = {a["quant"]: a for a in json.loads(built.stdout)}
-    transport = select.open_transport(select.Target(peer.serial, "direct"))
-    try:
-        pusher = Pusher(transport, workdir)
-        for rel in arm64_runner.files():
-            pusher.push(arm64_runner.path / rel, dest=rel, executable=rel.startswith("bin/"))
-        pusher.push(Path(arts["BF16"]["path"]), arts["BF16"]["sha256"], name="BF16.gguf")
-    finally:
-        transport.close()
+    preload_runner_and_reference(tiny_checkpoint, peer, workdir, env, profile, arm64_runner)
     peer.faults.drop_send_after = 4096
     peer.faults.drop_send_times = None
     res = run_cli(*_tune_args(tiny_checkpoint, peer, workdir, profile, arm64_runner, suite, "Q8_0,Q4_0",
