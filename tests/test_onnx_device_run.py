@@ -151,17 +151,18 @@ def test_a_bad_perf_test_is_one_line_and_nothing_is_stored(tiny_checkpoint, onnx
         assert res.returncode == 2, res.stderr[-2000:]
         assert_one_line_error(res.stderr, "--onnx-perf-test", str(tool), *needles)
     # an aarch64 program linked against glibc cannot start on an Android phone: refused before the run starts
+    # (the linux-arm64 runner the other device tests use needs the same cross compiler: .ci/run installs it)
     cc = shutil.which("aarch64-linux-gnu-gcc")
-    if cc is not None:
-        src = tmp_path / "t.c"
-        src.write_text("int main(void) { return 0; }\n")
-        glibc = tmp_path / "glibc" / "onnxruntime_perf_test"
-        glibc.parent.mkdir()
-        subprocess.run([cc, "-o", str(glibc), str(src)], check=True, capture_output=True, timeout=120)
-        res = run_cli(*args, "--onnx-perf-test", str(glibc.parent), env=env, timeout=600)
-        assert res.returncode == 2, res.stderr[-2000:]
-        assert_one_line_error(res.stderr, "linked for linux", f"device {peer.serial}", "android")
-        assert not (Path(workdir) / "bin" / "onnxruntime_perf_test").exists()
+    assert cc is not None, "aarch64-linux-gnu-gcc is needed (apt-get install gcc-aarch64-linux-gnu)"
+    src = tmp_path / "t.c"
+    src.write_text("int main(void) { return 0; }\n")
+    glibc = tmp_path / "glibc" / "onnxruntime_perf_test"
+    glibc.parent.mkdir()
+    subprocess.run([cc, "-o", str(glibc), str(src)], check=True, capture_output=True, timeout=120)
+    res = run_cli(*args, "--onnx-perf-test", str(glibc.parent), env=env, timeout=600)
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert_one_line_error(res.stderr, "linked for linux", f"device {peer.serial}", "android")
+    assert not (Path(workdir) / "bin" / "onnxruntime_perf_test").exists()
     db = Path(env["EDGEQUANT_DB"])
     assert not db.exists() or not db_rows(db, "SELECT * FROM runs")
 
