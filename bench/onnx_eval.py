@@ -16,6 +16,10 @@ prefix cache is reused as is).  For KLD and top-1 agreement the reference's
 own output tokens are teacher-forced through both models after the same
 prompt, and ``eval_worker.kld_rows`` compares the full-vocabulary
 distributions at every position.
+
+``checkpoint_outputs`` runs the same worker with the checkpoint itself in
+transformers (``checkpoint_model.CheckpointModel``, float32) in place of the
+ONNX model: what a faithful fp32 export decodes.
 """
 
 from __future__ import annotations
@@ -34,12 +38,28 @@ WORKER_MODULE = "edgequant.bench.onnx_eval"
 def evaluate_onnx_rung(path: Path, quant: str, suite, ref, threads: int, timeout: float,
                        on_progress: Callable[[str], None]):
     """A ``quality.RungQuality`` for the ONNX model ``path`` against the reference ``ref``."""
-    from edgequant.bench.quality import (RungQuality, _base_request, _call_worker, _case_results, compute_metrics,
-                                         evaluate_gates)
+    from edgequant.bench.quality import _base_request, _call_worker
 
     req = _base_request(path, suite, threads, None, ref.prompting)
     req.update(generate=True, reference=str(ref.path), teacher={"tokens": ref.tokens, "reference": str(ref.path)})
     data = _call_worker(req, timeout, on_progress, module=WORKER_MODULE)
+    return _scored(quant, suite, ref, data)
+
+
+def checkpoint_outputs(folder: Path, suite, ref, threads: int, timeout: float, on_progress: Callable[[str], None]):
+    """The suite decoded by the checkpoint itself in transformers (float32, ``checkpoint_model``), with the
+    ONNX rungs' prompts, token ids and greedy loop: the reference the fp32 export must reproduce.  A
+    ``quality.RungQuality`` named ``checkpoint`` (no KLD: that is measured against the GGUF reference)."""
+    from edgequant.bench.quality import _base_request, _call_worker
+
+    req = _base_request(folder, suite, threads, None, ref.prompting)
+    req.update(backend="checkpoint", reference=str(ref.path))
+    return _scored("checkpoint", suite, ref, _call_worker(req, timeout, on_progress, module=WORKER_MODULE))
+
+
+def _scored(quant: str, suite, ref, data: dict):
+    from edgequant.bench.quality import RungQuality, _case_results, compute_metrics, evaluate_gates
+
     results = _case_results(suite, data)
     for cid, s in data["scores"].items():
         results[cid].kld, results[cid].top1 = s["kld"], s["top1"]
@@ -76,10 +96,18 @@ def run(req: dict, progress) -> dict:
 
     log = _Log(L, echo=bool(req.get("verbose")))
     ref = Session(L, dict(req, path=req["reference"], mmap=True), log)
+    checkpoint = req.get("backend") == "checkpoint"
     try:
-        model = KVModel(req["path"], int(req["threads"]))
-    except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own types
-        raise WorkerError(f"onnxruntime cannot load {req['path']}: {str(exc).splitlines()[0][:300]}") from None
+        if checkpoint:
+            from edgequant.bench.checkpoint_model import CheckpointModel
+
+            model = CheckpointModel(req["path"], int(req["threads"]))
+        else:
+            model = KVModel(req["path"], int(req["threads"]))
+    except Exception as exc:  # noqa: BLE001 - onnxruntime and transformers raise their own types
+        who = "transformers" if checkpoint else "onnxruntime"
+        first = (str(exc).splitlines() or [type(exc).__name__])[0][:300]
+        raise WorkerError(f"{who} cannot load {req['path']}: {first}") from None
     if model.n_vocab and model.n_vocab != ref.n_vocab:
         raise WorkerError(f"{req['path']} has a {model.n_vocab}-token vocabulary and the reference "
                           f"{req['reference']} {ref.n_vocab}: they are not the same model")
@@ -151,7 +179,8 @@ def run(req: dict, progress) -> dict:
     ref.close()
     cases_out = [results[c["id"]] for g in req["groups"] for c in g["cases"]]
     return {"cases": cases_out, "scores": scores, "prompting": mode, "gen_tokens": gen_tokens,
-            "gen_seconds": gen_seconds, "slots": 1, "runtime_version": ort.__version__,
+            "gen_seconds": gen_seconds, "slots": 1,
+            "runtime_version": model.provider if checkpoint else ort.__version__,
             "execution_provider": model.provider}
 
 

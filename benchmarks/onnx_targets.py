@@ -4,8 +4,10 @@
    artifacts folder (target: under 3 minutes on 2 cores), and the time of a second build, which must
    reuse every artifact (target: a few seconds, nothing rebuilt).
 2. Faithfulness of the fp32 export before any quantization, on the built-in triage suite: the share of
-   cases whose greedy output is byte-identical to the bf16 GGUF reference's (target >= 95 %), and
-   top-1 agreement of the teacher-forced distributions (target >= 0.99).
+   cases whose greedy output is byte-identical to the bf16 checkpoint's own, decoded by transformers in
+   float32 with the same prompts, token ids and stop rules (target >= 95 %), and top-1 agreement of the
+   teacher-forced distributions with the bf16 GGUF reference's (target >= 0.99).  For scale, it also
+   prints how many cases the bf16 GGUF reference itself (llama.cpp) decodes like the checkpoint.
 
     python benchmarks/onnx_targets.py [--cache-dir DIR] [--threads N] [--suite NAME|PATH] [--skip-quality]
 
@@ -62,7 +64,7 @@ def main() -> int:
         if args.skip_quality:
             return 0
 
-        from edgequant.bench.onnx_eval import evaluate_onnx_rung
+        from edgequant.bench.onnx_eval import checkpoint_outputs, evaluate_onnx_rung
         from edgequant.bench.quality import reference_outputs
         from edgequant.profiles.suites import load_suite
 
@@ -84,12 +86,23 @@ def main() -> int:
         q = evaluate_onnx_rung(fp32.path, fp32.quant, suite, ref, threads, 7200,
                                lambda p: print(f"\r  {p}   ", end="", file=sys.stderr))
         print(file=sys.stderr)
-        same = sum(c.output == ref.cases[c.case.id].output for c in q.cases)
-        m = {x.metric: x.value for x in q.metrics}
-        share = same / len(q.cases)
         print(f"ONNX-FP32 eval: {time.perf_counter() - t0:.0f} s")
-        print(f"greedy outputs identical to the bf16 reference: {same}/{len(q.cases)} = {share:.1%} "
+        t0 = time.perf_counter()
+        ckpt = checkpoint_outputs(resolved.checkpoint.path, suite, ref, threads, 7200,
+                                  lambda p: print(f"\r  checkpoint {p}   ", end="", file=sys.stderr))
+        print(file=sys.stderr)
+        print(f"checkpoint (transformers, float32) eval: {time.perf_counter() - t0:.0f} s")
+        want = {c.case.id: c.output for c in ckpt.cases}
+        n = len(q.cases)
+        same = sum(c.output == want[c.case.id] for c in q.cases)
+        share = same / n
+        gguf_same = sum(ref.cases[cid].output == out for cid, out in want.items())
+        onnx_gguf = sum(c.output == ref.cases[c.case.id].output for c in q.cases)
+        m = {x.metric: x.value for x in q.metrics}
+        print(f"fp32 ONNX greedy outputs identical to the bf16 checkpoint's: {same}/{n} = {share:.1%} "
               f"(target >= 95 %) {'PASS' if share >= 0.95 else 'FAIL'}")
+        print(f"  for scale: bf16 GGUF (llama.cpp) identical to the checkpoint's {gguf_same}/{n} = {gguf_same / n:.1%}; "
+              f"fp32 ONNX identical to the bf16 GGUF's {onnx_gguf}/{n} = {onnx_gguf / n:.1%}")
         print(f"top-1 agreement: {m['top1_agreement']:.4f} (target >= 0.99) "
               f"{'PASS' if m['top1_agreement'] >= 0.99 else 'FAIL'}; mean KLD {m['mean_kld']:.5f} nats")
         return 0

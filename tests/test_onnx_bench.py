@@ -94,6 +94,63 @@ def test_fp32_export_agrees_with_the_bf16_reference_and_int4_less(onnx_quality):
                if c.top1 and c.top1[0])
 
 
+def test_the_checkpoint_backend_is_the_checkpoint_through_its_cache(tiny_checkpoint):
+    """CheckpointModel (the faithfulness reference) gives transformers' own full forward pass, through the
+    chunked prefill and one-token steps the eval uses, and starting twice from one prefix cache is the same."""
+    import numpy as np
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from edgequant.bench.checkpoint_model import CheckpointModel
+
+    hf = AutoModelForCausalLM.from_pretrained(str(tiny_checkpoint), dtype=torch.float32).eval()
+    toks = [2] + np.random.default_rng(1).integers(10, 1000, 179).tolist()   # past the 128-token window
+    with torch.no_grad():
+        want = hf(torch.tensor([toks])).logits[0].numpy()
+    m = CheckpointModel(str(tiny_checkpoint), 1)
+    _last, prefix = m.prefill(toks[:40], m.empty_cache(), 0)
+    for _ in range(2):   # the shared prefix cache is not consumed by a case
+        rows = [lg for lg, _c in m.chunks(toks[40:150], prefix, 40, size=32)]
+        logits, cache = m.prefill(toks[40:150], prefix, 40)
+        for pos, tok in enumerate(toks[150:], start=150):
+            step, cache = m.step([tok], cache, pos)
+            rows.append(step)
+        got = np.concatenate(rows)
+        assert got.shape == want[40:].shape
+        assert np.abs(got - want[40:]).max() < 1e-4 * max(1.0, np.abs(want).max())
+        assert np.allclose(logits[0], got[109], atol=1e-4)
+
+
+def test_fp32_export_decodes_what_the_checkpoint_decodes(onnx_quality, tiny_checkpoint):
+    """The export's faithfulness target, on the tiny model: the fp32 ONNX rung's greedy outputs are the
+    checkpoint's own (transformers, float32), case for case."""
+    from edgequant.bench.onnx_eval import checkpoint_outputs
+
+    out, ref, suite = onnx_quality
+    ckpt = checkpoint_outputs(tiny_checkpoint, suite, ref, 1, 300, lambda p: None)
+    want = {c.case.id: c for c in ckpt.cases}
+    assert len(want) == len(CASES)
+    assert all(want[c.case.id].tokens for c in out["fp32"].cases)
+    assert [c.tokens for c in out["fp32"].cases] == [want[c.case.id].tokens for c in out["fp32"].cases]
+    assert [c.output for c in out["fp32"].cases] == [want[c.case.id].output for c in out["fp32"].cases]
+    # the int4 rung is not the checkpoint: the comparison can tell them apart
+    assert [c.tokens for c in out["int4"].cases] != [want[c.case.id].tokens for c in out["int4"].cases]
+
+
+def test_a_checkpoint_without_safetensors_is_refused_not_unpickled(onnx_quality, tiny_checkpoint, tmp_path):
+    from edgequant.bench.onnx_eval import checkpoint_outputs
+    from edgequant.bench.quality import EvalError
+
+    _out, ref, suite = onnx_quality
+    folder = tmp_path / "pickled"
+    shutil.copytree(tiny_checkpoint, folder)
+    for f in folder.glob("*.safetensors"):
+        f.rename(f.with_suffix(".bin"))
+    with pytest.raises(EvalError) as err:
+        checkpoint_outputs(folder, suite, ref, 1, 300, lambda p: None)
+    assert "no .safetensors weights" in str(err.value) and "\n" not in str(err.value)
+
+
 def test_run_stores_onnxruntime_rows_beside_gguf_rows(tiny_checkpoint, tiny_onnx, tmp_path):
     _, _, cache = tiny_onnx
     prof = tmp_path / "p.toml"
