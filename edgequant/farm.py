@@ -58,6 +58,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+import psutil
+
 from edgequant.devices import select
 from edgequant.devices.transport import DeviceError, Transport, quote
 from edgequant.errors import BadInput, EdgequantError
@@ -299,7 +301,7 @@ class DeviceLease:
             return True
         # left behind by a process of this host that is gone (a killed run being resumed)
         return bool(holder.host == self.host and holder.pid and holder.pid != self.pid
-                    and not _pid_alive(holder.pid))
+                    and not psutil.pid_exists(holder.pid))
 
     def renew(self) -> None:
         """Rewrite the owner file (its mtime is the renewal time).
@@ -325,16 +327,6 @@ class DeviceLease:
         if self.held:
             self._shell(f"[ \"{self._owner_token()}\" = {quote(self.token)} ] && rm -rf {quote(self.path)}; exit 0")
             self.held = False
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class HostLock:

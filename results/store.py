@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
+import psutil
+
 from edgequant.errors import BadInput
 
 # Named, append-only: never edit or reorder an entry, only add new ones.
@@ -165,16 +167,6 @@ OPEN_WAIT_SECONDS = 60.0
 def _is_busy(exc: sqlite3.OperationalError) -> bool:
     text = str(exc).lower()
     return "locked" in text or "busy" in text
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class Store:
@@ -383,7 +375,7 @@ class Store:
                                f"`edgequant report --list` shows the runs")
         out = dict(row)
         out.pop("rowid", None)  # PostgreSQL's emulated rowid column
-        if out["status"] == "running" and (out["hostname"] != socket.gethostname() or not _pid_alive(out["pid"])):
+        if out["status"] == "running" and (out["hostname"] != socket.gethostname() or not psutil.pid_exists(out["pid"])):
             if out["hostname"] == socket.gethostname():
                 out["status"] = "partial"
                 out["status_detail"] = out["status_detail"] or "the process ended before the run finished"
