@@ -248,15 +248,23 @@ def measure_gguf(path: Path, settings: BenchSettings,
     path = Path(path)
     check_gguf_file(path)
     request = build_request(path, settings, repack)
-    deadline = time.monotonic() + settings.timeout
-    child = _Child(request, on_progress)
+    return result_from(run_worker(request, WORKER_MODULE, settings.timeout, on_progress, path), path)
+
+
+def run_worker(request: dict[str, Any], module: str, timeout: float,
+               on_progress: Callable[[str], None] | None, path: Path) -> dict[str, Any]:
+    """Run ``python -m module`` on ``request`` (the JSON protocol of ``host_worker.serve``) within
+    ``timeout`` seconds and return its result; ``BenchError`` (named after ``path``) if it timed out,
+    crashed, was killed or reported an error.  On KeyboardInterrupt the worker is killed first."""
+    deadline = time.monotonic() + timeout
+    child = _Child(request, on_progress, module)
     try:
         finished = child.pump(deadline)
         code = child.wait(deadline) if finished else None
         if code is None:
             child.kill()
             raise BenchError("timeout", f"{path.name}: the benchmark did not finish within "
-                                        f"{settings.timeout:g} s (stopped during '{child.phase}'); "
+                                        f"{timeout:g} s (stopped during '{child.phase}'); "
                                         f"raise bench.timeout or lower n_prompt/n_gen/repetitions")
     except BaseException:
         child.kill()  # KeyboardInterrupt included: never leave the worker running
@@ -267,6 +275,11 @@ def measure_gguf(path: Path, settings: BenchSettings,
     data = child.result_json()
     if data is None or "error" in data:
         raise _failure(child, 1, path)
+    return data
+
+
+def result_from(data: dict[str, Any], path: Path) -> HostBenchResult:
+    """The worker's result as a ``HostBenchResult``; ``BenchError`` if it lacks a field."""
     try:
         return HostBenchResult.from_worker(data)
     except (KeyError, TypeError, ValueError) as exc:

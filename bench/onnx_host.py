@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from edgequant.bench.host import BenchError, HostBenchResult, _Child, _failure
+from edgequant.bench.host import BenchError, HostBenchResult, result_from, run_worker
 from edgequant.errors import BadInput
 from edgequant.profiles import BenchSettings
 
@@ -60,29 +60,7 @@ def measure_onnx(path: Path, settings: BenchSettings, on_progress: Callable[[str
     except BadInput as exc:
         raise BenchError("failed", str(exc)) from None
     request = build_request(path, settings)
-    deadline = time.monotonic() + settings.timeout
-    child = _Child(request, on_progress, WORKER_MODULE)
-    try:
-        finished = child.pump(deadline)
-        code = child.wait(deadline) if finished else None
-        if code is None:
-            child.kill()
-            raise BenchError("timeout", f"{path.name}: the benchmark did not finish within {settings.timeout:g} s "
-                                        f"(stopped during '{child.phase}'); raise bench.timeout or lower "
-                                        f"n_prompt/n_gen/repetitions")
-    except BaseException:
-        child.kill()
-        raise
-    child.kill()
-    if code != 0:
-        raise _failure(child, code, path)
-    data = child.result_json()
-    if data is None or "error" in data:
-        raise _failure(child, 1, path)
-    try:
-        return HostBenchResult.from_worker(data)
-    except (KeyError, TypeError, ValueError) as exc:
-        raise BenchError("failed", f"{path.name}: the benchmark worker returned an unusable result: {exc}") from None
+    return result_from(run_worker(request, WORKER_MODULE, settings.timeout, on_progress, path), path)
 
 
 # ---------------------------------------------------------------------------

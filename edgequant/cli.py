@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import shlex
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import click
@@ -113,6 +114,38 @@ def _load_profile(name: str, **overrides):
 
 def _command_line() -> str:
     return " ".join(shlex.quote(a) for a in ["edgequant", *sys.argv[1:]])
+
+
+class Stage:
+    """What a command is doing now (``now``), named in its run's status if it stops there."""
+
+    def __init__(self, now: str):
+        self.now = now
+
+
+@contextmanager
+def recording_partial(store, run_id: str, stage: str, resume_hint: str = "",
+                      lost: tuple[type[BaseException], ...] = (), lost_note: str = ""):
+    """The body of a command storing run ``run_id``; if it stops half-way the run is marked partial
+    with what it was doing (``stage``, or what the body set in the yielded ``Stage.now``):
+
+    * Ctrl-C: exit 130, "interrupted while STAGE; run X is stored as partial" and ``resume_hint``;
+    * one of ``lost`` (a phone gone): exit 1, the error and ``lost_note``;
+    * any other ``EdgequantError``: re-raised as it is.
+    """
+    current = Stage(stage)
+    try:
+        yield current
+    except KeyboardInterrupt:
+        store.finish_run(run_id, "partial", f"interrupted (Ctrl-C) while {current.now}")
+        raise EdgequantError(f"interrupted while {current.now}; run {run_id} is stored as partial"
+                             + (f"; {resume_hint}" if resume_hint else ""), 130) from None
+    except lost as exc:  # `except ()` catches nothing
+        store.finish_run(run_id, "partial", f"stopped while {current.now}: {exc}")
+        raise EdgequantError(f"{exc}; {lost_note}", 1) from None
+    except EdgequantError as exc:
+        store.finish_run(run_id, "partial", f"stopped while {current.now}: {exc}")
+        raise
 
 
 # ---------------------------------------------------------------------------
@@ -236,7 +269,9 @@ def cli():
 @click.option("--no-quality", is_flag=True, help="Skip the eval suite: speed and memory only.")
 @click.option("--quality-on-device", is_flag=True,
               help="Run the eval suite on each phone with its llama-completion (greedy, the host eval's prompts), "
-                   "against the reference's outputs generated there, instead of on the host. No KLD/top-1 there.")
+                   "against the reference's outputs generated there, instead of on the host. No KLD/top-1 there. "
+                   "ONNX rungs' quality is still computed on the host, from the same ONNX file "
+                   "(onnxruntime_perf_test only times Run; it cannot generate text).")
 @click.option("--device", "device_specs", multiple=True, metavar="SPEC",
               help="Where to benchmark: host (default), a phone (SERIAL, HOST:PORT, server:SERIAL), all, or a "
                    "device pool (pool:NAME|PATH, a TOML listing specs and labels). Repeatable; phones run in "
@@ -379,8 +414,8 @@ def _run(model, profile_name, threads, n_prompt, n_gen, repetitions, warmup, sui
             for phone in opened:
                 phone.lease.run = run_id        # written into the lease at its next renewal
             done = {(s["quant"], s["device_id"]) for s in store.rung_statuses(run_id)}
-            stage = "quantizing"
-            try:
+            with recording_partial(store, run_id, "quantizing",
+                                   f"`edgequant run --resume {run_id}` finishes it") as stage:
                 imatrix, suite, qparams = calibrate.for_profile(profile, suite, suite_name, prompting,
                                                                 resolved.model_hash, cache, store, reporter.step)
                 artifacts = pipeline.build_ladder(resolved, profile, cache, reporter, imatrix=imatrix)
@@ -389,7 +424,7 @@ def _run(model, profile_name, threads, n_prompt, n_gen, repetitions, warmup, sui
                     store.set_prep_seconds(run_id, pipeline.process_age_seconds())
                 failed: list[str] = []
                 if on_host:
-                    stage = "benchmarking"
+                    stage.now = "benchmarking"
                     host_id = host_device_id()
                     todo = [a for a in artifacts if (a.quant, host_id) not in done]
                     reporter.start_bench(len(todo))
@@ -399,7 +434,7 @@ def _run(model, profile_name, threads, n_prompt, n_gen, repetitions, warmup, sui
                     todo = [a for a in onnx_artifacts if (a.quant, host_id) not in done]
                     failed += _onnx_on_host(store, run_id, resolved, todo, profile, reporter)
                 if opened:
-                    stage = "benchmarking on the phones"
+                    stage.now = "benchmarking on the phones"
                     shared = farm.LockedStore(store)    # the phones' threads write through one lock
 
                     def device_job(dctx, todo, phone_reporter):
@@ -439,27 +474,22 @@ def _run(model, profile_name, threads, n_prompt, n_gen, repetitions, warmup, sui
                     farm.render_summary(result, console)
                     failed += result.failed_rungs
                     lost = result.lost
-                if suite is not None and (on_host or not quality_on_device):
-                    stage = "running the eval suite"
+                if suite is not None:
+                    stage.now = "running the eval suite"
                     have = {r["quant"] for r in store.measurements(run_id)
                             if r["params"].get("stage") == "quality" and r["params"].get("where") != "device"}
                     todo = [a for a in artifacts if a.quant not in have]
-                    if todo:
+                    if todo and (on_host or not quality_on_device):
                         reporter.start_bench(len(todo), f"eval {suite.name}")
                         statuses = pipeline.quality_rungs(store, run_id, ckpt.model_id, resolved.model_hash,
                                                           artifacts, profile, suite, cache, reporter, prompting,
                                                           only={a.quant for a in todo}, extra_params=qparams)
                         failed += [f"{q} quality {st}" for q, st in statuses.items() if st != "ok"]
                     todo = [a for a in onnx_artifacts if a.quant not in have]
+                    if todo and quality_on_device and not on_host:  # the phones' eval generates with llama.cpp
+                        reporter.step("ONNX rungs: quality computed on the host; onnxruntime_perf_test only times Run")
                     failed += _onnx_quality_on_host(store, run_id, resolved, artifacts, todo, profile, suite, cache,
                                                     reporter, prompting, qparams)
-            except KeyboardInterrupt:
-                store.finish_run(run_id, "partial", f"interrupted (Ctrl-C) while {stage}")
-                raise EdgequantError(f"interrupted while {stage}; run {run_id} is stored as partial; "
-                                     f"`edgequant run --resume {run_id}` finishes it", 130) from None
-            except EdgequantError as exc:
-                store.finish_run(run_id, "partial", f"stopped while {stage}: {exc}")
-                raise
         except DeviceError as exc:
             raise EdgequantError(str(exc), 1) from None
         finally:
@@ -562,15 +592,12 @@ def bench(model, profile_name, threads, n_prompt, n_gen, repetitions, warmup, db
         ckpt = resolved.checkpoint
         run_id = store.start_run(_command_line(), profile.name, ckpt.model_id, resolved.model_hash)
         store.set_prep_seconds(run_id, pipeline.process_age_seconds())
-        try:
+        with recording_partial(store, run_id, "benchmarking"):
             reporter.start_bench(len(artifacts))
             outcome = pipeline.bench_rungs(store, run_id, ckpt.model_id, resolved.model_hash, artifacts,
                                            profile, reporter)
             failed = [f"{o.artifact.quant} {o.status}" for o in outcome.failed]
             failed += _onnx_on_host(store, run_id, resolved, onnx_artifacts, profile, reporter)
-        except KeyboardInterrupt:
-            store.finish_run(run_id, "partial", "interrupted (Ctrl-C) while benchmarking")
-            raise EdgequantError(f"interrupted while benchmarking; run {run_id} is stored as partial", 130) from None
     store.finish_run(run_id, "complete", f"{len(failed)} rung(s) failed" if failed else None)
     _render(store, run_id, fmt, None)
     if failed:
@@ -624,7 +651,7 @@ def eval_(model, profile_name, suite_name, prompting, artifacts, threads, db, ca
             onnx_arts = onnx_pipeline.build_onnx(resolved, profile, cache, reporter)
             model_id, model_hash = resolved.checkpoint.model_id, resolved.model_hash
         run_id = store.start_run(_command_line(), profile.name, model_id, model_hash)
-        try:
+        with recording_partial(store, run_id, "running the eval suite"):
             for art in arts:
                 store.record_artifact(art.record())
             reporter.start_bench(len(arts), f"eval {suite.name}")
@@ -633,13 +660,6 @@ def eval_(model, profile_name, suite_name, prompting, artifacts, threads, db, ca
             failed = [f"{q} {st}" for q, st in statuses.items() if st != "ok"]
             failed += _onnx_quality_on_host(store, run_id, resolved, arts, onnx_arts, profile, suite, cache,
                                             reporter, prompting, qparams) if onnx_arts else []
-        except KeyboardInterrupt:
-            store.finish_run(run_id, "partial", "interrupted (Ctrl-C) while running the eval suite")
-            raise EdgequantError(f"interrupted while running the eval suite; run {run_id} is stored as partial",
-                                 130) from None
-        except EdgequantError as exc:
-            store.finish_run(run_id, "partial", f"stopped while running the eval suite: {exc}")
-            raise
     store.finish_run(run_id, "complete", f"{len(failed)} rung(s) failed" if failed else None)
     _render(store, run_id, fmt, None)
     if failed:
@@ -966,19 +986,11 @@ def tune(device, device_dir, runner_dir, gate_texts, min_tg, max_size, types_csv
             run_id = store.start_run(_command_line(), profile.name, ckpt.model_id, resolved.model_hash)
             if phone is not None:
                 phone.lease.run = run_id
-            try:
+            with recording_partial(store, run_id, "tuning", lost=(device_run.DeviceLost, DeviceError),
+                                   lost_note=f"the candidates measured so far are stored in run {run_id}, "
+                                             f"marked partial"):
                 result, ref_failures = calibrate.tune(store, run_id, resolved, profile, suite, prompting, gates,
                                                       cache, reporter, min_tg, size_limit, types, variants, phone)
-            except KeyboardInterrupt:
-                store.finish_run(run_id, "partial", "interrupted (Ctrl-C) while tuning")
-                raise EdgequantError(f"interrupted while tuning; run {run_id} is stored as partial", 130) from None
-            except (device_run.DeviceLost, DeviceError) as exc:
-                store.finish_run(run_id, "partial", f"stopped while tuning: {exc}")
-                raise EdgequantError(f"{exc}; the candidates measured so far are stored in run {run_id}, "
-                                     f"marked partial", 1) from None
-            except EdgequantError as exc:
-                store.finish_run(run_id, "partial", f"stopped while tuning: {exc}")
-                raise
         except DeviceError as exc:
             raise EdgequantError(str(exc), 1) from None
         finally:
