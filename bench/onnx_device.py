@@ -394,35 +394,37 @@ def stage_sets(model: Path, n_prompt: int, n_cached: int, local_root: Path, seed
     return out
 
 
-def run_onnx_device_bench(transport: Transport, tool: RemoteTool, model: Path, model_sha256: str,
-                          settings: BenchSettings, *, workdir: str, staging: Path, threads: int | None = None,
-                          seed: int = 0, poll_interval: float = 0.1,
-                          on_progress: Callable[[str], None] | None = None) -> OnnxDeviceResult:
-    """Push ``model`` (and its external data) and the two input sets, run the tool on each, report.
+@dataclass(frozen=True)
+class StagedOnnx:
+    """One ONNX rung on a device, ready to run (``stage_onnx_on_device``): its files in ``models/`` and
+    linked, with the input set, into each set's folder."""
 
-    ``threads`` defaults to ``settings.threads`` or the device's big cores.
-    """
-    from edgequant.bench.device_bench import big_cores
-    from edgequant.devices.push import Pusher
+    label: str                     # the rung's folder name, for messages
+    model_name: str                # model.onnx
+    set_dirs: dict[str, str]       # set name -> the folder on the device (model links + test_data_set_0)
+    n_prompt: int
+    n_cached: int
+
+
+def stage_onnx_on_device(transport: Transport, pusher, model: Path, model_sha256: str, settings: BenchSettings, *,
+                         staging: Path, seed: int = 0,
+                         on_progress: Callable[[str], None] | None = None) -> StagedOnnx:
+    """Write the two input sets of ``model`` under ``staging``, push the model (and its external data) and the
+    sets with ``pusher`` (a ``devices.push.Pusher``: a file the device holds with the same sha256 is not sent
+    again) and link the model into each set's folder.  A model that cannot be read is ``BenchError``."""
     from edgequant.quantize.onnx_export import model_files
 
     progress = on_progress or (lambda _p: None)
-    n_prompt = settings.n_prompt
-    n_cached = settings.n_prompt
-    reps = settings.repetitions
-    if threads is None:
-        threads = settings.threads if settings.threads > 0 else big_cores(transport)
+    n_prompt = n_cached = settings.n_prompt
     key = sets_key(model_sha256, n_prompt, n_cached, seed)
     progress("inputs")
     try:
         folders = stage_sets(model, n_prompt, n_cached, staging / key, seed)
     except BadInput as exc:   # a corrupt model is a failed rung; the other rungs go on
         raise BenchError("failed", str(exc)) from None
-    pusher = Pusher(transport, workdir)
     progress("push")
     pushed = {f.name: pusher.push(f, name=f.name).remote for f in model_files(model.parent)}
-    results: dict[str, dict[str, Any]] = {}
-    commands = []
+    set_dirs: dict[str, str] = {}
     for name in SETS:
         rel = posixpath.join("runs", "onnx", key, name)
         remote_dir = posixpath.join(pusher.workdir, rel)
@@ -434,13 +436,35 @@ def run_onnx_device_bench(transport: Transport, tool: RemoteTool, model: Path, m
         if not res.ok:
             raise BenchError("failed", f"cannot link the model into {remote_dir} on {transport.serial}: "
                                        f"{(res.stdout + res.stderr).strip()[:200]}")
+        set_dirs[name] = remote_dir
+    return StagedOnnx(model.parent.name, model.name, set_dirs, n_prompt, n_cached)
+
+
+def run_staged_onnx(transport: Transport, tool: RemoteTool, staged: StagedOnnx, settings: BenchSettings, *,
+                    threads: int | None = None, poll_interval: float = 0.1,
+                    on_progress: Callable[[str], None] | None = None) -> OnnxDeviceResult:
+    """Run the tool on each input set of ``staged`` and report.
+
+    ``threads`` defaults to ``settings.threads`` or the device's big cores.
+    """
+    from edgequant.bench.device_bench import big_cores
+
+    progress = on_progress or (lambda _p: None)
+    reps = settings.repetitions
+    if threads is None:
+        threads = settings.threads if settings.threads > 0 else big_cores(transport)
+    results: dict[str, dict[str, Any]] = {}
+    commands = []
+    for name in SETS:
+        remote_dir = staged.set_dirs[name]
         progress(name)
         run_dir = posixpath.join(remote_dir, "run")
-        argv = tool.argv() + perf_test_args(posixpath.join(remote_dir, model.name), RESULT_FILE, reps, threads)
+        argv = tool.argv() + perf_test_args(posixpath.join(remote_dir, staged.model_name), RESULT_FILE, reps,
+                                            threads)
         transport.shell(f"mkdir -p {quote(run_dir)} && rm -f {quote(posixpath.join(run_dir, RESULT_FILE))}", 60.0)
         run = run_measured(transport, argv, run_dir, env=tool.env(), time_cmd=tool.time_cmd,
                            poll_interval=poll_interval, deadline_s=settings.timeout)
-        err = tool_failure(run, f"{PERF_TEST} ({name}) on {model.parent.name}")
+        err = tool_failure(run, f"{PERF_TEST} ({name}) on {staged.label}")
         if err is not None:
             raise err
         text = transport.shell(f"head -c {_MAX_TEXT + 1} {quote(posixpath.join(run_dir, RESULT_FILE))}", 60.0)
@@ -448,14 +472,14 @@ def run_onnx_device_bench(transport: Transport, tool: RemoteTool, model: Path, m
             seconds = parse_result_file(text.stdout if text.ok else "", reps)
             out = parse_perf_stdout(run.stdout)
         except DeviceOutputError as exc:
-            raise BenchError("failed", f"{model.parent.name} ({name}): {exc}") from None
+            raise BenchError("failed", f"{staged.label} ({name}): {exc}") from None
         commands.append(" ".join(quote(a) for a in argv))
         results[name] = {"seconds": seconds, **out, "max_rss_kib": run.peak_rss_kib, "anon_kib": run.rss_anon_kib,
                          "file_kib": run.rss_file_kib, "polls": run.polls}
     progress("done")
     pre, dec = results["prefill"], results["decode"]
     return OnnxDeviceResult(
-        pp=Summary.from_values(n_prompt / s for s in pre["seconds"]),
+        pp=Summary.from_values(staged.n_prompt / s for s in pre["seconds"]),
         tg=Summary.from_values(1.0 / s for s in dec["seconds"]),
         ttft_ms=Summary.from_values(s * 1000 for s in pre["seconds"]),
         decode_ms=Summary.from_values(s * 1000 for s in dec["seconds"]),
@@ -464,4 +488,18 @@ def run_onnx_device_bench(transport: Transport, tool: RemoteTool, model: Path, m
         peak_rss_anon_bytes=max(r["anon_kib"] for r in results.values()) * 1024,
         peak_rss_file_bytes=max(r["file_kib"] for r in results.values()) * 1024,
         peak_working_set_bytes=int(max(r["peak_working_set"] for r in results.values())),
-        threads=threads, n_prompt=n_prompt, n_cached=n_cached, commands=tuple(commands), raw=results)
+        threads=threads, n_prompt=staged.n_prompt, n_cached=staged.n_cached, commands=tuple(commands), raw=results)
+
+
+def run_onnx_device_bench(transport: Transport, tool: RemoteTool, model: Path, model_sha256: str,
+                          settings: BenchSettings, *, workdir: str, staging: Path, threads: int | None = None,
+                          seed: int = 0, poll_interval: float = 0.1,
+                          on_progress: Callable[[str], None] | None = None) -> OnnxDeviceResult:
+    """``stage_onnx_on_device`` then ``run_staged_onnx``: push ``model`` (and its external data) and the two
+    input sets to ``workdir``, run the tool on each, report."""
+    from edgequant.devices.push import Pusher
+
+    staged = stage_onnx_on_device(transport, Pusher(transport, workdir), model, model_sha256, settings,
+                                  staging=staging, seed=seed, on_progress=on_progress)
+    return run_staged_onnx(transport, tool, staged, settings, threads=threads, poll_interval=poll_interval,
+                           on_progress=on_progress)

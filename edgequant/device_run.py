@@ -6,13 +6,17 @@ runner (``--runner-dir``, else a cached build that runs there, else one is
 built) is pushed to ``WORKDIR/bin`` and ``WORKDIR/lib`` with the same
 skip-if-same-sha256 and verify-then-rename rules as the models.
 
-For each rung (``bench_rungs_on_device``), in ladder order:
+For each rung (``bench_on_device``, the same steps for the GGUF rungs,
+``bench_rungs_on_device``, and the ONNX rungs, ``bench_onnx_rungs_on_device``),
+in ladder order:
 
 1. a rung whose file is larger than the RAM the device has available is
    skipped with that reason (it would only page-thrash or be killed);
-2. the GGUF is pushed (skipped when the device already holds the same bytes);
+2. the GGUF, or the ONNX model files and input sets, are pushed (skipped
+   when the device already holds the same bytes);
 3. the phone cools down (``devices.health``), and its health is recorded;
-4. llama-bench measures it like the host rows (``bench.device_bench``);
+4. llama-bench measures a GGUF like the host rows (``bench.device_bench``),
+   onnxruntime_perf_test an ONNX rung (``bench.onnx_device``);
 5. its health is read again; the rung is *throttled* when the thermal status
    rose or the phone never cooled down;
 6. the rows go to the store in one transaction.
@@ -33,7 +37,7 @@ import threading
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from edgequant.bench.device_bench import RemoteRunner, device_repack, run_device_bench
 from edgequant.bench.host import BenchError
@@ -158,45 +162,47 @@ def _gib(n: float) -> str:
     return f"{n / 2**30:.2f} GiB"
 
 
-def bench_rungs_on_device(store: Store, run_id: str, model_id: str, model_hash: str, artifacts: list[Artifact],
-                          profile: Profile, ctx: DeviceContext, reporter, cooldown: CoolDown | None = None,
-                          done: set[str] = frozenset()):
-    """Measure every artifact on one device (see the module doc); returns the pipeline's BenchOutcome.
+@dataclass(frozen=True)
+class RungSteps:
+    """A runtime's part of one rung on a device, for :func:`bench_on_device`.
 
-    ``done``: quants already stored for this device (a resumed run) are not measured again.
-    """
+    ``key(art)``: the rows' key.  ``push(art)``: put the rung on the device (through ``ctx.pusher``, whose
+    progress is reported) and return a handle; a ``DeviceError`` of kind ``no_space`` skips that rung.
+    ``measure(art, handle)``: the performance rows (``None`` entries are left out).  ``push`` and ``measure``
+    may raise ``BenchError``: the rung is stored with its status and the ladder goes on."""
+
+    key: Callable[[Artifact], RowKey]
+    push: Callable[[Artifact], Any]
+    measure: Callable[[Artifact, Any], list[Measurement | None]]
+
+
+def bench_on_device(store: Store, run_id: str, artifacts: list[Artifact], ctx: DeviceContext, reporter,
+                    steps: RungSteps, cooldown: CoolDown, done: set[str] = frozenset()):
+    """Every artifact on one device, one rung at a time (steps 1-6 of the module doc), whatever measures it;
+    returns the pipeline's BenchOutcome.  ``done``: quants already stored (a resumed run) are not measured
+    again.  A transport failure is :class:`DeviceLost`."""
     from edgequant.pipeline import BenchOutcome, RungOutcome, _artifact_measurements
 
-    settings = profile.bench
-    cooldown = cooldown or profile.device.cooldown()
-    threads = settings.threads if settings.threads > 0 else recommended_threads(ctx.facts)
-    repack = device_repack(settings)
-    params = {"runner": "device", "threads": threads, "n_prompt": settings.n_prompt, "n_gen": settings.n_gen,
-              "repetitions": settings.repetitions, "warmup": settings.warmup, "n_batch": settings.n_batch,
-              "n_ubatch": settings.n_ubatch, "flash_attn": settings.flash_attn, "mmap": settings.mmap,
-              "repack": repack if repack is not None else "default"}
-    device = ctx.device_record()
-    runtime_version = metadata.version("llama-cpp-python")
-    rundir = posixpath.join(ctx.workdir, "runs", run_id)
     outcome = BenchOutcome(run_id)
-    doing = "preparing the run folder"
+
+    def not_measured(art: Artifact, key: RowKey, status: str, detail: str) -> None:
+        store.record_rung(run_id, key, _artifact_measurements(art), status=status, detail=detail)
+        outcome.outcomes.append(RungOutcome(art, status, detail))
+        reporter.rung_done(art.quant, status)
+
+    doing = "starting the rungs"
     try:
-        ctx.transport.shell(f"mkdir -p {quote(rundir)}", 60)
         for art in artifacts:
             if art.quant in done:
                 continue
             store.record_artifact(art.record())
-            key = RowKey(model_id=model_id, model_hash=model_hash, quant=art.quant, artifact_sha256=art.sha256,
-                         is_reference=art.is_reference, device_id=ctx.device_id, device=device,
-                         runtime="llama.cpp", runtime_version=runtime_version, params=params)
+            key = steps.key(art)
             reporter.rung_started(art.quant)
             available = (ctx.facts.ram_available_kib or 0) * 1024
             if available and art.size_bytes > available:
-                detail = (f"the file ({_gib(art.size_bytes)}) does not fit in the RAM {ctx.serial} has available "
-                          f"({_gib(available)}); skipped rather than run")
-                store.record_rung(run_id, key, _artifact_measurements(art), status="skipped", detail=detail)
-                outcome.outcomes.append(RungOutcome(art, "skipped", detail))
-                reporter.rung_done(art.quant, "skipped")
+                not_measured(art, key, "skipped",
+                             f"the file ({_gib(art.size_bytes)}) does not fit in the RAM {ctx.serial} has "
+                             f"available ({_gib(available)}); skipped rather than run")
                 continue
 
             doing = f"pushing {art.quant}"
@@ -206,14 +212,15 @@ def bench_rungs_on_device(store: Store, run_id: str, model_id: str, model_hash: 
 
             ctx.pusher.on_progress = progress
             try:
-                pushed = ctx.pusher.push(art.path, art.sha256, name=f"{art.quant}.gguf")
+                handle = steps.push(art)
             except DeviceError as exc:
                 if exc.kind != "no_space":
                     raise
                 # a full disk is this rung's problem: smaller rungs may still fit
-                store.record_rung(run_id, key, _artifact_measurements(art), status="skipped", detail=str(exc))
-                outcome.outcomes.append(RungOutcome(art, "skipped", str(exc)))
-                reporter.rung_done(art.quant, "skipped")
+                not_measured(art, key, "skipped", str(exc))
+                continue
+            except BenchError as exc:
+                not_measured(art, key, exc.status, str(exc))
                 continue
             doing = f"waiting for {ctx.serial} to cool down before {art.quant}"
             reporter.rung_phase(art.quant, "cooling down")
@@ -222,31 +229,16 @@ def bench_rungs_on_device(store: Store, run_id: str, model_id: str, model_hash: 
                                  q, f"cooling down: {h.describe()} ({w:.0f} s)"))
             doing = f"benchmarking {art.quant}"
             try:
-                res = run_device_bench(ctx.transport, ctx.remote, pushed.remote, settings, workdir=rundir,
-                                       threads=threads, repack=repack,
-                                       on_progress=lambda ph, q=art.quant: reporter.rung_phase(q, ph))
+                measured = steps.measure(art, handle)
             except BenchError as exc:
-                store.record_rung(run_id, key, _artifact_measurements(art), status=exc.status, detail=str(exc))
-                outcome.outcomes.append(RungOutcome(art, exc.status, str(exc)))
-                reporter.rung_done(art.quant, exc.status)
+                not_measured(art, key, exc.status, str(exc))
                 continue
             doing = f"reading {ctx.serial}'s health after {art.quant}"
             after = read_health(ctx.transport, ctx.workdir)
             hot = throttled(cool, after)
             health = {"before": cool.health.to_dict(), "after": after.to_dict(), "cooled": cool.cooled,
                       "cooldown_wait_s": round(cool.waited_s, 1)}
-            rows = _artifact_measurements(art) + [
-                Measurement("pp_tps", res.pp.mean, "t/s", res.pp.stddev, res.pp.n,
-                            {"build_commit": res.build_commit, "cpu_info": res.cpu_info}) if res.pp else None,
-                Measurement("tg_tps", res.tg.mean, "t/s", res.tg.stddev, res.tg.n) if res.tg else None,
-                Measurement("ttft", res.ttft_ms.mean, "ms", res.ttft_ms.stddev, res.ttft_ms.n)
-                if res.ttft_ms else None,
-                Measurement("load_time", res.load_s, "s", None, 1) if res.load_s is not None else None,
-                Measurement("peak_rss", res.peak_rss_bytes, "bytes", None, None, {"source": "time -v Max RSS"}),
-                Measurement("peak_rss_anon", res.peak_rss_anon_bytes, "bytes", None, res.rss_samples,
-                            {"source": "largest RssAnon of /proc/<pid>/status samples"}),
-                Measurement("peak_rss_file", res.peak_rss_file_bytes, "bytes", None, res.rss_samples,
-                            {"source": "largest RssFile of /proc/<pid>/status samples"}),
+            rows = _artifact_measurements(art) + list(measured) + [
                 Measurement("throttled", 1.0 if hot else 0.0, "bool", None, None, health),
                 Measurement("cooldown_wait", cool.waited_s, "s"),
             ]
@@ -270,36 +262,106 @@ def bench_rungs_on_device(store: Store, run_id: str, model_id: str, model_hash: 
     return outcome
 
 
+def bench_rungs_on_device(store: Store, run_id: str, model_id: str, model_hash: str, artifacts: list[Artifact],
+                          profile: Profile, ctx: DeviceContext, reporter, cooldown: CoolDown | None = None,
+                          done: set[str] = frozenset()):
+    """Measure every GGUF artifact on one device with llama-bench (``bench_on_device``, see the module doc);
+    returns the pipeline's BenchOutcome.
+
+    ``done``: quants already stored for this device (a resumed run) are not measured again.
+    """
+    settings = profile.bench
+    threads = settings.threads if settings.threads > 0 else recommended_threads(ctx.facts)
+    repack = device_repack(settings)
+    params = {"runner": "device", "threads": threads, "n_prompt": settings.n_prompt, "n_gen": settings.n_gen,
+              "repetitions": settings.repetitions, "warmup": settings.warmup, "n_batch": settings.n_batch,
+              "n_ubatch": settings.n_ubatch, "flash_attn": settings.flash_attn, "mmap": settings.mmap,
+              "repack": repack if repack is not None else "default"}
+    device = ctx.device_record()
+    runtime_version = metadata.version("llama-cpp-python")
+    rundir = posixpath.join(ctx.workdir, "runs", run_id)
+    try:
+        ctx.transport.shell(f"mkdir -p {quote(rundir)}", 60)
+    except DeviceError as exc:
+        raise DeviceLost(ctx.serial, "preparing the run folder", exc) from None
+
+    def key(art: Artifact) -> RowKey:
+        return RowKey(model_id=model_id, model_hash=model_hash, quant=art.quant, artifact_sha256=art.sha256,
+                      is_reference=art.is_reference, device_id=ctx.device_id, device=device,
+                      runtime="llama.cpp", runtime_version=runtime_version, params=params)
+
+    def push(art: Artifact):
+        return ctx.pusher.push(art.path, art.sha256, name=f"{art.quant}.gguf")
+
+    def measure(art: Artifact, pushed) -> list[Measurement | None]:
+        res = run_device_bench(ctx.transport, ctx.remote, pushed.remote, settings, workdir=rundir,
+                               threads=threads, repack=repack,
+                               on_progress=lambda ph, q=art.quant: reporter.rung_phase(q, ph))
+        return [
+            Measurement("pp_tps", res.pp.mean, "t/s", res.pp.stddev, res.pp.n,
+                        {"build_commit": res.build_commit, "cpu_info": res.cpu_info}) if res.pp else None,
+            Measurement("tg_tps", res.tg.mean, "t/s", res.tg.stddev, res.tg.n) if res.tg else None,
+            Measurement("ttft", res.ttft_ms.mean, "ms", res.ttft_ms.stddev, res.ttft_ms.n)
+            if res.ttft_ms else None,
+            Measurement("load_time", res.load_s, "s", None, 1) if res.load_s is not None else None,
+            Measurement("peak_rss", res.peak_rss_bytes, "bytes", None, None, {"source": "time -v Max RSS"}),
+            Measurement("peak_rss_anon", res.peak_rss_anon_bytes, "bytes", None, res.rss_samples,
+                        {"source": "largest RssAnon of /proc/<pid>/status samples"}),
+            Measurement("peak_rss_file", res.peak_rss_file_bytes, "bytes", None, res.rss_samples,
+                        {"source": "largest RssFile of /proc/<pid>/status samples"}),
+        ]
+
+    return bench_on_device(store, run_id, artifacts, ctx, reporter, RungSteps(key, push, measure),
+                           cooldown or profile.device.cooldown(), done)
+
+
 def bench_onnx_rungs_on_device(store: Store, run_id: str, model_id: str, model_hash: str,
                                artifacts: list[Artifact], profile: Profile, ctx: DeviceContext, reporter,
-                               staging_root: Path, tool=None, skip_reason: str = ""):
-    """The ONNX rungs on one device with onnxruntime_perf_test (``onnx_pipeline.onnx_rungs_on_device``).
+                               staging_root: Path, tool=None, skip_reason: str = "",
+                               cooldown: CoolDown | None = None, done: set[str] = frozenset()):
+    """The ONNX rungs on one device with onnxruntime_perf_test (``bench.onnx_device``), through the same
+    per-rung steps as the GGUF rungs (``bench_on_device``: RAM fit, push, cool down, health, throttled);
+    rows with the host rows' metric names (pp_tps = prefill, tg_tps = decode, ttft = prefill latency).
 
     ``tool``: the host's ``bench.onnx_device.LocalPerfTest``, installed in the work directory once per
     connection (a file the device holds with the same sha256 is not sent again); without it every rung is
-    stored as skipped with ``skip_reason``.  The input sets are written under ``staging_root/<serial>``."""
+    stored as skipped with ``skip_reason``.  The input sets are written under ``staging_root/<serial>``.
+    ``done``: quants already stored for this device (a resumed run) are not measured again."""
     from edgequant import onnx_pipeline
-    from edgequant.bench.onnx_device import install_perf_test
+    from edgequant.bench.onnx_device import install_perf_test, run_staged_onnx, stage_onnx_on_device
 
-    threads = profile.bench.threads if profile.bench.threads > 0 else recommended_threads(ctx.facts)
+    settings = profile.bench
+    threads = settings.threads if settings.threads > 0 else recommended_threads(ctx.facts)
+    artifacts = [a for a in artifacts if a.quant not in done]
     if tool is None:
         return onnx_pipeline.skip_onnx_rungs_on_device(store, run_id, model_id, model_hash, artifacts, profile,
                                                        ctx.device_id, ctx.device_record(), skip_reason, reporter,
                                                        threads)
-    doing = f"installing {tool.path.name}"
-    try:
-        if ctx.onnx_tool is None:
-            tool.require(ctx.os_name, f"device {ctx.serial}")
-            ctx.pusher.on_progress = None
-            _say(reporter, f"{ctx.serial}: installing {tool.describe()} in {ctx.workdir}")
+    if artifacts and ctx.onnx_tool is None:
+        tool.require(ctx.os_name, f"device {ctx.serial}")
+        ctx.pusher.on_progress = None
+        _say(reporter, f"{ctx.serial}: installing {tool.describe()} in {ctx.workdir}")
+        try:
             ctx.onnx_tool = install_perf_test(ctx.pusher, tool)
-        doing = "benchmarking the ONNX rungs"
-        staging = staging_root / re.sub(r"[^A-Za-z0-9._-]", "_", ctx.serial)   # one folder per phone thread
-        return onnx_pipeline.onnx_rungs_on_device(store, run_id, model_id, model_hash, artifacts, profile,
-                                                  ctx.transport, ctx.workdir, ctx.device_id, ctx.device_record(),
-                                                  ctx.onnx_tool, staging, reporter, threads=threads)
-    except DeviceError as exc:
-        raise DeviceLost(ctx.serial, doing, exc) from None
+        except DeviceError as exc:
+            raise DeviceLost(ctx.serial, f"installing {tool.path.name}", exc) from None
+    device = ctx.device_record()
+    staging = staging_root / re.sub(r"[^A-Za-z0-9._-]", "_", ctx.serial)   # one folder per phone thread
+
+    def key(art: Artifact) -> RowKey:
+        return onnx_pipeline.device_key(model_id, model_hash, art, profile, ctx.device_id, device, threads)
+
+    def push(art: Artifact):
+        return stage_onnx_on_device(ctx.transport, ctx.pusher, art.path, art.sha256, settings, staging=staging,
+                                    on_progress=lambda ph, q=art.quant: reporter.rung_phase(q, ph))
+
+    def measure(art: Artifact, staged) -> list[Measurement]:
+        res = run_staged_onnx(ctx.transport, ctx.onnx_tool, staged, settings, threads=threads,
+                              on_progress=lambda ph, q=art.quant: reporter.rung_phase(q, ph))
+        return onnx_pipeline.device_measurements(res)
+
+    return bench_on_device(store, run_id, artifacts, ctx, reporter, RungSteps(key, push, measure),
+                           cooldown or profile.device.cooldown())
 
 
 def resolve_devices(specs: tuple[str, ...]) -> tuple[bool, list[select.Target]]:

@@ -128,8 +128,9 @@ def quality_onnx_rungs(store: Store, run_id: str, model_id: str, model_hash: str
     return statuses
 
 
-def _device_key(model_id: str, model_hash: str, art: Artifact, profile: Profile, device_id: str, device: dict,
-                threads: int) -> RowKey:
+def device_key(model_id: str, model_hash: str, art: Artifact, profile: Profile, device_id: str, device: dict,
+               threads: int) -> RowKey:
+    """The key of an ONNX rung's rows measured on a device with onnxruntime_perf_test."""
     s = profile.bench
     params = {"runner": "device", "tool": "onnxruntime_perf_test", "threads": threads,
               "n_prompt": s.n_prompt, "n_cached": s.n_prompt, "repetitions": s.repetitions, "warmup": 1,
@@ -148,53 +149,26 @@ def skip_onnx_rungs_on_device(store: Store, run_id: str, model_id: str, model_ha
     for art in artifacts:
         store.record_artifact(art.record())
         reporter.rung_started(art.quant)
-        key = _device_key(model_id, model_hash, art, profile, device_id, device, threads)
+        key = device_key(model_id, model_hash, art, profile, device_id, device, threads)
         store.record_rung(run_id, key, _artifact_measurements(art), status="skipped", detail=reason)
         outcome.outcomes.append(RungOutcome(art, "skipped", reason))
         reporter.rung_done(art.quant, "skipped")
     return outcome
 
 
-def onnx_rungs_on_device(store: Store, run_id: str, model_id: str, model_hash: str, artifacts: list[Artifact],
-                         profile: Profile, transport, workdir: str, device_id: str, device: dict, tool,
-                         staging: Path, reporter: Reporter, threads: int | None = None) -> BenchOutcome:
-    """Measure every ONNX rung on one device with ``onnxruntime_perf_test`` (``bench.onnx_device``); rows with
-    the host rows' metric names (pp_tps = prefill, tg_tps = decode, ttft = prefill latency)."""
-    from edgequant.bench.host import BenchError
-    from edgequant.bench.onnx_device import run_onnx_device_bench
-
-    s = profile.bench
-    outcome = BenchOutcome(run_id)
-    for art in artifacts:
-        store.record_artifact(art.record())
-        reporter.rung_started(art.quant)
-        try:
-            res = run_onnx_device_bench(transport, tool, art.path, art.sha256, s, workdir=workdir, staging=staging,
-                                        threads=threads,
-                                        on_progress=lambda ph, q=art.quant: reporter.rung_phase(q, ph))
-            used_threads = res.threads
-        except BenchError as exc:
-            res, used_threads = None, threads or s.threads
-            error = exc
-        key = _device_key(model_id, model_hash, art, profile, device_id, device, used_threads)
-        if res is None:
-            store.record_rung(run_id, key, _artifact_measurements(art), status=error.status, detail=str(error))
-            outcome.outcomes.append(RungOutcome(art, error.status, str(error)))
-            reporter.rung_done(art.quant, error.status)
-            continue
-        rows = _artifact_measurements(art) + [
-            Measurement("load_time", res.load_s, "s", None, 1, {"source": "Session creation time cost"}),
-            Measurement("pp_tps", res.pp.mean, "t/s", res.pp.stddev, res.pp.n,
-                        {"method": f"prefill: {res.n_prompt} tokens / latency"}),
-            Measurement("tg_tps", res.tg.mean, "t/s", res.tg.stddev, res.tg.n,
-                        {"method": f"decode: 1 / latency of one token after {res.n_cached} cached"}),
-            Measurement("ttft", res.ttft_ms.mean, "ms", res.ttft_ms.stddev, res.ttft_ms.n),
-            Measurement("peak_rss", res.peak_rss_bytes, "bytes", None, None,
-                        {"source": "time -v Max RSS", "tool_peak_working_set": res.peak_working_set_bytes}),
-            Measurement("peak_rss_anon", res.peak_rss_anon_bytes, "bytes"),
-            Measurement("peak_rss_file", res.peak_rss_file_bytes, "bytes"),
-        ]
-        store.record_rung(run_id, key, rows, status="ok")
-        outcome.outcomes.append(RungOutcome(art, "ok"))
-        reporter.rung_done(art.quant, "ok")
-    return outcome
+def device_measurements(res) -> list[Measurement]:
+    """The performance rows of one ONNX rung measured on a device (a ``bench.onnx_device.OnnxDeviceResult``),
+    with the host rows' metric names (pp_tps = prefill, tg_tps = decode, ttft = prefill latency); the rung's
+    loop, with the RAM fit, cool-down and health rows, is ``device_run.bench_onnx_rungs_on_device``."""
+    return [
+        Measurement("load_time", res.load_s, "s", None, 1, {"source": "Session creation time cost"}),
+        Measurement("pp_tps", res.pp.mean, "t/s", res.pp.stddev, res.pp.n,
+                    {"method": f"prefill: {res.n_prompt} tokens / latency"}),
+        Measurement("tg_tps", res.tg.mean, "t/s", res.tg.stddev, res.tg.n,
+                    {"method": f"decode: 1 / latency of one token after {res.n_cached} cached"}),
+        Measurement("ttft", res.ttft_ms.mean, "ms", res.ttft_ms.stddev, res.ttft_ms.n),
+        Measurement("peak_rss", res.peak_rss_bytes, "bytes", None, None,
+                    {"source": "time -v Max RSS", "tool_peak_working_set": res.peak_working_set_bytes}),
+        Measurement("peak_rss_anon", res.peak_rss_anon_bytes, "bytes"),
+        Measurement("peak_rss_file", res.peak_rss_file_bytes, "bytes"),
+    ]

@@ -140,8 +140,11 @@ def test_missing_inputs_on_the_device_are_a_failed_rung(tiny_onnx, adb_peer, pee
 def test_device_rows_are_stored_like_host_rows(tiny_onnx, adb_peer, peer_transport, tmp_path):
     from conftest import db_rows
 
+    from edgequant.bench.onnx_device import open_perf_test
+    from edgequant.device_run import DeviceContext, bench_onnx_rungs_on_device
+    from edgequant.devices.facts import collect_facts
     from edgequant.devices.push import Pusher
-    from edgequant.onnx_pipeline import onnx_rungs_on_device
+    from edgequant.devices.select import Target
     from edgequant.pipeline import NullReporter
     from edgequant.profiles import Profile, QuantSpec
     from edgequant.results.store import Store
@@ -150,7 +153,10 @@ def test_device_rows_are_stored_like_host_rows(tiny_onnx, adb_peer, peer_transpo
     workdir = str(adb_peer.sandbox / "eq")
     tool_local = tmp_path / "onnxruntime_perf_test"
     tool_local.write_text(f"#!{sys.executable}\n" + STANDIN.read_text())
-    tool = Pusher(peer_transport, workdir).push(tool_local, dest="bin/onnxruntime_perf_test", executable=True)
+    tool_local.chmod(0o755)
+    # the phone without a llama.cpp runner: only the ONNX tool runs on it
+    ctx = DeviceContext(Target(adb_peer.serial, "direct"), peer_transport, collect_facts(peer_transport, workdir),
+                        workdir, None, None, None, None, Pusher(peer_transport, workdir))
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "model.onnx").write_bytes(arts["int8"].path.read_bytes()[:4000])
@@ -160,9 +166,8 @@ def test_device_rows_are_stored_like_host_rows(tiny_onnx, adb_peer, peer_transpo
     db = tmp_path / "r.db"
     store = Store(db)
     run_id = store.start_run("test", "p", "tiny", ladder.model_hash)
-    out = onnx_rungs_on_device(store, run_id, "tiny", ladder.model_hash, [arts["int4"], bad], profile,
-                               peer_transport, workdir, f"adb:{adb_peer.serial}", {"kind": "android"},
-                               RemoteTool(tool.remote), tmp_path / "sets", NullReporter())
+    out = bench_onnx_rungs_on_device(store, run_id, "tiny", ladder.model_hash, [arts["int4"], bad], profile, ctx,
+                                     NullReporter(), tmp_path / "sets", open_perf_test(tool_local))
     assert [o.status for o in out.outcomes] == ["ok", "failed"]
     rows = db_rows(db, "SELECT quant, runtime, device_id, metric, repetitions FROM measurements")
     int4 = {r["metric"]: r for r in rows if r["quant"] == "ONNX-INT4"}

@@ -11,6 +11,8 @@ import json
 import shutil
 import subprocess
 import sys
+from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -18,6 +20,7 @@ import pytest
 from conftest import assert_one_line_error, cli_env, db_rows, run_cli
 from onnx_fixtures import tiny_onnx  # noqa: F401 - fixture
 from test_device_run import phone  # noqa: F401 - fixture: the peer "phone", its work dir, env and profile
+from test_device_run import peer_battery_level
 from test_quality import write_suite
 from test_runner import arm64_runner  # noqa: F401 - the session fixture that builds the linux-arm64 runner
 
@@ -103,6 +106,10 @@ def test_run_on_a_phone_measures_the_onnx_rung_with_perf_test(tiny_checkpoint, t
     assert onnx["tg_tps"]["value"] == pytest.approx(sum(1 / s for s in runs["decode"]) / 3)
     assert onnx["pp_tps"]["repetitions"] == onnx["tg_tps"]["repetitions"] == 3
     assert onnx["load_time"]["value"] > 0 and onnx["peak_rss"]["value"] > 0
+    # the phone's health beside the figures, as on the GGUF rungs: cool before and after, its battery level
+    assert onnx["throttled"]["value"] == 0 and json.loads(onnx["throttled"]["detail"])["after"]["thermal_status"] == 0
+    assert onnx["cooldown_wait"]["unit"] == "s"
+    assert onnx["battery_level"]["value"] == pytest.approx(peer_battery_level(peer))
     # the GGUF rung beside it, measured by llama-bench on the same phone
     gguf = _rows(db, "BF16")
     assert {r["device_id"] for r in gguf.values()} == {device_id} and gguf["tg_tps"]["value"] > 0
@@ -223,3 +230,144 @@ def test_eval_judges_the_profiles_onnx_rungs_against_the_gguf_reference(tiny_che
     assert 0 <= onnx["top1_agreement"]["value"] <= 1 and onnx["mean_kld"]["value"] >= 0
     cases = db_rows(db, "SELECT DISTINCT quant FROM eval_cases")
     assert {c["quant"] for c in cases} == {"BF16", "ONNX-INT4"}
+
+
+# ---------------------------------------------------------------------------
+# the GGUF rungs' per-rung steps on the ONNX rungs: RAM fit, cool-down, health, throttled, resume
+
+class _Recorder:
+    """A reporter that keeps what it was told; ``on_phase(quant, phase)`` lets a test act mid-rung."""
+
+    def __init__(self, on_phase=None, on_done=None):
+        self.started: list[str] = []
+        self.on_phase = on_phase or (lambda q, p: None)
+        self.on_done = on_done or (lambda q, s: None)
+
+    def step(self, message: str) -> None:
+        pass
+
+    def bytes_progress(self, task: str, done: float, total: float | None) -> None:
+        pass
+
+    def rung_started(self, quant: str) -> None:
+        self.started.append(quant)
+
+    def rung_phase(self, quant: str, phase: str) -> None:
+        self.on_phase(quant, phase)
+
+    def rung_done(self, quant: str, status: str) -> None:
+        self.on_done(quant, status)
+
+
+@contextmanager
+def _device_bench(onnx_phone, runner, tmp_path):
+    """(ctx, store, run_id, bench): the phone opened like `edgequant run` opens it, and a callable that
+    measures ONNX artifacts on it with the stand-in tool."""
+    from edgequant import device_run
+    from edgequant.bench.onnx_device import open_perf_test
+    from edgequant.devices import select
+    from edgequant.pipeline import NullReporter
+    from edgequant.profiles import load_profile
+    from edgequant.results.store import Store
+
+    peer, workdir, _, profile_path = onnx_phone
+    profile = load_profile(profile_path)
+    tool = open_perf_test(_standin(tmp_path))
+    ctx = device_run.open_device(select.Target(peer.serial, "direct"), workdir, str(runner.path),
+                                 tmp_path / "cache", NullReporter())
+    store = Store(tmp_path / "r.db")
+    run_id = store.start_run("test", profile.name, "tiny", "hash")
+
+    def bench(artifacts, reporter=None, done=frozenset()):
+        return device_run.bench_onnx_rungs_on_device(store, run_id, "tiny", "hash", artifacts, profile, ctx,
+                                                     reporter or _Recorder(), tmp_path / "sets", tool, done=done)
+
+    try:
+        yield ctx, store, run_id, bench
+    finally:
+        ctx.close()
+
+
+def test_onnx_rungs_on_a_phone_record_its_health_and_are_throttled_when_it_heats_up(tiny_onnx, onnx_phone,
+                                                                                     arm64_runner, tmp_path):
+    arts, _, _ = tiny_onnx
+    peer, _, _, _ = onnx_phone
+    peer.set_battery(level=57, temperature_c=29.5)
+    hot, calm = arts["int4"], arts["int8"]
+
+    def on_phase(quant, phase):       # the phone heats up while the first rung's decode set runs
+        if quant == hot.quant and phase == "decode":
+            peer.set_thermal(2)
+
+    def on_done(quant, status):       # and cools down before the next rung
+        if quant == hot.quant:
+            peer.set_thermal(0)
+
+    with _device_bench(onnx_phone, arm64_runner, tmp_path) as (ctx, store, run_id, bench):
+        out = bench([hot, calm], _Recorder(on_phase, on_done))
+    assert [o.status for o in out.outcomes] == ["ok", "ok"]
+    db = tmp_path / "r.db"
+    statuses = {s["quant"]: s for s in store.rung_statuses(run_id)}
+    assert "throttled" in statuses[hot.quant]["detail"] and "rose" in statuses[hot.quant]["detail"]
+    assert statuses[calm.quant]["detail"] is None
+    for art, was_hot in ((hot, True), (calm, False)):
+        rows = _rows(db, art.quant)
+        assert rows["tg_tps"]["value"] > 0 and rows["tg_tps"]["runtime"] == "onnxruntime"
+        throttled = rows["throttled"]
+        assert (throttled["value"], throttled["unit"]) == (1.0 if was_hot else 0.0, "bool")
+        health = json.loads(throttled["detail"])
+        assert health["before"]["thermal_status"] == 0 and health["after"]["thermal_status"] == (2 if was_hot else 0)
+        assert health["cooled"] is True
+        assert rows["cooldown_wait"]["unit"] == "s" and rows["cooldown_wait"]["value"] >= 0
+        assert rows["thermal_status"]["value"] == 0
+        assert json.loads(rows["thermal_status"]["detail"])["after"] == (2 if was_hot else 0)
+        assert rows["battery_level"]["value"] == 57
+        assert rows["device_celsius"]["value"] == pytest.approx(29.5)
+        assert json.loads(rows["device_celsius"]["detail"])["sensor"] == "battery"
+        # one transaction per rung: the health rows sit beside the figures, with the same key
+        assert {r["device_id"] for r in rows.values()} == {ctx.device_id}
+        assert len({r["params"] for r in rows.values()}) == 1
+
+
+def test_an_onnx_rung_larger_than_the_phones_free_ram_is_skipped_and_the_next_one_runs(tiny_onnx, onnx_phone,
+                                                                                      arm64_runner, tmp_path):
+    arts, _, _ = tiny_onnx
+    peer, workdir, _, _ = onnx_phone
+    big, small = arts["fp32"], arts["int4"]
+    assert small.size_bytes < big.size_bytes
+    with _device_bench(onnx_phone, arm64_runner, tmp_path) as (ctx, store, run_id, bench):
+        # the phone has less RAM available than the fp32 rung's files, more than the int4 rung's
+        available_kib = (small.size_bytes + big.size_bytes) // 2 // 1024
+        ctx.facts = replace(ctx.facts, ram_available_kib=available_kib)
+        out = bench([big, small])
+    assert [(o.artifact.quant, o.status) for o in out.outcomes] == [(big.quant, "skipped"), (small.quant, "ok")]
+    statuses = {s["quant"]: s for s in store.rung_statuses(run_id)}
+    detail = statuses[big.quant]["detail"]
+    assert statuses[big.quant]["status"] == "skipped"
+    assert "does not fit in the RAM" in detail and peer.serial in detail
+    assert f"{available_kib * 1024 / 2**30:.2f} GiB" in detail
+    db = tmp_path / "r.db"
+    skipped = _rows(db, big.quant)
+    assert skipped["size"]["value"] == big.size_bytes and "tg_tps" not in skipped
+    assert _rows(db, small.quant)["tg_tps"]["value"] > 0 and statuses[small.quant] == \
+        {"quant": small.quant, "device_id": ctx.device_id, "status": "ok", "detail": None}
+    # the skipped rung was never pushed: only the int4 model's bytes are on the phone
+    on_phone = [p for p in (Path(workdir) / "models").iterdir() if p.name.endswith("model.onnx")]
+    assert [p.read_bytes() for p in on_phone] == [small.path.read_bytes()]
+
+
+def test_a_resumed_run_does_not_measure_a_stored_onnx_rung_again(tiny_onnx, onnx_phone, arm64_runner, tmp_path):
+    arts, _, _ = tiny_onnx
+    first, second = arts["int4"], arts["int8"]
+    with _device_bench(onnx_phone, arm64_runner, tmp_path) as (ctx, store, run_id, bench):
+        bench([first])
+        # what `edgequant run --resume` finds stored for this phone
+        done = {s["quant"] for s in store.rung_statuses(run_id) if s["device_id"] == ctx.device_id}
+        assert done == {first.quant}
+        reporter = _Recorder()
+        out = bench([first, second], reporter, done=done)
+    assert reporter.started == [second.quant]
+    assert [o.artifact.quant for o in out.outcomes] == [second.quant]
+    counts = db_rows(tmp_path / "r.db", "SELECT quant, COUNT(*) AS n FROM measurements WHERE run_id = ? "
+                                        "AND metric = 'tg_tps' GROUP BY quant", run_id)
+    assert {r["quant"]: r["n"] for r in counts} == {first.quant: 1, second.quant: 1}
