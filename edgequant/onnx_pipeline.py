@@ -54,40 +54,13 @@ def _params(profile: Profile) -> dict:
 
 def bench_onnx_rungs(store: Store, run_id: str, model_id: str, model_hash: str, artifacts: list[Artifact],
                      profile: Profile, reporter: Reporter) -> BenchOutcome:
-    """Measure every ONNX rung on the host (one process each, ``bench.onnx_host``); one transaction per rung."""
-    from edgequant.bench.host import BenchError
+    """Measure every ONNX rung on the host (one process each, ``bench.onnx_host``), as ``pipeline.bench_rungs``
+    measures the GGUF rungs: the same rows, one transaction per rung."""
     from edgequant.bench.onnx_host import measure_onnx
+    from edgequant.pipeline import bench_rungs
 
-    params = _params(profile)
-    device, device_id = host_device(), host_device_id()
-    outcome = BenchOutcome(run_id)
-    for art in artifacts:
-        store.record_artifact(art.record())
-        key = RowKey(model_id=model_id, model_hash=model_hash, quant=art.quant, artifact_sha256=art.sha256,
-                     is_reference=False, device_id=device_id, device=device, runtime=RUNTIME,
-                     runtime_version=metadata.version("onnxruntime"), params=params)
-        reporter.rung_started(art.quant)
-        try:
-            res = measure_onnx(art.path, profile.bench,
-                               on_progress=lambda phase, q=art.quant: reporter.rung_phase(q, phase))
-        except BenchError as exc:
-            store.record_rung(run_id, key, _artifact_measurements(art), status=exc.status, detail=str(exc))
-            outcome.outcomes.append(RungOutcome(art, exc.status, str(exc)))
-            reporter.rung_done(art.quant, exc.status)
-            continue
-        rows = _artifact_measurements(art) + [
-            Measurement("load_time", res.load_s, "s", None, 1),
-            Measurement("pp_tps", res.pp.mean, "t/s", res.pp.stddev, res.pp.n),
-            Measurement("tg_tps", res.tg.mean, "t/s", res.tg.stddev, res.tg.n),
-            Measurement("ttft", res.ttft_ms.mean, "ms", res.ttft_ms.stddev, res.ttft_ms.n),
-            Measurement("peak_rss", res.peak_rss_bytes, "bytes"),
-            Measurement("peak_rss_anon", res.peak_rss_anon_bytes, "bytes"),
-            Measurement("peak_rss_file", res.peak_rss_file_bytes, "bytes"),
-        ]
-        store.record_rung(run_id, key, rows, status="ok")
-        outcome.outcomes.append(RungOutcome(art, "ok"))
-        reporter.rung_done(art.quant, "ok")
-    return outcome
+    return bench_rungs(store, run_id, model_id, model_hash, artifacts, profile, reporter, measure=measure_onnx,
+                       runtime=RUNTIME, params=_params(profile))
 
 
 def quality_onnx_rungs(store: Store, run_id: str, model_id: str, model_hash: str, gguf_artifacts: list[Artifact],

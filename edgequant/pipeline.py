@@ -109,27 +109,30 @@ def _artifact_measurements(art: Artifact) -> list[Measurement]:
 
 
 def bench_rungs(store: Store, run_id: str, model_id: str, model_hash: str, artifacts: list[Artifact],
-                profile: Profile, reporter: Reporter,
-                measure: Callable | None = None) -> BenchOutcome:
-    """Benchmark every artifact on the host, each in its own process; one transaction per rung."""
+                profile: Profile, reporter: Reporter, measure: Callable | None = None,
+                runtime: str = "llama.cpp", params: dict | None = None) -> BenchOutcome:
+    """Benchmark every artifact on the host, each in its own process; one transaction per rung.
+
+    ``measure`` (default ``bench.host.measure_gguf``) returns a ``HostBenchResult``; ``runtime`` names
+    the package whose version the rows record, ``params`` the settings they were measured with."""
     from importlib import metadata
 
     from edgequant.bench.host import BenchError, measure_gguf
 
     measure = measure or measure_gguf
     settings = profile.bench
-    params = {"runner": "host", **settings.as_params()}
+    params = params or {"runner": "host", **settings.as_params()}
     device, device_id = host_device(), host_device_id()
-    runtime_version = metadata.version("llama-cpp-python")
+    runtime_version = metadata.version("llama-cpp-python" if runtime == "llama.cpp" else runtime)
     outcome = BenchOutcome(run_id)
     for art in artifacts:
         store.record_artifact(art.record())
         key = RowKey(model_id=model_id, model_hash=model_hash, quant=art.quant, artifact_sha256=art.sha256,
                      is_reference=art.is_reference, device_id=device_id, device=device,
-                     runtime="llama.cpp", runtime_version=runtime_version, params=params)
+                     runtime=runtime, runtime_version=runtime_version, params=params)
         reporter.rung_started(art.quant)
         try:
-            res = measure(art.path, settings, repack=params["repack"],
+            res = measure(art.path, settings, repack=params.get("repack"),
                           on_progress=lambda phase, q=art.quant: reporter.rung_phase(q, phase))
         except BenchError as exc:
             store.record_rung(run_id, key, _artifact_measurements(art), status=exc.status, detail=str(exc))
