@@ -5,7 +5,7 @@ reference is llama.cpp's arithmetic (bf16 weights, its own kernels).  Whether
 the *export* is faithful is a separate question, asked of the checkpoint: the
 fp32 ONNX rung should decode what transformers decodes from the same weights.
 ``CheckpointModel`` runs the checkpoint in float32 on the CPU (bf16 weights
-widen to float32 exactly) behind ``onnx_host.KVModel``'s interface, so the
+widen to float32 exactly) behind the interface of ``onnx_host.KVModel`` (``KVStepper``), so the
 ONNX eval worker (``bench.onnx_eval``) runs the suite through it with the same
 prompts, token ids, stop rules and greedy loop as through the ONNX model.
 
@@ -19,16 +19,16 @@ import copy
 from pathlib import Path
 from typing import Any
 
-from edgequant.bench.onnx_host import KVModel
+from edgequant.bench.onnx_host import KVStepper
 
 
-class CheckpointModel(KVModel):
+class CheckpointModel(KVStepper):
     """A causal LM checkpoint in transformers, float32, with a ``DynamicCache``.
 
     ``step`` extends the cache it is given (transformers' caches grow in place), so ``chunks`` and
     ``prefill``, which the eval starts from a shared prefix cache once per case, work on a copy."""
 
-    def __init__(self, folder: str, threads: int):   # noqa: D107 - KVModel's onnxruntime set-up does not apply
+    def __init__(self, folder: str, threads: int):
         import torch
         import transformers
         from transformers import AutoModelForCausalLM

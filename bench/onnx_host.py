@@ -67,7 +67,33 @@ def measure_onnx(path: Path, settings: BenchSettings, on_progress: Callable[[str
 # the worker (and the KV-cache session shared with the eval and device code)
 
 
-class KVModel:
+class KVStepper:
+    """What the eval needs of a causal LM with a KV cache: ``step`` (tokens after ``past_len`` cached ones ->
+    (logits [n, vocab], the cache after them)), ``empty_cache``, and, built on ``step``, ``chunks`` and
+    ``prefill``.  ``KVModel`` (onnxruntime) and ``checkpoint_model.CheckpointModel`` (transformers) are two."""
+
+    def empty_cache(self) -> Any:
+        raise NotImplementedError
+
+    def step(self, tokens, cache: Any, past_len: int):
+        raise NotImplementedError
+
+    def chunks(self, tokens, cache: Any, past_len: int, size: int = 256):
+        """Run ``tokens`` in pieces of ``size`` (bounding the logits held at once: a 262k vocabulary
+        makes 1 MiB per position); yields (logits of the piece, cache after it) for each piece."""
+        for off in range(0, len(tokens), size):
+            logits, cache = self.step(tokens[off:off + size], cache, past_len + off)
+            yield logits, cache
+
+    def prefill(self, tokens, cache: Any, past_len: int):
+        """(logits of the last token, the cache after ``tokens``), in chunks."""
+        last = None
+        for logits, cache in self.chunks(tokens, cache, past_len):
+            last = logits[-1:]
+        return last, cache
+
+
+class KVModel(KVStepper):
     """An optimum ``text-generation-with-past`` ONNX model in onnxruntime, with its cache layout."""
 
     def __init__(self, path: str, threads: int, provider: str = PROVIDER):
@@ -115,20 +141,6 @@ class KVModel:
             feeds["position_ids"] = np.arange(past_len, past_len + n, dtype=np.int64)[None, :]
         feeds.update(cache)
         return feeds
-
-    def chunks(self, tokens, cache: dict[str, Any], past_len: int, size: int = 256):
-        """Run ``tokens`` in pieces of ``size`` (bounding the logits held at once: a 262k vocabulary
-        makes 1 MiB per position); yields (logits of the piece, cache after it) for each piece."""
-        for off in range(0, len(tokens), size):
-            logits, cache = self.step(tokens[off:off + size], cache, past_len + off)
-            yield logits, cache
-
-    def prefill(self, tokens, cache: dict[str, Any], past_len: int):
-        """(logits of the last token, the cache after ``tokens``), in chunks."""
-        last = None
-        for logits, cache in self.chunks(tokens, cache, past_len):
-            last = logits[-1:]
-        return last, cache
 
     def step(self, tokens, cache: dict[str, Any], past_len: int):
         """Run ``tokens`` after ``past_len`` cached ones: (logits [n, vocab], the new cache)."""
