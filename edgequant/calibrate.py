@@ -156,18 +156,29 @@ def tune(store, run_id: str, resolved, profile: Profile, suite: Suite, prompting
                  if r["device_id"] == device_id and r["params"].get("stage") not in ("quality", "tune")}
         return metrics, speed.get("tg_tps"), speed.get("pp_tps")
 
+    # a resumed search (``edgequant tune --resume``) measures again only what the run does not hold yet
+    benched = {s["quant"]: s for s in store.rung_statuses(run_id) if s["device_id"] == device_id}
+    evaluated = {r["quant"] for r in store.measurements(run_id) if r["params"].get("stage") == "quality"}
+
     def measure_art(art: Artifact) -> str | None:
         """Speed where it ships, quality on the host; why speed was not measured, or None."""
-        reporter.start_bench(1, "tune" if phone is None else f"tune on {phone.serial}")
-        outcome = bench(art)
-        reporter.start_bench(1, f"eval {eval_suite.name} (evaluation half)")
-        pipeline.quality_rungs(store, run_id, model_id, model_hash, [ref_art, art], profile, eval_suite,
-                               cache_root, reporter, prompting, only={art.quant}, extra_params=extra)
-        failed = outcome.failed
-        if not failed:
+        failure = None
+        if art.quant in benched:
+            if values(art.quant)[1] is None:
+                s = benched[art.quant]
+                failure = (s["status"], s["detail"])
+        else:
+            reporter.start_bench(1, "tune" if phone is None else f"tune on {phone.serial}")
+            failed = bench(art).failed
+            failure = (failed[0].status, failed[0].detail) if failed else None
+        if art.quant not in evaluated:
+            reporter.start_bench(1, f"eval {eval_suite.name} (evaluation half)")
+            pipeline.quality_rungs(store, run_id, model_id, model_hash, [ref_art, art], profile, eval_suite,
+                                   cache_root, reporter, prompting, only={art.quant}, extra_params=extra)
+        if failure is None:
             return None
-        o = failed[0]
-        return f"speed not measured on {device_id}: {o.status}" + (f" ({o.detail})" if o.detail else "")
+        status, detail = failure
+        return f"speed not measured on {device_id}: {status}" + (f" ({detail})" if detail else "")
 
     where = "on this host" if phone is None else f"on {phone.serial}"
     reporter.step(f"measuring the reference {ref_art.quant} (speed {where}) on {len(eval_suite.cases)} evaluation "

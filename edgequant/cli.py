@@ -312,22 +312,43 @@ def run(ctx, model, profile_name, threads, n_prompt, n_gen, repetitions, warmup,
     cool-down, with thermal and battery readings stored beside the figures.
     """
     if resume_id:
-        store = _open_store(db)
-        stored = store.run(resume_id)
-        args = shlex.split(stored["command"])[2:]
-        try:
-            again = run.make_context("run", args, parent=ctx.parent, resilient_parsing=False)
-        except click.ClickException as exc:
-            raise BadInput(f"run {stored['run_id']}: its stored command line cannot be parsed again "
-                           f"({exc.format_message()}); start a new run") from None
-        params = dict(again.params)
-        if params.get("resume_id"):
-            raise BadInput(f"run {stored['run_id']} was itself a resume; resume the run it names")
+        stored, params = _stored_options(ctx, run, _open_store(db), resume_id)
         params.update(resume_id=stored["run_id"], db=db or params.get("db"), fmt=fmt, lease_wait=lease_wait)
         return _run(**params)
     return _run(model, profile_name, threads, n_prompt, n_gen, repetitions, warmup, suite_name, prompting,
                 no_quality, device_specs, device_dir, runner_dir, cooldown_max_wait, None, db, cache_dir, fmt,
                 lease_wait=lease_wait, quality_on_device=quality_on_device, onnx_perf_test=onnx_perf_test)
+
+
+def _stored_options(ctx, command: click.Command, store, resume_id: str) -> tuple[dict, dict]:
+    """(the run, the options it was started with) for ``--resume RUN_ID``: its stored command line, parsed
+    again by ``command``, which must be the command that made it."""
+    stored = store.run(resume_id)
+    argv = shlex.split(stored["command"])
+    if argv[1:2] != [command.name]:
+        made_by = " ".join(argv[:2]) or "an unknown command"
+        raise BadInput(f"run {stored['run_id']} was made by `{made_by}`, not `edgequant {command.name}`; "
+                       f"resume it with `{made_by} --resume {stored['run_id']}`")
+    try:
+        again = command.make_context(command.name, argv[2:], parent=ctx.parent, resilient_parsing=False)
+    except click.ClickException as exc:
+        raise BadInput(f"run {stored['run_id']}: its stored command line cannot be parsed again "
+                       f"({exc.format_message()}); start a new run") from None
+    params = dict(again.params)
+    if params.get("resume_id"):
+        raise BadInput(f"run {stored['run_id']} was itself a resume; resume the run it names")
+    return stored, params
+
+
+def _start_or_resume(store, resume_id: str | None, profile, resolved) -> str:
+    """A new run's id, or ``resume_id`` marked running again once it is known to measure this checkpoint."""
+    if not resume_id:
+        return store.start_run(_command_line(), profile.name, resolved.checkpoint.model_id, resolved.model_hash)
+    stored = store.resume_run(resume_id)
+    if stored.get("model_hash") and stored["model_hash"] != resolved.model_hash:
+        raise BadInput(f"run {resume_id} measured another checkpoint ({stored['model_hash'][:12]}…) than "
+                       f"{resolved.checkpoint.path} has now ({resolved.model_hash[:12]}…); start a new run")
+    return resume_id
 
 
 ONNX_NO_PERF_TEST = ("no onnxruntime_perf_test for the phone: pass --onnx-perf-test PATH (onnxruntime_perf_test "
@@ -403,14 +424,7 @@ def _run(model, profile_name, threads, n_prompt, n_gen, repetitions, warmup, sui
                     perf_test.require(phone.ctx.os_name, f"device {phone.serial}")
             resolved = pipeline.resolve_model(model, cache, reporter)
             ckpt = resolved.checkpoint
-            if resume_id:
-                stored = store.resume_run(resume_id)
-                if stored.get("model_hash") and stored["model_hash"] != resolved.model_hash:
-                    raise BadInput(f"run {resume_id} measured another checkpoint ({stored['model_hash'][:12]}…) "
-                                   f"than {ckpt.path} has now ({resolved.model_hash[:12]}…); start a new run")
-                run_id = resume_id
-            else:
-                run_id = store.start_run(_command_line(), profile.name, ckpt.model_id, resolved.model_hash)
+            run_id = _start_or_resume(store, resume_id, profile, resolved)
             for phone in opened:
                 phone.lease.run = run_id        # written into the lease at its next renewal
             done = {(s["quant"], s["device_id"]) for s in store.rung_statuses(run_id)}
@@ -923,10 +937,14 @@ def _tune_table(result, gates, speed_on: str) -> None:
 @click.option("--profile", "profile_name", default="quick", show_default=True, metavar="NAME|PATH",
               help="Profile whose bench settings measure each candidate (its types are not used).")
 @quality_options
+@click.option("--resume", "resume_id", default=None, metavar="RUN_ID",
+              help="Finish a partial tune with its own options: candidates already measured are not measured "
+                   "again.")
 @db_option
 @cache_option
-def tune(device, device_dir, runner_dir, gate_texts, min_tg, max_size, types_csv, variants_csv, model, profile_name,
-         suite_name, prompting, db, cache_dir):
+@click.pass_context
+def tune(ctx, device, device_dir, runner_dir, gate_texts, min_tg, max_size, types_csv, variants_csv, model,
+         profile_name, suite_name, prompting, resume_id, db, cache_dir):
     """Find the smallest rung that passes every gate (then the fastest), with the evidence.
 
     Walks base types from high to low precision, each with the importance
@@ -937,8 +955,19 @@ def tune(device, device_dir, runner_dir, gate_texts, min_tg, max_size, types_csv
     calibrates the imatrix).  A candidate larger than one already passing is
     not measured; a variant that failed the quality gates is not retried at
     lower precision.  The search is stored as an ordinary run (`edgequant
-    report` and `pick` show it, under the phone with --device).
+    report` and `pick` show it, under the phone with --device).  An
+    interrupted search is stored as partial; --resume RUN_ID finishes it.
     """
+    if resume_id:
+        stored, params = _stored_options(ctx, tune, _open_store(db), resume_id)
+        params.update(resume_id=stored["run_id"], db=db or params.get("db"))
+        return _tune(**params)
+    return _tune(device, device_dir, runner_dir, gate_texts, min_tg, max_size, types_csv, variants_csv, model,
+                 profile_name, suite_name, prompting, None, db, cache_dir)
+
+
+def _tune(device, device_dir, runner_dir, gate_texts, min_tg, max_size, types_csv, variants_csv, model,
+          profile_name, suite_name, prompting, resume_id, db, cache_dir):
     import time as _time
 
     from edgequant import calibrate, device_run, farm, pipeline
@@ -982,13 +1011,13 @@ def tune(device, device_dir, runner_dir, gate_texts, min_tg, max_size, types_csv
             phone = opened[0] if opened else None
             speed_on = phone.ctx.device_id if phone is not None else "this host"
             resolved = pipeline.resolve_model(model, cache, reporter)
-            ckpt = resolved.checkpoint
-            run_id = store.start_run(_command_line(), profile.name, ckpt.model_id, resolved.model_hash)
+            run_id = _start_or_resume(store, resume_id, profile, resolved)
             if phone is not None:
                 phone.lease.run = run_id
-            with recording_partial(store, run_id, "tuning", lost=(device_run.DeviceLost, DeviceError),
+            with recording_partial(store, run_id, "tuning", f"`edgequant tune --resume {run_id}` finishes it",
+                                   lost=(device_run.DeviceLost, DeviceError),
                                    lost_note=f"the candidates measured so far are stored in run {run_id}, "
-                                             f"marked partial"):
+                                             f"marked partial; `edgequant tune --resume {run_id}` finishes it"):
                 result, ref_failures = calibrate.tune(store, run_id, resolved, profile, suite, prompting, gates,
                                                       cache, reporter, min_tg, size_limit, types, variants, phone)
         except DeviceError as exc:

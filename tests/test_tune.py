@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from conftest import assert_one_line_error, cli_env, db_rows, run_cli
+from conftest import assert_one_line_error, cli_env, ctrl_c, db_rows, run_cli, start_cli, wait_for
 from test_imatrix import CASES, write_suite
 
 from edgequant.bench import tune
@@ -176,13 +176,17 @@ def tune_env(imatrix_tool, tmp_path_factory):
     return {"tmp": tmp, "env": env, "suite": write_suite(tmp / "suite"), "profile": profile}
 
 
-def _tune(t, tiny_checkpoint, db, *gates):
+def _tune_args(t, tiny_checkpoint, db, *gates) -> list[str]:
     args = ["tune", "--model", str(tiny_checkpoint), "--suite", str(t["suite"]), "--profile", str(t["profile"]),
             "--types", "Q8_0,Q4_K_M,Q2_K", "--variants", ",+imatrix", "--cache-dir", str(t["tmp"] / "cache"),
             "--db", str(db)]
     for g in gates:
         args += ["--gate", g]
-    return run_cli(*args, env=t["env"])
+    return args
+
+
+def _tune(t, tiny_checkpoint, db, *gates):
+    return run_cli(*_tune_args(t, tiny_checkpoint, db, *gates), env=t["env"])
 
 
 def test_tune_finds_the_smallest_passing_rung_and_stores_the_evidence(tune_env, tiny_checkpoint):
@@ -228,3 +232,49 @@ def test_tune_that_nothing_passes_names_the_closest_gate(tune_env, tiny_checkpoi
     assert not measured & {"Q4_K_M", "Q4_K_M+imatrix", "Q2_K", "Q2_K+imatrix"}
     skipped = db_rows(db, "SELECT quant, detail FROM rung_status WHERE status = 'skipped'")
     assert {r["quant"] for r in skipped} == {"Q4_K_M", "Q4_K_M+imatrix", "Q2_K", "Q2_K+imatrix"}
+
+
+def test_an_interrupted_tune_is_partial_and_resume_finishes_it_measuring_nothing_twice(tune_env, tiny_checkpoint):
+    db = tune_env["tmp"] / "resume.db"
+
+    def measured() -> set[str]:
+        if not db.exists():
+            return set()
+        try:
+            return {r["quant"] for r in db_rows(db, "SELECT DISTINCT quant FROM measurements WHERE metric = 'tg_tps'")}
+        except Exception:  # noqa: BLE001 - the database is being created
+            return set()
+
+    proc = start_cli(*_tune_args(tune_env, tiny_checkpoint, db, "mean_kld<=1"), env=tune_env["env"])
+    wait_for(lambda: len(measured()) >= 2, 600, "the reference and one candidate measured", proc)
+    _out, err = ctrl_c(proc, timeout=120)
+    assert proc.returncode == 130
+    (run,) = db_rows(db, "SELECT run_id, status, status_detail FROM runs")
+    line = assert_one_line_error(err, "interrupted while tuning", run["run_id"], "edgequant tune --resume")
+    assert run["status"] == "partial" and "interrupted" in run["status_detail"], line
+    before = measured()
+
+    # another command cannot resume it
+    res = run_cli("run", "--resume", run["run_id"], "--db", str(db), env=tune_env["env"])
+    assert res.returncode == 2
+    assert_one_line_error(res.stderr, "edgequant tune", "not `edgequant run`")
+
+    res = run_cli("tune", "--resume", run["run_id"], "--db", str(db), env=tune_env["env"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    (after,) = db_rows(db, "SELECT run_id, status, status_detail FROM runs")
+    assert after["status"] == "complete" and after["status_detail"].startswith("tune chose ")
+    rows = db_rows(db, "SELECT quant, metric, value FROM measurements WHERE run_id = ?", run["run_id"])
+    # what was measured before the interruption was not measured again: one speed row per rung
+    tg_rows = [r["quant"] for r in rows if r["metric"] == "tg_tps"]
+    assert sorted(tg_rows) == sorted(set(tg_rows)) and before <= set(tg_rows)
+    kld_rows = [r["quant"] for r in rows if r["metric"] == "mean_kld"]
+    assert sorted(kld_rows) == sorted(set(kld_rows))
+    # and the choice follows from the stored figures as in a search that was never interrupted
+    statuses = {r["quant"]: r["status"] for r in db_rows(db, "SELECT quant, status FROM rung_status WHERE run_id = ?",
+                                                         run["run_id"])}
+    kld = {r["quant"]: r["value"] for r in rows if r["metric"] == "mean_kld"}
+    size = {r["quant"]: r["value"] for r in rows if r["metric"] == "size"}
+    tg = {r["quant"]: r["value"] for r in rows if r["metric"] == "tg_tps"}
+    passing = [q for q, st in statuses.items() if st == "ok" and kld.get(q, 9) <= 1]
+    smallest = min(passing, key=lambda q: (size[q], -tg[q]))
+    assert after["status_detail"] == f"tune chose {smallest}"
