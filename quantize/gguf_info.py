@@ -47,13 +47,34 @@ class _Cursor:
         return out
 
 
-def read_gguf_info(path: Path) -> GGUFInfo:
-    """Count an artifact's tensors by type from its GGUF header; bits/weight = tensor bytes * 8 / parameters.
+@dataclass(frozen=True)
+class GGUFLayout:
+    """Where a GGUF's parts are: its metadata (scalars and strings; arrays as None), the byte ranges of the
+    key-value section and of the tensor table, and the tensors' types and element counts."""
 
-    The header is walked directly, with the ``gguf`` package's value-type and
-    quant-type enums and block sizes: ``gguf.GGUFReader`` builds Python objects
-    for every metadata array element, which for a 262k-token vocabulary takes
-    tens of seconds per file, while only the tensor table is needed here.
+    version: int
+    n_kv: int
+    meta: dict
+    kv_end: int                         # the metadata ends (the tensor table starts) here
+    table_end: int                      # the tensor table ends here; the data starts at the next alignment
+    tensors: list                       # (quant type name, elements) per tensor
+
+    @property
+    def alignment(self) -> int:
+        value = self.meta.get("general.alignment")
+        return int(value) if isinstance(value, int) and value > 0 else 32
+
+    @property
+    def data_offset(self) -> int:
+        return -(-self.table_end // self.alignment) * self.alignment
+
+
+def read_gguf_layout(path: Path) -> GGUFLayout:
+    """Walk a GGUF header directly, with the ``gguf`` package's value-type and quant-type enums.
+
+    ``gguf.GGUFReader`` builds Python objects for every metadata array element,
+    which for a 262k-token vocabulary takes tens of seconds per file, while only
+    the offsets, the scalar metadata and the tensor table are needed here.
     """
     import mmap
 
@@ -103,8 +124,8 @@ def read_gguf_info(path: Path) -> GGUFInfo:
                 fmt = {1: "<B", 2: "<H", 4: "<I", 8: "<Q"}[sizes[vtype]]
                 value = cur.take(fmt)
             meta[key] = value
-        counts: Counter[str] = Counter()
-        n_params = n_bytes = 0
+        kv_end = cur.pos
+        tensors = []
         for _ in range(n_tensors):
             cur.string()
             n_dims = cur.take("<I")
@@ -114,19 +135,73 @@ def read_gguf_info(path: Path) -> GGUFInfo:
             n = 1
             for d in dims:
                 n *= d
-            block, type_size = gguf.GGML_QUANT_SIZES[qtype]
-            counts[qtype.name] += 1
-            n_params += n
-            n_bytes += n // block * type_size
+            tensors.append((qtype.name, n))
+        if cur.pos > len(buf):
+            raise RunFailed(f"{path}: truncated GGUF header; delete it and re-run")
     except ValueError as exc:  # an unknown enum value
         raise RunFailed(f"{path}: unreadable GGUF header ({exc}); delete it and re-run") from None
     finally:
         buf.close()
-    arch = meta.get("general.architecture")
-    ftype = meta.get("general.file_type")
+    return GGUFLayout(version, n_kv, meta, kv_end, cur.pos, tensors)
+
+
+def read_gguf_info(path: Path) -> GGUFInfo:
+    """Count an artifact's tensors by type from its GGUF header; bits/weight = tensor bytes * 8 / parameters."""
+    import gguf
+
+    layout = read_gguf_layout(path)
+    counts: Counter[str] = Counter()
+    n_params = n_bytes = 0
+    for qtype, n in layout.tensors:
+        block, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[qtype]]
+        counts[qtype] += 1
+        n_params += n
+        n_bytes += n // block * type_size
+    arch = layout.meta.get("general.architecture")
+    ftype = layout.meta.get("general.file_type")
     return GGUFInfo(architecture=str(arch) if arch is not None else "?",
                     file_type=int(ftype) if isinstance(ftype, int) else None,
                     n_params=n_params, tensor_bytes=n_bytes, tensor_types=dict(sorted(counts.items())))
+
+
+def add_metadata(path: Path, values: dict[str, str | int]) -> None:
+    """Add key-value pairs to a GGUF's metadata (strings, and integers as INT32, as llama-quantize writes its
+    ``quantize.imatrix.*`` keys).  The tensor table and data are copied unchanged (tensor offsets count from
+    the data section); the file is rewritten under a temporary name beside it, then renamed over it."""
+    import os
+    import shutil
+
+    import gguf
+
+    layout = read_gguf_layout(path)
+    clash = sorted(k for k in values if k in layout.meta)
+    if clash:
+        raise RunFailed(f"{path}: metadata {', '.join(clash)} already present")
+    extra = bytearray()
+    for key, value in values.items():
+        name = key.encode("utf-8")
+        extra += struct.pack("<Q", len(name)) + name
+        if isinstance(value, bool) or not isinstance(value, (str, int)):
+            raise TypeError(f"GGUF metadata {key}: a str or an int, not {type(value).__name__}")
+        if isinstance(value, str):
+            text = value.encode("utf-8")
+            extra += struct.pack("<IQ", gguf.GGUFValueType.STRING, len(text)) + text
+        else:
+            extra += struct.pack("<Ii", gguf.GGUFValueType.INT32, value)
+    tmp = path.with_name(f".{path.name}.meta-tmp")
+    try:
+        with open(path, "rb") as src, open(tmp, "wb") as dst:
+            head = src.read(layout.table_end)
+            dst.write(head[:16] + struct.pack("<Q", layout.n_kv + len(values)) + head[24:layout.kv_end])
+            dst.write(extra)
+            dst.write(head[layout.kv_end:])
+            end = layout.table_end + len(extra)
+            dst.write(b"\0" * (-end % layout.alignment))
+            src.seek(layout.data_offset)
+            shutil.copyfileobj(src, dst, 16 << 20)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def estimated_bits_per_weight(quant: str) -> float:

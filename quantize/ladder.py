@@ -27,9 +27,9 @@ from typing import Callable
 
 from edgequant.errors import BadInput, RunFailed
 from edgequant.profiles import Profile, quant_types
-from edgequant.quantize.atomic import atomic_path, atomic_write_text, clean_stale_partials, partial_name
+from edgequant.quantize.atomic import atomic_path, atomic_write_text, clean_stale_partials
 from edgequant.quantize.checkpoint import Checkpoint
-from edgequant.quantize.gguf_info import estimated_bits_per_weight, file_sha256, read_gguf_info
+from edgequant.quantize.gguf_info import add_metadata, estimated_bits_per_weight, file_sha256, read_gguf_info
 from edgequant.quantize.overrides import RungSpec, parse_rung, tensor_types
 
 # report(task, done, total): task names the step, done/total in bytes (total None = unknown)
@@ -143,6 +143,7 @@ class Ladder:
                     raise BadInput(f"rung {quant} needs an importance matrix, and none is available here; "
                                    f"run it with an eval suite (--suite) to calibrate on")
                 payload["imatrix"] = self.imatrix.identity
+                payload["imatrix_metadata"] = IMATRIX_METADATA_VERSION   # quantize.imatrix.* in the file
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
     def plan(self) -> list[PlannedRung]:
@@ -263,7 +264,7 @@ class Ladder:
         params.pure = opts.pure
         params.allow_requantize = opts.allow_requantize
         params.quantize_output_tensor = not opts.leave_output_tensor
-        keep = self._apply_overrides(params, spec, report)  # noqa: F841 - buffers params points into
+        keep, imatrix = self._apply_overrides(params, spec, report)  # keep: buffers params points into
         task = f"quantizing {rung.quant}"
         estimate = int(self.ckpt.n_params_estimate * estimated_bits_per_weight(spec.base) / 8)
         report(task, 0, estimate)
@@ -285,14 +286,19 @@ class Ladder:
             if result.get("rc") != 0 or not tmp.is_file():
                 raise RunFailed(f"quantizing {src.name} to {rung.quant} failed in llama.cpp "
                                 f"(return code {result.get('rc')})")
+            del keep
+            if imatrix is not None:   # the provenance llama-quantize writes, so the file says how it was made
+                add_metadata(tmp, imatrix_metadata(*imatrix))
             report(task, estimate, estimate)
 
 
-    def _apply_overrides(self, params, spec: RungSpec, report: Progress) -> list:
-        """Set the per-tensor types and the importance matrix; return the buffers ``params`` points into."""
+    def _apply_overrides(self, params, spec: RungSpec, report: Progress):
+        """Set the per-tensor types and the importance matrix; return (the buffers ``params`` points into,
+        (the imatrix file, its number of entries) or None)."""
         import llama_cpp
 
         keep: list = []
+        used = None
         ggml = tensor_types()
         if spec.token_embedding_type:
             params.token_embedding_type = ggml[spec.token_embedding_type]
@@ -313,10 +319,32 @@ class Ladder:
 
             reference = self._reference
             imx = self.imatrix.get(reference, report)
-            data = ImatrixArray(load_imatrix(imx, reference.sha256))
+            entries = load_imatrix(imx, reference.sha256)
+            data = ImatrixArray(entries)
             keep.append(data)
             params.imatrix = data.pointer()
-        return keep
+            used = (imx, len(entries))
+        return keep, used
+
+
+IMATRIX_METADATA_VERSION = 1
+
+
+def imatrix_metadata(imx, n_entries: int) -> dict[str, str | int]:
+    """The ``quantize.imatrix.*`` keys llama-quantize writes into a GGUF quantized with an importance matrix,
+    filled from edgequant's imatrix manifest (``quantize.imatrix.ImatrixFile``)."""
+    m = imx.manifest
+    split = m.get("split") or {}
+    n_cal = len(split.get("calibration", ())) if isinstance(split, dict) else 0
+    dataset = "not recorded"
+    if m.get("suite"):
+        dataset = f"edgequant suite {m['suite']} (sha256 {str(m.get('suite_sha256', ''))[:16]})"
+        if n_cal:
+            dataset += f", calibration half: {n_cal} cases"
+    return {"quantize.imatrix.file": f"{imx.path.name} (sha256 {imx.sha256})",
+            "quantize.imatrix.dataset": dataset,
+            "quantize.imatrix.entries_count": int(n_entries),
+            "quantize.imatrix.chunks_count": int(m.get("n_chunks", 0))}
 
 
 def _physical_cores() -> int:

@@ -246,6 +246,22 @@ def test_imatrix_rungs_are_built_with_the_matrix(imatrix_run, tiny_checkpoint):
     assert "IQ2_XS" in set(types.values())
     # the cached imatrix was used, not recomputed
     assert len([p for p in (imatrix_run["cache"] / "imatrix").iterdir() if p.is_dir()]) == 1
+    # the file says how it was made, under llama-quantize's keys, read back by the gguf package's own reader
+    m = imatrix_run["manifest"]
+    fields = gguf.GGUFReader(arts["Q4_K_M+imatrix"]["path"]).fields
+
+    def value(key):
+        f = fields[key]
+        part = f.parts[f.data[0]]
+        return bytes(part).decode() if f.types[0] == gguf.GGUFValueType.STRING else int(part[0])
+
+    assert m["sha256"] in value("quantize.imatrix.file")
+    assert m["suite"] in value("quantize.imatrix.dataset")
+    assert f"{len(m['split']['calibration'])} cases" in value("quantize.imatrix.dataset")
+    assert value("quantize.imatrix.chunks_count") == m["n_tokens"] // m["chunk_size"]
+    imx = gguf.GGUFReader(str(imatrix_run["folder"] / "imatrix.gguf"))
+    assert value("quantize.imatrix.entries_count") == len([t for t in imx.tensors if t.name.endswith(".in_sum2")])
+    assert not any(k.startswith("quantize.imatrix") for k in gguf.GGUFReader(arts["Q4_K_M"]["path"]).fields)
 
 
 def test_an_imatrix_for_another_model_is_refused(imatrix_run, tmp_path):
