@@ -62,4 +62,4 @@ class CheckpointModel(KVStepper):
                              attention_mask=torch.ones((1, past_len + n), dtype=torch.long),
                              position_ids=torch.arange(past_len, past_len + n, dtype=torch.long)[None, :],
                              cache=cache, use_cache=True)
-        return out.logits[0].float().numpy(), out.cache
+        return out.logits[0].float().numpy(), cache   # a DynamicCache grows in place
