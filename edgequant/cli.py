@@ -231,13 +231,13 @@ def _render(store, run_id: str, fmt: str, output: str | None) -> None:
     summary = rep.summarize(store, run_id)
     if fmt == "table":
         if output:
-            console = Console(record=True, width=200, file=open(os.devnull, "w"))
+            console = Console(record=True, width=REPORT_WIDTH, file=open(os.devnull, "w"))
             rep.render_table(summary, console)
             atomic_write_text(Path(output), console.export_text())
         else:
             console = Console()
-            if not console.is_terminal:
-                console = Console(width=max(console.width, 180))
+            if not console.is_terminal:   # a log or a pipe: room for every column, nothing cut short
+                console = Console(width=max(console.width, REPORT_WIDTH))
             rep.render_table(summary, console)
         return
     text = {"json": rep.render_json, "csv": rep.render_csv, "md": rep.render_markdown}[fmt](summary)
@@ -318,6 +318,10 @@ def run(ctx, model, profile_name, threads, n_prompt, n_gen, repetitions, warmup,
     return _run(model, profile_name, threads, n_prompt, n_gen, repetitions, warmup, suite_name, prompting,
                 no_quality, device_specs, device_dir, runner_dir, cooldown_max_wait, None, db, cache_dir, fmt,
                 lease_wait=lease_wait, quality_on_device=quality_on_device, onnx_perf_test=onnx_perf_test)
+
+
+# columns of a table written to a file or a pipe (rich's tables are only as wide as their content)
+REPORT_WIDTH = 260
 
 
 def _stored_options(ctx, command: click.Command, store, resume_id: str) -> tuple[dict, dict]:

@@ -305,6 +305,21 @@ def quality_record(rung: RungSummary, columns: list[str]) -> dict[str, Any]:
     return rec
 
 
+def _quality_table(g: RunReport, cols: list[str], caption: str | None, part: int, parts: int):
+    from rich.table import Table
+
+    title = "quality against the reference" + (f" ({part + 1}/{parts})" if parts > 1 else "")
+    qt = Table(title=title, caption=caption, caption_justify="left")
+    qt.add_column("rung", no_wrap=True)
+    for m in cols:
+        qt.add_column(QUALITY_HEADERS[m], justify="right", no_wrap=True)
+    for rung in g.rungs:
+        cells = [_quality_cell(rung, m) for m in cols]
+        style = "bold" if rung.is_reference else None
+        qt.add_row(rung.quant + (" (ref)" if rung.is_reference else ""), *cells, style=style)
+    return qt
+
+
 def _quality_cell(rung: RungSummary, metric: str) -> str:
     s = rung.metrics.get(metric)
     if s is None:
@@ -360,6 +375,7 @@ def _measured_on(elsewhere: str | None) -> str:
 
 
 def render_table(rep: RunReport, console) -> None:
+    from rich.measure import Measurement
     from rich.table import Table
 
     for g in per_device(rep):
@@ -373,17 +389,20 @@ def render_table(rep: RunReport, console) -> None:
             table.add_row(*_cells(rec), style=style)
         console.print(table)
     for g, elsewhere in _quality_groups(rep):
-        cols = quality_columns(g)
-        qt = Table(title="quality against the reference", caption=_quality_caption(g) + _measured_on(elsewhere),
-                   caption_justify="left")
-        qt.add_column("rung")
-        for m in cols:
-            qt.add_column(QUALITY_HEADERS[m], justify="right", no_wrap=True)
-        for rung in g.rungs:
-            cells = [_quality_cell(rung, m) for m in cols]
-            style = "bold" if rung.is_reference else None
-            qt.add_row(rung.quant + (" (ref)" if rung.is_reference else ""), *cells, style=style)
-        console.print(qt)
+        caption = _quality_caption(g) + _measured_on(elsewhere)
+        parts = [quality_columns(g)]
+        # a console too narrow for every column gets the table in parts, each with the rungs' names,
+        # rather than figures cut down to "…"
+        while True:
+            tables = [_quality_table(g, cols, caption if i == len(parts) - 1 else None, i, len(parts))
+                      for i, cols in enumerate(parts)]
+            wide = console.options.update_width(10_000)   # the width each table wants, unclamped
+            widest = max(Measurement.get(console, wide, t).maximum for t in tables)
+            if widest <= console.width or max(len(c) for c in parts) <= 4:
+                break
+            parts = [half for cols in parts for half in (cols[:(len(cols) + 1) // 2], cols[(len(cols) + 1) // 2:])]
+        for t in tables:
+            console.print(t)
     for note in rep.footnotes:
         console.print(f"[dim]* {note}[/dim]", soft_wrap=True)
 

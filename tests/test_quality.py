@@ -197,6 +197,39 @@ def test_table_and_gates(quality_run):
     assert "quality against the reference" in out
     for col in ("xml %", "esi %", "refusal %", "KLD", "top-1 %", "gates"):
         assert col in out
+    # written to a pipe, every rung's row is there by name with its figures whole (nothing cut to "…")
+    rows = {}
+    for line in out.split("quality against the reference", 1)[1].splitlines():
+        cells = [c.strip() for c in line.strip("│┃ ").split("│")]
+        if cells and cells[0].split(" ")[0] in ("BF16", "Q8_0", "Q4_0"):
+            rows[cells[0].split(" ")[0]] = cells
+    assert set(rows) == {"BF16", "Q8_0", "Q4_0"}
+    for quant in ("Q8_0", "Q4_0"):
+        kld = metric_rows(quality_run, quant)["mean_kld"]["value"]
+        assert f"{kld:.4f}" in rows[quant] and not any("…" in c for c in rows[quant])
+
+
+def test_a_narrow_console_gets_the_quality_table_in_parts_not_cut_short(quality_run):
+    import io
+
+    from rich.console import Console
+
+    from edgequant.results import report
+    from edgequant.results.store import Store
+
+    buf = io.StringIO()
+    report.render_table(report.summarize(Store(quality_run["db"]), quality_run["run_id"]),
+                        Console(width=72, file=buf))
+    out = buf.getvalue()
+    assert max(len(line) for line in out.splitlines()) <= 72
+    parts = out.split("quality against the reference (")[1:]
+    assert len(parts) >= 2 and parts[0].startswith("1/")
+    for part in parts:   # every part names every rung
+        assert all(f"│ {q}" in part for q in ("BF16", "Q8_0", "Q4_0"))
+    quality = "".join(parts)
+    assert "…" not in quality
+    for quant in ("Q8_0", "Q4_0"):
+        assert f"{metric_rows(quality_run, quant)['mean_kld']['value']:.4f}" in quality
     for quant in ("BF16", "Q8_0", "Q4_0"):
         m = metric_rows(quality_run, quant)
         gates = m["gates_pass"]["detail"]["gates"]
