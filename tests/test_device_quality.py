@@ -84,8 +84,10 @@ def device_eval(tiny_checkpoint, phone, arm64_runner, tmp_path):  # noqa: F811 -
     (tmp_path / "phone-mini.jsonl").write_text("\n".join(json.dumps(c) for c in CASES) + "\n")
     suite = tmp_path / "phone-mini.toml"
     suite.write_text(SUITE)
-    # the low-memory killer takes Q4_0's llama-completion (not its llama-bench): that rung's eval fails
-    peer.faults.lmk = [LmkRule(r"(?s)llama-completion .*Q4_0", delay=0.5)]   # (?s): a stop string is "\n..."
+    # the low-memory killer takes Q4_0's llama-completion (not its llama-bench): that rung's eval fails.
+    # The rule matches the program itself (qemu running it) and fires at once: the kill does not depend on
+    # how long the tiny model's completion takes ((?s): a stop string is "\n...")
+    peer.faults.lmk = [LmkRule(r"(?s)^\S*qemu-aarch64\S* .*llama-completion .*Q4_0", delay=0.0)]
     res = run_cli("run", "--model", str(tiny_checkpoint), "--profile", str(profile), "--device", peer.serial,
                   "--device-dir", workdir, "--runner-dir", str(arm64_runner.path), "--suite", str(suite),
                   "--quality-on-device", env=env, timeout=1500)
