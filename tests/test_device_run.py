@@ -153,7 +153,7 @@ def peer_shell(peer, command: str) -> str:
 def test_low_memory_killer_marks_the_rung_oom_and_the_ladder_goes_on(tiny_checkpoint, phone, arm64_runner):
     peer, workdir, env, profile = phone
     # only the llama-bench process itself (qemu runs it) matches, not the shells and `time` around it
-    peer.faults.lmk = [LmkRule(r"^\S*qemu-aarch64\S* .*llama-bench .*Q8_0\.gguf", delay=0.3)]
+    peer.faults.lmk = [LmkRule(r"^\S*qemu-aarch64\S* .*llama-bench .*Q8_0\.gguf", delay=0.0)]   # at once: not a race
     res = run_cli(*_run_args(tiny_checkpoint, peer, workdir, profile, arm64_runner), env=env, timeout=1500)
     assert res.returncode == 1
     assert_one_line_error(res.stderr, "Q8_0")
