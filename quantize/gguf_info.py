@@ -80,10 +80,11 @@ def read_gguf_layout(path: Path) -> GGUFLayout:
 
     import gguf
 
-    sizes = {gguf.GGUFValueType.UINT8: 1, gguf.GGUFValueType.INT8: 1, gguf.GGUFValueType.UINT16: 2,
-             gguf.GGUFValueType.INT16: 2, gguf.GGUFValueType.UINT32: 4, gguf.GGUFValueType.INT32: 4,
-             gguf.GGUFValueType.FLOAT32: 4, gguf.GGUFValueType.BOOL: 1, gguf.GGUFValueType.UINT64: 8,
-             gguf.GGUFValueType.INT64: 8, gguf.GGUFValueType.FLOAT64: 8}
+    # scalar value types -> struct formats (little-endian), decoded by type: INT32 signed, FLOAT32 a float, ...
+    formats = {gguf.GGUFValueType.UINT8: "<B", gguf.GGUFValueType.INT8: "<b", gguf.GGUFValueType.UINT16: "<H",
+               gguf.GGUFValueType.INT16: "<h", gguf.GGUFValueType.UINT32: "<I", gguf.GGUFValueType.INT32: "<i",
+               gguf.GGUFValueType.FLOAT32: "<f", gguf.GGUFValueType.BOOL: "<?", gguf.GGUFValueType.UINT64: "<Q",
+               gguf.GGUFValueType.INT64: "<q", gguf.GGUFValueType.FLOAT64: "<d"}
     with open(path, "rb") as fh:
         if fh.read(4) != GGUF_MAGIC:
             raise RunFailed(f"{path}: not a GGUF file (bad magic); delete it and re-run")
@@ -118,11 +119,10 @@ def read_gguf_layout(path: Path) -> GGUFLayout:
                 elif etype == gguf.GGUFValueType.ARRAY:
                     raise RunFailed(f"{path}: nested arrays in GGUF metadata are not supported")
                 else:
-                    cur.pos += sizes[etype] * count
+                    cur.pos += struct.calcsize(formats[etype]) * count
                     value = None
             else:
-                fmt = {1: "<B", 2: "<H", 4: "<I", 8: "<Q"}[sizes[vtype]]
-                value = cur.take(fmt)
+                value = cur.take(formats[vtype])
             meta[key] = value
         kv_end = cur.pos
         tensors = []
