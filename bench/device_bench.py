@@ -63,6 +63,7 @@ from edgequant.devices.facts import Cluster, big_core_count
 from edgequant.devices.transport import DeviceError, Transport, quote
 from edgequant.errors import RunFailed
 from edgequant.profiles import BenchSettings
+from edgequant.status import RungStatus, classify_exit, exit_signal, signal_name
 
 BENCH_TOOL = "llama-bench"
 DEFAULT_TIME = ("toybox", "time", "-v")
@@ -445,7 +446,7 @@ class MeasuredRun:
 
     @property
     def signal(self) -> int | None:
-        return self.exit_code - 128 if self.exit_code > 128 else None
+        return exit_signal(self.exit_code, shell=True)
 
     @property
     def peak_rss_kib(self) -> int:
@@ -504,27 +505,25 @@ def run_measured(transport: Transport, argv: list[str], workdir: str, *, env: di
 
 def failure(run: MeasuredRun, what: str) -> BenchError | None:
     """The BenchError for a run that did not succeed, None for one that did."""
-    if run.timed_out:
+    status = classify_exit(run.exit_code, timed_out=run.timed_out, shell=True)
+    if status is RungStatus.OK:
+        return None
+    if status is RungStatus.TIMEOUT:
         return BenchError("timeout", f"{what} did not finish within {run.deadline_s:g} s on the device and was "
                                      f"stopped; raise bench.timeout or lower n_prompt/n_gen/repetitions")
     sig = run.signal
     detail = run.last_error()
-    if sig == signal.SIGKILL:
+    if status is RungStatus.OOM:
         return BenchError("oom", f"{what} was killed (SIGKILL), most likely by the kernel's OOM killer or "
                                  f"Android's low-memory killer; free memory on the device or try a smaller model "
                                  f"or n_prompt")
-    if sig is not None:
-        try:
-            name = signal.Signals(sig).name
-        except ValueError:
-            name = f"signal {sig}"
+    if status is RungStatus.CRASHED:
         hint = (" (an instruction this CPU does not support: use a runner built for an older baseline, or "
                 "repack off where repacked kernels need one)" if sig == signal.SIGILL else "")
-        return BenchError("crashed", f"{what} crashed with {name}" + (f": {detail}" if detail else "") + hint)
-    if run.exit_code != 0:
-        return BenchError("failed", f"{what} exited with status {run.exit_code}"
-                                    + (f": {detail}" if detail else ": no error message"))
-    return None
+        return BenchError("crashed", f"{what} crashed with {signal_name(sig)}" + (f": {detail}" if detail else "")
+                          + hint)
+    return BenchError("failed", f"{what} exited with status {run.exit_code}"
+                                + (f": {detail}" if detail else ": no error message"))
 
 
 @dataclass(frozen=True)

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import posixpath
 import re
+import signal
 import tempfile
 import threading
 from dataclasses import dataclass
@@ -51,6 +52,7 @@ from edgequant.devices.facts import recommended_threads
 from edgequant.devices.transport import DeviceError, quote
 from edgequant.pipeline import quality_measurements
 from edgequant.results.store import RowKey
+from edgequant.status import RungStatus, classify_exit
 
 OUTPUT_LIMIT = 1 << 20          # bytes of one case's output read back; more is a failed parse
 LOG_TAIL = 8192                 # bytes of one case's log read back
@@ -215,13 +217,17 @@ def failure_status(run: CaseRun | None, timeout: int) -> tuple[str, str]:
         return "failed", "no result came back"
     last = [ln.strip() for ln in run.log_text().splitlines() if ln.strip()]
     tail = " | ".join(last[-2:])[:300]
-    if run.rc == 124 or run.seconds >= timeout:
-        return "timeout", f"llama-completion took longer than {timeout} s"
-    if run.rc in (137, 9):
-        return "oom", "llama-completion was killed (SIGKILL: the low-memory killer)"
-    if run.rc > 128:
-        return "crashed", f"llama-completion died with signal {run.rc - 128}: {tail}"
-    return "failed", f"llama-completion exited with {run.rc}: {tail}"
+    # the script's $? of the `timeout`-wrapped program: 124 when it was stopped at its deadline, 128 + N when
+    # signal N killed it (a SIGKILL is also taken when reported as plain 9)
+    rc = 128 + signal.SIGKILL if run.rc == signal.SIGKILL else run.rc
+    status = classify_exit(rc, timed_out=run.rc == 124 or run.seconds >= timeout, shell=True)
+    if status is RungStatus.TIMEOUT:
+        return status.value, f"llama-completion took longer than {timeout} s"
+    if status is RungStatus.OOM:
+        return status.value, "llama-completion was killed (SIGKILL: the low-memory killer)"
+    if status is RungStatus.CRASHED:
+        return status.value, f"llama-completion died with signal {rc - 128}: {tail}"
+    return RungStatus.FAILED.value, f"llama-completion exited with {run.rc}: {tail}"
 
 
 # ---------------------------------------------------------------------------
