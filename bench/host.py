@@ -11,25 +11,21 @@ killer sends) or ``timeout``.
 
 from __future__ import annotations
 
-import json
-import os
-import selectors
 import signal
-import subprocess
-import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from edgequant.bench import worker
 from edgequant.bench.stats import Summary
+from edgequant.bench.worker import WorkerExit
 from edgequant.errors import RunFailed
 from edgequant.profiles import BenchSettings
+from edgequant.status import FAILURES, RungStatus, signal_name
 
 WORKER_MODULE = "edgequant.bench.host_worker"
 GGUF_MAGIC = b"GGUF"
-BENCH_STATUSES = ("failed", "crashed", "oom", "timeout")
-_STDERR_TAIL = 20
+BENCH_STATUSES = tuple(str(s) for s in FAILURES)   # failed, crashed, oom, timeout
 
 
 class BenchError(RunFailed):
@@ -120,118 +116,26 @@ def build_request(path: Path, settings: BenchSettings, repack: bool | None = Non
     }
 
 
-class _Child:
-    """The running worker: feeds stdin, collects stdout, reads stderr line by line."""
-
-    def __init__(self, request: dict[str, Any], on_progress: Callable[[str], None] | None,
-                 module: str = WORKER_MODULE):
-        self.on_progress = on_progress
-        self.phase = "start-up"
-        self.stdout = bytearray()
-        self.stderr_tail: list[str] = []
-        self.repack: bool | None = None
-        self._partial = b""
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", module],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            # its own session: a terminal's Ctrl-C reaches only us, and we stop the worker
-            start_new_session=True,
-        )
-        try:
-            self.proc.stdin.write(json.dumps(request).encode())
-            self.proc.stdin.close()
-        except BrokenPipeError:  # it died before reading; its exit status tells why
-            pass
-
-    def _stderr_line(self, raw: bytes) -> None:
-        line = raw.decode("utf-8", "replace").rstrip()
-        if line.startswith("progress "):
-            self.phase = line[len("progress "):]
-            if self.on_progress is not None:
-                self.on_progress(self.phase)
-        elif line.startswith("config repack="):
-            self.repack = line[len("config repack="):].startswith("1")
-        elif line.strip():
-            self.stderr_tail = (self.stderr_tail + [line.strip()])[-_STDERR_TAIL:]
-
-    def pump(self, deadline: float) -> bool:
-        """Read output until both pipes close; False if the deadline passed first."""
-        sel = selectors.DefaultSelector()
-        sel.register(self.proc.stdout, selectors.EVENT_READ, "out")
-        sel.register(self.proc.stderr, selectors.EVENT_READ, "err")
-        try:
-            while sel.get_map():
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    return False
-                for key, _ in sel.select(timeout=remaining):
-                    chunk = os.read(key.fd, 65536)
-                    if not chunk:
-                        sel.unregister(key.fileobj)
-                    elif key.data == "out":
-                        self.stdout += chunk
-                    else:
-                        *lines, self._partial = (self._partial + chunk).split(b"\n")
-                        for line in lines:
-                            self._stderr_line(line)
-            if self._partial:
-                self._stderr_line(self._partial)
-            return True
-        finally:
-            sel.close()
-
-    def wait(self, deadline: float) -> int | None:
-        try:
-            return self.proc.wait(timeout=max(0.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            return None
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait()
-        for pipe in (self.proc.stdout, self.proc.stderr):
-            if pipe is not None:
-                pipe.close()
-
-    def result_json(self) -> dict[str, Any] | None:
-        for line in reversed(self.stdout.decode("utf-8", "replace").splitlines()):
-            if line.strip():
-                try:
-                    data = json.loads(line)
-                except json.JSONDecodeError:
-                    return None
-                return data if isinstance(data, dict) else None
-        return None
-
-    def last_stderr(self) -> str:
-        return self.stderr_tail[-1] if self.stderr_tail else ""
-
-
-def _failure(child: _Child, code: int, path: Path) -> BenchError:
+def _failure(run: WorkerExit, path: Path) -> BenchError:
+    """The BenchError for a worker that did not return a result (``run.status`` is not ok)."""
     name = path.name
-    if code < 0:
-        sig = -code
-        try:
-            sig_name = signal.Signals(sig).name
-        except ValueError:
-            sig_name = f"signal {sig}"
-        if sig == signal.SIGKILL:
-            return BenchError("oom", f"{name}: the benchmark worker was killed (SIGKILL) during "
-                                     f"'{child.phase}', most likely by the kernel's OOM killer; "
-                                     f"check free memory or try a smaller model or n_prompt")
-        detail = child.last_stderr()
+    sig = run.signal
+    if run.status is RungStatus.OOM:
+        return BenchError("oom", f"{name}: the benchmark worker was killed (SIGKILL) during "
+                                 f"'{run.phase}', most likely by the kernel's OOM killer; "
+                                 f"check free memory or try a smaller model or n_prompt")
+    if run.status is RungStatus.CRASHED:
+        detail = run.last_stderr()
         hint = ""
-        if sig in (signal.SIGSEGV, signal.SIGILL) and child.repack:
+        if sig in (signal.SIGSEGV, signal.SIGILL) and run.config.get("repack", "").startswith("1"):
             hint = (" (with repacked weights on; llama.cpp's AMX kernels crash on some CPUs: "
                     "set bench.repack = \"off\")")
-        return BenchError("crashed", f"{name}: the benchmark worker crashed with {sig_name} during "
-                                     f"'{child.phase}'" + (f": {detail}" if detail else "") + hint)
-    data = child.result_json()
-    if data and "error" in data:
-        return BenchError("failed", f"{name}: {data['error']}")
-    detail = child.last_stderr() or "no error message"
-    return BenchError("failed", f"{name}: the benchmark worker exited with status {code}: {detail}")
+        return BenchError("crashed", f"{name}: the benchmark worker crashed with {signal_name(sig)} during "
+                                     f"'{run.phase}'" + (f": {detail}" if detail else "") + hint)
+    if run.error is not None:
+        return BenchError("failed", f"{name}: {run.error}")
+    detail = run.last_stderr() or "no error message"
+    return BenchError("failed", f"{name}: the benchmark worker exited with status {run.code or 1}: {detail}")
 
 
 def measure_gguf(path: Path, settings: BenchSettings,
@@ -256,26 +160,14 @@ def run_worker(request: dict[str, Any], module: str, timeout: float,
     """Run ``python -m module`` on ``request`` (the JSON protocol of ``host_worker.serve``) within
     ``timeout`` seconds and return its result; ``BenchError`` (named after ``path``) if it timed out,
     crashed, was killed or reported an error.  On KeyboardInterrupt the worker is killed first."""
-    deadline = time.monotonic() + timeout
-    child = _Child(request, on_progress, module)
-    try:
-        finished = child.pump(deadline)
-        code = child.wait(deadline) if finished else None
-        if code is None:
-            child.kill()
-            raise BenchError("timeout", f"{path.name}: the benchmark did not finish within "
-                                        f"{timeout:g} s (stopped during '{child.phase}'); "
-                                        f"raise bench.timeout or lower n_prompt/n_gen/repetitions")
-    except BaseException:
-        child.kill()  # KeyboardInterrupt included: never leave the worker running
-        raise
-    child.kill()  # already exited: just reap and close pipes
-    if code != 0:
-        raise _failure(child, code, path)
-    data = child.result_json()
-    if data is None or "error" in data:
-        raise _failure(child, 1, path)
-    return data
+    run = worker.run_worker(module, request, timeout, on_progress)
+    if run.status is RungStatus.TIMEOUT:
+        raise BenchError("timeout", f"{path.name}: the benchmark did not finish within "
+                                    f"{timeout:g} s (stopped during '{run.phase}'); "
+                                    f"raise bench.timeout or lower n_prompt/n_gen/repetitions")
+    if run.status is not RungStatus.OK:
+        raise _failure(run, path)
+    return run.data
 
 
 def result_from(data: dict[str, Any], path: Path) -> HostBenchResult:

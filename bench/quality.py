@@ -32,19 +32,18 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-import subprocess
-import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
+from edgequant.bench import worker
 from edgequant.bench.parsers import ParseResult, parse
 from edgequant.bench.quality_stats import jaccard, paired_degradation, wilson_interval
 from edgequant.errors import RunFailed
 from edgequant.profiles.suites import Case, Suite
+from edgequant.status import RungStatus, signal_name
 
 WORKER_MODULE = "edgequant.bench.eval_worker"
 EVAL_SLOTS = 8        # cases decoded side by side (continuous batching in the worker)
@@ -124,48 +123,19 @@ def _groups(suite: Suite) -> list[dict[str, Any]]:
 
 def _call_worker(request: dict, timeout: float, on_progress: Callable[[str], None],
                  module: str = WORKER_MODULE) -> dict:
-    proc = subprocess.Popen([sys.executable, "-m", module], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    import threading
-
-    chunks: list[str] = []
-    # the result can exceed a pipe's buffer: read stdout while stderr is followed, or both block
-    reader = threading.Thread(target=lambda: chunks.append(proc.stdout.read()), daemon=True)
-    reader.start()
-    try:
-        proc.stdin.write(json.dumps(request))
-        proc.stdin.close()
-        deadline = time.monotonic() + timeout
-        tail: list[str] = []
-        for line in proc.stderr:
-            line = line.rstrip("\n")
-            if line.startswith("progress "):
-                on_progress(line[len("progress "):])
-            elif line.strip():
-                tail = (tail + [line])[-5:]
-            if time.monotonic() > deadline:
-                proc.kill()
-                raise EvalError("timeout", f"the eval of {request['path']} took longer than {timeout:.0f} s")
-        code = proc.wait()
-        reader.join()
-        out = "".join(chunks)
-    except BaseException:
-        proc.kill()
-        proc.wait()
-        raise
-    if code < 0:
-        import signal
-
-        status = "oom" if -code == signal.SIGKILL else "crashed"
-        raise EvalError(status, f"the eval worker for {Path(request['path']).name} died with "
-                                f"{signal.Signals(-code).name}")
-    try:
-        data = json.loads(out.strip().splitlines()[-1])
-    except (ValueError, IndexError):
-        raise EvalError("failed", f"the eval worker gave no result (exit {code}): {' | '.join(tail)}") from None
-    if "error" in data:
-        raise EvalError("failed", f"eval of {Path(request['path']).name}: {data['error']}")
-    return data
+    name = Path(request["path"]).name
+    run = worker.run_worker(module, request, timeout, on_progress)
+    if run.status is RungStatus.TIMEOUT:
+        raise EvalError("timeout", f"the eval of {request['path']} took longer than {timeout:.0f} s "
+                                   f"(stopped during '{run.phase}')")
+    if run.status in (RungStatus.OOM, RungStatus.CRASHED):
+        raise EvalError(run.status.value, f"the eval worker for {name} died with {signal_name(run.signal)}")
+    if run.error is not None:
+        raise EvalError("failed", f"eval of {name}: {run.error}")
+    if run.status is not RungStatus.OK:
+        raise EvalError("failed", f"the eval worker gave no result (exit {run.code}): "
+                                  f"{' | '.join(run.stderr_tail[-5:])}")
+    return run.data
 
 
 def _base_request(path: Path, suite: Suite, threads: int, repack: bool | None, prompting: str) -> dict:
