@@ -1,9 +1,12 @@
-# Two entry points (see README): `make run` and `make test`.  Both set up .venv first.
+# Two entry points (see README): `make run` and `make test`.  Both set up .venv first; `make test` (and the
+# fast tier, `make test-fast`) first checks the system packages the tests need (.ci/system-deps).
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 
-.PHONY: setup run test clean-venv
+.PHONY: setup run test test-fast system-deps clean-venv
+# the system packages (compilers among them) come before the venv's build
+.NOTPARALLEL:
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -20,8 +23,15 @@ setup: $(VENV)/.installed
 run: setup
 	$(VENV)/bin/edgequant run
 
-test: setup
+system-deps:
+	@.ci/system-deps
+
+test: system-deps setup
 	$(VENV)/bin/pytest
+
+# the inner loop: every module, without the slow end-to-end tests (pytest -m "not slow")
+test-fast: system-deps setup
+	$(VENV)/bin/pytest -m "not slow"
 
 clean-venv:
 	rm -rf $(VENV)

@@ -346,7 +346,7 @@ def _chromium(*args: str, timeout: float = 90) -> subprocess.CompletedProcess:
         shutil.rmtree(profile, ignore_errors=True)
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (.ci/run installs it)")
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (make test installs it: .ci/system-deps)")
 def test_chromium_renders_the_page(page, tmp_path):
     shot = page["tmp"] / "report.png"
     r = _chromium(f"--screenshot={shot}", "--window-size=1400,2400", page["path"].as_uri())
