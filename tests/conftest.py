@@ -17,6 +17,8 @@ from tiny_model import make_tiny_gemma3
 from adbpeer.pytest_fixtures import adb_cli, adb_host_key, adb_peer, adb_peer_factory  # noqa: F401
 # A throwaway PostgreSQL server (tests/pgserver.py): pg_server, pg_url.
 from pgserver import pg_server, pg_url  # noqa: F401
+# The tiny Gemma 3's ONNX rungs and its BF16 GGUF (tests/onnx_fixtures.py), built once per session.
+from onnx_fixtures import tiny_bf16_gguf, tiny_onnx  # noqa: F401
 
 
 @pytest.fixture(scope="session")
@@ -111,3 +113,62 @@ def imatrix_tool() -> Path:
     from edgequant.bench.llamacpp_tools import build_llama_tool
 
     return build_llama_tool("llama-imatrix", on_progress=lambda m: print(m, file=sys.stderr))
+
+
+# ---------------------------------------------------------------------------
+# on-device runners and the "phone" (the ADB peer running the linux-arm64 runner under qemu): shared here, so
+# the session fixtures are set up once per session, not once per test module that imports them
+
+
+@pytest.fixture(scope="session")
+def arm64_runner():
+    """llama.cpp's tools built for linux-arm64 (static; run under qemu-aarch64-static), cached by revision."""
+    from edgequant.bench.runner import build_runner
+
+    return build_runner("linux-arm64", on_progress=lambda m: print(m, file=sys.stderr))
+
+
+@pytest.fixture(scope="session")
+def host_runner():
+    """llama.cpp's tools built for this host, cached by revision."""
+    from edgequant.bench.runner import build_runner
+
+    return build_runner("host", on_progress=lambda m: print(m, file=sys.stderr))
+
+
+PHONE_PROFILE = """
+[profile]
+name = "phone-tiny"
+description = "three rungs of the tiny model, small llama-bench tests"
+
+[quantize]
+reference = "BF16"
+types = ["Q8_0", "Q4_0"]
+
+[bench]
+threads = 2
+n_prompt = 16
+n_gen = 4
+repetitions = 3
+warmup = 0
+timeout = 600
+
+[device]
+cooldown_max_wait = 0
+"""
+
+
+@pytest.fixture
+def phone(adb_peer_factory, adb_host_key, tmp_path, monkeypatch):
+    """A "phone": the ADB peer as an ARMv8.0 Cortex-A53 under qemu; (peer, its work dir, a CLI env, a profile
+    of three small rungs)."""
+    peer = adb_peer_factory(qemu_cpu="cortex-a53")
+    assert peer.qemu_enabled, "qemu-aarch64-static is needed: make test installs qemu-user-static (.ci/system-deps)"
+    workdir = str(peer.sandbox / "eq")
+    env = cli_env(tmp_path, ANDROID_USER_HOME=str(adb_host_key.home / ".android"), HOME=str(adb_host_key.home))
+    for name in ("EDGEQUANT_DEVICES", "EDGEQUANT_DEVICE_DIR", "ADB_VENDOR_KEYS"):
+        env.pop(name, None)
+    monkeypatch.setenv("ANDROID_USER_HOME", env["ANDROID_USER_HOME"])  # this process's own transports
+    profile = tmp_path / "phone.toml"
+    profile.write_text(PHONE_PROFILE)
+    return peer, workdir, env, profile

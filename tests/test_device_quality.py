@@ -13,8 +13,6 @@ import pytest
 
 from adbpeer.peer import LmkRule
 from conftest import assert_one_line_error, db_rows, run_cli
-from test_device_run import phone  # noqa: F401 - the ADB peer "phone" fixture
-from test_runner import arm64_runner  # noqa: F401 - the session fixture that builds the runner
 
 from edgequant import device_quality as dq
 

@@ -17,48 +17,11 @@ from pathlib import Path
 import pytest
 
 from adbpeer.peer import LmkRule
-from conftest import assert_one_line_error, cli_env, db_rows, run_cli
-from test_runner import arm64_runner  # noqa: F401 - the session fixture that builds the runner
+from conftest import assert_one_line_error, db_rows, run_cli
 
 from edgequant.devices import select
 from edgequant.devices.health import CoolDown, read_health, throttled, wait_cool
 from edgequant.devices.push import Pusher
-
-PROFILE = """
-[profile]
-name = "phone-tiny"
-description = "three rungs of the tiny model, small llama-bench tests"
-
-[quantize]
-reference = "BF16"
-types = ["Q8_0", "Q4_0"]
-
-[bench]
-threads = 2
-n_prompt = 16
-n_gen = 4
-repetitions = 3
-warmup = 0
-timeout = 600
-
-[device]
-cooldown_max_wait = 0
-"""
-
-
-@pytest.fixture
-def phone(adb_peer_factory, adb_host_key, tmp_path, monkeypatch):
-    peer = adb_peer_factory(qemu_cpu="cortex-a53")
-    assert peer.qemu_enabled, "qemu-aarch64-static is needed: .ci/run installs qemu-user-static"
-    workdir = str(peer.sandbox / "eq")
-    env = cli_env(tmp_path, ANDROID_USER_HOME=str(adb_host_key.home / ".android"), HOME=str(adb_host_key.home))
-    for name in ("EDGEQUANT_DEVICES", "EDGEQUANT_DEVICE_DIR", "ADB_VENDOR_KEYS"):
-        env.pop(name, None)
-    monkeypatch.setenv("ANDROID_USER_HOME", env["ANDROID_USER_HOME"])  # this process's own transports
-    profile = tmp_path / "phone.toml"
-    profile.write_text(PROFILE)
-    return peer, workdir, env, profile
-
 
 def _run_args(tiny_checkpoint, peer, workdir, profile, runner, *extra):
     return ["run", "--model", str(tiny_checkpoint), "--profile", str(profile), "--device", peer.serial,

@@ -16,7 +16,6 @@ from pathlib import Path
 import pytest
 
 from conftest import assert_one_line_error, cli_env, db_rows, run_cli, start_cli, wait_for
-from test_runner import arm64_runner  # noqa: F401 - the session fixture that builds the runner
 
 from edgequant import farm
 from edgequant.devices import select
@@ -60,7 +59,7 @@ def farm_env(adb_host_key, tmp_path, monkeypatch):
 
 def _phones(adb_peer_factory, n):
     peers = [adb_peer_factory(qemu_cpu="cortex-a53") for _ in range(n)]
-    assert all(p.qemu_enabled for p in peers), "qemu-aarch64-static is needed: .ci/run installs qemu-user-static"
+    assert all(p.qemu_enabled for p in peers), "qemu-aarch64-static is needed: make test installs qemu-user-static (.ci/system-deps)"
     return peers
 
 

@@ -9,7 +9,6 @@ import shutil
 import pytest
 
 from conftest import db_rows, run_cli, cli_env
-from onnx_fixtures import tiny_bf16_gguf, tiny_onnx  # noqa: F401 - fixtures
 from test_quality import CASES, write_suite
 
 from edgequant.bench.host import BenchError

@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from onnx_fixtures import tiny_onnx  # noqa: F401 - fixture
 
 from edgequant.bench.device_bench import DeviceOutputError
 from edgequant.bench.onnx_device import (RemoteTool, make_input_sets, parse_perf_stdout, parse_result_file,

@@ -18,11 +18,8 @@ from pathlib import Path
 import pytest
 
 from conftest import assert_one_line_error, cli_env, db_rows, run_cli
-from onnx_fixtures import tiny_onnx  # noqa: F401 - fixture
-from test_device_run import phone  # noqa: F401 - fixture: the peer "phone", its work dir, env and profile
 from test_device_run import peer_battery_level
 from test_quality import write_suite
-from test_runner import arm64_runner  # noqa: F401 - the session fixture that builds the linux-arm64 runner
 
 STANDIN = Path(__file__).with_name("onnx_perf_standin.py")
 
@@ -158,7 +155,7 @@ def test_a_bad_perf_test_is_one_line_and_nothing_is_stored(tiny_checkpoint, onnx
         assert res.returncode == 2, res.stderr[-2000:]
         assert_one_line_error(res.stderr, "--onnx-perf-test", str(tool), *needles)
     # an aarch64 program linked against glibc cannot start on an Android phone: refused before the run starts
-    # (the linux-arm64 runner the other device tests use needs the same cross compiler: .ci/run installs it)
+    # (the linux-arm64 runner the other device tests use needs the same cross compiler: make test installs it, .ci/system-deps)
     cc = shutil.which("aarch64-linux-gnu-gcc")
     assert cc is not None, "aarch64-linux-gnu-gcc is needed (apt-get install gcc-aarch64-linux-gnu)"
     src = tmp_path / "t.c"

@@ -12,7 +12,7 @@ import onnx
 import pytest
 
 from conftest import assert_one_line_error, cli_env, run_cli
-from onnx_fixtures import ONNX_TABLE, shared_cache, tiny_onnx  # noqa: F401 - fixture
+from onnx_fixtures import ONNX_TABLE, shared_cache
 
 from edgequant.bench.onnx_host import KVModel
 from edgequant.errors import BadInput

@@ -9,8 +9,6 @@ from pathlib import Path
 
 from conftest import db_rows, run_cli
 from test_device_quality import CASES, SUITE
-from test_device_run import phone  # noqa: F401 - the ADB peer "phone" fixture
-from test_runner import arm64_runner  # noqa: F401 - the session fixture that builds the runner
 
 from edgequant.devices.host import host_device_id
 

@@ -36,16 +36,6 @@ QEMU_A53 = ("qemu-aarch64-static", "-cpu", "cortex-a53")
 SMALL = BenchSettings(n_prompt=16, n_gen=4, repetitions=2, warmup=1, timeout=600.0)
 
 
-@pytest.fixture(scope="session")
-def arm64_runner():
-    return build_runner("linux-arm64", on_progress=lambda m: print(m, file=sys.stderr))
-
-
-@pytest.fixture(scope="session")
-def host_runner():
-    return build_runner("host", on_progress=lambda m: print(m, file=sys.stderr))
-
-
 @pytest.fixture(scope="module")
 def tiny_gguf(tiny_checkpoint: Path, tmp_path_factory) -> Path:
     """The tiny Gemma 3 as Q4_0 (the type llama.cpp repacks on ARM), made with the real converter."""

@@ -11,9 +11,8 @@ import json
 from pathlib import Path
 
 from conftest import assert_one_line_error, db_rows, run_cli
-from test_device_run import phone, preload_runner_and_reference  # noqa: F401 - phone: the peer + qemu fixture
+from test_device_run import preload_runner_and_reference
 from test_imatrix import write_suite
-from test_runner import arm64_runner  # noqa: F401 - the session fixture that builds the runner
 
 
 
