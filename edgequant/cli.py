@@ -533,11 +533,14 @@ def _run(model, profile_name, threads, n_prompt, n_gen, repetitions, warmup, sui
 @click.option("--json", "as_json", is_flag=True, help="Print the artifacts as JSON instead of a table.")
 @calibration_suite_option
 def quantize(model, profile_name, db, cache_dir, as_json, suite_name):
-    """Build the profile's GGUF ladder (cached) and list the artifacts.
+    """Build the profile's GGUF ladder and its [onnx] variants (cached) and list the artifacts.
 
     Converts the checkpoint once to the reference GGUF with convert-hf-to-gguf,
-    then makes each quant type with llama.cpp's llama_model_quantize.  Records
-    file size, bits per weight, sha256 and tensor type counts of each artifact.
+    then makes each quant type with llama.cpp's llama_model_quantize.  When the
+    profile has an [onnx] table, exports the checkpoint once with optimum and
+    makes each ONNX variant (fp16, int8, int4, ...) with onnxruntime's
+    quantizers.  Records file size, bits per weight, sha256 and tensor type
+    counts of each artifact.
     """
     import json
 
