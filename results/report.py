@@ -374,11 +374,17 @@ def _measured_on(elsewhere: str | None) -> str:
     return f" · measured on {elsewhere} from the same GGUF bytes" if elsewhere else ""
 
 
+def measured_speed(g: RunReport) -> bool:
+    """Whether a device group's speed table applies: it has bench rows, or nothing else to show (a run of
+    only failed rungs still lists their statuses).  An eval run has quality figures only."""
+    return any(r.params for r in g.rungs) or not quality_columns(g)
+
+
 def render_table(rep: RunReport, console) -> None:
     from rich.measure import Measurement
     from rich.table import Table
 
-    for g in per_device(rep):
+    for g in filter(measured_speed, per_device(rep)):
         table = Table(title=f"edgequant · {rep.run.get('profile') or ''} · {g.rungs[0].device_id}",
                       caption=_caption(g), caption_justify="left")
         for i, col in enumerate(_columns(g)):
@@ -409,7 +415,7 @@ def render_table(rep: RunReport, console) -> None:
 
 def render_markdown(rep: RunReport) -> str:
     lines: list[str] = []
-    for g in per_device(rep):
+    for g in filter(measured_speed, per_device(rep)):
         cols = _columns(g)
         lines += [f"**{_caption(g)}**", "", "| " + " | ".join(cols) + " |",
                   "|" + "|".join("---" if i in (0, 12) else "---:" for i in range(len(cols))) + "|"]
