@@ -2,8 +2,8 @@
 
 The measurement itself lives in ``edgequant.bench.host_worker`` (see its
 docstring for the method and the exact meaning of every number).  This module
-starts the worker, hands it the request, enforces the timeout and turns the way
-the worker ended into a ``HostBenchResult`` or a ``BenchError`` whose status is
+runs the worker (through ``edgequant.bench.worker``, which enforces the timeout)
+and turns the way it ended into a ``HostBenchResult`` or a ``BenchError`` whose status is
 one of ``failed`` (the worker reported an error), ``crashed`` (killed by a
 signal other than SIGKILL), ``oom`` (SIGKILL, which is what the kernel's OOM
 killer sends) or ``timeout``.
