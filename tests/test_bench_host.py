@@ -85,6 +85,7 @@ def test_summary_rejects_no_values_and_nan():
 # measure_gguf on the real model
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["pp", "tg", "ttft_ms"])
 def test_three_positive_samples_with_consistent_statistics(result, name):
     summary: Summary = getattr(result, name)
@@ -95,12 +96,14 @@ def test_three_positive_samples_with_consistent_statistics(result, name):
     assert summary.min <= summary.mean <= summary.max
 
 
+@pytest.mark.slow
 def test_ttft_is_the_prefill_time_of_each_pp_repetition(result):
     # pp t/s = n_prompt / seconds and ttft = the same seconds, per repetition
     for tps, ms in zip(result.pp.samples, result.ttft_ms.samples):
         assert ms == pytest.approx(SMALL.n_prompt / tps * 1000.0, rel=1e-6)
 
 
+@pytest.mark.slow
 def test_result_describes_model_and_runtime(result):
     assert 200e6 < result.n_params < 300e6  # Gemma 3 "270M" has 268 M parameters
     assert 0 < result.model_size_bytes < 400e6
@@ -111,6 +114,7 @@ def test_result_describes_model_and_runtime(result):
     assert result.raw["request"]["n_prompt"] == SMALL.n_prompt
 
 
+@pytest.mark.slow
 def test_memory_figures(result):
     assert result.peak_rss_anon_bytes > 0
     assert result.peak_rss_bytes >= result.peak_rss_anon_bytes
@@ -119,6 +123,7 @@ def test_memory_figures(result):
     assert result.peak_rss_bytes > result.baseline_rss_bytes
 
 
+@pytest.mark.slow
 def test_without_mmap_the_weights_move_to_anonymous_memory(gguf, result):
     no_mmap = measure_gguf(gguf, replace(SMALL, mmap=False, repetitions=3))
     moved = no_mmap.peak_rss_anon_bytes - result.peak_rss_anon_bytes
@@ -129,6 +134,7 @@ def test_without_mmap_the_weights_move_to_anonymous_memory(gguf, result):
     assert no_mmap.raw["request"]["mmap"] is False
 
 
+@pytest.mark.slow
 def test_progress_is_reported_in_order(gguf):
     phases: list[str] = []
     measure_gguf(gguf, replace(SMALL, n_prompt=8, n_gen=2), on_progress=phases.append)

@@ -96,6 +96,7 @@ def device_eval(tiny_checkpoint, phone, arm64_runner, tmp_path):  # noqa: F811 -
             "artifacts": {a["quant"]: Path(a["path"]) for a in db_rows(db, "SELECT quant, path FROM artifacts")}}
 
 
+@pytest.mark.slow
 def test_quality_on_device_matches_the_host_eval_and_is_stored_as_the_phones(device_eval):
     d = device_eval
     db, run_id, device_id = d["db"], d["run"]["run_id"], f"adb:{d['peer'].serial}"

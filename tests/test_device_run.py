@@ -58,6 +58,7 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+@pytest.mark.slow
 def test_run_on_a_phone_stores_device_rows(tiny_checkpoint, phone, arm64_runner):
     peer, workdir, env, profile = phone
     res = run_cli(*_run_args(tiny_checkpoint, peer, workdir, profile, arm64_runner), env=env, timeout=1500)
@@ -113,6 +114,7 @@ def peer_shell(peer, command: str) -> str:
         transport.close()
 
 
+@pytest.mark.slow
 def test_low_memory_killer_marks_the_rung_oom_and_the_ladder_goes_on(tiny_checkpoint, phone, arm64_runner):
     peer, workdir, env, profile = phone
     # only the llama-bench process itself (qemu runs it) matches, not the shells and `time` around it
@@ -146,6 +148,7 @@ def preload_runner_and_reference(tiny_checkpoint, peer, workdir, env, profile, a
     return arts
 
 
+@pytest.mark.slow
 def test_unplugged_mid_run_is_partial_and_resumes(tiny_checkpoint, phone, arm64_runner):
     peer, workdir, env, profile = phone
     # build the ladder, and put the runner and the reference on the phone beforehand, so that the
@@ -179,6 +182,7 @@ def test_unplugged_mid_run_is_partial_and_resumes(tiny_checkpoint, phone, arm64_
     assert_one_line_error(again.stderr, "nothing to resume")
 
 
+@pytest.mark.slow
 def test_rungs_larger_than_available_ram_are_skipped(tiny_checkpoint, phone, arm64_runner, tmp_path):
     from edgequant import device_run, pipeline
     from edgequant.profiles import load_profile
@@ -233,6 +237,7 @@ def test_cool_down_waits_for_the_phone_and_flags_a_hot_run(phone):
         transport.close()
 
 
+@pytest.mark.slow
 def test_device_run_errors_are_one_line(tiny_checkpoint, phone, arm64_runner, adb_peer_factory, tmp_path):
     peer, workdir, env, profile = phone
     # a phone that is not arm64
@@ -256,6 +261,7 @@ def test_device_run_errors_are_one_line(tiny_checkpoint, phone, arm64_runner, ad
     assert not Path(env["EDGEQUANT_DB"]).exists() or not db_rows(Path(env["EDGEQUANT_DB"]), "SELECT * FROM runs")
 
 
+@pytest.mark.slow
 def test_a_full_disk_skips_the_rungs_that_do_not_fit_and_measures_the_rest(tiny_checkpoint, phone, arm64_runner,
                                                                           tmp_path):
     from edgequant import device_run, pipeline

@@ -247,6 +247,7 @@ def test_host_lock_is_exclusive_per_serial(tmp_path):
 # edgequant run on several phones
 
 
+@pytest.mark.slow
 def test_two_phones_in_parallel_store_every_rung(tiny_checkpoint, farm_env, adb_peer_factory, arm64_runner,
                                                  tmp_path):
     env, profile = farm_env
@@ -277,6 +278,7 @@ def test_two_phones_in_parallel_store_every_rung(tiny_checkpoint, farm_env, adb_
         assert "done" in line and "BF16" in line
 
 
+@pytest.mark.slow
 def test_a_busy_phone_makes_the_second_run_wait_or_refuse(tiny_checkpoint, farm_env, adb_peer_factory,
                                                           arm64_runner):
     env, profile = farm_env
@@ -320,6 +322,7 @@ def test_a_busy_phone_makes_the_second_run_wait_or_refuse(tiny_checkpoint, farm_
     assert not (Path(workdir) / "lease").exists()
 
 
+@pytest.mark.slow
 def test_a_dropped_phone_is_retried_then_failed_while_the_other_finishes(tiny_checkpoint, farm_env,
                                                                          adb_peer_factory, arm64_runner, tmp_path):
     env, profile = farm_env
@@ -366,6 +369,7 @@ def test_a_dropped_phone_is_retried_then_failed_while_the_other_finishes(tiny_ch
     assert "not run: the phone failed" in summary
 
 
+@pytest.mark.slow
 def test_a_killed_farm_run_resumes_past_its_own_stale_lease(tiny_checkpoint, farm_env, adb_peer_factory,
                                                             arm64_runner, tmp_path):
     env, profile = farm_env
@@ -440,6 +444,7 @@ def test_live_view_and_summary_render_each_phone(tmp_path):
     assert [p.serial for p in farm.FarmResult([ok, bad], 1).lost] == ["R5CT1234"]
 
 
+@pytest.mark.slow
 def test_one_bad_phone_stops_the_others_before_anything_starts(tiny_checkpoint, farm_env, adb_peer_factory,
                                                                arm64_runner, tmp_path):
     env, profile = farm_env

@@ -18,6 +18,7 @@ from edgequant.profiles import BenchSettings
 SMALL = BenchSettings(n_prompt=24, n_gen=6, repetitions=3, warmup=1, threads=1, timeout=300.0)
 
 
+@pytest.mark.slow
 def test_host_bench_of_an_int4_rung(tiny_onnx):
     arts, _, _ = tiny_onnx
     phases: list[str] = []
@@ -36,6 +37,7 @@ def test_host_bench_of_an_int4_rung(tiny_onnx):
     assert "pp 3/3" in phases and "tg 3/3" in phases and "warmup pp 1/1" in phases
 
 
+@pytest.mark.slow
 def test_a_corrupt_model_fails_as_a_rung_not_as_a_crash(tiny_onnx, tmp_path):
     arts, _, _ = tiny_onnx
     folder = tmp_path / "broken"
@@ -63,6 +65,7 @@ def onnx_quality(tiny_onnx, tiny_bf16_gguf, tmp_path_factory):
     return out, ref, suite
 
 
+@pytest.mark.slow
 def test_onnx_rungs_get_the_gguf_quality_metrics(onnx_quality):
     out, ref, suite = onnx_quality
     for q in out.values():
@@ -80,6 +83,7 @@ def test_onnx_rungs_get_the_gguf_quality_metrics(onnx_quality):
             assert all(k >= 0 for k in c.kld)
 
 
+@pytest.mark.slow
 def test_fp32_export_agrees_with_the_bf16_reference_and_int4_less(onnx_quality):
     out, ref, _ = onnx_quality
     fp32 = {m.metric: m.value for m in out["fp32"].metrics}
@@ -120,6 +124,7 @@ def test_the_checkpoint_backend_is_the_checkpoint_through_its_cache(tiny_checkpo
         assert np.allclose(logits[0], got[109], atol=1e-4)
 
 
+@pytest.mark.slow
 def test_fp32_export_decodes_what_the_checkpoint_decodes(onnx_quality, tiny_checkpoint):
     """The export's faithfulness target, on the tiny model: the fp32 ONNX rung's greedy outputs are the
     checkpoint's own (transformers, float32), case for case."""
@@ -136,6 +141,7 @@ def test_fp32_export_decodes_what_the_checkpoint_decodes(onnx_quality, tiny_chec
     assert [c.tokens for c in out["int4"].cases] != [want[c.case.id].tokens for c in out["int4"].cases]
 
 
+@pytest.mark.slow
 def test_a_checkpoint_without_safetensors_is_refused_not_unpickled(onnx_quality, tiny_checkpoint, tmp_path):
     from edgequant.bench.onnx_eval import checkpoint_outputs
     from edgequant.bench.quality import EvalError
@@ -150,6 +156,7 @@ def test_a_checkpoint_without_safetensors_is_refused_not_unpickled(onnx_quality,
     assert "no .safetensors weights" in str(err.value) and "\n" not in str(err.value)
 
 
+@pytest.mark.slow
 def test_run_stores_onnxruntime_rows_beside_gguf_rows(tiny_checkpoint, tiny_onnx, tmp_path):
     _, _, cache = tiny_onnx
     prof = tmp_path / "p.toml"

@@ -24,6 +24,7 @@ from edgequant.profiles import BenchSettings
 STANDIN = Path(__file__).with_name("onnx_perf_standin.py")
 
 
+@pytest.mark.slow
 def test_input_sets_have_the_models_shapes(tiny_onnx):
     arts, _, _ = tiny_onnx
     info = read_model_inputs(arts["int4"].path)
@@ -42,6 +43,7 @@ def test_input_sets_have_the_models_shapes(tiny_onnx):
         make_input_sets(info, n_prompt=0, n_cached=5)
 
 
+@pytest.mark.slow
 def test_input_sets_run_on_the_host_and_give_the_models_own_logits(tiny_onnx, tmp_path):
     arts, _, _ = tiny_onnx
     model = arts["int4"].path
@@ -88,6 +90,7 @@ def peer_transport(adb_peer, adb_host_key, monkeypatch):
     t.close()
 
 
+@pytest.mark.slow
 def test_device_run_through_the_adb_peer_with_a_standin_tool(tiny_onnx, adb_peer, peer_transport, tmp_path):
     from edgequant.devices.push import Pusher
 
@@ -120,6 +123,7 @@ def test_device_run_through_the_adb_peer_with_a_standin_tool(tiny_onnx, adb_peer
     assert pushed == ["model.onnx", "model.onnx_data"]
 
 
+@pytest.mark.slow
 def test_missing_inputs_on_the_device_are_a_failed_rung(tiny_onnx, adb_peer, peer_transport, tmp_path):
     from edgequant.bench.device_bench import run_measured
     from edgequant.bench.host import BenchError
@@ -136,6 +140,7 @@ def test_missing_inputs_on_the_device_are_a_failed_rung(tiny_onnx, adb_peer, pee
     assert "status 255" in str(err) and "there is no test data" in str(err)
 
 
+@pytest.mark.slow
 def test_device_rows_are_stored_like_host_rows(tiny_onnx, adb_peer, peer_transport, tmp_path):
     from conftest import db_rows
 

@@ -79,6 +79,7 @@ def onnx_phone(phone, tmp_path):
     return peer, workdir, env, profile
 
 
+@pytest.mark.slow
 def test_run_on_a_phone_measures_the_onnx_rung_with_perf_test(tiny_checkpoint, tiny_onnx, onnx_phone, arm64_runner,
                                                               tmp_path):
     _, _, cache = tiny_onnx
@@ -117,6 +118,7 @@ def test_run_on_a_phone_measures_the_onnx_rung_with_perf_test(tiny_checkpoint, t
     assert "ONNX-INT4" in res.stdout
 
 
+@pytest.mark.slow
 def test_without_perf_test_the_onnx_rung_on_a_phone_is_stored_as_skipped(tiny_checkpoint, tiny_onnx, onnx_phone,
                                                                         arm64_runner):
     _, _, cache = tiny_onnx
@@ -178,6 +180,7 @@ HOST_PROFILE = ('[profile]\nname = "host-onnx"\n[quantize]\ntypes = []\n[onnx]\n
                 '[bench]\nn_prompt = 16\nn_gen = 4\nrepetitions = 3\nthreads = 1\n')
 
 
+@pytest.mark.slow
 def test_bench_measures_the_profiles_onnx_rungs_and_refuses_unbuilt_ones(tiny_checkpoint, tiny_onnx, tmp_path):
     _, _, cache = tiny_onnx
     env = cli_env(tmp_path)
@@ -209,6 +212,7 @@ def test_bench_measures_the_profiles_onnx_rungs_and_refuses_unbuilt_ones(tiny_ch
     assert len(db_rows(db, "SELECT * FROM runs")) == runs_before
 
 
+@pytest.mark.slow
 def test_eval_judges_the_profiles_onnx_rungs_against_the_gguf_reference(tiny_checkpoint, tiny_onnx, tmp_path):
     _, _, cache = tiny_onnx
     env = cli_env(tmp_path)
@@ -285,6 +289,7 @@ def _device_bench(onnx_phone, runner, tmp_path):
         ctx.close()
 
 
+@pytest.mark.slow
 def test_onnx_rungs_on_a_phone_record_its_health_and_are_throttled_when_it_heats_up(tiny_onnx, onnx_phone,
                                                                                      arm64_runner, tmp_path):
     arts, _, _ = tiny_onnx
@@ -326,6 +331,7 @@ def test_onnx_rungs_on_a_phone_record_its_health_and_are_throttled_when_it_heats
         assert len({r["params"] for r in rows.values()}) == 1
 
 
+@pytest.mark.slow
 def test_an_onnx_rung_larger_than_the_phones_free_ram_is_skipped_and_the_next_one_runs(tiny_onnx, onnx_phone,
                                                                                       arm64_runner, tmp_path):
     arts, _, _ = tiny_onnx
@@ -353,6 +359,7 @@ def test_an_onnx_rung_larger_than_the_phones_free_ram_is_skipped_and_the_next_on
     assert [p.read_bytes() for p in on_phone] == [small.path.read_bytes()]
 
 
+@pytest.mark.slow
 def test_a_resumed_run_does_not_measure_a_stored_onnx_rung_again(tiny_onnx, onnx_phone, arm64_runner, tmp_path):
     arts, _, _ = tiny_onnx
     first, second = arts["int4"], arts["int8"]

@@ -28,6 +28,7 @@ def _ops(path: Path) -> dict[str, int]:
     return out
 
 
+@pytest.mark.slow
 def test_every_variant_is_built_with_its_quantized_ops(tiny_onnx):
     arts, ladder, _ = tiny_onnx
     assert [a.quant for a in arts.values()] == ["ONNX-FP32", "ONNX-FP16", "ONNX-INT8", "ONNX-INT4",
@@ -47,6 +48,7 @@ def test_every_variant_is_built_with_its_quantized_ops(tiny_onnx):
     assert size["fp32"] > size["fp16"] > size["int8"] > size["int4"] > size["int4-emb"]
 
 
+@pytest.mark.slow
 def test_artifact_records_match_the_files(tiny_onnx):
     arts, ladder, _ = tiny_onnx
     n_params = ladder.ckpt.n_params_estimate
@@ -65,6 +67,7 @@ def test_artifact_records_match_the_files(tiny_onnx):
     assert not list(ladder.folder.glob(".*partial*"))       # nothing left half-written
 
 
+@pytest.mark.slow
 def test_external_data_variant_loads_and_matches_fp32(tiny_onnx):
     arts, _, _ = tiny_onnx
     ext = arts["fp32-ext"]
@@ -77,6 +80,7 @@ def test_external_data_variant_loads_and_matches_fp32(tiny_onnx):
     assert np.array_equal(la, lb)
 
 
+@pytest.mark.slow
 def test_second_build_reuses_every_artifact(tiny_onnx):
     arts, ladder, cache = tiny_onnx
     stamps = {p: p.stat().st_mtime_ns for p in ladder.folder.rglob("model.onnx*")}
@@ -86,6 +90,7 @@ def test_second_build_reuses_every_artifact(tiny_onnx):
     assert {p: p.stat().st_mtime_ns for p in ladder.folder.rglob("model.onnx*")} == stamps
 
 
+@pytest.mark.slow
 def test_fp32_export_matches_the_pytorch_model(tiny_onnx, tiny_checkpoint):
     """The export is faithful: the same logits as transformers' own forward pass of the checkpoint."""
     import torch
@@ -111,6 +116,7 @@ def test_fp32_export_matches_the_pytorch_model(tiny_onnx, tiny_checkpoint):
     assert np.abs(np.stack(rows) - want).max() < tol
 
 
+@pytest.mark.slow
 def test_kv_cache_steps_give_the_logits_of_one_full_pass(tiny_onnx):
     arts, _, _ = tiny_onnx
     m = KVModel(str(arts["fp32"].path), 1)
@@ -139,6 +145,7 @@ def _copy_model(art, dest: Path) -> Path:
     return folder / "model.onnx"
 
 
+@pytest.mark.slow
 def test_truncated_onnx_is_one_line(tiny_onnx, tmp_path):
     arts, _, _ = tiny_onnx
     model = _copy_model(arts["int4"], tmp_path)
@@ -149,6 +156,7 @@ def test_truncated_onnx_is_one_line(tiny_onnx, tmp_path):
     assert str(model) in str(err.value) and "\n" not in str(err.value)
 
 
+@pytest.mark.slow
 def test_truncated_or_missing_external_data_is_one_line(tiny_onnx, tmp_path):
     arts, _, _ = tiny_onnx
     model = _copy_model(arts["fp32-ext"], tmp_path)

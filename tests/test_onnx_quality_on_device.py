@@ -7,10 +7,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from conftest import db_rows, run_cli
 from test_device_quality import CASES, SUITE
 
 from edgequant.devices.host import host_device_id
+
+pytestmark = pytest.mark.slow   # a phone run with quality on the emulated phone (qemu) and ONNX rungs, end to end
 
 PROFILE = """
 [profile]

@@ -134,6 +134,7 @@ def test_default_arm64_build_has_no_armv82_instructions(arm64_runner):
     assert {f: n for f, n in offending.items() if not _GLIBC_IFUNC.match(f)} == {}
 
 
+@pytest.mark.slow
 def test_llama_bench_on_a_cortex_a53_through_the_transport(arm64_runner, tiny_gguf, tmp_path):
     remote = RemoteRunner.for_runner(arm64_runner, str(arm64_runner.path), launcher=QEMU_A53)
     shell = LocalShell(SHELLS["mksh"])
@@ -147,6 +148,7 @@ def test_llama_bench_on_a_cortex_a53_through_the_transport(arm64_runner, tiny_gg
     assert "qemu-aarch64-static" in res.command and "-o json" in res.command
 
 
+@pytest.mark.slow
 def test_threads_default_to_the_big_cores(arm64_runner, tiny_gguf, tmp_path):
     remote = RemoteRunner.for_runner(arm64_runner, str(arm64_runner.path), launcher=QEMU_A53)
     settings = BenchSettings(n_prompt=8, n_gen=2, repetitions=1, warmup=0, timeout=600.0)
@@ -180,6 +182,7 @@ def test_a_file_that_is_not_a_model_fails_with_llama_benchs_reason(arm64_runner,
     assert "failed to load model" in str(info.value) and "\n" not in str(info.value)
 
 
+@pytest.mark.slow
 def test_a_run_past_its_deadline_is_stopped_and_reported_as_timeout(arm64_runner, tiny_gguf, tmp_path):
     model = tmp_path / "slow.gguf"
     shutil.copyfile(tiny_gguf, model)

@@ -251,6 +251,7 @@ def test_a_connection_lost_mid_run_is_one_line_and_leaves_no_half_rung(pg_url):
         assert [r["quant"] for r in again.rung_statuses(run)] == ["BF16"]
 
 
+@pytest.mark.slow
 def test_edgequant_run_stores_to_postgresql_end_to_end(tiny_checkpoint, pg_url, tmp_path):
     """A real `edgequant run` of the tiny model with --db postgresql://...; report, tag, compare and export
     read it back from the server."""

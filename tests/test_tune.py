@@ -189,6 +189,7 @@ def _tune(t, tiny_checkpoint, db, *gates):
     return run_cli(*_tune_args(t, tiny_checkpoint, db, *gates), env=t["env"])
 
 
+@pytest.mark.slow
 def test_tune_finds_the_smallest_passing_rung_and_stores_the_evidence(tune_env, tiny_checkpoint):
     db = tune_env["tmp"] / "pass.db"
     res = _tune(tune_env, tiny_checkpoint, db, "mean_kld<=1")
@@ -219,6 +220,7 @@ def test_tune_finds_the_smallest_passing_rung_and_stores_the_evidence(tune_env, 
     assert rep.returncode == 0 and smallest in rep.stdout
 
 
+@pytest.mark.slow
 def test_tune_that_nothing_passes_names_the_closest_gate(tune_env, tiny_checkpoint):
     db = tune_env["tmp"] / "fail.db"
     res = _tune(tune_env, tiny_checkpoint, db, "mean_kld<0")
@@ -234,6 +236,7 @@ def test_tune_that_nothing_passes_names_the_closest_gate(tune_env, tiny_checkpoi
     assert {r["quant"] for r in skipped} == {"Q4_K_M", "Q4_K_M+imatrix", "Q2_K", "Q2_K+imatrix"}
 
 
+@pytest.mark.slow
 def test_an_interrupted_tune_is_partial_and_resume_finishes_it_measuring_nothing_twice(tune_env, tiny_checkpoint):
     db = tune_env["tmp"] / "resume.db"
 

@@ -10,10 +10,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from conftest import assert_one_line_error, db_rows, run_cli
 from test_device_run import preload_runner_and_reference
 from test_imatrix import write_suite
 
+pytestmark = pytest.mark.slow   # tune with its speed measured on the emulated phone (qemu), end to end
 
 
 def _tune_args(tiny_checkpoint, peer, workdir, profile, runner, suite, types, *extra):
