@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import signal
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -108,10 +109,11 @@ def _gone(pid: int, within: float) -> bool:
 def test_a_worker_that_hangs_silently_is_killed_at_its_deadline_with_its_children(workers, tmp_path):
     pidfile = tmp_path / "grandchild.pid"
     t0 = time.monotonic()
-    run = worker.run_worker("eqw_silent", {"pidfile": str(pidfile)}, timeout=2.0)
+    # long enough for the worker to start and write its child's pid on a busy machine
+    run = worker.run_worker("eqw_silent", {"pidfile": str(pidfile)}, timeout=6.0)
     elapsed = time.monotonic() - t0
     assert run.status is RungStatus.TIMEOUT and run.code is None
-    assert 2.0 <= elapsed < 20, elapsed
+    assert 6.0 <= elapsed < 30, elapsed
     grandchild = int(pidfile.read_text())
     assert _gone(grandchild, within=10), "the worker's own child outlived the deadline"
 
@@ -120,15 +122,15 @@ def test_a_worker_that_never_reads_its_request_is_killed_at_its_deadline(workers
     t0 = time.monotonic()
     run = worker.run_worker("eqw_deaf", {"pad": "x" * (4 << 20)}, timeout=1.5)
     assert run.status is RungStatus.TIMEOUT
-    assert time.monotonic() - t0 < 20
+    assert time.monotonic() - t0 < 30
 
 
 def test_a_worker_that_keeps_printing_is_killed_at_its_deadline_too(workers):
     phases: list[str] = []
     t0 = time.monotonic()
-    run = worker.run_worker("eqw_chatty", {}, timeout=1.5, on_progress=phases.append)
+    run = worker.run_worker("eqw_chatty", {}, timeout=6.0, on_progress=phases.append)
     assert run.status is RungStatus.TIMEOUT
-    assert time.monotonic() - t0 < 20
+    assert time.monotonic() - t0 < 30
     assert phases and phases[0] == "step 1" and run.phase == phases[-1]
 
 
@@ -175,12 +177,21 @@ def test_the_host_bench_names_each_ending(workers, tmp_path):
 
 
 def test_the_eval_stops_a_silent_worker_at_its_deadline(workers, tmp_path):
-    t0 = time.monotonic()
-    with pytest.raises(EvalError) as err:
-        _call_worker({"path": str(tmp_path / "m.gguf"), "pidfile": str(tmp_path / "p")}, 1.5, lambda p: None,
-                     module="eqw_silent")
-    assert err.value.status == "timeout"
-    assert time.monotonic() - t0 < 20
+    # in a thread, so that a runner that waits for a line that never comes fails the test instead of hanging it
+    outcome: list[BaseException] = []
+
+    def call():
+        try:
+            _call_worker({"path": str(tmp_path / "m.gguf"), "pidfile": str(tmp_path / "p")}, 1.5, lambda p: None,
+                         module="eqw_silent")
+        except BaseException as exc:   # noqa: BLE001 - handed to the test's thread
+            outcome.append(exc)
+
+    thread = threading.Thread(target=call, daemon=True)
+    thread.start()
+    thread.join(60)
+    assert not thread.is_alive(), "the eval's worker was not stopped at its deadline"
+    assert len(outcome) == 1 and isinstance(outcome[0], EvalError) and outcome[0].status == "timeout"
     with pytest.raises(EvalError) as err:
         _call_worker({"path": "m.gguf"}, 120, lambda p: None, module="eqw_sigkill")
     assert err.value.status == "oom" and type(err.value.status) is str and "SIGKILL" in str(err.value)
