@@ -75,7 +75,7 @@ def _host_outputs(gguf: Path, suite_path: Path) -> dict[str, dict]:
 
 
 @pytest.fixture
-def device_eval(tiny_checkpoint, phone, arm64_runner, tmp_path):  # noqa: F811 - fixtures imported above
+def device_eval(tiny_checkpoint, phone, arm64_runner, tmp_path):
     peer, workdir, env, _profile = phone
     profile = tmp_path / "phone-eval.toml"
     profile.write_text(PROFILE)

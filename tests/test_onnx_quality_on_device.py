@@ -42,8 +42,8 @@ cooldown_max_wait = 0
 NOTE = "ONNX rungs: quality computed on the host; onnxruntime_perf_test only times Run"
 
 
-def test_onnx_rungs_get_host_quality_in_a_phone_only_quality_on_device_run(tiny_checkpoint, phone,  # noqa: F811
-                                                                           arm64_runner, tmp_path):  # noqa: F811
+def test_onnx_rungs_get_host_quality_in_a_phone_only_quality_on_device_run(tiny_checkpoint, phone,
+                                                                           arm64_runner, tmp_path):
     peer, workdir, env, _ = phone
     profile = tmp_path / "phone-onnx-eval.toml"
     profile.write_text(PROFILE)
