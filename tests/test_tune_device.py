@@ -1,6 +1,6 @@
 """`edgequant tune --device`: each candidate's speed measured on a "phone" (the ADB device peer on
 loopback running the real linux-arm64 llama-bench under qemu-aarch64-static, the `phone` fixture of
-test_device_run), its quality on the host from the same GGUF; then the phone lost mid-search.
+conftest), its quality on the host from the same GGUF; then the phone lost mid-search.
 
 Kept cheap like the host tune tests: the tiny Gemma 3, two stock types, no imatrix, the small
 calibration suite of test_imatrix, llama-bench with 16 prompt and 4 generated tokens."""
