@@ -10,8 +10,6 @@ import pytest
 
 from conftest import db_rows as rows, assert_one_line_error, cli_env, ctrl_c, run_cli, start_cli, wait_for
 
-pytestmark = pytest.mark.slow
-
 DEFAULT_LADDER = ["BF16", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_0", "Q3_K_M", "Q2_K", "IQ4_XS"]
 
 
@@ -27,6 +25,7 @@ def default_run(tmp_path_factory):
 
 
 
+@pytest.mark.slow
 def test_default_run_measures_the_whole_ladder(default_run):
     db = default_run["tmp"] / "results.db"
     (run,) = rows(db, "SELECT * FROM runs")
@@ -74,6 +73,7 @@ def _suite_subset(folder: Path) -> Path:
     return folder / suite.path.name
 
 
+@pytest.mark.slow
 def test_quality_on_the_real_model(default_run):
     tmp = default_run["tmp"]
     suite = _suite_subset(tmp)
@@ -98,6 +98,7 @@ def test_quality_on_the_real_model(default_run):
     assert {c["quant"]: c["n"] for c in cases} == {"BF16": n_cases, "Q8_0": n_cases, "Q2_K": n_cases}
 
 
+@pytest.mark.slow
 def test_materialized_checkpoint_is_bf16_safetensors_matching_the_gguf(default_run):
     import llama_cpp
     import torch
@@ -126,6 +127,7 @@ def test_materialized_checkpoint_is_bf16_safetensors_matching_the_gguf(default_r
     assert tok.decode(hf_ids, skip_special_tokens=True).strip()[:12] == lc["choices"][0]["text"].strip()[:12]
 
 
+@pytest.mark.slow
 def test_rerun_reuses_every_artifact(default_run):
     res = run_cli("quantize", "--json", env=default_run["env"])
     assert res.returncode == 0, res.stderr
@@ -133,6 +135,7 @@ def test_rerun_reuses_every_artifact(default_run):
     assert [a["quant"] for a in listed] == DEFAULT_LADDER and all(a["reused"] for a in listed)
 
 
+@pytest.mark.slow
 def test_ctrl_c_in_the_middle_of_llama_quantize(default_run):
     """IQ4_XS of the 270M takes seconds in llama_model_quantize: interrupt it there."""
     tmp = default_run["tmp"]
@@ -149,3 +152,17 @@ def test_ctrl_c_in_the_middle_of_llama_quantize(default_run):
     assert_one_line_error(err, "interrupted while quantizing")
     assert {p.name for p in arts.rglob("*.gguf")} == before
     assert not [p for p in arts.rglob("*") if ".partial" in p.name]
+
+
+def test_a_materialized_default_is_reused_without_rebuilding(tmp_path):
+    """Fast: a complete checkpoint folder under the package's name is returned as is (nothing assembled)."""
+    from edgequant.quantize.default_model import default_checkpoint_dir, materialize_default
+
+    folder = default_checkpoint_dir(tmp_path)
+    assert folder.parent == tmp_path / "models" and folder.name.startswith("gemma-3-270m-bf16-")
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text("{}")
+    (folder / "model.safetensors").write_bytes(b"")
+    steps: list[str] = []
+    assert materialize_default(tmp_path, steps.append) == folder
+    assert steps == [] and sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors"]
