@@ -288,6 +288,7 @@ def test_an_imatrix_for_another_model_is_refused(imatrix_run, tmp_path):
     assert not list((tmp_path / "cache").rglob("Q4_K_M+imatrix*.gguf"))
 
 
+@pytest.mark.slow
 def test_a_run_with_imatrix_rungs_judges_on_the_evaluation_half_only(imatrix_run, tiny_checkpoint):
     profile = write_profile(imatrix_run["tmp"], ["Q4_K_M+imatrix", "Q8_0", "Q4_K_M"], "runimx")
     db = imatrix_run["tmp"] / "run.db"

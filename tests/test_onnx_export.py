@@ -193,6 +193,7 @@ def test_unknown_variant_through_the_cli_is_one_line(tmp_path, tiny_checkpoint):
     assert_one_line_error(res.stderr, str(prof), "unknown ONNX variant 'int2'")
 
 
+@pytest.mark.slow
 def test_an_architecture_optimum_cannot_export_is_named(tiny_checkpoint, tmp_path):
     folder = tmp_path / "gemma3n"
     shutil.copytree(tiny_checkpoint, folder)

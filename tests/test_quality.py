@@ -300,6 +300,7 @@ def _teacher(quality_run, paths):
     return ref, teacher_scores(ref, [Path(p) for p in paths], suite, 2, None, 600, lambda p: None)
 
 
+@pytest.mark.slow
 def test_one_teacher_pass_for_several_rungs_matches_one_pass_per_rung(quality_run):
     """Sharing the reference's decode between rungs changes no figure: each rung scored in the group
     equals the rung scored alone, and the reference scored against itself diverges nowhere."""
