@@ -179,3 +179,25 @@ def test_run_stores_onnxruntime_rows_beside_gguf_rows(tiny_checkpoint, tiny_onnx
     art = db_rows(tmp_path / "results.db", "SELECT format, quant FROM artifacts WHERE quant = 'ONNX-INT4'")
     assert art == [{"format": "onnx", "quant": "ONNX-INT4"}]
     assert "ONNX-INT4" in res.stdout and "onnxruntime" in res.stdout
+
+
+def test_the_checkpoint_decodes_the_suite_through_the_onnx_eval_worker(tiny_checkpoint, tiny_bf16_gguf, tmp_path):
+    """Fast (no ONNX export): the onnx_eval worker with the checkpoint backend decodes every case with the
+    reference's prompts and is scored like a rung, without token-level figures (no logits against the GGUF)."""
+    from edgequant.bench.onnx_eval import checkpoint_outputs
+    from edgequant.bench.quality import reference_outputs
+    from edgequant.profiles.suites import load_suite
+
+    suite = load_suite(str(write_suite(tmp_path)))
+    ref = reference_outputs(tiny_bf16_gguf, "e" * 64, "BF16", suite, tmp_path / "cache", 1, None, "auto", 300,
+                            lambda p: None)
+    phases: list[str] = []
+    got = checkpoint_outputs(tiny_checkpoint, suite, ref, 1, 300, phases.append)
+    assert got.quant == "checkpoint" and got.prompting == ref.prompting
+    assert [c.case.id for c in got.cases] == [c["id"] for c in CASES]
+    for case in got.cases:
+        assert case.stopped in ("eog", "stop", "max_tokens")
+        assert case.kld == [] and case.top1 == []
+    names = {m.metric for m in got.metrics}
+    assert {"xml_parse_rate", "esi_parse_rate"} <= names and "mean_kld" not in names
+    assert phases, "the worker reported no progress"
