@@ -36,6 +36,8 @@ A_VERSION = 0x01000001
 
 MAX_PAYLOAD_V1 = 4 * 1024      # what CNXN and AUTH are limited to before negotiation
 MAX_PAYLOAD = 1024 * 1024      # adbd's own limit since Android 9
+# delayed_ack: the window each side grants the other when a stream opens (AOSP adb.h)
+INITIAL_DELAYED_ACK_BYTES = 32 * 1024 * 1024
 
 # AUTH arg0
 AUTH_TOKEN = 1
