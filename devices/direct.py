@@ -206,7 +206,7 @@ class FixedTcpTransport(TcpTransport):
                     out[start:start + _HEADER.size] = _HEADER.pack(cmd, arg0, DELAYED_ACK_WINDOW, length,
                                                                     check, magic)
             elif cmd == _OKAY and self.delayed_ack and length == 0 and start >= 0 and i == n:
-                acked = struct.pack("<i", min(self._unacked.pop(arg1, 0), 0x7FFFFFFF))
+                acked = struct.pack("<i", min(self._unacked.pop(arg0, 0), 0x7FFFFFFF))
                 out = out if out is not None else bytearray(data)
                 out[start:start + _HEADER.size] = _HEADER.pack(cmd, arg0, arg1, 4, sum(acked), magic)
                 out += acked
@@ -520,7 +520,7 @@ class DirectTransport:
             finally:
                 self._device = None
 
-    def _error(self, exc: BaseException, doing: str) -> DeviceError:
+    def _error(self, exc: BaseException, doing: str, service: str = "") -> DeviceError:
         """One line for a failure of adb-shell or of the socket (the connection is then dropped)."""
         from adb_shell import exceptions as ex
 
@@ -528,8 +528,8 @@ class DirectTransport:
         if isinstance(exc, DeviceError):
             return exc
         if isinstance(exc, _Refused):
-            return DeviceError("refused", f"device {self.serial} refused the service while {doing} "
-                                          "(adbd too old, or a restricted build); check the device")
+            return DeviceError("refused", f"device {self.serial} refused the {service or 'requested'} service "
+                                          f"while {doing} (adbd too old, or a restricted build); check the device")
         if isinstance(exc, _SyncFailed):
             detail = one_line(exc.args[0] if exc.args else exc, 200)
             kind = "no_space" if "space" in detail.lower() else "io"
@@ -568,7 +568,7 @@ class DirectTransport:
                                read_timeout_s=timeout, timeout_s=timeout, decode=False)
         except Exception as exc:  # noqa: BLE001
             # closing the stream makes adbd hang up the command's shell
-            raise self._error(exc, f"running `{one_line(command, 60)}`") from None
+            raise self._error(exc, f"running `{one_line(command, 60)}`", "shell:") from None
         finally:
             self._set_deadline(None)
         try:
@@ -601,7 +601,7 @@ class DirectTransport:
                 device.push(str(local), remote, st_mode=mode, progress_callback=progress,
                             transport_timeout_s=self.io_timeout, read_timeout_s=self.io_timeout)
         except Exception as exc:  # noqa: BLE001
-            raise self._error(exc, f"pushing {one_line(local.name, 80)}") from None
+            raise self._error(exc, f"pushing {one_line(local.name, 80)}", "sync:") from None
         finally:
             self._set_deadline(None)
 
@@ -615,7 +615,7 @@ class DirectTransport:
             with atomic_path(local) as tmp:
                 device.pull(remote, str(tmp), transport_timeout_s=self.io_timeout, read_timeout_s=self.io_timeout)
         except Exception as exc:  # noqa: BLE001
-            raise self._error(exc, f"pulling {one_line(remote, 120)}") from None
+            raise self._error(exc, f"pulling {one_line(remote, 120)}", "sync:") from None
         finally:
             self._set_deadline(None)
 

@@ -6,6 +6,10 @@
 Facts, exit codes, safe pushes with faults (drop mid-push, full disk), refused
 and stalled services, unauthorized keys, unknown serials, and the
 `edgequant devices` commands through the real CLI.
+
+Every test meets two daemons (the peer's personalities): a modern adbd (1 MiB
+payloads, shell v2, delayed acks offered) and a legacy one (4 KiB payloads,
+checksums, no shell v2, no exec:, every stream ended with CLSE(0, id)).
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -28,6 +33,13 @@ from edgequant.devices.transport import DeviceError
 from edgequant.errors import BadInput
 
 TRANSPORTS = ("direct", "server")
+PERSONALITIES = ("modern", "legacy")
+
+
+@pytest.fixture(params=PERSONALITIES)
+def adb_peer(request, adb_peer_factory):
+    """conftest's peer, once as each daemon personality."""
+    return adb_peer_factory(personality=request.param)
 
 
 @pytest.fixture
@@ -87,16 +99,16 @@ def test_facts_in_one_round_trip(transport, adb_peer):
     assert f.cpu_count == os.cpu_count() and recommended_threads(f) >= 1
 
 
-def test_shell_exit_codes_and_stderr(transport):
+def test_shell_exit_codes_and_stderr(transport, adb_peer):
     ok = transport.shell("echo hello", timeout=20)
     assert (ok.exit_code, ok.stdout) == (0, "hello\n")
     three = transport.shell("echo before; exit 3", timeout=20)
     assert (three.exit_code, three.stdout) == (3, "before\n")
     err = transport.shell("echo out; echo problem >&2; exit 5", timeout=20)
     assert err.exit_code == 5
-    if transport.kind == "server":       # shell v2: stderr apart
+    if transport.kind == "server" and "shell_v2" in adb_peer.features:     # shell v2: stderr apart
         assert (err.stdout, err.stderr) == ("out\n", "problem\n")
-    else:                                # adb-shell's v1 shell merges them
+    else:                                # adb-shell's v1 shell, and any daemon without v2, merge them
         assert (err.stdout, err.stderr) == ("out\nproblem\n", "")
     tricky = transport.shell("printf 'a b\\nno newline'; printf 'EQX0000000000000000:0\\n'; exit 7", timeout=20)
     assert tricky.exit_code == 7 and tricky.stdout.startswith("a b\nno newline")
@@ -120,16 +132,91 @@ def test_pull_round_trip(transport, adb_peer, tmp_path):
     assert [p.name for p in local.parent.iterdir()] == ["result.json"]     # no temporary left
 
 
-def test_direct_push_in_small_packets(adb_peer_factory, device_env, tmp_path):
-    """A device holding the payload to 4 KiB (old adbd): every WRTE is small."""
-    peer = adb_peer_factory(max_payload=4096)
-    local = make_file(tmp_path / "m.gguf", 1_500_000)
+@pytest.mark.parametrize("max_payload", [4096, 256 * 1024, 1024 * 1024])
+def test_direct_push_fills_the_announced_payload(adb_peer_factory, device_env, tmp_path, max_payload):
+    """Every WRTE of a push carries the maximum payload the daemon announced (the last one the rest)."""
+    peer = adb_peer_factory(max_payload=max_payload)
+    size = 1_500_000
+    local = make_file(tmp_path / "m.gguf", size)
     t = DirectTransport(peer.serial, io_timeout=20)
     try:
-        result = P.Pusher(t, str(peer.sandbox / "eq")).push(local)
+        t.shell("true", timeout=20)
+        before = dict(peer.host_writes)
+        t.push(local, str(peer.sandbox / "m.gguf"))
     finally:
         t.close()
-    assert Path(result.remote).read_bytes() == local.read_bytes()
+    assert (peer.sandbox / "m.gguf").read_bytes() == local.read_bytes()
+    sizes = {n: c - before.get(n, 0) for n, c in peer.host_writes.items() if c > before.get(n, 0)}
+    # the sync stream: SEND (8 + the path and mode), one DATA header (8) per 64 KiB of file, DONE (8)
+    spec = len(f"{peer.sandbox / 'm.gguf'},{0o100644}")
+    stream = 8 + spec + size + 8 * -(-size // 65536) + 8
+    full, rest = divmod(stream, max_payload)
+    assert sizes == ({max_payload: full, rest: 1} if rest else {max_payload: full})
+
+
+def test_one_connection_runs_command_after_command_and_push_after_push(adb_peer, device_env, tmp_path):
+    """The legacy daemon ends every stream with CLSE(0, id): that is an end, not a refusal."""
+    local = make_file(tmp_path / "m.gguf", 300_000)
+    t = DirectTransport(adb_peer.serial, io_timeout=20)
+    try:
+        for i in range(3):
+            res = t.shell(f"echo run {i}; exit {i}", timeout=20)
+            assert (res.exit_code, res.stdout) == (i, f"run {i}\n")
+        for i in range(2):
+            t.push(local, str(adb_peer.sandbox / f"copy{i}.gguf"))
+            assert (adb_peer.sandbox / f"copy{i}.gguf").read_bytes() == local.read_bytes()
+        t.pull(str(adb_peer.sandbox / "copy0.gguf"), tmp_path / "back.gguf")
+        assert (tmp_path / "back.gguf").read_bytes() == local.read_bytes()
+        assert t.shell("echo last", timeout=20).stdout == "last\n"
+    finally:
+        t.close()
+    assert len(adb_peer.events_of("connect")) == 1            # never dropped and made again
+    assert adb_peer.events_of("refused") == [] and adb_peer.events_of("protocol_error") == []
+    assert not any(s.startswith(("exec:", "shell,")) for s in adb_peer.services)    # v1 shell and sync only
+
+
+def test_delayed_acks_keep_the_push_window_full(adb_peer_factory, device_env, tmp_path):
+    """A daemon offering delayed_ack gets more than one WRTE in flight; one without, exactly one;
+    adb-shell's own streams (a shell printing more than the 32 MiB window) keep working under it."""
+    local = make_file(tmp_path / "m.gguf", 6_000_000)
+    in_flight = {}
+    for personality in ("modern", "classic"):
+        peer = adb_peer_factory(personality=personality)
+        t = DirectTransport(peer.serial, io_timeout=20)
+        try:
+            t.push(local, str(peer.sandbox / "m.gguf"))
+            if personality == "modern":
+                res = t.shell("head -c 40000000 /dev/zero | tr '\\0' a", timeout=120)
+                assert res.ok and res.stdout == "a" * 40_000_000
+        finally:
+            t.close()
+        assert (peer.sandbox / "m.gguf").read_bytes() == local.read_bytes()
+        in_flight[personality] = peer.max_unacked
+        assert peer.events_of("refused") == []
+    assert in_flight["modern"] > 1024 * 1024 >= in_flight["classic"]
+
+
+def test_refused_sync_and_shell_are_one_line_naming_the_service(adb_peer, device_env, tmp_path):
+    local = make_file(tmp_path / "m.gguf", 100_000)
+    t = DirectTransport(adb_peer.serial, io_timeout=30)
+    try:
+        adb_peer.faults.refuse = {"sync:"}
+        start = time.monotonic()
+        with pytest.raises(DeviceError) as err:
+            t.push(local, str(adb_peer.sandbox / "m.gguf"))
+        assert err.value.kind == "refused" and "sync:" in str(err.value) and "m.gguf" in str(err.value)
+        adb_peer.faults.refuse = {"shell"}
+        with pytest.raises(DeviceError) as err:
+            t.shell("echo one\necho two\x1b[2J\tthree", timeout=30)
+        msg = str(err.value)
+        assert err.value.kind == "refused" and "shell:" in msg and "echo one echo two?[2J three" in msg
+        assert not any(ord(ch) < 32 or ord(ch) == 127 for ch in msg), msg
+        assert time.monotonic() - start < 10                   # at once, not after the 30 s I/O timeout
+        adb_peer.faults.refuse = set()
+        t.push(local, str(adb_peer.sandbox / "m.gguf"))         # and the next push goes through
+        assert (adb_peer.sandbox / "m.gguf").read_bytes() == local.read_bytes()
+    finally:
+        t.close()
 
 
 def test_bulk_write_sends_every_byte():

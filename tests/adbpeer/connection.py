@@ -51,6 +51,7 @@ class Stream:
         self.closed = False
         self._cv = threading.Condition()
         self._inbox: deque[bytes] = deque()
+        self._unacked = 0              # host bytes received and not yet acknowledged
         self._can_send = True          # the first WRTE may follow our OKAY directly
         self.window = window           # delayed_ack: bytes the host still accepts; None: one WRTE at a time
         self._write_lock = threading.Lock()
@@ -61,6 +62,8 @@ class Stream:
         with self._cv:
             if not self.closed:
                 self._inbox.append(data)
+                self._unacked += len(data)
+                self.conn.peer.note_host_write(len(data), self._unacked)
                 self._cv.notify_all()
 
     def read(self) -> bytes:
@@ -71,6 +74,7 @@ class Stream:
             if not self._inbox:
                 return b""
             data = self._inbox.popleft()
+            self._unacked -= len(data)
             still_open = not self.closed
         if still_open:
             try:

@@ -53,10 +53,10 @@ class Personality:
     exec_service: bool = True
 
 
-# "default": what this peer always was; "modern": an Android 14 adbd (delayed acks offered);
+# "classic": what this peer always was (adbd of Android 9 to 12); "modern": delayed acks offered too;
 # "legacy": an old or embedded adbd (4 KiB payloads, checksums, no shell v2, no exec:, CLSE(0, id)).
 PERSONALITIES = {
-    "default": Personality("default"),
+    "classic": Personality("classic"),
     "modern": Personality("modern", features=DEFAULT_FEATURES + ("delayed_ack",)),
     "legacy": Personality("legacy", max_payload=wire.MAX_PAYLOAD_V1, version=wire.A_VERSION_MIN, features=(),
                           legacy_close=True, exec_service=False),
@@ -116,7 +116,7 @@ class Faults:
 class AdbPeer:
     """The daemon side of ADB on a free 127.0.0.1 port, in background threads.
 
-    ``personality`` ("default", "modern", "legacy" or a :class:`Personality`)
+    ``personality`` ("classic", "modern", "legacy" or a :class:`Personality`)
     picks the daemon it behaves like; ``max_payload`` and ``features`` override
     the personality's.  Use as a context manager (or ``start()``/``close()``).  Attributes:
     ``host``, ``port``, ``serial`` ("127.0.0.1:PORT"), ``sandbox`` (a real
@@ -125,14 +125,16 @@ class AdbPeer:
     ((kind, detail) tuples: cnxn, auth, online, stall, refused,
     unknown_service, sync, drop, no_space, lmk, ...), ``errors`` (internal
     errors of the peer itself; a test may assert it is empty),
-    ``authorized_keys`` (adb_keys lines) and ``android`` (the fixture tools'
-    state: props, dumpsys texts, disk).
+    ``authorized_keys`` (adb_keys lines), ``android`` (the fixture tools'
+    state: props, dumpsys texts, disk), ``host_writes`` (WRTE payload size from
+    the host -> count) and ``max_unacked`` (the most bytes a stream held that
+    the host had sent and the peer had not yet acknowledged).
     """
 
     def __init__(self, sandbox: Path, *, props: dict[str, str] | None = None,
                  authorized_keys: list[str] | None = None, auto_accept: bool = False, auth: bool = True,
                  max_payload: int | None = None, sndbuf: int | None = None, rcvbuf: int | None = None,
-                 features: tuple[str, ...] | None = None, personality: str | Personality = "default",
+                 features: tuple[str, ...] | None = None, personality: str | Personality = "classic",
                  use_qemu: bool = True, qemu_cpu: str | None = None, host: str = "127.0.0.1", port: int = 0):
         self.sandbox = Path(sandbox)
         self.sandbox.mkdir(parents=True, exist_ok=True)
@@ -149,6 +151,8 @@ class AdbPeer:
         self.events: list[tuple[str, str]] = []
         self.errors: list[str] = []
         self.lmk_kills: list[tuple[int, str]] = []
+        self.host_writes: dict[int, int] = {}   # WRTE payload size from the host -> how many
+        self.max_unacked = 0                     # most host bytes one stream held unacknowledged
         self._lock = threading.Lock()
         self._connections: set[Connection] = set()
         self._sessions: set[int] = set()
@@ -252,6 +256,11 @@ class AdbPeer:
     def events_of(self, kind: str) -> list[str]:
         with self._lock:
             return [detail for k, detail in self.events if k == kind]
+
+    def note_host_write(self, size: int, unacked: int) -> None:
+        with self._lock:
+            self.host_writes[size] = self.host_writes.get(size, 0) + 1
+            self.max_unacked = max(self.max_unacked, unacked)
 
     def record_error(self, text: str) -> None:
         with self._lock:
