@@ -47,8 +47,10 @@ cooldown_max_wait = 0
 
 
 @pytest.fixture
-def phone(adb_peer_factory, adb_host_key, tmp_path, monkeypatch):
-    peer = adb_peer_factory(qemu_cpu="cortex-a53")
+def phone(request, adb_peer_factory, adb_host_key, tmp_path, monkeypatch):
+    """The peer as an ARMv8.0 phone; ``@pytest.mark.parametrize("phone", [...], indirect=True)`` picks the
+    daemon personality (default "classic")."""
+    peer = adb_peer_factory(qemu_cpu="cortex-a53", personality=getattr(request, "param", "classic"))
     assert peer.qemu_enabled, "qemu-aarch64-static is needed: .ci/run installs qemu-user-static"
     workdir = str(peer.sandbox / "eq")
     env = cli_env(tmp_path, ANDROID_USER_HOME=str(adb_host_key.home / ".android"), HOME=str(adb_host_key.home))
@@ -95,6 +97,12 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+# the runs that open connections, install the runner, push with sha256 checks, run llama-bench and
+# reconnect after an unplug meet a modern daemon and a legacy one (CLSE(0, id) ends, 4 KiB, no shell v2)
+DAEMONS = pytest.mark.parametrize("phone", ["modern", "legacy"], indirect=True)
+
+
+@DAEMONS
 def test_run_on_a_phone_stores_device_rows(tiny_checkpoint, phone, arm64_runner):
     peer, workdir, env, profile = phone
     res = run_cli(*_run_args(tiny_checkpoint, peer, workdir, profile, arm64_runner), env=env, timeout=1500)
@@ -183,6 +191,7 @@ def preload_runner_and_reference(tiny_checkpoint, peer, workdir, env, profile, a
     return arts
 
 
+@DAEMONS
 def test_unplugged_mid_run_is_partial_and_resumes(tiny_checkpoint, phone, arm64_runner):
     peer, workdir, env, profile = phone
     # build the ladder, and put the runner and the reference on the phone beforehand, so that the

@@ -454,6 +454,41 @@ def test_cli_devices_json_and_table(adb_peer_factory, device_env, tmp_path):
     assert via_server.serial not in table.stdout
 
 
+def test_cli_devices_marks_the_devices_edgequant_cannot_use(adb_peer_factory, device_env, tmp_path):
+    good = adb_peer_factory(personality="legacy")
+    x86 = adb_peer_factory(props={"ro.product.cpu.abi": "x86_64", "ro.product.cpu.abilist": "x86_64,x86"})
+    blocked = adb_peer_factory()
+    stranger = adb_peer_factory(authorized_keys=[])
+    workdir = tmp_path / "phone-dir" / "eq"         # the peers share this host's file system
+    (blocked.sandbox / "eq").write_text("a file where the work directory would go")
+    device_env.run("connect", stranger.serial)
+    device_env.wait_for_state(stranger.serial, ("unauthorized",))
+    env = cli_device_env(tmp_path, device_env, EDGEQUANT_DEVICES=f"{good.serial},{x86.serial}",
+                         EDGEQUANT_DEVICE_DIR=str(workdir))
+    res = run_cli("devices", "--json", env=env, timeout=120)
+    assert res.returncode == 1                              # the unauthorized phone could not be read
+    rows = {r["serial"]: r for r in json.loads(res.stdout)}
+    assert rows[good.serial]["usable"] is True and rows[good.serial]["unusable_reason"] is None
+    assert rows[good.serial]["workdir_writable"] is True and not workdir.exists()     # listing creates nothing
+    assert rows[x86.serial]["usable"] is False and "ABI x86_64" in rows[x86.serial]["unusable_reason"]
+    assert rows[stranger.serial]["usable"] is False
+    assert "Allow USB debugging" in rows[stranger.serial]["unusable_reason"]
+    res = run_cli("devices", "--json", "--device", blocked.serial, "--device-dir", str(blocked.sandbox / "eq" / "w"),
+                  env=env, timeout=120)
+    assert res.returncode == 0, res.stderr
+    (row,) = json.loads(res.stdout)
+    assert row["usable"] is False and row["workdir_writable"] is False
+    assert "cannot be created or written" in row["unusable_reason"]
+    # the table says the same, one row per device
+    table = run_cli("devices", env=env, timeout=120)
+    assert table.returncode == 1
+    lines = {p.serial: [ln for ln in table.stdout.splitlines() if p.serial in ln][0] for p in (good, x86, stranger)}
+    assert "│ yes" in lines[good.serial]
+    assert "no: ABI x86_64" in lines[x86.serial]
+    assert "no: unauthorized" in lines[stranger.serial]
+    assert_one_line_error(table.stderr, stranger.serial)
+
+
 def test_cli_device_errors_are_one_line(adb_peer_factory, device_env, tmp_path):
     env = cli_device_env(tmp_path, device_env)
     res = run_cli("devices", env=env, timeout=60)
