@@ -509,6 +509,27 @@ def test_cli_device_errors_are_one_line(adb_peer_factory, device_env, tmp_path):
     assert rows[stranger.serial]["error"] == "unauthorized" and rows[peer.serial]["model"] == "Pixel 6"
 
 
+def test_cli_refused_shell_is_one_clean_line(adb_peer_factory, device_env, tmp_path):
+    """The facts script is many lines: the error quotes a flattened, shortened excerpt of it."""
+    peer = adb_peer_factory(personality="legacy")
+    peer.faults.refuse = {"shell"}
+    env = cli_device_env(tmp_path, device_env)
+    res = run_cli("devices", "--device", peer.serial, env=env, timeout=60)
+    assert res.returncode == 1
+    line = assert_one_line_error(res.stderr, peer.serial, "refused the shell: service", "echo @@eqfacts-")
+    assert [ln for ln in res.stderr.splitlines() if ln.strip()] == [line]
+    assert not any(ord(ch) < 32 for ch in line) and "…" in line
+
+
+def test_one_line_flattens_and_shortens_quoted_text():
+    from edgequant.errors import one_line
+
+    assert one_line("a\nb\r\n\tc") == "a b c"
+    assert one_line("bell\x07 esc\x1b[31m del\x7f zw\u200b ls\u2028") == "bell? esc?[31m del? zw? ls"
+    assert one_line("x" * 50, 10) == "x" * 9 + "…" and one_line("short", 10) == "short"
+    assert one_line(b"bytes") == "b'bytes'" and one_line("") == ""
+
+
 def test_cli_devices_clean(adb_peer, device_env, tmp_path):
     workdir = adb_peer.sandbox / "eq"
     t = open_to(adb_peer, "direct")
