@@ -116,7 +116,6 @@ class FixedTcpTransport(TcpTransport):
         self.device_features: frozenset[str] = frozenset()
         self.delayed_ack = False     # both CNXN banners list delayed_ack
 
-
     def connect(self, transport_timeout_s):
         self._reset_watch()
         super().connect(transport_timeout_s)
@@ -256,6 +255,18 @@ class FixedTcpTransport(TcpTransport):
 
     # -- whole packets, for RawPush ------------------------------------------
 
+    @property
+    def address(self) -> str:
+        return f"{self._host}:{self._port}"
+
+    def refusal_handled(self) -> None:
+        """The refusal was answered by the caller, not on adb-shell's next read."""
+        self._refused = False
+
+    def readable(self) -> bool:
+        """Whether the device already sent something (no wait)."""
+        return self._connection is not None and bool(select.select([self._connection], [], [], 0)[0])
+
     def send_packet(self, cmd: int, arg0: int, arg1: int, payload=b"", timeout_s: float | None = None) -> None:
         """One packet in one write: header and payload together."""
         # adb-shell announces version 0x01000000, so every payload carries its byte sum
@@ -370,8 +381,8 @@ class RawPush:
                     self.window = struct.unpack("<i", payload)[0]
                 return
             if cmd == _CLSE:
-                tcp._refused = False             # answered here, not on adb-shell's next read
-                raise _Refused(f"{tcp._host}:{tcp._port} refused the sync service")
+                tcp.refusal_handled()
+                raise _Refused(f"{tcp.address} refused the sync service")
 
     def _write(self, payload) -> None:
         if self.window is None:
@@ -389,8 +400,7 @@ class RawPush:
 
     def _poll(self) -> None:
         """Handle what the device already sent (an early FAIL), without waiting."""
-        sock = self.tcp._connection
-        while sock is not None and select.select([sock], [], [], 0)[0]:
+        while self.tcp.readable():
             self._handle(*self.tcp.read_packet(self.io_timeout))
 
     def _handle(self, cmd: int, arg0: int, arg1: int, payload: bytes) -> None:
