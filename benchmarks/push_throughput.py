@@ -10,6 +10,8 @@ process's GIL) over loopback, once per daemon:
 * a modern daemon announcing 1 MiB (the "modern" personality, which offers
   delayed acks; the AOSP client only takes them with ADB_BURST_MODE=1, which
   this script leaves unset, as users do),
+* with ``--payloads 4096,262144,1048576``, also an Android 7/8-like daemon
+  announcing 256 KiB without delayed acks ("classic"),
 
 with two clients:
 
@@ -58,7 +60,8 @@ peer.close()
 
 
 def personality_for(payload: int) -> str:
-    return "legacy" if payload <= 4096 else "modern"
+    """4 KiB: an old or embedded adbd; below 1 MiB: Android 7 and 8 (256 KiB, no delayed acks); else modern."""
+    return "legacy" if payload <= 4096 else "classic" if payload < 1024 * 1024 else "modern"
 
 
 def measure(data: Path, adb: AdbCli, tmp: Path, key_line: str, payload: int, rounds: int) -> dict[str, list[float]]:

@@ -111,6 +111,7 @@ class FixedTcpTransport(TcpTransport):
         self._opening: set[int] = set()  # local ids of OPENs sent and not yet answered
         self._unacked: dict[int, int] = {}   # delayed_ack: WRTE bytes received per local id, not yet acked
         self._refused = False
+        self._rbuf = bytearray()     # bytes read by read_packet beyond the packets it returned
         self.device_version = 0      # from the device's CNXN
         self.device_max_payload = 0
         self.device_features: frozenset[str] = frozenset()
@@ -120,6 +121,7 @@ class FixedTcpTransport(TcpTransport):
         self._reset_watch()
         super().connect(transport_timeout_s)
         self._connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._connection.setblocking(False)     # every wait goes through select() with our deadline
 
     def _watch(self, data: bytes) -> None:
         """Follow packet boundaries in the received bytes, note the device's CNXN, and note
@@ -225,10 +227,22 @@ class FixedTcpTransport(TcpTransport):
         if self._refused:  # adb-shell would wait for an OKAY that never comes
             self._refused = False
             raise _Refused(f"{self._host}:{self._port} refused the service")
-        data = super().bulk_read(numbytes, self._wait(transport_timeout_s))
+        if self._rbuf:
+            data = bytes(self._rbuf[:numbytes])
+            del self._rbuf[:numbytes]
+        else:
+            data = self._recv(numbytes, transport_timeout_s)
+        self._watch(data)
+        return data
+
+    def _recv(self, numbytes: int, timeout_s: float | None) -> bytes:
+        """Up to ``numbytes`` bytes: at once when some are there, else after select() (one syscall less)."""
+        try:
+            data = self._connection.recv(numbytes)
+        except (BlockingIOError, InterruptedError):
+            data = super().bulk_read(numbytes, self._wait(timeout_s))
         if not data:
             raise _Closed(f"{self._host}:{self._port} closed the connection")
-        self._watch(data)
         return data
 
     def bulk_write(self, data, transport_timeout_s):
@@ -242,15 +256,16 @@ class FixedTcpTransport(TcpTransport):
         view = memoryview(data)
         sent = 0
         while sent < len(view):
+            try:        # send first, wait only when the socket buffer is full
+                sent += self._connection.send(view[sent:])
+                continue
+            except (BlockingIOError, InterruptedError):
+                pass
             wait = self._wait(transport_timeout_s)
             _, writable, _ = select.select([], [self._connection], [], wait)
             if not writable:
                 raise TcpTimeoutException(f"sending to {self._host}:{self._port} timed out after {wait} s "
                                           f"({sent} of {len(view)} bytes sent)")
-            try:
-                sent += self._connection.send(view[sent:])
-            except (BlockingIOError, InterruptedError):
-                continue
         return sent
 
     # -- whole packets, for RawPush ------------------------------------------
@@ -265,29 +280,34 @@ class FixedTcpTransport(TcpTransport):
 
     def readable(self) -> bool:
         """Whether the device already sent something (no wait)."""
-        return self._connection is not None and bool(select.select([self._connection], [], [], 0)[0])
+        return bool(self._rbuf) or (self._connection is not None
+                                    and bool(select.select([self._connection], [], [], 0)[0]))
 
-    def send_packet(self, cmd: int, arg0: int, arg1: int, payload=b"", timeout_s: float | None = None) -> None:
-        """One packet in one write: header and payload together."""
-        # adb-shell announces version 0x01000000, so every payload carries its byte sum
-        check = byte_sum(payload) if payload else 0
-        packet = _HEADER.pack(cmd, arg0, arg1, len(payload), check, cmd ^ 0xFFFFFFFF) + payload
-        self.bulk_write(packet, timeout_s)
-
-    def read_exact(self, n: int, timeout_s: float | None) -> bytes:
-        chunks, left = [], n
-        while left:
-            data = TcpTransport.bulk_read(self, left, self._wait(timeout_s))
-            if not data:
-                raise _Closed(f"{self._host}:{self._port} closed the connection")
-            chunks.append(data)
-            left -= len(data)
-        return b"".join(chunks)
+    def send_packet(self, cmd: int, arg0: int, arg1: int, payload=b"", timeout_s: float | None = None,
+                    check: int | None = None) -> None:
+        """One packet in one write: header and payload together.  ``check`` is the payload's byte sum
+        when the caller has it (adb-shell announces version 0x01000000: every payload carries it)."""
+        if check is None:
+            check = byte_sum(payload) if payload else 0
+        if cmd == _OPEN:
+            self._opening.add(arg0)
+        # whole packets keep _sent's parser at a packet boundary, so it need not look at them
+        self._send_all(_HEADER.pack(cmd, arg0, arg1, len(payload), check, cmd ^ 0xFFFFFFFF) + payload, timeout_s)
 
     def read_packet(self, timeout_s: float | None) -> tuple[int, int, int, bytes]:
-        """The next whole packet from the device (the stream table is kept up to date)."""
-        cmd, arg0, arg1, length, _check, _magic = _HEADER.unpack(self.read_exact(_HEADER.size, timeout_s))
-        payload = self.read_exact(length, timeout_s) if length else b""
+        """The next whole packet from the device (the stream table is kept up to date).
+
+        Reads what is there (several small packets in one call); the rest waits in a buffer
+        that adb-shell's own reads (``bulk_read``) take first."""
+        buf = self._rbuf
+        while len(buf) < _HEADER.size:
+            buf += self._recv(1 << 16, timeout_s)
+        cmd, arg0, arg1, length, _check, _magic = _HEADER.unpack_from(buf)
+        end = _HEADER.size + length
+        while len(buf) < end:
+            buf += self._recv(max(1 << 16, end - len(buf)), timeout_s)
+        payload = bytes(buf[_HEADER.size:end])
+        del buf[:end]
         self.seen(cmd, arg0, arg1, length)
         return cmd, arg0, arg1, payload
 
@@ -307,25 +327,39 @@ _SYNC = struct.Struct("<4sI")
 _RAW_ID_BASE = 0x40000000       # RawPush's stream ids; adb-shell counts its own up from 1
 
 
-def _packets(pieces, size: int):
-    """The concatenation of ``pieces`` (bytes) cut into payloads of exactly ``size`` bytes (the last shorter)."""
+def byte_sums(data, size: int) -> list[int]:
+    """The checksums of ``data`` cut in payloads of ``size`` bytes (``len(data)`` a multiple of it)."""
+    try:
+        import numpy as np
+    except ImportError:
+        return [sum(data[i:i + size]) & 0xFFFFFFFF for i in range(0, len(data), size)]
+    sums = np.frombuffer(data, np.uint8).reshape(-1, size).sum(axis=1, dtype=np.uint64) & 0xFFFFFFFF
+    return sums.tolist()
+
+
+def _packets(pieces, size: int, block: int = 1 << 20):
+    """The concatenation of ``pieces`` (bytes) cut into payloads of exactly ``size`` bytes (the last
+    shorter), each with its checksum.  Checksums are computed a block (1 MiB, or one payload) at a
+    time: one numpy call for 256 payloads of 4 KiB instead of 256."""
+    block = max(block - block % size, size)
     buf = bytearray()
+
+    def cut(data: bytes):
+        view = memoryview(data)
+        whole = len(data) - len(data) % size
+        for i, check in enumerate(byte_sums(view[:whole], size) if whole else []):
+            yield view[i * size:(i + 1) * size], check
+        if whole < len(data):
+            yield view[whole:], byte_sum(view[whole:])
+
     for piece in pieces:
-        view = memoryview(piece)
-        pos = 0
-        if buf:
-            pos = min(size - len(buf), len(view))
-            buf += view[:pos]
-            if len(buf) < size:
-                continue
-            yield bytes(buf)
-            buf = bytearray()
-        while len(view) - pos >= size:
-            yield view[pos:pos + size]
-            pos += size
-        buf += view[pos:]
+        buf += piece
+        while len(buf) >= block:
+            data = bytes(buf[:block])
+            del buf[:block]
+            yield from cut(data)
     if buf:
-        yield bytes(buf)
+        yield from cut(bytes(buf))
 
 
 class RawPush:
@@ -349,8 +383,8 @@ class RawPush:
 
     def run(self, local: Path, remote: str, mode: int, progress: Callable[[int], None]) -> None:
         self._open()
-        for payload in _packets(self._sync_stream(local, remote, mode, progress), self.payload):
-            self._write(payload)
+        for payload, check in _packets(self._sync_stream(local, remote, mode, progress), self.payload):
+            self._write(payload, check)
         while not self._answered():
             self._handle(*self.tcp.read_packet(self.io_timeout))
         self.tcp.send_packet(_CLSE, self.local_id, self.remote_id, timeout_s=self.io_timeout)
@@ -384,7 +418,7 @@ class RawPush:
                 tcp.refusal_handled()
                 raise _Refused(f"{tcp.address} refused the sync service")
 
-    def _write(self, payload) -> None:
+    def _write(self, payload, check: int) -> None:
         if self.window is None:
             self._until(lambda: self._acked)
             self._acked = False
@@ -392,7 +426,7 @@ class RawPush:
             self._until(lambda: self.window > 0)
             self.window -= len(payload)
             self._poll()
-        self.tcp.send_packet(_WRTE, self.local_id, self.remote_id, payload, timeout_s=self.io_timeout)
+        self.tcp.send_packet(_WRTE, self.local_id, self.remote_id, payload, timeout_s=self.io_timeout, check=check)
 
     def _until(self, done: Callable[[], bool]) -> None:
         while not done():
