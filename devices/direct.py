@@ -512,6 +512,7 @@ class DirectTransport:
     """A phone's adbd over TCP (``host:port``) or USB (a serial), through adb-shell."""
 
     kind = "direct"
+    tcp_class = FixedTcpTransport
 
     def __init__(self, serial: str, *, usb: bool = False, connect_timeout: float = CONNECT_TIMEOUT_S,
                  auth_timeout: float = AUTH_TIMEOUT_S, io_timeout: float = IO_TIMEOUT_S):
@@ -534,7 +535,7 @@ class DirectTransport:
         if self.usb:
             transport = _usb_transport(self.serial)
         else:
-            self._tcp = transport = FixedTcpTransport(*parse_address(self.serial))
+            self._tcp = transport = self.tcp_class(*parse_address(self.serial))
         device = DirectAdbDevice(transport, default_transport_timeout_s=self.io_timeout,
                                  banner=HOST_BANNER if self._tcp is not None else None)
         asked = []

@@ -154,6 +154,38 @@ def test_direct_push_fills_the_announced_payload(adb_peer_factory, device_env, t
     assert sizes == ({max_payload: full, rest: 1} if rest else {max_payload: full})
 
 
+def test_direct_push_sends_each_packet_in_one_write(adb_peer_factory, device_env, tmp_path):
+    """Header and payload leave in one write (adb-shell sends them in two)."""
+    import struct
+
+    from edgequant.devices.direct import FixedTcpTransport
+
+    writes: list[bytes] = []
+
+    class Recording(FixedTcpTransport):
+        def _send_all(self, data, transport_timeout_s):
+            writes.append(bytes(data[:24]) + len(data).to_bytes(8, "little"))
+            return super()._send_all(data, transport_timeout_s)
+
+    class RecordingDirect(DirectTransport):
+        tcp_class = Recording
+
+    peer = adb_peer_factory(personality="legacy")
+    local = make_file(tmp_path / "m.gguf", 200_000)
+    t = RecordingDirect(peer.serial, io_timeout=20)
+    try:
+        t.shell("true", timeout=20)
+        writes.clear()
+        t.push(local, str(peer.sandbox / "m.gguf"))
+    finally:
+        t.close()
+    assert (peer.sandbox / "m.gguf").read_bytes() == local.read_bytes()
+    packets = [(rec[:4], struct.unpack("<I", rec[12:16])[0], int.from_bytes(rec[24:], "little")) for rec in writes]
+    wrtes = [p for p in packets if p[0] == b"WRTE"]
+    assert len(wrtes) >= 200_000 // 4096
+    assert all(written == 24 + length for _, length, written in packets), packets[:5]
+
+
 def test_one_connection_runs_command_after_command_and_push_after_push(adb_peer, device_env, tmp_path):
     """The legacy daemon ends every stream with CLSE(0, id): that is an end, not a refusal."""
     local = make_file(tmp_path / "m.gguf", 300_000)
