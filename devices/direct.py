@@ -344,22 +344,22 @@ def _packets(pieces, size: int, block: int = 1 << 20):
     block = max(block - block % size, size)
     buf = bytearray()
 
-    def cut(data: bytes):
-        view = memoryview(data)
-        whole = len(data) - len(data) % size
+    def cut(view: memoryview):
+        whole = len(view) - len(view) % size
         for i, check in enumerate(byte_sums(view[:whole], size) if whole else []):
             yield view[i * size:(i + 1) * size], check
-        if whole < len(data):
+        if whole < len(view):
             yield view[whole:], byte_sum(view[whole:])
 
     for piece in pieces:
         buf += piece
-        while len(buf) >= block:
-            data = bytes(buf[:block])
-            del buf[:block]
-            yield from cut(data)
+        if len(buf) >= block:
+            data, buf = buf, bytearray()
+            whole = len(data) - len(data) % block
+            buf += memoryview(data)[whole:]     # less than a block; ``data`` is not changed again
+            yield from cut(memoryview(data)[:whole])
     if buf:
-        yield from cut(bytes(buf))
+        yield from cut(memoryview(buf))
 
 
 class RawPush:
@@ -397,7 +397,8 @@ class RawPush:
         with open(local, "rb") as fh:
             mtime = int(os.fstat(fh.fileno()).st_mtime) & 0xFFFFFFFF
             while data := fh.read(SYNC_DATA_MAX):
-                yield _SYNC.pack(b"DATA", len(data)) + data
+                yield _SYNC.pack(b"DATA", len(data))
+                yield data
                 progress(len(data))
         yield _SYNC.pack(b"DONE", mtime)
 

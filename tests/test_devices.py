@@ -593,3 +593,15 @@ def test_fast_checksum_matches_adb_shell():
 
     for data in (b"", b"\xff" * 70_000, os.urandom(1 << 20), bytearray(os.urandom(12345))):
         assert byte_sum(data) == checksum(data)
+
+
+@pytest.mark.parametrize("size", [4096, 65536 + 8, 1 << 20])
+def test_push_packets_cut_the_sync_stream_exactly(size):
+    from edgequant.devices.direct import _packets
+
+    pieces = [os.urandom(n) for n in (8, 3, 65536, 8, 65536, 8, 1000, 8, 0, 5, 300_000, 8)]
+    packets = [(bytes(p), c) for p, c in _packets(iter(pieces), size, block=1 << 18)]
+    assert b"".join(p for p, _ in packets) == b"".join(pieces)
+    assert all(len(p) == size for p, _ in packets[:-1]) and 0 < len(packets[-1][0]) <= size
+    assert all(c == sum(p) & 0xFFFFFFFF for p, c in packets)
+
