@@ -86,6 +86,9 @@ _OKAY = int.from_bytes(b"OKAY", "little")
 _CLSE = int.from_bytes(b"CLSE", "little")
 _WRTE = int.from_bytes(b"WRTE", "little")
 _HEADER = struct.Struct("<6I")
+# Protocol versions: since A_VERSION_SKIP_CHECKSUM a side may send 0 instead of the payload's byte sum
+A_VERSION_MIN = 0x01000000
+A_VERSION_SKIP_CHECKSUM = 0x01000001
 # delayed_ack: the window granted when a stream opens (AOSP adb.h INITIAL_DELAYED_ACK_BYTES)
 DELAYED_ACK_WINDOW = 32 * 1024 * 1024
 # The features our CNXN banner asks for.  adbd splits the banner's properties on ';' and keeps the
@@ -200,7 +203,13 @@ class FixedTcpTransport(TcpTransport):
             cmd, arg0, arg1, length, check, magic = _HEADER.unpack(self._out_header)
             self._out_header = bytearray()
             self._out_skip = length
-            if cmd == _OPEN:
+            if cmd == _CNXN and arg0 < A_VERSION_SKIP_CHECKSUM and start >= 0:
+                # skip checksums where the device allows it: a push of 1 MiB packets otherwise spends
+                # a millisecond per MiB on each side summing bytes TCP already checks
+                out = out if out is not None else bytearray(data)
+                out[start:start + _HEADER.size] = _HEADER.pack(cmd, A_VERSION_SKIP_CHECKSUM, arg1, length,
+                                                                check, magic)
+            elif cmd == _OPEN:
                 self._opening.add(arg0)
                 if self.delayed_ack and arg1 == 0 and start >= 0:
                     out = out if out is not None else bytearray(data)
@@ -227,6 +236,8 @@ class FixedTcpTransport(TcpTransport):
         if self._refused:  # adb-shell would wait for an OKAY that never comes
             self._refused = False
             raise _Refused(f"{self._host}:{self._port} refused the service")
+        if numbytes == _HEADER.size and not self._header and not self._skip:
+            self._fill_checksum(transport_timeout_s)
         if self._rbuf:
             data = bytes(self._rbuf[:numbytes])
             del self._rbuf[:numbytes]
@@ -234,6 +245,19 @@ class FixedTcpTransport(TcpTransport):
             data = self._recv(numbytes, transport_timeout_s)
         self._watch(data)
         return data
+
+    def _fill_checksum(self, timeout_s: float | None) -> None:
+        """adb-shell asks for a packet header: read the whole packet, and when the device left its
+        checksum 0 (as it may since A_VERSION_SKIP_CHECKSUM) put the byte sum adb-shell checks in it."""
+        buf = self._rbuf
+        while len(buf) < _HEADER.size:
+            buf += self._recv(1 << 16, timeout_s)
+        length, check = struct.unpack_from("<II", buf, 12)
+        if check or not length:
+            return
+        while len(buf) < _HEADER.size + length:
+            buf += self._recv(max(1 << 16, _HEADER.size + length - len(buf)), timeout_s)
+        struct.pack_into("<I", buf, 16, byte_sum(bytes(buf[_HEADER.size:_HEADER.size + length])))
 
     def _recv(self, numbytes: int, timeout_s: float | None) -> bytes:
         """Up to ``numbytes`` bytes: at once when some are there, else after select() (one syscall less)."""
@@ -271,6 +295,12 @@ class FixedTcpTransport(TcpTransport):
     # -- whole packets, for RawPush ------------------------------------------
 
     @property
+    def needs_checksums(self) -> bool:
+        """Whether the device expects the payload's byte sum in each packet (it announced a version
+        before A_VERSION_SKIP_CHECKSUM; we announce that one, in place of adb-shell's 0x01000000)."""
+        return self.device_version < A_VERSION_SKIP_CHECKSUM
+
+    @property
     def address(self) -> str:
         return f"{self._host}:{self._port}"
 
@@ -288,7 +318,7 @@ class FixedTcpTransport(TcpTransport):
         """One packet in one write: header and payload together.  ``check`` is the payload's byte sum
         when the caller has it (adb-shell announces version 0x01000000: every payload carries it)."""
         if check is None:
-            check = byte_sum(payload) if payload else 0
+            check = byte_sum(payload) if payload and self.needs_checksums else 0
         if cmd == _OPEN:
             self._opening.add(arg0)
         # whole packets keep _sent's parser at a packet boundary, so it need not look at them
@@ -337,19 +367,20 @@ def byte_sums(data, size: int) -> list[int]:
     return sums.tolist()
 
 
-def _packets(pieces, size: int, block: int = 1 << 20):
+def _packets(pieces, size: int, block: int = 1 << 20, checksums: bool = True):
     """The concatenation of ``pieces`` (bytes) cut into payloads of exactly ``size`` bytes (the last
-    shorter), each with its checksum.  Checksums are computed a block (1 MiB, or one payload) at a
-    time: one numpy call for 256 payloads of 4 KiB instead of 256."""
+    shorter), each with its checksum (0 without ``checksums``).  Checksums are computed a block
+    (1 MiB, or one payload) at a time: one numpy call for 256 payloads of 4 KiB instead of 256."""
     block = max(block - block % size, size)
     buf = bytearray()
 
     def cut(view: memoryview):
         whole = len(view) - len(view) % size
-        for i, check in enumerate(byte_sums(view[:whole], size) if whole else []):
+        sums = byte_sums(view[:whole], size) if whole and checksums else [0] * (whole // size)
+        for i, check in enumerate(sums):
             yield view[i * size:(i + 1) * size], check
         if whole < len(view):
-            yield view[whole:], byte_sum(view[whole:])
+            yield view[whole:], byte_sum(view[whole:]) if checksums else 0
 
     for piece in pieces:
         buf += piece
@@ -383,7 +414,8 @@ class RawPush:
 
     def run(self, local: Path, remote: str, mode: int, progress: Callable[[int], None]) -> None:
         self._open()
-        for payload, check in _packets(self._sync_stream(local, remote, mode, progress), self.payload):
+        for payload, check in _packets(self._sync_stream(local, remote, mode, progress), self.payload,
+                                       checksums=self.tcp.needs_checksums):
             self._write(payload, check)
         while not self._answered():
             self._handle(*self.tcp.read_packet(self.io_timeout))
