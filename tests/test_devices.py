@@ -154,8 +154,10 @@ def test_direct_push_fills_the_announced_payload(adb_peer_factory, device_env, t
     assert sizes == ({max_payload: full, rest: 1} if rest else {max_payload: full})
 
 
-def test_direct_push_sends_each_packet_in_one_write(adb_peer_factory, device_env, tmp_path):
-    """Header and payload leave in one write (adb-shell sends them in two)."""
+@pytest.mark.parametrize("personality", ["legacy", "modern"])
+def test_direct_push_sends_each_packet_in_one_write(adb_peer_factory, device_env, tmp_path, personality):
+    """Header and payload leave in one write (adb-shell sends them in two); byte sums only where the
+    daemon's protocol version needs them (we announce A_VERSION_SKIP_CHECKSUM, adb-shell 0x01000000)."""
     import struct
 
     from edgequant.devices.direct import FixedTcpTransport
@@ -164,13 +166,14 @@ def test_direct_push_sends_each_packet_in_one_write(adb_peer_factory, device_env
 
     class Recording(FixedTcpTransport):
         def _send_all(self, data, transport_timeout_s):
-            writes.append(bytes(data[:24]) + len(data).to_bytes(8, "little"))
+            payload_sum = sum(bytes(data[24:])) & 0xFFFFFFFF
+            writes.append(bytes(data[:24]) + len(data).to_bytes(8, "little") + payload_sum.to_bytes(4, "little"))
             return super()._send_all(data, transport_timeout_s)
 
     class RecordingDirect(DirectTransport):
         tcp_class = Recording
 
-    peer = adb_peer_factory(personality="legacy")
+    peer = adb_peer_factory(personality=personality)
     local = make_file(tmp_path / "m.gguf", 200_000)
     t = RecordingDirect(peer.serial, io_timeout=20)
     try:
@@ -180,10 +183,17 @@ def test_direct_push_sends_each_packet_in_one_write(adb_peer_factory, device_env
     finally:
         t.close()
     assert (peer.sandbox / "m.gguf").read_bytes() == local.read_bytes()
-    packets = [(rec[:4], struct.unpack("<I", rec[12:16])[0], int.from_bytes(rec[24:], "little")) for rec in writes]
-    wrtes = [p for p in packets if p[0] == b"WRTE"]
-    assert len(wrtes) >= 200_000 // 4096
+    packets = [(rec[:4], struct.unpack("<I", rec[12:16])[0], int.from_bytes(rec[24:32], "little"))
+               for rec in writes]
+    wrtes = [rec for rec in writes if rec[:4] == b"WRTE"]
+    assert len(wrtes) >= (200_000 // 4096 if personality == "legacy" else 1)
     assert all(written == 24 + length for _, length, written in packets), packets[:5]
+    checks = {struct.unpack("<I", rec[16:20])[0] == int.from_bytes(rec[32:], "little") for rec in wrtes}
+    zeros = {struct.unpack("<I", rec[16:20])[0] == 0 for rec in wrtes}
+    if personality == "legacy":            # version 0x01000000: every payload summed (the peer checks it)
+        assert checks == {True} and peer.events_of("cnxn")[0].startswith("version=0x01000001")
+    else:                                  # version 0x01000001 on both sides: no sums
+        assert zeros == {True}
 
 
 def test_one_connection_runs_command_after_command_and_push_after_push(adb_peer, device_env, tmp_path):
