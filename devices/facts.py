@@ -73,6 +73,7 @@ class DeviceFacts:
     cpu_count: int | None = None
     workdir: str | None = None
     workdir_free_kib: int | None = None
+    workdir_writable: bool | None = None     # the work directory, or the folder it would be made in
     thermal_status: int | None = None
     temperatures: list[Temperature] = field(default_factory=list)
     battery_level: int | None = None
@@ -332,8 +333,8 @@ def recommended_threads(facts: DeviceFacts) -> int:
 # the script and its sections
 
 
-SECTIONS = ("getprop", "meminfo", "cpufreq", "cpus", "cpuinfo", "df", "thermalservice", "battery", "zones",
-            "uname", "end")
+SECTIONS = ("getprop", "meminfo", "cpufreq", "cpus", "cpuinfo", "df", "writable", "thermalservice", "battery",
+            "zones", "uname", "end")
 
 
 def _section_commands(workdir: str) -> dict[str, str]:
@@ -348,6 +349,9 @@ def _section_commands(workdir: str) -> dict[str, str]:
         "cpuinfo": "cat /proc/cpuinfo 2>/dev/null",
         "df": f"d={quote(workdir)}; while [ ! -d \"$d\" ] && [ \"$d\" != / ]; do d=$(dirname \"$d\"); done; "
               "df -k \"$d\" 2>/dev/null",
+        # the nearest existing entry must be a folder we may write in (a file in the way stops mkdir -p)
+        "writable": f"d={quote(workdir)}; while [ ! -e \"$d\" ] && [ \"$d\" != / ]; do d=$(dirname \"$d\"); done; "
+                    "if [ -d \"$d\" ] && [ -w \"$d\" ] && [ -x \"$d\" ]; then echo yes; else echo no; fi",
         "thermalservice": "dumpsys thermalservice 2>/dev/null",
         "battery": "dumpsys battery 2>/dev/null",
         "zones": "for z in /sys/class/thermal/thermal_zone*; do [ -d \"$z\" ] && "
@@ -360,7 +364,7 @@ def facts_script(workdir: str, nonce: str, sections: tuple[str, ...] | None = No
     """One shell script printing every source (or only ``sections``), each after a
     ``<nonce> <section>`` line.
 
-    ``df`` looks at the nearest existing folder of ``workdir`` so listing creates nothing."""
+    ``df`` and ``writable`` look at the nearest existing folder of ``workdir`` so listing creates nothing."""
     commands = _section_commands(workdir)
     wanted = [name for name in SECTIONS if name != "end" and (sections is None or name in sections)]
     return "\n".join([f"echo {nonce} {name}; {commands[name]}" for name in wanted] + [f"echo {nonce} end", "true"])
@@ -417,6 +421,7 @@ def facts_from_sections(serial: str, transport: str, workdir: str, sections: dic
         cpu_count=cpu_count,
         workdir=workdir,
         workdir_free_kib=parse_df(sections.get("df", "")),
+        workdir_writable={"yes": True, "no": False}.get(sections.get("writable", "").strip()),
         thermal_status=status,
         temperatures=temps,
         battery_level=battery["level"],

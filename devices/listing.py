@@ -7,7 +7,18 @@ from dataclasses import dataclass
 from edgequant.devices import select
 from edgequant.devices.facts import DeviceFacts, collect_facts, recommended_threads
 from edgequant.devices.transport import DeviceError
-from edgequant.errors import EdgequantError
+from edgequant.errors import EdgequantError, one_line
+
+
+def unusable_reason(facts: DeviceFacts) -> str | None:
+    """Why edgequant cannot measure on this device (None: it can)."""
+    if facts.transport == "host":
+        return None
+    if not facts.is_arm64:
+        return f"ABI {facts.abi or 'unknown'}: edgequant's device tools are arm64-v8a only"
+    if facts.workdir_writable is False:
+        return f"work directory {facts.workdir} cannot be created or written: pick another with --device-dir"
+    return None
 
 
 @dataclass
@@ -17,11 +28,19 @@ class Entry:
     facts: DeviceFacts | None = None
     error: DeviceError | None = None
 
+    @property
+    def unusable(self) -> str | None:
+        """The reason edgequant cannot measure on this device, or None."""
+        if self.facts is None:
+            return one_line(self.error, 160)
+        return unusable_reason(self.facts)
+
     def to_dict(self) -> dict:
+        usable = {"usable": self.unusable is None, "unusable_reason": self.unusable}
         if self.facts is not None:
-            return self.facts.to_dict()
+            return {**self.facts.to_dict(), **usable}
         return {"serial": self.serial, "transport": self.transport, "error": self.error.kind,
-                "message": str(self.error)}
+                "message": str(self.error), **usable}
 
 
 def _host_facts() -> DeviceFacts:
@@ -104,19 +123,22 @@ def _clusters(f: DeviceFacts) -> str:
 
 
 def render_table(entries: list[Entry], console) -> None:
+    from rich.markup import escape
     from rich.table import Table
 
     table = Table(title="devices")
-    for col, justify in (("serial", "left"), ("via", "left"), ("model", "left"), ("SoC", "left"),
-                         ("ABI", "left"), ("Android", "left"), ("RAM GiB\ntotal/avail", "right"),
+    for col, justify in (("serial", "left"), ("via", "left"), ("usable", "left"), ("model", "left"),
+                         ("SoC", "left"), ("ABI", "left"), ("Android", "left"), ("RAM GiB\ntotal/avail", "right"),
                          ("CPU clusters", "left"), ("threads", "right"), ("free GiB\nworkdir", "right"),
                          ("thermal", "left"), ("battery", "right")):
         table.add_column(col, justify=justify, overflow="fold")
     for e in entries:
         f = e.facts
         if f is None:
-            table.add_row(e.serial, e.transport, f"[red]{e.error.kind}[/red]", str(e.error), *[""] * 8)
+            table.add_row(e.serial, e.transport, f"[red]no: {escape(e.error.kind)}[/red]", escape(one_line(e.error)),
+                          *[""] * 9)
             continue
+        usable = "yes" if e.unusable is None else f"[red]no: {escape(e.unusable)}[/red]"
         android = (f"{f.android_release} (SDK {f.sdk})" if f.android_release else "—") if f.transport != "host" \
             else "host"
         hottest = max(f.temperatures, key=lambda t: t.celsius, default=None)
@@ -124,7 +146,7 @@ def render_table(entries: list[Entry], console) -> None:
                                        if hottest else None) if x) or "?"
         battery = (f"{f.battery_level}%" if f.battery_level is not None else "") + \
                   (f" {f.battery_celsius:.1f}°C" if f.battery_celsius is not None else "")
-        table.add_row(f.serial, f.transport, f.model or "?", f.soc or "?", f.abi or "?", android,
+        table.add_row(f.serial, f.transport, usable, f.model or "?", f.soc or "?", f.abi or "?", android,
                       f"{_gib(f.ram_total_kib)}/{_gib(f.ram_available_kib)}", _clusters(f),
                       str(recommended_threads(f)), _gib(f.workdir_free_kib), thermal, battery.strip() or "—")
     console.print(table)

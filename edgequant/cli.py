@@ -15,7 +15,7 @@ from pathlib import Path
 import click
 
 from edgequant import __version__
-from edgequant.errors import BadInput, EdgequantError
+from edgequant.errors import BadInput, EdgequantError, one_line
 
 FORMATS = ("table", "json", "csv", "md")
 
@@ -1333,7 +1333,7 @@ def main(argv: list[str] | None = None) -> int:
         click.echo("edgequant: interrupted", err=True)
         return 130
     except EdgequantError as exc:
-        click.echo(f"edgequant: error: {exc}", err=True)
+        click.echo(f"edgequant: error: {one_line(exc)}", err=True)
         return exc.exit_code
     except KeyboardInterrupt:
         click.echo("edgequant: interrupted", err=True)
@@ -1341,7 +1341,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # noqa: BLE001 - the last line of defence: never a traceback
         if os.environ.get("EDGEQUANT_DEBUG"):
             raise
-        click.echo(f"edgequant: internal error: {type(exc).__name__}: {exc} "
+        click.echo(f"edgequant: internal error: {type(exc).__name__}: {one_line(exc, 300)} "
                    f"(set EDGEQUANT_DEBUG=1 for a traceback and report it)", err=True)
         return 1
     return 0

@@ -21,3 +21,18 @@ class BadInput(EdgequantError):
 class RunFailed(EdgequantError):
     def __init__(self, message: str):
         super().__init__(message, exit_code=1)
+
+
+def one_line(text: object, limit: int | None = None) -> str:
+    """``text`` made safe to quote in a one-line error: every run of whitespace (newlines
+    included) becomes one space, any other control character becomes ``?``, and past
+    ``limit`` characters it is cut with ``…``.  For command excerpts, device messages and
+    file names, which come from users and devices."""
+    import re
+    import unicodedata
+
+    flat = re.sub(r"\s+", " ", str(text)).strip()
+    flat = "".join("?" if unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp") else ch for ch in flat)
+    if limit is not None and len(flat) > limit:
+        flat = flat[:max(1, limit - 1)].rstrip() + "…"
+    return flat

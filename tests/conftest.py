@@ -159,10 +159,11 @@ cooldown_max_wait = 0
 
 
 @pytest.fixture
-def phone(adb_peer_factory, adb_host_key, tmp_path, monkeypatch):
+def phone(request, adb_peer_factory, adb_host_key, tmp_path, monkeypatch):
     """A "phone": the ADB peer as an ARMv8.0 Cortex-A53 under qemu; (peer, its work dir, a CLI env, a profile
-    of three small rungs)."""
-    peer = adb_peer_factory(qemu_cpu="cortex-a53")
+    of three small rungs).  ``@pytest.mark.parametrize("phone", [...], indirect=True)`` picks the daemon
+    personality (default "classic")."""
+    peer = adb_peer_factory(qemu_cpu="cortex-a53", personality=getattr(request, "param", "classic"))
     assert peer.qemu_enabled, "qemu-aarch64-static is needed: make test installs qemu-user-static (.ci/system-deps)"
     workdir = str(peer.sandbox / "eq")
     env = cli_env(tmp_path, ANDROID_USER_HOME=str(adb_host_key.home / ".android"), HOME=str(adb_host_key.home))

@@ -195,6 +195,117 @@ def test_aosp_client_small_payload_and_concurrent_streams(adb_peer_factory, adb_
     assert pulled.read_bytes() == payload
 
 
+# ---------------------------------------------------------------------------
+# personalities: the daemons phones really run
+
+
+def _raw_session(peer: AdbPeer, host_banner: bytes = b"host::\0"):
+    """A bare socket through CNXN (the peer runs without auth): send(cmd, a0, a1, data), recv() -> Message."""
+    import socket
+
+    from adbpeer import wire
+
+    sock = socket.create_connection((peer.host, peer.port), timeout=10)
+
+    def send(command, arg0, arg1, data=b""):
+        sock.sendall(wire.Message(command, arg0, arg1, data).pack(True))
+
+    def recv():
+        def exact(n):
+            out = b""
+            while len(out) < n:
+                chunk = sock.recv(n - len(out))
+                assert chunk, "the peer closed the connection"
+                out += chunk
+            return out
+        command, arg0, arg1, length, _check, _magic = wire.HEADER.unpack(exact(wire.HEADER.size))
+        return wire.Message(command, arg0, arg1, exact(length) if length else b"")
+
+    send(wire.A_CNXN, wire.A_VERSION_MIN, wire.MAX_PAYLOAD, host_banner)
+    reply = recv()
+    assert reply.command == wire.A_CNXN
+    return sock, send, recv, reply
+
+
+@pytest.mark.parametrize("personality, close_arg0_is_zero", [("classic", False), ("legacy", True)])
+def test_stream_close_on_the_wire(adb_peer_factory, personality, close_arg0_is_zero):
+    """A modern adbd ends a stream with CLSE(its id, our id); a legacy one with CLSE(0, our id), the
+    same packet that refuses an OPEN; both refuse an unknown service with CLSE(0, our id)."""
+    from adbpeer import wire
+
+    peer = adb_peer_factory(personality=personality, auth=False, use_qemu=False)
+    sock, send, recv, cnxn = _raw_session(peer)
+    with sock:
+        assert cnxn.arg1 == (4096 if personality == "legacy" else 1024 * 1024)
+        assert cnxn.arg0 == (0x01000000 if personality == "legacy" else 0x01000001)
+        send(wire.A_OPEN, 7, 0, b"shell:echo hi\0")
+        okay = recv()
+        assert (okay.command, okay.arg1) == (wire.A_OKAY, 7) and okay.arg0 != 0
+        out = b""
+        while (m := recv()).command == wire.A_WRTE:
+            out += m.data
+            send(wire.A_OKAY, 7, okay.arg0)
+        assert out.replace(b"\r\n", b"\n") == b"hi\n"
+        assert (m.command, m.arg1) == (wire.A_CLSE, 7)
+        assert m.arg0 == (0 if close_arg0_is_zero else okay.arg0)
+        send(wire.A_OPEN, 8, 0, b"no-such-service:\0")
+        refused = recv()
+        assert (refused.command, refused.arg0, refused.arg1) == (wire.A_CLSE, 0, 8)
+
+
+def test_legacy_daemon_checks_checksums_and_knows_only_shell_and_sync(adb_peer_factory):
+    from adbpeer import wire
+
+    peer = adb_peer_factory(personality="legacy", auth=False, use_qemu=False)
+    sock, send, recv, _ = _raw_session(peer)
+    with sock:
+        for number, service in enumerate((b"shell,v2,raw:echo hi", b"exec:echo hi"), start=1):
+            send(wire.A_OPEN, number, 0, service + b"\0")
+            refused = recv()
+            assert (refused.command, refused.arg0, refused.arg1) == (wire.A_CLSE, 0, number)
+        bad = wire.Message(wire.A_OPEN, 9, 0, b"shell:true\0").pack(True)
+        sock.sendall(bad[:16] + (1).to_bytes(4, "little") + bad[20:])   # a wrong checksum: adbd hangs up
+        peer.wait_for(lambda: peer.connection_count == 0, what="the connection to drop")
+    assert any("checksum" in e for e in peer.events_of("protocol_error"))
+
+
+def test_aosp_client_against_the_legacy_daemon(adb_peer_factory, adb_cli, tmp_path):
+    peer = adb_peer_factory(personality="legacy")
+    adb_cli.connect(peer)
+    payload = os.urandom(500_000)
+    (tmp_path / "f.bin").write_bytes(payload)
+    push = adb_cli.run("push", str(tmp_path / "f.bin"), str(peer.sandbox / "f.bin"), serial=peer.serial)
+    assert push.returncode == 0, push.stderr
+    assert (peer.sandbox / "f.bin").read_bytes() == payload
+    assert max(peer.host_writes) == 4096                         # the client keeps to the announced payload
+    res = adb_cli.run("shell", "echo out; echo err >&2; exit 3", serial=peer.serial)
+    assert (res.returncode, res.stdout.replace("\r\n", "\n")) == (0, "out\nerr\n")   # no shell v2: no exit code
+    assert adb_cli.run("exec-out", "echo hi", serial=peer.serial).returncode != 0
+    assert "exec:echo hi" in peer.events_of("unknown_service")
+    assert not any(s.startswith("shell,") for s in peer.services)
+
+
+def test_aosp_client_with_delayed_acks(adb_peer_factory, adb_cli, tmp_path):
+    """ADB_BURST_MODE=1 makes the AOSP client offer delayed_ack: with the modern personality the
+    real client keeps several WRTEs in flight, and shell v2 still gives exit codes."""
+    peer = adb_peer_factory(personality="modern")
+    adb_cli.env["ADB_BURST_MODE"] = "1"
+    adb_cli.connect(peer)
+    assert "delayed_ack" in peer.events_of("cnxn")[0]
+    payload = os.urandom(5_000_000)
+    (tmp_path / "f.bin").write_bytes(payload)
+    push = adb_cli.run("push", str(tmp_path / "f.bin"), str(peer.sandbox / "f.bin"), serial=peer.serial)
+    assert push.returncode == 0, push.stderr
+    assert (peer.sandbox / "f.bin").read_bytes() == payload
+    assert peer.max_unacked > 1024 * 1024                      # more than one 1 MiB WRTE unacknowledged
+    big = adb_cli.run("shell", "head -c 3000000 /dev/zero | tr '\\0' x; exit 4", serial=peer.serial)
+    assert (big.returncode, big.stdout) == (4, "x" * 3_000_000)
+    pulled = tmp_path / "back.bin"
+    assert adb_cli.run("pull", str(peer.sandbox / "f.bin"), str(pulled), serial=peer.serial).returncode == 0
+    assert pulled.read_bytes() == payload
+    assert peer.events_of("refused") == []
+
+
 def test_android_fixture_answers(adb_peer, adb_cli):
     adb_cli.connect(adb_peer)
     s = adb_peer.serial

@@ -58,7 +58,13 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+# the runs that open connections, install the runner, push with sha256 checks, run llama-bench and
+# reconnect after an unplug meet a modern daemon and a legacy one (CLSE(0, id) ends, 4 KiB, no shell v2)
+DAEMONS = pytest.mark.parametrize("phone", ["modern", "legacy"], indirect=True)
+
+
 @pytest.mark.slow
+@DAEMONS
 def test_run_on_a_phone_stores_device_rows(tiny_checkpoint, phone, arm64_runner):
     peer, workdir, env, profile = phone
     res = run_cli(*_run_args(tiny_checkpoint, peer, workdir, profile, arm64_runner), env=env, timeout=1500)
@@ -149,6 +155,7 @@ def preload_runner_and_reference(tiny_checkpoint, peer, workdir, env, profile, a
 
 
 @pytest.mark.slow
+@DAEMONS
 def test_unplugged_mid_run_is_partial_and_resumes(tiny_checkpoint, phone, arm64_runner):
     peer, workdir, env, profile = phone
     # build the ladder, and put the runner and the reference on the phone beforehand, so that the

@@ -6,6 +6,10 @@
 Facts, exit codes, safe pushes with faults (drop mid-push, full disk), refused
 and stalled services, unauthorized keys, unknown serials, and the
 `edgequant devices` commands through the real CLI.
+
+Every test meets two daemons (the peer's personalities): a modern adbd (1 MiB
+payloads, shell v2, delayed acks offered) and a legacy one (4 KiB payloads,
+checksums, no shell v2, no exec:, every stream ended with CLSE(0, id)).
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -28,6 +33,13 @@ from edgequant.devices.transport import DeviceError
 from edgequant.errors import BadInput
 
 TRANSPORTS = ("direct", "server")
+PERSONALITIES = ("modern", "legacy")
+
+
+@pytest.fixture(params=PERSONALITIES)
+def adb_peer(request, adb_peer_factory):
+    """conftest's peer, once as each daemon personality."""
+    return adb_peer_factory(personality=request.param)
 
 
 @pytest.fixture
@@ -87,16 +99,16 @@ def test_facts_in_one_round_trip(transport, adb_peer):
     assert f.cpu_count == os.cpu_count() and recommended_threads(f) >= 1
 
 
-def test_shell_exit_codes_and_stderr(transport):
+def test_shell_exit_codes_and_stderr(transport, adb_peer):
     ok = transport.shell("echo hello", timeout=20)
     assert (ok.exit_code, ok.stdout) == (0, "hello\n")
     three = transport.shell("echo before; exit 3", timeout=20)
     assert (three.exit_code, three.stdout) == (3, "before\n")
     err = transport.shell("echo out; echo problem >&2; exit 5", timeout=20)
     assert err.exit_code == 5
-    if transport.kind == "server":       # shell v2: stderr apart
+    if transport.kind == "server" and "shell_v2" in adb_peer.features:     # shell v2: stderr apart
         assert (err.stdout, err.stderr) == ("out\n", "problem\n")
-    else:                                # adb-shell's v1 shell merges them
+    else:                                # adb-shell's v1 shell, and any daemon without v2, merge them
         assert (err.stdout, err.stderr) == ("out\nproblem\n", "")
     tricky = transport.shell("printf 'a b\\nno newline'; printf 'EQX0000000000000000:0\\n'; exit 7", timeout=20)
     assert tricky.exit_code == 7 and tricky.stdout.startswith("a b\nno newline")
@@ -120,16 +132,133 @@ def test_pull_round_trip(transport, adb_peer, tmp_path):
     assert [p.name for p in local.parent.iterdir()] == ["result.json"]     # no temporary left
 
 
-def test_direct_push_in_small_packets(adb_peer_factory, device_env, tmp_path):
-    """A device holding the payload to 4 KiB (old adbd): every WRTE is small."""
-    peer = adb_peer_factory(max_payload=4096)
-    local = make_file(tmp_path / "m.gguf", 1_500_000)
+@pytest.mark.parametrize("max_payload", [4096, 256 * 1024, 1024 * 1024])
+def test_direct_push_fills_the_announced_payload(adb_peer_factory, device_env, tmp_path, max_payload):
+    """Every WRTE of a push carries the maximum payload the daemon announced (the last one the rest)."""
+    peer = adb_peer_factory(max_payload=max_payload)
+    size = 1_500_000
+    local = make_file(tmp_path / "m.gguf", size)
     t = DirectTransport(peer.serial, io_timeout=20)
     try:
-        result = P.Pusher(t, str(peer.sandbox / "eq")).push(local)
+        t.shell("true", timeout=20)
+        before = dict(peer.host_writes)
+        t.push(local, str(peer.sandbox / "m.gguf"))
     finally:
         t.close()
-    assert Path(result.remote).read_bytes() == local.read_bytes()
+    assert (peer.sandbox / "m.gguf").read_bytes() == local.read_bytes()
+    sizes = {n: c - before.get(n, 0) for n, c in peer.host_writes.items() if c > before.get(n, 0)}
+    # the sync stream: SEND (8 + the path and mode), one DATA header (8) per 64 KiB of file, DONE (8)
+    spec = len(f"{peer.sandbox / 'm.gguf'},{0o100644}")
+    stream = 8 + spec + size + 8 * -(-size // 65536) + 8
+    full, rest = divmod(stream, max_payload)
+    assert sizes == ({max_payload: full, rest: 1} if rest else {max_payload: full})
+
+
+@pytest.mark.parametrize("personality", ["legacy", "modern"])
+def test_direct_push_sends_each_packet_in_one_write(adb_peer_factory, device_env, tmp_path, personality):
+    """Header and payload leave in one write (adb-shell sends them in two); byte sums only where the
+    daemon's protocol version needs them (we announce A_VERSION_SKIP_CHECKSUM, adb-shell 0x01000000)."""
+    import struct
+
+    from edgequant.devices.direct import FixedTcpTransport
+
+    writes: list[bytes] = []
+
+    class Recording(FixedTcpTransport):
+        def _send_all(self, data, transport_timeout_s):
+            payload_sum = sum(bytes(data[24:])) & 0xFFFFFFFF
+            writes.append(bytes(data[:24]) + len(data).to_bytes(8, "little") + payload_sum.to_bytes(4, "little"))
+            return super()._send_all(data, transport_timeout_s)
+
+    class RecordingDirect(DirectTransport):
+        tcp_class = Recording
+
+    peer = adb_peer_factory(personality=personality)
+    local = make_file(tmp_path / "m.gguf", 200_000)
+    t = RecordingDirect(peer.serial, io_timeout=20)
+    try:
+        t.shell("true", timeout=20)
+        writes.clear()
+        t.push(local, str(peer.sandbox / "m.gguf"))
+    finally:
+        t.close()
+    assert (peer.sandbox / "m.gguf").read_bytes() == local.read_bytes()
+    packets = [(rec[:4], struct.unpack("<I", rec[12:16])[0], int.from_bytes(rec[24:32], "little"))
+               for rec in writes]
+    wrtes = [rec for rec in writes if rec[:4] == b"WRTE"]
+    assert len(wrtes) >= (200_000 // 4096 if personality == "legacy" else 1)
+    assert all(written == 24 + length for _, length, written in packets), packets[:5]
+    checks = {struct.unpack("<I", rec[16:20])[0] == int.from_bytes(rec[32:], "little") for rec in wrtes}
+    zeros = {struct.unpack("<I", rec[16:20])[0] == 0 for rec in wrtes}
+    if personality == "legacy":            # version 0x01000000: every payload summed (the peer checks it)
+        assert checks == {True} and peer.events_of("cnxn")[0].startswith("version=0x01000001")
+    else:                                  # version 0x01000001 on both sides: no sums
+        assert zeros == {True}
+
+
+def test_one_connection_runs_command_after_command_and_push_after_push(adb_peer, device_env, tmp_path):
+    """The legacy daemon ends every stream with CLSE(0, id): that is an end, not a refusal."""
+    local = make_file(tmp_path / "m.gguf", 300_000)
+    t = DirectTransport(adb_peer.serial, io_timeout=20)
+    try:
+        for i in range(3):
+            res = t.shell(f"echo run {i}; exit {i}", timeout=20)
+            assert (res.exit_code, res.stdout) == (i, f"run {i}\n")
+        for i in range(2):
+            t.push(local, str(adb_peer.sandbox / f"copy{i}.gguf"))
+            assert (adb_peer.sandbox / f"copy{i}.gguf").read_bytes() == local.read_bytes()
+        t.pull(str(adb_peer.sandbox / "copy0.gguf"), tmp_path / "back.gguf")
+        assert (tmp_path / "back.gguf").read_bytes() == local.read_bytes()
+        assert t.shell("echo last", timeout=20).stdout == "last\n"
+    finally:
+        t.close()
+    assert len(adb_peer.events_of("connect")) == 1            # never dropped and made again
+    assert adb_peer.events_of("refused") == [] and adb_peer.events_of("protocol_error") == []
+    assert not any(s.startswith(("exec:", "shell,")) for s in adb_peer.services)    # v1 shell and sync only
+
+
+def test_delayed_acks_keep_the_push_window_full(adb_peer_factory, device_env, tmp_path):
+    """A daemon offering delayed_ack gets more than one WRTE in flight; one without, exactly one;
+    adb-shell's own streams (a shell printing more than the 32 MiB window) keep working under it."""
+    local = make_file(tmp_path / "m.gguf", 6_000_000)
+    in_flight = {}
+    for personality in ("modern", "classic"):
+        peer = adb_peer_factory(personality=personality)
+        t = DirectTransport(peer.serial, io_timeout=20)
+        try:
+            t.push(local, str(peer.sandbox / "m.gguf"))
+            if personality == "modern":
+                res = t.shell("head -c 40000000 /dev/zero | tr '\\0' a", timeout=120)
+                assert res.ok and res.stdout == "a" * 40_000_000
+        finally:
+            t.close()
+        assert (peer.sandbox / "m.gguf").read_bytes() == local.read_bytes()
+        in_flight[personality] = peer.max_unacked
+        assert peer.events_of("refused") == []
+    assert in_flight["modern"] > 1024 * 1024 >= in_flight["classic"]
+
+
+def test_refused_sync_and_shell_are_one_line_naming_the_service(adb_peer, device_env, tmp_path):
+    local = make_file(tmp_path / "m.gguf", 100_000)
+    t = DirectTransport(adb_peer.serial, io_timeout=30)
+    try:
+        adb_peer.faults.refuse = {"sync:"}
+        start = time.monotonic()
+        with pytest.raises(DeviceError) as err:
+            t.push(local, str(adb_peer.sandbox / "m.gguf"))
+        assert err.value.kind == "refused" and "sync:" in str(err.value) and "m.gguf" in str(err.value)
+        adb_peer.faults.refuse = {"shell"}
+        with pytest.raises(DeviceError) as err:
+            t.shell("echo one\necho two\x1b[2J\tthree", timeout=30)
+        msg = str(err.value)
+        assert err.value.kind == "refused" and "shell:" in msg and "echo one echo two?[2J three" in msg
+        assert not any(ord(ch) < 32 or ord(ch) == 127 for ch in msg), msg
+        assert time.monotonic() - start < 10                   # at once, not after the 30 s I/O timeout
+        adb_peer.faults.refuse = set()
+        t.push(local, str(adb_peer.sandbox / "m.gguf"))         # and the next push goes through
+        assert (adb_peer.sandbox / "m.gguf").read_bytes() == local.read_bytes()
+    finally:
+        t.close()
 
 
 def test_bulk_write_sends_every_byte():
@@ -367,6 +496,41 @@ def test_cli_devices_json_and_table(adb_peer_factory, device_env, tmp_path):
     assert via_server.serial not in table.stdout
 
 
+def test_cli_devices_marks_the_devices_edgequant_cannot_use(adb_peer_factory, device_env, tmp_path):
+    good = adb_peer_factory(personality="legacy")
+    x86 = adb_peer_factory(props={"ro.product.cpu.abi": "x86_64", "ro.product.cpu.abilist": "x86_64,x86"})
+    blocked = adb_peer_factory()
+    stranger = adb_peer_factory(authorized_keys=[])
+    workdir = tmp_path / "phone-dir" / "eq"         # the peers share this host's file system
+    (blocked.sandbox / "eq").write_text("a file where the work directory would go")
+    device_env.run("connect", stranger.serial)
+    device_env.wait_for_state(stranger.serial, ("unauthorized",))
+    env = cli_device_env(tmp_path, device_env, EDGEQUANT_DEVICES=f"{good.serial},{x86.serial}",
+                         EDGEQUANT_DEVICE_DIR=str(workdir))
+    res = run_cli("devices", "--json", env=env, timeout=120)
+    assert res.returncode == 1                              # the unauthorized phone could not be read
+    rows = {r["serial"]: r for r in json.loads(res.stdout)}
+    assert rows[good.serial]["usable"] is True and rows[good.serial]["unusable_reason"] is None
+    assert rows[good.serial]["workdir_writable"] is True and not workdir.exists()     # listing creates nothing
+    assert rows[x86.serial]["usable"] is False and "ABI x86_64" in rows[x86.serial]["unusable_reason"]
+    assert rows[stranger.serial]["usable"] is False
+    assert "Allow USB debugging" in rows[stranger.serial]["unusable_reason"]
+    res = run_cli("devices", "--json", "--device", blocked.serial, "--device-dir", str(blocked.sandbox / "eq" / "w"),
+                  env=env, timeout=120)
+    assert res.returncode == 0, res.stderr
+    (row,) = json.loads(res.stdout)
+    assert row["usable"] is False and row["workdir_writable"] is False
+    assert "cannot be created or written" in row["unusable_reason"]
+    # the table says the same, one row per device
+    table = run_cli("devices", env=env, timeout=120)
+    assert table.returncode == 1
+    lines = {p.serial: [ln for ln in table.stdout.splitlines() if p.serial in ln][0] for p in (good, x86, stranger)}
+    assert "│ yes" in lines[good.serial]
+    assert "no: ABI x86_64" in lines[x86.serial]
+    assert "no: unauthorized" in lines[stranger.serial]
+    assert_one_line_error(table.stderr, stranger.serial)
+
+
 def test_cli_device_errors_are_one_line(adb_peer_factory, device_env, tmp_path):
     env = cli_device_env(tmp_path, device_env)
     res = run_cli("devices", env=env, timeout=60)
@@ -385,6 +549,27 @@ def test_cli_device_errors_are_one_line(adb_peer_factory, device_env, tmp_path):
     assert_one_line_error(res.stderr, stranger.serial, "Allow USB debugging")
     rows = {r["serial"]: r for r in json.loads(res.stdout)}
     assert rows[stranger.serial]["error"] == "unauthorized" and rows[peer.serial]["model"] == "Pixel 6"
+
+
+def test_cli_refused_shell_is_one_clean_line(adb_peer_factory, device_env, tmp_path):
+    """The facts script is many lines: the error quotes a flattened, shortened excerpt of it."""
+    peer = adb_peer_factory(personality="legacy")
+    peer.faults.refuse = {"shell"}
+    env = cli_device_env(tmp_path, device_env)
+    res = run_cli("devices", "--device", peer.serial, env=env, timeout=60)
+    assert res.returncode == 1
+    line = assert_one_line_error(res.stderr, peer.serial, "refused the shell: service", "echo @@eqfacts-")
+    assert [ln for ln in res.stderr.splitlines() if ln.strip()] == [line]
+    assert not any(ord(ch) < 32 for ch in line) and "…" in line
+
+
+def test_one_line_flattens_and_shortens_quoted_text():
+    from edgequant.errors import one_line
+
+    assert one_line("a\nb\r\n\tc") == "a b c"
+    assert one_line("bell\x07 esc\x1b[31m del\x7f zw\u200b ls\u2028") == "bell? esc?[31m del? zw? ls"
+    assert one_line("x" * 50, 10) == "x" * 9 + "…" and one_line("short", 10) == "short"
+    assert one_line(b"bytes") == "b'bytes'" and one_line("") == ""
 
 
 def test_cli_devices_clean(adb_peer, device_env, tmp_path):
@@ -418,3 +603,15 @@ def test_fast_checksum_matches_adb_shell():
 
     for data in (b"", b"\xff" * 70_000, os.urandom(1 << 20), bytearray(os.urandom(12345))):
         assert byte_sum(data) == checksum(data)
+
+
+@pytest.mark.parametrize("size", [4096, 65536 + 8, 1 << 20])
+def test_push_packets_cut_the_sync_stream_exactly(size):
+    from edgequant.devices.direct import _packets
+
+    pieces = [os.urandom(n) for n in (8, 3, 65536, 8, 65536, 8, 1000, 8, 0, 5, 300_000, 8)]
+    packets = [(bytes(p), c) for p, c in _packets(iter(pieces), size, block=1 << 18)]
+    assert b"".join(p for p, _ in packets) == b"".join(pieces)
+    assert all(len(p) == size for p, _ in packets[:-1]) and 0 < len(packets[-1][0]) <= size
+    assert all(c == sum(p) & 0xFFFFFFFF for p, c in packets)
+

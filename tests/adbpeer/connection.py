@@ -8,12 +8,20 @@ Flow control as adbd does it without ``delayed_ack``: a stream has at most one
 WRTE in flight towards the host and waits for its OKAY before the next; a
 WRTE from the host is acknowledged with OKAY once the service has taken the
 data.  The host therefore never has more than one unacknowledged WRTE queued.
+
+With ``delayed_ack`` (both CNXN banners list it; AOSP's docs/dev/delayed_ack.md
+and adb.cpp/sockets.cpp): an OPEN's arg1 is the window the host grants (it
+must be non-zero exactly when delayed acks are on, or the OPEN is refused),
+the OKAY answering it carries the device's window as a 4-byte little-endian
+payload, and every later OKAY carries the bytes just consumed, which the
+other side adds to its window.  Each side sends while its window is positive.
 """
 
 from __future__ import annotations
 
 import os
 import socket
+import struct
 import threading
 import traceback
 from collections import deque
@@ -34,7 +42,8 @@ class StreamClosed(Exception):
 class Stream:
     """A device-side socket: the service reads host data and writes replies here."""
 
-    def __init__(self, conn: Connection, local_id: int, remote_id: int, service: str):
+    def __init__(self, conn: Connection, local_id: int, remote_id: int, service: str,
+                 window: int | None = None):
         self.conn = conn
         self.local_id = local_id
         self.remote_id = remote_id
@@ -42,7 +51,9 @@ class Stream:
         self.closed = False
         self._cv = threading.Condition()
         self._inbox: deque[bytes] = deque()
+        self._unacked = 0              # host bytes received and not yet acknowledged
         self._can_send = True          # the first WRTE may follow our OKAY directly
+        self.window = window           # delayed_ack: bytes the host still accepts; None: one WRTE at a time
         self._write_lock = threading.Lock()
         self._on_close: list[Callable[[], None]] = []
 
@@ -51,6 +62,8 @@ class Stream:
         with self._cv:
             if not self.closed:
                 self._inbox.append(data)
+                self._unacked += len(data)
+                self.conn.peer.note_host_write(len(data), self._unacked)
                 self._cv.notify_all()
 
     def read(self) -> bytes:
@@ -61,19 +74,27 @@ class Stream:
             if not self._inbox:
                 return b""
             data = self._inbox.popleft()
+            self._unacked -= len(data)
             still_open = not self.closed
         if still_open:
             try:
-                self.conn.send(A_OKAY, self.local_id, self.remote_id)
+                self.conn.send(A_OKAY, self.local_id, self.remote_id, self.conn.ack_payload(self, len(data)))
             except StreamClosed:
                 pass
         return data
 
     # -- device -> host ------------------------------------------------------
-    def okay(self) -> None:
+    def okay(self, acked: int | None = None) -> None:
         with self._cv:
+            if self.window is not None:
+                if acked is None:          # adbd logs "delayed ack mismatch" and ignores the packet
+                    return
+                self.window += acked
             self._can_send = True
             self._cv.notify_all()
+
+    def _may_send(self) -> bool:
+        return self._can_send if self.window is None else self.window > 0
 
     def write(self, data: bytes) -> None:
         """Send ``data`` as WRTEs of at most the negotiated payload, each acknowledged."""
@@ -81,13 +102,17 @@ class Stream:
         view = memoryview(data)
         with self._write_lock:
             for offset in range(0, len(view), step):
+                chunk = bytes(view[offset:offset + step])
                 with self._cv:
-                    while not self._can_send and not self.closed:
+                    while not self._may_send() and not self.closed:
                         self._cv.wait()
                     if self.closed:
                         raise StreamClosed(self.service)
-                    self._can_send = False
-                self.conn.send(A_WRTE, self.local_id, self.remote_id, bytes(view[offset:offset + step]))
+                    if self.window is None:
+                        self._can_send = False
+                    else:
+                        self.window -= len(chunk)
+                self.conn.send(A_WRTE, self.local_id, self.remote_id, chunk)
 
     # -- closing -------------------------------------------------------------
     def on_close(self, callback: Callable[[], None]) -> None:
@@ -110,11 +135,11 @@ class Stream:
         CLSE never overtakes the OKAY of the last WRTE; a host that never acks
         keeps the stream open, on adbd as here."""
         with self._write_lock, self._cv:
-            while not self._can_send and not self.closed:
+            while self.window is None and not self._can_send and not self.closed:
                 self._cv.wait()
         if self._mark_closed():
             try:
-                self.conn.send(A_CLSE, self.local_id, self.remote_id)
+                self.conn.send(A_CLSE, self.conn.close_arg0(self), self.remote_id)
             except StreamClosed:
                 pass
 
@@ -122,7 +147,7 @@ class Stream:
         """The host sent CLSE: answer with CLSE, as adbd's local socket does, then stop the service."""
         if self._mark_closed():
             try:
-                self.conn.send(A_CLSE, self.local_id, self.remote_id)
+                self.conn.send(A_CLSE, self.conn.close_arg0(self), self.remote_id)
             except StreamClosed:
                 pass
             self._run_close_callbacks()
@@ -146,6 +171,7 @@ class Connection:
         self.address = address
         self.version = wire.A_VERSION_MIN
         self.max_payload = wire.MAX_PAYLOAD
+        self.delayed_ack = False
         self.online = False
         self.host_banner = ""
         self.auth_key: str | None = None
@@ -184,8 +210,12 @@ class Connection:
         try:
             while not self.closed.is_set():
                 header = self._recv_exact(wire.HEADER.size)
-                command, arg0, arg1, length, _check = wire.parse_header(header, self.max_payload)
+                command, arg0, arg1, length, check = wire.parse_header(header, self.max_payload)
                 data = self._recv_exact(length) if length else b""
+                if self.version < wire.A_VERSION_SKIP_CHECKSUM and command != A_CNXN \
+                        and check != wire.checksum(data):
+                    # adbd: "bad checksum", and the transport is dropped
+                    raise ProtocolError(f"{wire.command_name(command)} checksum 0x{check:08x} is wrong")
                 self.handle(command, arg0, arg1, data)
         except (ConnectionError, OSError, StreamClosed):
             pass
@@ -218,11 +248,19 @@ class Connection:
             if self._streams.get(stream.local_id) is stream:
                 del self._streams[stream.local_id]
 
-    def _new_stream(self, remote_id: int, service: str) -> Stream:
+    def close_arg0(self, stream: Stream) -> int:
+        """arg0 of the CLSE ending ``stream``: our id, or 0 on a daemon with the legacy close."""
+        return 0 if self.peer.personality.legacy_close else stream.local_id
+
+    def ack_payload(self, stream: Stream, consumed: int) -> bytes:
+        """The payload of an OKAY: the bytes consumed under delayed_ack, nothing otherwise."""
+        return b"" if stream.window is None else struct.pack("<i", consumed)
+
+    def _new_stream(self, remote_id: int, service: str, window: int | None = None) -> Stream:
         with self._streams_lock:
             local_id = self._next_id
             self._next_id = self._next_id + 1 if self._next_id < 0xFFFFFFFF else 1
-            stream = Stream(self, local_id, remote_id, service)
+            stream = Stream(self, local_id, remote_id, service, window)
             self._streams[local_id] = stream
         return stream
 
@@ -246,14 +284,22 @@ class Connection:
             if not self.online or arg0 == 0:
                 return
             service = data.rstrip(b"\0").decode("utf-8", "replace")
-            threading.Thread(target=self._open, args=(arg0, service), daemon=True,
+            if self.delayed_ack != bool(arg1):
+                # adbd: "unexpected value of A_OPEN arg1" (a window without delayed acks, or none with them)
+                self.peer.event("refused", f"{service} (OPEN arg1={arg1}, delayed_ack={self.delayed_ack})")
+                self._send_quiet(A_CLSE, 0, arg0)
+                return
+            threading.Thread(target=self._open, args=(arg0, service, arg1 or None), daemon=True,
                              name=f"adbpeer-open-{service[:24]}").start()
         elif command == A_OKAY:
             if not self.online or arg0 == 0 or arg1 == 0:
                 return
+            if len(data) not in (0, 4):
+                self.peer.event("protocol_error", f"OKAY payload of {len(data)} bytes")
+                return
             stream = self._stream(arg1)
             if stream is not None and stream.remote_id == arg0:
-                stream.okay()
+                stream.okay(struct.unpack("<i", data)[0] if data else None)
             elif stream is None:
                 self.send(A_CLSE, arg1, arg0)
         elif command == A_WRTE:
@@ -275,9 +321,10 @@ class Connection:
     def _handle_cnxn(self, version: int, max_payload: int, banner: bytes) -> None:
         self.close_all_streams()
         self.online = False
-        self.version = min(version, wire.A_VERSION)
+        self.version = min(version, self.peer.personality.version)
         self.max_payload = max(256, min(max_payload, self.peer.faults.max_payload))
         self.host_banner = banner.rstrip(b"\0").decode("utf-8", "replace")
+        self.delayed_ack = "delayed_ack" in self.peer.features and "delayed_ack" in host_features(banner)
         self.peer.event("cnxn", f"version=0x{version:08x} maxdata={max_payload} banner={self.host_banner!r}")
         if not self.peer.auth_required:
             self._go_online("auth disabled")
@@ -334,10 +381,10 @@ class Connection:
         self.online = True
         self.prompt_pending = False
         self.peer.event("online", why)
-        self.send(A_CNXN, wire.A_VERSION, self.max_payload, self.peer.banner().encode())
+        self.send(A_CNXN, self.peer.personality.version, self.max_payload, self.peer.banner().encode())
 
     # -- services ------------------------------------------------------------
-    def _open(self, remote_id: int, service: str) -> None:
+    def _open(self, remote_id: int, service: str, window: int | None = None) -> None:
         peer = self.peer
         peer.service_opened(service)
         faults = peer.faults
@@ -357,9 +404,10 @@ class Connection:
             return
         if not self.online or self.closed.is_set():
             return
-        stream = self._new_stream(remote_id, service)
+        stream = self._new_stream(remote_id, service, window)
         try:
-            self.send(A_OKAY, stream.local_id, remote_id)
+            self.send(A_OKAY, stream.local_id, remote_id,
+                      b"" if window is None else struct.pack("<i", wire.INITIAL_DELAYED_ACK_BYTES))
             handler(stream)
         except StreamClosed:
             pass
@@ -374,3 +422,17 @@ class Connection:
         except StreamClosed:
             pass
 
+
+
+def host_features(banner: bytes) -> set[str]:
+    """The features of a CNXN banner, split as adbd's parse_banner does it: ``host::key=value;...``,
+    with the banner's bytes as sent (a trailing NUL stays part of the last feature, as on adbd)."""
+    text = banner.decode("utf-8", "replace")
+    pieces = text.split(":")
+    if len(pieces) < 3:
+        return set()
+    for prop in pieces[2].split(";"):
+        key_value = prop.split("=")
+        if len(key_value) == 2 and key_value[0] == "features":
+            return set(key_value[1].split(","))
+    return set()

@@ -21,8 +21,46 @@ from .connection import Connection, Stream
 
 # What this peer implements (sent in the CNXN banner).  Not advertised, so
 # clients fall back: sendrecv_v2*, stat_v2, ls_v2 (sync v1 only), cmd/abb
-# (no package manager), delayed_ack, apex, remount_shell, track_app.
+# (no package manager), apex, remount_shell, track_app.  ``delayed_ack`` is
+# implemented but only the "modern" personality advertises it.
 DEFAULT_FEATURES = ("shell_v2", "fixed_push_mkdir", "fixed_push_symlink_timestamp")
+
+
+@dataclass(frozen=True)
+class Personality:
+    """How one family of real adbd builds behaves on the wire.
+
+    max_payload    the largest payload announced in CNXN (4 KiB before Android 7,
+                   256 KiB in 7 and 8, 1 MiB since 9)
+    version        the protocol version announced in CNXN; below
+                   ``A_VERSION_SKIP_CHECKSUM`` every packet carries a checksum,
+                   and a packet whose checksum is wrong drops the connection
+    features       the CNXN banner's features: without ``shell_v2`` the
+                   ``shell,v2:``/``shell,raw:`` services are unknown (CLSE), with
+                   ``delayed_ack`` a host that asks for it gets AOSP's windowed
+                   flow control (docs/dev/delayed_ack.md in AOSP's adb)
+    legacy_close   every stream ends with CLSE(0, host-id), the packet a modern
+                   adbd only uses to refuse an OPEN (adbd before the socket
+                   shutdown hook, and many embedded and vendor daemons)
+    exec_service   whether ``exec:`` exists (older daemons answer it with CLSE)
+    """
+
+    name: str
+    max_payload: int = wire.MAX_PAYLOAD
+    version: int = wire.A_VERSION
+    features: tuple[str, ...] = DEFAULT_FEATURES
+    legacy_close: bool = False
+    exec_service: bool = True
+
+
+# "classic": what this peer always was (adbd of Android 9 to 12); "modern": delayed acks offered too;
+# "legacy": an old or embedded adbd (4 KiB payloads, checksums, no shell v2, no exec:, CLSE(0, id)).
+PERSONALITIES = {
+    "classic": Personality("classic"),
+    "modern": Personality("modern", features=DEFAULT_FEATURES + ("delayed_ack",)),
+    "legacy": Personality("legacy", max_payload=wire.MAX_PAYLOAD_V1, version=wire.A_VERSION_MIN, features=(),
+                          legacy_close=True, exec_service=False),
+}
 
 
 @dataclass
@@ -78,29 +116,34 @@ class Faults:
 class AdbPeer:
     """The daemon side of ADB on a free 127.0.0.1 port, in background threads.
 
-    Use as a context manager (or ``start()``/``close()``).  Attributes:
+    ``personality`` ("classic", "modern", "legacy" or a :class:`Personality`)
+    picks the daemon it behaves like; ``max_payload`` and ``features`` override
+    the personality's.  Use as a context manager (or ``start()``/``close()``).  Attributes:
     ``host``, ``port``, ``serial`` ("127.0.0.1:PORT"), ``sandbox`` (a real
     folder: shell cwd and the only place sync may touch), ``faults``,
     ``services`` (every service name the host opened, in order), ``events``
     ((kind, detail) tuples: cnxn, auth, online, stall, refused,
     unknown_service, sync, drop, no_space, lmk, ...), ``errors`` (internal
     errors of the peer itself; a test may assert it is empty),
-    ``authorized_keys`` (adb_keys lines) and ``android`` (the fixture tools'
-    state: props, dumpsys texts, disk).
+    ``authorized_keys`` (adb_keys lines), ``android`` (the fixture tools'
+    state: props, dumpsys texts, disk), ``host_writes`` (WRTE payload size from
+    the host -> count) and ``max_unacked`` (the most bytes a stream held that
+    the host had sent and the peer had not yet acknowledged).
     """
 
     def __init__(self, sandbox: Path, *, props: dict[str, str] | None = None,
                  authorized_keys: list[str] | None = None, auto_accept: bool = False, auth: bool = True,
-                 max_payload: int = wire.MAX_PAYLOAD, sndbuf: int | None = None, rcvbuf: int | None = None,
-                 features: tuple[str, ...] = DEFAULT_FEATURES, use_qemu: bool = True,
-                 qemu_cpu: str | None = None, host: str = "127.0.0.1", port: int = 0):
+                 max_payload: int | None = None, sndbuf: int | None = None, rcvbuf: int | None = None,
+                 features: tuple[str, ...] | None = None, personality: str | Personality = "classic",
+                 use_qemu: bool = True, qemu_cpu: str | None = None, host: str = "127.0.0.1", port: int = 0):
         self.sandbox = Path(sandbox)
         self.sandbox.mkdir(parents=True, exist_ok=True)
         self._sandbox_real = os.path.realpath(self.sandbox)
         self.authorized_keys: list[str] = list(authorized_keys or [])
         self.auto_accept = auto_accept
         self.auth_required = auth
-        self.features = tuple(features)
+        self.personality = PERSONALITIES[personality] if isinstance(personality, str) else personality
+        self.features = tuple(self.personality.features if features is None else features)
         self.host = host
         self._requested_port = port
         self.port = 0
@@ -108,6 +151,8 @@ class AdbPeer:
         self.events: list[tuple[str, str]] = []
         self.errors: list[str] = []
         self.lmk_kills: list[tuple[int, str]] = []
+        self.host_writes: dict[int, int] = {}   # WRTE payload size from the host -> how many
+        self.max_unacked = 0                     # most host bytes one stream held unacknowledged
         self._lock = threading.Lock()
         self._connections: set[Connection] = set()
         self._sessions: set[int] = set()
@@ -117,7 +162,8 @@ class AdbPeer:
         self._listener: socket.socket | None = None
         self._root = Path(tempfile.mkdtemp(prefix="adbpeer-"))
         self.android = AndroidFixtures(self._root, {**DEFAULT_PROPS, **(props or {})})
-        self.faults = Faults(max_payload=max_payload, sndbuf=sndbuf, rcvbuf=rcvbuf)
+        self.faults = Faults(max_payload=self.personality.max_payload if max_payload is None else max_payload,
+                             sndbuf=sndbuf, rcvbuf=rcvbuf)
         object.__setattr__(self.faults, "_on_change", self._fault_changed)
         self._qemu_env: dict[str, str] = {}
         if use_qemu:
@@ -210,6 +256,11 @@ class AdbPeer:
     def events_of(self, kind: str) -> list[str]:
         with self._lock:
             return [detail for k, detail in self.events if k == kind]
+
+    def note_host_write(self, size: int, unacked: int) -> None:
+        with self._lock:
+            self.host_writes[size] = self.host_writes.get(size, 0) + 1
+            self.max_unacked = max(self.max_unacked, unacked)
 
     def record_error(self, text: str) -> None:
         with self._lock:

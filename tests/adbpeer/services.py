@@ -14,6 +14,8 @@ Behaviour follows AOSP adbd (``daemon/services.cpp``, ``shell_service.cpp``,
   ``sh``, not a login shell as on Android, so /etc/profile keeps its hands
   off PATH).
 * When the host closes the stream the child gets SIGHUP, as from adbd.
+* A daemon whose features lack ``shell_v2`` knows only ``shell:CMD``; one
+  without ``exec:`` (peer.Personality) refuses it: both end with CLSE.
 * ``sync:`` is the v1 file protocol (STAT=lstat, LIST, SEND, RECV, QUIT);
   paths outside the peer's sandbox are refused as a phone refuses paths the
   shell user cannot write ("Permission denied").
@@ -61,6 +63,8 @@ def resolve(peer: AdbPeer, service: str) -> Callable[[Stream], None] | None:
         if ":" not in rest:
             return None
         args, command = rest.split(":", 1)
+        if args and "shell_v2" not in peer.features:
+            return None        # a daemon before shell v2 knows "shell:" only
         use_pty = not command
         protocol = False
         term = "dumb"
@@ -74,7 +78,7 @@ def resolve(peer: AdbPeer, service: str) -> Callable[[Stream], None] | None:
             elif arg.startswith("TERM="):
                 term = arg[len("TERM="):]
         return lambda stream: run_subprocess(peer, stream, command, use_pty=use_pty, protocol=protocol, term=term)
-    if service.startswith("exec:"):
+    if service.startswith("exec:") and peer.personality.exec_service:
         command = service[len("exec:"):]
         return lambda stream: run_subprocess(peer, stream, command, use_pty=False, protocol=False, term=None)
     if service.startswith("sync:"):
@@ -260,6 +264,7 @@ class SyncService:
         self.peer = peer
         self.stream = stream
         self._buffer = bytearray()
+        self._pos = 0                  # where the next read starts in _buffer
         self._eof = False
         self._out = bytearray()
 
@@ -281,8 +286,12 @@ class SyncService:
 
     # -- byte-stream reading over WRTE payloads ---------------------------------
     def _read_exact(self, n: int) -> bytes | None:
-        if len(self._buffer) < n:
+        # a read position instead of deleting from the front: a 1 MiB WRTE holds 16 DATA messages,
+        # and moving the rest of the buffer after each would cost the peer more than the copy itself
+        if len(self._buffer) - self._pos < n:
             self._flush()
+            del self._buffer[:self._pos]
+            self._pos = 0
         while len(self._buffer) < n:
             if self._eof:
                 return None
@@ -291,8 +300,8 @@ class SyncService:
                 self._eof = True
                 return None
             self._buffer += data
-        out = bytes(self._buffer[:n])
-        del self._buffer[:n]
+        out = bytes(self._buffer[self._pos:self._pos + n])
+        self._pos += n
         return out
 
     def _fail(self, reason: str) -> None:

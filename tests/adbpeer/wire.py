@@ -36,6 +36,8 @@ A_VERSION = 0x01000001
 
 MAX_PAYLOAD_V1 = 4 * 1024      # what CNXN and AUTH are limited to before negotiation
 MAX_PAYLOAD = 1024 * 1024      # adbd's own limit since Android 9
+# delayed_ack: the window each side grants the other when a stream opens (AOSP adb.h)
+INITIAL_DELAYED_ACK_BYTES = 32 * 1024 * 1024
 
 # AUTH arg0
 AUTH_TOKEN = 1
@@ -49,7 +51,13 @@ class ProtocolError(Exception):
 
 
 def checksum(data: bytes) -> int:
-    return sum(data) & 0xFFFFFFFF
+    """The byte sum, with numpy when it imports (adbd computes it in C; Python's ``sum()`` of a 1 MiB
+    payload takes milliseconds, which would make every client speaking version 0x01000000 look slow)."""
+    try:
+        import numpy as np
+    except ImportError:
+        return sum(data) & 0xFFFFFFFF
+    return int(np.frombuffer(data, np.uint8).sum(dtype=np.uint64)) & 0xFFFFFFFF
 
 
 def command_name(command: int) -> str:
