@@ -111,16 +111,27 @@ def device_repack(settings: BenchSettings) -> bool | None:
     return None if settings.repack == "auto" else settings.repack == "on"
 
 
-def llama_bench_args(model: str, settings: BenchSettings, threads: int, repack: bool | None) -> list[str]:
+def llama_bench_args(model: str, settings: BenchSettings, threads: int, repack: bool | None,
+                     depths: tuple[int, ...] = (0,), cache_type: str = "f16") -> list[str]:
     """llama-bench arguments measuring what the host worker measures with ``settings``.
 
     llama-bench does at most one warm-up run per test: ``warmup = 0`` turns it
     off, any larger value means that one run.  ``repack=None`` leaves
-    llama-bench's default.
+    llama-bench's default.  ``depths`` (``-d``, one pp and one tg test per
+    depth, on one model load) and ``cache_type`` (``-ctk``/``-ctv``; flash
+    attention on for a quantized V cache, which llama.cpp requires) measure
+    variants of the rung (``edgequant.profiles.variants``).
     """
+    from edgequant.profiles.variants import BenchVariant
+
+    flash_attn = BenchVariant(0, cache_type).flash_attn(settings)
     args = ["-m", model, "-p", str(settings.n_prompt), "-n", str(settings.n_gen), "-t", str(threads),
             "-r", str(settings.repetitions), "-b", str(settings.n_batch), "-ub", str(settings.n_ubatch),
-            "-fa", settings.flash_attn, "-lm", "mmap" if settings.mmap else "none"]
+            "-fa", flash_attn, "-lm", "mmap" if settings.mmap else "none"]
+    if tuple(depths) != (0,):
+        args += ["-d", ",".join(str(int(d)) for d in depths)]
+    if cache_type != "f16":
+        args += ["-ctk", cache_type, "-ctv", cache_type]
     if repack is not None:
         args += ["--repack", "1" if repack else "0"]
     if settings.warmup == 0:
@@ -312,6 +323,11 @@ class BenchTest:
     def kind(self) -> str:
         return "pp" if self.n_gen == 0 else ("tg" if self.n_prompt == 0 else "pg")
 
+    @property
+    def n_depth(self) -> int:
+        d = self.info.get("n_depth", 0)
+        return d if isinstance(d, int) and not isinstance(d, bool) and d >= 0 else 0
+
     def tokens_per_second(self) -> Summary:
         n = self.n_prompt + self.n_gen
         return Summary.from_values(n * 1e9 / ns for ns in self.samples_ns)
@@ -335,6 +351,16 @@ def _float(obj: dict, key: str, where: str) -> float:
 
 def parse_llama_bench_json(text: str) -> dict[str, BenchTest]:
     """llama-bench ``-o json`` output -> its tests by kind (``pp``, ``tg``, ``pg``)."""
+    tests: dict[str, BenchTest] = {}
+    for test in parse_llama_bench_tests(text):
+        if test.kind in tests:
+            raise DeviceOutputError(f"llama-bench output has two {test.kind} tests")
+        tests[test.kind] = test
+    return tests
+
+
+def parse_llama_bench_tests(text: str) -> list[BenchTest]:
+    """llama-bench ``-o json`` output -> its tests in order (several per kind with ``-d``: one per depth)."""
     text = _bounded(text, MAX_JSON_CHARS, "llama-bench's JSON output")
     if not text.strip():
         raise DeviceOutputError("llama-bench printed no JSON")
@@ -345,7 +371,8 @@ def parse_llama_bench_json(text: str) -> dict[str, BenchTest]:
                                 f"column {exc.colno})") from None
     if not isinstance(data, list) or not data:
         raise DeviceOutputError("llama-bench output is not a non-empty JSON list of tests")
-    tests: dict[str, BenchTest] = {}
+    tests: list[BenchTest] = []
+    seen: set[tuple] = set()
     for i, obj in enumerate(data):
         where = f"test {i + 1}"
         if not isinstance(obj, dict):
@@ -362,9 +389,11 @@ def parse_llama_bench_json(text: str) -> dict[str, BenchTest]:
                          avg_ts=_float(obj, "avg_ts", where), stddev_ts=_float(obj, "stddev_ts", where), info=info)
         if test.n_prompt + test.n_gen == 0:
             raise DeviceOutputError(f"llama-bench output: {where} has neither prompt nor generated tokens")
-        if test.kind in tests:
-            raise DeviceOutputError(f"llama-bench output has two {test.kind} tests")
-        tests[test.kind] = test
+        ident = (test.kind, test.n_depth, test.info.get("type_k"), test.info.get("type_v"))
+        if ident in seen:
+            raise DeviceOutputError(f"llama-bench output has two {test.kind} tests at depth {test.n_depth}")
+        seen.add(ident)
+        tests.append(test)
     return tests
 
 
@@ -549,6 +578,9 @@ class DeviceBenchResult:
     backends: str
     command: str
     raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+    cache_type: str = "f16"
+    # depth -> (pp, tg, ttft_ms) with ``-d``; pp/tg/ttft_ms above are the first depth's
+    by_depth: dict[int, tuple[Summary | None, Summary | None, Summary | None]] = field(default_factory=dict)
 
 
 def measure_load(transport: Transport, runner: RemoteRunner, model: str, settings: BenchSettings, threads: int,
@@ -576,11 +608,15 @@ def measure_load(transport: Transport, runner: RemoteRunner, model: str, setting
 def run_device_bench(transport: Transport, runner: RemoteRunner, model: str, settings: BenchSettings, *,
                      workdir: str, threads: int | None = None, repack: bool | None = None,
                      with_load_time: bool = True, poll_interval: float = 0.1,
-                     on_progress: Callable[[str], None] | None = None) -> DeviceBenchResult:
+                     on_progress: Callable[[str], None] | None = None,
+                     depths: tuple[int, ...] = (0,), cache_type: str = "f16") -> DeviceBenchResult:
     """Measure ``model`` (a path on the device) with ``settings``; ``BenchError`` when it does not finish.
 
     ``threads`` defaults to ``settings.threads`` or, when that is 0, the
     device's big cores.  ``repack`` defaults to ``device_repack(settings)``.
+    ``depths`` and ``cache_type``: llama-bench's own ``-d`` and ``-ctk/-ctv``
+    in the one invocation (``by_depth`` holds each depth's figures; the memory
+    figures are the invocation's, its deepest context included).
     """
     progress = on_progress or (lambda _p: None)
     name = posixpath.basename(model)
@@ -593,24 +629,35 @@ def run_device_bench(transport: Transport, runner: RemoteRunner, model: str, set
         progress("load")
         load_s = measure_load(transport, runner, model, settings, threads, workdir, repack, poll_interval)
     progress("bench")
-    argv = runner.tool(BENCH_TOOL) + llama_bench_args(model, settings, threads, repack)
+    argv = runner.tool(BENCH_TOOL) + llama_bench_args(model, settings, threads, repack, depths, cache_type)
     run = run_measured(transport, argv, workdir, env=runner.env(), time_cmd=runner.time_cmd,
                        poll_interval=poll_interval, deadline_s=settings.timeout)
     err = failure(run, f"{BENCH_TOOL} on {name}")
     if err is not None:
         raise err
     try:
-        tests = parse_llama_bench_json(run.stdout)
+        all_tests = parse_llama_bench_tests(run.stdout)
     except DeviceOutputError as exc:
         raise BenchError("failed", f"{name}: {exc}") from None
-    wanted = {"pp": settings.n_prompt, "tg": settings.n_gen}
-    for kind, n in wanted.items():
-        test = tests.get(kind)
-        if n > 0 and (test is None or (test.n_prompt if kind == "pp" else test.n_gen) != n):
-            raise BenchError("failed", f"{name}: llama-bench's output has no {kind} test of {n} tokens")
-        if test is not None and len(test.samples_ns) != settings.repetitions:
-            raise BenchError("failed", f"{name}: llama-bench's {kind} test has {len(test.samples_ns)} samples, "
-                                       f"expected {settings.repetitions}")
+    by_depth: dict[int, tuple[Summary | None, Summary | None, Summary | None]] = {}
+    for depth in depths:
+        tests = {t.kind: t for t in all_tests if t.n_depth == int(depth)}
+        at = f" at depth {depth}" if tuple(depths) != (0,) else ""
+        wanted = {"pp": settings.n_prompt, "tg": settings.n_gen}
+        for kind, n in wanted.items():
+            test = tests.get(kind)
+            if n > 0 and (test is None or (test.n_prompt if kind == "pp" else test.n_gen) != n):
+                raise BenchError("failed", f"{name}: llama-bench's output has no {kind} test of {n} tokens{at}")
+            if test is not None and len(test.samples_ns) != settings.repetitions:
+                raise BenchError("failed", f"{name}: llama-bench's {kind} test{at} has {len(test.samples_ns)} "
+                                           f"samples, expected {settings.repetitions}")
+            if test is not None and cache_type != "f16" and test.info.get("type_k", cache_type) != cache_type:
+                raise BenchError("failed", f"{name}: llama-bench ran the {kind} test with a "
+                                           f"{test.info.get('type_k')} K cache, not {cache_type}")
+        pp_d, tg_d = tests.get("pp"), tests.get("tg")
+        by_depth[int(depth)] = (pp_d.tokens_per_second() if pp_d else None, tg_d.tokens_per_second() if tg_d else None,
+                                Summary.from_values(ns / 1e6 for ns in pp_d.samples_ns) if pp_d else None)
+    tests = {t.kind: t for t in all_tests if t.n_depth == int(depths[0])}
     pp, tg = tests.get("pp"), tests.get("tg")
     first = pp or tg
     progress("done")
@@ -633,4 +680,6 @@ def run_device_bench(transport: Transport, runner: RemoteRunner, model: str, set
         backends=str(first.info.get("backends", "")),
         command=" ".join(quote(a) for a in argv),
         raw={kind: {**t.info, "samples_ns": list(t.samples_ns)} for kind, t in tests.items()},
+        cache_type=cache_type,
+        by_depth=by_depth,
     )

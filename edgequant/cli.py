@@ -405,6 +405,7 @@ def _run(model, profile_name, threads, n_prompt, n_gen, repetitions, warmup, sui
     from edgequant.devices.host import host_device_id
     from edgequant.devices.select import device_dir as resolve_device_dir
     from edgequant.devices.transport import DeviceError
+    from edgequant.profiles.variants import base_quant
 
     profile = _load_profile(profile_name, threads=threads, n_prompt=n_prompt, n_gen=n_gen,
                             repetitions=repetitions, warmup=warmup)
@@ -431,7 +432,8 @@ def _run(model, profile_name, threads, n_prompt, n_gen, repetitions, warmup, sui
             run_id = _start_or_resume(store, resume_id, profile, resolved)
             for phone in opened:
                 phone.lease.run = run_id        # written into the lease at its next renewal
-            done = {(s["quant"], s["device_id"]) for s in store.rung_statuses(run_id)}
+            # a rung measured in several variants (depths, cache types: RUNG@d512) is done when they are
+            done = {(base_quant(s["quant"]), s["device_id"]) for s in store.rung_statuses(run_id)}
             with recording_partial(store, run_id, "quantizing",
                                    f"`edgequant run --resume {run_id}` finishes it") as stage:
                 imatrix, suite, qparams = calibrate.for_profile(profile, suite, suite_name, prompting,
@@ -447,7 +449,7 @@ def _run(model, profile_name, threads, n_prompt, n_gen, repetitions, warmup, sui
                     todo = [a for a in artifacts if (a.quant, host_id) not in done]
                     reporter.start_bench(len(todo))
                     outcome = pipeline.bench_rungs(store, run_id, ckpt.model_id, resolved.model_hash, todo,
-                                                   profile, reporter)
+                                                   profile, reporter, suite=suite)
                     failed += [f"{o.artifact.quant} {o.status}" for o in outcome.failed]
                     todo = [a for a in onnx_artifacts if (a.quant, host_id) not in done]
                     failed += _onnx_on_host(store, run_id, resolved, todo, profile, reporter)
@@ -458,13 +460,13 @@ def _run(model, profile_name, threads, n_prompt, n_gen, repetitions, warmup, sui
                     def device_job(dctx, todo, phone_reporter):
                         """Everything measured on one opened phone (``dctx``) for the rungs in ``todo``; the
                         farm calls it from that phone's thread, under its lease, one rung at a time."""
-                        benched = {(s["quant"], s["device_id"]) for s in shared.rung_statuses(run_id)}
+                        benched = {(base_quant(s["quant"]), s["device_id"]) for s in shared.rung_statuses(run_id)}
                         gguf = [a for a in todo if a.quant not in onnx_quants]
                         onnx = [a for a in todo if a.quant in onnx_quants and (a.quant, dctx.device_id) not in benched]
                         outcome = device_run.bench_rungs_on_device(
                             shared, run_id, ckpt.model_id, resolved.model_hash,
                             [a for a in gguf if (a.quant, dctx.device_id) not in benched], profile, dctx,
-                            phone_reporter)
+                            phone_reporter, suite=suite)
                         if quality_on_device and suite is not None and gguf:
                             statuses = device_quality.quality_rungs_on_device(
                                 shared, run_id, ckpt.model_id, resolved.model_hash, artifacts, profile, suite, dctx,
@@ -613,7 +615,7 @@ def bench(model, profile_name, threads, n_prompt, n_gen, repetitions, warmup, db
         with recording_partial(store, run_id, "benchmarking"):
             reporter.start_bench(len(artifacts))
             outcome = pipeline.bench_rungs(store, run_id, ckpt.model_id, resolved.model_hash, artifacts,
-                                           profile, reporter)
+                                           profile, reporter, suite=_load_suite(suite_name) if suite_name else None)
             failed = [f"{o.artifact.quant} {o.status}" for o in outcome.failed]
             failed += _onnx_on_host(store, run_id, resolved, onnx_artifacts, profile, reporter)
     store.finish_run(run_id, "complete", f"{len(failed)} rung(s) failed" if failed else None)

@@ -34,7 +34,7 @@ import os
 import posixpath
 import re
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable
@@ -168,12 +168,16 @@ class RungSteps:
 
     ``key(art)``: the rows' key.  ``push(art)``: put the rung on the device (through ``ctx.pusher``, whose
     progress is reported) and return a handle; a ``DeviceError`` of kind ``no_space`` skips that rung.
-    ``measure(art, handle)``: the performance rows (``None`` entries are left out).  ``push`` and ``measure``
-    may raise ``BenchError``: the rung is stored with its status and the ladder goes on."""
+    ``measure(art, handle)``: the performance rows (``None`` entries are left out), or, for a rung measured
+    in several variants (depths, cache types: ``edgequant.profiles.variants``), a dict of each variant's key
+    to its rows, all stored in one transaction with the rung's health readings.  ``push`` and ``measure``
+    may raise ``BenchError``: the rung is stored with its status and the ladder goes on.  ``variant_keys(art)``
+    (optional) names the variants' keys, under which a rung that was not measured is stored."""
 
     key: Callable[[Artifact], RowKey]
     push: Callable[[Artifact], Any]
-    measure: Callable[[Artifact, Any], list[Measurement | None]]
+    measure: Callable[[Artifact, Any], list[Measurement | None] | dict[RowKey, list[Measurement | None]]]
+    variant_keys: Callable[[Artifact], list[RowKey]] | None = None
 
 
 def bench_on_device(store: Store, run_id: str, artifacts: list[Artifact], ctx: DeviceContext, reporter,
@@ -186,7 +190,11 @@ def bench_on_device(store: Store, run_id: str, artifacts: list[Artifact], ctx: D
     outcome = BenchOutcome(run_id)
 
     def not_measured(art: Artifact, key: RowKey, status: str, detail: str) -> None:
-        store.record_rung(run_id, key, _artifact_measurements(art), status=status, detail=detail)
+        keys = steps.variant_keys(art) if steps.variant_keys else []
+        if keys:
+            store.record_rungs(run_id, [(k, _artifact_measurements(art), status, detail) for k in keys])
+        else:
+            store.record_rung(run_id, key, _artifact_measurements(art), status=status, detail=detail)
         outcome.outcomes.append(RungOutcome(art, status, detail))
         reporter.rung_done(art.quant, status)
 
@@ -238,7 +246,7 @@ def bench_on_device(store: Store, run_id: str, artifacts: list[Artifact], ctx: D
             hot = throttled(cool, after)
             health = {"before": cool.health.to_dict(), "after": after.to_dict(), "cooled": cool.cooled,
                       "cooldown_wait_s": round(cool.waited_s, 1)}
-            rows = _artifact_measurements(art) + list(measured) + [
+            rows = _artifact_measurements(art) + [
                 Measurement("throttled", 1.0 if hot else 0.0, "bool", None, None, health),
                 Measurement("cooldown_wait", cool.waited_s, "s"),
             ]
@@ -251,10 +259,14 @@ def bench_on_device(store: Store, run_id: str, artifacts: list[Artifact], ctx: D
                                         {"after": after.thermal_status}))
             if cool.health.battery_level is not None:
                 rows.append(Measurement("battery_level", float(cool.health.battery_level), "%"))
-            store.record_rung(run_id, key, [r for r in rows if r is not None], status="ok",
-                              detail="throttled: " + ("thermal status rose during the run" if cool.cooled else
-                                                      f"did not cool down within {cooldown.max_wait_s:g} s")
-                              if hot else None)
+            detail = ("throttled: " + ("thermal status rose during the run" if cool.cooled else
+                                       f"did not cool down within {cooldown.max_wait_s:g} s") if hot else None)
+            if isinstance(measured, dict):     # variants: each with the rung's health readings
+                store.record_rungs(run_id, [(k, [r for r in rows + list(v) if r is not None], "ok", detail)
+                                            for k, v in measured.items()])
+            else:
+                store.record_rung(run_id, key, [r for r in rows + list(measured) if r is not None], status="ok",
+                                  detail=detail)
             outcome.outcomes.append(RungOutcome(art, "ok"))
             reporter.rung_done(art.quant, "ok" if not hot else "ok (throttled)")
     except DeviceError as exc:
@@ -264,13 +276,19 @@ def bench_on_device(store: Store, run_id: str, artifacts: list[Artifact], ctx: D
 
 def bench_rungs_on_device(store: Store, run_id: str, model_id: str, model_hash: str, artifacts: list[Artifact],
                           profile: Profile, ctx: DeviceContext, reporter, cooldown: CoolDown | None = None,
-                          done: set[str] = frozenset()):
+                          done: set[str] = frozenset(), suite=None):
     """Measure every GGUF artifact on one device with llama-bench (``bench_on_device``, see the module doc);
     returns the pipeline's BenchOutcome.
 
     ``done``: quants already stored for this device (a resumed run) are not measured again.
+    A profile's depths and cache types (``pipeline.bench_variants``; ``suite`` resolves a ``"suite"`` depth)
+    are measured by the on-device llama-bench itself: one invocation per cache type with every depth in
+    its ``-d`` (one model load each), each variant stored as a rung of its own (``Q4_K_M@d512``).
     """
+    from edgequant.pipeline import bench_variants
+
     settings = profile.bench
+    variants = bench_variants(profile, artifacts, suite)
     threads = settings.threads if settings.threads > 0 else recommended_threads(ctx.facts)
     repack = device_repack(settings)
     params = {"runner": "device", "threads": threads, "n_prompt": settings.n_prompt, "n_gen": settings.n_gen,
@@ -293,11 +311,43 @@ def bench_rungs_on_device(store: Store, run_id: str, model_id: str, model_hash: 
     def push(art: Artifact):
         return ctx.pusher.push(art.path, art.sha256, name=f"{art.quant}.gguf")
 
+    def variant_keys(art: Artifact) -> list[RowKey]:
+        return [replace(key(art), quant=v.name(art.quant), params=v.params(params, settings),
+                        is_reference=art.is_reference and i == 0) for i, v in enumerate(variants)]
+
+    def measure_variants(art: Artifact, pushed) -> dict[RowKey, list[Measurement | None]]:
+        """One llama-bench per cache type, with every depth in it (its own -d); rows per variant."""
+        keys = dict(zip(variants, variant_keys(art)))
+        out: dict[RowKey, list[Measurement | None]] = {}
+        for i, cache_type in enumerate(dict.fromkeys(v.cache_type for v in variants)):
+            mine = [v for v in variants if v.cache_type == cache_type]
+            res = run_device_bench(ctx.transport, ctx.remote, pushed.remote, settings, workdir=rundir,
+                                   threads=threads, repack=repack, with_load_time=i == 0,
+                                   depths=tuple(v.depth for v in mine), cache_type=cache_type,
+                                   on_progress=lambda ph, q=art.quant, t=cache_type:
+                                   reporter.rung_phase(q, f"{ph} {t}"))
+            for v in mine:
+                pp, tg, ttft = res.by_depth[v.depth]
+                out[keys[v]] = _device_rows(replace(res, pp=pp, tg=tg, ttft_ms=ttft,
+                                                    load_s=res.load_s if v is variants[0] else None))
+        return out
+
     def measure(art: Artifact, pushed) -> list[Measurement | None]:
+        if variants:
+            return measure_variants(art, pushed)
         res = run_device_bench(ctx.transport, ctx.remote, pushed.remote, settings, workdir=rundir,
                                threads=threads, repack=repack,
                                on_progress=lambda ph, q=art.quant: reporter.rung_phase(q, ph))
-        return [
+        return _device_rows(res)
+
+    return bench_on_device(store, run_id, artifacts, ctx, reporter,
+                           RungSteps(key, push, measure, variant_keys if variants else None),
+                           cooldown or profile.device.cooldown(), done)
+
+
+def _device_rows(res) -> list[Measurement | None]:
+    """The rows of one llama-bench measurement on a device (``bench.device_bench.DeviceBenchResult``)."""
+    return [
             Measurement("pp_tps", res.pp.mean, "t/s", res.pp.stddev, res.pp.n,
                         {"build_commit": res.build_commit, "cpu_info": res.cpu_info}) if res.pp else None,
             Measurement("tg_tps", res.tg.mean, "t/s", res.tg.stddev, res.tg.n) if res.tg else None,
@@ -310,9 +360,6 @@ def bench_rungs_on_device(store: Store, run_id: str, model_id: str, model_hash: 
             Measurement("peak_rss_file", res.peak_rss_file_bytes, "bytes", None, res.rss_samples,
                         {"source": "largest RssFile of /proc/<pid>/status samples"}),
         ]
-
-    return bench_on_device(store, run_id, artifacts, ctx, reporter, RungSteps(key, push, measure),
-                           cooldown or profile.device.cooldown(), done)
 
 
 def bench_onnx_rungs_on_device(store: Store, run_id: str, model_id: str, model_hash: str,

@@ -102,10 +102,11 @@ def summarize(store: Store, run_id: str) -> RunReport:
         rung.status, rung.detail = s["status"], s["detail"]
     _join_quality_measured_elsewhere(rungs, {(s["quant"], s["device_id"]) for s in statuses})
     # the reference first; a rung with modifiers (Q4_K_M+imatrix, Q4_K_M+emb=Q8_0) next to its plain type
+    # and a rung's variants (Q4_K_M@d512, Q4_K_M@kv=q8_0: edgequant.profiles.variants) after it
     first_of_base: dict[str, int] = {}
     for i, r in enumerate(rungs.values()):
-        first_of_base.setdefault(r.quant.split("+", 1)[0], i)
-    ordered = sorted(rungs.values(), key=lambda r: (not r.is_reference, first_of_base[r.quant.split("+", 1)[0]]))
+        first_of_base.setdefault(_family(r.quant), i)
+    ordered = sorted(rungs.values(), key=lambda r: (not r.is_reference, first_of_base[_family(r.quant)]))
     several = len({r.device_id for r in ordered}) > 1
     footnotes = [f"{r.quant}{' on ' + r.device_id if several else ''}: {r.status}: {r.detail}"
                  for r in ordered if r.detail and (r.status != "ok" or r.get("throttled"))]
@@ -113,11 +114,35 @@ def summarize(store: Store, run_id: str) -> RunReport:
         footnotes.insert(0, f"run is {run['status']}: {run.get('status_detail') or 'not finished'}")
     if onnx_note:
         footnotes.append(onnx_note)
+    if any(VARIANT_MARK in r.quant for r in ordered):
+        footnotes.append(_variants_note(ordered))
     if run.get("model_id") == DEFAULT_MODEL_ID:
         footnotes.append(DEFAULT_MODEL_FOOTNOTE)
     return RunReport(run=run, rungs=ordered, params=params, device=device, runtime=runtime,
                      runtime_version=runtime_version, footnotes=footnotes, quality_params=quality_params,
                      quality_params_by_device=quality_by_device)
+
+
+VARIANT_MARK = "@"   # edgequant.profiles.variants.SEPARATOR (results does not import profiles)
+
+
+def _family(quant: str) -> str:
+    return quant.split("+", 1)[0].split(VARIANT_MARK, 1)[0]
+
+
+def _variants_note(rungs: list[RungSummary]) -> str:
+    """What the variant names mean, with where each depth taken from the eval suite came from."""
+    sources = {}
+    for r in rungs:
+        if r.params.get("depth_source"):
+            sources[r.params["n_depth"]] = r.params["depth_source"]
+    text = ("RUNG@dN: N tokens in the context before each pp/tg test (llama-bench -d; TTFT is the prefill of "
+            "the pp prompt after them); @kv=T: K and V cache of type T (llama-bench -ctk/-ctv; flash attention "
+            "on for a quantized V cache, which llama.cpp requires); one model load serves every variant, so "
+            "load s is shown on the first; pp ×, tg × and size × compare with the reference's same variant")
+    if sources:
+        text += "; depths from the eval suite: " + ", ".join(f"d{d} = {src}" for d, src in sorted(sources.items()))
+    return text
 
 
 def _join_quality_measured_elsewhere(rungs: dict[tuple[str, str], RungSummary],
@@ -183,9 +208,19 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return a / b
 
 
+def _reference_for(rep: RunReport, rung: RungSummary) -> RungSummary | None:
+    """The reference rung in the same variant as ``rung`` (BF16@d512 for Q4_K_M@d512), else the reference."""
+    ref = rep.reference()
+    if ref is None or VARIANT_MARK not in rung.quant:
+        return ref
+    suffix = rung.quant[rung.quant.index(VARIANT_MARK):]
+    same = ref.quant.split(VARIANT_MARK, 1)[0] + suffix
+    return next((r for r in rep.rungs if r.quant == same and r.device_id == rung.device_id), None)
+
+
 def rung_record(rep: RunReport, rung: RungSummary) -> dict[str, Any]:
     """One flat record per rung: the numbers every renderer shows."""
-    ref = rep.reference()
+    ref = _reference_for(rep, rung)
     m = rung.metrics
 
     def val(name, scale=1.0):
@@ -216,6 +251,9 @@ def rung_record(rep: RunReport, rung: RungSummary) -> dict[str, Any]:
         "peak_anon_mib": val("peak_rss_anon", MiB),
         "file_rss_mib": val("peak_rss_file", MiB),
         "repetitions": m["tg_tps"].repetitions if "tg_tps" in m else None,
+        # the variant (edgequant.profiles.variants): llama-bench's -d and -ctk/-ctv
+        "n_depth": rung.params.get("n_depth", 0) if rung.params else None,
+        "cache_type": rung.params.get("cache_type", "f16") if rung.params else None,
         "pp_speedup": None,
         "tg_speedup": None,
         "size_ratio": None,
