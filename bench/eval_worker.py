@@ -75,7 +75,9 @@ import numpy as np
 
 from edgequant.bench.host_worker import Bench, WorkerError, _cache_type, _flash_attn_type, _Log, serve
 
-CASE_MARK = "\u0000EDGEQUANT-CASE\u0000"
+# Where the case goes in a rendered chat template.  No NUL in it: llama_chat_apply_template takes C
+# strings, so a NUL ended the user turn there and the case landed after the model's turn had begun.
+CASE_MARK = "<<EDGEQUANT-CASE-7f3a>>"
 DEFAULT_SLOTS = 8
 KLD_CHUNK = 64        # teacher-forced positions per decode: bounds the logits copied at once
 
@@ -272,7 +274,9 @@ def _prompt_parts(sess: Session, group: dict, mode: str, template: str | None) -
     """(prefix, suffix): a case's text is prefix + prompt + suffix."""
     if mode == "chat":
         rendered = sess.render_chat(template, group.get("system", ""), CASE_MARK)
-        head, _, tail = rendered.partition(CASE_MARK)
+        head, found, tail = rendered.partition(CASE_MARK)
+        if not found:
+            raise WorkerError("the model's chat template dropped the user turn's text; use prompting = completion")
         return head, tail
     shot = group.get("few_shot") or "{prompt}"
     if "{prompt}" not in shot:
@@ -482,8 +486,24 @@ def prefix_lengths(sess: Session, req: dict) -> dict:
     mode, template = _prompting(sess, req)
     lengths = {g["format"]: len(sess.tokenize(_prompt_parts(sess, g, mode, template)[0], add_special=True))
                for g in req["groups"]}
-    return {"prompting": mode, "prefix_tokens": lengths,
-            "n_ctx_train": int(sess.L.llama_model_n_ctx_train(sess.model))}
+    return {"prompting": mode, "prefix_tokens": lengths, "n_ctx_train": _context_length(sess)}
+
+
+def _context_length(sess: Session) -> int:
+    """The GGUF's ``<arch>.context_length`` (a vocabulary-only load leaves llama_model_n_ctx_train at 0)."""
+    L = sess.L
+
+    def meta(key: str) -> str | None:
+        buf = ctypes.create_string_buffer(256)
+        n = L.llama_model_meta_val_str(sess.model, key.encode(), buf, 256)
+        return buf.value.decode("utf-8", "replace") if n >= 0 else None
+
+    arch = meta("general.architecture")
+    value = meta(f"{arch}.context_length") if arch else None
+    try:
+        return int(value) if value else int(L.llama_model_n_ctx_train(sess.model))
+    except ValueError:
+        return 0
 
 
 def run(req: dict, progress) -> dict:

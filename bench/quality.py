@@ -214,7 +214,7 @@ def _case_results(suite: Suite, data: dict) -> dict[str, CaseResult]:
 def reference_outputs(ref_path: Path, ref_sha: str, ref_quant: str, suite: Suite, cache_root: Path,
                       threads: int, repack: bool | None, prompting: str, timeout: float,
                       on_progress: Callable[[str], None]) -> Reference:
-    key = hashlib.sha256(f"{ref_sha}|{suite.sha256}|{prompting}|slots{EVAL_SLOTS}|v2".encode()).hexdigest()[:24]
+    key = hashlib.sha256(f"{ref_sha}|{suite.sha256}|{prompting}|slots{EVAL_SLOTS}|v3".encode()).hexdigest()[:24]
     folder = cache_root / "quality" / key
     meta_path = folder / "reference.json"
     if meta_path.is_file():
