@@ -150,3 +150,37 @@ def test_a_quantized_v_cache_with_flash_attention_off_is_refused_at_load(tiny_ch
     res = run_cli("run", "--no-quality", "--model", str(tiny_checkpoint), "--profile", str(profile), env=env)
     assert res.returncode == 2
     assert_one_line_error(res.stderr, "bench.cache_types[0]", "flash")
+
+
+# ---------------------------------------------------------------------------
+# on a phone: the ADB peer running the real linux-arm64 llama-bench under qemu
+
+from test_device_run import _metrics, _run_args, _run_row, _statuses, phone  # noqa: E402,F401
+from test_runner import arm64_runner  # noqa: E402,F401 - the session fixture that builds the runner
+
+
+def test_a_phone_measures_depths_and_cache_types_with_its_own_llama_bench(tiny_checkpoint, phone, arm64_runner):
+    peer, workdir, env, profile = phone
+    profile.write_text(profile.read_text().replace('types = ["Q8_0", "Q4_0"]', 'types = ["Q8_0"]')
+                       .replace("warmup = 0", 'warmup = 0\ndepths = [0, 8]\ncache_types = ["f16", "q8_0"]'))
+    res = run_cli(*_run_args(tiny_checkpoint, peer, workdir, profile, arm64_runner), env=env, timeout=1500)
+    assert res.returncode == 0, res.stderr[-3000:]
+    run = _run_row(env)
+    metrics = _metrics(env, run["run_id"])
+    names = {f"{r}{s}" for r in ("BF16", "Q8_0") for s in ("", "@d8", "@kv=q8_0", "@d8,kv=q8_0")}
+    assert set(metrics) == names
+    assert _statuses(env, run["run_id"]) == {n: ("ok", None) for n in names}
+    for name, m in metrics.items():
+        p = m["tg_tps"]["params"]
+        assert p["runner"] == "device" and p.get("n_depth", 0) == (8 if "@d8" in name else 0)
+        assert p.get("cache_type", "f16") == ("q8_0" if "kv=" in name else "f16")
+        assert m["pp_tps"]["value"] > 0 and m["tg_tps"]["value"] > 0 and m["tg_tps"]["repetitions"] == 3
+        assert "throttled" in m and m["peak_rss_anon"]["value"] > 0
+        assert ("load_time" in m) == ("@" not in name)
+    # one llama-bench per cache type and rung, every depth in its own -d; q8_0 with flash attention on
+    benches = [c for c in peer.events_of("process") if "bin/llama-bench" in c and " -v " not in c]
+    per_rung = [c for c in benches if "Q8_0.gguf" in c]
+    assert len(per_rung) == 2, per_rung
+    assert all("-d 0,8" in c for c in per_rung)
+    (quantized,) = [c for c in per_rung if "-ctk" in c]
+    assert "-ctk q8_0 -ctv q8_0" in quantized and "-fa on" in quantized
