@@ -314,3 +314,22 @@ def result_from(data: dict[str, Any], path: Path) -> HostBenchResult:
         return HostBenchResult.from_worker(data)
     except (KeyError, TypeError, ValueError) as exc:
         raise BenchError("failed", f"{path.name}: the benchmark worker returned an unusable result: {exc}") from None
+
+
+def measure_sustained(path: Path, settings: BenchSettings, runs: int, n_gen: int,
+                      on_progress: Callable[[str], None] | None = None) -> tuple[list, dict]:
+    """``runs`` back-to-back generation runs of ``n_gen`` tokens on this host, in one worker process
+    (``host_worker.measure_sustained``); returns the runs (``bench.sustained.SustainedRun``) and the
+    thermal reading taken before the first.  Raises ``BenchError``."""
+    from edgequant.bench.sustained import SustainedRun
+
+    path = Path(path)
+    check_gguf_file(path)
+    request = {**build_request(path, settings), "sustained": {"runs": runs, "n_gen": n_gen}}
+    data = run_worker(request, WORKER_MODULE, settings.timeout * max(1, runs // 3 + 1), on_progress, path)
+    try:
+        return [SustainedRun.from_dict(d) for d in data["sustained"]], dict(data.get("before") or {})
+    except (KeyError, TypeError, ValueError) as exc:
+        raise BenchError("failed", f"{path.name}: the benchmark worker returned unusable sustained runs: {exc}") \
+            from None
+

@@ -570,6 +570,88 @@ def measure(req: dict, progress: Callable[[str], None]) -> dict:
     }
 
 
+# ---------------------------------------------------------------------------
+# sustained runs ([sustained]): back-to-back generation, the host's thermal state after each
+
+
+def host_thermal() -> dict[str, Any]:
+    """The hottest readable temperature (``/sys/class/thermal/thermal_zone*/temp`` in millidegrees, and
+    psutil's sensors) with its sensor, and the current clock of the fastest CPU cluster in kHz
+    (``cpufreq/policy*``; else psutil's highest per-CPU figure).  ``None`` where nothing is readable."""
+    import glob
+
+    import psutil
+
+    best: tuple[float, str] | None = None
+    for zone in glob.glob("/sys/class/thermal/thermal_zone*"):
+        try:
+            with open(zone + "/temp") as fh:
+                value = int(fh.read().strip()) / 1000.0
+            with open(zone + "/type") as fh:
+                name = fh.read().strip()
+        except (OSError, ValueError):
+            continue
+        if -50 < value < 200 and (best is None or value > best[0]):
+            best = (value, name)
+    try:
+        for chip, entries in (psutil.sensors_temperatures() or {}).items():
+            for e in entries:
+                if e.current is not None and -50 < e.current < 200 and (best is None or e.current > best[0]):
+                    best = (float(e.current), f"{chip}/{e.label or 'temp'}")
+    except (AttributeError, OSError):
+        pass
+    khz = None
+    policies = []
+    for pol in glob.glob("/sys/devices/system/cpu/cpufreq/policy*"):
+        try:
+            with open(pol + "/cpuinfo_max_freq") as fh:
+                top = int(fh.read())
+            with open(pol + "/scaling_cur_freq") as fh:
+                policies.append((top, int(fh.read())))
+        except (OSError, ValueError):
+            continue
+    if policies:
+        khz = max(policies)[1]
+    else:
+        freqs = [f.current for f in (psutil.cpu_freq(percpu=True) or []) if f.current]
+        khz = int(max(freqs) * 1000) if freqs else None
+    return {"celsius": best[0] if best else None, "sensor": best[1] if best else None, "cpu_khz": khz,
+            "thermal_status": None}
+
+
+def measure_sustained(req: dict, progress: Callable[[str], None]) -> dict:
+    """``runs`` generation tests of ``n_gen`` tokens back to back on one loaded model and one context
+    (cleared before each run), no cool-down; the thermal state is read after each run."""
+    import llama_cpp as L
+
+    spec = req["sustained"]
+    runs, n_gen = int(spec["runs"]), int(spec["n_gen"])
+    log = _Log(L, echo=bool(req.get("verbose", False)))
+    L.llama_backend_init()
+    bench = Bench(L, req, log, progress)
+    ctx = None
+    out: list[dict[str, Any]] = []
+    try:
+        progress("load")
+        bench.load_model()
+        ctx = bench.new_context(n_gen)
+        start = host_thermal()
+        for i in range(runs):
+            progress(f"sustained {i + 1}/{runs}")
+            batches = bench.gen_batches(n_gen)
+            bench.clear(ctx)
+            seconds = bench.run_gen(ctx, batches, f"sustained run {i + 1}")
+            out.append({"run": i + 1, "tg_tps": n_gen / seconds, **host_thermal()})
+    finally:
+        if ctx is not None:
+            L.llama_free(ctx)
+        if bench.model:
+            L.llama_model_free(bench.model)
+    progress("done")
+    return {"sustained": out, "before": start, "n_gen": n_gen, "threads": req["threads"],
+            "runtime_version": L.__version__}
+
+
 def _die_with_parent() -> None:
     """Ask Linux to SIGKILL this process if the parent dies first (best effort)."""
     try:
@@ -614,7 +696,11 @@ def serve(handle: Callable[[Any, Callable[[str], None]], dict]) -> int:
 
 
 def main() -> int:
-    return serve(lambda request, progress: measure(_check_request(request), progress))
+    def handle(request, progress):
+        req = _check_request(request)
+        return measure_sustained(req, progress) if req.get("sustained") else measure(req, progress)
+
+    return serve(handle)
 
 
 if __name__ == "__main__":

@@ -396,6 +396,12 @@ def _onnx_quality_on_host(store, run_id: str, resolved, gguf_artifacts: list, on
     return [f"{q} quality {st}" for q, st in statuses.items() if st != "ok"]
 
 
+def _has_sustained(store, run_id: str, device_id: str) -> bool:
+    """Whether a resumed run already holds its [sustained] rows for this device."""
+    return any(r["params"].get("stage") == "sustained" and r["device_id"] == device_id
+               for r in store.measurements(run_id))
+
+
 def _run(model, profile_name, threads, n_prompt, n_gen, repetitions, warmup, suite_name, prompting, no_quality,
          device_specs, device_dir, runner_dir, cooldown_max_wait, resume_id, db, cache_dir, fmt, lease_wait=300,
          quality_on_device=False, onnx_perf_test=None):
@@ -453,6 +459,11 @@ def _run(model, profile_name, threads, n_prompt, n_gen, repetitions, warmup, sui
                     failed += [f"{o.artifact.quant} {o.status}" for o in outcome.failed]
                     todo = [a for a in onnx_artifacts if (a.quant, host_id) not in done]
                     failed += _onnx_on_host(store, run_id, resolved, todo, profile, reporter)
+                    if profile.sustained is not None and not _has_sustained(store, run_id, host_id):
+                        stage.now = "sustained runs"
+                        status = pipeline.sustained_rung(store, run_id, ckpt.model_id, resolved.model_hash,
+                                                         artifacts, profile, reporter)
+                        failed += [f"{profile.sustained.target(profile)} sustained {status}"] if status != "ok" else []
                 if opened:
                     stage.now = "benchmarking on the phones"
                     shared = farm.LockedStore(store)    # the phones' threads write through one lock

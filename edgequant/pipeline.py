@@ -225,6 +225,66 @@ def bench_rungs(store: Store, run_id: str, model_id: str, model_hash: str, artif
     return outcome
 
 
+def sustained_measurements(runs, before: dict | None = None) -> list[Measurement]:
+    """The rows of a sustained mode's runs (``bench.sustained``): the last run's tg with every run in its
+    detail (the curve), the first run's tg, the drop first -> last in %, and the first run below 90 % of
+    the first (0 = never)."""
+    from edgequant.bench.sustained import THRESHOLD, summarize
+
+    s = summarize(runs)
+    return [Measurement("sustained_tg_tps", s.last_tps, "t/s", None, len(runs),
+                        {"runs": [r.to_dict() for r in runs], "before": before or {}}),
+            Measurement("sustained_first_tg_tps", s.first_tps, "t/s", None, 1),
+            Measurement("sustained_drop", s.drop_pct, "%"),
+            Measurement("sustained_below90_run", float(s.below_run or 0), "run", None, None,
+                        {"never": s.below_run is None, "threshold": THRESHOLD})]
+
+
+def sustained_rung(store: Store, run_id: str, model_id: str, model_hash: str, artifacts: list[Artifact],
+                   profile: Profile, reporter: Reporter, device: dict | None = None, device_id: str | None = None,
+                   measure: Callable | None = None, runner: str = "host") -> str:
+    """``[sustained]``: back-to-back generation runs of the profile's sustained rung, stored under that
+    rung with ``stage = "sustained"`` (its status untouched).  ``measure(art, runs, n_gen, on_progress)``
+    returns (runs, reading before); the default measures on this host.  A failure is stored as the
+    rung's ``sustained_runs = 0`` row with the reason, and returned ("ok" or the failure's status)."""
+    from importlib import metadata
+
+    from edgequant.bench.host import BenchError, measure_sustained
+
+    spec = profile.sustained
+    if spec is None:
+        return "ok"
+    target = spec.target(profile)
+    art = next((a for a in artifacts if a.quant == target), None)
+    if art is None:
+        return "ok"
+    n_gen = spec.n_gen or profile.bench.n_gen
+    if device is None:
+        device, device_id = host_device(), host_device_id()
+    if measure is None:
+        def measure(a, runs, n, on_progress):
+            return measure_sustained(a.path, profile.bench, runs, n, on_progress)
+    params = {"runner": runner, "stage": "sustained", "runs": spec.runs, "n_gen": n_gen,
+              "threads": profile.bench.resolved_threads() if runner == "host" else profile.bench.threads,
+              "repack": profile.bench.resolved_repack() if runner == "host" else profile.bench.repack}
+    key = RowKey(model_id=model_id, model_hash=model_hash, quant=art.quant, artifact_sha256=art.sha256,
+                 is_reference=art.is_reference, device_id=device_id, device=device, runtime="llama.cpp",
+                 runtime_version=metadata.version("llama-cpp-python"), params=params)
+    label = f"{art.quant} sustained ×{spec.runs}"
+    reporter.rung_started(label)
+    try:
+        runs, before = measure(art, spec.runs, n_gen, lambda p: reporter.rung_phase(label, p))
+    except BenchError as exc:
+        store.record_rung(run_id, key, [Measurement("sustained_runs", 0.0, "runs", None, None,
+                                                    {"error": str(exc), "status": exc.status})], status=None)
+        reporter.rung_done(label, exc.status)
+        return exc.status
+    store.record_rung(run_id, key, [Measurement("sustained_runs", float(len(runs)), "runs")]
+                      + sustained_measurements(runs, before), status=None)
+    reporter.rung_done(label, "ok")
+    return "ok"
+
+
 def process_age_seconds() -> float:
     """Seconds since this process started (imports included)."""
     import psutil

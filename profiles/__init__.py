@@ -164,6 +164,19 @@ _DEVICE_BOUNDS = {"cooldown_status": (0, 6), "cooldown_celsius": (-20.0, 120.0),
 
 
 @dataclass(frozen=True)
+class SustainedSettings:
+    """``[sustained]``: ``runs`` back-to-back generation runs of one rung with no cool-down in between,
+    each ``n_gen`` tokens (0 = bench.n_gen), with the thermal state read after each run."""
+
+    runs: int = 8
+    rung: str = ""        # a quant type of the profile; "" = the first one (the reference when there is none)
+    n_gen: int = 0
+
+    def target(self, profile: "Profile") -> str:
+        return self.rung or (profile.quant.types[0] if profile.quant.types else profile.quant.reference)
+
+
+@dataclass(frozen=True)
 class Profile:
     name: str
     path: Path
@@ -172,6 +185,7 @@ class Profile:
     bench: BenchSettings
     device: DeviceSettings = DeviceSettings()
     onnx: OnnxSpec = OnnxSpec()          # [onnx]: ONNX variants (none by default)
+    sustained: SustainedSettings | None = None   # [sustained]: back-to-back runs of one rung (off by default)
 
     def rungs(self) -> list[str]:
         """The reference first, then the quant types in profile order."""
@@ -304,7 +318,7 @@ _BENCH_BOUNDS = {
 
 def parse_profile(data: dict, path: Path) -> Profile:
     c = _Checker(path)
-    c.table(data, "", {"profile", "quantize", "bench", "device", "onnx"})
+    c.table(data, "", {"profile", "quantize", "bench", "device", "onnx", "sustained"})
     meta = c.table(data.get("profile", {}), "profile", {"name", "description"})
     name = meta.get("name", path.stem)
     if not isinstance(name, str) or not name:
@@ -343,9 +357,17 @@ def parse_profile(data: dict, path: Path) -> Profile:
     if bench.n_ubatch > bench.n_batch:
         raise c.fail("bench.n_ubatch", f"must be <= bench.n_batch ({bench.n_batch})")
     device = _dataclass_from(c, DeviceSettings, data.get("device", {}), "device", _DEVICE_BOUNDS)
+    sustained = None
+    if "sustained" in data:
+        sustained = _dataclass_from(c, SustainedSettings, data["sustained"], "sustained",
+                                    {"runs": (1, 10_000), "n_gen": (0, 1 << 20)})
+        rungs = [reference] + checked
+        if sustained.rung and sustained.rung not in rungs:
+            raise c.fail("sustained.rung", f"must be one of the profile's rungs ({', '.join(rungs)}), "
+                                           f"got {sustained.rung!r}")
     return Profile(name=name, path=path, description=description,
                    quant=QuantSpec(reference=reference, types=tuple(checked), options=options),
-                   bench=bench, device=device, onnx=parse_onnx(c, data.get("onnx")))
+                   bench=bench, device=device, onnx=parse_onnx(c, data.get("onnx")), sustained=sustained)
 
 
 def builtin_profiles() -> list[str]:

@@ -82,7 +82,7 @@ def summarize(store: Store, run_id: str) -> RunReport:
         rung = rungs.setdefault(key, RungSummary(r["quant"], r["is_reference"], r["device_id"]))
         rung.metrics[r["metric"]] = Stat(r["value"], r["stddev"], r["repetitions"], r.get("detail"))
         rung.device = rung.device or r["device"]
-        if r["params"].get("stage") == "tune":   # the search's verdicts (edgequant tune): not a measurement setup
+        if r["params"].get("stage") in ("tune", "sustained"):   # tune's verdicts; [sustained]'s own runs
             continue
         if r["params"].get("stage") == "quality":
             quality_params = quality_by_device[r["device_id"]] = r["params"]
@@ -412,6 +412,48 @@ def _measured_on(elsewhere: str | None) -> str:
     return f" · measured on {elsewhere} from the same GGUF bytes" if elsewhere else ""
 
 
+SUSTAINED_COLUMNS = ["rung", "device", "runs", "first tg t/s", "last tg t/s", "drop %", "first run < 90 %",
+                     "°C first → last", "thermal status", "CPU MHz first → last"]
+
+
+def sustained_record(rung: RungSummary) -> dict[str, Any] | None:
+    """A rung's [sustained] figures (edgequant.bench.sustained), or None when it had no sustained runs."""
+    s = rung.metrics.get("sustained_tg_tps")
+    if s is None:
+        failed = rung.metrics.get("sustained_runs")
+        if failed is not None and failed.value == 0:
+            return {"quant": rung.quant, "device_id": rung.device_id, "runs": [],
+                    "error": (failed.detail or {}).get("error")}
+        return None
+    runs = (s.detail or {}).get("runs", [])
+    below = rung.metrics.get("sustained_below90_run")
+    return {"quant": rung.quant, "device_id": rung.device_id, "runs": runs,
+            "first_tg_tps": rung.get("sustained_first_tg_tps"), "last_tg_tps": s.value,
+            "drop_pct": rung.get("sustained_drop"),
+            "below90_run": None if below is None or below.value == 0 else int(below.value)}
+
+
+def _sustained_cells(rec: dict[str, Any]) -> list[str]:
+    if rec.get("error"):
+        return [rec["quant"], rec["device_id"], "0", "—", "—", "—", "—", "—", "—",
+                f"not measured: {rec['error']}"]
+    runs = rec["runs"]
+
+    def first_last(key, scale=1.0, digits=1):
+        a, b = runs[0].get(key), runs[-1].get(key)
+        if a is None or b is None:
+            return "—"
+        return f"{a / scale:.{digits}f} → {b / scale:.{digits}f}"
+
+    return [rec["quant"], rec["device_id"], str(len(runs)), _fmt(rec["first_tg_tps"]), _fmt(rec["last_tg_tps"]),
+            _fmt(rec["drop_pct"]), "never" if rec["below90_run"] is None else f"run {rec['below90_run']}",
+            first_last("celsius"), first_last("thermal_status", digits=0), first_last("cpu_khz", 1000.0, 0)]
+
+
+def sustained_records(rep: RunReport) -> list[dict[str, Any]]:
+    return [rec for r in rep.rungs if (rec := sustained_record(r)) is not None]
+
+
 def render_table(rep: RunReport, console) -> None:
     from rich.measure import Measurement
     from rich.table import Table
@@ -441,6 +483,16 @@ def render_table(rep: RunReport, console) -> None:
             parts = [half for cols in parts for half in (cols[:(len(cols) + 1) // 2], cols[(len(cols) + 1) // 2:])]
         for t in tables:
             console.print(t)
+    sustained = sustained_records(rep)
+    if sustained:
+        st = Table(title="sustained: back-to-back generation runs, no cool-down", caption_justify="left",
+                   caption="tg of each run; drop = first → last; temperatures and clock read after the first "
+                           "and the last run")
+        for i, col in enumerate(SUSTAINED_COLUMNS):
+            st.add_column(col, justify="left" if i < 2 else "right")
+        for rec in sustained:
+            st.add_row(*_sustained_cells(rec))
+        console.print(st)
     for note in rep.footnotes:
         console.print(f"[dim]* {note}[/dim]", soft_wrap=True)
 
@@ -477,6 +529,7 @@ def render_json(rep: RunReport) -> str:
         "quality": [quality_record(r, quality_columns(rep)) for r in rep.rungs] if quality_columns(rep) else [],
         "metrics": {(r.quant if len(per_device(rep)) == 1 else f"{r.quant}@{r.device_id}"):
                     {k: asdict(v) for k, v in r.metrics.items()} for r in rep.rungs},
+        "sustained": sustained_records(rep),
         "footnotes": rep.footnotes,
     }, indent=2, sort_keys=False)
 
