@@ -68,7 +68,9 @@ def test_sustained_runs_on_this_host(tiny_checkpoint, tmp_path):
     assert js["params"].get("stage") is None        # the header describes the bench stage, not the sustained one
     html = tmp_path / "r.html"
     assert run_cli("report", "last", "--html", str(html), env=env).returncode == 0
-    assert "sustained" in html.read_text()
+    page = html.read_text()
+    assert "back-to-back generation runs, no cool-down" in page
+    assert 'alt="generation tokens/s of each back-to-back run' in page      # the curve
 
 
 @pytest.mark.parametrize("text, field", [
