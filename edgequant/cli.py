@@ -478,6 +478,13 @@ def _run(model, profile_name, threads, n_prompt, n_gen, repetitions, warmup, sui
                             shared, run_id, ckpt.model_id, resolved.model_hash,
                             [a for a in gguf if (a.quant, dctx.device_id) not in benched], profile, dctx,
                             phone_reporter, suite=suite)
+                        if profile.sustained is not None and gguf and not _has_sustained(shared, run_id,
+                                                                                         dctx.device_id):
+                            status = device_run.sustained_on_device(shared, run_id, ckpt.model_id,
+                                                                    resolved.model_hash, artifacts, profile, dctx,
+                                                                    phone_reporter)
+                            outcome.outcomes += [pipeline.RungOutcome(a, f"sustained {status}") for a in gguf
+                                                 if status != "ok" and a.quant == profile.sustained.target(profile)]
                         if quality_on_device and suite is not None and gguf:
                             statuses = device_quality.quality_rungs_on_device(
                                 shared, run_id, ckpt.model_id, resolved.model_hash, artifacts, profile, suite, dctx,

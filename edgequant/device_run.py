@@ -345,6 +345,57 @@ def bench_rungs_on_device(store: Store, run_id: str, model_id: str, model_hash: 
                            cooldown or profile.device.cooldown(), done)
 
 
+def sustained_on_device(store: Store, run_id: str, model_id: str, model_hash: str, artifacts: list[Artifact],
+                        profile: Profile, ctx: DeviceContext, reporter) -> str:
+    """``[sustained]`` on one device: ``runs`` llama-bench generation runs (``-p 0 -n N -r 1
+    --no-warmup``, one process each) of the sustained rung, each started as soon as the previous one
+    and the readings after it are done: no cool-down.  After each run: Android's thermal status, the
+    battery's and the hottest sensor's temperatures (``dumpsys thermalservice``/``battery``), and the
+    current clock of the fastest cluster (``cpufreq/scaling_cur_freq``) where readable.  Stored by
+    ``pipeline.sustained_rung``; returns its status.  A transport failure is :class:`DeviceLost`."""
+    from edgequant.bench.sustained import SustainedRun
+    from edgequant.devices.facts import HEALTH_SECTIONS, collect_facts
+    from edgequant.pipeline import sustained_rung
+
+    settings = profile.bench
+    threads = settings.threads if settings.threads > 0 else recommended_threads(ctx.facts)
+    repack = device_repack(settings)
+    rundir = posixpath.join(ctx.workdir, "runs", run_id)
+    fast = max(ctx.facts.clusters, key=lambda c: c.max_khz or 0, default=None)
+    clock_file = (f"/sys/devices/system/cpu/cpu{fast.cpus[0]}/cpufreq/scaling_cur_freq"
+                  if fast and fast.cpus else None)
+
+    def reading() -> dict:
+        f = collect_facts(ctx.transport, ctx.workdir, timeout=60, sections=HEALTH_SECTIONS)
+        hottest = max(f.temperatures, key=lambda t: t.celsius, default=None)
+        khz = None
+        if clock_file:
+            out = ctx.transport.shell(f"cat {quote(clock_file)} 2>/dev/null", 30).stdout.strip()
+            khz = int(out) if out.isdigit() and 0 < int(out) < 1 << 31 else None
+        return {"celsius": hottest.celsius if hottest else None, "sensor": hottest.name if hottest else None,
+                "thermal_status": f.thermal_status, "battery_celsius": f.battery_celsius, "cpu_khz": khz}
+
+    def measure(art: Artifact, runs: int, n_gen: int, on_progress):
+        one = replace(settings, n_prompt=0, n_gen=n_gen, repetitions=1, warmup=0)
+        pushed = ctx.pusher.push(art.path, art.sha256, name=f"{art.quant}.gguf")   # already there: not sent
+        ctx.transport.shell(f"mkdir -p {quote(rundir)}", 60)
+        before = reading()
+        out = []
+        for i in range(runs):
+            on_progress(f"sustained {i + 1}/{runs}")
+            res = run_device_bench(ctx.transport, ctx.remote, pushed.remote, one, workdir=rundir, threads=threads,
+                                   repack=repack, with_load_time=False)
+            out.append(SustainedRun(run=i + 1, tg_tps=res.tg.mean, **reading()))
+        return out, before
+
+    try:
+        return sustained_rung(store, run_id, model_id, model_hash, artifacts, profile, reporter,
+                              device=ctx.device_record(), device_id=ctx.device_id, measure=measure,
+                              runner="device")
+    except DeviceError as exc:
+        raise DeviceLost(ctx.serial, "running the sustained mode", exc) from None
+
+
 def _device_rows(res) -> list[Measurement | None]:
     """The rows of one llama-bench measurement on a device (``bench.device_bench.DeviceBenchResult``)."""
     return [

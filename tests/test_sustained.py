@@ -84,3 +84,36 @@ def test_bad_sustained_settings_are_one_line_exit_2(tiny_checkpoint, tmp_path, t
     res = run_cli("run", "--no-quality", "--model", str(tiny_checkpoint), "--profile", str(profile), env=env)
     assert res.returncode == 2
     assert_one_line_error(res.stderr, field)
+
+
+# ---------------------------------------------------------------------------
+# on a phone: the ADB peer, warming up while llama-bench runs (the real linux-arm64 build under qemu)
+
+from test_device_run import _run_args, _run_row, phone  # noqa: E402,F401
+from test_runner import arm64_runner  # noqa: E402,F401 - the session fixture that builds the runner
+
+
+def test_sustained_runs_on_a_phone_that_warms_up(tiny_checkpoint, phone, arm64_runner):
+    peer, workdir, env, profile = phone
+    text = profile.read_text().replace('types = ["Q8_0", "Q4_0"]', 'types = ["Q8_0"]')
+    profile.write_text(text + '\n[sustained]\nruns = 4\nn_gen = 8\nrung = "Q8_0"\n')
+    peer.simulate_heat(rise_c_per_s=6.0, fall_c_per_s=1.0)
+    res = run_cli(*_run_args(tiny_checkpoint, peer, workdir, profile, arm64_runner), env=env, timeout=1500)
+    assert res.returncode == 0, res.stderr[-3000:]
+    run = _run_row(env)
+    rows = sustained_rows(Path(env["EDGEQUANT_DB"]), run["run_id"])
+    assert rows["sustained_tg_tps"]["device_id"] == f"adb:{peer.serial}"
+    assert rows["sustained_tg_tps"]["params"]["runner"] == "device"
+    curve = check_curve(rows, 4)
+    before = rows["sustained_tg_tps"]["detail"]["before"]
+    # no cool-down between the runs: the phone is hotter after the last run than before the first
+    assert curve[-1]["celsius"] > before["celsius"]
+    assert curve[-1]["thermal_status"] >= before["thermal_status"] and curve[-1]["thermal_status"] > 0
+    assert curve[-1]["battery_celsius"] > before["battery_celsius"]
+    assert all(c["sensor"] == "cpu4-big-usr" for c in curve)           # the hottest sensor is named
+    # one llama-bench generation run per sustained run, back to back
+    gens = [c for c in peer.events_of("process") if "bin/llama-bench" in c and "-p 0 -n 8 " in c]
+    assert len(gens) == 4, gens
+    # and at rest the peer cools down again
+    hot = peer.heat_celsius
+    peer.wait_for(lambda: peer.heat_celsius < hot - 1.0, timeout=10, what="the phone cooling down")
