@@ -422,6 +422,9 @@ def _run(model, profile_name, threads, n_prompt, n_gen, repetitions, warmup, sui
     store = _open_store(db)
     console = _stderr_console()
     on_host, phones, pool_entries = (True, [], {}) if not device_specs else farm.resolve_farm(device_specs)
+    if profile.device.energy and on_host:
+        raise BadInput(f"profile {profile.path}: field 'device.energy' needs a phone's battery current, which this "
+                       f"host cannot read; run with --device SERIAL, or set device.energy = false")
     workdir = resolve_device_dir(device_dir) if phones else None
     perf_test = _onnx_perf_test(onnx_perf_test)
     opened: list[farm.Phone] = []

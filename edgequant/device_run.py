@@ -335,10 +335,13 @@ def bench_rungs_on_device(store: Store, run_id: str, model_id: str, model_hash: 
     def measure(art: Artifact, pushed) -> list[Measurement | None]:
         if variants:
             return measure_variants(art, pushed)
+        energy = profile.device.energy
+        charging = _charging(ctx) if energy else None
         res = run_device_bench(ctx.transport, ctx.remote, pushed.remote, settings, workdir=rundir,
                                threads=threads, repack=repack,
-                               on_progress=lambda ph, q=art.quant: reporter.rung_phase(q, ph))
-        return _device_rows(res)
+                               on_progress=lambda ph, q=art.quant: reporter.rung_phase(q, ph),
+                               power_dir=profile.device.power_supply if energy and not charging else None)
+        return _device_rows(res) + (_energy_rows(res, charging, profile.device.power_supply) if energy else [])
 
     return bench_on_device(store, run_id, artifacts, ctx, reporter,
                            RungSteps(key, push, measure, variant_keys if variants else None),
@@ -394,6 +397,41 @@ def sustained_on_device(store: Store, run_id: str, model_id: str, model_hash: st
                               runner="device")
     except DeviceError as exc:
         raise DeviceLost(ctx.serial, "running the sustained mode", exc) from None
+
+
+def _charging(ctx: DeviceContext) -> str | None:
+    """Why the battery cannot measure the run's energy (it is being charged: USB, AC, wireless), or None."""
+    from edgequant.devices.facts import HEALTH_SECTIONS, collect_facts
+
+    f = collect_facts(ctx.transport, ctx.workdir, timeout=60, sections=HEALTH_SECTIONS)
+    if f.battery_powered:
+        return (f"the phone is charging ({', '.join(f.battery_powered)} powered): the battery current does not "
+                f"show what the run draws; measure over `adb tcpip` with the cable out")
+    return None
+
+
+def _energy_rows(res, charging: str | None, power_dir: str) -> list[Measurement]:
+    """Average power and joules per generated token over the run's last tg test (the tail of the power
+    samples as long as its timed repetitions); ``energy_per_token`` = 0 with the reason when not measured."""
+    from edgequant.bench.device_bench import window_energy
+
+    def not_measured(reason: str) -> list[Measurement]:
+        return [Measurement("energy_per_token", 0.0, "J/token", None, None, {"not_measured": reason})]
+
+    if charging:
+        return not_measured(charging)
+    if not res.power:
+        return not_measured(f"{power_dir}/current_now and voltage_now could not be read on the phone; set "
+                            f"device.power_supply to its battery's power-supply folder")
+    if not res.tg_seconds or not res.tg_tokens:
+        return not_measured("the run generated no tokens (bench.n_gen = 0)")
+    window = window_energy(res.power, res.tg_seconds)
+    if window is None:
+        return not_measured("the generation test was shorter than two power samples (0.2 s apart)")
+    watts, joules, n = window
+    detail = {"samples": n, "seconds": res.tg_seconds, "tokens": res.tg_tokens, "source": power_dir}
+    return [Measurement("avg_power", watts, "W", None, n, detail),
+            Measurement("energy_per_token", joules / res.tg_tokens, "J/token", None, n, detail)]
 
 
 def _device_rows(res) -> list[Measurement | None]:

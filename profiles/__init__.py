@@ -152,6 +152,9 @@ class DeviceSettings:
     cooldown_celsius: float = 40.0    # highest battery (else hottest sensor) temperature to start at
     cooldown_max_wait: float = 300.0  # seconds to wait for it before starting anyway (marked throttled)
     cooldown_poll: float = 10.0       # seconds between readings while waiting
+    # energy per token: the battery's current_now and voltage_now sampled during each llama-bench run
+    energy: bool = False
+    power_supply: str = "/sys/class/power_supply/battery"
 
     def cooldown(self):
         from edgequant.devices.health import CoolDown

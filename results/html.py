@@ -244,6 +244,16 @@ def _cases(rep: RunReport, cases: list[dict[str, Any]]) -> str:
 # the page
 
 
+def _energy_html(rep: RunReport) -> str:
+    from edgequant.results.report import ENERGY_COLUMNS, _energy_cells, energy_records
+
+    records = energy_records(rep)
+    if not records:
+        return ""
+    return ("<h3>energy per generated token (phone battery)</h3>"
+            + _table(ENERGY_COLUMNS, [(_energy_cells(rec), "", []) for rec in records]))
+
+
 def _sustained(rep: RunReport) -> str:
     """[sustained]: the table of the back-to-back runs and their curve (tg per run, temperature)."""
     from edgequant.results.report import SUSTAINED_COLUMNS, _sustained_cells, sustained_records
@@ -287,7 +297,7 @@ def render_html(store: Store, run_id: str, quality: str = "quality", history_run
         device_id = dev.rungs[0].device_id
         parts += [f'<section id="device-{i}"><h2>{_e(_device_title(dev))}</h2>',
                   "<h3>speed and memory against the reference</h3>", _comparison(dev),
-                  _sustained(dev),
+                  _energy_html(dev), _sustained(dev),
                   "<h3>quality against the reference</h3>", _quality(dev),
                   f"<h3>{_e(quality_label(quality))} vs generation speed vs size</h3>", _pareto(dev, quality),
                   "<h3>history over runs</h3>", _history(hist.get(device_id, {}), dev, quality),

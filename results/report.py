@@ -252,6 +252,10 @@ def rung_record(rep: RunReport, rung: RungSummary) -> dict[str, Any]:
         "file_rss_mib": val("peak_rss_file", MiB),
         "repetitions": m["tg_tps"].repetitions if "tg_tps" in m else None,
         # the variant (edgequant.profiles.variants): llama-bench's -d and -ctk/-ctv
+        # energy on a phone (device.energy): over the last tg test; 0 with a reason when not measured
+        "energy_j_per_token": _energy(m)[0],
+        "avg_power_w": val("avg_power"),
+        "energy_not_measured": _energy(m)[1],
         "n_depth": rung.params.get("n_depth", 0) if rung.params else None,
         "cache_type": rung.params.get("cache_type", "f16") if rung.params else None,
         "pp_speedup": None,
@@ -263,6 +267,35 @@ def rung_record(rep: RunReport, rung: RungSummary) -> dict[str, Any]:
         rec["tg_speedup"] = _ratio(rung.get("tg_tps"), ref.get("tg_tps"))
         rec["size_ratio"] = _ratio(rung.get("size"), ref.get("size"))
     return rec
+
+
+def _energy(m: dict[str, Stat]) -> tuple[float | None, str | None]:
+    """(joules per generated token, why it was not measured) of a rung's metrics."""
+    s = m.get("energy_per_token")
+    if s is None:
+        return None, None
+    reason = (s.detail or {}).get("not_measured")
+    return (None, reason) if reason else (s.value, None)
+
+
+def energy_records(rep: RunReport) -> list[dict[str, Any]]:
+    out = []
+    for g in per_device(rep):
+        for r in g.rungs:
+            rec = rung_record(g, r)
+            if rec["energy_j_per_token"] is not None or rec["energy_not_measured"]:
+                out.append(rec)
+    return out
+
+
+ENERGY_COLUMNS = ["rung", "device", "avg power W", "J/token", "tg t/s", "note"]
+
+
+def _energy_cells(rec: dict[str, Any]) -> list[str]:
+    if rec["energy_not_measured"]:
+        return [rec["quant"], rec["device_id"], "—", "not measured", _fmt(rec["tg_tps"]), rec["energy_not_measured"]]
+    return [rec["quant"], rec["device_id"], _fmt(rec["avg_power_w"], 2), _fmt(rec["energy_j_per_token"], 3),
+            _fmt(rec["tg_tps"]), "battery current x voltage during the last tg test"]
 
 
 def _fmt(v: float | None, digits: int = 1) -> str:
@@ -483,6 +516,14 @@ def render_table(rep: RunReport, console) -> None:
             parts = [half for cols in parts for half in (cols[:(len(cols) + 1) // 2], cols[(len(cols) + 1) // 2:])]
         for t in tables:
             console.print(t)
+    energy = energy_records(rep)
+    if energy:
+        et = Table(title="energy per generated token (phone battery)")
+        for i, col in enumerate(ENERGY_COLUMNS):
+            et.add_column(col, justify="left" if i in (0, 1, 5) else "right")
+        for rec in energy:
+            et.add_row(*_energy_cells(rec))
+        console.print(et)
     sustained = sustained_records(rep)
     if sustained:
         st = Table(title="sustained: back-to-back generation runs, no cool-down", caption_justify="left",
