@@ -264,8 +264,7 @@ def test_variants_share_one_model_load_and_run_at_their_depth_and_cache_type(ggu
         assert len(v["pp_tps"]) == len(v["tg_tps"]) == len(v["ttft_ms"]) == 2
         assert all(x > 0 for x in v["pp_tps"] + v["tg_tps"])
         assert v["peak_rss_bytes"] == v["peak_rss_anon_bytes"] + v["peak_rss_file_bytes"] > 0
-    # a context of n_prompt + depth tokens: deeper contexts need a larger context than llama.cpp's minimum
-    assert data["pp_tps"] == data["variants"][0]["pp_tps"]
+    assert data["pp_tps"] == data["variants"][0]["pp_tps"]      # the top-level figures are the first variant's
 
 
 def test_a_quantized_v_cache_with_flash_attention_off_is_refused_by_llama_cpp_itself(gguf):

@@ -135,6 +135,18 @@ def test_the_table_json_and_html_show_the_variants(variant_run):
     assert "Q8_0@d24,kv=q8_0" in page and "llama-bench -d" in page
 
 
+def test_compare_and_pick_take_the_variants_as_rungs(variant_run):
+    q = variant_run
+    out = q["tmp"] / "cmp.json"
+    res = run_cli("compare", q["run_id"], q["run_id"], "--json", str(out), env=q["env"])
+    assert res.returncode == 0, res.stderr[-2000:]
+    pairs = {(p["quant"], p["stage"]) for p in json.loads(out.read_text())["pairs"]}
+    assert ("Q8_0@d24,kv=q8_0", "bench") in pairs and ("Q8_0@kv=q8_0", "quality") in pairs
+    res = run_cli("pick", "--run", q["run_id"], "--min-tg", "0.001", "--json", env=q["env"])
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "Q8_0@d24,kv=q8_0" in res.stdout and "Q8_0@kv=q8_0" in res.stdout
+
+
 def test_a_depth_beyond_the_models_context_is_refused_with_one_line(tiny_checkpoint, tmp_path):
     env = cli_env(tmp_path)
     profile = variant_profile(tmp_path, [0, 4000], ["f16"])   # the tiny model's context is 2048
