@@ -556,6 +556,13 @@ def render_markdown(rep: RunReport) -> str:
             lines.append(f"| {rung.quant}{' (ref)' if rung.is_reference else ''} | "
                          + " | ".join(_quality_cell(rung, m) for m in cols) + " |")
         lines.append("")
+    for title, cols, cells in (("energy per generated token (phone battery)", ENERGY_COLUMNS,
+                                [_energy_cells(r) for r in energy_records(rep)]),
+                               ("sustained: back-to-back generation runs, no cool-down", SUSTAINED_COLUMNS,
+                                [_sustained_cells(r) for r in sustained_records(rep)])):
+        if cells:
+            lines += [f"**{title}**", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+            lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in cells] + [""]
     lines += [f"\\* {n}\n" for n in rep.footnotes]
     return "\n".join(lines).rstrip("\n") + "\n"
 

@@ -66,6 +66,8 @@ def test_sustained_runs_on_this_host(tiny_checkpoint, tmp_path):
     (rec,) = js["sustained"]
     assert rec["quant"] == "Q8_0" and len(rec["runs"]) == RUNS
     assert js["params"].get("stage") is None        # the header describes the bench stage, not the sustained one
+    md = run_cli("report", "last", "--format", "md", env=env).stdout
+    assert "**sustained: back-to-back generation runs, no cool-down**" in md and "| Q8_0 |" in md
     html = tmp_path / "r.html"
     assert run_cli("report", "last", "--html", str(html), env=env).returncode == 0
     page = html.read_text()
