@@ -169,14 +169,14 @@ class RungSteps:
     ``key(art)``: the rows' key.  ``push(art)``: put the rung on the device (through ``ctx.pusher``, whose
     progress is reported) and return a handle; a ``DeviceError`` of kind ``no_space`` skips that rung.
     ``measure(art, handle)``: the performance rows (``None`` entries are left out), or, for a rung measured
-    in several variants (depths, cache types: ``edgequant.profiles.variants``), a dict of each variant's key
-    to its rows, all stored in one transaction with the rung's health readings.  ``push`` and ``measure``
+    in several variants (depths, cache types: ``edgequant.profiles.variants``), a dict of each variant's name
+    to (its key, its rows), all stored in one transaction with the rung's health readings.  ``push`` and ``measure``
     may raise ``BenchError``: the rung is stored with its status and the ladder goes on.  ``variant_keys(art)``
     (optional) names the variants' keys, under which a rung that was not measured is stored."""
 
     key: Callable[[Artifact], RowKey]
     push: Callable[[Artifact], Any]
-    measure: Callable[[Artifact, Any], list[Measurement | None] | dict[RowKey, list[Measurement | None]]]
+    measure: Callable[[Artifact, Any], list[Measurement | None] | dict[str, tuple[RowKey, list]]]
     variant_keys: Callable[[Artifact], list[RowKey]] | None = None
 
 
@@ -263,7 +263,7 @@ def bench_on_device(store: Store, run_id: str, artifacts: list[Artifact], ctx: D
                                        f"did not cool down within {cooldown.max_wait_s:g} s") if hot else None)
             if isinstance(measured, dict):     # variants: each with the rung's health readings
                 store.record_rungs(run_id, [(k, [r for r in rows + list(v) if r is not None], "ok", detail)
-                                            for k, v in measured.items()])
+                                            for k, v in measured.values()])
             else:
                 store.record_rung(run_id, key, [r for r in rows + list(measured) if r is not None], status="ok",
                                   detail=detail)
@@ -315,10 +315,10 @@ def bench_rungs_on_device(store: Store, run_id: str, model_id: str, model_hash: 
         return [replace(key(art), quant=v.name(art.quant), params=v.params(params, settings),
                         is_reference=art.is_reference and i == 0) for i, v in enumerate(variants)]
 
-    def measure_variants(art: Artifact, pushed) -> dict[RowKey, list[Measurement | None]]:
+    def measure_variants(art: Artifact, pushed) -> dict[str, tuple[RowKey, list[Measurement | None]]]:
         """One llama-bench per cache type, with every depth in it (its own -d); rows per variant."""
         keys = dict(zip(variants, variant_keys(art)))
-        out: dict[RowKey, list[Measurement | None]] = {}
+        out: dict[str, tuple[RowKey, list[Measurement | None]]] = {}
         for i, cache_type in enumerate(dict.fromkeys(v.cache_type for v in variants)):
             mine = [v for v in variants if v.cache_type == cache_type]
             res = run_device_bench(ctx.transport, ctx.remote, pushed.remote, settings, workdir=rundir,
@@ -328,8 +328,8 @@ def bench_rungs_on_device(store: Store, run_id: str, model_id: str, model_hash: 
                                    reporter.rung_phase(q, f"{ph} {t}"))
             for v in mine:
                 pp, tg, ttft = res.by_depth[v.depth]
-                out[keys[v]] = _device_rows(replace(res, pp=pp, tg=tg, ttft_ms=ttft,
-                                                    load_s=res.load_s if v is variants[0] else None))
+                out[keys[v].quant] = (keys[v], _device_rows(replace(res, pp=pp, tg=tg, ttft_ms=ttft,
+                                                                    load_s=res.load_s if v is variants[0] else None)))
         return out
 
     def measure(art: Artifact, pushed) -> list[Measurement | None]:
