@@ -112,16 +112,27 @@ def device_repack(settings: BenchSettings) -> bool | None:
     return None if settings.repack == "auto" else settings.repack == "on"
 
 
-def llama_bench_args(model: str, settings: BenchSettings, threads: int, repack: bool | None) -> list[str]:
+def llama_bench_args(model: str, settings: BenchSettings, threads: int, repack: bool | None,
+                     depths: tuple[int, ...] = (0,), cache_type: str = "f16") -> list[str]:
     """llama-bench arguments measuring what the host worker measures with ``settings``.
 
     llama-bench does at most one warm-up run per test: ``warmup = 0`` turns it
     off, any larger value means that one run.  ``repack=None`` leaves
-    llama-bench's default.
+    llama-bench's default.  ``depths`` (``-d``, one pp and one tg test per
+    depth, on one model load) and ``cache_type`` (``-ctk``/``-ctv``; flash
+    attention on for a quantized V cache, which llama.cpp requires) measure
+    variants of the rung (``edgequant.profiles.variants``).
     """
+    from edgequant.profiles.variants import BenchVariant
+
+    flash_attn = BenchVariant(0, cache_type).flash_attn(settings)
     args = ["-m", model, "-p", str(settings.n_prompt), "-n", str(settings.n_gen), "-t", str(threads),
             "-r", str(settings.repetitions), "-b", str(settings.n_batch), "-ub", str(settings.n_ubatch),
-            "-fa", settings.flash_attn, "-lm", "mmap" if settings.mmap else "none"]
+            "-fa", flash_attn, "-lm", "mmap" if settings.mmap else "none"]
+    if tuple(depths) != (0,):
+        args += ["-d", ",".join(str(int(d)) for d in depths)]
+    if cache_type != "f16":
+        args += ["-ctk", cache_type, "-ctv", cache_type]
     if repack is not None:
         args += ["--repack", "1" if repack else "0"]
     if settings.warmup == 0:
@@ -187,10 +198,23 @@ exit "$rc"
 _FILES = ("bench.out", "bench.err", "time.txt", "status.txt")
 
 
+# Energy: while the program runs, a second loop appends "uptime current_now voltage_now" (s, uA, uV)
+# of a power-supply folder to power.txt every $2 seconds, until the measuring command touches power.stop.
+POWER_SAMPLER = r"""dir=$1 interval=$2 n=0
+while [ ! -e power.stop ] && [ "$n" -lt 100000 ]; do
+  read -r up rest < /proc/uptime; read -r c < "$dir/current_now"; read -r v < "$dir/voltage_now"
+  echo "$up $c $v"
+  n=$((n + 1))
+  sleep "$interval"
+done
+"""
+
+
 def measured_command(argv: list[str], workdir: str, *, env: dict[str, str] | None = None,
                      time_cmd: tuple[str, ...] = DEFAULT_TIME, poll_interval: float = 0.1,
-                     deadline_s: float = 1800.0) -> str:
-    """The shell command that runs ``argv`` in ``workdir`` under the time command and the poller."""
+                     deadline_s: float = 1800.0, power_dir: str | None = None) -> str:
+    """The shell command that runs ``argv`` in ``workdir`` under the time command and the poller
+    (``power_dir``: also sample that power-supply folder's current and voltage into power.txt)."""
     if not argv:
         raise ValueError("nothing to run")
     if not (poll_interval > 0 and math.isfinite(poll_interval)):
@@ -198,8 +222,41 @@ def measured_command(argv: list[str], workdir: str, *, env: dict[str, str] | Non
     max_polls = max(1, math.ceil(deadline_s / poll_interval))
     assigns = [f"{k}={quote(v)}" for k, v in (env or {}).items() if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", k)]
     program = [*time_cmd, "sh", "-c", POLLER, "sh", f"{poll_interval:g}", str(max_polls), *argv]
-    return (f"mkdir -p {quote(workdir)} && cd {quote(workdir)} && rm -f {' '.join(_FILES)} && "
-            + " ".join(assigns + [quote(a) for a in program]) + " 2> time.txt")
+    run = " ".join(assigns + [quote(a) for a in program]) + " 2> time.txt"
+    prepare = f"mkdir -p {quote(workdir)} && cd {quote(workdir)} && rm -f {' '.join(_FILES)} power.txt power.stop"
+    if power_dir is None:
+        return f"{prepare} && {run}"
+    sampler = " ".join(quote(a) for a in ("sh", "-c", POWER_SAMPLER, "sh", power_dir, "0.2"))
+    return f"{prepare} && ( {sampler} > power.txt 2>/dev/null & {run}; rc=$?; touch power.stop; wait; exit $rc )"
+
+
+def parse_power(text: str) -> list[tuple[float, float]]:
+    """power.txt -> (uptime s, watts) samples: |current| x voltage, current_now in uA and voltage_now in uV
+    (the kernel's power-supply units).  Lines that do not parse (a file that was unreadable) are left out."""
+    out = []
+    for line in _bounded(text, MAX_JSON_CHARS, "the power samples").splitlines():
+        parts = line.split()
+        if len(parts) != 3 or not re.fullmatch(r"\d{1,9}(?:\.\d{1,3})?", parts[0]):
+            continue
+        if not all(re.fullmatch(r"-?\d{1,12}", p) for p in parts[1:]):
+            continue
+        up, ua, uv = float(parts[0]), int(parts[1]), int(parts[2])
+        if 0 < uv < 20_000_000 and abs(ua) < 50_000_000:
+            out.append((up, abs(ua) * uv / 1e12))
+    return out
+
+
+def window_energy(samples: list[tuple[float, float]], seconds: float) -> tuple[float, float, int] | None:
+    """(average watts, joules, samples) over the last ``seconds`` of the samples (the tail of the run,
+    where llama-bench's last test ran), or None with fewer than two samples there."""
+    if len(samples) < 2:
+        return None
+    end = samples[-1][0]
+    inside = [s for s in samples if s[0] >= end - seconds - 1e-9]
+    if len(inside) < 2:
+        return None
+    watts = sum(w for _, w in inside) / len(inside)
+    return watts, watts * seconds, len(inside)
 
 
 # ---------------------------------------------------------------------------
@@ -313,6 +370,11 @@ class BenchTest:
     def kind(self) -> str:
         return "pp" if self.n_gen == 0 else ("tg" if self.n_prompt == 0 else "pg")
 
+    @property
+    def n_depth(self) -> int:
+        d = self.info.get("n_depth", 0)
+        return d if isinstance(d, int) and not isinstance(d, bool) and d >= 0 else 0
+
     def tokens_per_second(self) -> Summary:
         n = self.n_prompt + self.n_gen
         return Summary.from_values(n * 1e9 / ns for ns in self.samples_ns)
@@ -336,6 +398,16 @@ def _float(obj: dict, key: str, where: str) -> float:
 
 def parse_llama_bench_json(text: str) -> dict[str, BenchTest]:
     """llama-bench ``-o json`` output -> its tests by kind (``pp``, ``tg``, ``pg``)."""
+    tests: dict[str, BenchTest] = {}
+    for test in parse_llama_bench_tests(text):
+        if test.kind in tests:
+            raise DeviceOutputError(f"llama-bench output has two {test.kind} tests")
+        tests[test.kind] = test
+    return tests
+
+
+def parse_llama_bench_tests(text: str) -> list[BenchTest]:
+    """llama-bench ``-o json`` output -> its tests in order (several per kind with ``-d``: one per depth)."""
     text = _bounded(text, MAX_JSON_CHARS, "llama-bench's JSON output")
     if not text.strip():
         raise DeviceOutputError("llama-bench printed no JSON")
@@ -346,7 +418,8 @@ def parse_llama_bench_json(text: str) -> dict[str, BenchTest]:
                                 f"column {exc.colno})") from None
     if not isinstance(data, list) or not data:
         raise DeviceOutputError("llama-bench output is not a non-empty JSON list of tests")
-    tests: dict[str, BenchTest] = {}
+    tests: list[BenchTest] = []
+    seen: set[tuple] = set()
     for i, obj in enumerate(data):
         where = f"test {i + 1}"
         if not isinstance(obj, dict):
@@ -363,9 +436,11 @@ def parse_llama_bench_json(text: str) -> dict[str, BenchTest]:
                          avg_ts=_float(obj, "avg_ts", where), stddev_ts=_float(obj, "stddev_ts", where), info=info)
         if test.n_prompt + test.n_gen == 0:
             raise DeviceOutputError(f"llama-bench output: {where} has neither prompt nor generated tokens")
-        if test.kind in tests:
-            raise DeviceOutputError(f"llama-bench output has two {test.kind} tests")
-        tests[test.kind] = test
+        ident = (test.kind, test.n_depth, test.info.get("type_k"), test.info.get("type_v"))
+        if ident in seen:
+            raise DeviceOutputError(f"llama-bench output has two {test.kind} tests at depth {test.n_depth}")
+        seen.add(ident)
+        tests.append(test)
     return tests
 
 
@@ -443,6 +518,7 @@ class MeasuredRun:
     rss_file_kib: int
     polls: int
     deadline_s: float
+    power: list[tuple[float, float]] | None = None   # (uptime s, watts) samples when power was sampled
 
     @property
     def signal(self) -> int | None:
@@ -473,10 +549,11 @@ def _read(transport: Transport, path: str, limit: int, what: str, tail: bool = F
 def run_measured(transport: Transport, argv: list[str], workdir: str, *, env: dict[str, str] | None = None,
                  time_cmd: tuple[str, ...] = DEFAULT_TIME, poll_interval: float = 0.1,
                  deadline_s: float = 1800.0, stdout_limit: int = MAX_JSON_CHARS,
-                 stderr_limit: int = MAX_STDERR_CHARS) -> MeasuredRun:
-    """Run ``argv`` on the device under the time command and the /proc poller (see the module doc)."""
+                 stderr_limit: int = MAX_STDERR_CHARS, power_dir: str | None = None) -> MeasuredRun:
+    """Run ``argv`` on the device under the time command and the /proc poller (see the module doc);
+    ``power_dir``: the run's power samples are in ``MeasuredRun.power``."""
     command = measured_command(argv, workdir, env=env, time_cmd=time_cmd, poll_interval=poll_interval,
-                               deadline_s=deadline_s)
+                               deadline_s=deadline_s, power_dir=power_dir)
     # the poller stops the program at the deadline; the transport's own timeout is the backstop
     try:
         transport.shell(command, deadline_s * 1.25 + 60.0)
@@ -497,10 +574,14 @@ def run_measured(transport: Transport, argv: list[str], workdir: str, *, env: di
     stdout = _read(transport, posixpath.join(workdir, "bench.out"), stdout_limit, "the program's output") or ""
     stderr = _read(transport, posixpath.join(workdir, "bench.err"), stderr_limit, "the program's log",
                    tail=True) or ""
+    power = None
+    if power_dir is not None:
+        power = parse_power(_read(transport, posixpath.join(workdir, "power.txt"), MAX_JSON_CHARS,
+                                  "the power samples", tail=True) or "")
     return MeasuredRun(exit_code=status["rc"], timed_out=bool(status["timedout"]), stdout=stdout,
                        stderr_tail=stderr, max_rss_kib=max_rss, vmhwm_kib=status["vmhwm_kb"],
                        rss_anon_kib=status["rss_anon_kb"], rss_file_kib=status["rss_file_kb"],
-                       polls=status["polls"], deadline_s=deadline_s)
+                       polls=status["polls"], deadline_s=deadline_s, power=power)
 
 
 def failure(run: MeasuredRun, what: str) -> BenchError | None:
@@ -548,6 +629,12 @@ class DeviceBenchResult:
     backends: str
     command: str
     raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+    cache_type: str = "f16"
+    # depth -> (pp, tg, ttft_ms) with ``-d``; pp/tg/ttft_ms above are the first depth's
+    by_depth: dict[int, tuple[Summary | None, Summary | None, Summary | None]] = field(default_factory=dict)
+    power: list[tuple[float, float]] | None = None   # (uptime s, watts) during the run, when sampled
+    tg_seconds: float | None = None                  # the tg test's timed seconds (its repetitions together)
+    tg_tokens: int = 0                               # tokens the tg test generated in them
 
 
 def measure_load(transport: Transport, runner: RemoteRunner, model: str, settings: BenchSettings, threads: int,
@@ -575,11 +662,16 @@ def measure_load(transport: Transport, runner: RemoteRunner, model: str, setting
 def run_device_bench(transport: Transport, runner: RemoteRunner, model: str, settings: BenchSettings, *,
                      workdir: str, threads: int | None = None, repack: bool | None = None,
                      with_load_time: bool = True, poll_interval: float = 0.1,
-                     on_progress: Callable[[str], None] | None = None) -> DeviceBenchResult:
+                     on_progress: Callable[[str], None] | None = None,
+                     depths: tuple[int, ...] = (0,), cache_type: str = "f16",
+                     power_dir: str | None = None) -> DeviceBenchResult:
     """Measure ``model`` (a path on the device) with ``settings``; ``BenchError`` when it does not finish.
 
     ``threads`` defaults to ``settings.threads`` or, when that is 0, the
     device's big cores.  ``repack`` defaults to ``device_repack(settings)``.
+    ``depths`` and ``cache_type``: llama-bench's own ``-d`` and ``-ctk/-ctv``
+    in the one invocation (``by_depth`` holds each depth's figures; the memory
+    figures are the invocation's, its deepest context included).
     """
     progress = on_progress or (lambda _p: None)
     name = posixpath.basename(model)
@@ -592,26 +684,38 @@ def run_device_bench(transport: Transport, runner: RemoteRunner, model: str, set
         progress("load")
         load_s = measure_load(transport, runner, model, settings, threads, workdir, repack, poll_interval)
     progress("bench")
-    argv = runner.tool(BENCH_TOOL) + llama_bench_args(model, settings, threads, repack)
+    argv = runner.tool(BENCH_TOOL) + llama_bench_args(model, settings, threads, repack, depths, cache_type)
     run = run_measured(transport, argv, workdir, env=runner.env(), time_cmd=runner.time_cmd,
-                       poll_interval=poll_interval, deadline_s=settings.timeout)
+                       poll_interval=poll_interval, deadline_s=settings.timeout, power_dir=power_dir)
     err = failure(run, f"{BENCH_TOOL} on {name}")
     if err is not None:
         raise err
     try:
-        tests = parse_llama_bench_json(run.stdout)
+        all_tests = parse_llama_bench_tests(run.stdout)
     except DeviceOutputError as exc:
         raise BenchError("failed", f"{name}: {exc}") from None
-    wanted = {"pp": settings.n_prompt, "tg": settings.n_gen}
-    for kind, n in wanted.items():
-        test = tests.get(kind)
-        if n > 0 and (test is None or (test.n_prompt if kind == "pp" else test.n_gen) != n):
-            raise BenchError("failed", f"{name}: llama-bench's output has no {kind} test of {n} tokens")
-        if test is not None and len(test.samples_ns) != settings.repetitions:
-            raise BenchError("failed", f"{name}: llama-bench's {kind} test has {len(test.samples_ns)} samples, "
-                                       f"expected {settings.repetitions}")
+    by_depth: dict[int, tuple[Summary | None, Summary | None, Summary | None]] = {}
+    for depth in depths:
+        tests = {t.kind: t for t in all_tests if t.n_depth == int(depth)}
+        at = f" at depth {depth}" if tuple(depths) != (0,) else ""
+        wanted = {"pp": settings.n_prompt, "tg": settings.n_gen}
+        for kind, n in wanted.items():
+            test = tests.get(kind)
+            if n > 0 and (test is None or (test.n_prompt if kind == "pp" else test.n_gen) != n):
+                raise BenchError("failed", f"{name}: llama-bench's output has no {kind} test of {n} tokens{at}")
+            if test is not None and len(test.samples_ns) != settings.repetitions:
+                raise BenchError("failed", f"{name}: llama-bench's {kind} test{at} has {len(test.samples_ns)} "
+                                           f"samples, expected {settings.repetitions}")
+            if test is not None and cache_type != "f16" and test.info.get("type_k", cache_type) != cache_type:
+                raise BenchError("failed", f"{name}: llama-bench ran the {kind} test with a "
+                                           f"{test.info.get('type_k')} K cache, not {cache_type}")
+        pp_d, tg_d = tests.get("pp"), tests.get("tg")
+        by_depth[int(depth)] = (pp_d.tokens_per_second() if pp_d else None, tg_d.tokens_per_second() if tg_d else None,
+                                Summary.from_values(ns / 1e6 for ns in pp_d.samples_ns) if pp_d else None)
+    tests = {t.kind: t for t in all_tests if t.n_depth == int(depths[0])}
     pp, tg = tests.get("pp"), tests.get("tg")
     first = pp or tg
+    last_tg = next((t for t in reversed(all_tests) if t.kind == "tg"), None)   # the run's last test
     progress("done")
     return DeviceBenchResult(
         pp=pp.tokens_per_second() if pp else None,
@@ -632,4 +736,9 @@ def run_device_bench(transport: Transport, runner: RemoteRunner, model: str, set
         backends=str(first.info.get("backends", "")),
         command=" ".join(quote(a) for a in argv),
         raw={kind: {**t.info, "samples_ns": list(t.samples_ns)} for kind, t in tests.items()},
+        cache_type=cache_type,
+        by_depth=by_depth,
+        power=run.power,
+        tg_seconds=sum(last_tg.samples_ns) / 1e9 if last_tg else None,
+        tg_tokens=last_tg.n_gen * len(last_tg.samples_ns) if last_tg else 0,
     )

@@ -11,11 +11,21 @@ progress lines ``progress eval i/n`` on stderr.  The request
      "groups": [{"format": str, "system": str, "few_shot": str, "stop": [str],
                  "cases": [{"id": str, "prompt": str, "max_tokens": int}]}]}
 
+A ``"cache_type"`` (with ``"flash_attn"``) runs the rung with that K and V
+cache type (``bench.cache_types``: a quantized KV cache changes outputs too).
+
 With ``"op": "teacher"`` the request names several rungs and nothing is
-generated: ``{"op": "teacher", "reference": str, "rungs": [str, ...],
+generated: ``{"op": "teacher", "reference": str, "rungs": [str | {"path": str,
+"cache_type": str, "flash_attn": str}, ...],
 "tokens": {case_id: [token, ...]}, ...}`` scores the reference's output tokens
 through every rung against the reference, and the result is
 ``{"scores": {rung_path: {case_id: {"kld": [...], "top1": [...]}}}}``.
+
+With ``"prefix_lengths": true`` only the vocabulary is loaded and nothing is
+decoded: the result is the model's training context (``n_ctx_train``) and the
+token length of each format's shared prefix (``prefix_tokens``: the system
+prompt or few-shot block before the case, BOS included), the depth at which
+an app using these prompts generates (``bench.depths = ["suite"]``).
 
 With ``"prompts_only": true`` nothing is decoded: the result is every case's
 whole prompt text and its tokens (``prompts``), for running the same prompts
@@ -63,9 +73,11 @@ from typing import Any
 
 import numpy as np
 
-from edgequant.bench.host_worker import Bench, WorkerError, _flash_attn_type, _Log, serve
+from edgequant.bench.host_worker import Bench, WorkerError, _cache_type, _flash_attn_type, _Log, serve
 
-CASE_MARK = "\u0000EDGEQUANT-CASE\u0000"
+# Where the case goes in a rendered chat template.  No NUL in it: llama_chat_apply_template takes C
+# strings, so a NUL ended the user turn there and the case landed after the model's turn had begun.
+CASE_MARK = "<<EDGEQUANT-CASE-7f3a>>"
 DEFAULT_SLOTS = 8
 KLD_CHUNK = 64        # teacher-forced positions per decode: bounds the logits copied at once
 
@@ -114,7 +126,8 @@ class Session:
         self.req = req
         self.log = log
         bench_req = {"path": req["path"], "mmap": req.get("mmap", True), "threads": req["threads"],
-                     "repack": req.get("repack"), "seed": req.get("seed", 0)}
+                     "repack": req.get("repack"), "seed": req.get("seed", 0),
+                     "vocab_only": bool(req.get("prefix_lengths"))}
         self.bench = Bench(L, bench_req, log, lambda s: None)
         self.bench.load_model()
         self.model = self.bench.model
@@ -195,6 +208,8 @@ class Session:
         cp.n_seq_max = n_seq
         cp.kv_unified = True
         cp.flash_attn_type = _flash_attn_type(L, self.req.get("flash_attn", "auto"))
+        if self.req.get("cache_type"):      # a rung evaluated with a quantized KV cache (bench.cache_types)
+            cp.type_k = cp.type_v = _cache_type(self.req["cache_type"])
         cp.swa_full = True
         cp.n_threads = cp.n_threads_batch = self.req["threads"]
         self.ctx = L.llama_init_from_model(self.model, cp)
@@ -259,7 +274,9 @@ def _prompt_parts(sess: Session, group: dict, mode: str, template: str | None) -
     """(prefix, suffix): a case's text is prefix + prompt + suffix."""
     if mode == "chat":
         rendered = sess.render_chat(template, group.get("system", ""), CASE_MARK)
-        head, _, tail = rendered.partition(CASE_MARK)
+        head, found, tail = rendered.partition(CASE_MARK)
+        if not found:
+            raise WorkerError("the model's chat template dropped the user turn's text; use prompting = completion")
         return head, tail
     shot = group.get("few_shot") or "{prompt}"
     if "{prompt}" not in shot:
@@ -366,6 +383,11 @@ def _teacher_batches(tokens: list[int], ref_tokens: list[int], start: int, cap: 
         yield batch
 
 
+def rung_key(path: str, cache_type: str | None) -> str:
+    """How the teacher's result names a rung: its path, and the KV cache type it ran with if not the default."""
+    return path if not cache_type else f"{path} [kv={cache_type}]"
+
+
 def teacher(req: dict, progress) -> dict:
     """KLD and top-1 of every rung against the reference at each of the reference's output positions."""
     import llama_cpp as L
@@ -373,15 +395,19 @@ def teacher(req: dict, progress) -> dict:
     log = _Log(L, echo=bool(req.get("verbose")))
     ref = Session(L, dict(req, path=req["reference"]), log)
     rungs: list[Session] = []
+    entries = [e if isinstance(e, dict) else {"path": e} for e in req["rungs"]]
+    keys = [rung_key(e["path"], e.get("cache_type")) for e in entries]
     try:
-        for path in req["rungs"]:
-            rungs.append(Session(L, dict(req, path=path), log))
+        for entry in entries:
+            path = entry["path"]
+            rungs.append(Session(L, dict(req, path=path, cache_type=entry.get("cache_type"),
+                                         flash_attn=entry.get("flash_attn", req.get("flash_attn", "auto"))), log))
             if rungs[-1].n_vocab != ref.n_vocab:
                 raise WorkerError(f"{req['reference']} has a {ref.n_vocab}-token vocabulary and {path} "
                                   f"{rungs[-1].n_vocab}: they are not the same model")
         mode, template = _prompting(ref, req)
         ref_tokens: dict[str, list[int]] = req["tokens"]
-        scores: dict[str, dict[str, dict[str, list]]] = {path: {} for path in req["rungs"]}
+        scores: dict[str, dict[str, dict[str, list]]] = {key: {} for key in keys}
         total = sum(1 for g in req["groups"] for c in g["cases"] if c["id"] in ref_tokens)
         done = 0
         models = [ref] + rungs
@@ -414,8 +440,8 @@ def teacher(req: dict, progress) -> dict:
                             d, t = block.compare(np.stack([r.logits(i) for i in rows]))
                             klds += d.tolist()
                             same += t.tolist()
-                for path, (klds, same) in zip(req["rungs"], per_rung):
-                    scores[path][case["id"]] = {"kld": klds, "top1": same}
+                for key, (klds, same) in zip(keys, per_rung):
+                    scores[key][case["id"]] = {"kld": klds, "top1": same}
                 done += 1
                 progress(f"kld {done}/{total}")
         return {"scores": scores, "prompting": mode, "runtime_version": L.__version__}
@@ -455,6 +481,31 @@ def prompts(sess: Session, req: dict) -> dict:
     return {"prompting": mode, "prompts": out}
 
 
+def prefix_lengths(sess: Session, req: dict) -> dict:
+    """The training context and each format's shared prefix length in tokens (see the module doc)."""
+    mode, template = _prompting(sess, req)
+    lengths = {g["format"]: len(sess.tokenize(_prompt_parts(sess, g, mode, template)[0], add_special=True))
+               for g in req["groups"]}
+    return {"prompting": mode, "prefix_tokens": lengths, "n_ctx_train": _context_length(sess)}
+
+
+def _context_length(sess: Session) -> int:
+    """The GGUF's ``<arch>.context_length`` (a vocabulary-only load leaves llama_model_n_ctx_train at 0)."""
+    L = sess.L
+
+    def meta(key: str) -> str | None:
+        buf = ctypes.create_string_buffer(256)
+        n = L.llama_model_meta_val_str(sess.model, key.encode(), buf, 256)
+        return buf.value.decode("utf-8", "replace") if n >= 0 else None
+
+    arch = meta("general.architecture")
+    value = meta(f"{arch}.context_length") if arch else None
+    try:
+        return int(value) if value else int(L.llama_model_n_ctx_train(sess.model))
+    except ValueError:
+        return 0
+
+
 def run(req: dict, progress) -> dict:
     if req.get("op") == "teacher":
         return teacher(req, progress)
@@ -462,6 +513,11 @@ def run(req: dict, progress) -> dict:
 
     log = _Log(L, echo=bool(req.get("verbose")))
     sess = Session(L, req, log)
+    if req.get("prefix_lengths"):
+        try:
+            return prefix_lengths(sess, req)
+        finally:
+            sess.close()
     if req.get("prompts_only"):
         try:
             return prompts(sess, req)

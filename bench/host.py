@@ -39,6 +39,29 @@ class BenchError(RunFailed):
 
 
 @dataclass(frozen=True)
+class VariantResult:
+    """One variant (context depth, KV cache type) of a rung, measured on the model loaded for the rung."""
+
+    n_depth: int
+    cache_type: str
+    flash_attn: str
+    pp: Summary
+    tg: Summary
+    ttft_ms: Summary
+    peak_rss_bytes: int
+    peak_rss_anon_bytes: int
+    peak_rss_file_bytes: int
+
+    @classmethod
+    def from_worker(cls, data: dict[str, Any]) -> "VariantResult":
+        return cls(n_depth=int(data["n_depth"]), cache_type=str(data["cache_type"]),
+                   flash_attn=str(data["flash_attn"]), pp=Summary.from_values(data["pp_tps"]),
+                   tg=Summary.from_values(data["tg_tps"]), ttft_ms=Summary.from_values(data["ttft_ms"]),
+                   peak_rss_bytes=int(data["peak_rss_bytes"]), peak_rss_anon_bytes=int(data["peak_rss_anon_bytes"]),
+                   peak_rss_file_bytes=int(data["peak_rss_file_bytes"]))
+
+
+@dataclass(frozen=True)
 class HostBenchResult:
     """One GGUF measured on this host.
 
@@ -61,6 +84,7 @@ class HostBenchResult:
     model_size_bytes: int = 0
     baseline_rss_bytes: int = 0
     repack: bool = True
+    variants: tuple[VariantResult, ...] = ()     # when the request named variants (depths, cache types)
     raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
@@ -80,6 +104,7 @@ class HostBenchResult:
             model_size_bytes=int(data.get("model_size_bytes", 0)),
             baseline_rss_bytes=int(data.get("baseline_rss_bytes", 0)),
             repack=bool(data.get("repack", True)),
+            variants=tuple(VariantResult.from_worker(v) for v in data.get("variants") or ()),
             raw=data,
         )
 
@@ -99,9 +124,12 @@ def check_gguf_file(path: Path) -> None:
         raise BenchError("failed", f"{path}: not a GGUF file (starts with {magic!r}, expected {GGUF_MAGIC!r})")
 
 
-def build_request(path: Path, settings: BenchSettings, repack: bool | None = None) -> dict[str, Any]:
-    """The JSON request for the worker; ``repack=None`` means ``settings.resolved_repack()``."""
-    return {
+def build_request(path: Path, settings: BenchSettings, repack: bool | None = None,
+                  variants: list | None = None) -> dict[str, Any]:
+    """The JSON request for the worker; ``repack=None`` means ``settings.resolved_repack()``;
+    ``variants`` (``profiles.variants.BenchVariant``) are measured on one loaded model."""
+    extra = {"variants": [v.request(settings) for v in variants]} if variants else {}
+    return {**extra,
         "path": str(path),
         "threads": settings.resolved_threads(),
         "n_prompt": settings.n_prompt,
@@ -140,18 +168,20 @@ def _failure(run: WorkerExit, path: Path) -> BenchError:
 
 def measure_gguf(path: Path, settings: BenchSettings,
                  on_progress: Callable[[str], None] | None = None,
-                 repack: bool | None = None) -> HostBenchResult:
+                 repack: bool | None = None, variants: list | None = None) -> HostBenchResult:
     """Measure ``path`` with ``settings`` in a fresh worker process.
 
     ``on_progress`` is called (in this thread) with the worker's phase as it
     changes: ``load``, ``warmup pp 1/1``, ``pp 2/3``, ``warmup tg 1/1``,
     ``tg 1/3``, ``done``.  ``repack`` (llama-bench ``--repack``) overrides
     ``settings.repack``; the value used is in the result.
+    ``variants`` (depths x cache types) are all measured by the one worker, on one model load; the
+    result's ``variants`` has them in order.
     Raises ``BenchError``; on KeyboardInterrupt the worker is killed first.
     """
     path = Path(path)
     check_gguf_file(path)
-    request = build_request(path, settings, repack)
+    request = build_request(path, settings, repack, variants)
     return result_from(run_worker(request, WORKER_MODULE, settings.timeout, on_progress, path), path)
 
 
@@ -176,3 +206,22 @@ def result_from(data: dict[str, Any], path: Path) -> HostBenchResult:
         return HostBenchResult.from_worker(data)
     except (KeyError, TypeError, ValueError) as exc:
         raise BenchError("failed", f"{path.name}: the benchmark worker returned an unusable result: {exc}") from None
+
+
+def measure_sustained(path: Path, settings: BenchSettings, runs: int, n_gen: int,
+                      on_progress: Callable[[str], None] | None = None) -> tuple[list, dict]:
+    """``runs`` back-to-back generation runs of ``n_gen`` tokens on this host, in one worker process
+    (``host_worker.measure_sustained``); returns the runs (``bench.sustained.SustainedRun``) and the
+    thermal reading taken before the first.  Raises ``BenchError``."""
+    from edgequant.bench.sustained import SustainedRun
+
+    path = Path(path)
+    check_gguf_file(path)
+    request = {**build_request(path, settings), "sustained": {"runs": runs, "n_gen": n_gen}}
+    data = run_worker(request, WORKER_MODULE, settings.timeout * max(1, runs // 3 + 1), on_progress, path)
+    try:
+        return [SustainedRun.from_dict(d) for d in data["sustained"]], dict(data.get("before") or {})
+    except (KeyError, TypeError, ValueError) as exc:
+        raise BenchError("failed", f"{path.name}: the benchmark worker returned unusable sustained runs: {exc}") \
+            from None
+

@@ -14,7 +14,21 @@ The request (``edgequant.bench.host`` builds it)::
      "flash_attn": "auto"|"on"|"off", "mmap": bool,
      "repack": bool or null (optional; null = see ``resolve_repack``),
      "seed": int (optional), "sample_interval_s": float (optional),
-     "verbose": bool (optional: forward llama.cpp's log to stderr)}
+     "verbose": bool (optional: forward llama.cpp's log to stderr),
+     "variants": [{"n_depth": int, "cache_type": str, "flash_attn": str}, ...] (optional)}
+
+Variants (llama-bench ``-d`` and ``-ctk/-ctv``): with ``variants`` every one
+of them runs the pp and tg tests on the same loaded model (llama-bench reloads
+a model only when a model parameter changes; depth and cache type are context
+parameters).  A variant's contexts hold ``n_prompt + n_depth`` (pp) and
+``n_gen + n_depth`` (tg) cells with K and V of ``cache_type``; before each
+repetition ``n_depth`` random tokens (BOS first) fill the context, outside the
+clock, and the state they leave is saved and restored for the next repetition
+instead of being decoded again, as llama-bench does.  The warm-up runs from an
+empty context.  Each variant's result carries its own pp/tg/TTFT samples and
+the largest ``RssAnon``/``RssFile`` seen while its contexts existed (the KV
+cache is anonymous memory), and ``peak_rss_bytes`` = their sum; the top-level
+figures are the first variant's.
 
 Method (mirrors ``tools/llama-bench/llama-bench.cpp`` of the vendored llama.cpp):
 
@@ -141,9 +155,21 @@ class RssSampler:
     def sample(self) -> None:
         status = _status_fields(os.pread(self._fd, 16384, 0), self._FIELDS)
         with self._lock:
-            self.peak_anon = max(self.peak_anon, status.get("RssAnon", 0))
-            self.peak_file = max(self.peak_file, status.get("RssFile", 0))
+            anon, file = status.get("RssAnon", 0), status.get("RssFile", 0)
+            self.peak_anon = max(self.peak_anon, anon)
+            self.peak_file = max(self.peak_file, file)
+            self.window_anon = max(self.window_anon, anon)
+            self.window_file = max(self.window_file, file)
             self.samples += 1
+
+    window_anon = 0
+    window_file = 0
+
+    def start_window(self) -> None:
+        """Start a new pair of window maxima (one variant's), beginning with a sample now."""
+        with self._lock:
+            self.window_anon = self.window_file = 0
+        self.sample()
 
     def _loop(self) -> None:
         # SCHED_IDLE (this thread only): the sampler never preempts a decode thread;
@@ -241,6 +267,16 @@ def resolve_repack(llama_cpp, requested: bool | None) -> tuple[bool, str]:
     return default, "auto: llama.cpp default"
 
 
+def _cache_type(name: str) -> int:
+    """A KV cache type by ggml's name (``f16``, ``q8_0``) -> its ggml_type value (gguf mirrors ggml's enum)."""
+    import gguf
+
+    try:
+        return int(gguf.GGMLQuantizationType[name.upper()])
+    except KeyError:
+        raise WorkerError(f"unknown KV cache type {name!r}") from None
+
+
 def _flash_attn_type(llama_cpp, name: str) -> int:
     table = {"auto": llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO,
              "on": llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED,
@@ -271,6 +307,7 @@ class Bench:
         mparams = L.llama_model_default_params()
         mparams.load_mode = L.LLAMA_LOAD_MODE_MMAP if self.req["mmap"] else L.LLAMA_LOAD_MODE_NONE
         mparams.use_extra_bufts = self.repack
+        mparams.vocab_only = bool(self.req.get("vocab_only", False))
         self.log.reset()
         self.model = L.llama_model_load_from_file(os.fsencode(self.req["path"]), mparams)
         if not self.model:
@@ -281,17 +318,17 @@ class Bench:
                             add_bos=bool(L.llama_vocab_get_add_bos(vocab)),
                             bos=L.llama_vocab_bos(vocab))
 
-    def new_context(self, n_ctx: int):
-        """A context configured like llama-bench's ``to_llama_cparams``."""
+    def new_context(self, n_ctx: int, variant: dict | None = None):
+        """A context configured like llama-bench's ``to_llama_cparams`` (``variant``: cache type, flash attention)."""
         L, req = self.L, self.req
+        variant = variant or {}
         cp = L.llama_context_default_params()
         cp.n_ctx = n_ctx
         cp.n_batch = req["n_batch"]
         cp.n_ubatch = req["n_ubatch"]
-        cp.type_k = L.GGML_TYPE_F16
-        cp.type_v = L.GGML_TYPE_F16
+        cp.type_k = cp.type_v = _cache_type(variant.get("cache_type", "f16"))
         cp.offload_kqv = True
-        cp.flash_attn_type = _flash_attn_type(L, req["flash_attn"])
+        cp.flash_attn_type = _flash_attn_type(L, variant.get("flash_attn", req["flash_attn"]))
         cp.embeddings = False
         cp.op_offload = True
         cp.swa_full = False
@@ -361,9 +398,32 @@ class Bench:
             L.llama_synchronize(ctx)
         return (time.perf_counter_ns() - t0) / 1e9
 
+    # -- depth: the context filled before the clock starts (llama-bench -d) -------
+
+    def fill_depth(self, ctx, depth: int) -> None:
+        """Clear the memory, then put ``depth`` tokens in it: restored from the state saved the first
+        time (as llama-bench does), or decoded when there is none or it does not fit this context."""
+        L = self.L
+        self.clear(ctx)
+        if depth > 0:
+            state = self._depth_state
+            if state is None or state[0] != depth or L.llama_state_seq_set_data(ctx, state[1], len(state[1]), 0) == 0:
+                self.clear(ctx)
+                self.run_prompt(ctx, self.prompt_batches(depth, self.req["n_batch"]),
+                                f"filling the context to depth {depth}")
+                size = L.llama_state_seq_get_size(ctx, 0)
+                buf = (ctypes.c_uint8 * size)()
+                L.llama_state_seq_get_data(ctx, buf, size, 0)
+                self._depth_state = (depth, buf)
+        # what llama.cpp holds before the timed test (position of the last token + 1), reported as is
+        self.depth_seen = L.llama_memory_seq_pos_max(L.llama_get_memory(ctx), 0) + 1
+
+    _depth_state: tuple[int, Any] | None = None
+    depth_seen: int = 0
+
     # -- the tests --------------------------------------------------------------
 
-    def test_pp(self, ctx) -> tuple[list[float], list[float]]:
+    def test_pp(self, ctx, depth: int = 0) -> tuple[list[float], list[float]]:
         req = self.req
         n_prompt, n_batch, reps = req["n_prompt"], req["n_batch"], req["repetitions"]
         self.clear(ctx)
@@ -375,13 +435,13 @@ class Bench:
         for i in range(reps):
             self.progress(f"pp {i + 1}/{reps}")
             batches = self.prompt_batches(n_prompt, n_batch)
-            self.clear(ctx)
+            self.fill_depth(ctx, depth)
             seconds = self.run_prompt(ctx, batches, f"pp repetition {i + 1}")
             tps.append(n_prompt / seconds)
             ttft.append(seconds * 1000.0)
         return tps, ttft
 
-    def test_tg(self, ctx) -> list[float]:
+    def test_tg(self, ctx, depth: int = 0) -> list[float]:
         req = self.req
         n_gen, reps = req["n_gen"], req["repetitions"]
         self.clear(ctx)
@@ -393,7 +453,7 @@ class Bench:
         for i in range(reps):
             self.progress(f"tg {i + 1}/{reps}")
             batches = self.gen_batches(n_gen)
-            self.clear(ctx)
+            self.fill_depth(ctx, depth)
             seconds = self.run_gen(ctx, batches, f"tg repetition {i + 1}")
             tps.append(n_gen / seconds)
         return tps
@@ -418,6 +478,14 @@ def _check_request(req: Any) -> dict:
         raise WorkerError(f"request field 'repack' must be true, false or null, got {req['repack']!r}")
     if req["n_prompt"] == 0 and req["n_gen"] == 0:
         raise WorkerError("nothing to measure: n_prompt and n_gen are both 0")
+    variants = req.get("variants")
+    if variants is not None:
+        if not isinstance(variants, list):
+            raise WorkerError("request field 'variants' must be a list")
+        for v in variants:
+            if (not isinstance(v, dict) or not isinstance(v.get("n_depth", 0), int) or v.get("n_depth", 0) < 0
+                    or not isinstance(v.get("cache_type", "f16"), str)):
+                raise WorkerError(f"request field 'variants' has an unusable entry {v!r}")
     return req
 
 
@@ -430,29 +498,45 @@ def measure(req: dict, progress: Callable[[str], None]) -> dict:
     L.llama_backend_init()
     bench = Bench(L, req, log, progress)
     sys.stderr.write(f"config repack={int(bench.repack)} ({bench.repack_reason})\n")
-    pp_tps: list[float] = []
-    ttft_ms: list[float] = []
-    tg_tps: list[float] = []
+    variants = req.get("variants") or [{"n_depth": 0, "cache_type": "f16", "flash_attn": req["flash_attn"]}]
+    done: list[dict] = []
     ctx = None
     with RssSampler(float(req.get("sample_interval_s", 0.010))) as sampler:
         try:
             progress("load")
             t0 = time.perf_counter_ns()
             bench.load_model()
-            first_n_ctx = req["n_prompt"] if req["n_prompt"] > 0 else req["n_gen"]
-            ctx = bench.new_context(first_n_ctx)
-            load_s = (time.perf_counter_ns() - t0) / 1e9
-            sampler.sample()
-            if req["n_prompt"] > 0:
-                pp_tps, ttft_ms = bench.test_pp(ctx)
+            for vi, variant in enumerate(variants):
+                depth = int(variant.get("n_depth", 0))
+                tag = "" if len(variants) == 1 else f" [{vi + 1}/{len(variants)}]"
+                bench.progress = (lambda text, tag=tag: progress(text + tag)) if tag else progress
+                bench._depth_state, bench.depth_seen = None, -1
+                sampler.start_window()
+                pp_tps: list[float] = []
+                ttft_ms: list[float] = []
+                tg_tps: list[float] = []
+                first_n_ctx = (req["n_prompt"] if req["n_prompt"] > 0 else req["n_gen"]) + depth
+                ctx = bench.new_context(first_n_ctx, variant)
+                if vi == 0:
+                    load_s = (time.perf_counter_ns() - t0) / 1e9
                 sampler.sample()
+                if req["n_prompt"] > 0:
+                    pp_tps, ttft_ms = bench.test_pp(ctx, depth)
+                    sampler.sample()
+                    L.llama_free(ctx)
+                    ctx = None
+                if req["n_gen"] > 0:
+                    if ctx is None:
+                        ctx = bench.new_context(req["n_gen"] + depth, variant)
+                    tg_tps = bench.test_tg(ctx, depth)
+                    sampler.sample()
                 L.llama_free(ctx)
                 ctx = None
-            if req["n_gen"] > 0:
-                if ctx is None:
-                    ctx = bench.new_context(req["n_gen"])
-                tg_tps = bench.test_tg(ctx)
-                sampler.sample()
+                done.append({**variant, "n_depth": depth, "context_before_test": bench.depth_seen,
+                             "pp_tps": pp_tps, "tg_tps": tg_tps, "ttft_ms": ttft_ms,
+                             "peak_rss_anon_bytes": sampler.window_anon, "peak_rss_file_bytes": sampler.window_file,
+                             "peak_rss_bytes": sampler.window_anon + sampler.window_file})
+            bench.progress = progress
             status = read_status()
             n_params = int(L.llama_model_n_params(bench.model))
             model_size = int(L.llama_model_size(bench.model))
@@ -462,11 +546,13 @@ def measure(req: dict, progress: Callable[[str], None]) -> dict:
             if bench.model:
                 L.llama_model_free(bench.model)
     progress("done")
+    first = done[0]
     return {
         "load_s": load_s,
-        "pp_tps": pp_tps,
-        "tg_tps": tg_tps,
-        "ttft_ms": ttft_ms,
+        "pp_tps": first["pp_tps"],
+        "tg_tps": first["tg_tps"],
+        "ttft_ms": first["ttft_ms"],
+        "variants": done if req.get("variants") else [],
         "peak_rss_bytes": status["VmHWM"],
         "peak_rss_anon_bytes": sampler.peak_anon,
         "peak_rss_file_bytes": sampler.peak_file,
@@ -482,6 +568,88 @@ def measure(req: dict, progress: Callable[[str], None]) -> dict:
         "runtime_version": L.__version__,
         "system_info": L.llama_print_system_info().decode("utf-8", "replace").strip(),
     }
+
+
+# ---------------------------------------------------------------------------
+# sustained runs ([sustained]): back-to-back generation, the host's thermal state after each
+
+
+def host_thermal() -> dict[str, Any]:
+    """The hottest readable temperature (``/sys/class/thermal/thermal_zone*/temp`` in millidegrees, and
+    psutil's sensors) with its sensor, and the current clock of the fastest CPU cluster in kHz
+    (``cpufreq/policy*``; else psutil's highest per-CPU figure).  ``None`` where nothing is readable."""
+    import glob
+
+    import psutil
+
+    best: tuple[float, str] | None = None
+    for zone in glob.glob("/sys/class/thermal/thermal_zone*"):
+        try:
+            with open(zone + "/temp") as fh:
+                value = int(fh.read().strip()) / 1000.0
+            with open(zone + "/type") as fh:
+                name = fh.read().strip()
+        except (OSError, ValueError):
+            continue
+        if -50 < value < 200 and (best is None or value > best[0]):
+            best = (value, name)
+    try:
+        for chip, entries in (psutil.sensors_temperatures() or {}).items():
+            for e in entries:
+                if e.current is not None and -50 < e.current < 200 and (best is None or e.current > best[0]):
+                    best = (float(e.current), f"{chip}/{e.label or 'temp'}")
+    except (AttributeError, OSError):
+        pass
+    khz = None
+    policies = []
+    for pol in glob.glob("/sys/devices/system/cpu/cpufreq/policy*"):
+        try:
+            with open(pol + "/cpuinfo_max_freq") as fh:
+                top = int(fh.read())
+            with open(pol + "/scaling_cur_freq") as fh:
+                policies.append((top, int(fh.read())))
+        except (OSError, ValueError):
+            continue
+    if policies:
+        khz = max(policies)[1]
+    else:
+        freqs = [f.current for f in (psutil.cpu_freq(percpu=True) or []) if f.current]
+        khz = int(max(freqs) * 1000) if freqs else None
+    return {"celsius": best[0] if best else None, "sensor": best[1] if best else None, "cpu_khz": khz,
+            "thermal_status": None}
+
+
+def measure_sustained(req: dict, progress: Callable[[str], None]) -> dict:
+    """``runs`` generation tests of ``n_gen`` tokens back to back on one loaded model and one context
+    (cleared before each run), no cool-down; the thermal state is read after each run."""
+    import llama_cpp as L
+
+    spec = req["sustained"]
+    runs, n_gen = int(spec["runs"]), int(spec["n_gen"])
+    log = _Log(L, echo=bool(req.get("verbose", False)))
+    L.llama_backend_init()
+    bench = Bench(L, req, log, progress)
+    ctx = None
+    out: list[dict[str, Any]] = []
+    try:
+        progress("load")
+        bench.load_model()
+        ctx = bench.new_context(n_gen)
+        start = host_thermal()
+        for i in range(runs):
+            progress(f"sustained {i + 1}/{runs}")
+            batches = bench.gen_batches(n_gen)
+            bench.clear(ctx)
+            seconds = bench.run_gen(ctx, batches, f"sustained run {i + 1}")
+            out.append({"run": i + 1, "tg_tps": n_gen / seconds, **host_thermal()})
+    finally:
+        if ctx is not None:
+            L.llama_free(ctx)
+        if bench.model:
+            L.llama_model_free(bench.model)
+    progress("done")
+    return {"sustained": out, "before": start, "n_gen": n_gen, "threads": req["threads"],
+            "runtime_version": L.__version__}
 
 
 def _die_with_parent() -> None:
@@ -528,7 +696,11 @@ def serve(handle: Callable[[Any, Callable[[str], None]], dict]) -> int:
 
 
 def main() -> int:
-    return serve(lambda request, progress: measure(_check_request(request), progress))
+    def handle(request, progress):
+        req = _check_request(request)
+        return measure_sustained(req, progress) if req.get("sustained") else measure(req, progress)
+
+    return serve(handle)
 
 
 if __name__ == "__main__":

@@ -143,6 +143,14 @@ def _base_request(path: Path, suite: Suite, threads: int, repack: bool | None, p
             "prompting": prompting, "slots": EVAL_SLOTS, "groups": _groups(suite)}
 
 
+def prompt_facts(path: Path, suite: Suite, prompting: str = "auto", timeout: float = 300.0) -> dict:
+    """The GGUF's training context (``n_ctx_train``), the prompting used (``prompting``) and the token
+    length of each format's prompt prefix (``prefix_tokens``: system prompt or few-shot block, BOS
+    included), read with the vocabulary alone."""
+    request = {**_base_request(path, suite, 1, None, prompting), "prefix_lengths": True}
+    return _call_worker(request, timeout, lambda _p: None)
+
+
 # ---------------------------------------------------------------------------
 # the reference, cached
 
@@ -176,7 +184,7 @@ def _case_results(suite: Suite, data: dict) -> dict[str, CaseResult]:
 def reference_outputs(ref_path: Path, ref_sha: str, ref_quant: str, suite: Suite, cache_root: Path,
                       threads: int, repack: bool | None, prompting: str, timeout: float,
                       on_progress: Callable[[str], None]) -> Reference:
-    key = hashlib.sha256(f"{ref_sha}|{suite.sha256}|{prompting}|slots{EVAL_SLOTS}|v2".encode()).hexdigest()[:24]
+    key = hashlib.sha256(f"{ref_sha}|{suite.sha256}|{prompting}|slots{EVAL_SLOTS}|v3".encode()).hexdigest()[:24]
     folder = cache_root / "quality" / key
     meta_path = folder / "reference.json"
     if meta_path.is_file():
@@ -286,10 +294,22 @@ def evaluate_gates(suite: Suite, metrics: list[QualityMetric]) -> list[dict[str,
     return out
 
 
+def _kv(cache_type: str | None) -> dict:
+    """Request fields running a rung with K and V of ``cache_type``; flash attention on for a quantized
+    V cache, which llama.cpp needs."""
+    from edgequant.profiles import FLOAT_CACHE_TYPES
+
+    if not cache_type or cache_type == "f16":
+        return {}
+    return {"cache_type": cache_type, **({} if cache_type in FLOAT_CACHE_TYPES else {"flash_attn": "on"})}
+
+
 def generate_rung(path: Path, suite: Suite, ref: Reference, threads: int, repack: bool | None, timeout: float,
-                  on_progress: Callable[[str], None]) -> dict:
-    """One rung's greedy outputs on every case (the worker's result), in a process of its own."""
-    return _call_worker(_base_request(path, suite, threads, repack, ref.prompting), timeout, on_progress)
+                  on_progress: Callable[[str], None], cache_type: str | None = None) -> dict:
+    """One rung's greedy outputs on every case (the worker's result), in a process of its own;
+    ``cache_type`` runs it with that KV cache type (``bench.cache_types``)."""
+    return _call_worker({**_base_request(path, suite, threads, repack, ref.prompting), **_kv(cache_type)},
+                        timeout, on_progress)
 
 
 def teacher_groups(ref_size: int, rungs: list[tuple[Path, int]], available: int | None = None) -> list[list[Path]]:
@@ -315,13 +335,19 @@ def teacher_groups(ref_size: int, rungs: list[tuple[Path, int]], available: int 
 def teacher_scores(ref: Reference, paths: list[Path], suite: Suite, threads: int, repack: bool | None,
                    timeout: float, on_progress: Callable[[str], None]) -> dict[Path, dict[str, dict]]:
     """KLD and top-1 per case of each rung against the reference, the reference's outputs teacher-forced
-    through all of them in one process (the reference decodes every position once for the whole group)."""
+    through all of them in one process (the reference decodes every position once for the whole group).
+    ``paths`` may hold ``(path, cache_type)`` pairs: that rung runs with the KV cache type (the result is
+    keyed by the same pair)."""
+    from edgequant.bench.eval_worker import rung_key
+
     if not paths:
         return {}
+    entries = [(p, None) if not isinstance(p, tuple) else p for p in paths]
     req = _base_request(ref.path, suite, threads, repack, ref.prompting)
-    req.update(op="teacher", reference=str(ref.path), rungs=[str(p) for p in paths], tokens=ref.tokens)
+    req.update(op="teacher", reference=str(ref.path), tokens=ref.tokens,
+               rungs=[{"path": str(p), **_kv(ct)} if _kv(ct) else str(p) for p, ct in entries])
     data = _call_worker(req, timeout * len(paths), on_progress)
-    return {p: data["scores"][str(p)] for p in paths}
+    return {orig: data["scores"][rung_key(str(p), _kv(ct).get("cache_type"))] for orig, (p, ct) in zip(paths, entries)}
 
 
 def rung_quality(quant: str, suite: Suite, ref: Reference, data: dict,

@@ -396,6 +396,12 @@ def _onnx_quality_on_host(store, run_id: str, resolved, gguf_artifacts: list, on
     return [f"{q} quality {st}" for q, st in statuses.items() if st != "ok"]
 
 
+def _has_sustained(store, run_id: str, device_id: str) -> bool:
+    """Whether a resumed run already holds its [sustained] rows for this device."""
+    return any(r["params"].get("stage") == "sustained" and r["device_id"] == device_id
+               for r in store.measurements(run_id))
+
+
 def _run(model, profile_name, threads, n_prompt, n_gen, repetitions, warmup, suite_name, prompting, no_quality,
          device_specs, device_dir, runner_dir, cooldown_max_wait, resume_id, db, cache_dir, fmt, lease_wait=300,
          quality_on_device=False, onnx_perf_test=None):
@@ -405,6 +411,7 @@ def _run(model, profile_name, threads, n_prompt, n_gen, repetitions, warmup, sui
     from edgequant.devices.host import host_device_id
     from edgequant.devices.select import device_dir as resolve_device_dir
     from edgequant.devices.transport import DeviceError
+    from edgequant.profiles.variants import base_quant
 
     profile = _load_profile(profile_name, threads=threads, n_prompt=n_prompt, n_gen=n_gen,
                             repetitions=repetitions, warmup=warmup)
@@ -415,6 +422,9 @@ def _run(model, profile_name, threads, n_prompt, n_gen, repetitions, warmup, sui
     store = _open_store(db)
     console = _stderr_console()
     on_host, phones, pool_entries = (True, [], {}) if not device_specs else farm.resolve_farm(device_specs)
+    if profile.device.energy and on_host:
+        raise BadInput(f"profile {profile.path}: field 'device.energy' needs a phone's battery current, which this "
+                       f"host cannot read; run with --device SERIAL, or set device.energy = false")
     workdir = resolve_device_dir(device_dir) if phones else None
     perf_test = _onnx_perf_test(onnx_perf_test)
     opened: list[farm.Phone] = []
@@ -431,7 +441,8 @@ def _run(model, profile_name, threads, n_prompt, n_gen, repetitions, warmup, sui
             run_id = _start_or_resume(store, resume_id, profile, resolved)
             for phone in opened:
                 phone.lease.run = run_id        # written into the lease at its next renewal
-            done = {(s["quant"], s["device_id"]) for s in store.rung_statuses(run_id)}
+            # a rung measured in several variants (depths, cache types: RUNG@d512) is done when they are
+            done = {(base_quant(s["quant"]), s["device_id"]) for s in store.rung_statuses(run_id)}
             with recording_partial(store, run_id, "quantizing",
                                    f"`edgequant run --resume {run_id}` finishes it") as stage:
                 imatrix, suite, qparams = calibrate.for_profile(profile, suite, suite_name, prompting,
@@ -447,10 +458,15 @@ def _run(model, profile_name, threads, n_prompt, n_gen, repetitions, warmup, sui
                     todo = [a for a in artifacts if (a.quant, host_id) not in done]
                     reporter.start_bench(len(todo))
                     outcome = pipeline.bench_rungs(store, run_id, ckpt.model_id, resolved.model_hash, todo,
-                                                   profile, reporter)
+                                                   profile, reporter, suite=suite)
                     failed += [f"{o.artifact.quant} {o.status}" for o in outcome.failed]
                     todo = [a for a in onnx_artifacts if (a.quant, host_id) not in done]
                     failed += _onnx_on_host(store, run_id, resolved, todo, profile, reporter)
+                    if profile.sustained is not None and not _has_sustained(store, run_id, host_id):
+                        stage.now = "sustained runs"
+                        status = pipeline.sustained_rung(store, run_id, ckpt.model_id, resolved.model_hash,
+                                                         artifacts, profile, reporter)
+                        failed += [f"{profile.sustained.target(profile)} sustained {status}"] if status != "ok" else []
                 if opened:
                     stage.now = "benchmarking on the phones"
                     shared = farm.LockedStore(store)    # the phones' threads write through one lock
@@ -458,13 +474,20 @@ def _run(model, profile_name, threads, n_prompt, n_gen, repetitions, warmup, sui
                     def device_job(dctx, todo, phone_reporter):
                         """Everything measured on one opened phone (``dctx``) for the rungs in ``todo``; the
                         farm calls it from that phone's thread, under its lease, one rung at a time."""
-                        benched = {(s["quant"], s["device_id"]) for s in shared.rung_statuses(run_id)}
+                        benched = {(base_quant(s["quant"]), s["device_id"]) for s in shared.rung_statuses(run_id)}
                         gguf = [a for a in todo if a.quant not in onnx_quants]
                         onnx = [a for a in todo if a.quant in onnx_quants and (a.quant, dctx.device_id) not in benched]
                         outcome = device_run.bench_rungs_on_device(
                             shared, run_id, ckpt.model_id, resolved.model_hash,
                             [a for a in gguf if (a.quant, dctx.device_id) not in benched], profile, dctx,
-                            phone_reporter)
+                            phone_reporter, suite=suite)
+                        if profile.sustained is not None and gguf and not _has_sustained(shared, run_id,
+                                                                                         dctx.device_id):
+                            status = device_run.sustained_on_device(shared, run_id, ckpt.model_id,
+                                                                    resolved.model_hash, artifacts, profile, dctx,
+                                                                    phone_reporter)
+                            outcome.outcomes += [pipeline.RungOutcome(a, f"sustained {status}") for a in gguf
+                                                 if status != "ok" and a.quant == profile.sustained.target(profile)]
                         if quality_on_device and suite is not None and gguf:
                             statuses = device_quality.quality_rungs_on_device(
                                 shared, run_id, ckpt.model_id, resolved.model_hash, artifacts, profile, suite, dctx,
@@ -616,7 +639,7 @@ def bench(model, profile_name, threads, n_prompt, n_gen, repetitions, warmup, db
         with recording_partial(store, run_id, "benchmarking"):
             reporter.start_bench(len(artifacts))
             outcome = pipeline.bench_rungs(store, run_id, ckpt.model_id, resolved.model_hash, artifacts,
-                                           profile, reporter)
+                                           profile, reporter, suite=_load_suite(suite_name) if suite_name else None)
             failed = [f"{o.artifact.quant} {o.status}" for o in outcome.failed]
             failed += _onnx_on_host(store, run_id, resolved, onnx_artifacts, profile, reporter)
     store.finish_run(run_id, "complete", f"{len(failed)} rung(s) failed" if failed else None)

@@ -34,7 +34,7 @@ import os
 import posixpath
 import re
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable
@@ -168,12 +168,16 @@ class RungSteps:
 
     ``key(art)``: the rows' key.  ``push(art)``: put the rung on the device (through ``ctx.pusher``, whose
     progress is reported) and return a handle; a ``DeviceError`` of kind ``no_space`` skips that rung.
-    ``measure(art, handle)``: the performance rows (``None`` entries are left out).  ``push`` and ``measure``
-    may raise ``BenchError``: the rung is stored with its status and the ladder goes on."""
+    ``measure(art, handle)``: the performance rows (``None`` entries are left out), or, for a rung measured
+    in several variants (depths, cache types: ``edgequant.profiles.variants``), a dict of each variant's name
+    to (its key, its rows), all stored in one transaction with the rung's health readings.  ``push`` and ``measure``
+    may raise ``BenchError``: the rung is stored with its status and the ladder goes on.  ``variant_keys(art)``
+    (optional) names the variants' keys, under which a rung that was not measured is stored."""
 
     key: Callable[[Artifact], RowKey]
     push: Callable[[Artifact], Any]
-    measure: Callable[[Artifact, Any], list[Measurement | None]]
+    measure: Callable[[Artifact, Any], list[Measurement | None] | dict[str, tuple[RowKey, list]]]
+    variant_keys: Callable[[Artifact], list[RowKey]] | None = None
 
 
 def bench_on_device(store: Store, run_id: str, artifacts: list[Artifact], ctx: DeviceContext, reporter,
@@ -186,7 +190,11 @@ def bench_on_device(store: Store, run_id: str, artifacts: list[Artifact], ctx: D
     outcome = BenchOutcome(run_id)
 
     def not_measured(art: Artifact, key: RowKey, status: str, detail: str) -> None:
-        store.record_rung(run_id, key, _artifact_measurements(art), status=status, detail=detail)
+        keys = steps.variant_keys(art) if steps.variant_keys else []
+        if keys:
+            store.record_rungs(run_id, [(k, _artifact_measurements(art), status, detail) for k in keys])
+        else:
+            store.record_rung(run_id, key, _artifact_measurements(art), status=status, detail=detail)
         outcome.outcomes.append(RungOutcome(art, status, detail))
         reporter.rung_done(art.quant, status)
 
@@ -238,7 +246,7 @@ def bench_on_device(store: Store, run_id: str, artifacts: list[Artifact], ctx: D
             hot = throttled(cool, after)
             health = {"before": cool.health.to_dict(), "after": after.to_dict(), "cooled": cool.cooled,
                       "cooldown_wait_s": round(cool.waited_s, 1)}
-            rows = _artifact_measurements(art) + list(measured) + [
+            rows = _artifact_measurements(art) + [
                 Measurement("throttled", 1.0 if hot else 0.0, "bool", None, None, health),
                 Measurement("cooldown_wait", cool.waited_s, "s"),
             ]
@@ -251,10 +259,14 @@ def bench_on_device(store: Store, run_id: str, artifacts: list[Artifact], ctx: D
                                         {"after": after.thermal_status}))
             if cool.health.battery_level is not None:
                 rows.append(Measurement("battery_level", float(cool.health.battery_level), "%"))
-            store.record_rung(run_id, key, [r for r in rows if r is not None], status="ok",
-                              detail="throttled: " + ("thermal status rose during the run" if cool.cooled else
-                                                      f"did not cool down within {cooldown.max_wait_s:g} s")
-                              if hot else None)
+            detail = ("throttled: " + ("thermal status rose during the run" if cool.cooled else
+                                       f"did not cool down within {cooldown.max_wait_s:g} s") if hot else None)
+            if isinstance(measured, dict):     # variants: each with the rung's health readings
+                store.record_rungs(run_id, [(k, [r for r in rows + list(v) if r is not None], "ok", detail)
+                                            for k, v in measured.values()])
+            else:
+                store.record_rung(run_id, key, [r for r in rows + list(measured) if r is not None], status="ok",
+                                  detail=detail)
             outcome.outcomes.append(RungOutcome(art, "ok"))
             reporter.rung_done(art.quant, "ok" if not hot else "ok (throttled)")
     except DeviceError as exc:
@@ -264,13 +276,19 @@ def bench_on_device(store: Store, run_id: str, artifacts: list[Artifact], ctx: D
 
 def bench_rungs_on_device(store: Store, run_id: str, model_id: str, model_hash: str, artifacts: list[Artifact],
                           profile: Profile, ctx: DeviceContext, reporter, cooldown: CoolDown | None = None,
-                          done: set[str] = frozenset()):
+                          done: set[str] = frozenset(), suite=None):
     """Measure every GGUF artifact on one device with llama-bench (``bench_on_device``, see the module doc);
     returns the pipeline's BenchOutcome.
 
     ``done``: quants already stored for this device (a resumed run) are not measured again.
+    A profile's depths and cache types (``pipeline.bench_variants``; ``suite`` resolves a ``"suite"`` depth)
+    are measured by the on-device llama-bench itself: one invocation per cache type with every depth in
+    its ``-d`` (one model load each), each variant stored as a rung of its own (``Q4_K_M@d512``).
     """
+    from edgequant.pipeline import bench_variants
+
     settings = profile.bench
+    variants = bench_variants(profile, artifacts, suite)
     threads = settings.threads if settings.threads > 0 else recommended_threads(ctx.facts)
     repack = device_repack(settings)
     params = {"runner": "device", "threads": threads, "n_prompt": settings.n_prompt, "n_gen": settings.n_gen,
@@ -293,11 +311,132 @@ def bench_rungs_on_device(store: Store, run_id: str, model_id: str, model_hash: 
     def push(art: Artifact):
         return ctx.pusher.push(art.path, art.sha256, name=f"{art.quant}.gguf")
 
+    def variant_keys(art: Artifact) -> list[RowKey]:
+        return [replace(key(art), quant=v.name(art.quant), params=v.params(params, settings),
+                        is_reference=art.is_reference and i == 0) for i, v in enumerate(variants)]
+
+    def measure_variants(art: Artifact, pushed) -> dict[str, tuple[RowKey, list[Measurement | None]]]:
+        """One llama-bench per cache type, with every depth in it (its own -d); rows per variant."""
+        keys = dict(zip(variants, variant_keys(art)))
+        out: dict[str, tuple[RowKey, list[Measurement | None]]] = {}
+        for i, cache_type in enumerate(dict.fromkeys(v.cache_type for v in variants)):
+            mine = [v for v in variants if v.cache_type == cache_type]
+            res = run_device_bench(ctx.transport, ctx.remote, pushed.remote, settings, workdir=rundir,
+                                   threads=threads, repack=repack, with_load_time=i == 0,
+                                   depths=tuple(v.depth for v in mine), cache_type=cache_type,
+                                   on_progress=lambda ph, q=art.quant, t=cache_type:
+                                   reporter.rung_phase(q, f"{ph} {t}"))
+            for v in mine:
+                pp, tg, ttft = res.by_depth[v.depth]
+                out[keys[v].quant] = (keys[v], _device_rows(replace(res, pp=pp, tg=tg, ttft_ms=ttft,
+                                                                    load_s=res.load_s if v is variants[0] else None)))
+        return out
+
     def measure(art: Artifact, pushed) -> list[Measurement | None]:
+        if variants:
+            return measure_variants(art, pushed)
+        energy = profile.device.energy
+        charging = _charging(ctx) if energy else None
         res = run_device_bench(ctx.transport, ctx.remote, pushed.remote, settings, workdir=rundir,
                                threads=threads, repack=repack,
-                               on_progress=lambda ph, q=art.quant: reporter.rung_phase(q, ph))
-        return [
+                               on_progress=lambda ph, q=art.quant: reporter.rung_phase(q, ph),
+                               power_dir=profile.device.power_supply if energy and not charging else None)
+        return _device_rows(res) + (_energy_rows(res, charging, profile.device.power_supply) if energy else [])
+
+    return bench_on_device(store, run_id, artifacts, ctx, reporter,
+                           RungSteps(key, push, measure, variant_keys if variants else None),
+                           cooldown or profile.device.cooldown(), done)
+
+
+def sustained_on_device(store: Store, run_id: str, model_id: str, model_hash: str, artifacts: list[Artifact],
+                        profile: Profile, ctx: DeviceContext, reporter) -> str:
+    """``[sustained]`` on one device: ``runs`` llama-bench generation runs (``-p 0 -n N -r 1
+    --no-warmup``, one process each) of the sustained rung, each started as soon as the previous one
+    and the readings after it are done: no cool-down.  After each run: Android's thermal status, the
+    battery's and the hottest sensor's temperatures (``dumpsys thermalservice``/``battery``), and the
+    current clock of the fastest cluster (``cpufreq/scaling_cur_freq``) where readable.  Stored by
+    ``pipeline.sustained_rung``; returns its status.  A transport failure is :class:`DeviceLost`."""
+    from edgequant.bench.sustained import SustainedRun
+    from edgequant.devices.facts import HEALTH_SECTIONS, collect_facts
+    from edgequant.pipeline import sustained_rung
+
+    settings = profile.bench
+    threads = settings.threads if settings.threads > 0 else recommended_threads(ctx.facts)
+    repack = device_repack(settings)
+    rundir = posixpath.join(ctx.workdir, "runs", run_id)
+    fast = max(ctx.facts.clusters, key=lambda c: c.max_khz or 0, default=None)
+    clock_file = (f"/sys/devices/system/cpu/cpu{fast.cpus[0]}/cpufreq/scaling_cur_freq"
+                  if fast and fast.cpus else None)
+
+    def reading() -> dict:
+        f = collect_facts(ctx.transport, ctx.workdir, timeout=60, sections=HEALTH_SECTIONS)
+        hottest = max(f.temperatures, key=lambda t: t.celsius, default=None)
+        khz = None
+        if clock_file:
+            out = ctx.transport.shell(f"cat {quote(clock_file)} 2>/dev/null", 30).stdout.strip()
+            khz = int(out) if out.isdigit() and 0 < int(out) < 1 << 31 else None
+        return {"celsius": hottest.celsius if hottest else None, "sensor": hottest.name if hottest else None,
+                "thermal_status": f.thermal_status, "battery_celsius": f.battery_celsius, "cpu_khz": khz}
+
+    def measure(art: Artifact, runs: int, n_gen: int, on_progress):
+        one = replace(settings, n_prompt=0, n_gen=n_gen, repetitions=1, warmup=0)
+        pushed = ctx.pusher.push(art.path, art.sha256, name=f"{art.quant}.gguf")   # already there: not sent
+        ctx.transport.shell(f"mkdir -p {quote(rundir)}", 60)
+        before = reading()
+        out = []
+        for i in range(runs):
+            on_progress(f"sustained {i + 1}/{runs}")
+            res = run_device_bench(ctx.transport, ctx.remote, pushed.remote, one, workdir=rundir, threads=threads,
+                                   repack=repack, with_load_time=False)
+            out.append(SustainedRun(run=i + 1, tg_tps=res.tg.mean, **reading()))
+        return out, before
+
+    try:
+        return sustained_rung(store, run_id, model_id, model_hash, artifacts, profile, reporter,
+                              device=ctx.device_record(), device_id=ctx.device_id, measure=measure,
+                              runner="device")
+    except DeviceError as exc:
+        raise DeviceLost(ctx.serial, "running the sustained mode", exc) from None
+
+
+def _charging(ctx: DeviceContext) -> str | None:
+    """Why the battery cannot measure the run's energy (it is being charged: USB, AC, wireless), or None."""
+    from edgequant.devices.facts import HEALTH_SECTIONS, collect_facts
+
+    f = collect_facts(ctx.transport, ctx.workdir, timeout=60, sections=HEALTH_SECTIONS)
+    if f.battery_powered:
+        return (f"the phone is charging ({', '.join(f.battery_powered)} powered): the battery current does not "
+                f"show what the run draws; measure over `adb tcpip` with the cable out")
+    return None
+
+
+def _energy_rows(res, charging: str | None, power_dir: str) -> list[Measurement]:
+    """Average power and joules per generated token over the run's last tg test (the tail of the power
+    samples as long as its timed repetitions); ``energy_per_token`` = 0 with the reason when not measured."""
+    from edgequant.bench.device_bench import window_energy
+
+    def not_measured(reason: str) -> list[Measurement]:
+        return [Measurement("energy_per_token", 0.0, "J/token", None, None, {"not_measured": reason})]
+
+    if charging:
+        return not_measured(charging)
+    if not res.power:
+        return not_measured(f"{power_dir}/current_now and voltage_now could not be read on the phone; set "
+                            f"device.power_supply to its battery's power-supply folder")
+    if not res.tg_seconds or not res.tg_tokens:
+        return not_measured("the run generated no tokens (bench.n_gen = 0)")
+    window = window_energy(res.power, res.tg_seconds)
+    if window is None:
+        return not_measured("the generation test was shorter than two power samples (0.2 s apart)")
+    watts, joules, n = window
+    detail = {"samples": n, "seconds": res.tg_seconds, "tokens": res.tg_tokens, "source": power_dir}
+    return [Measurement("avg_power", watts, "W", None, n, detail),
+            Measurement("energy_per_token", joules / res.tg_tokens, "J/token", None, n, detail)]
+
+
+def _device_rows(res) -> list[Measurement | None]:
+    """The rows of one llama-bench measurement on a device (``bench.device_bench.DeviceBenchResult``)."""
+    return [
             Measurement("pp_tps", res.pp.mean, "t/s", res.pp.stddev, res.pp.n,
                         {"build_commit": res.build_commit, "cpu_info": res.cpu_info}) if res.pp else None,
             Measurement("tg_tps", res.tg.mean, "t/s", res.tg.stddev, res.tg.n) if res.tg else None,
@@ -310,9 +449,6 @@ def bench_rungs_on_device(store: Store, run_id: str, model_id: str, model_hash: 
             Measurement("peak_rss_file", res.peak_rss_file_bytes, "bytes", None, res.rss_samples,
                         {"source": "largest RssFile of /proc/<pid>/status samples"}),
         ]
-
-    return bench_on_device(store, run_id, artifacts, ctx, reporter, RungSteps(key, push, measure),
-                           cooldown or profile.device.cooldown(), done)
 
 
 def bench_onnx_rungs_on_device(store: Store, run_id: str, model_id: str, model_hash: str,

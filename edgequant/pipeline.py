@@ -6,7 +6,7 @@ chains them.  Nothing here prints: progress goes through a ``Reporter``.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Protocol
 
@@ -108,13 +108,64 @@ def _artifact_measurements(art: Artifact) -> list[Measurement]:
             Measurement("n_params", art.n_params, "count")]
 
 
+def bench_variants(profile: Profile, artifacts: list[Artifact], suite=None, prompting: str = "auto") -> list:
+    """The variants (context depths x KV cache types, ``profiles.variants``) each GGUF rung is measured in;
+    ``[]`` for llama-bench's default alone.  A depth of ``"suite"`` becomes the token length of ``suite``'s
+    prompt prefix per format (the built-in suite when none is given), read from the first artifact's
+    vocabulary, which also gives the model's training context: a depth that does not fit in it with the
+    pp or tg test is refused (``BadInput`` naming ``bench.depths``)."""
+    from edgequant.profiles import variants as pv
+
+    settings = profile.bench
+    if not settings.has_variants or not artifacts:
+        return []
+    if not any(settings.depths):    # cache types alone: nothing to resolve or check
+        return pv.expand(settings)
+    from edgequant.bench import quality
+    from edgequant.profiles.suites import load_suite
+
+    suite = suite if suite is not None else load_suite("triage")
+    try:
+        facts = quality.prompt_facts(artifacts[0].path, suite, prompting, settings.timeout)
+    except quality.EvalError as exc:
+        raise BadInput(f"profile {profile.name}: field 'bench.depths' cannot be resolved: {exc}") from None
+    variants = pv.expand(settings, facts["prefix_tokens"], suite.name)
+    n_ctx = int(facts["n_ctx_train"])
+    test = max(settings.n_prompt, settings.n_gen)
+    deepest = max(v.depth for v in variants)
+    if n_ctx > 0 and deepest + test > n_ctx:
+        raise BadInput(f"profile {profile.path}: field 'bench.depths' asks for depth {deepest}, which with the "
+                       f"{test}-token test exceeds the model's context of {n_ctx} tokens; allowed: depths up to "
+                       f"{max(0, n_ctx - test)}")
+    return variants
+
+
+def _variant_rows(art: Artifact, res, v, first: bool) -> list[Measurement]:
+    """One variant's rows (``bench.host.VariantResult``); the load time belongs to the first (one model load
+    serves every variant)."""
+    rows = _artifact_measurements(art)
+    if first:
+        rows.append(Measurement("load_time", res.load_s, "s", None, 1))
+    return rows + [
+        Measurement("pp_tps", v.pp.mean, "t/s", v.pp.stddev, v.pp.n, {"samples": list(v.pp.samples)}),
+        Measurement("tg_tps", v.tg.mean, "t/s", v.tg.stddev, v.tg.n, {"samples": list(v.tg.samples)}),
+        Measurement("ttft", v.ttft_ms.mean, "ms", v.ttft_ms.stddev, v.ttft_ms.n),
+        Measurement("peak_rss", v.peak_rss_bytes, "bytes"),
+        Measurement("peak_rss_anon", v.peak_rss_anon_bytes, "bytes"),
+        Measurement("peak_rss_file", v.peak_rss_file_bytes, "bytes"),
+    ]
+
+
 def bench_rungs(store: Store, run_id: str, model_id: str, model_hash: str, artifacts: list[Artifact],
                 profile: Profile, reporter: Reporter, measure: Callable | None = None,
-                runtime: str = "llama.cpp", params: dict | None = None) -> BenchOutcome:
+                runtime: str = "llama.cpp", params: dict | None = None, suite=None) -> BenchOutcome:
     """Benchmark every artifact on the host, each in its own process; one transaction per rung.
 
     ``measure`` (default ``bench.host.measure_gguf``) returns a ``HostBenchResult``; ``runtime`` names
-    the package whose version the rows record, ``params`` the settings they were measured with."""
+    the package whose version the rows record, ``params`` the settings they were measured with.
+    A profile with depths or cache types (``bench_variants``; ``suite`` resolves a ``"suite"`` depth)
+    measures every variant of a GGUF rung in its one process and stores each as a rung of its own
+    (``Q4_K_M@d512,kv=q8_0``), all of them in one transaction."""
     from importlib import metadata
 
     from edgequant.bench.host import BenchError, measure_gguf
@@ -124,20 +175,40 @@ def bench_rungs(store: Store, run_id: str, model_id: str, model_hash: str, artif
     params = params or {"runner": "host", **settings.as_params()}
     device, device_id = host_device(), host_device_id()
     runtime_version = metadata.version("llama-cpp-python" if runtime == "llama.cpp" else runtime)
+    variants = bench_variants(profile, artifacts, suite) if runtime == "llama.cpp" else []
     outcome = BenchOutcome(run_id)
     for art in artifacts:
         store.record_artifact(art.record())
         key = RowKey(model_id=model_id, model_hash=model_hash, quant=art.quant, artifact_sha256=art.sha256,
                      is_reference=art.is_reference, device_id=device_id, device=device,
                      runtime=runtime, runtime_version=runtime_version, params=params)
+        keys = [replace(key, quant=v.name(art.quant), params=v.params(params, settings),
+                        is_reference=art.is_reference and i == 0) for i, v in enumerate(variants)]
         reporter.rung_started(art.quant)
         try:
             res = measure(art.path, settings, repack=params.get("repack"),
-                          on_progress=lambda phase, q=art.quant: reporter.rung_phase(q, phase))
+                          on_progress=lambda phase, q=art.quant: reporter.rung_phase(q, phase),
+                          **({"variants": variants} if variants else {}))
         except BenchError as exc:
-            store.record_rung(run_id, key, _artifact_measurements(art), status=exc.status, detail=str(exc))
+            if keys:
+                store.record_rungs(run_id, [(k, _artifact_measurements(art), exc.status, str(exc)) for k in keys])
+            else:
+                store.record_rung(run_id, key, _artifact_measurements(art), status=exc.status, detail=str(exc))
             outcome.outcomes.append(RungOutcome(art, exc.status, str(exc)))
             reporter.rung_done(art.quant, exc.status)
+            continue
+        if keys and len(res.variants) != len(keys):
+            exc = BenchError("failed", f"{art.path.name}: the benchmark worker returned {len(res.variants)} "
+                                       f"variants, expected {len(keys)}")
+            store.record_rungs(run_id, [(k, _artifact_measurements(art), exc.status, str(exc)) for k in keys])
+            outcome.outcomes.append(RungOutcome(art, exc.status, str(exc)))
+            reporter.rung_done(art.quant, exc.status)
+            continue
+        if keys:
+            store.record_rungs(run_id, [(k, _variant_rows(art, res, v, i == 0), "ok", None)
+                                        for i, (k, v) in enumerate(zip(keys, res.variants))])
+            outcome.outcomes.append(RungOutcome(art, "ok"))
+            reporter.rung_done(art.quant, "ok")
             continue
         rows = _artifact_measurements(art) + [
             Measurement("load_time", res.load_s, "s", None, 1),
@@ -152,6 +223,66 @@ def bench_rungs(store: Store, run_id: str, model_id: str, model_hash: str, artif
         outcome.outcomes.append(RungOutcome(art, "ok"))
         reporter.rung_done(art.quant, "ok")
     return outcome
+
+
+def sustained_measurements(runs, before: dict | None = None) -> list[Measurement]:
+    """The rows of a sustained mode's runs (``bench.sustained``): the last run's tg with every run in its
+    detail (the curve), the first run's tg, the drop first -> last in %, and the first run below 90 % of
+    the first (0 = never)."""
+    from edgequant.bench.sustained import THRESHOLD, summarize
+
+    s = summarize(runs)
+    return [Measurement("sustained_tg_tps", s.last_tps, "t/s", None, len(runs),
+                        {"runs": [r.to_dict() for r in runs], "before": before or {}}),
+            Measurement("sustained_first_tg_tps", s.first_tps, "t/s", None, 1),
+            Measurement("sustained_drop", s.drop_pct, "%"),
+            Measurement("sustained_below90_run", float(s.below_run or 0), "run", None, None,
+                        {"never": s.below_run is None, "threshold": THRESHOLD})]
+
+
+def sustained_rung(store: Store, run_id: str, model_id: str, model_hash: str, artifacts: list[Artifact],
+                   profile: Profile, reporter: Reporter, device: dict | None = None, device_id: str | None = None,
+                   measure: Callable | None = None, runner: str = "host") -> str:
+    """``[sustained]``: back-to-back generation runs of the profile's sustained rung, stored under that
+    rung with ``stage = "sustained"`` (its status untouched).  ``measure(art, runs, n_gen, on_progress)``
+    returns (runs, reading before); the default measures on this host.  A failure is stored as the
+    rung's ``sustained_runs = 0`` row with the reason, and returned ("ok" or the failure's status)."""
+    from importlib import metadata
+
+    from edgequant.bench.host import BenchError, measure_sustained
+
+    spec = profile.sustained
+    if spec is None:
+        return "ok"
+    target = spec.target(profile)
+    art = next((a for a in artifacts if a.quant == target), None)
+    if art is None:
+        return "ok"
+    n_gen = spec.n_gen or profile.bench.n_gen
+    if device is None:
+        device, device_id = host_device(), host_device_id()
+    if measure is None:
+        def measure(a, runs, n, on_progress):
+            return measure_sustained(a.path, profile.bench, runs, n, on_progress)
+    params = {"runner": runner, "stage": "sustained", "runs": spec.runs, "n_gen": n_gen,
+              "threads": profile.bench.resolved_threads() if runner == "host" else profile.bench.threads,
+              "repack": profile.bench.resolved_repack() if runner == "host" else profile.bench.repack}
+    key = RowKey(model_id=model_id, model_hash=model_hash, quant=art.quant, artifact_sha256=art.sha256,
+                 is_reference=art.is_reference, device_id=device_id, device=device, runtime="llama.cpp",
+                 runtime_version=metadata.version("llama-cpp-python"), params=params)
+    label = f"{art.quant} sustained ×{spec.runs}"
+    reporter.rung_started(label)
+    try:
+        runs, before = measure(art, spec.runs, n_gen, lambda p: reporter.rung_phase(label, p))
+    except BenchError as exc:
+        store.record_rung(run_id, key, [Measurement("sustained_runs", 0.0, "runs", None, None,
+                                                    {"error": str(exc), "status": exc.status})], status=None)
+        reporter.rung_done(label, exc.status)
+        return exc.status
+    store.record_rung(run_id, key, [Measurement("sustained_runs", float(len(runs)), "runs")]
+                      + sustained_measurements(runs, before), status=None)
+    reporter.rung_done(label, "ok")
+    return "ok"
 
 
 def process_age_seconds() -> float:
@@ -182,6 +313,7 @@ def quality_rungs(store: Store, run_id: str, model_id: str, model_hash: str, art
     from importlib import metadata
 
     from edgequant.bench import quality
+    from edgequant.profiles.variants import BenchVariant, variant_suffix
 
     settings = profile.bench
     threads = settings.resolved_threads()
@@ -199,9 +331,11 @@ def quality_rungs(store: Store, run_id: str, model_id: str, model_hash: str, art
               "n_cases": len(suite.cases), **(extra_params or {})}
 
     def key(art: Artifact) -> RowKey:
+        kv = variant_suffix(art.quant)     # "@kv=q8_0": evaluated with that KV cache type
+        extra = BenchVariant(0, kv.split("kv=", 1)[1]).params({}, settings) if kv else {}
         return RowKey(model_id=model_id, model_hash=model_hash, quant=art.quant, artifact_sha256=art.sha256,
                       is_reference=art.is_reference, device_id=device_id, device=device,
-                      runtime="llama.cpp", runtime_version=runtime_version, params=params)
+                      runtime="llama.cpp", runtime_version=runtime_version, params={**params, **extra})
 
     def store_quality(art: Artifact, q, status: str | None = None, detail: str | None = None) -> None:
         store.record_rung(run_id, key(art), quality_measurements(q.metrics, q.gates), status=status,
@@ -210,23 +344,36 @@ def quality_rungs(store: Store, run_id: str, model_id: str, model_hash: str, art
         reporter.rung_done(art.quant, status or "ok")
 
     selected = [a for a in artifacts if only is None or a.quant in only]
+    # a quantized KV cache changes outputs too: each rung (the reference included) again with every other
+    # cache type of the profile, as the variant ``RUNG@kv=TYPE`` (judged against the f16 reference)
+    kv_types = [t for t in settings.cache_types if t != "f16"]
+    kv_names = {(a.quant, t): BenchVariant(0, t).name(a.quant) for a in artifacts for t in kv_types}
+    if only is not None:
+        kv_names = {k: n for k, n in kv_names.items() if k[0] in only or n in only}
+    units: list[tuple[Artifact, str | None]] = [(a, None) for a in selected] + \
+        [(a, t) for t in kv_types for a in artifacts if (a.quant, t) in kv_names]
     # 1. every rung's own outputs, one process per rung
     outputs: list[tuple[Artifact, dict]] = []
-    for art in selected:
+    unit_key: dict = {}
+    for art, ct in units:
+        if ct is not None:     # the variant, stored under its own name; its outputs come from its own cache
+            art = replace(art, quant=kv_names[(art.quant, ct)], is_reference=False)
+        unit_key[art.quant] = art.path if ct is None else (art.path, ct)
         reporter.rung_started(art.quant)
         if art.is_reference:
             store_quality(art, quality.reference_quality(suite, ref))
             continue
         try:
             outputs.append((art, quality.generate_rung(art.path, suite, ref, threads, repack, settings.timeout,
-                                                       lambda p, quant=art.quant: reporter.rung_phase(quant, p))))
+                                                       lambda p, quant=art.quant: reporter.rung_phase(quant, p),
+                                                       cache_type=ct)))
         except quality.EvalError as exc:
             store.record_rung(run_id, key(art), [], status=exc.status, detail=f"quality: {exc}")
             statuses[art.quant] = exc.status
             reporter.rung_done(art.quant, exc.status)
     # 2. token-level scores: the reference's outputs teacher-forced through as many rungs at once as fit
-    groups = quality.teacher_groups(ref_art.size_bytes, [(a.path, a.size_bytes) for a, _ in outputs])
-    by_path = {a.path: (a, data) for a, data in outputs}
+    groups = quality.teacher_groups(ref_art.size_bytes, [(unit_key[a.quant], a.size_bytes) for a, _ in outputs])
+    by_path = {unit_key[a.quant]: (a, data) for a, data in outputs}
     for group in groups:
         label = f"KLD vs {ref_art.quant}: " + ", ".join(by_path[p][0].quant for p in group)
         reporter.rung_started(label)

@@ -8,7 +8,7 @@ the field and the allowed values.  Loading never changes process state.
 from __future__ import annotations
 
 import tomllib
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
@@ -25,6 +25,13 @@ FLASH_ATTN = ("auto", "on", "off")
 REPACK = ("auto", "on", "off")
 # Float types that are references, not quantizations.
 FLOAT_TYPES = frozenset({"F32", "F16", "BF16"})
+# KV cache types llama-bench's -ctk/-ctv accept (its ggml_type_from_name), by ggml's type names;
+# the values are gguf.GGMLQuantizationType's (= ggml's enum ggml_type).  Every type but the two
+# floats is quantized: llama.cpp needs flash attention for a quantized V cache.
+CACHE_TYPES = ("f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "iq4_nl")
+FLOAT_CACHE_TYPES = frozenset({"f16", "bf16"})
+# a depth given as this word is the token length of the eval suite's prompt prefix, per format
+SUITE_DEPTH = "suite"
 
 
 @lru_cache(maxsize=1)
@@ -96,6 +103,10 @@ class BenchSettings:
     # (general protection fault seen under Firecracker), and keeps it on elsewhere.
     repack: str = "auto"
     timeout: float = 1800.0
+    # llama-bench -d: tokens already in the context before each pp/tg test (an int, or "suite": the
+    # eval suite's prompt prefix per format); -ctk/-ctv: the K and V cache type of each variant
+    depths: tuple = (0,)
+    cache_types: tuple = ("f16",)
 
     def resolved_threads(self) -> int:
         if self.threads > 0:
@@ -108,6 +119,11 @@ class BenchSettings:
         if self.repack != "auto":
             return self.repack == "on"
         return not cpu_has_amx()
+
+    @property
+    def has_variants(self) -> bool:
+        """Whether a rung is measured in more than llama-bench's default setting (depth 0, f16 cache)."""
+        return tuple(self.depths) != (0,) or tuple(self.cache_types) != ("f16",)
 
     def as_params(self) -> dict[str, Any]:
         """The parameters that define a measurement (stored with every row)."""
@@ -136,6 +152,9 @@ class DeviceSettings:
     cooldown_celsius: float = 40.0    # highest battery (else hottest sensor) temperature to start at
     cooldown_max_wait: float = 300.0  # seconds to wait for it before starting anyway (marked throttled)
     cooldown_poll: float = 10.0       # seconds between readings while waiting
+    # energy per token: the battery's current_now and voltage_now sampled during each llama-bench run
+    energy: bool = False
+    power_supply: str = "/sys/class/power_supply/battery"
 
     def cooldown(self):
         from edgequant.devices.health import CoolDown
@@ -148,6 +167,19 @@ _DEVICE_BOUNDS = {"cooldown_status": (0, 6), "cooldown_celsius": (-20.0, 120.0),
 
 
 @dataclass(frozen=True)
+class SustainedSettings:
+    """``[sustained]``: ``runs`` back-to-back generation runs of one rung with no cool-down in between,
+    each ``n_gen`` tokens (0 = bench.n_gen), with the thermal state read after each run."""
+
+    runs: int = 8
+    rung: str = ""        # a quant type of the profile; "" = the first one (the reference when there is none)
+    n_gen: int = 0
+
+    def target(self, profile: "Profile") -> str:
+        return self.rung or (profile.quant.types[0] if profile.quant.types else profile.quant.reference)
+
+
+@dataclass(frozen=True)
 class Profile:
     name: str
     path: Path
@@ -156,6 +188,7 @@ class Profile:
     bench: BenchSettings
     device: DeviceSettings = DeviceSettings()
     onnx: OnnxSpec = OnnxSpec()          # [onnx]: ONNX variants (none by default)
+    sustained: SustainedSettings | None = None   # [sustained]: back-to-back runs of one rung (off by default)
 
     def rungs(self) -> list[str]:
         """The reference first, then the quant types in profile order."""
@@ -242,6 +275,43 @@ def _dataclass_from(checker: _Checker, cls, data: dict, where: str, bounds: dict
     return cls(**values)
 
 
+def _parse_depths(c: _Checker, value) -> tuple:
+    where = "bench.depths"
+    if not isinstance(value, list) or not value:
+        raise c.fail(where, f"must be a non-empty list of token counts >= 0 or \"{SUITE_DEPTH}\", got {value!r}")
+    out: list = []
+    for i, d in enumerate(value):
+        if d == SUITE_DEPTH:
+            pass
+        elif isinstance(d, bool) or not isinstance(d, int) or not 0 <= d <= 1 << 20:
+            raise c.fail(f"{where}[{i}]", f"must be a token count from 0 to {1 << 20} or \"{SUITE_DEPTH}\" "
+                                          f"(the eval suite's prompt prefix), got {d!r}")
+        if d in out:
+            raise c.fail(f"{where}[{i}]", f"repeats {d!r}")
+        out.append(d)
+    return tuple(out)
+
+
+def _parse_cache_types(c: _Checker, value, flash_attn: str) -> tuple:
+    where = "bench.cache_types"
+    if not isinstance(value, list) or not value:
+        raise c.fail(where, f"must be a non-empty list of KV cache types ({', '.join(CACHE_TYPES)}), got {value!r}")
+    out: list[str] = []
+    for i, t in enumerate(value):
+        name = t.lower() if isinstance(t, str) else t
+        if name not in CACHE_TYPES:
+            raise c.fail(f"{where}[{i}]", f"has unknown KV cache type {t!r}; allowed (llama.cpp -ctk/-ctv): "
+                                          f"{', '.join(CACHE_TYPES)}")
+        if name in out:
+            raise c.fail(f"{where}[{i}]", f"repeats {name}")
+        if name not in FLOAT_CACHE_TYPES and flash_attn == "off":
+            raise c.fail(f"{where}[{i}]", f"{name} is a quantized V cache, which llama.cpp runs only with flash "
+                                          f"attention: set bench.flash_attn to \"auto\" or \"on\", or use only "
+                                          f"{' or '.join(sorted(FLOAT_CACHE_TYPES))}")
+        out.append(name)
+    return tuple(out)
+
+
 _BENCH_BOUNDS = {
     "threads": (0, 1024), "n_prompt": (1, 1 << 20), "n_gen": (1, 1 << 20),
     "repetitions": (3, 1000), "warmup": (0, 100), "n_batch": (1, 1 << 20),
@@ -251,7 +321,7 @@ _BENCH_BOUNDS = {
 
 def parse_profile(data: dict, path: Path) -> Profile:
     c = _Checker(path)
-    c.table(data, "", {"profile", "quantize", "bench", "device", "onnx"})
+    c.table(data, "", {"profile", "quantize", "bench", "device", "onnx", "sustained"})
     meta = c.table(data.get("profile", {}), "profile", {"name", "description"})
     name = meta.get("name", path.stem)
     if not isinstance(name, str) or not name:
@@ -273,7 +343,16 @@ def parse_profile(data: dict, path: Path) -> Profile:
         checked.append(name_)
     options = _dataclass_from(c, QuantOptions, q.get("options", {}), "quantize.options", {"threads": (0, 1024)})
 
-    bench = _dataclass_from(c, BenchSettings, data.get("bench", {}), "bench", _BENCH_BOUNDS)
+    bench_data = data.get("bench", {})
+    lists = {}
+    if isinstance(bench_data, dict):
+        lists = {k: bench_data[k] for k in ("depths", "cache_types") if k in bench_data}
+        bench_data = {k: v for k, v in bench_data.items() if k not in lists}
+    bench = _dataclass_from(c, BenchSettings, bench_data, "bench", _BENCH_BOUNDS)
+    if "depths" in lists:
+        bench = replace(bench, depths=_parse_depths(c, lists["depths"]))
+    if "cache_types" in lists:
+        bench = replace(bench, cache_types=_parse_cache_types(c, lists["cache_types"], bench.flash_attn))
     if bench.flash_attn not in FLASH_ATTN:
         raise c.fail("bench.flash_attn", f"must be one of {', '.join(FLASH_ATTN)}, got {bench.flash_attn!r}")
     if bench.repack not in REPACK:
@@ -281,9 +360,17 @@ def parse_profile(data: dict, path: Path) -> Profile:
     if bench.n_ubatch > bench.n_batch:
         raise c.fail("bench.n_ubatch", f"must be <= bench.n_batch ({bench.n_batch})")
     device = _dataclass_from(c, DeviceSettings, data.get("device", {}), "device", _DEVICE_BOUNDS)
+    sustained = None
+    if "sustained" in data:
+        sustained = _dataclass_from(c, SustainedSettings, data["sustained"], "sustained",
+                                    {"runs": (1, 10_000), "n_gen": (0, 1 << 20)})
+        rungs = [reference] + checked
+        if sustained.rung and sustained.rung not in rungs:
+            raise c.fail("sustained.rung", f"must be one of the profile's rungs ({', '.join(rungs)}), "
+                                           f"got {sustained.rung!r}")
     return Profile(name=name, path=path, description=description,
                    quant=QuantSpec(reference=reference, types=tuple(checked), options=options),
-                   bench=bench, device=device, onnx=parse_onnx(c, data.get("onnx")))
+                   bench=bench, device=device, onnx=parse_onnx(c, data.get("onnx")), sustained=sustained)
 
 
 def builtin_profiles() -> list[str]:

@@ -244,6 +244,32 @@ def _cases(rep: RunReport, cases: list[dict[str, Any]]) -> str:
 # the page
 
 
+def _energy_html(rep: RunReport) -> str:
+    from edgequant.results.report import ENERGY_COLUMNS, _energy_cells, energy_records
+
+    records = energy_records(rep)
+    if not records:
+        return ""
+    return ("<h3>energy per generated token (phone battery)</h3>"
+            + _table(ENERGY_COLUMNS, [(_energy_cells(rec), "", []) for rec in records]))
+
+
+def _sustained(rep: RunReport) -> str:
+    """[sustained]: the table of the back-to-back runs and their curve (tg per run, temperature)."""
+    from edgequant.results.report import SUSTAINED_COLUMNS, _sustained_cells, sustained_records
+
+    records = sustained_records(rep)
+    if not records:
+        return ""
+    rows = [(_sustained_cells(rec), "", []) for rec in records]
+    curves = {rec["quant"]: rec["runs"] for rec in records if rec["runs"]}
+    out = "<h3>sustained: back-to-back generation runs, no cool-down</h3>" + _table(SUSTAINED_COLUMNS, rows)
+    if curves:
+        out += _img(plots.sustained_png(curves, rep.rungs[0].device_id),
+                    "generation tokens/s of each back-to-back run, with the temperature after each")
+    return out
+
+
 def render_html(store: Store, run_id: str, quality: str = "quality", history_runs: int = HISTORY_RUNS) -> str:
     quality = check_quality_measure(quality)
     rep = summarize(store, run_id)
@@ -271,6 +297,7 @@ def render_html(store: Store, run_id: str, quality: str = "quality", history_run
         device_id = dev.rungs[0].device_id
         parts += [f'<section id="device-{i}"><h2>{_e(_device_title(dev))}</h2>',
                   "<h3>speed and memory against the reference</h3>", _comparison(dev),
+                  _energy_html(dev), _sustained(dev),
                   "<h3>quality against the reference</h3>", _quality(dev),
                   f"<h3>{_e(quality_label(quality))} vs generation speed vs size</h3>", _pareto(dev, quality),
                   "<h3>history over runs</h3>", _history(hist.get(device_id, {}), dev, quality),

@@ -134,3 +134,29 @@ def history_png(series: dict[str, list[HistoryPoint]], title: str, quality_label
     axes[0].set_title(title, fontsize=10)
     axes[0].legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8, title="rung", title_fontsize=8)
     return _png(fig)
+
+
+def sustained_png(curves: dict[str, list[dict]], title: str) -> bytes:
+    """Generation tokens/s of each back-to-back run ([sustained]), with the hottest temperature read after
+    each run on a second axis where one was readable; the dashed line is 90 % of the first run."""
+    fig = _figure(8, 3.8)
+    ax = fig.add_subplot()
+    temp_ax = None
+    for label, runs in curves.items():
+        xs = [r["run"] for r in runs]
+        line, = ax.plot(xs, [r["tg_tps"] for r in runs], marker="o", markersize=4, linewidth=1.4, label=label)
+        if runs:
+            ax.axhline(0.9 * runs[0]["tg_tps"], color=line.get_color(), linestyle="--", linewidth=0.8)
+        temps = [(r["run"], r["celsius"]) for r in runs if r.get("celsius") is not None]
+        if temps:
+            temp_ax = temp_ax or ax.twinx()
+            temp_ax.plot([t[0] for t in temps], [t[1] for t in temps], linestyle=":", marker="^", markersize=3,
+                         color=line.get_color(), label=f"{label} °C")
+    ax.set_xlabel("run (back to back, no cool-down)")
+    ax.set_ylabel("tg tokens/s")
+    ax.grid(True, alpha=0.3)
+    if temp_ax is not None:
+        temp_ax.set_ylabel("hottest sensor °C (dotted)")
+    ax.set_title(title + " · dashed: 90 % of the first run", fontsize=10)
+    ax.legend(loc="lower left", fontsize=8)
+    return _png(fig)

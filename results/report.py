@@ -82,7 +82,7 @@ def summarize(store: Store, run_id: str) -> RunReport:
         rung = rungs.setdefault(key, RungSummary(r["quant"], r["is_reference"], r["device_id"]))
         rung.metrics[r["metric"]] = Stat(r["value"], r["stddev"], r["repetitions"], r.get("detail"))
         rung.device = rung.device or r["device"]
-        if r["params"].get("stage") == "tune":   # the search's verdicts (edgequant tune): not a measurement setup
+        if r["params"].get("stage") in ("tune", "sustained"):   # tune's verdicts; [sustained]'s own runs
             continue
         if r["params"].get("stage") == "quality":
             quality_params = quality_by_device[r["device_id"]] = r["params"]
@@ -102,10 +102,11 @@ def summarize(store: Store, run_id: str) -> RunReport:
         rung.status, rung.detail = s["status"], s["detail"]
     _join_quality_measured_elsewhere(rungs, {(s["quant"], s["device_id"]) for s in statuses})
     # the reference first; a rung with modifiers (Q4_K_M+imatrix, Q4_K_M+emb=Q8_0) next to its plain type
+    # and a rung's variants (Q4_K_M@d512, Q4_K_M@kv=q8_0: edgequant.profiles.variants) after it
     first_of_base: dict[str, int] = {}
     for i, r in enumerate(rungs.values()):
-        first_of_base.setdefault(r.quant.split("+", 1)[0], i)
-    ordered = sorted(rungs.values(), key=lambda r: (not r.is_reference, first_of_base[r.quant.split("+", 1)[0]]))
+        first_of_base.setdefault(_family(r.quant), i)
+    ordered = sorted(rungs.values(), key=lambda r: (not r.is_reference, first_of_base[_family(r.quant)]))
     several = len({r.device_id for r in ordered}) > 1
     footnotes = [f"{r.quant}{' on ' + r.device_id if several else ''}: {r.status}: {r.detail}"
                  for r in ordered if r.detail and (r.status != "ok" or r.get("throttled"))]
@@ -113,11 +114,35 @@ def summarize(store: Store, run_id: str) -> RunReport:
         footnotes.insert(0, f"run is {run['status']}: {run.get('status_detail') or 'not finished'}")
     if onnx_note:
         footnotes.append(onnx_note)
+    if any(VARIANT_MARK in r.quant for r in ordered):
+        footnotes.append(_variants_note(ordered))
     if run.get("model_id") == DEFAULT_MODEL_ID:
         footnotes.append(DEFAULT_MODEL_FOOTNOTE)
     return RunReport(run=run, rungs=ordered, params=params, device=device, runtime=runtime,
                      runtime_version=runtime_version, footnotes=footnotes, quality_params=quality_params,
                      quality_params_by_device=quality_by_device)
+
+
+VARIANT_MARK = "@"   # edgequant.profiles.variants.SEPARATOR (results does not import profiles)
+
+
+def _family(quant: str) -> str:
+    return quant.split("+", 1)[0].split(VARIANT_MARK, 1)[0]
+
+
+def _variants_note(rungs: list[RungSummary]) -> str:
+    """What the variant names mean, with where each depth taken from the eval suite came from."""
+    sources = {}
+    for r in rungs:
+        if r.params.get("depth_source"):
+            sources[r.params["n_depth"]] = r.params["depth_source"]
+    text = ("RUNG@dN: N tokens in the context before each pp/tg test (llama-bench -d; TTFT is the prefill of "
+            "the pp prompt after them); @kv=T: K and V cache of type T (llama-bench -ctk/-ctv; flash attention "
+            "on for a quantized V cache, which llama.cpp requires); one model load serves every variant, so "
+            "load s is shown on the first; pp ×, tg × and size × compare with the reference's same variant")
+    if sources:
+        text += "; depths from the eval suite: " + ", ".join(f"d{d} = {src}" for d, src in sorted(sources.items()))
+    return text
 
 
 def _join_quality_measured_elsewhere(rungs: dict[tuple[str, str], RungSummary],
@@ -183,9 +208,19 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return a / b
 
 
+def _reference_for(rep: RunReport, rung: RungSummary) -> RungSummary | None:
+    """The reference rung in the same variant as ``rung`` (BF16@d512 for Q4_K_M@d512), else the reference."""
+    ref = rep.reference()
+    if ref is None or VARIANT_MARK not in rung.quant:
+        return ref
+    suffix = rung.quant[rung.quant.index(VARIANT_MARK):]
+    same = ref.quant.split(VARIANT_MARK, 1)[0] + suffix
+    return next((r for r in rep.rungs if r.quant == same and r.device_id == rung.device_id), None)
+
+
 def rung_record(rep: RunReport, rung: RungSummary) -> dict[str, Any]:
     """One flat record per rung: the numbers every renderer shows."""
-    ref = rep.reference()
+    ref = _reference_for(rep, rung)
     m = rung.metrics
 
     def val(name, scale=1.0):
@@ -216,6 +251,13 @@ def rung_record(rep: RunReport, rung: RungSummary) -> dict[str, Any]:
         "peak_anon_mib": val("peak_rss_anon", MiB),
         "file_rss_mib": val("peak_rss_file", MiB),
         "repetitions": m["tg_tps"].repetitions if "tg_tps" in m else None,
+        # the variant (edgequant.profiles.variants): llama-bench's -d and -ctk/-ctv
+        # energy on a phone (device.energy): over the last tg test; 0 with a reason when not measured
+        "energy_j_per_token": _energy(m)[0],
+        "avg_power_w": val("avg_power"),
+        "energy_not_measured": _energy(m)[1],
+        "n_depth": rung.params.get("n_depth", 0) if rung.params else None,
+        "cache_type": rung.params.get("cache_type", "f16") if rung.params else None,
         "pp_speedup": None,
         "tg_speedup": None,
         "size_ratio": None,
@@ -225,6 +267,35 @@ def rung_record(rep: RunReport, rung: RungSummary) -> dict[str, Any]:
         rec["tg_speedup"] = _ratio(rung.get("tg_tps"), ref.get("tg_tps"))
         rec["size_ratio"] = _ratio(rung.get("size"), ref.get("size"))
     return rec
+
+
+def _energy(m: dict[str, Stat]) -> tuple[float | None, str | None]:
+    """(joules per generated token, why it was not measured) of a rung's metrics."""
+    s = m.get("energy_per_token")
+    if s is None:
+        return None, None
+    reason = (s.detail or {}).get("not_measured")
+    return (None, reason) if reason else (s.value, None)
+
+
+def energy_records(rep: RunReport) -> list[dict[str, Any]]:
+    out = []
+    for g in per_device(rep):
+        for r in g.rungs:
+            rec = rung_record(g, r)
+            if rec["energy_j_per_token"] is not None or rec["energy_not_measured"]:
+                out.append(rec)
+    return out
+
+
+ENERGY_COLUMNS = ["rung", "device", "avg power W", "J/token", "tg t/s", "note"]
+
+
+def _energy_cells(rec: dict[str, Any]) -> list[str]:
+    if rec["energy_not_measured"]:
+        return [rec["quant"], rec["device_id"], "—", "not measured", _fmt(rec["tg_tps"]), rec["energy_not_measured"]]
+    return [rec["quant"], rec["device_id"], _fmt(rec["avg_power_w"], 2), _fmt(rec["energy_j_per_token"], 3),
+            _fmt(rec["tg_tps"]), "battery current x voltage during the last tg test"]
 
 
 def _fmt(v: float | None, digits: int = 1) -> str:
@@ -380,6 +451,48 @@ def measured_speed(g: RunReport) -> bool:
     return any(r.params for r in g.rungs) or not quality_columns(g)
 
 
+SUSTAINED_COLUMNS = ["rung", "device", "runs", "first tg t/s", "last tg t/s", "drop %", "first run < 90 %",
+                     "°C first → last", "thermal status", "CPU MHz first → last"]
+
+
+def sustained_record(rung: RungSummary) -> dict[str, Any] | None:
+    """A rung's [sustained] figures (edgequant.bench.sustained), or None when it had no sustained runs."""
+    s = rung.metrics.get("sustained_tg_tps")
+    if s is None:
+        failed = rung.metrics.get("sustained_runs")
+        if failed is not None and failed.value == 0:
+            return {"quant": rung.quant, "device_id": rung.device_id, "runs": [],
+                    "error": (failed.detail or {}).get("error")}
+        return None
+    runs = (s.detail or {}).get("runs", [])
+    below = rung.metrics.get("sustained_below90_run")
+    return {"quant": rung.quant, "device_id": rung.device_id, "runs": runs,
+            "first_tg_tps": rung.get("sustained_first_tg_tps"), "last_tg_tps": s.value,
+            "drop_pct": rung.get("sustained_drop"),
+            "below90_run": None if below is None or below.value == 0 else int(below.value)}
+
+
+def _sustained_cells(rec: dict[str, Any]) -> list[str]:
+    if rec.get("error"):
+        return [rec["quant"], rec["device_id"], "0", "—", "—", "—", "—", "—", "—",
+                f"not measured: {rec['error']}"]
+    runs = rec["runs"]
+
+    def first_last(key, scale=1.0, digits=1):
+        a, b = runs[0].get(key), runs[-1].get(key)
+        if a is None or b is None:
+            return "—"
+        return f"{a / scale:.{digits}f} → {b / scale:.{digits}f}"
+
+    return [rec["quant"], rec["device_id"], str(len(runs)), _fmt(rec["first_tg_tps"]), _fmt(rec["last_tg_tps"]),
+            _fmt(rec["drop_pct"]), "never" if rec["below90_run"] is None else f"run {rec['below90_run']}",
+            first_last("celsius"), first_last("thermal_status", digits=0), first_last("cpu_khz", 1000.0, 0)]
+
+
+def sustained_records(rep: RunReport) -> list[dict[str, Any]]:
+    return [rec for r in rep.rungs if (rec := sustained_record(r)) is not None]
+
+
 def render_table(rep: RunReport, console) -> None:
     from rich.measure import Measurement
     from rich.table import Table
@@ -409,6 +522,24 @@ def render_table(rep: RunReport, console) -> None:
             parts = [half for cols in parts for half in (cols[:(len(cols) + 1) // 2], cols[(len(cols) + 1) // 2:])]
         for t in tables:
             console.print(t)
+    energy = energy_records(rep)
+    if energy:
+        et = Table(title="energy per generated token (phone battery)")
+        for i, col in enumerate(ENERGY_COLUMNS):
+            et.add_column(col, justify="left" if i in (0, 1, 5) else "right")
+        for rec in energy:
+            et.add_row(*_energy_cells(rec))
+        console.print(et)
+    sustained = sustained_records(rep)
+    if sustained:
+        st = Table(title="sustained: back-to-back generation runs, no cool-down", caption_justify="left",
+                   caption="tg of each run; drop = first → last; temperatures and clock read after the first "
+                           "and the last run")
+        for i, col in enumerate(SUSTAINED_COLUMNS):
+            st.add_column(col, justify="left" if i < 2 else "right")
+        for rec in sustained:
+            st.add_row(*_sustained_cells(rec))
+        console.print(st)
     for note in rep.footnotes:
         console.print(f"[dim]* {note}[/dim]", soft_wrap=True)
 
@@ -431,6 +562,13 @@ def render_markdown(rep: RunReport) -> str:
             lines.append(f"| {rung.quant}{' (ref)' if rung.is_reference else ''} | "
                          + " | ".join(_quality_cell(rung, m) for m in cols) + " |")
         lines.append("")
+    for title, cols, cells in (("energy per generated token (phone battery)", ENERGY_COLUMNS,
+                                [_energy_cells(r) for r in energy_records(rep)]),
+                               ("sustained: back-to-back generation runs, no cool-down", SUSTAINED_COLUMNS,
+                                [_sustained_cells(r) for r in sustained_records(rep)])):
+        if cells:
+            lines += [f"**{title}**", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+            lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in cells] + [""]
     lines += [f"\\* {n}\n" for n in rep.footnotes]
     return "\n".join(lines).rstrip("\n") + "\n"
 
@@ -445,6 +583,7 @@ def render_json(rep: RunReport) -> str:
         "quality": [quality_record(r, quality_columns(rep)) for r in rep.rungs] if quality_columns(rep) else [],
         "metrics": {(r.quant if len(per_device(rep)) == 1 else f"{r.quant}@{r.device_id}"):
                     {k: asdict(v) for k, v in r.metrics.items()} for r in rep.rungs},
+        "sustained": sustained_records(rep),
         "footnotes": rep.footnotes,
     }, indent=2, sort_keys=False)
 

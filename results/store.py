@@ -433,36 +433,48 @@ class Store:
 
         ``status=None`` adds rows without touching the rung's status (a later stage of the same rung).
         """
-        now = time.time()
         with self.transaction() as conn:
-            for m in measurements:
-                conn.execute(
-                    "INSERT INTO measurements (run_id, model_id, model_hash, quant, artifact_sha256,"
-                    " is_reference, device_id, device, runtime, runtime_version, params, metric, value,"
-                    " stddev, repetitions, unit, measured_at, detail) VALUES"
-                    " (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (run_id, key.model_id, key.model_hash, key.quant, key.artifact_sha256,
-                     int(key.is_reference), key.device_id, json.dumps(key.device, sort_keys=True),
-                     key.runtime, key.runtime_version, json.dumps(key.params, sort_keys=True),
-                     m.metric, float(m.value), m.stddev, m.repetitions, m.unit, now,
-                     json.dumps(m.detail, sort_keys=True) if m.detail is not None else None))
-            for c in cases:
-                conn.execute(
-                    "INSERT INTO eval_cases (run_id, quant, device_id, suite, case_id, format, ok,"
-                    " refusal, reason, fields, output, stopped, n_tokens)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-                    " ON CONFLICT (run_id, quant, device_id, case_id) DO UPDATE SET suite = excluded.suite,"
-                    " format = excluded.format, ok = excluded.ok, refusal = excluded.refusal,"
-                    " reason = excluded.reason, fields = excluded.fields, output = excluded.output,"
-                    " stopped = excluded.stopped, n_tokens = excluded.n_tokens",
-                    (run_id, key.quant, key.device_id, suite or "", c["case_id"], c["format"], int(c["ok"]),
-                     int(c["refusal"]), c["reason"], json.dumps(c["fields"], sort_keys=True), c["output"],
-                     c.get("stopped"), c.get("n_tokens")))
-            if status is not None:
-                conn.execute(
-                    "INSERT INTO rung_status (run_id, quant, device_id, status, detail) VALUES (?, ?, ?, ?, ?)"
-                    " ON CONFLICT (run_id, quant, device_id) DO UPDATE SET status = excluded.status,"
-                    " detail = excluded.detail", (run_id, key.quant, key.device_id, status, detail))
+            self._write_rung(conn, run_id, key, measurements, status, detail, cases, suite)
+
+    def record_rungs(self, run_id: str, entries: Iterable[tuple[RowKey, Iterable[Measurement], str | None,
+                                                                  str | None]]) -> None:
+        """Several rows sets of one measurement (a rung's variants: depths, cache types) in one transaction:
+        an interrupted run holds all of them or none.  Each entry is (key, measurements, status, detail)."""
+        with self.transaction() as conn:
+            for key, measurements, status, detail in entries:
+                self._write_rung(conn, run_id, key, measurements, status, detail, (), None)
+
+    def _write_rung(self, conn, run_id: str, key: RowKey, measurements: Iterable[Measurement],
+                    status: str | None, detail: str | None, cases: Iterable[dict], suite: str | None) -> None:
+        now = time.time()
+        for m in measurements:
+            conn.execute(
+                "INSERT INTO measurements (run_id, model_id, model_hash, quant, artifact_sha256,"
+                " is_reference, device_id, device, runtime, runtime_version, params, metric, value,"
+                " stddev, repetitions, unit, measured_at, detail) VALUES"
+                " (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (run_id, key.model_id, key.model_hash, key.quant, key.artifact_sha256,
+                 int(key.is_reference), key.device_id, json.dumps(key.device, sort_keys=True),
+                 key.runtime, key.runtime_version, json.dumps(key.params, sort_keys=True),
+                 m.metric, float(m.value), m.stddev, m.repetitions, m.unit, now,
+                 json.dumps(m.detail, sort_keys=True) if m.detail is not None else None))
+        for c in cases:
+            conn.execute(
+                "INSERT INTO eval_cases (run_id, quant, device_id, suite, case_id, format, ok,"
+                " refusal, reason, fields, output, stopped, n_tokens)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT (run_id, quant, device_id, case_id) DO UPDATE SET suite = excluded.suite,"
+                " format = excluded.format, ok = excluded.ok, refusal = excluded.refusal,"
+                " reason = excluded.reason, fields = excluded.fields, output = excluded.output,"
+                " stopped = excluded.stopped, n_tokens = excluded.n_tokens",
+                (run_id, key.quant, key.device_id, suite or "", c["case_id"], c["format"], int(c["ok"]),
+                 int(c["refusal"]), c["reason"], json.dumps(c["fields"], sort_keys=True), c["output"],
+                 c.get("stopped"), c.get("n_tokens")))
+        if status is not None:
+            conn.execute(
+                "INSERT INTO rung_status (run_id, quant, device_id, status, detail) VALUES (?, ?, ?, ?, ?)"
+                " ON CONFLICT (run_id, quant, device_id) DO UPDATE SET status = excluded.status,"
+                " detail = excluded.detail", (run_id, key.quant, key.device_id, status, detail))
 
     def measurements(self, run_id: str) -> list[dict[str, Any]]:
         rows = self.conn.execute(

@@ -243,3 +243,41 @@ def test_worker_reports_errors_as_json_with_exit_code_1():
     proc = _run_worker({"threads": 1})
     assert proc.returncode == 1
     assert json.loads(proc.stdout) == {"error": "the request has no 'path'"}
+
+
+# ---------------------------------------------------------------------------
+# variants: depths and KV cache types (llama-bench -d, -ctk/-ctv), issue 18
+
+
+def test_variants_share_one_model_load_and_run_at_their_depth_and_cache_type(gguf):
+    """llama.cpp's own log says how often the model was loaded and which KV cache each context got;
+    llama.cpp's memory says how many tokens the context held when the timed test started."""
+    request = {"path": str(gguf), "threads": 1, "n_prompt": 8, "n_gen": 2, "repetitions": 2,
+               "warmup": 0, "n_batch": 2048, "n_ubatch": 512, "flash_attn": "auto", "mmap": True,
+               "verbose": True,
+               "variants": [{"n_depth": 0, "cache_type": "f16", "flash_attn": "auto"},
+                            {"n_depth": 40, "cache_type": "f16", "flash_attn": "auto"},
+                            {"n_depth": 40, "cache_type": "q4_0", "flash_attn": "on"}]}
+    proc = _run_worker(request)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    data = json.loads(proc.stdout)
+    assert proc.stderr.count("llama_model_loader: loaded meta data") == 1      # one load for three variants
+    assert "K (q4_0)" in proc.stderr and "V (q4_0)" in proc.stderr
+    assert "flash_attn            = enabled" in proc.stderr
+    got = [(v["n_depth"], v["cache_type"], v["context_before_test"]) for v in data["variants"]]
+    assert got == [(0, "f16", 0), (40, "f16", 40), (40, "q4_0", 40)]
+    for v in data["variants"]:
+        assert len(v["pp_tps"]) == len(v["tg_tps"]) == len(v["ttft_ms"]) == 2
+        assert all(x > 0 for x in v["pp_tps"] + v["tg_tps"])
+        assert v["peak_rss_bytes"] == v["peak_rss_anon_bytes"] + v["peak_rss_file_bytes"] > 0
+    assert data["pp_tps"] == data["variants"][0]["pp_tps"]      # the top-level figures are the first variant's
+
+
+def test_a_quantized_v_cache_with_flash_attention_off_is_refused_by_llama_cpp_itself(gguf):
+    request = {"path": str(gguf), "threads": 1, "n_prompt": 8, "n_gen": 0, "repetitions": 1,
+               "warmup": 0, "n_batch": 2048, "n_ubatch": 512, "flash_attn": "off", "mmap": True,
+               "variants": [{"n_depth": 0, "cache_type": "q8_0", "flash_attn": "off"}]}
+    proc = _run_worker(request)
+    assert proc.returncode == 1
+    error = json.loads(proc.stdout)["error"]
+    assert "cannot create a context" in error and "flash_attn" in error   # llama.cpp's own reason

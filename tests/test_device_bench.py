@@ -321,3 +321,48 @@ def test_other_device_errors_pass_through(tmp_path):
     with pytest.raises(DeviceError) as info:
         run_measured(Gone(SHELLS["dash"]), ["true"], str(tmp_path), deadline_s=5)
     assert info.value.kind == "offline"
+
+
+# ---------------------------------------------------------------------------
+# depths, cache types and energy (issue 18)
+
+
+def test_llama_bench_args_carry_depths_and_a_quantized_cache_with_flash_attention():
+    s = BenchSettings(n_prompt=64, n_gen=16, flash_attn="auto")
+    args = llama_bench_args("m.gguf", s, 4, repack=None, depths=(0, 512), cache_type="q4_0")
+    pairs = dict(zip(args[::2], args[1::2]))
+    assert (pairs["-d"], pairs["-ctk"], pairs["-ctv"], pairs["-fa"]) == ("0,512", "q4_0", "q4_0", "on")
+    plain = llama_bench_args("m.gguf", s, 4, repack=None)
+    assert "-d" not in plain and "-ctk" not in plain and dict(zip(plain[::2], plain[1::2]))["-fa"] == "auto"
+    bf16 = dict(zip(*(lambda a: (a[::2], a[1::2]))(llama_bench_args("m.gguf", s, 4, None, cache_type="bf16"))))
+    assert bf16["-ctk"] == "bf16" and bf16["-fa"] == "auto"       # not quantized: no flash attention needed
+
+
+def test_llama_bench_json_with_depths_keeps_one_test_per_kind_and_depth():
+    from edgequant.bench.device_bench import parse_llama_bench_tests
+
+    text = json.dumps([_test_obj(n_depth=0), _test_obj(n_depth=512),
+                       _test_obj(n_prompt=0, n_gen=4, n_depth=0), _test_obj(n_prompt=0, n_gen=4, n_depth=512)])
+    tests = parse_llama_bench_tests(text)
+    assert [(t.kind, t.n_depth) for t in tests] == [("pp", 0), ("pp", 512), ("tg", 0), ("tg", 512)]
+    with pytest.raises(DeviceOutputError, match="two pp tests at depth 512"):
+        parse_llama_bench_tests(json.dumps([_test_obj(n_depth=512), _test_obj(n_depth=512)]))
+
+
+@pytest.mark.parametrize("shell", SHELLS)
+def test_the_battery_is_sampled_while_the_program_runs(shell, tmp_path):
+    supply = tmp_path / "power supply"
+    supply.mkdir()
+    (supply / "current_now").write_text("-1250000\n")     # 1.25 A discharging
+    (supply / "voltage_now").write_text("4000000\n")      # 4.0 V
+    run = run_measured(LocalShell(SHELLS[shell]), ["sleep", "1"], str(tmp_path / "w"), time_cmd=TIMES["toybox"],
+                       deadline_s=60, power_dir=str(supply))
+    assert failure(run, "sleep") is None
+    assert 3 <= len(run.power) <= 8                       # every 0.2 s for about a second
+    assert all(w == pytest.approx(5.0) for _, w in run.power)
+    times = [t for t, _ in run.power]
+    assert times == sorted(times) and 0.6 <= times[-1] - times[0] <= 1.6
+    assert (tmp_path / "w" / "power.stop").exists()      # the sampler was stopped when the program ended
+    missing = run_measured(LocalShell(SHELLS[shell]), ["true"], str(tmp_path / "w2"), time_cmd=TIMES["toybox"],
+                           deadline_s=60, power_dir=str(tmp_path / "no such folder"))
+    assert failure(missing, "true") is None and missing.power == []

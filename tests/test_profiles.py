@@ -86,3 +86,55 @@ def test_loading_does_not_touch_the_environment(tmp_path, monkeypatch):
     before = dict(os.environ)
     load_profile(write(tmp_path, "[bench]\nthreads = 1\n"))
     assert dict(os.environ) == before
+
+
+# ---------------------------------------------------------------------------
+# depths and KV cache types (issue 18)
+
+
+def test_depths_and_cache_types_load_and_expand_into_named_variants(tmp_path):
+    from edgequant.profiles.variants import base_quant, expand
+
+    p = write(tmp_path, '[bench]\ndepths = [0, 512, "suite"]\ncache_types = ["f16", "Q8_0"]\n')
+    bench = load_profile(p).bench
+    assert bench.depths == (0, 512, "suite") and bench.cache_types == ("f16", "q8_0")
+    assert bench.has_variants and not load_profile("default").bench.has_variants
+    # "suite" resolves to each format's prefix; equal lengths (and a number equal to one) are one depth
+    vs = expand(bench, {"xml": 300, "array": 512, "esi": 300}, "triage")
+    names = [v.name("Q4_K_M") for v in vs]
+    assert names == ["Q4_K_M", "Q4_K_M@d512", "Q4_K_M@d300",
+                     "Q4_K_M@kv=q8_0", "Q4_K_M@d512,kv=q8_0", "Q4_K_M@d300,kv=q8_0"]
+    assert {base_quant(n) for n in names} == {"Q4_K_M"}
+    by_name = dict(zip(names, vs))
+    assert by_name["Q4_K_M@d300"].depth_source == "suite triage: xml, esi prefix"
+    assert by_name["Q4_K_M@d512"].depth_source == "suite triage: array prefix"
+    base = {"runner": "host", "flash_attn": "auto"}
+    # the plain variant's parameters are the plain profile's, so its rows pair with older runs
+    assert by_name["Q4_K_M"].params(base, bench) == base
+    assert by_name["Q4_K_M@d512,kv=q8_0"].params(base, bench) == {
+        "runner": "host", "n_depth": 512, "depth_source": "suite triage: array prefix",
+        "cache_type": "q8_0", "flash_attn": "on"}   # a quantized V cache forces flash attention on
+
+
+@pytest.mark.parametrize("text, field, allowed", [
+    ('[bench]\ncache_types = ["q3_k"]\n', "bench.cache_types[0]", "q8_0"),
+    ('[bench]\ncache_types = ["f16", "q4_0"]\nflash_attn = "off"\n', "bench.cache_types[1]", "flash_attn"),
+    ('[bench]\ncache_types = []\n', "bench.cache_types", "f16"),
+    ('[bench]\ncache_types = ["q8_0", "Q8_0"]\n', "bench.cache_types[1]", "repeats"),
+    ('[bench]\ndepths = [-1]\n', "bench.depths[0]", "suite"),
+    ('[bench]\ndepths = ["deep"]\n', "bench.depths[0]", "suite"),
+    ('[bench]\ndepths = [512, 512]\n', "bench.depths[1]", "repeats"),
+    ('[bench]\ndepths = 512\n', "bench.depths", "list"),
+])
+def test_bad_depths_and_cache_types_are_one_line_naming_the_field(tmp_path, text, field, allowed):
+    p = write(tmp_path, text)
+    with pytest.raises(BadInput) as err:
+        load_profile(p)
+    msg = str(err.value)
+    assert f"'{field}'" in msg and allowed in msg and str(p) in msg and "\n" not in msg
+
+
+def test_a_bf16_cache_needs_no_flash_attention(tmp_path):
+    # only a quantized V cache needs it (llama.cpp: ggml_is_quantized(type_v)); bf16 is not quantized
+    p = write(tmp_path, '[bench]\ncache_types = ["bf16"]\nflash_attn = "off"\n')
+    assert load_profile(p).bench.cache_types == ("bf16",)

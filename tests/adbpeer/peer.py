@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from . import keys, qemu, services, wire
-from .android import DEFAULT_PROPS, AndroidFixtures, Temperature
+from .android import DEFAULT_PROPS, TYPE_BATTERY, TYPE_CPU, TYPE_SKIN, AndroidFixtures, Temperature
 from .connection import Connection, Stream
 
 # What this peer implements (sent in the CNXN banner).  Not advertised, so
@@ -459,10 +459,73 @@ class AdbPeer:
         self.android.set_prop(key, value)
 
     def set_battery(self, **fields) -> None:
+        self.battery_fields = dict(fields)
         self.android.set_battery(**fields)
+
+    battery_fields: dict[str, Any] = {}
+    power_supply_dir: Path | None = None
+
+    def set_charging(self, on: bool) -> None:
+        """Plug the USB power in or out (``dumpsys battery``'s "USB powered"; the peer starts plugged in,
+        as a phone on a cable is)."""
+        self.set_battery(**{**self.battery_fields, "usb_powered": bool(on)})
+
+    def power_supply(self, current_ua: int = -300_000, voltage_uv: int = 3_950_000) -> Path:
+        """A battery power-supply folder (``current_now`` in uA, ``voltage_now`` in uV, as the kernel's)
+        in the sandbox, for ``device.power_supply``; ``simulate_heat`` raises its current under load."""
+        folder = self.sandbox / "power_supply" / "battery"
+        folder.mkdir(parents=True, exist_ok=True)
+        self.power_supply_dir = folder
+        self._write_power(current_ua, voltage_uv)
+        return folder
+
+    def _write_power(self, current_ua: int, voltage_uv: int) -> None:
+        folder = self.power_supply_dir
+        if folder is None:
+            return
+        for name, value in (("current_now", current_ua), ("voltage_now", voltage_uv)):
+            tmp = folder / f".{name}.tmp"
+            tmp.write_text(f"{value}\n")
+            os.replace(tmp, folder / name)
 
     def set_thermal(self, status: int, temperatures: list[Temperature] | None = None) -> None:
         self.android.set_thermal(status, temperatures)
 
     def set_dumpsys(self, service: str, text: str | None) -> None:
         self.android.set_dumpsys(service, text)
+
+    # -- heat: a phone that warms up under load and cools down at rest ------------
+    def simulate_heat(self, pattern: str = r"llama-bench", *, rise_c_per_s: float = 4.0,
+                      fall_c_per_s: float = 2.0, ambient_c: float = 30.0, c_per_status: float = 3.0,
+                      interval: float = 0.1, busy_ua: int = 1_500_000, idle_ua: int = 300_000) -> None:
+        """From now on, while a process whose command line matches ``pattern`` runs in the peer's
+        sessions, the big cores' sensor rises ``rise_c_per_s``; otherwise it falls ``fall_c_per_s``
+        toward ``ambient_c``.  ``dumpsys thermalservice`` reports it (status = one level per
+        ``c_per_status`` degrees above ambient, at most 6), and ``dumpsys battery`` a battery that
+        follows at a quarter of the rise.  With a ``power_supply()`` folder its current is ``busy_ua``
+        under load and ``idle_ua`` at rest (discharging: negative).  ``heat_celsius`` is the current value."""
+        self.heat_celsius = ambient_c
+        regex = re.compile(pattern)
+
+        def loop() -> None:
+            last = time.monotonic()
+            while not self._stop.wait(interval):
+                now = time.monotonic()
+                busy = any(regex.search(cmd) for _, _, cmd in self._session_processes().values())
+                dt, last = now - last, now
+                if busy:
+                    self.heat_celsius += rise_c_per_s * dt
+                else:
+                    self.heat_celsius = max(ambient_c, self.heat_celsius - fall_c_per_s * dt)
+                rise = self.heat_celsius - ambient_c
+                status = min(6, int(rise // c_per_status))
+                battery = 25.0 + rise / 4
+                self.android.set_thermal(status, [
+                    Temperature("cpu4-big-usr", self.heat_celsius, TYPE_CPU, 0),
+                    Temperature("cpu0-silver-usr", ambient_c + rise / 2, TYPE_CPU, 0),
+                    Temperature("battery", battery, TYPE_BATTERY, 0),
+                    Temperature("skin", ambient_c + rise / 3, TYPE_SKIN, status)])
+                self.android.set_battery(**{**self.battery_fields, "temperature_c": battery})
+                self._write_power(-busy_ua if busy else -idle_ua, 3_950_000)
+
+        self._spawn(loop, "adbpeer-heat")
