@@ -10,8 +10,7 @@ from pathlib import Path
 import pytest
 
 from conftest import assert_one_line_error, cli_env, db_rows, run_cli
-from test_device_run import _run_args, _run_row, phone  # noqa: F401
-from test_runner import arm64_runner  # noqa: F401 - the session fixture that builds the runner
+from test_device_run import _run_args, _run_row  # noqa: F401
 
 from edgequant.bench.device_bench import parse_power, window_energy
 
@@ -38,6 +37,7 @@ def test_power_samples_parse_and_integrate():
     assert window_energy(samples[:1], 1.0) is None
 
 
+@pytest.mark.slow
 def test_energy_on_a_phone_charging_then_on_battery(tiny_checkpoint, phone, arm64_runner):
     peer, workdir, env, profile = phone
     supply = peer.power_supply()

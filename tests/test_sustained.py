@@ -91,10 +91,10 @@ def test_bad_sustained_settings_are_one_line_exit_2(tiny_checkpoint, tmp_path, t
 # ---------------------------------------------------------------------------
 # on a phone: the ADB peer, warming up while llama-bench runs (the real linux-arm64 build under qemu)
 
-from test_device_run import _run_args, _run_row, phone  # noqa: E402,F401
-from test_runner import arm64_runner  # noqa: E402,F401 - the session fixture that builds the runner
+from test_device_run import _run_args, _run_row  # noqa: E402,F401
 
 
+@pytest.mark.slow
 def test_sustained_runs_on_a_phone_that_warms_up(tiny_checkpoint, phone, arm64_runner):
     peer, workdir, env, profile = phone
     text = profile.read_text().replace('types = ["Q8_0", "Q4_0"]', 'types = ["Q8_0"]')

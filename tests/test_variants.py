@@ -70,6 +70,7 @@ def _bench_rows(q):
     return out
 
 
+@pytest.mark.slow
 def test_every_rung_is_stored_in_every_variant_with_its_parameters(variant_run):
     suite_depths = sorted(set(_suite_prefix_lengths(variant_run).values()))
     depths = [0, DEPTH] + [d for d in suite_depths if d not in (0, DEPTH)]
@@ -97,6 +98,7 @@ def test_every_rung_is_stored_in_every_variant_with_its_parameters(variant_run):
     assert {s["quant"] for s in statuses} >= expected and {s["status"] for s in statuses} == {"ok"}
 
 
+@pytest.mark.slow
 def test_a_quantized_kv_cache_is_evaluated_against_the_f16_reference(variant_run):
     q = variant_run
     cases = db_rows(q["db"], "SELECT quant, case_id FROM eval_cases WHERE run_id = ?", q["run_id"])
@@ -117,6 +119,7 @@ def test_a_quantized_kv_cache_is_evaluated_against_the_f16_reference(variant_run
     assert "cache_type" not in quality["BF16"][0]
 
 
+@pytest.mark.slow
 def test_the_table_json_and_html_show_the_variants(variant_run):
     q = variant_run
     out = q["res"].stdout
@@ -136,6 +139,7 @@ def test_the_table_json_and_html_show_the_variants(variant_run):
     assert "Q8_0@d24,kv=q8_0" in page and "llama-bench -d" in page
 
 
+@pytest.mark.slow
 def test_compare_and_pick_take_the_variants_as_rungs(variant_run):
     q = variant_run
     out = q["tmp"] / "cmp.json"
@@ -168,10 +172,10 @@ def test_a_quantized_v_cache_with_flash_attention_off_is_refused_at_load(tiny_ch
 # ---------------------------------------------------------------------------
 # on a phone: the ADB peer running the real linux-arm64 llama-bench under qemu
 
-from test_device_run import _metrics, _run_args, _run_row, _statuses, phone  # noqa: E402,F401
-from test_runner import arm64_runner  # noqa: E402,F401 - the session fixture that builds the runner
+from test_device_run import _metrics, _run_args, _run_row, _statuses  # noqa: E402,F401
 
 
+@pytest.mark.slow
 def test_a_phone_measures_depths_and_cache_types_with_its_own_llama_bench(tiny_checkpoint, phone, arm64_runner):
     peer, workdir, env, profile = phone
     profile.write_text(profile.read_text().replace('types = ["Q8_0", "Q4_0"]', 'types = ["Q8_0"]')
