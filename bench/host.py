@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from edgequant.bench.contention import Contention
 from edgequant.bench.stats import Summary
 from edgequant.errors import RunFailed
 from edgequant.profiles import BenchSettings
@@ -65,6 +66,7 @@ class HostBenchResult:
     model_size_bytes: int = 0
     baseline_rss_bytes: int = 0
     repack: bool = True
+    contention: Contention | None = None   # the other load while the tests ran (None: not measured)
     raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
@@ -84,6 +86,7 @@ class HostBenchResult:
             model_size_bytes=int(data.get("model_size_bytes", 0)),
             baseline_rss_bytes=int(data.get("baseline_rss_bytes", 0)),
             repack=bool(data.get("repack", True)),
+            contention=Contention.from_dict(data["contention"]) if data.get("contention") else None,
             raw=data,
         )
 

@@ -46,6 +46,9 @@ What each number in the result is:
   until the logits of the last prompt token are ready (``llama_synchronize``
   returned): the time to first token for an ``n_prompt``-token prompt,
   excluding tokenization and sampling.  It is the same clock as ``pp_tps``.
+* ``contention``: the other load on the machine from the first pp warm-up to
+  the last tg repetition (``edgequant.bench.contention``): /proc/stat's busy
+  time (steal included) minus this process's own CPU time, in cores.
 * ``peak_rss_bytes``: ``VmHWM`` from ``/proc/self/status`` read at the end, the
   kernel's exact high-water mark of this process's resident set (anonymous +
   file-backed + shared memory), including the Python interpreter.
@@ -83,6 +86,8 @@ import time
 import traceback
 from dataclasses import dataclass
 from typing import Any, Callable, TextIO
+
+from edgequant.bench.contention import Window
 
 # ggml's log levels (ggml.h enum ggml_log_level)
 _LOG_WARN, _LOG_ERROR, _LOG_CONT = 3, 4, 5
@@ -443,16 +448,17 @@ def measure(req: dict, progress: Callable[[str], None]) -> dict:
             ctx = bench.new_context(first_n_ctx)
             load_s = (time.perf_counter_ns() - t0) / 1e9
             sampler.sample()
-            if req["n_prompt"] > 0:
-                pp_tps, ttft_ms = bench.test_pp(ctx)
-                sampler.sample()
-                L.llama_free(ctx)
-                ctx = None
-            if req["n_gen"] > 0:
-                if ctx is None:
-                    ctx = bench.new_context(req["n_gen"])
-                tg_tps = bench.test_tg(ctx)
-                sampler.sample()
+            with Window() as window:    # the other load on the machine while the tests ran
+                if req["n_prompt"] > 0:
+                    pp_tps, ttft_ms = bench.test_pp(ctx)
+                    sampler.sample()
+                    L.llama_free(ctx)
+                    ctx = None
+                if req["n_gen"] > 0:
+                    if ctx is None:
+                        ctx = bench.new_context(req["n_gen"])
+                    tg_tps = bench.test_tg(ctx)
+                    sampler.sample()
             status = read_status()
             n_params = int(L.llama_model_n_params(bench.model))
             model_size = int(L.llama_model_size(bench.model))
@@ -478,6 +484,7 @@ def measure(req: dict, progress: Callable[[str], None]) -> dict:
         "threads": req["threads"],
         "repack": bench.repack,
         "repack_reason": bench.repack_reason,
+        "contention": window.result.as_dict() if window.result is not None else None,
         "request": req,
         "runtime_version": L.__version__,
         "system_info": L.llama_print_system_info().decode("utf-8", "replace").strip(),

@@ -47,6 +47,7 @@ from edgequant.devices.health import CoolDown, read_health, throttled, wait_cool
 from edgequant.devices.push import Pusher
 from edgequant.devices.transport import DeviceError, Transport, quote
 from edgequant.errors import BadInput, EdgequantError
+from edgequant.noise import sample_detail
 from edgequant.profiles import Profile
 from edgequant.quantize.ladder import Artifact
 from edgequant.results.store import Measurement, RowKey, Store
@@ -299,8 +300,10 @@ def bench_rungs_on_device(store: Store, run_id: str, model_id: str, model_hash: 
                                on_progress=lambda ph, q=art.quant: reporter.rung_phase(q, ph))
         return [
             Measurement("pp_tps", res.pp.mean, "t/s", res.pp.stddev, res.pp.n,
-                        {"build_commit": res.build_commit, "cpu_info": res.cpu_info}) if res.pp else None,
-            Measurement("tg_tps", res.tg.mean, "t/s", res.tg.stddev, res.tg.n) if res.tg else None,
+                        {"build_commit": res.build_commit, "cpu_info": res.cpu_info, **sample_detail(res.pp)})
+            if res.pp else None,
+            Measurement("tg_tps", res.tg.mean, "t/s", res.tg.stddev, res.tg.n, sample_detail(res.tg))
+            if res.tg else None,
             Measurement("ttft", res.ttft_ms.mean, "ms", res.ttft_ms.stddev, res.ttft_ms.n)
             if res.ttft_ms else None,
             Measurement("load_time", res.load_s, "s", None, 1) if res.load_s is not None else None,

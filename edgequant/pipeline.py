@@ -99,7 +99,8 @@ class BenchOutcome:
 
     @property
     def failed(self) -> list[RungOutcome]:
-        return [o for o in self.outcomes if o.status != "ok"]
+        # a noisy rung was measured (and is marked), it did not fail
+        return [o for o in self.outcomes if o.status not in ("ok", "noisy")]
 
 
 def _artifact_measurements(art: Artifact) -> list[Measurement]:
@@ -118,6 +119,7 @@ def bench_rungs(store: Store, run_id: str, model_id: str, model_hash: str, artif
     from importlib import metadata
 
     from edgequant.bench.host import BenchError, measure_gguf
+    from edgequant.noise import measure_until_quiet, sample_detail
 
     measure = measure or measure_gguf
     settings = profile.bench
@@ -132,25 +134,29 @@ def bench_rungs(store: Store, run_id: str, model_id: str, model_hash: str, artif
                      runtime=runtime, runtime_version=runtime_version, params=params)
         reporter.rung_started(art.quant)
         try:
-            res = measure(art.path, settings, repack=params.get("repack"),
-                          on_progress=lambda phase, q=art.quant: reporter.rung_phase(q, phase))
+            quiet = measure_until_quiet(measure, art.path, settings,
+                                        on_phase=lambda phase, q=art.quant: reporter.rung_phase(q, phase),
+                                        repack=params.get("repack"),
+                                        on_progress=lambda phase, q=art.quant: reporter.rung_phase(q, phase))
         except BenchError as exc:
             store.record_rung(run_id, key, _artifact_measurements(art), status=exc.status, detail=str(exc))
             outcome.outcomes.append(RungOutcome(art, exc.status, str(exc)))
             reporter.rung_done(art.quant, exc.status)
             continue
+        res = quiet.result
         rows = _artifact_measurements(art) + [
             Measurement("load_time", res.load_s, "s", None, 1),
-            Measurement("pp_tps", res.pp.mean, "t/s", res.pp.stddev, res.pp.n, {"samples": list(res.pp.samples)}),
-            Measurement("tg_tps", res.tg.mean, "t/s", res.tg.stddev, res.tg.n, {"samples": list(res.tg.samples)}),
+            Measurement("pp_tps", res.pp.mean, "t/s", res.pp.stddev, res.pp.n, sample_detail(res.pp)),
+            Measurement("tg_tps", res.tg.mean, "t/s", res.tg.stddev, res.tg.n, sample_detail(res.tg)),
             Measurement("ttft", res.ttft_ms.mean, "ms", res.ttft_ms.stddev, res.ttft_ms.n),
             Measurement("peak_rss", res.peak_rss_bytes, "bytes"),
             Measurement("peak_rss_anon", res.peak_rss_anon_bytes, "bytes"),
             Measurement("peak_rss_file", res.peak_rss_file_bytes, "bytes"),
-        ]
-        store.record_rung(run_id, key, rows, status="ok")
-        outcome.outcomes.append(RungOutcome(art, "ok"))
-        reporter.rung_done(art.quant, "ok")
+        ] + [m for m in (quiet.measurement(),) if m is not None]
+        status, detail = ("noisy", quiet.detail()) if quiet.noisy else ("ok", None)
+        store.record_rung(run_id, key, rows, status=status, detail=detail)
+        outcome.outcomes.append(RungOutcome(art, status, detail))
+        reporter.rung_done(art.quant, status)
     return outcome
 
 

@@ -96,6 +96,13 @@ class BenchSettings:
     # (general protection fault seen under Firecracker), and keeps it on elsewhere.
     repack: str = "auto"
     timeout: float = 1800.0
+    # Other load on the machine while a rung is measured (edgequant.bench.contention), in cores: above
+    # contention_threshold the rung is measured again, up to contention_retries times, each after waiting
+    # at most contention_wait seconds for the machine to be quiet; still above it, it is stored `noisy`.
+    # How a rung is judged, not what is measured: not in as_params().
+    contention_threshold: float = 0.10
+    contention_retries: int = 2
+    contention_wait: float = 60.0
 
     def resolved_threads(self) -> int:
         if self.threads > 0:
@@ -246,6 +253,7 @@ _BENCH_BOUNDS = {
     "threads": (0, 1024), "n_prompt": (1, 1 << 20), "n_gen": (1, 1 << 20),
     "repetitions": (3, 1000), "warmup": (0, 100), "n_batch": (1, 1 << 20),
     "n_ubatch": (1, 1 << 20), "timeout": (1.0, 7 * 24 * 3600.0),
+    "contention_threshold": (0.0, 1024.0), "contention_retries": (0, 100), "contention_wait": (0.0, 24 * 3600.0),
 }
 
 
