@@ -15,7 +15,8 @@ On this machine (run it when nothing else runs: it starts its own CPU hog where 
    alternately, the candidate's side again with one thread) must confirm it.
 
     .venv/bin/python benchmarks/contention_targets.py                       # quick profile, the default model
-    .venv/bin/python benchmarks/contention_targets.py --aa 2 -p 64 -n 16 --hog-seconds 8   # a reduced check
+    .venv/bin/python benchmarks/contention_targets.py --aa 2 -p 64 -n 16 --hog-seconds 8 \
+        --contention-wait 5 --contention-retries 1 --rounds 2                            # a reduced check
 
 Everything goes to a temporary results database (``--db`` to keep one); artifacts come from the cache.
 """
@@ -89,6 +90,8 @@ def main() -> int:
     ap.add_argument("--hog-seconds", type=float, default=20.0)
     ap.add_argument("--slow-rung", default="Q4_0")
     ap.add_argument("--rounds", type=int, default=3, help="re-check rounds")
+    ap.add_argument("--contention-wait", type=float, default=None, help="override the profile's (seconds)")
+    ap.add_argument("--contention-retries", type=int, default=None, help="override the profile's")
     ap.add_argument("--db", default=None)
     ap.add_argument("--cache-dir", default=None)
     args = ap.parse_args()
@@ -101,7 +104,8 @@ def main() -> int:
     from edgequant.results.gates import load_gates
     from edgequant.results.store import Store
 
-    profile = with_bench_overrides(load_profile(args.profile), n_prompt=args.n_prompt, n_gen=args.n_gen)
+    profile = with_bench_overrides(load_profile(args.profile), n_prompt=args.n_prompt, n_gen=args.n_gen,
+                                   contention_wait=args.contention_wait, contention_retries=args.contention_retries)
     cache = Path(args.cache_dir) if args.cache_dir else cache_dir()
     tmp = tempfile.mkdtemp(prefix="eq-contention-")
     store = Store(args.db or str(Path(tmp) / "results.db"))

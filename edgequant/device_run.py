@@ -34,12 +34,12 @@ import os
 import posixpath
 import re
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable
 
-from edgequant.bench.device_bench import RemoteRunner, device_repack, run_device_bench
+from edgequant.bench.device_bench import RemoteRunner, device_load, device_repack, run_device_bench
 from edgequant.bench.host import BenchError
 from edgequant.devices import select
 from edgequant.devices.facts import DeviceFacts, collect_facts, recommended_threads
@@ -47,8 +47,8 @@ from edgequant.devices.health import CoolDown, read_health, throttled, wait_cool
 from edgequant.devices.push import Pusher
 from edgequant.devices.transport import DeviceError, Transport, quote
 from edgequant.errors import BadInput, EdgequantError
-from edgequant.noise import sample_detail
-from edgequant.profiles import Profile
+from edgequant.noise import measure_until_quiet, sample_detail
+from edgequant.profiles import BenchSettings, Profile
 from edgequant.quantize.ladder import Artifact
 from edgequant.results.store import Measurement, RowKey, Store
 
@@ -252,12 +252,20 @@ def bench_on_device(store: Store, run_id: str, artifacts: list[Artifact], ctx: D
                                         {"after": after.thermal_status}))
             if cool.health.battery_level is not None:
                 rows.append(Measurement("battery_level", float(cool.health.battery_level), "%"))
-            store.record_rung(run_id, key, [r for r in rows if r is not None], status="ok",
-                              detail="throttled: " + ("thermal status rose during the run" if cool.cooled else
-                                                      f"did not cool down within {cooldown.max_wait_s:g} s")
-                              if hot else None)
-            outcome.outcomes.append(RungOutcome(art, "ok"))
-            reporter.rung_done(art.quant, "ok" if not hot else "ok (throttled)")
+            notes = []
+            if hot:
+                notes.append("throttled: " + ("thermal status rose during the run" if cool.cooled else
+                                              f"did not cool down within {cooldown.max_wait_s:g} s"))
+            # a measurement that reported its run as contended (other processes busy on the device)
+            noisy = next((m.detail["noisy"] for m in measured
+                          if m is not None and m.metric == "contention" and (m.detail or {}).get("noisy")), None)
+            if noisy:
+                notes.insert(0, noisy)
+            status = "noisy" if noisy else "ok"
+            store.record_rung(run_id, key, [r for r in rows if r is not None], status=status,
+                              detail="; ".join(notes) or None)
+            outcome.outcomes.append(RungOutcome(art, status, "; ".join(notes) or None))
+            reporter.rung_done(art.quant, status if not hot else f"{status} (throttled)")
     except DeviceError as exc:
         raise DeviceLost(ctx.serial, doing, exc) from None
     return outcome
@@ -295,9 +303,19 @@ def bench_rungs_on_device(store: Store, run_id: str, model_id: str, model_hash: 
         return ctx.pusher.push(art.path, art.sha256, name=f"{art.quant}.gguf")
 
     def measure(art: Artifact, pushed) -> list[Measurement | None]:
-        res = run_device_bench(ctx.transport, ctx.remote, pushed.remote, settings, workdir=rundir,
-                               threads=threads, repack=repack,
-                               on_progress=lambda ph, q=art.quant: reporter.rung_phase(q, ph))
+        def once(remote: str, settings_: BenchSettings):
+            return run_device_bench(ctx.transport, ctx.remote, remote, settings_, workdir=rundir,
+                                    threads=threads, repack=repack,
+                                    on_progress=lambda ph, q=art.quant: reporter.rung_phase(q, ph))
+
+        # the other load on the phone during the run: re-measured after waiting for quiet, else noisy
+        quiet = measure_until_quiet(once, pushed.remote, settings,
+                                    on_phase=lambda ph, q=art.quant: reporter.rung_phase(q, ph),
+                                    read_load=lambda seconds: device_load(ctx.transport, seconds))
+        res = quiet.result
+        contention = quiet.measurement()
+        if contention is not None and quiet.noisy:
+            contention = replace(contention, detail={**contention.detail, "noisy": quiet.detail()})
         return [
             Measurement("pp_tps", res.pp.mean, "t/s", res.pp.stddev, res.pp.n,
                         {"build_commit": res.build_commit, "cpu_info": res.cpu_info, **sample_detail(res.pp)})
@@ -312,6 +330,7 @@ def bench_rungs_on_device(store: Store, run_id: str, model_id: str, model_hash: 
                         {"source": "largest RssAnon of /proc/<pid>/status samples"}),
             Measurement("peak_rss_file", res.peak_rss_file_bytes, "bytes", None, res.rss_samples,
                         {"source": "largest RssFile of /proc/<pid>/status samples"}),
+            contention,
         ]
 
     return bench_on_device(store, run_id, artifacts, ctx, reporter, RungSteps(key, push, measure),

@@ -63,9 +63,11 @@ class QuietResult:
                             "waited_other_cores": self.waited})
 
 
-def measure_until_quiet(measure: Callable[..., Any], path: Path, settings: BenchSettings,
-                        on_phase: Callable[[str], None] | None = None, **kwargs) -> QuietResult:
-    """``measure(path, settings, **kwargs)`` again while its window was contended (see the module docstring)."""
+def measure_until_quiet(measure: Callable[..., Any], path: Path | str, settings: BenchSettings,
+                        on_phase: Callable[[str], None] | None = None,
+                        read_load: Callable[[float], Contention] | None = None, **kwargs) -> QuietResult:
+    """``measure(path, settings, **kwargs)`` again while its window was contended (see the module docstring).
+    ``read_load(seconds)``: the place's load over an interval while we wait for quiet (default: this host's)."""
     threshold = settings.contention_threshold
     res = measure(path, settings, **kwargs)
     out = QuietResult(res, [], threshold)
@@ -76,7 +78,8 @@ def measure_until_quiet(measure: Callable[..., Any], path: Path, settings: Bench
             break
         if on_phase is not None:
             on_phase(f"contended ({out.contention.other_cores:.2f} cores): waiting for quiet")
-        load = wait_for_quiet(threshold, settings.contention_wait)
+        load = (wait_for_quiet(threshold, settings.contention_wait, read=read_load) if read_load is not None
+                else wait_for_quiet(threshold, settings.contention_wait))
         if load is not None:
             out.waited.append(load.other_cores)
         again = measure(path, settings, **kwargs)

@@ -99,8 +99,9 @@ class BenchSettings:
     # Other load on the machine while a rung is measured (edgequant.bench.contention), in cores: above
     # contention_threshold the rung is measured again, up to contention_retries times, each after waiting
     # at most contention_wait seconds for the machine to be quiet; still above it, it is stored `noisy`.
-    # How a rung is judged, not what is measured: not in as_params().
-    contention_threshold: float = 0.10
+    # How a rung is judged, not what is measured: not in as_params().  $EDGEQUANT_CONTENTION_THRESHOLD
+    # changes the default (e.g. a CI box that shares its CPU on purpose); a profile's own value wins.
+    contention_threshold: float = field(default_factory=lambda: default_contention_threshold())
     contention_retries: int = 2
     contention_wait: float = 60.0
 
@@ -122,6 +123,27 @@ class BenchSettings:
                 "repetitions": self.repetitions, "warmup": self.warmup, "n_batch": self.n_batch,
                 "n_ubatch": self.n_ubatch, "flash_attn": self.flash_attn, "mmap": self.mmap,
                 "repack": self.resolved_repack()}
+
+
+CONTENTION_ENV = "EDGEQUANT_CONTENTION_THRESHOLD"
+
+
+def default_contention_threshold() -> float:
+    """0.10 of one core, or $EDGEQUANT_CONTENTION_THRESHOLD (cores)."""
+    import math
+    import os
+
+    text = os.environ.get(CONTENTION_ENV, "").strip()
+    if not text:
+        return 0.10
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not math.isfinite(value) or not 0.0 <= value <= 1024.0:
+        raise BadInput(f"{CONTENTION_ENV}={text!r}: must be a number of cores from 0 to 1024 (other load above "
+                       f"which a rung is re-measured, then stored noisy); unset it for the default 0.10")
+    return value
 
 
 def cpu_has_amx() -> bool:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 import random
 import subprocess
 import sys
@@ -152,3 +153,42 @@ def test_large_samples_use_the_normal_approximation():
     # z from the definition: (U - mn/2 - 0.5) / sqrt(mn(m+n+1)/12), no ties
     z = (t.u - 450 - 0.5) / math.sqrt(900 * 61 / 12)
     assert t.p == pytest.approx(0.5 * math.erfc(z / math.sqrt(2)))
+
+
+# ---------------------------------------------------------------------------
+# the device side: the measuring shell's /proc readings, in the shells phones have
+
+
+@pytest.mark.parametrize("shell", ["sh", "mksh", "busybox"])
+def test_the_measuring_shell_reports_what_the_other_load_is_computed_from(shell, tmp_path):
+    import shutil
+
+    from edgequant.bench.device_bench import POLLER, parse_status_contention, parse_status_line
+
+    if shutil.which(shell) is None:
+        pytest.fail(f"{shell} is needed (apt: mksh, busybox)")
+    argv = ([shell, "sh"] if shell == "busybox" else [shell]) + ["-c", POLLER, "sh", "0.05", "1000", sys.executable,
+                                                               "-c", "import time\nt = time.process_time()\n"
+                                                               "while time.process_time() - t < 0.6: pass"]
+    subprocess.run(argv, cwd=tmp_path, check=True, timeout=120)
+    text = (tmp_path / "status.txt").read_text()
+    assert parse_status_line(text)["rc"] == 0            # the older fields are all still there
+    c = parse_status_contention(text)
+    assert c is not None and c.n_cpus == (os.cpu_count() or 1)
+    assert c.window_s >= 0.5                              # it burned 0.6 s of CPU, so it ran at least that long
+    assert c.own_cores > 0                                # its utime + stime were read from /proc/<pid>/stat
+    assert c.own_cores * c.window_s <= 0.6 + 0.1          # ... and never more than it burned (+ a tick or two)
+    assert 0 <= c.other_cores <= c.n_cpus + 0.5
+
+
+def test_status_words_from_an_old_device_without_proc_stat_mean_unknown():
+    from edgequant.bench.device_bench import parse_status_contention
+
+    old = "rc=0 timedout=0 polls=3 vmhwm_kb=1 rss_anon_kb=1 rss_file_kb=1"
+    assert parse_status_contention(old) is None
+    assert parse_status_contention(old + " stat0=,,,,,,, stat1=,,,,,,, up0= up1= ptime_ticks= ncpu=0") is None
+    # hand-made: 200 busy jiffies in 1 s on 4 CPUs, the program 50 of them: (2.0 - 0.5) = 1.5 other cores
+    c = parse_status_contention(old + " stat0=100,0,0,1000,0,0,0,0 stat1=300,0,0,1200,0,0,0,0 up0=10.00 up1=11.00"
+                                      " ptime_ticks=50 ncpu=4")
+    assert (c.n_cpus, c.window_s) == (4, pytest.approx(1.0))
+    assert c.other_cores == pytest.approx(1.5) and c.own_cores == pytest.approx(0.5)
