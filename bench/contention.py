@@ -172,3 +172,53 @@ def wait_for_quiet(threshold_cores: float, max_wait_s: float, poll_s: float = 1.
             return load
         if on_wait is not None:
             on_wait(load)
+
+
+# ---------------------------------------------------------------------------
+# who the other load was: the busiest processes over a short interval
+
+
+def parse_pid_stats(text: str) -> dict[int, tuple[str, int]]:
+    """pid -> (name, utime + stime in jiffies) from concatenated ``/proc/<pid>/stat`` lines (untrusted text)."""
+    out: dict[int, tuple[str, int]] = {}
+    for line in text.splitlines()[:100_000]:
+        head, sep, rest = line.rpartition(") ")
+        pid, _, name = head.partition(" (")
+        fields = rest.split()
+        if not sep or not pid.strip().isdigit() or len(fields) < 13:
+            continue
+        try:
+            out[int(pid)] = (name[:64], int(fields[11]) + int(fields[12]))
+        except ValueError:
+            continue
+    return out
+
+
+def top_processes(before: str, after: str, interval_s: float, hz: int | None = None, n: int = 5,
+                  exclude: frozenset[int] = frozenset()) -> list[dict]:
+    """The ``n`` processes that used the most CPU between two snapshots, in cores (``exclude``: ours)."""
+    hz = hz or clock_ticks()
+    a, b = parse_pid_stats(before), parse_pid_stats(after)
+    used = [(pid, name, (t - a[pid][1]) / hz / interval_s) for pid, (name, t) in b.items()
+            if pid in a and pid not in exclude and interval_s > 0]
+    used = sorted((u for u in used if u[2] > 0), key=lambda u: -u[2])[:n]
+    return [{"pid": pid, "name": name, "cores": round(cores, 3)} for pid, name, cores in used]
+
+
+def _snapshot() -> str:
+    lines = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat", encoding="utf-8", errors="replace") as fh:
+                    lines.append(fh.read().strip())
+            except OSError:
+                continue
+    return "\n".join(lines)
+
+
+def host_top(interval_s: float = 1.0, n: int = 5) -> list[dict]:
+    """This host's busiest processes (other than this one) over ``interval_s`` seconds."""
+    before = _snapshot()
+    time.sleep(interval_s)
+    return top_processes(before, _snapshot(), interval_s, n=n, exclude=frozenset({os.getpid()}))

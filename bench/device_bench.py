@@ -281,6 +281,17 @@ def device_load(transport: Transport, interval_s: float, timeout: float = 60.0):
     return contention_between(before, after, 0.0, max(0.0, float(ups[1]) - float(ups[0])), DEVICE_HZ)
 
 
+def device_top(transport: Transport, interval_s: float = 1.0, n: int = 5, timeout: float = 60.0) -> list[dict]:
+    """The device's busiest processes over ``interval_s`` seconds: every /proc/<pid>/stat read twice."""
+    from edgequant.bench.contention import top_processes
+
+    gap = f"{max(0.1, min(interval_s, 10.0)):.2f}"
+    result = transport.shell(f"cat /proc/[0-9]*/stat 2>/dev/null; echo; echo ==top==; sleep {quote(gap)}; "
+                             "cat /proc/[0-9]*/stat 2>/dev/null", timeout)
+    before, sep, after = _bounded(result.stdout, MAX_JSON_CHARS, "the device's process list").partition("==top==")
+    return top_processes(before, after, float(gap), DEVICE_HZ, n) if sep else []
+
+
 @dataclass(frozen=True)
 class TimeReport:
     max_rss_kib: int

@@ -39,7 +39,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable
 
-from edgequant.bench.device_bench import RemoteRunner, device_load, device_repack, run_device_bench
+from edgequant.bench.device_bench import (RemoteRunner, device_load, device_repack, device_top,
+                                         run_device_bench)
 from edgequant.bench.host import BenchError
 from edgequant.devices import select
 from edgequant.devices.facts import DeviceFacts, collect_facts, recommended_threads
@@ -311,7 +312,8 @@ def bench_rungs_on_device(store: Store, run_id: str, model_id: str, model_hash: 
         # the other load on the phone during the run: re-measured after waiting for quiet, else noisy
         quiet = measure_until_quiet(once, pushed.remote, settings,
                                     on_phase=lambda ph, q=art.quant: reporter.rung_phase(q, ph),
-                                    read_load=lambda seconds: device_load(ctx.transport, seconds))
+                                    read_load=lambda seconds: device_load(ctx.transport, seconds),
+                                    read_top=lambda: device_top(ctx.transport))
         res = quiet.result
         contention = quiet.measurement()
         if contention is not None and quiet.noisy:

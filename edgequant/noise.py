@@ -19,7 +19,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
-from edgequant.bench.contention import Contention, wait_for_quiet
+from edgequant.bench.contention import Contention, host_top, wait_for_quiet
 from edgequant.errors import BadInput, RunFailed
 from edgequant.profiles import BenchSettings
 from edgequant.results.store import Measurement
@@ -36,6 +36,7 @@ class QuietResult:
     attempts: list[float]            # other cores of each attempt, in order
     threshold: float
     waited: list[float] = field(default_factory=list)   # other cores at the end of each wait for quiet
+    top_other: list[dict] = field(default_factory=list)  # the busiest other processes, read when it stayed noisy
 
     @property
     def contention(self) -> Contention | None:
@@ -49,9 +50,10 @@ class QuietResult:
     def detail(self) -> str:
         c = self.contention
         assert c is not None
+        busiest = ", ".join(f"{p['name']} {p['cores']:.2f}" for p in self.top_other[:3])
         return (f"noisy: {c.other_cores:.2f} other cores busy while it was measured (threshold "
                 f"{self.threshold:g}) in each of {len(self.attempts)} attempt(s); its speed figures are likely "
-                f"low; re-run it on a quiet machine")
+                f"low; re-run it on a quiet machine" + (f" (busiest then: {busiest})" if busiest else ""))
 
     def measurement(self) -> Measurement | None:
         """The ``contention`` row stored beside the figures (other load, in cores)."""
@@ -60,14 +62,16 @@ class QuietResult:
             return None
         return Measurement("contention", c.other_cores, "cores", None, len(self.attempts),
                            {**c.as_dict(), "threshold": self.threshold, "attempts": self.attempts,
-                            "waited_other_cores": self.waited})
+                            "waited_other_cores": self.waited, "top_other": self.top_other})
 
 
 def measure_until_quiet(measure: Callable[..., Any], path: Path | str, settings: BenchSettings,
                         on_phase: Callable[[str], None] | None = None,
-                        read_load: Callable[[float], Contention] | None = None, **kwargs) -> QuietResult:
+                        read_load: Callable[[float], Contention] | None = None,
+                        read_top: Callable[[], list[dict]] | None = None, **kwargs) -> QuietResult:
     """``measure(path, settings, **kwargs)`` again while its window was contended (see the module docstring).
-    ``read_load(seconds)``: the place's load over an interval while we wait for quiet (default: this host's)."""
+    ``read_load(seconds)``: the place's load over an interval while we wait for quiet (default: this host's);
+    ``read_top()``: its busiest processes, read once when the rung stays noisy (default: this host's)."""
     threshold = settings.contention_threshold
     res = measure(path, settings, **kwargs)
     out = QuietResult(res, [], threshold)
@@ -89,6 +93,11 @@ def measure_until_quiet(measure: Callable[..., Any], path: Path | str, settings:
         out.attempts.append(c.other_cores)
         if c.other_cores < out.contention.other_cores:
             out.result = again
+    if out.noisy:
+        try:
+            out.top_other = (read_top or host_top)()
+        except (OSError, RunFailed):       # who it was is a hint; the measurement stands without it
+            out.top_other = []
     return out
 
 

@@ -132,6 +132,7 @@ def test_a_rung_measured_while_burners_run_is_retried_then_stored_noisy(noisy_ru
         assert len(detail["attempts"]) == 2                      # measured, then once more (contention_retries 1)
         assert all(a > 0.1 for a in detail["attempts"])
         assert rows[quant]["value"] == pytest.approx(min(detail["attempts"]))   # the least contended kept
+        assert any("python" in p["name"] for p in detail["top_other"]), detail    # the burners, named
     # the run completed: a noisy rung is marked, not failed
     assert db_rows(db, "SELECT status FROM runs WHERE run_id = ?", run_id)[0]["status"] == "complete"
     data = json.loads(res.stdout)

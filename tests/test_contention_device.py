@@ -89,4 +89,6 @@ def test_a_phone_rung_run_beside_a_busy_app_is_stored_noisy(tiny_checkpoint, pho
     detail = json.loads(rows["contention"]["detail"])
     assert len(detail["attempts"]) == 2 and all(a > 0.1 for a in detail["attempts"])
     assert detail["noisy"].startswith("noisy:")
+    pids = {h.pid for h in hogs}
+    assert any(p["pid"] in pids for p in detail["top_other"]), detail["top_other"]   # the busy "app", named
     assert "tg_tps" in rows                                       # measured and marked, not dropped

@@ -192,3 +192,31 @@ def test_status_words_from_an_old_device_without_proc_stat_mean_unknown():
                                       " ptime_ticks=50 ncpu=4")
     assert (c.n_cpus, c.window_s) == (4, pytest.approx(1.0))
     assert c.other_cores == pytest.approx(1.5) and c.own_cores == pytest.approx(0.5)
+
+
+def test_the_busiest_processes_from_two_snapshots():
+    from edgequant.bench.contention import parse_pid_stats, top_processes
+
+    def stat(pid, name, utime, stime):
+        return f"{pid} ({name}) R 1 1 1 0 -1 4194304 100 0 0 0 {utime} {stime} 0 0 20 0 1 0 100 0 0"
+
+    before = "\n".join([stat(10, "busy app", 100, 50), stat(11, "idle", 5, 5), stat(12, "x) y", 0, 0)])
+    after = "\n".join([stat(10, "busy app", 250, 100), stat(11, "idle", 5, 5), stat(12, "x) y", 30, 0),
+                       stat(13, "new", 999, 0), "garbage line"])
+    assert parse_pid_stats(before)[12] == ("x) y", 0)        # a name with ") " in it
+    top = top_processes(before, after, interval_s=2.0, hz=100)
+    # busy app: 200 jiffies in 2 s at 100 Hz = 1.0 core; "x) y": 30 jiffies = 0.15; idle and new not listed
+    assert top == [{"pid": 10, "name": "busy app", "cores": 1.0}, {"pid": 12, "name": "x) y", "cores": 0.15}]
+    assert top_processes(before, after, 2.0, hz=100, exclude=frozenset({10}))[0]["pid"] == 12
+
+
+def test_host_top_names_a_burning_process():
+    from edgequant.bench.contention import host_top
+
+    hog = _burner()
+    try:
+        top = host_top(1.0, n=20)
+        assert any(p["pid"] == hog.pid and p["cores"] > 0.2 for p in top), top
+    finally:
+        hog.kill()
+        hog.wait()
