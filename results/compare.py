@@ -11,21 +11,20 @@ Gates (``edgequant.results.gates``): a speed drop that a one-sided Mann-Whitney
 U test on both runs' raw samples calls significant and whose median drop is
 beyond the practical threshold (the place's stored A/A noise floor, else a
 percentage); a rung stored ``noisy`` is never judged, and samples too few for
-the test are reported as such.  Memory rise beyond a percentage and an absolute amount, a quality
-drop significant by the paired exact McNemar test on the per-case outcomes,
-a suite gate going PASS -> FAIL, and a baseline rung or device missing (or
-failed) in the candidate.  Rendering (rich, Markdown, JSON, JUnit XML) is
+the test are reported as such.  Memory rise beyond a percentage and an
+absolute amount, a quality drop significant by the paired exact McNemar test
+on the per-case outcomes, a suite gate going PASS -> FAIL, and a baseline rung
+or device missing (or failed) in the candidate.  Rendering (rich, Markdown, JSON, JUnit XML) is
 separate from the records.
 """
 
 from __future__ import annotations
 
 import json
+import statistics
 from dataclasses import asdict, dataclass, field
 from typing import Any
 from xml.etree import ElementTree as ET
-
-import statistics
 
 from edgequant.bench.quality_stats import paired_degradation
 from edgequant.bench.stats import mann_whitney_greater
