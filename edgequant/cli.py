@@ -1289,9 +1289,12 @@ def compare(baseline, candidate, gates_name, junit_path, markdown_path, json_pat
         flagged = noise.flagged_pairs(result)
         console.print(f"[cyan]•[/cyan] re-checking {len(flagged)} flagged rung(s), {rounds} alternated rounds each"
                       if flagged else "[cyan]•[/cyan] re-check: no rung is flagged; nothing to measure")
-        rechecks = noise.recheck(store, result, rounds, profile.bench, pairs=flagged,
-                                 on_phase=lambda quant, phase: console.print(f"  {quant}: {phase}", highlight=False)
-                                 if phase.endswith(("done", "waiting for quiet")) else None)
+
+        def said(quant: str, phase: str) -> None:
+            if phase.endswith(("done", "waiting for quiet")):     # one line per measurement, not per step
+                console.print(f"  {quant}: {phase}", highlight=False)
+
+        rechecks = noise.recheck(store, result, rounds, profile.bench, pairs=flagged, on_phase=said)
         noise.apply_recheck(result, rechecks)
     for path, render in ((junit_path, cmp.render_junit), (markdown_path, cmp.render_markdown),
                          (json_path, cmp.render_json)):
