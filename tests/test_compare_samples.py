@@ -113,3 +113,21 @@ def test_an_unstable_figure_is_marked_in_the_table(tmp_path):
         text = console.export_text()
         row = next(ln for ln in text.splitlines() if "Q4_0" in ln)
         assert ("50.0 ± 10.0 ~" in row) == marked and ("~ after a speed figure" in text) == marked, text
+
+
+def test_pick_does_not_choose_a_rung_on_noisy_figures():
+    from edgequant.results.pick import choose, constraints
+    from edgequant.results.report import RunReport, RungSummary, Stat
+
+    def rung(quant, tg, status):
+        return RungSummary(quant, quant == "BF16", "host:a", status=status,
+                           metrics={"tg_tps": Stat(tg), "size": Stat({"BF16": 500, "Q8_0": 270, "Q4_0": 150}[quant])})
+
+    # Q4_0 looks fastest and smallest, but only because its figure was measured under contention
+    rep = RunReport(run={"run_id": "r"}, rungs=[rung("BF16", 40.0, "ok"), rung("Q8_0", 60.0, "ok"),
+                                               rung("Q4_0", 90.0, "noisy")],
+                    params={}, device={}, runtime="llama.cpp", runtime_version="0", footnotes=[])
+    result = choose(rep, constraints(min_tg=30.0))
+    q4 = next(c for c in result.candidates if c.rung.quant == "Q4_0")
+    assert q4.failed is not None and "other work loaded the machine" in q4.failed
+    assert result.best is not None and result.best.rung.quant != "Q4_0"
