@@ -158,13 +158,19 @@ def load_probe_args(model: str, settings: BenchSettings, threads: int, repack: b
 # Written for any POSIX sh (mksh on Android); reads only builtins besides sleep, kill and renice.
 # Once the program runs (at normal priority), the shell lowers its own priority to nice 19 so its
 # samples take CPU time from the measurement only where a core is idle (where renice is missing
-# it keeps sampling at normal priority).
+# it keeps sampling at normal priority).  For the other load during the run
+# (edgequant.bench.contention) it keeps the aggregate cpu line of /proc/stat and /proc/uptime at the
+# start and at the end, and the program's utime + stime (/proc/<pid>/stat) at its last poll.
 POLLER = r"""interval=$1 max_polls=$2
 shift 2
 "$@" > bench.out 2> bench.err &
 p=$!
+cpustat() { { read -r c0 c1 c2 c3 c4 c5 c6 c7 c8 cr; } 2>/dev/null < /proc/stat; echo "$c1,$c2,$c3,$c4,$c5,$c6,$c7,$c8"; }
+uptime_s() { { read -r u ur; } 2>/dev/null < /proc/uptime; echo "$u"; }
+stat0=$(cpustat) up0=$(uptime_s) ncpu=0
+{ while read -r k rest; do case $k in cpu[0-9]*) ncpu=$((ncpu + 1)) ;; esac; done; } 2>/dev/null < /proc/stat
 renice -n 19 -p $$ > /dev/null 2>&1
-n=0 timedout=0 hwm=0 anon=0 file=0
+n=0 timedout=0 hwm=0 anon=0 file=0 ptime=
 while :; do
   st= h= a= f=
   { while read -r k v rest; do
@@ -179,6 +185,10 @@ while :; do
   [ -n "$h" ] && hwm=$h
   [ -n "$a" ] && [ "$a" -gt "$anon" ] && anon=$a
   [ -n "$f" ] && [ "$f" -gt "$file" ] && file=$f
+  line=
+  { read -r line; } 2>/dev/null < "/proc/$p/stat"
+  set -- ${line##*) }
+  [ $# -ge 13 ] && shift 11 && ptime=$(($1 + $2))
   n=$((n + 1))
   if [ "$n" -ge "$max_polls" ]; then
     timedout=1
@@ -189,9 +199,11 @@ while :; do
   fi
   sleep "$interval"
 done
+stat1=$(cpustat) up1=$(uptime_s)
 wait "$p"
 rc=$?
-echo "rc=$rc timedout=$timedout polls=$n vmhwm_kb=$hwm rss_anon_kb=$anon rss_file_kb=$file" > status.txt
+echo "rc=$rc timedout=$timedout polls=$n vmhwm_kb=$hwm rss_anon_kb=$anon rss_file_kb=$file" \
+  "stat0=$stat0 stat1=$stat1 up0=$up0 up1=$up1 ptime_ticks=$ptime ncpu=$ncpu" > status.txt
 exit "$rc"
 """
 
@@ -284,6 +296,58 @@ def parse_status_line(text: str) -> dict[str, int]:
     if missing:
         raise DeviceOutputError(f"the poller's status line {text[:200]!r} lacks {', '.join(missing)}")
     return out
+
+
+_STAT_WORD = re.compile(r"^\d{1,18}(?:,\d{1,18}){3,7}$")
+_UPTIME_WORD = re.compile(r"^\d{1,12}(?:\.\d{1,6})?$")
+DEVICE_HZ = 100   # USER_HZ: 100 on Linux and Android whatever the kernel's tick
+
+
+def parse_status_contention(text: str, hz: int = DEVICE_HZ):
+    """The other load during the run from the poller's ``stat0= stat1= up0= up1= ptime_ticks= ncpu=`` words
+    (``edgequant.bench.contention.Contention``); None when the device did not give them (no /proc/stat)."""
+    from edgequant.bench.contention import CpuTimes, contention_between
+
+    words = dict(w.partition("=")[::2] for w in _bounded(text, 4096, "the poller's status").split() if "=" in w)
+    stats = [words.get("stat0", ""), words.get("stat1", "")]
+    if not all(_STAT_WORD.match(x) for x in stats):
+        return None
+    ncpu = words.get("ncpu", "")
+    n = int(ncpu) if ncpu.isdigit() and 0 < len(ncpu) < 5 else 0
+    per_cpu = "".join(f"cpu{i} 0 0 0 0\n" for i in range(n))
+    before, after = (CpuTimes.parse("cpu " + x.replace(",", " ") + "\n" + per_cpu) for x in stats)
+    ups = [words.get("up0", ""), words.get("up1", "")]
+    window = float(ups[1]) - float(ups[0]) if all(_UPTIME_WORD.match(u) for u in ups) else 0.0
+    ptime = words.get("ptime_ticks", "")
+    own = int(ptime) / hz if ptime.isdigit() and len(ptime) < 15 else 0.0
+    return contention_between(before, after, own, max(window, 0.0), hz)
+
+
+def device_load(transport: Transport, interval_s: float, timeout: float = 60.0):
+    """The device's whole load over ``interval_s`` seconds (our shell only sleeps meanwhile), as a Contention."""
+    from edgequant.bench.contention import CpuTimes, contention_between
+
+    gap = f"{max(0.05, min(interval_s, 30.0)):.2f}"
+    result = transport.shell(f"head -n 1 /proc/stat; cat /proc/uptime; sleep {quote(gap)}; "
+                             "head -n 1 /proc/stat; cat /proc/uptime", timeout)
+    lines = [ln.split() for ln in _bounded(result.stdout, 4096, "the device's /proc/stat").splitlines() if ln.strip()]
+    cpu = [ln for ln in lines if ln and ln[0] == "cpu"]
+    ups = [ln[0] for ln in lines if ln and _UPTIME_WORD.match(ln[0])]
+    if len(cpu) != 2 or len(ups) != 2:
+        raise DeviceOutputError(f"the device's /proc/stat and /proc/uptime did not read twice: {result.stdout[:200]!r}")
+    before, after = (CpuTimes.parse(" ".join(ln)) for ln in cpu)
+    return contention_between(before, after, 0.0, max(0.0, float(ups[1]) - float(ups[0])), DEVICE_HZ)
+
+
+def device_top(transport: Transport, interval_s: float = 1.0, n: int = 5, timeout: float = 60.0) -> list[dict]:
+    """The device's busiest processes over ``interval_s`` seconds: every /proc/<pid>/stat read twice."""
+    from edgequant.bench.contention import top_processes
+
+    gap = f"{max(0.1, min(interval_s, 10.0)):.2f}"
+    result = transport.shell(f"cat /proc/[0-9]*/stat 2>/dev/null; echo; echo ==top==; sleep {quote(gap)}; "
+                             "cat /proc/[0-9]*/stat 2>/dev/null", timeout)
+    before, sep, after = _bounded(result.stdout, MAX_JSON_CHARS, "the device's process list").partition("==top==")
+    return top_processes(before, after, float(gap), DEVICE_HZ, n) if sep else []
 
 
 @dataclass(frozen=True)
@@ -519,6 +583,7 @@ class MeasuredRun:
     polls: int
     deadline_s: float
     power: list[tuple[float, float]] | None = None   # (uptime s, watts) samples when power was sampled
+    contention: Any = None         # edgequant.bench.contention.Contention of the run (None: not readable)
 
     @property
     def signal(self) -> int | None:
@@ -581,7 +646,8 @@ def run_measured(transport: Transport, argv: list[str], workdir: str, *, env: di
     return MeasuredRun(exit_code=status["rc"], timed_out=bool(status["timedout"]), stdout=stdout,
                        stderr_tail=stderr, max_rss_kib=max_rss, vmhwm_kib=status["vmhwm_kb"],
                        rss_anon_kib=status["rss_anon_kb"], rss_file_kib=status["rss_file_kb"],
-                       polls=status["polls"], deadline_s=deadline_s, power=power)
+                       polls=status["polls"], deadline_s=deadline_s, power=power,
+                       contention=parse_status_contention(status_text))
 
 
 def failure(run: MeasuredRun, what: str) -> BenchError | None:
@@ -635,6 +701,7 @@ class DeviceBenchResult:
     power: list[tuple[float, float]] | None = None   # (uptime s, watts) during the run, when sampled
     tg_seconds: float | None = None                  # the tg test's timed seconds (its repetitions together)
     tg_tokens: int = 0                               # tokens the tg test generated in them
+    contention: Any = None        # the other load on the device during the llama-bench run (None: unknown)
 
 
 def measure_load(transport: Transport, runner: RemoteRunner, model: str, settings: BenchSettings, threads: int,
@@ -741,4 +808,5 @@ def run_device_bench(transport: Transport, runner: RemoteRunner, model: str, set
         power=run.power,
         tg_seconds=sum(last_tg.samples_ns) / 1e9 if last_tg else None,
         tg_tokens=last_tg.n_gen * len(last_tg.samples_ns) if last_tg else 0,
+        contention=run.contention,
     )

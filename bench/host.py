@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from edgequant.bench import worker
+from edgequant.bench.contention import Contention
 from edgequant.bench.stats import Summary
 from edgequant.bench.worker import WorkerExit
 from edgequant.errors import RunFailed
@@ -85,6 +86,7 @@ class HostBenchResult:
     baseline_rss_bytes: int = 0
     repack: bool = True
     variants: tuple[VariantResult, ...] = ()     # when the request named variants (depths, cache types)
+    contention: Contention | None = None   # the other load while the tests ran (None: not measured)
     raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
@@ -105,6 +107,7 @@ class HostBenchResult:
             baseline_rss_bytes=int(data.get("baseline_rss_bytes", 0)),
             repack=bool(data.get("repack", True)),
             variants=tuple(VariantResult.from_worker(v) for v in data.get("variants") or ()),
+            contention=Contention.from_dict(data["contention"]) if data.get("contention") else None,
             raw=data,
         )
 

@@ -60,6 +60,9 @@ What each number in the result is:
   until the logits of the last prompt token are ready (``llama_synchronize``
   returned): the time to first token for an ``n_prompt``-token prompt,
   excluding tokenization and sampling.  It is the same clock as ``pp_tps``.
+* ``contention``: the other load on the machine from the first pp warm-up to
+  the last tg repetition (``edgequant.bench.contention``): /proc/stat's busy
+  time (steal included) minus this process's own CPU time, in cores.
 * ``peak_rss_bytes``: ``VmHWM`` from ``/proc/self/status`` read at the end, the
   kernel's exact high-water mark of this process's resident set (anonymous +
   file-backed + shared memory), including the Python interpreter.
@@ -97,6 +100,8 @@ import time
 import traceback
 from dataclasses import dataclass
 from typing import Any, Callable, TextIO
+
+from edgequant.bench.contention import Window
 
 # ggml's log levels (ggml.h enum ggml_log_level)
 _LOG_WARN, _LOG_ERROR, _LOG_CONT = 3, 4, 5
@@ -506,36 +511,38 @@ def measure(req: dict, progress: Callable[[str], None]) -> dict:
             progress("load")
             t0 = time.perf_counter_ns()
             bench.load_model()
-            for vi, variant in enumerate(variants):
-                depth = int(variant.get("n_depth", 0))
-                tag = "" if len(variants) == 1 else f" [{vi + 1}/{len(variants)}]"
-                bench.progress = (lambda text, tag=tag: progress(text + tag)) if tag else progress
-                bench._depth_state, bench.depth_seen = None, -1
-                sampler.start_window()
-                pp_tps: list[float] = []
-                ttft_ms: list[float] = []
-                tg_tps: list[float] = []
-                first_n_ctx = (req["n_prompt"] if req["n_prompt"] > 0 else req["n_gen"]) + depth
-                ctx = bench.new_context(first_n_ctx, variant)
-                if vi == 0:
-                    load_s = (time.perf_counter_ns() - t0) / 1e9
-                sampler.sample()
-                if req["n_prompt"] > 0:
-                    pp_tps, ttft_ms = bench.test_pp(ctx, depth)
+            with Window() as window:    # the other load on the machine while the tests ran
+                for vi, variant in enumerate(variants):
+                    depth = int(variant.get("n_depth", 0))
+                    tag = "" if len(variants) == 1 else f" [{vi + 1}/{len(variants)}]"
+                    bench.progress = (lambda text, tag=tag: progress(text + tag)) if tag else progress
+                    bench._depth_state, bench.depth_seen = None, -1
+                    sampler.start_window()
+                    pp_tps: list[float] = []
+                    ttft_ms: list[float] = []
+                    tg_tps: list[float] = []
+                    first_n_ctx = (req["n_prompt"] if req["n_prompt"] > 0 else req["n_gen"]) + depth
+                    ctx = bench.new_context(first_n_ctx, variant)
+                    if vi == 0:
+                        load_s = (time.perf_counter_ns() - t0) / 1e9
                     sampler.sample()
+                    if req["n_prompt"] > 0:
+                        pp_tps, ttft_ms = bench.test_pp(ctx, depth)
+                        sampler.sample()
+                        L.llama_free(ctx)
+                        ctx = None
+                    if req["n_gen"] > 0:
+                        if ctx is None:
+                            ctx = bench.new_context(req["n_gen"] + depth, variant)
+                        tg_tps = bench.test_tg(ctx, depth)
+                        sampler.sample()
                     L.llama_free(ctx)
                     ctx = None
-                if req["n_gen"] > 0:
-                    if ctx is None:
-                        ctx = bench.new_context(req["n_gen"] + depth, variant)
-                    tg_tps = bench.test_tg(ctx, depth)
-                    sampler.sample()
-                L.llama_free(ctx)
-                ctx = None
-                done.append({**variant, "n_depth": depth, "context_before_test": bench.depth_seen,
-                             "pp_tps": pp_tps, "tg_tps": tg_tps, "ttft_ms": ttft_ms,
-                             "peak_rss_anon_bytes": sampler.window_anon, "peak_rss_file_bytes": sampler.window_file,
-                             "peak_rss_bytes": sampler.window_anon + sampler.window_file})
+                    done.append({**variant, "n_depth": depth, "context_before_test": bench.depth_seen,
+                                 "pp_tps": pp_tps, "tg_tps": tg_tps, "ttft_ms": ttft_ms,
+                                 "peak_rss_anon_bytes": sampler.window_anon,
+                                 "peak_rss_file_bytes": sampler.window_file,
+                                 "peak_rss_bytes": sampler.window_anon + sampler.window_file})
             bench.progress = progress
             status = read_status()
             n_params = int(L.llama_model_n_params(bench.model))
@@ -564,6 +571,7 @@ def measure(req: dict, progress: Callable[[str], None]) -> dict:
         "threads": req["threads"],
         "repack": bench.repack,
         "repack_reason": bench.repack_reason,
+        "contention": window.result.as_dict() if window.result is not None else None,
         "request": req,
         "runtime_version": L.__version__,
         "system_info": L.llama_print_system_info().decode("utf-8", "replace").strip(),

@@ -153,6 +153,7 @@ class KVModel(KVStepper):
 def _measure(req: dict, progress: Callable[[str], None]) -> dict:
     import random
 
+    from edgequant.bench.contention import Window
     from edgequant.bench.host_worker import RssSampler, WorkerError, read_status
 
     for key in ("path", "threads", "n_prompt", "n_gen", "repetitions", "warmup"):
@@ -181,32 +182,33 @@ def _measure(req: dict, progress: Callable[[str], None]) -> dict:
             return [rng.randrange(vocab) for _ in range(n)]
 
         n_prompt, n_gen, reps = int(req["n_prompt"]), int(req["n_gen"]), int(req["repetitions"])
-        if n_prompt > 0:
-            for i in range(int(req["warmup"])):
-                progress(f"warmup pp {i + 1}/{req['warmup']}")
-                model.step(tokens(n_prompt), model.empty_cache(), 0)
-            for i in range(reps):
-                progress(f"pp {i + 1}/{reps}")
-                toks, cache = tokens(n_prompt), model.empty_cache()
-                t0 = time.perf_counter_ns()
-                model.step(toks, cache, 0)
-                seconds = (time.perf_counter_ns() - t0) / 1e9
-                pp_tps.append(n_prompt / seconds)
-                ttft_ms.append(seconds * 1000.0)
-            sampler.sample()
-        if n_gen > 0:
-            if int(req["warmup"]) > 0:
-                progress("warmup tg 1/1")
-                model.step(tokens(1), model.empty_cache(), 0)
-            for i in range(reps):
-                progress(f"tg {i + 1}/{reps}")
-                toks, cache = tokens(n_gen), model.empty_cache()
-                t0 = time.perf_counter_ns()
-                for pos, tok in enumerate(toks):
-                    _logits, cache = model.step([tok], cache, pos)
-                seconds = (time.perf_counter_ns() - t0) / 1e9
-                tg_tps.append(n_gen / seconds)
-            sampler.sample()
+        with Window() as window:    # the other load on the machine while the tests ran
+            if n_prompt > 0:
+                for i in range(int(req["warmup"])):
+                    progress(f"warmup pp {i + 1}/{req['warmup']}")
+                    model.step(tokens(n_prompt), model.empty_cache(), 0)
+                for i in range(reps):
+                    progress(f"pp {i + 1}/{reps}")
+                    toks, cache = tokens(n_prompt), model.empty_cache()
+                    t0 = time.perf_counter_ns()
+                    model.step(toks, cache, 0)
+                    seconds = (time.perf_counter_ns() - t0) / 1e9
+                    pp_tps.append(n_prompt / seconds)
+                    ttft_ms.append(seconds * 1000.0)
+                sampler.sample()
+            if n_gen > 0:
+                if int(req["warmup"]) > 0:
+                    progress("warmup tg 1/1")
+                    model.step(tokens(1), model.empty_cache(), 0)
+                for i in range(reps):
+                    progress(f"tg {i + 1}/{reps}")
+                    toks, cache = tokens(n_gen), model.empty_cache()
+                    t0 = time.perf_counter_ns()
+                    for pos, tok in enumerate(toks):
+                        _logits, cache = model.step([tok], cache, pos)
+                    seconds = (time.perf_counter_ns() - t0) / 1e9
+                    tg_tps.append(n_gen / seconds)
+                sampler.sample()
         status = read_status()
     progress("done")
     size = sum(p.stat().st_size for p in Path(req["path"]).parent.iterdir()
@@ -219,6 +221,7 @@ def _measure(req: dict, progress: Callable[[str], None]) -> dict:
         "repack": False, "execution_provider": model.provider, "intra_op_threads": threads,
         "inter_op_threads": 1, "request": req, "runtime_version": ort.__version__,
         "system_info": f"onnxruntime {ort.__version__} {model.provider} intra_op={threads} inter_op=1 sequential",
+        "contention": window.result.as_dict() if window.result is not None else None,
     }
 
 

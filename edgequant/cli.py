@@ -1273,16 +1273,26 @@ def tag(run_id, name, db):
 @click.option("--markdown", "markdown_path", metavar="FILE", default=None,
               help="Also write a Markdown summary (e.g. $GITHUB_STEP_SUMMARY).")
 @click.option("--json", "json_path", metavar="FILE", default=None, help="Also write every figure and gate as JSON.")
+@click.option("--recheck", is_flag=True,
+              help="Measure the artifacts of every flagged rung again on this host, baseline and candidate "
+                   "alternately (A, B, A, B ...), and let that paired verdict decide its speed gates.")
+@click.option("--rounds", type=int, default=3, show_default=True, metavar="N",
+              help="With --recheck: how many times each side is measured (at least 2).")
+@click.option("--profile", "profile_name", default="default", show_default=True, metavar="NAME|PATH",
+              help="With --recheck: the profile whose [bench] contention settings the re-measurements follow.")
 @db_option
-def compare(baseline, candidate, gates_name, junit_path, markdown_path, json_path, db):
+def compare(baseline, candidate, gates_name, junit_path, markdown_path, json_path, recheck, rounds, profile_name, db):
     """Compare CANDIDATE (default `last`) with BASELINE and fail on a regression.
 
     Runs are given by id, `last`, `last-complete` or tag.  Rows pair on model,
     rung, device and parameters; the table shows only the columns that differ,
-    with deltas.  Exit code 0: no regression; 1: a regression (speed drop
-    beyond the percentage and the runs' noise, memory rise, significant
-    quality drop by a paired McNemar test, suite gate PASS -> FAIL, or a rung
-    or device missing); 2: bad input or no comparable rows.
+    with deltas.  A speed figure regresses when a Mann-Whitney U test on both
+    runs' raw samples says it dropped and its median dropped beyond the
+    place's A/A noise floor (`edgequant noise`), else the gates' percentage; a
+    rung stored `noisy` is never judged.  Exit code 0: no regression; 1: a
+    regression (speed, memory rise, significant quality drop by a paired
+    McNemar test, suite gate PASS -> FAIL, or a rung or device missing); 2: bad
+    input or no comparable rows.
     """
     from rich.console import Console
 
@@ -1291,8 +1301,27 @@ def compare(baseline, candidate, gates_name, junit_path, markdown_path, json_pat
     from edgequant.results.gates import load_gates
 
     gates = load_gates(gates_name)
+    if recheck and rounds < 2:
+        raise BadInput(f"--rounds {rounds}: a re-check alternates baseline and candidate at least twice "
+                       f"(A, B, A, B); pass --rounds 2 or more")
+    profile = _load_profile(profile_name) if recheck else None
     store = _open_store(db)
     result = cmp.compare_runs(store, baseline, candidate, gates)
+    rechecks = []
+    if recheck:
+        from edgequant import noise
+
+        console = _stderr_console()
+        flagged = noise.flagged_pairs(result)
+        console.print(f"[cyan]•[/cyan] re-checking {len(flagged)} flagged rung(s), {rounds} alternated rounds each"
+                      if flagged else "[cyan]•[/cyan] re-check: no rung is flagged; nothing to measure")
+
+        def said(quant: str, phase: str) -> None:
+            if phase.endswith(("done", "waiting for quiet")):     # one line per measurement, not per step
+                console.print(f"  {quant}: {phase}", highlight=False)
+
+        rechecks = noise.recheck(store, result, rounds, profile.bench, pairs=flagged, on_phase=said)
+        noise.apply_recheck(result, rechecks)
     for path, render in ((junit_path, cmp.render_junit), (markdown_path, cmp.render_markdown),
                          (json_path, cmp.render_json)):
         if path:
@@ -1305,10 +1334,81 @@ def compare(baseline, candidate, gates_name, junit_path, markdown_path, json_pat
     if not console.is_terminal:
         console = Console(width=max(console.width, 200))
     cmp.render_table(result, console)
+    for r in rechecks:
+        word = {"fail": "[red]CONFIRMED[/red]", "pass": "[green]NOT CONFIRMED[/green]"}.get(r.status, "[yellow]SKIP[/yellow]")
+        console.print(f"{word} {r.quant} on {r.device_id} · speed:{r.metric}: {r.message}", soft_wrap=True,
+                      highlight=False)
     if result.regressions:
         raise EdgequantError(f"{len(result.regressions)} regression(s) against baseline {result.baseline['run_id']}: "
                              + "; ".join(f"{r.quant} {r.device_id} {r.gate}" for r in result.regressions[:5])
                              + (" ..." if len(result.regressions) > 5 else ""), 1)
+
+
+@cli.command()
+@model_options
+@bench_overrides
+@click.option("--rung", default=None, metavar="QUANT",
+              help="The rung to measure (default: the profile's reference, e.g. BF16).")
+@click.option("--repeat", type=int, default=5, show_default=True, metavar="N",
+              help="How many times the rung is measured (at least 2).")
+@click.option("--device", "device_spec", default=None, metavar="SPEC",
+              help="Where to measure: this host (`host`, the default; phones are not supported yet).")
+@db_option
+@cache_option
+@calibration_suite_option
+def noise(model, profile_name, threads, n_prompt, n_gen, repetitions, warmup, rung, repeat, device_spec, db, cache_dir,
+          suite_name):
+    """Measure one rung several times in a row and store this place's A/A noise floor.
+
+    The floor of a metric is the spread of the measurements' medians: (largest
+    - smallest) / median, in %.  `edgequant compare` then uses the place's
+    latest floor, instead of the gates' percentage, as the smallest speed drop
+    worth calling a regression.  Every measurement follows the profile's
+    contention rules; a measurement still contended stops the command (exit 1)
+    without storing a floor.  Build the rung first with `edgequant quantize`.
+    """
+    from dataclasses import replace
+
+    from edgequant import calibrate, pipeline
+    from edgequant.devices.host import host_device_id
+    from edgequant.noise import measure_noise_floor
+
+    if repeat < 2:
+        raise BadInput(f"--repeat {repeat}: a noise floor needs at least 2 measurements of the rung (5 is a "
+                       f"good start)")
+    if device_spec not in (None, "host", host_device_id()):
+        raise BadInput(f"--device {device_spec}: noise floors are measured on this host only so far; leave "
+                       f"--device out (or pass `host`)")
+    profile = _load_profile(profile_name, threads=threads, n_prompt=n_prompt, n_gen=n_gen,
+                            repetitions=repetitions, warmup=warmup)
+    rungs = profile.rungs()
+    wanted = rung or profile.quant.reference
+    match = [r for r in rungs if r.upper() == wanted.upper()]
+    if not match:
+        raise BadInput(f"--rung {wanted}: not a rung of profile {profile.name} ({', '.join(rungs)}); pick one of "
+                       f"them or pass another --profile")
+    wanted = match[0]
+    only = replace(profile, quant=replace(profile.quant, types=tuple(t for t in profile.quant.types if t == wanted)))
+    cache = _cache_root(cache_dir)
+    store = _open_store(db)
+    console = _stderr_console()
+    with RichReporter(console) as reporter:
+        resolved = pipeline.resolve_model(model, cache, reporter)
+        imatrix, _, _ = calibrate.for_profile(only, None, suite_name, "auto", resolved.model_hash, cache, None,
+                                              reporter.step)
+        art = next(a for a in pipeline.cached_ladder(resolved, only, cache, reporter, imatrix=imatrix)
+                   if a.quant == wanted)
+        reporter.start_bench(1, f"noise floor ({repeat}×)")
+        reporter.rung_started(art.quant)
+        floor = measure_noise_floor(art, profile.bench, repeat, on_phase=lambda ph: reporter.rung_phase(art.quant, ph))
+        reporter.rung_done(art.quant, "ok")
+    store.record_artifact(art.record())
+    store.record_noise_floor(floor.device_id, art.quant, art.sha256, floor.params, floor.floors)
+    click.echo(f"A/A noise floor of {floor.device_id} ({art.quant}, {repeat} measurements, threads "
+               f"{floor.params.get('threads')}):")
+    for metric, (pct, medians) in floor.floors.items():
+        click.echo(f"  {metric}: {pct:.2f} %  (medians {', '.join(f'{m:,.1f}' for m in medians)} t/s)")
+    click.echo("`edgequant compare` uses it as the practical threshold for speed on this place")
 
 
 @cli.command()

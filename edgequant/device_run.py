@@ -39,7 +39,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable
 
-from edgequant.bench.device_bench import RemoteRunner, device_repack, run_device_bench
+from edgequant.bench.device_bench import (RemoteRunner, device_load, device_repack, device_top,
+                                         run_device_bench)
 from edgequant.bench.host import BenchError
 from edgequant.devices import select
 from edgequant.devices.facts import DeviceFacts, collect_facts, recommended_threads
@@ -47,7 +48,8 @@ from edgequant.devices.health import CoolDown, read_health, throttled, wait_cool
 from edgequant.devices.push import Pusher
 from edgequant.devices.transport import DeviceError, Transport, quote
 from edgequant.errors import BadInput, EdgequantError
-from edgequant.profiles import Profile
+from edgequant.noise import measure_until_quiet, sample_detail
+from edgequant.profiles import BenchSettings, Profile
 from edgequant.quantize.ladder import Artifact
 from edgequant.results.store import Measurement, RowKey, Store
 
@@ -259,16 +261,30 @@ def bench_on_device(store: Store, run_id: str, artifacts: list[Artifact], ctx: D
                                         {"after": after.thermal_status}))
             if cool.health.battery_level is not None:
                 rows.append(Measurement("battery_level", float(cool.health.battery_level), "%"))
-            detail = ("throttled: " + ("thermal status rose during the run" if cool.cooled else
-                                       f"did not cool down within {cooldown.max_wait_s:g} s") if hot else None)
+            notes = []
+            if hot:
+                notes.append("throttled: " + ("thermal status rose during the run" if cool.cooled else
+                                              f"did not cool down within {cooldown.max_wait_s:g} s"))
+
+            def verdict(ms) -> tuple[str, str | None]:
+                """ok, or noisy when a measurement reported its run as contended (other processes busy on the
+                device); the detail joins that with the throttling note."""
+                noisy = next((m.detail["noisy"] for m in ms
+                              if m is not None and m.metric == "contention" and (m.detail or {}).get("noisy")), None)
+                return ("noisy" if noisy else "ok"), "; ".join(([noisy] if noisy else []) + notes) or None
+
             if isinstance(measured, dict):     # variants: each with the rung's health readings
-                store.record_rungs(run_id, [(k, [r for r in rows + list(v) if r is not None], "ok", detail)
-                                            for k, v in measured.values()])
+                entries = [(k, [r for r in rows + list(v) if r is not None], *verdict(v))
+                           for k, v in measured.values()]
+                store.record_rungs(run_id, entries)
+                status, detail = next(((st, d) for _, _, st, d in entries if st != "ok"),
+                                      ("ok", "; ".join(notes) or None))
             else:
-                store.record_rung(run_id, key, [r for r in rows + list(measured) if r is not None], status="ok",
+                status, detail = verdict(measured)
+                store.record_rung(run_id, key, [r for r in rows + list(measured) if r is not None], status=status,
                                   detail=detail)
-            outcome.outcomes.append(RungOutcome(art, "ok"))
-            reporter.rung_done(art.quant, "ok" if not hot else "ok (throttled)")
+            outcome.outcomes.append(RungOutcome(art, status, detail))
+            reporter.rung_done(art.quant, status if not hot else f"{status} (throttled)")
     except DeviceError as exc:
         raise DeviceLost(ctx.serial, doing, exc) from None
     return outcome
@@ -337,11 +353,24 @@ def bench_rungs_on_device(store: Store, run_id: str, model_id: str, model_hash: 
             return measure_variants(art, pushed)
         energy = profile.device.energy
         charging = _charging(ctx) if energy else None
-        res = run_device_bench(ctx.transport, ctx.remote, pushed.remote, settings, workdir=rundir,
-                               threads=threads, repack=repack,
-                               on_progress=lambda ph, q=art.quant: reporter.rung_phase(q, ph),
-                               power_dir=profile.device.power_supply if energy and not charging else None)
-        return _device_rows(res) + (_energy_rows(res, charging, profile.device.power_supply) if energy else [])
+
+        def once(remote: str, settings_: BenchSettings):
+            return run_device_bench(ctx.transport, ctx.remote, remote, settings_, workdir=rundir,
+                                    threads=threads, repack=repack,
+                                    on_progress=lambda ph, q=art.quant: reporter.rung_phase(q, ph),
+                                    power_dir=profile.device.power_supply if energy and not charging else None)
+
+        # the other load on the phone during the run: re-measured after waiting for quiet, else noisy
+        quiet = measure_until_quiet(once, pushed.remote, settings,
+                                    on_phase=lambda ph, q=art.quant: reporter.rung_phase(q, ph),
+                                    read_load=lambda seconds: device_load(ctx.transport, seconds),
+                                    read_top=lambda: device_top(ctx.transport))
+        res = quiet.result
+        contention = quiet.measurement()
+        if contention is not None and quiet.noisy:
+            contention = replace(contention, detail={**contention.detail, "noisy": quiet.detail()})
+        return (_device_rows(res) + [contention]
+                + (_energy_rows(res, charging, profile.device.power_supply) if energy else []))
 
     return bench_on_device(store, run_id, artifacts, ctx, reporter,
                            RungSteps(key, push, measure, variant_keys if variants else None),
@@ -437,17 +466,19 @@ def _energy_rows(res, charging: str | None, power_dir: str) -> list[Measurement]
 def _device_rows(res) -> list[Measurement | None]:
     """The rows of one llama-bench measurement on a device (``bench.device_bench.DeviceBenchResult``)."""
     return [
-            Measurement("pp_tps", res.pp.mean, "t/s", res.pp.stddev, res.pp.n,
-                        {"build_commit": res.build_commit, "cpu_info": res.cpu_info}) if res.pp else None,
-            Measurement("tg_tps", res.tg.mean, "t/s", res.tg.stddev, res.tg.n) if res.tg else None,
-            Measurement("ttft", res.ttft_ms.mean, "ms", res.ttft_ms.stddev, res.ttft_ms.n)
-            if res.ttft_ms else None,
-            Measurement("load_time", res.load_s, "s", None, 1) if res.load_s is not None else None,
-            Measurement("peak_rss", res.peak_rss_bytes, "bytes", None, None, {"source": "time -v Max RSS"}),
-            Measurement("peak_rss_anon", res.peak_rss_anon_bytes, "bytes", None, res.rss_samples,
-                        {"source": "largest RssAnon of /proc/<pid>/status samples"}),
-            Measurement("peak_rss_file", res.peak_rss_file_bytes, "bytes", None, res.rss_samples,
-                        {"source": "largest RssFile of /proc/<pid>/status samples"}),
+        Measurement("pp_tps", res.pp.mean, "t/s", res.pp.stddev, res.pp.n,
+                    {"build_commit": res.build_commit, "cpu_info": res.cpu_info, **sample_detail(res.pp)})
+        if res.pp else None,
+        Measurement("tg_tps", res.tg.mean, "t/s", res.tg.stddev, res.tg.n, sample_detail(res.tg))
+        if res.tg else None,
+        Measurement("ttft", res.ttft_ms.mean, "ms", res.ttft_ms.stddev, res.ttft_ms.n)
+        if res.ttft_ms else None,
+        Measurement("load_time", res.load_s, "s", None, 1) if res.load_s is not None else None,
+        Measurement("peak_rss", res.peak_rss_bytes, "bytes", None, None, {"source": "time -v Max RSS"}),
+        Measurement("peak_rss_anon", res.peak_rss_anon_bytes, "bytes", None, res.rss_samples,
+                    {"source": "largest RssAnon of /proc/<pid>/status samples"}),
+        Measurement("peak_rss_file", res.peak_rss_file_bytes, "bytes", None, res.rss_samples,
+                    {"source": "largest RssFile of /proc/<pid>/status samples"}),
         ]
 
 

@@ -659,7 +659,7 @@ class FarmResult:
     def failed_rungs(self) -> list[str]:
         """Rungs that ran and did not succeed (a skipped rung is not a failure)."""
         return [f"{o.artifact.quant} on {p.serial} {o.status}" for p in self.phones for o in p.outcomes
-                if o.status not in ("ok", "skipped")]
+                if o.status not in ("ok", "skipped", "noisy")]   # noisy: measured and marked
 
 
 # job(device context, artifacts, reporter) -> pipeline.BenchOutcome: every measurement of the rungs on that phone

@@ -99,7 +99,8 @@ class BenchOutcome:
 
     @property
     def failed(self) -> list[RungOutcome]:
-        return [o for o in self.outcomes if o.status != "ok"]
+        # a noisy rung was measured (and is marked), it did not fail
+        return [o for o in self.outcomes if o.status not in ("ok", "noisy")]
 
 
 def _artifact_measurements(art: Artifact) -> list[Measurement]:
@@ -143,12 +144,14 @@ def bench_variants(profile: Profile, artifacts: list[Artifact], suite=None, prom
 def _variant_rows(art: Artifact, res, v, first: bool) -> list[Measurement]:
     """One variant's rows (``bench.host.VariantResult``); the load time belongs to the first (one model load
     serves every variant)."""
+    from edgequant.noise import sample_detail
+
     rows = _artifact_measurements(art)
     if first:
         rows.append(Measurement("load_time", res.load_s, "s", None, 1))
     return rows + [
-        Measurement("pp_tps", v.pp.mean, "t/s", v.pp.stddev, v.pp.n, {"samples": list(v.pp.samples)}),
-        Measurement("tg_tps", v.tg.mean, "t/s", v.tg.stddev, v.tg.n, {"samples": list(v.tg.samples)}),
+        Measurement("pp_tps", v.pp.mean, "t/s", v.pp.stddev, v.pp.n, sample_detail(v.pp)),
+        Measurement("tg_tps", v.tg.mean, "t/s", v.tg.stddev, v.tg.n, sample_detail(v.tg)),
         Measurement("ttft", v.ttft_ms.mean, "ms", v.ttft_ms.stddev, v.ttft_ms.n),
         Measurement("peak_rss", v.peak_rss_bytes, "bytes"),
         Measurement("peak_rss_anon", v.peak_rss_anon_bytes, "bytes"),
@@ -169,6 +172,7 @@ def bench_rungs(store: Store, run_id: str, model_id: str, model_hash: str, artif
     from importlib import metadata
 
     from edgequant.bench.host import BenchError, measure_gguf
+    from edgequant.noise import measure_until_quiet, sample_detail
 
     measure = measure or measure_gguf
     settings = profile.bench
@@ -186,9 +190,11 @@ def bench_rungs(store: Store, run_id: str, model_id: str, model_hash: str, artif
                         is_reference=art.is_reference and i == 0) for i, v in enumerate(variants)]
         reporter.rung_started(art.quant)
         try:
-            res = measure(art.path, settings, repack=params.get("repack"),
-                          on_progress=lambda phase, q=art.quant: reporter.rung_phase(q, phase),
-                          **({"variants": variants} if variants else {}))
+            quiet = measure_until_quiet(measure, art.path, settings,
+                                        on_phase=lambda phase, q=art.quant: reporter.rung_phase(q, phase),
+                                        repack=params.get("repack"),
+                                        on_progress=lambda phase, q=art.quant: reporter.rung_phase(q, phase),
+                                        **({"variants": variants} if variants else {}))
         except BenchError as exc:
             if keys:
                 store.record_rungs(run_id, [(k, _artifact_measurements(art), exc.status, str(exc)) for k in keys])
@@ -197,6 +203,9 @@ def bench_rungs(store: Store, run_id: str, model_id: str, model_hash: str, artif
             outcome.outcomes.append(RungOutcome(art, exc.status, str(exc)))
             reporter.rung_done(art.quant, exc.status)
             continue
+        res = quiet.result
+        contention = [m for m in (quiet.measurement(),) if m is not None]
+        status, detail = ("noisy", quiet.detail()) if quiet.noisy else ("ok", None)
         if keys and len(res.variants) != len(keys):
             exc = BenchError("failed", f"{art.path.name}: the benchmark worker returned {len(res.variants)} "
                                        f"variants, expected {len(keys)}")
@@ -204,24 +213,24 @@ def bench_rungs(store: Store, run_id: str, model_id: str, model_hash: str, artif
             outcome.outcomes.append(RungOutcome(art, exc.status, str(exc)))
             reporter.rung_done(art.quant, exc.status)
             continue
-        if keys:
-            store.record_rungs(run_id, [(k, _variant_rows(art, res, v, i == 0), "ok", None)
+        if keys:   # one process measured every variant: its contention row and verdict hold for each
+            store.record_rungs(run_id, [(k, _variant_rows(art, res, v, i == 0) + contention, status, detail)
                                         for i, (k, v) in enumerate(zip(keys, res.variants))])
-            outcome.outcomes.append(RungOutcome(art, "ok"))
-            reporter.rung_done(art.quant, "ok")
+            outcome.outcomes.append(RungOutcome(art, status, detail))
+            reporter.rung_done(art.quant, status)
             continue
         rows = _artifact_measurements(art) + [
             Measurement("load_time", res.load_s, "s", None, 1),
-            Measurement("pp_tps", res.pp.mean, "t/s", res.pp.stddev, res.pp.n, {"samples": list(res.pp.samples)}),
-            Measurement("tg_tps", res.tg.mean, "t/s", res.tg.stddev, res.tg.n, {"samples": list(res.tg.samples)}),
+            Measurement("pp_tps", res.pp.mean, "t/s", res.pp.stddev, res.pp.n, sample_detail(res.pp)),
+            Measurement("tg_tps", res.tg.mean, "t/s", res.tg.stddev, res.tg.n, sample_detail(res.tg)),
             Measurement("ttft", res.ttft_ms.mean, "ms", res.ttft_ms.stddev, res.ttft_ms.n),
             Measurement("peak_rss", res.peak_rss_bytes, "bytes"),
             Measurement("peak_rss_anon", res.peak_rss_anon_bytes, "bytes"),
             Measurement("peak_rss_file", res.peak_rss_file_bytes, "bytes"),
-        ]
-        store.record_rung(run_id, key, rows, status="ok")
-        outcome.outcomes.append(RungOutcome(art, "ok"))
-        reporter.rung_done(art.quant, "ok")
+        ] + contention
+        store.record_rung(run_id, key, rows, status=status, detail=detail)
+        outcome.outcomes.append(RungOutcome(art, status, detail))
+        reporter.rung_done(art.quant, status)
     return outcome
 
 

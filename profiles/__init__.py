@@ -107,6 +107,14 @@ class BenchSettings:
     # eval suite's prompt prefix per format); -ctk/-ctv: the K and V cache type of each variant
     depths: tuple = (0,)
     cache_types: tuple = ("f16",)
+    # Other load on the machine while a rung is measured (edgequant.bench.contention), in cores: above
+    # contention_threshold the rung is measured again, up to contention_retries times, each after waiting
+    # at most contention_wait seconds for the machine to be quiet; still above it, it is stored `noisy`.
+    # How a rung is judged, not what is measured: not in as_params().  $EDGEQUANT_CONTENTION_THRESHOLD
+    # changes the default (e.g. a CI box that shares its CPU on purpose); a profile's own value wins.
+    contention_threshold: float = field(default_factory=lambda: default_contention_threshold())
+    contention_retries: int = 2
+    contention_wait: float = 60.0
 
     def resolved_threads(self) -> int:
         if self.threads > 0:
@@ -131,6 +139,27 @@ class BenchSettings:
                 "repetitions": self.repetitions, "warmup": self.warmup, "n_batch": self.n_batch,
                 "n_ubatch": self.n_ubatch, "flash_attn": self.flash_attn, "mmap": self.mmap,
                 "repack": self.resolved_repack()}
+
+
+CONTENTION_ENV = "EDGEQUANT_CONTENTION_THRESHOLD"
+
+
+def default_contention_threshold() -> float:
+    """0.10 of one core, or $EDGEQUANT_CONTENTION_THRESHOLD (cores)."""
+    import math
+    import os
+
+    text = os.environ.get(CONTENTION_ENV, "").strip()
+    if not text:
+        return 0.10
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not math.isfinite(value) or not 0.0 <= value <= 1024.0:
+        raise BadInput(f"{CONTENTION_ENV}={text!r}: must be a number of cores from 0 to 1024 (other load above "
+                       f"which a rung is re-measured, then stored noisy); unset it for the default 0.10")
+    return value
 
 
 def cpu_has_amx() -> bool:
@@ -316,6 +345,7 @@ _BENCH_BOUNDS = {
     "threads": (0, 1024), "n_prompt": (1, 1 << 20), "n_gen": (1, 1 << 20),
     "repetitions": (3, 1000), "warmup": (0, 100), "n_batch": (1, 1 << 20),
     "n_ubatch": (1, 1 << 20), "timeout": (1.0, 7 * 24 * 3600.0),
+    "contention_threshold": (0.0, 1024.0), "contention_retries": (0, 100), "contention_wait": (0.0, 24 * 3600.0),
 }
 
 

@@ -7,22 +7,27 @@ so they pair separately.  The table shows only the columns that differ:
 identity columns (model, device, parameters) when they vary between rows,
 and a metric only when its value changed in at least one pair.
 
-Gates (``edgequant.results.gates``): speed drop beyond a percentage and the
-runs' noise, memory rise beyond a percentage and an absolute amount, a quality
-drop significant by the paired exact McNemar test on the per-case outcomes,
-a suite gate going PASS -> FAIL, and a baseline rung or device missing (or
-failed) in the candidate.  Rendering (rich, Markdown, JSON, JUnit XML) is
+Gates (``edgequant.results.gates``): a speed drop that a one-sided Mann-Whitney
+U test on both runs' raw samples calls significant and whose median drop is
+beyond the practical threshold (the place's stored A/A noise floor, else a
+percentage); a rung stored ``noisy`` is never judged, and samples too few for
+the test are reported as such.  Memory rise beyond a percentage and an
+absolute amount, a quality drop significant by the paired exact McNemar test
+on the per-case outcomes, a suite gate going PASS -> FAIL, and a baseline rung
+or device missing (or failed) in the candidate.  Rendering (rich, Markdown, JSON, JUnit XML) is
 separate from the records.
 """
 
 from __future__ import annotations
 
 import json
+import statistics
 from dataclasses import asdict, dataclass, field
 from typing import Any
 from xml.etree import ElementTree as ET
 
 from edgequant.bench.quality_stats import paired_degradation
+from edgequant.bench.stats import mann_whitney_greater
 from edgequant.errors import BadInput
 from edgequant.results.gates import Gates
 from edgequant.results.store import Store
@@ -37,6 +42,8 @@ METRIC_ORDER = ("size", "bpw", "load_time", "pp_tps", "tg_tps", "ttft", "peak_rs
                 "esi_agreement", "differential_jaccard", "mean_kld", "p99_kld", "top1_agreement", "eval_tg_tps",
                 "gates_pass")
 SKIP_METRICS = frozenset({"n_params"})
+NOISY = "noisy"            # a rung measured while other work loaded the machine (edgequant.noise)
+MEASURED = ("ok", NOISY)   # statuses of a rung whose figures are stored
 
 
 @dataclass
@@ -60,6 +67,12 @@ class Pair:
     baseline: dict[str, Figure]
     candidate: dict[str, Figure]
     identity: dict[str, tuple[str, str]] = field(default_factory=dict)  # artifact/runtime: baseline, candidate
+    status: tuple[str, str] = ("ok", "ok")   # the rung's status in the baseline and in the candidate (noisy ...)
+    artifacts: tuple[str, str] = ("", "")    # the full sha256 of the baseline's and the candidate's artifact
+
+    @property
+    def noisy(self) -> list[str]:
+        return [side for side, st in zip(("baseline", "candidate"), self.status) if st == NOISY]
 
 
 @dataclass
@@ -136,6 +149,8 @@ def compare_runs(store: Store, baseline: str, candidate: str, gates: Gates) -> C
     if not c_rows:
         raise BadInput(f"candidate run {cand_run['run_id']} has no stored measurements; nothing to compare")
     b_groups, c_groups = _groups(b_rows), _groups(c_rows)
+    b_status = {(s["quant"], s["device_id"]): s["status"] for s in store.rung_statuses(base_run["run_id"])}
+    c_status = {(s["quant"], s["device_id"]): s["status"] for s in store.rung_statuses(cand_run["run_id"])}
     pairs = []
     for k in sorted(set(b_groups) & set(c_groups), key=lambda k: (k[2], k[0], k[3], k[1])):
         b, c = b_groups[k], c_groups[k]
@@ -144,7 +159,9 @@ def compare_runs(store: Store, baseline: str, candidate: str, gates: Gates) -> C
             identity["artifact"] = (b["artifact"][:12], c["artifact"][:12])
         if b["runtime"] != c["runtime"]:
             identity["runtime"] = (b["runtime"], c["runtime"])
-        pairs.append(Pair(b["model_id"], k[0], k[1], k[2], k[3], b["params"], b["figures"], c["figures"], identity))
+        status = (b_status.get((k[1], k[2]), "ok"), c_status.get((k[1], k[2]), "ok"))
+        pairs.append(Pair(b["model_id"], k[0], k[1], k[2], k[3], b["params"], b["figures"], c["figures"], identity,
+                          status if k[3] == "bench" else ("ok", "ok"), (b["artifact"], c["artifact"])))
     if not pairs:
         hint = ""
         if b_groups and c_groups:
@@ -158,8 +175,9 @@ def compare_runs(store: Store, baseline: str, candidate: str, gates: Gates) -> C
     b_cases = _cases_by_rung(store, base_run["run_id"])
     c_cases = _cases_by_rung(store, cand_run["run_id"])
     results: list[GateResult] = []
+    floors = store.noise_floors()
     for p in pairs:
-        results += _speed_memory_gates(p, gates)
+        results += _speed_memory_gates(p, gates, floors)
         if p.stage == "quality":
             results += _quality_gates(p, gates, b_cases.get((p.quant, p.device_id), {}),
                                       c_cases.get((p.quant, p.device_id), {}))
@@ -168,7 +186,7 @@ def compare_runs(store: Store, baseline: str, candidate: str, gates: Gates) -> C
     c_units = _units(c_rows, store.rung_statuses(cand_run["run_id"]))
     c_devices = {k[2] for k in c_units}
     for k, (model_id, status, _detail) in sorted(b_units.items(), key=lambda kv: (kv[0][2], kv[0][1])):
-        if status != "ok":
+        if status not in MEASURED:
             continue  # the baseline did not measure it either
         mh, quant, device_id = k
         if k not in c_units:
@@ -177,7 +195,7 @@ def compare_runs(store: Store, baseline: str, candidate: str, gates: Gates) -> C
             results.append(GateResult(model_id, quant, device_id, "present", "fail" if gates.missing else "skip", why))
             continue
         _mid, c_status, c_detail = c_units[k]
-        if c_status != "ok":
+        if c_status not in MEASURED:
             results.append(GateResult(model_id, quant, device_id, "present", "fail" if gates.missing else "skip",
                                       f"rung {quant} on {device_id} {c_status} in the candidate"
                                       + (f": {c_detail}" if c_detail else "")))
@@ -202,19 +220,70 @@ def compare_runs(store: Store, baseline: str, candidate: str, gates: Gates) -> C
 # gates
 
 
-def _speed_memory_gates(p: Pair, g: Gates) -> list[GateResult]:
+def samples_of(f: Figure) -> list[float] | None:
+    """The raw per-repetition samples a row stored (host runs do), or None."""
+    samples = (f.detail or {}).get("samples")
+    if isinstance(samples, list) and samples and all(isinstance(v, (int, float)) for v in samples):
+        return [float(v) for v in samples]
+    return None
+
+
+@dataclass(frozen=True)
+class SpeedVerdict:
+    """A speed figure judged on raw samples: ``status`` pass | fail | skip (too few samples)."""
+
+    status: str
+    message: str
+    drop_pct: float
+    p: float | None
+
+
+def judge_speed(metric: str, unit: str, base: list[float], cand: list[float], threshold_pct: float,
+                threshold_source: str, alpha: float) -> SpeedVerdict:
+    """Regression when a one-sided Mann-Whitney U test says the candidate's samples are lower (p <= alpha)
+    AND the median dropped by more than ``threshold_pct``; too few samples for the test to reach alpha: skip."""
+    mb, mc = statistics.median(base), statistics.median(cand)
+    pct = 100.0 * (mb - mc) / mb if mb else 0.0
+    head = f"{metric} median {mb:,.2f} → {mc:,.2f} {unit} ({-pct:+.1f} %)"
+    test = mann_whitney_greater(base, cand)
+    if test.min_p > alpha:
+        return SpeedVerdict("skip", f"{head}: too few samples to judge ({len(base)} vs {len(cand)}: a rank test "
+                                    f"cannot reach p ≤ {alpha:g}); measure with more repetitions", pct, None)
+    failed = test.p <= alpha and pct > threshold_pct
+    return SpeedVerdict("fail" if failed else "pass",
+                        f"{head}, Mann-Whitney p = {test.p:.3g} on {len(base)} vs {len(cand)} samples; limit "
+                        f"−{threshold_pct:.3g} % ({threshold_source}) and p ≤ {alpha:g}", pct, test.p)
+
+
+def _speed_memory_gates(p: Pair, g: Gates, floors: dict | None = None) -> list[GateResult]:
     out = []
     for metric in g.speed_metrics:
         b, c = p.baseline.get(metric), p.candidate.get(metric)
         if b is None or c is None:
             continue
+        gate = f"speed:{metric}"
+        if p.noisy:
+            out.append(GateResult(p.model_id, p.quant, p.device_id, gate, "skip",
+                                  f"{metric} {b.value:,.2f} → {c.value:,.2f} {b.unit}: not judged: the "
+                                  f"{' and the '.join(p.noisy)} measured it while other work loaded the machine "
+                                  f"(status noisy)", b.value, c.value))
+            continue
+        floor = (floors or {}).get((p.device_id, metric))
+        threshold, source = ((floor["floor_pct"], f"A/A noise floor of {p.device_id}") if floor
+                             else (g.max_drop_pct, "gates"))
+        bs, cs = samples_of(b), samples_of(c)
+        if bs is not None and cs is not None:
+            v = judge_speed(metric, b.unit, bs, cs, threshold, source, g.speed_alpha)
+            out.append(GateResult(p.model_id, p.quant, p.device_id, gate, v.status, v.message, b.value, c.value))
+            continue
+        # rows without raw samples (older runs, phones before samples were stored): the means and stddevs
         drop = b.value - c.value
         pct = 100.0 * drop / b.value if b.value else 0.0
         noise = g.noise_factor * ((b.stddev or 0.0) + (c.stddev or 0.0))
-        failed = pct > g.max_drop_pct and drop > noise
+        failed = pct > threshold and drop > noise
         msg = (f"{metric} {b.value:,.2f} → {c.value:,.2f} {b.unit} ({-pct:+.1f} %, noise ±{noise:,.2f}; "
-               f"limit −{g.max_drop_pct:g} % and beyond the noise)")
-        out.append(GateResult(p.model_id, p.quant, p.device_id, f"speed:{metric}", "fail" if failed else "pass",
+               f"limit −{threshold:.3g} % ({source}) and beyond the noise; no raw samples: judged on mean ± sd)")
+        out.append(GateResult(p.model_id, p.quant, p.device_id, gate, "fail" if failed else "pass",
                               msg, b.value, c.value))
     for metric in g.memory_metrics:
         b, c = p.baseline.get(metric), p.candidate.get(metric)
@@ -387,7 +456,12 @@ def table_rows(cmp: Comparison) -> tuple[list[str], list[list[str]], list[str]]:
                 cells.append(f"{_fmt(b.value, b.unit)} → {_fmt(c.value, c.unit)}" + (f" ({d})" if d else ""))
         stage_gates = [r for r in by_pair.get((p.model_id, p.quant, p.device_id), [])
                        if r.status == "fail" and _gate_stage(r.gate) == p.stage]
-        verdict = "REGRESSION: " + ", ".join(r.gate for r in stage_gates) if stage_gates else "ok"
+        if stage_gates:
+            verdict = "REGRESSION: " + ", ".join(r.gate for r in stage_gates)
+        elif p.noisy:
+            verdict = f"noisy ({' and '.join(p.noisy)}): speed not judged"
+        else:
+            verdict = "ok"
         cells.append(verdict)
         rows.append(cells)
         verdicts.append(verdict)
@@ -419,7 +493,8 @@ def render_table(cmp: Comparison, console) -> None:
     for h in headers:
         table.add_column(h, justify="left" if h in ("model", "rung", "device", "stage", "verdict") else "right")
     for cells, verdict in zip(rows, verdicts):
-        table.add_row(*cells, style="red" if verdict != "ok" else None)
+        table.add_row(*cells, style="red" if verdict.startswith("REGRESSION") else
+                      "yellow" if verdict != "ok" else None)
     console.print(table)
     for r in cmp.results:
         if r.status in ("fail", "skip"):
@@ -458,6 +533,7 @@ def render_json(cmp: Comparison) -> str:
         "regression": bool(cmp.regressions),
         "pairs": [{"model_id": p.model_id, "model_hash": p.model_hash, "quant": p.quant, "device_id": p.device_id,
                    "stage": p.stage, "params": p.params, "identity": p.identity,
+                   "status": {"baseline": p.status[0], "candidate": p.status[1]}, "noisy": p.noisy,
                    "metrics": {m: {"baseline": asdict(p.baseline[m]), "candidate": asdict(p.candidate[m])}
                                for m in _metric_order(set(p.baseline) & set(p.candidate))}}
                   for p in cmp.pairs],

@@ -18,7 +18,7 @@ from edgequant.errors import BadInput
 MAX_BYTES = 1 << 16
 SECTIONS = {
     "gates": ("name", "description"),
-    "speed": ("metrics", "max_drop_pct", "noise_factor"),
+    "speed": ("metrics", "max_drop_pct", "noise_factor", "alpha"),
     "memory": ("metrics", "max_rise_pct", "max_rise_mib"),
     "quality": ("alpha", "suite_gates"),
     "coverage": ("missing",),
@@ -32,6 +32,7 @@ class Gates:
     speed_metrics: tuple[str, ...] = ("pp_tps", "tg_tps")
     max_drop_pct: float = 10.0
     noise_factor: float = 1.0
+    speed_alpha: float = 0.05
     memory_metrics: tuple[str, ...] = ("peak_rss", "peak_rss_anon")
     max_rise_pct: float = 10.0
     max_rise_mib: float = 200.0
@@ -84,6 +85,7 @@ def parse_gates(data: dict[str, Any], path: str) -> Gates:
         speed_metrics=_metrics(path, "speed.metrics", sp.get("metrics", list(d.speed_metrics))),
         max_drop_pct=_number(path, "speed.max_drop_pct", sp.get("max_drop_pct", d.max_drop_pct), 0, 100),
         noise_factor=_number(path, "speed.noise_factor", sp.get("noise_factor", d.noise_factor), 0, 100),
+        speed_alpha=_number(path, "speed.alpha", sp.get("alpha", d.speed_alpha), 1e-9, 0.5),
         memory_metrics=_metrics(path, "memory.metrics", mem.get("metrics", list(d.memory_metrics))),
         max_rise_pct=_number(path, "memory.max_rise_pct", mem.get("max_rise_pct", d.max_rise_pct), 0, 1e6),
         max_rise_mib=_number(path, "memory.max_rise_mib", mem.get("max_rise_mib", d.max_rise_mib), 0, 1e9),

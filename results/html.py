@@ -133,10 +133,27 @@ def _table(headers: list[str], rows: Iterable[tuple[list[str], str, list[str]]],
 def _comparison(rep: RunReport) -> str:
     rows = []
     for rung in rep.rungs:
-        cells = _cells(rung_record(rep, rung))
-        rows.append((cells, "ref" if rung.is_reference else ("bad" if rung.status != "ok" else ""),
-                     [""] * (len(cells) - 1) + [rung.detail or ""]))     # the status cell explains itself
+        rec = rung_record(rep, rung)
+        cells = _cells(rec)
+        titles = [""] * (len(cells) - 1) + [rung.detail or ""]          # the status cell explains itself
+        for i, name in ((4, "pp_tps"), (5, "tg_tps")):                  # the speed cells: their stability
+            titles[i] = _stability_title(rec, name, rung.metrics.get(name))
+        rows.append((cells, "ref" if rung.is_reference else ("bad" if rung.status != "ok" else ""), titles))
     return f'<p class="caption">{_e(_caption(rep))}</p>' + _table(_columns(rep), rows, "cmp")
+
+
+def _stability_title(rec: dict, name: str, stat) -> str:
+    parts = []
+    if rec.get(f"{name}_cv") is not None:
+        parts.append(f"CV {100 * rec[f'{name}_cv']:.1f} %")
+    if rec.get(f"{name}_min") is not None:
+        parts.append(f"min {rec[f'{name}_min']:,.1f}, max {rec[f'{name}_max']:,.1f}")
+    samples = ((stat.detail or {}).get("samples") if stat is not None else None) or []
+    if samples:
+        parts.append("samples " + ", ".join(f"{v:,.1f}" for v in samples))
+    if rec.get("contention_cores") is not None:
+        parts.append(f"other load {rec['contention_cores']:.2f} cores")
+    return "; ".join(parts)
 
 
 def _gate_titles(rung, cols: list[str]) -> list[str]:

@@ -355,7 +355,9 @@ def choose(rep: RunReport, cons: list[Constraint], quality: str = "quality") -> 
     candidates = []
     for rung, on_front in zip(group, front):
         c = Candidate(rung, quality_score(rung, group, quality), quality_loss(rung, ref, group, quality), on_front)
-        if rung.status != "ok":
+        if rung.status == "noisy":      # its speed figures cannot be trusted: not picked on them
+            c.failed = "its speed was measured while other work loaded the machine (noisy); measure it again"
+        elif rung.status != "ok":
             c.failed = f"the rung did not finish ({rung.status}" + (f": {rung.detail})" if rung.detail else ")")
         else:
             for con in cons:

@@ -22,6 +22,12 @@ DEFAULT_MODEL_FOOTNOTE = (
     "re-quantize them almost losslessly; do not read this model's ranking as a general one.")
 
 
+# a speed figure whose repetitions vary more than this (coefficient of variation) is marked "~" in tables
+UNSTABLE_CV = 0.05
+UNSTABLE_NOTE = ("~ after a speed figure: its repetitions vary by more than 5 % (coefficient of variation); "
+                 "CV, min and max of every rung are in the JSON and the HTML report")
+
+
 @dataclass
 class Stat:
     value: float
@@ -110,6 +116,8 @@ def summarize(store: Store, run_id: str) -> RunReport:
     several = len({r.device_id for r in ordered}) > 1
     footnotes = [f"{r.quant}{' on ' + r.device_id if several else ''}: {r.status}: {r.detail}"
                  for r in ordered if r.detail and (r.status != "ok" or r.get("throttled"))]
+    if any((_stability(r.metrics.get(m))["cv"] or 0.0) > UNSTABLE_CV for r in ordered for m in ("pp_tps", "tg_tps")):
+        footnotes.append(UNSTABLE_NOTE)
     if run["status"] != "complete":
         footnotes.insert(0, f"run is {run['status']}: {run.get('status_detail') or 'not finished'}")
     if onnx_note:
@@ -216,6 +224,17 @@ def _reference_for(rep: RunReport, rung: RungSummary) -> RungSummary | None:
     suffix = rung.quant[rung.quant.index(VARIANT_MARK):]
     same = ref.quant.split(VARIANT_MARK, 1)[0] + suffix
     return next((r for r in rep.rungs if r.quant == same and r.device_id == rung.device_id), None)
+def _stability(s: Stat | None) -> dict[str, float | None]:
+    """CV, min and max of a speed figure's repetitions (from its raw samples when the row kept them)."""
+    if s is None:
+        return {"cv": None, "min": None, "max": None}
+    samples = (s.detail or {}).get("samples") or []
+    if len(samples) > 1:
+        import statistics
+
+        mean = statistics.fmean(samples)
+        return {"cv": statistics.stdev(samples) / mean if mean else None, "min": min(samples), "max": max(samples)}
+    return {"cv": s.stddev / s.value if s.stddev is not None and s.value else None, "min": None, "max": None}
 
 
 def rung_record(rep: RunReport, rung: RungSummary) -> dict[str, Any]:
@@ -258,6 +277,8 @@ def rung_record(rep: RunReport, rung: RungSummary) -> dict[str, Any]:
         "energy_not_measured": _energy(m)[1],
         "n_depth": rung.params.get("n_depth", 0) if rung.params else None,
         "cache_type": rung.params.get("cache_type", "f16") if rung.params else None,
+        **{f"{name}_{k}": v for name in ("pp_tps", "tg_tps") for k, v in _stability(m.get(name)).items()},
+        "contention_cores": val("contention"),
         "pp_speedup": None,
         "tg_speedup": None,
         "size_ratio": None,
@@ -314,11 +335,17 @@ def _columns(rep: RunReport) -> list[str]:
             "peak RSS MiB", "anon MiB", "pp ×", "tg ×", "size ×", "status"]
 
 
+def _unstable(rec: dict[str, Any], name: str) -> str:
+    cv = rec.get(f"{name}_cv")
+    return " ~" if cv is not None and cv > UNSTABLE_CV else ""
+
+
 def _cells(rec: dict[str, Any]) -> list[str]:
     name = rec["quant"] + (" (ref)" if rec["reference"] else "")
     status = rec["status"] + (", throttled" if rec.get("throttled") else "")
     return [name, _fmt(rec["size_mib"]), _fmt(rec["bits_per_weight"], 2), _fmt(rec["load_s"], 2),
-            _pm(rec["pp_tps"], rec["pp_tps_sd"]), _pm(rec["tg_tps"], rec["tg_tps_sd"]),
+            _pm(rec["pp_tps"], rec["pp_tps_sd"]) + _unstable(rec, "pp_tps"),
+            _pm(rec["tg_tps"], rec["tg_tps_sd"]) + _unstable(rec, "tg_tps"),
             _pm(rec["ttft_ms"], rec["ttft_ms_sd"]), _fmt(rec["peak_rss_mib"]), _fmt(rec["peak_anon_mib"]),
             _fmt(rec["pp_speedup"], 2), _fmt(rec["tg_speedup"], 2), _fmt(rec["size_ratio"], 3), status]
 
@@ -504,7 +531,8 @@ def render_table(rep: RunReport, console) -> None:
             table.add_column(col, justify="left" if i in (0, 12) else "right", no_wrap=i != 12)
         for rung in g.rungs:
             rec = rung_record(g, rung)
-            style = "bold" if rung.is_reference else ("red" if rung.status != "ok" else None)
+            style = "bold" if rung.is_reference else ("red" if rung.status not in ("ok", "noisy") else
+                                                      "yellow" if rung.status == "noisy" else None)
             table.add_row(*_cells(rec), style=style)
         console.print(table)
     for g, elsewhere in _quality_groups(rep):

@@ -128,6 +128,21 @@ MIGRATIONS: list[tuple[str, str]] = [
             PRIMARY KEY (split_sha256, case_id)
         );
     """),
+    ("005_i17_noise_floors", """
+        CREATE TABLE noise_floors (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            device_id TEXT NOT NULL,
+            quant TEXT NOT NULL,
+            artifact_sha256 TEXT NOT NULL,
+            metric TEXT NOT NULL,
+            floor_pct REAL NOT NULL,
+            n_runs INTEGER NOT NULL,
+            medians TEXT NOT NULL,
+            params TEXT NOT NULL,
+            measured_at REAL NOT NULL
+        );
+        CREATE INDEX noise_floors_place ON noise_floors(device_id, metric, measured_at);
+    """),
 ]
 
 # names `edgequant compare`/`report` resolve besides run ids and tags
@@ -527,3 +542,26 @@ class Store:
         rows = self.conn.execute("SELECT quant, device_id, status, detail FROM rung_status WHERE run_id = ?"
                                  " ORDER BY rowid", (run_id,))
         return [dict(r) for r in rows]
+
+    # -- A/A noise floors (edgequant noise) ------------------------------------
+
+    def record_noise_floor(self, device_id: str, quant: str, artifact_sha256: str, params: dict,
+                           floors: dict[str, tuple[float, list[float]]]) -> None:
+        """A place's run-to-run spread: metric -> (floor in %, the medians it came from), in one transaction."""
+        now = time.time()
+        with self.transaction() as conn:
+            for metric, (floor_pct, medians) in floors.items():
+                conn.execute("INSERT INTO noise_floors (device_id, quant, artifact_sha256, metric, floor_pct, n_runs,"
+                             " medians, params, measured_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                             (device_id, quant, artifact_sha256, metric, float(floor_pct), len(medians),
+                              json.dumps(medians), json.dumps(params, sort_keys=True), now))
+
+    def noise_floors(self) -> dict[tuple[str, str], dict[str, Any]]:
+        """The latest stored floor of every (device_id, metric)."""
+        out: dict[tuple[str, str], dict[str, Any]] = {}
+        for r in self.conn.execute("SELECT device_id, quant, artifact_sha256, metric, floor_pct, n_runs, medians,"
+                                   " params, measured_at FROM noise_floors ORDER BY measured_at, id"):
+            d = dict(r)
+            d["medians"], d["params"] = json.loads(d["medians"]), json.loads(d["params"])
+            out[(d["device_id"], d["metric"])] = d
+        return out

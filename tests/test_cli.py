@@ -22,7 +22,7 @@ from tiny_model import make_checkpoint_without_tokenizer, make_pickle_only_check
 
 LADDER = ["Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_0", "Q3_K_M", "Q2_K", "IQ4_XS"]
 BENCH_METRICS = {"size", "bpw", "n_params", "load_time", "pp_tps", "tg_tps", "ttft", "peak_rss",
-                 "peak_rss_anon", "peak_rss_file"}
+                 "peak_rss_anon", "peak_rss_file", "contention"}
 
 
 def tiny_profile(folder: Path, types=LADDER, **bench) -> Path:
