@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 
 from conftest import cli_env, db_rows, run_cli
-from test_runner import arm64_runner  # noqa: F401 - the session fixture that builds the runner
 
 PROFILE = """
 [profile]
@@ -66,6 +65,7 @@ def _run(tiny_checkpoint, phone, runner, tmp_path, threshold: float):
     return rows, status
 
 
+@pytest.mark.slow
 def test_a_quiet_phone_rung_has_a_sane_contention_row(tiny_checkpoint, phone, arm64_runner, tmp_path):
     rows, status = _run(tiny_checkpoint, phone, arm64_runner, tmp_path, threshold=1024)
     assert status["status"] == "ok"
@@ -77,6 +77,7 @@ def test_a_quiet_phone_rung_has_a_sane_contention_row(tiny_checkpoint, phone, ar
     assert len(json.loads(rows["tg_tps"]["detail"])["samples"]) == 3      # and its raw samples kept
 
 
+@pytest.mark.slow
 def test_a_phone_rung_run_beside_a_busy_app_is_stored_noisy(tiny_checkpoint, phone, arm64_runner, tmp_path):
     hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(os.cpu_count() or 2)]
     try:
