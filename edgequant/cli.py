@@ -734,6 +734,72 @@ def _render_cases(store, run_id: str, quant: str | None, fmt: str, output: str |
         click.echo(text, nl=not text.endswith("\n"))
 
 
+def _render_flips(store, run_id: str, quant: str, fmt: str, output: str | None) -> None:
+    """``report --cases RUNG --flips``: the flipped cases, the reference's output beside the rung's."""
+    import json as _json
+
+    from rich.console import Console
+    from rich.table import Table
+    from rich.text import Text
+
+    from edgequant.quantize.atomic import atomic_write_text
+    from edgequant.results.report import flipped_cases
+
+    rows = flipped_cases(store, run_id, quant)
+    arrow = {"right_to_wrong": "right → wrong", "wrong_to_right": "wrong → right"}
+
+    def verdict(c) -> str:
+        if c is None:
+            return "not stored"
+        return "refusal" if c["refusal"] else ("ok" if c["ok"] else f"FAIL: {c['reason']}")
+
+    def what(r) -> str:
+        return "; ".join(f"{f['metric']}: {arrow[f['direction']]}" for f in r["flips"])
+
+    if fmt == "json":
+        text = _json.dumps(rows, indent=2)
+    elif fmt in ("csv", "md"):
+        import csv as _csv
+        import io
+
+        flat = [{"case_id": r["case_id"], "format": r["format"], "flips": what(r),
+                 "reference_parse": verdict(r["reference"]), "rung_parse": verdict(r["rung"]),
+                 "reference_output": (r["reference"] or {}).get("output", ""), "rung_output": r["rung"]["output"]}
+                for r in rows]
+        cols = list(flat[0]) if flat else ["case_id", "format", "flips"]
+        buf = io.StringIO()
+        if fmt == "csv":
+            w = _csv.DictWriter(buf, fieldnames=cols, lineterminator="\n")
+            w.writeheader()
+            w.writerows(flat)
+        else:
+            buf.write("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols) + "\n")
+            for r in flat:
+                buf.write("| " + " | ".join(str(r[c]).replace("|", "\\|").replace("\n", "⏎") for c in cols) + " |\n")
+        text = buf.getvalue()
+    else:
+        ref_quant = rows[0]["reference_quant"] if rows else "reference"
+        table = Table(title=f"flipped cases · {quant} against {ref_quant} · {len(rows)} case(s)", show_lines=True)
+        for col in ("case", "flips", f"{ref_quant} (reference)", quant):
+            table.add_column(col, overflow="fold")
+        for r in rows:      # model output is untrusted: Text cells, never rich markup
+            ref = r["reference"]
+            table.add_row(Text(f"{r['case_id']}\n{r['format']}"), Text(what(r)),
+                          Text(f"({verdict(ref)})\n{(ref or {}).get('output', '')[:600]}"),
+                          Text(f"({verdict(r['rung'])})\n{r['rung']['output'][:600]}"))
+        console = Console(record=True, width=200) if output else Console()
+        console.print(table)
+        if not rows:
+            console.print(f"no case flipped between {ref_quant} and {quant}")
+        if output:
+            atomic_write_text(Path(output), console.export_text())
+        return
+    if output:
+        atomic_write_text(Path(output), text)
+    else:
+        click.echo(text, nl=not text.endswith("\n"))
+
+
 @cli.command()
 @click.argument("run_id", default="last", metavar="[RUN_ID]")
 @click.option("--format", "fmt", type=click.Choice(FORMATS), default="table", show_default=True,
@@ -743,6 +809,10 @@ def _render_cases(store, run_id: str, quant: str | None, fmt: str, output: str |
 @click.option("--cases", "cases_quant", is_flag=False, flag_value="*", default=None, metavar="[RUNG]",
               help="Per-case eval detail (raw output, parse result or the reason it failed), for every rung "
                    "or for RUNG (e.g. --cases Q4_0).")
+@click.option("--flips", is_flag=True,
+              help="With --cases RUNG: only the cases whose outcome flipped against the reference (right -> "
+                   "wrong or wrong -> right on a parse, referral, ESI, refusal or over-refusal outcome), with "
+                   "both outputs side by side.")
 @click.option("--html", "html_path", metavar="FILE", default=None,
               help="Write a self-contained HTML page: tables per device, plots (quality vs tg t/s vs size with "
                    "the Pareto front, history over the model's runs) and the per-case eval detail.")
@@ -750,9 +820,14 @@ def _render_cases(store, run_id: str, quant: str | None, fmt: str, output: str |
               help="The quality axis of the HTML plots: quality (mean of every rate), parse_rate, or one metric "
                    "such as xml_parse_rate, esi_exact or mean_kld.")
 @db_option
-def report(run_id, fmt, output, list_runs, cases_quant, html_path, quality, db):
+def report(run_id, fmt, output, list_runs, cases_quant, flips, html_path, quality, db):
     """Re-render a stored run (RUN_ID, or `last`), or list the runs with --list."""
+    if flips and cases_quant in (None, "*"):
+        raise BadInput("--flips needs a rung: write `edgequant report --cases RUNG --flips` (e.g. --cases Q4_0)")
     store = _open_store(db)
+    if flips:
+        _render_flips(store, run_id, cases_quant.upper(), fmt, output)
+        return
     if html_path is not None:
         from edgequant.results.html import write_html
 
