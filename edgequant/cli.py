@@ -100,10 +100,12 @@ def calibration_suite_option(f):
                              "profile's +imatrix rungs (unused otherwise).")(f)
 
 
-def _load_suite(name: str):
+def _load_suite(name: str, profile=None):
+    """The eval suite, with the profile's ``[quality] gates`` added (those the suite can measure)."""
     from edgequant.profiles.suites import load_suite
 
-    return load_suite(name)
+    suite = load_suite(name)
+    return suite.with_gates(profile.quality_gates) if profile is not None else suite
 
 
 def _load_profile(name: str, **overrides):
@@ -410,7 +412,7 @@ def _run(model, profile_name, threads, n_prompt, n_gen, repetitions, warmup, sui
                             repetitions=repetitions, warmup=warmup)
     if cooldown_max_wait is not None:
         profile = replace(profile, device=replace(profile.device, cooldown_max_wait=cooldown_max_wait))
-    suite = None if no_quality else _load_suite(suite_name)
+    suite = None if no_quality else _load_suite(suite_name, profile)
     cache = _cache_root(cache_dir)
     store = _open_store(db)
     console = _stderr_console()
@@ -648,7 +650,7 @@ def eval_(model, profile_name, suite_name, prompting, artifacts, threads, db, ca
     from edgequant import calibrate, onnx_pipeline, pipeline
 
     profile = _load_profile(profile_name, threads=threads)
-    suite = _load_suite(suite_name)
+    suite = _load_suite(suite_name, profile)
     cache = _cache_root(cache_dir)
     store = _open_store(db)
     console = _stderr_console()
@@ -745,7 +747,8 @@ def _render_flips(store, run_id: str, quant: str, fmt: str, output: str | None) 
     from edgequant.quantize.atomic import atomic_write_text
     from edgequant.results.report import flipped_cases
 
-    rows = flipped_cases(store, run_id, quant)
+    found = flipped_cases(store, run_id, quant)
+    rows, ref_quant = found["cases"], found["reference"]
     arrow = {"right_to_wrong": "right → wrong", "wrong_to_right": "wrong → right"}
 
     def verdict(c) -> str:
@@ -757,7 +760,7 @@ def _render_flips(store, run_id: str, quant: str, fmt: str, output: str | None) 
         return "; ".join(f"{f['metric']}: {arrow[f['direction']]}" for f in r["flips"])
 
     if fmt == "json":
-        text = _json.dumps(rows, indent=2)
+        text = _json.dumps(found, indent=2)
     elif fmt in ("csv", "md"):
         import csv as _csv
         import io
@@ -778,7 +781,6 @@ def _render_flips(store, run_id: str, quant: str, fmt: str, output: str | None) 
                 buf.write("| " + " | ".join(str(r[c]).replace("|", "\\|").replace("\n", "⏎") for c in cols) + " |\n")
         text = buf.getvalue()
     else:
-        ref_quant = rows[0]["reference_quant"] if rows else "reference"
         table = Table(title=f"flipped cases · {quant} against {ref_quant} · {len(rows)} case(s)", show_lines=True)
         for col in ("case", "flips", f"{ref_quant} (reference)", quant):
             table.add_column(col, overflow="fold")

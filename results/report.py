@@ -548,10 +548,11 @@ def render_csv(rep: RunReport) -> str:
 # flipped cases: a rung against the reference, case by case
 
 
-def flipped_cases(store: Store, run_id: str, quant: str) -> list[dict[str, Any]]:
+def flipped_cases(store: Store, run_id: str, quant: str) -> dict[str, Any]:
     """The cases whose outcome differs between the reference and ``quant`` on some metric, with both
-    outputs: ``{"case_id", "format", "flips": [{"metric", "direction"}], "reference": case record,
-    "rung": case record}`` in suite order.  Direction: ``right_to_wrong`` or ``wrong_to_right``."""
+    outputs: ``{"run_id", "reference": ref quant, "rung": quant, "cases": [{"case_id", "format",
+    "flips": [{"metric", "direction"}], "reference": case record, "rung": case record}]}``, cases in
+    suite order.  Direction: ``right_to_wrong`` or ``wrong_to_right``."""
     from edgequant.errors import BadInput
 
     run = store.run(run_id)
@@ -582,6 +583,6 @@ def flipped_cases(store: Store, run_id: str, quant: str) -> list[dict[str, Any]]
     out = []
     for cid, case in rung_cases.items():          # suite order
         if cid in flips:
-            out.append({"case_id": cid, "format": case["format"], "reference_quant": ref_quant,
-                        "flips": flips[cid], "reference": ref_cases.get(cid), "rung": case})
-    return out
+            out.append({"case_id": cid, "format": case["format"], "flips": flips[cid],
+                        "reference": ref_cases.get(cid), "rung": case})
+    return {"run_id": run["run_id"], "reference": ref_quant, "rung": quant, "cases": out}
