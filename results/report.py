@@ -290,10 +290,10 @@ QUALITY_HEADERS = {"xml_parse_rate": "xml %", "array_parse_rate": "array %", "pr
                    "median_kld": "KLD median", "p90_kld": "KLD p90", "p95_kld": "KLD p95", "p999_kld": "KLD p99.9",
                    "max_kld": "KLD max", "rms_dp": "RMS Δp %",
                    "top1_agreement": "same top %", "eval_tg_tps": "eval t/s", "gates_pass": "ship gates",
-                   "relative_gates": "vs ref"}
+                   "relative_gates": "relative gates"}
 # marks in a rate's cell, one per gate kind (the legend under the table says what each means)
 ABSOLUTE_FAIL_MARK = "✗"
-RELATIVE_MARKS = {"PASS": "=", "FAIL": "▼", "INCONCLUSIVE": "?"}
+RELATIVE_MARKS = {"PASS": "✓", "FAIL": "▼", "INCONCLUSIVE": "?"}
 QUALITY_LEGEND = ("rates in %, then rung − reference in pp (‡ = significant by a paired exact McNemar test, "
                   "p < 0.05; no ‡ does not mean no change: a small suite cannot show one) · "
                   "wrong % = parsed but with the wrong referral or ESI level (the app acts on it; lower is "
@@ -401,6 +401,25 @@ def _gate_marks(rung: RungSummary, metric: str) -> str:
     return marks
 
 
+def relative_notes(rep: RunReport) -> list[str]:
+    """One line per rung whose relative gates did not all pass: which failed, which the suite could not
+    tell, and how many cases would settle those at the observed rates."""
+    out = []
+    for rung in rep.rungs:
+        rel = [g for g in _gates_of(rung) if g["kind"] == "relative" and g.get("verdict") != "PASS"]
+        if not rel:
+            continue
+        failed = [f"{g['metric']} ({100 * g['delta']:+.0f} pp)" for g in rel if g["verdict"] == "FAIL"]
+        unsure = [f"{g['metric']} ({100 * g['delta']:+.0f} pp" + (f", ~{g['needed']} cases would tell)"
+                                                                  if g.get("needed") else ")")
+                  for g in rel if g["verdict"] == "INCONCLUSIVE"]
+        parts = ([f"worse than the reference beyond the margin on {', '.join(failed)}"] if failed else []) + \
+            ([f"cannot tell on {', '.join(unsure)}"] if unsure else [])
+        out.append(f"{rung.quant} vs {rep.reference().quant if rep.reference() else 'the reference'}: "
+                   + "; ".join(parts))
+    return out
+
+
 def _quality_cell(rung: RungSummary, metric: str) -> str:
     s = rung.metrics.get(metric)
     if s is None:
@@ -464,6 +483,7 @@ def _measured_on(elsewhere: str | None) -> str:
 def render_table(rep: RunReport, console) -> None:
     from rich.measure import Measurement
     from rich.table import Table
+    from rich.text import Text
 
     for g in per_device(rep):
         table = Table(title=f"edgequant · {rep.run.get('profile') or ''} · {g.rungs[0].device_id}",
@@ -490,6 +510,8 @@ def render_table(rep: RunReport, console) -> None:
             parts = [half for cols in parts for half in (cols[:(len(cols) + 1) // 2], cols[(len(cols) + 1) // 2:])]
         for t in tables:
             console.print(t)
+        for note in relative_notes(g):
+            console.print(Text(f"  {note}", style="dim"), soft_wrap=True)
     for note in rep.footnotes:
         console.print(f"[dim]* {note}[/dim]", soft_wrap=True)
 
@@ -512,6 +534,7 @@ def render_markdown(rep: RunReport) -> str:
             lines.append(f"| {rung.quant}{' (ref)' if rung.is_reference else ''} | "
                          + " | ".join(_quality_cell(rung, m) for m in cols) + " |")
         lines.append("")
+        lines += [f"- {note}" for note in relative_notes(g)] + ([""] if relative_notes(g) else [])
     lines += [f"\\* {n}\n" for n in rep.footnotes]
     return "\n".join(lines).rstrip("\n") + "\n"
 
