@@ -976,6 +976,8 @@ def _tune_table(result, gates, speed_on: str) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from edgequant.bench.tune import relative_margin
+
     table = Table(title=f"tune candidates (high to low precision) · speed on {speed_on}, quality on this host")
     cols = ["rung", "verdict", "size MiB", "tg t/s"] + [g.metric for g in gates] + ["why"]
     for col in cols:
@@ -986,7 +988,13 @@ def _tune_table(result, gates, speed_on: str) -> None:
         cells = [t.name, ("CHOSEN" if chosen else t.verdict),
                  f"{t.size_bytes / 2**20:,.1f}" if t.size_bytes else "",
                  f"{m.tg_tps:.1f}" if m and m.tg_tps else ""]
-        cells += [f"{m.metrics[g.metric]:.3f}" if m and g.metric in m.metrics else "" for g in gates]
+        for g in gates:
+            if m is None:
+                cells.append("")
+            elif g.relative:     # the verdict against the reference: PASS, FAIL or INCONCLUSIVE
+                cells.append(relative_margin(g, m.paired.get(g.metric))[1])
+            else:
+                cells.append(f"{m.metrics[g.metric]:.3f}" if g.metric in m.metrics else "")
         cells.append("; ".join(t.reasons))
         table.add_row(*cells, style="bold green" if chosen else None)
     console = Console()
