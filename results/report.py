@@ -298,10 +298,23 @@ QUALITY_LEGEND = ("rates in %, then rung − reference in pp (‡ = significant 
                   "p < 0.05; no ‡ does not mean no change: a small suite cannot show one) · "
                   "wrong % = parsed but with the wrong referral or ESI level (the app acts on it; lower is "
                   "better) · over-refusal % = in-scope cases answered with the refusal (lower is better) · "
+                  "† = refusal % rose only with over-refusal: the rung refuses in-scope cases too, no improvement · "
                   f"{ABSOLUTE_FAIL_MARK} = fails its absolute (ship) gate · relative gates against the reference "
                   f"(non-inferiority, paired 95 % CI): {RELATIVE_MARKS['PASS']} PASS (no worse than the margin), "
                   f"{RELATIVE_MARKS['FAIL']} FAIL (worse by more than the margin), {RELATIVE_MARKS['INCONCLUSIVE']} "
                   f"INCONCLUSIVE (the suite is too small to tell; never a pass)")
+
+
+OVER_REFUSAL_MARK = "†"
+
+
+def refusal_gain_from_over_refusal(rung: RungSummary) -> bool:
+    """Whether a rise in refusal compliance came with a rise in over-refusal: a rung that refuses what it
+    should answer too has not learned to refuse better (the default 270M from Q4_0 down refuses everything)."""
+    rc, over = rung.metrics.get("refusal_compliance"), rung.metrics.get("over_refusal")
+    if rc is None or over is None:
+        return False
+    return (rc.detail or {}).get("delta_pp", 0) > 0 and (over.detail or {}).get("delta_pp", 0) > 0
 
 
 def quality_columns(rep: RunReport) -> list[str]:
@@ -368,6 +381,8 @@ def quality_record(rung: RungSummary, columns: list[str]) -> dict[str, Any]:
             rec["relative_gates_detail"] = d["gates"]
         if m == "mean_kld" and "llama_perplexity" in d:
             rec["kld_statistics"] = d["llama_perplexity"]
+        if m == "refusal_compliance" and s is not None:
+            rec["refusal_gain_from_over_refusal"] = refusal_gain_from_over_refusal(rung)
     for m in KLD_DETAIL:
         if m not in columns and m in rung.metrics:
             rec[m] = rung.metrics[m].value
@@ -445,6 +460,8 @@ def _quality_cell(rung: RungSummary, metric: str) -> str:
     text = f"{s.value * 100:.0f}"
     if "delta_pp" in d and not rung.is_reference:
         text += f" {d['delta_pp']:+.0f}{'‡' if d.get('significant') else ''}"
+        if metric == "refusal_compliance" and refusal_gain_from_over_refusal(rung):
+            text += OVER_REFUSAL_MARK
     marks = _gate_marks(rung, metric)
     return text + (f" {marks}" if marks else "")
 

@@ -74,6 +74,17 @@ def _wrong_referrals(suite):
     return _results(suite, out)
 
 
+def _refuses_everything_against_a_partial_reference(suite):
+    """The issue's case: a reference that complies with 8 of the 13 out-of-scope cases (62 %), and a
+    rung that refuses every case: refusal compliance 'rises' to 100 % while over-refusal goes 0 -> 100 %."""
+    out_of_scope = [c for c in suite.cases if c.gold.refuse]
+    answered = {c.id for c in out_of_scope[:5]}
+    right = {c.id: (_answer(c, referral=True) if c.id in answered else _refusal(c, suite.refusal.text))
+             if c.gold.refuse else _answer(c) for c in suite.cases}
+    ref = quality.Reference("BF16", "0" * 64, Path("ref.gguf"), _results(suite, right), {}, "completion", 0, 0.0)
+    return ref, _refuses_everything(suite)
+
+
 def _by_name(metrics):
     return {m.metric: m for m in metrics}
 
@@ -119,8 +130,8 @@ def test_valid_but_wrong_counts_packets_that_parse_with_the_wrong_label(suite):
     assert all(ref_m[f"{fmt}_valid_but_wrong"].value == 0.0 for fmt in ("xml", "array", "prose", "esi"))
 
 
-def _store(db: Path, suite) -> str:
-    ref = _reference(suite)
+def _store(db: Path, suite, partial: bool = False) -> str:
+    ref = _refuses_everything_against_a_partial_reference(suite)[0] if partial else _reference(suite)
     rungs = {"BF16": (ref.cases, True), "Q4_0": (_refuses_everything(suite), False),
              "Q8_0": (dict(ref.cases), False)}
     params = {"runner": "host", "stage": "quality", "suite": suite.name, "suite_sha256": suite.sha256,
@@ -170,3 +181,23 @@ def test_table_json_and_flips_of_a_stored_run(tmp_path, suite):
     assert table.returncode == 0 and "69 case(s)" in " ".join(table.stdout.split())
     none = run_cli("report", run, "--db", str(db), "--cases", "Q8_0", "--flips", env=env)
     assert none.returncode == 0 and "no case flipped between BF16 and Q8_0" in none.stdout
+
+
+def test_a_refusal_gain_that_comes_from_refusing_everything_is_not_shown_as_an_improvement(tmp_path, suite):
+    ref, rung = _refuses_everything_against_a_partial_reference(suite)
+    m = _by_name(quality.compute_metrics(suite, rung, ref, False, 0, 0.0))
+    assert m["refusal_compliance"].detail["delta_pp"] == pytest.approx(100 * 5 / 13)     # 62 % -> 100 %
+    db = tmp_path / "r.db"
+    run = _store(db, suite, partial=True)
+    env = cli_env(tmp_path)
+    res = run_cli("report", run, "--db", str(db), env=env)
+    assert res.returncode == 0, res.stderr
+    q4 = " ".join(" ".join(line.split()) for line in res.stdout.split("quality against the reference", 1)[1]
+                  .splitlines() if line.startswith("│ Q4_0"))       # the table may come in parts
+    assert "100 +38‡†" in q4 or "100 +38†" in q4          # refusal %: marked, not a plain gain
+    assert "100 +100‡ ✗▼" in q4                            # over-refusal beside it
+    assert "† = refusal % rose only with over-refusal" in " ".join(res.stdout.split())
+    rec = {r["quant"]: r for r in json.loads(run_cli("report", run, "--db", str(db), "--format", "json",
+                                                     env=env).stdout)["quality"]}
+    assert rec["Q4_0"]["refusal_gain_from_over_refusal"] is True
+    assert rec["Q8_0"]["refusal_gain_from_over_refusal"] is False
