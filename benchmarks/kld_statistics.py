@@ -189,6 +189,8 @@ def main() -> None:
     ap.add_argument("--types", default="Q8_0,Q4_K_M,Q2_K", help="the default model's rungs to compare")
     ap.add_argument("--texts", default="suite,prose", help="which built-in texts: suite, prose")
     ap.add_argument("--text", type=Path, help="score this text file instead of the built-in texts")
+    ap.add_argument("--max-chars", type=int, default=None,
+                    help="cut each text to this many characters (a quicker run; keep >= 2 chunks of --ctx tokens)")
     ap.add_argument("--ctx", type=int, default=256)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
@@ -198,6 +200,8 @@ def main() -> None:
     texts = ({"file " + args.text.name: args.text.read_text()} if args.text else
              {k: v for k, v in (("suite", default_text()), ("prose", prose_text()))
               if k in [t.strip() for t in args.texts.split(",")]})
+    if args.max_chars:
+        texts = {k: v[:args.max_chars] for k, v in texts.items()}
     print(f"token-level statistics, edgequant vs llama-perplexity --kl-divergence (c={args.ctx}, reference "
           f"{ref.name}); target: {', '.join(TARGETS)} within {TARGET:.0%}")
     all_ok = True
@@ -205,11 +209,14 @@ def main() -> None:
         for name, text in texts.items():
             path = Path(tmp) / f"{name.replace(' ', '_')}.txt"
             path.write_text(text)
-            print(f"text {name}: {len(text):,} characters")
+            print(f"text {name}: {len(text):,} characters", flush=True)
             for test in tests:
+                print(f"  scoring {test.name} with edgequant ...", file=sys.stderr, flush=True)
                 ours, n = edgequant_stats(ref, test, text, args.ctx, args.threads)
+                print(f"  scoring {test.name} with llama-perplexity ...", file=sys.stderr, flush=True)
                 theirs = perplexity_stats(ref, test, path, args.ctx, args.threads)
                 all_ok &= report(name, test, ours, n, theirs)
+                sys.stdout.flush()
     print("all targets met" if all_ok else "some targets missed")
     sys.exit(0 if all_ok else 1)
 

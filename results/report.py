@@ -574,7 +574,8 @@ def render_csv(rep: RunReport) -> str:
     buf = io.StringIO()
     qcols = quality_columns(rep)
     records = [{**rung_record(g, r), **{k: v for k, v in quality_record(r, qcols).items()
-                                        if k not in ("quant", "reference", "gates") and not k.endswith("_ci95")}}
+                                        if k not in ("quant", "reference", "gates") and not k.endswith("_ci95")
+                                        and not isinstance(v, (dict, list))}}
                for g in per_device(rep) for r in g.rungs]
     fields = ["run_id"] + list(dict.fromkeys(k for rec in records for k in rec)) if records else ["run_id"]
     writer = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")

@@ -201,3 +201,21 @@ def test_a_refusal_gain_that_comes_from_refusing_everything_is_not_shown_as_an_i
                                                      env=env).stdout)["quality"]}
     assert rec["Q4_0"]["refusal_gain_from_over_refusal"] is True
     assert rec["Q8_0"]["refusal_gain_from_over_refusal"] is False
+
+
+def test_csv_and_markdown_carry_the_new_rates_and_verdicts(tmp_path, suite):
+    import csv
+    import io
+
+    db = tmp_path / "r.db"
+    run = _store(db, suite)
+    env = cli_env(tmp_path)
+    res = run_cli("report", run, "--db", str(db), "--format", "csv", env=env)
+    assert res.returncode == 0, res.stderr
+    rows = {r["quant"]: r for r in csv.DictReader(io.StringIO(res.stdout))}
+    assert float(rows["Q4_0"]["over_refusal"]) == 1.0 and float(rows["Q8_0"]["over_refusal"]) == 0.0
+    assert rows["Q4_0"]["relative_gates"] == "FAIL" and rows["Q8_0"]["relative_gates"] == "INCONCLUSIVE"
+    assert not any(v.startswith(("{", "[")) for r in rows.values() for v in r.values() if v)
+    md = run_cli("report", run, "--db", str(db), "--format", "md", env=env).stdout
+    assert " over-refusal % |" in md and "| 100 +100‡ ✗▼ |" in md
+    assert "- Q8_0 vs BF16: cannot tell on" in md and "- Q4_0 vs BF16: worse than the reference" in md
