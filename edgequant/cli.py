@@ -640,10 +640,13 @@ def eval_(model, profile_name, suite_name, prompting, artifacts, threads, db, ca
 
     Greedy decoding with the same prompts for every rung; the shared prompt
     prefix is decoded once per format.  Reports parse rates per format (Wilson
-    95 % intervals), gold accuracy (ESI exact/adjacent, referral, refusal
-    compliance), agreement with the reference's output on the same case,
-    degradation with a paired exact McNemar test, and mean/p99 KLD and top-1
-    agreement against the reference's logits.  Builds the ladder first if
+    95 % intervals), valid-but-wrong per format, gold accuracy (ESI
+    exact/adjacent, referral, refusal compliance, over-refusal), agreement with
+    the reference's output on the same case, the change with a paired exact
+    McNemar test and the flips, llama-perplexity's KLD statistics and top-1
+    agreement against the reference's logits, and the suite's and profile's
+    gates: absolute (PASS/FAIL) and relative to the reference (non-inferiority:
+    PASS, FAIL or INCONCLUSIVE).  Builds the ladder first if
     needed (cached), the profile's ONNX variants included (judged against the
     same GGUF reference), or takes GGUF files with --artifact.
     """
