@@ -519,3 +519,17 @@ def test_bad_case_line_names_file_and_line(tmp_path, tiny_checkpoint):
     res = run_cli("eval", "--model", str(tiny_checkpoint), "--suite", str(suite), env=cli_env(tmp_path))
     assert res.returncode == 2
     assert_one_line_error(res.stderr, "mini.jsonl", "3", "yaml")
+
+
+@pytest.mark.parametrize("gate, needle", [
+    ("mean_kld <= ref + 0.05", "relative gate needs a metric with per-case outcomes"),
+    ("xml_parse_rate >= ref - 1.5", "between 0 and 1 (exclusive)"),
+    ("xml_speed >= ref - 0.05", "unknown metric 'xml_speed'"),
+])
+def test_bad_relative_gate_is_one_line_exit_2(tmp_path, tiny_checkpoint, gate, needle):
+    suite = write_suite(tmp_path)
+    suite.write_text(SUITE.replace('gates = ["xml_parse_rate >= 0.95", "esi_adjacent >= 0.5"]',
+                                   f'gates = ["xml_parse_rate >= 0.95", "{gate}"]'))
+    res = run_cli("eval", "--model", str(tiny_checkpoint), "--suite", str(suite), env=cli_env(tmp_path))
+    assert res.returncode == 2
+    assert_one_line_error(res.stderr, str(suite), "suite.gates[1]", gate, needle)
