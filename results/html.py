@@ -259,6 +259,7 @@ def _cases(rep: RunReport, cases: list[dict[str, Any]]) -> str:
     out = []
     for quant in order:
         rows = by_rung[quant]
+        flips = _case_flips(next((r for r in rep.rungs if r.quant == quant), None))
         n_ok = sum(1 for r in rows if r["ok"])
         n_ref = sum(1 for r in rows if r["refusal"])
         n_fail = sum(1 for r in rows if not r["ok"])
@@ -270,16 +271,32 @@ def _cases(rep: RunReport, cases: list[dict[str, Any]]) -> str:
             if len(text) > MAX_OUTPUT_CHARS:
                 text = text[:MAX_OUTPUT_CHARS] + f"\n… ({len(r['output']) - MAX_OUTPUT_CHARS:,} more characters)"
             stop = f"{r['n_tokens']} tokens, stopped: {r['stopped']}" if r.get("n_tokens") is not None else ""
+            flipped = "; ".join(flips.get(r["case_id"], []))
             body.append(f'<tr class="{"fail" if not r["ok"] else ""}"><td>{_e(r["case_id"])}</td>'
                         f'<td>{_e(r["format"])}</td><td class="verdict">{_e(verdict)}</td>'
                         f'<td class="fields">{_e(why)}</td><td><pre>{_e(text)}</pre>'
-                        f'<span class="note">{_e(stop)}</span></td></tr>')
+                        f'<span class="note">{_e(stop)}</span></td><td class="fields">{_e(flipped)}</td></tr>')
         out.append(f"<details><summary>{_e(quant)} · {n_ok}/{len(rows)} parsed · {n_fail} failed · "
                    f"{n_ref} refusal(s)</summary><table class=\"cases\"><thead><tr><th class=\"text\">case</th>"
                    f"<th class=\"text\">format</th><th class=\"text\">parse</th>"
                    f"<th class=\"text\">failure reason / parsed fields</th><th class=\"text\">raw output</th>"
+                   f"<th class=\"text\">flips vs reference</th>"
                    f"</tr></thead><tbody>{''.join(body)}</tbody></table></details>")
     return "".join(out)
+
+
+def _case_flips(rung) -> dict[str, list[str]]:
+    """Case id -> the metrics on which it flipped against the reference (``metric ↓`` right -> wrong,
+    ``metric ↑`` wrong -> right)."""
+    out: dict[str, list[str]] = {}
+    if rung is None:
+        return out
+    for m, s in rung.metrics.items():
+        flips = (s.detail or {}).get("flips") or {}
+        for direction, arrow in (("right_to_wrong", "↓"), ("wrong_to_right", "↑")):
+            for cid in flips.get(direction, []):
+                out.setdefault(cid, []).append(f"{QUALITY_HEADERS.get(m, m).replace(' %', '')} {arrow}")
+    return out
 
 
 # ---------------------------------------------------------------------------

@@ -219,3 +219,18 @@ def test_csv_and_markdown_carry_the_new_rates_and_verdicts(tmp_path, suite):
     md = run_cli("report", run, "--db", str(db), "--format", "md", env=env).stdout
     assert " over-refusal % |" in md and "| 100 +100‡ ✗▼ |" in md
     assert "- Q8_0 vs BF16: cannot tell on" in md and "- Q4_0 vs BF16: worse than the reference" in md
+
+
+def test_html_shows_flips_per_rung_and_per_case(tmp_path, suite):
+    db = tmp_path / "r.db"
+    run = _store(db, suite)
+    page = tmp_path / "r.html"
+    res = run_cli("report", run, "--db", str(db), "--html", str(page), env=cli_env(tmp_path))
+    assert res.returncode == 0, res.stderr
+    html = page.read_text()
+    assert "flips against the reference" in html and "69 ↓ / 0 ↑" in html      # over-refusal of Q4_0
+    first_in_scope = next(c.id for c in suite.cases if not c.gold.refuse)
+    row = html.split(f"<td>{first_in_scope}</td>")
+    # the case's row under Q4_0 names the flips; under Q8_0 (identical to the reference) none
+    assert any("over-refusal ↓" in part.split("</tr>")[0] for part in row[1:])
+    assert "xml_parse_rate &gt;= ref - 0.05: FAIL" in html or "xml_parse_rate >= ref - 0.05: FAIL" in html
