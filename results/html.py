@@ -22,7 +22,7 @@ from typing import Any, Iterable
 from edgequant.results import plots
 from edgequant.results.pick import (check_quality_measure, higher_is_better, quality_description, quality_label,
                                     quality_score, rung_front)
-from edgequant.results.report import (QUALITY_HEADERS, RunReport, _caption, _cells, _columns, _gates_of,
+from edgequant.results.report import (QUALITY_HEADERS, RunReport, _caption, _cells, _columns, gates_of,
                                       _quality_caption, _quality_cell, flip_counts, kld_statistics, per_device,
                                       quality_columns, rung_record, summarize)
 from edgequant.results.store import Store
@@ -148,7 +148,7 @@ def _gate_text(g: dict) -> str:
 
 def _gate_titles(rung, cols: list[str]) -> list[str]:
     titles = [""]
-    gates = _gates_of(rung)
+    gates = gates_of(rung)
     for m in cols:
         if m == "gates_pass":
             titles.append("; ".join(_gate_text(g) for g in gates if g["kind"] == "absolute"))
@@ -167,7 +167,7 @@ def _quality(rep: RunReport) -> str:
              "ref" if rung.is_reference else "", _gate_titles(rung, cols)) for rung in rep.rungs]
     gates = []
     for rung in rep.rungs:
-        mine = _gates_of(rung)
+        mine = gates_of(rung)
         failed = [g["gate"] for g in mine if g["kind"] == "absolute" and not g["pass"]]
         if failed:
             gates.append(f"{rung.quant}: fails the ship gates {', '.join(failed)}")

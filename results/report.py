@@ -350,7 +350,8 @@ def kld_statistics(rung: RungSummary) -> dict[str, float]:
     return named
 
 
-def _gates_of(rung: RungSummary) -> list[dict]:
+def gates_of(rung: RungSummary) -> list[dict]:
+    """The rung's stored gate verdicts, both kinds, each with its ``kind`` (absolute or relative)."""
     out = []
     for row in ("gates_pass", "relative_gates"):
         s = rung.metrics.get(row)
@@ -406,7 +407,7 @@ def _quality_table(g: RunReport, cols: list[str], caption: str | None, part: int
 
 def _gate_marks(rung: RungSummary, metric: str) -> str:
     marks = ""
-    for g in _gates_of(rung):
+    for g in gates_of(rung):
         if g["metric"] != metric:
             continue
         if g["kind"] == "absolute" and not g["pass"]:
@@ -421,7 +422,7 @@ def relative_notes(rep: RunReport) -> list[str]:
     tell, and how many cases would settle those at the observed rates."""
     out = []
     for rung in rep.rungs:
-        rel = [g for g in _gates_of(rung) if g["kind"] == "relative" and g.get("verdict") != "PASS"]
+        rel = [g for g in gates_of(rung) if g["kind"] == "relative" and g.get("verdict") != "PASS"]
         if not rel:
             continue
         failed = [f"{g['metric']} ({100 * g['delta']:+.0f} pp)" for g in rel if g["verdict"] == "FAIL"]
@@ -449,10 +450,10 @@ def _quality_cell(rung: RungSummary, metric: str) -> str:
         verdict = d.get("verdict", "?")
         counted = [g for g in d.get("gates", []) if g.get("verdict") == verdict]
         return f"{verdict}" + (f" ({len(counted)})" if verdict != "PASS" and counted else "")
-    if metric in ("mean_kld", "p99_kld") or metric in KLD_DETAIL and metric != "rms_dp":
-        return f"{s.value:.4f}"
     if metric == "rms_dp":
         return f"{100 * s.value:.2f}"
+    if metric == "mean_kld" or metric in KLD_DETAIL:
+        return f"{s.value:.4f}"
     if metric == "differential_jaccard":
         return f"{s.value:.2f}"
     if metric == "eval_tg_tps":
