@@ -370,10 +370,15 @@ def evaluate_gates(suite: Suite, metrics: list[QualityMetric]) -> list[dict[str,
             continue
         ni = non_inferiority_table(*table, margin=g.value)
         sign = -1.0 if g.metric in LOWER_IS_BETTER else 1.0   # the change of the rate itself, not of "right"
+        low, high = sorted([sign * ni.low, sign * ni.high])
+        label = (f"{ni.verdict}: {100 * sign * ni.delta:+.1f} pp (95 % CI {100 * low:+.1f} to {100 * high:+.1f}) "
+                 f"vs margin {'+' if sign < 0 else '−'}{100 * g.value:g} pp on {ni.n} cases")
+        if ni.verdict == "INCONCLUSIVE":
+            label += (f"; about {ni.needed} cases would settle it at these rates" if ni.needed
+                      else "; the observed change sits on the margin")
         out.append({"gate": str(g), "metric": g.metric, "kind": "relative", "value": v,
                     "pass": ni.verdict == "PASS", "verdict": ni.verdict, "delta": sign * ni.delta,
-                    "ci95": sorted([sign * ni.low, sign * ni.high]), "margin": g.value, "n": ni.n,
-                    "needed": ni.needed, "label": ni.label})
+                    "ci95": [low, high], "margin": g.value, "n": ni.n, "needed": ni.needed, "label": label})
     return out
 
 

@@ -234,3 +234,16 @@ def test_html_shows_flips_per_rung_and_per_case(tmp_path, suite):
     # the case's row under Q4_0 names the flips; under Q8_0 (identical to the reference) none
     assert any("over-refusal ↓" in part.split("</tr>")[0] for part in row[1:])
     assert "xml_parse_rate &gt;= ref - 0.05: FAIL" in html or "xml_parse_rate >= ref - 0.05: FAIL" in html
+
+
+def test_relative_gate_labels_read_in_the_rates_own_direction(suite):
+    ref = _reference(suite)
+    m = quality.compute_metrics(suite, _refuses_everything(suite), ref, False, 0, 0.0)
+    gates = {g["gate"]: g for g in quality.evaluate_gates(suite, m)}
+    over = gates["over_refusal <= ref + 0.05"]
+    # over-refusal rose from 0 to 100 %: +100 pp against a margin of +5 pp; the interval is the rate's own
+    assert over["delta"] == pytest.approx(1.0)
+    assert over["label"].startswith("FAIL: +100.0 pp (95 % CI +") and "vs margin +5 pp on 69 cases" in over["label"]
+    assert 0.05 < over["ci95"][0] < over["ci95"][1] <= 1.0
+    xml = gates["xml_parse_rate >= ref - 0.05"]
+    assert xml["delta"] == pytest.approx(-0.8) and "vs margin −5 pp on 25 cases" in xml["label"]
