@@ -425,8 +425,8 @@ def relative_notes(rep: RunReport) -> list[str]:
         rel = [g for g in gates_of(rung) if g["kind"] == "relative" and g.get("verdict") != "PASS"]
         if not rel:
             continue
-        failed = [f"{g['metric']} ({100 * g['delta']:+.0f} pp)" for g in rel if g["verdict"] == "FAIL"]
-        unsure = [f"{g['metric']} ({100 * g['delta']:+.0f} pp" + (f", ~{g['needed']} cases would tell)"
+        failed = [f"{g['metric']} ({100 * g['delta'] + 0.0:+.0f} pp)" for g in rel if g["verdict"] == "FAIL"]
+        unsure = [f"{g['metric']} ({100 * g['delta'] + 0.0:+.0f} pp" + (f", ~{g['needed']} cases would tell)"
                                                                   if g.get("needed") else ")")
                   for g in rel if g["verdict"] == "INCONCLUSIVE"]
         parts = ([f"worse than the reference beyond the margin on {', '.join(failed)}"] if failed else []) + \
@@ -529,7 +529,7 @@ def render_table(rep: RunReport, console) -> None:
         for t in tables:
             console.print(t)
         for note in relative_notes(g):
-            console.print(Text(f"  {note}", style="dim"), soft_wrap=True)
+            console.print(Text(f"↳ {note}", style="dim"))     # wrapped to the console's width
     for note in rep.footnotes:
         console.print(f"[dim]* {note}[/dim]", soft_wrap=True)
 
