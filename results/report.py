@@ -298,7 +298,8 @@ QUALITY_LEGEND = ("rates in %, then rung − reference in pp (‡ = significant 
                   "p < 0.05; no ‡ does not mean no change: a small suite cannot show one) · "
                   "wrong % = parsed but with the wrong referral or ESI level (the app acts on it; lower is "
                   "better) · over-refusal % = in-scope cases answered with the refusal (lower is better) · "
-                  "† = refusal % rose only with over-refusal: the rung refuses in-scope cases too, no improvement · "
+                  "† = refusal % rose (or wrong % fell) only with over-refusal: the rung refuses in-scope cases "
+                  "too, no improvement · "
                   f"{ABSOLUTE_FAIL_MARK} = fails its absolute (ship) gate · relative gates against the reference "
                   f"(non-inferiority, paired 95 % CI): {RELATIVE_MARKS['PASS']} PASS (no worse than the margin), "
                   f"{RELATIVE_MARKS['FAIL']} FAIL (worse by more than the margin), {RELATIVE_MARKS['INCONCLUSIVE']} "
@@ -306,6 +307,11 @@ QUALITY_LEGEND = ("rates in %, then rung − reference in pp (‡ = significant 
 
 
 OVER_REFUSAL_MARK = "†"
+
+
+def _over_refusal_rose(rung: RungSummary) -> bool:
+    over = rung.metrics.get("over_refusal")
+    return over is not None and (over.detail or {}).get("delta_pp", 0) > 0
 
 
 def refusal_gain_from_over_refusal(rung: RungSummary) -> bool:
@@ -463,6 +469,8 @@ def _quality_cell(rung: RungSummary, metric: str) -> str:
         text += f" {d['delta_pp']:+.0f}{'‡' if d.get('significant') else ''}"
         if metric == "refusal_compliance" and refusal_gain_from_over_refusal(rung):
             text += OVER_REFUSAL_MARK
+        elif metric.endswith("_valid_but_wrong") and d["delta_pp"] < 0 and _over_refusal_rose(rung):
+            text += OVER_REFUSAL_MARK     # fewer wrong packets because fewer packets: no improvement either
     marks = _gate_marks(rung, metric)
     return text + (f" {marks}" if marks else "")
 

@@ -196,7 +196,7 @@ def test_a_refusal_gain_that_comes_from_refusing_everything_is_not_shown_as_an_i
                   .splitlines() if line.startswith("│ Q4_0"))       # the table may come in parts
     assert "100 +38‡†" in q4 or "100 +38†" in q4          # refusal %: marked, not a plain gain
     assert "100 +100‡ ✗▼" in q4                            # over-refusal beside it
-    assert "† = refusal % rose only with over-refusal" in " ".join(res.stdout.split())
+    assert "† = refusal % rose (or wrong % fell) only with over-refusal" in " ".join(res.stdout.split())
     rec = {r["quant"]: r for r in json.loads(run_cli("report", run, "--db", str(db), "--format", "json",
                                                      env=env).stdout)["quality"]}
     assert rec["Q4_0"]["refusal_gain_from_over_refusal"] is True
