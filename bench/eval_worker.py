@@ -19,7 +19,8 @@ generated: ``{"op": "teacher", "reference": str, "rungs": [str | {"path": str,
 "cache_type": str, "flash_attn": str}, ...],
 "tokens": {case_id: [token, ...]}, ...}`` scores the reference's output tokens
 through every rung against the reference, and the result is
-``{"scores": {rung_path: {case_id: {"kld": [...], "top1": [...]}}}}``.
+``{"scores": {rung_path: {case_id: {"kld": [...], "top1": [...], "dp": [...]}}}}`` (dp: the
+rung's probability of the reference's next token minus the reference's, llama-perplexity's delta-p).
 
 With ``"prefix_lengths": true`` only the vocabulary is loaded and nothing is
 decoded: the result is the model's training context (``n_ctx_train``) and the
@@ -109,12 +110,19 @@ class RefRows:
         self.p = np.exp(self.lp)
         self.top = np.argmax(self.lp, axis=1)
 
-    def compare(self, logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Per row: KL(ref || this) in nats, and whether the argmaxes agree."""
+    def compare(self, logits: np.ndarray, targets: list[int] | None = None):
+        """Per row: KL(ref || this) in nats, and whether the argmaxes agree; with ``targets`` (the token
+        each row predicts) also delta-p: this model's probability of it minus the reference's."""
         lq = log_softmax_rows(logits)
+        if targets is not None:
+            rows = np.arange(len(targets))
+            tgt = np.asarray(targets)
+            dp = np.exp(lq[rows, tgt].astype(np.float64)) - np.exp(self.lp[rows, tgt].astype(np.float64))
         np.subtract(self.lp, lq, out=lq)
         np.multiply(self.p, lq, out=lq)
         kld = lq.sum(axis=1, dtype=np.float64)
+        if targets is not None:
+            return np.maximum(kld, 0.0), self.top == np.argmax(logits, axis=1), dp
         return np.maximum(kld, 0.0), self.top == np.argmax(logits, axis=1)
 
 
@@ -425,7 +433,8 @@ def teacher(req: dict, progress) -> dict:
             cap = min(m.batch_cap for m in models)
             for case, tokens in encoded:
                 out = ref_tokens[case["id"]]
-                per_rung = [([], []) for _ in rungs]
+                per_rung = [([], [], []) for _ in rungs]
+                scored = 0          # logit row j predicts out[j]
                 if out:
                     for m in models:
                         m.fork_prefix(1)
@@ -435,13 +444,16 @@ def teacher(req: dict, progress) -> dict:
                         rows = [i for i, entry in enumerate(batch) if entry[3]]
                         if not rows:
                             continue
+                        targets = out[scored:scored + len(rows)]
+                        scored += len(rows)
                         block = RefRows(np.stack([ref.logits(i) for i in rows]))
-                        for r, (klds, same) in zip(rungs, per_rung):
-                            d, t = block.compare(np.stack([r.logits(i) for i in rows]))
+                        for r, (klds, same, dps) in zip(rungs, per_rung):
+                            d, t, p = block.compare(np.stack([r.logits(i) for i in rows]), targets)
                             klds += d.tolist()
                             same += t.tolist()
-                for key, (klds, same) in zip(keys, per_rung):
-                    scores[key][case["id"]] = {"kld": klds, "top1": same}
+                            dps += p.tolist()
+                for key, (klds, same, dps) in zip(keys, per_rung):
+                    scores[key][case["id"]] = {"kld": klds, "top1": same, "dp": dps}
                 done += 1
                 progress(f"kld {done}/{total}")
         return {"scores": scores, "prompting": mode, "runtime_version": L.__version__}

@@ -15,14 +15,20 @@ Per rung:
 
 * parse rate per format, with a Wilson 95 % interval;
 * gold accuracy where the suite has labels: ESI exact and adjacent (±1),
-  referral accuracy, refusal compliance;
+  referral accuracy, refusal compliance on the out-of-scope cases, and
+  over-refusal: the share of in-scope cases answered with a refusal;
+* valid-but-wrong per format: outputs that parse but carry the wrong referral
+  or ESI level (worse than a failed parse: the app acts on them);
 * agreement with the reference's parsed output on the same case: same
   referral decision, same ESI level, Jaccard overlap of the differentials;
 * degradation = rung − reference for the per-case outcomes, with a paired
-  exact McNemar test, so small suites say "within noise" honestly;
-* token level: mean and 99th-percentile KLD and top-1 agreement of the rung's
-  distributions against the reference's, on the reference's own outputs
-  (teacher forcing), like ``llama-perplexity --kl-divergence``;
+  exact McNemar test, so small suites say "within noise" honestly; the flips
+  (cases right -> wrong and wrong -> right) and the paired table, from which
+  relative (non-inferiority) gates get PASS, FAIL or INCONCLUSIVE;
+* token level: mean, median, 90/95/99/99.9th percentile and maximum KLD, RMS
+  delta-p and top-1 agreement ("same top p") of the rung's distributions
+  against the reference's, on the reference's own outputs (teacher forcing),
+  named and computed as ``llama-perplexity --kl-divergence`` does;
 * eval throughput: tokens generated per second of the generation phase
   (cases' prompts included), with the suite's cases batched side by side.
 """
@@ -40,14 +46,17 @@ import numpy as np
 
 from edgequant.bench import worker
 from edgequant.bench.parsers import ParseResult, parse
-from edgequant.bench.quality_stats import jaccard, paired_degradation, wilson_interval
+from edgequant.bench.quality_stats import (LLAMA_PERPLEXITY_NAMES, jaccard, kld_statistics, non_inferiority_table,
+                                           paired_degradation, paired_table, wilson_interval)
 from edgequant.errors import RunFailed
-from edgequant.profiles.suites import Case, Suite
+from edgequant.profiles.suites import LOWER_IS_BETTER, Case, Suite
 from edgequant.status import RungStatus, signal_name
 
 WORKER_MODULE = "edgequant.bench.eval_worker"
 EVAL_SLOTS = 8        # cases decoded side by side (continuous batching in the worker)
 FORMATS_ORDER = ("xml", "array", "prose", "esi")
+# token-level figures stored beside mean_kld, named as in quality_stats.LLAMA_PERPLEXITY_NAMES
+KLD_METRICS = ("p99_kld", "median_kld", "p90_kld", "p95_kld", "p999_kld", "max_kld", "rms_dp")
 
 
 class EvalError(RunFailed):
@@ -65,6 +74,7 @@ class CaseResult:
     parsed: ParseResult
     kld: list[float] = field(default_factory=list)
     top1: list[bool] = field(default_factory=list)
+    dp: list[float] = field(default_factory=list)   # p(rung, next token) - p(reference, next token)
 
     def record(self) -> dict[str, Any]:
         text = self.output.decode("utf-8", "replace")
@@ -205,7 +215,10 @@ def reference_outputs(ref_path: Path, ref_sha: str, ref_quant: str, suite: Suite
 # metrics
 
 
-def _rate_metric(name: str, outcomes: list[bool], ref_outcomes: list[bool] | None) -> QualityMetric:
+def _rate_metric(name: str, outcomes: list[bool], ref_outcomes: list[bool] | None,
+                 ids: list[str] | None = None) -> QualityMetric:
+    """A rate with its Wilson interval; against the reference's outcomes on the same cases also the
+    change (McNemar), the paired table of right/wrong and the flipped cases (``ids``)."""
     n = len(outcomes)
     k = sum(outcomes)
     lo, hi = wilson_interval(k, n)
@@ -214,29 +227,55 @@ def _rate_metric(name: str, outcomes: list[bool], ref_outcomes: list[bool] | Non
         d = paired_degradation(ref_outcomes, outcomes)
         detail.update(delta_pp=d.delta_pp, p_value=d.p_value, significant=d.significant, label=d.label,
                       discordant=[d.b, d.c])
+        # right/wrong: for a lower-is-better rate (over-refusal, valid-but-wrong) the event is the wrong answer
+        bad = name in LOWER_IS_BETTER
+        mine = [x != bad for x in outcomes]
+        theirs = [x != bad for x in ref_outcomes]
+        detail["paired"] = list(paired_table(theirs, mine))
+        if ids is not None:
+            detail["flips"] = {"right_to_wrong": [i for i, r, q in zip(ids, theirs, mine) if r and not q],
+                               "wrong_to_right": [i for i, r, q in zip(ids, theirs, mine) if q and not r]}
     return QualityMetric(name, k / n if n else float("nan"), n, "ratio", detail)
 
 
+def case_outcomes(case: Case, ok: bool, refusal: bool, fields: dict) -> dict[str, bool]:
+    """One case's outcome per metric (True = the case counts toward the rate), from its parse result
+    (``ok``, ``refusal``, ``fields``: a ``ParseResult`` or a stored case record).
+
+    An in-scope case (no gold.refuse) answered with a refusal (the sentence, or the format's refusal
+    shape) is an over-refusal and not a parsed answer; a parsed answer whose referral or ESI level
+    differs from the gold label is valid-but-wrong.
+    """
+    out: dict[str, bool] = {}
+    fmt = case.format
+    fields = fields if ok else {}
+    if case.gold.refuse:
+        out["refusal_compliance"] = bool(refusal)
+        out[f"{fmt}_parse_rate"] = bool(refusal)
+        return out
+    refused = bool(refusal) or "refusal_text" in fields
+    answered = bool(ok) and not refused
+    out["over_refusal"] = refused
+    out[f"{fmt}_parse_rate"] = bool(ok) and not refusal
+    if case.gold.esi is not None:
+        esi = fields.get("esi") if answered else None
+        out["esi_exact"] = esi == case.gold.esi
+        out["esi_adjacent"] = isinstance(esi, int) and abs(esi - case.gold.esi) <= 1
+        out[f"{fmt}_valid_but_wrong"] = isinstance(esi, int) and esi != case.gold.esi
+    if case.gold.referral is not None:
+        referral = fields.get("referral") if answered else None
+        out["referral_accuracy"] = referral == case.gold.referral
+        out[f"{fmt}_valid_but_wrong"] = referral is not None and referral != case.gold.referral
+    return out
+
+
 def _outcomes(results: dict[str, CaseResult], suite: Suite) -> dict[str, dict[str, bool]]:
-    """Per metric, per case id: did this case succeed?"""
+    """Per metric, per case id: did this case count toward the rate?"""
     out: dict[str, dict[str, bool]] = {}
     for case in suite.cases:
-        r = results[case.id]
-        p = r.parsed
-        fmt = case.format
-        if case.gold.refuse:
-            ok = p.refusal
-            out.setdefault("refusal_compliance", {})[case.id] = bool(p.refusal)
-        else:
-            ok = p.ok and not p.refusal
-        out.setdefault(f"{fmt}_parse_rate", {})[case.id] = bool(ok)
-        if case.gold.esi is not None:
-            esi = p.fields.get("esi") if p.ok else None
-            out.setdefault("esi_exact", {})[case.id] = esi == case.gold.esi
-            out.setdefault("esi_adjacent", {})[case.id] = esi is not None and abs(esi - case.gold.esi) <= 1
-        if case.gold.referral is not None and not case.gold.refuse:
-            ref = p.fields.get("referral") if p.ok else None
-            out.setdefault("referral_accuracy", {})[case.id] = ref == case.gold.referral
+        p = results[case.id].parsed
+        for metric, value in case_outcomes(case, p.ok, p.refusal, p.fields).items():
+            out.setdefault(metric, {})[case.id] = value
     return out
 
 
@@ -247,8 +286,9 @@ def compute_metrics(suite: Suite, rung: dict[str, CaseResult], ref: Reference | 
     metrics = []
     for name in sorted(mine):
         ids = sorted(mine[name])
+        paired = theirs is not None and name in theirs and set(ids) <= set(theirs[name])
         metrics.append(_rate_metric(name, [mine[name][i] for i in ids],
-                                    [theirs[name][i] for i in ids] if theirs else None))
+                                    [theirs[name][i] for i in ids] if paired else None, ids))
     if ref is not None and not is_reference:
         # agreement with the reference's parsed output on the same case
         ref_ok = [c for c in suite.cases if ref.cases[c.id].parsed.ok and not c.gold.refuse]
@@ -265,13 +305,18 @@ def compute_metrics(suite: Suite, rung: dict[str, CaseResult], ref: Reference | 
         if diffs:
             metrics.append(QualityMetric("differential_jaccard", float(np.mean(diffs)), len(diffs), "ratio",
                                          {"stddev": float(np.std(diffs, ddof=1)) if len(diffs) > 1 else 0.0}))
-        kld = np.array([x for r in rung.values() for x in r.kld], dtype=np.float64)
+        kld = [x for r in rung.values() for x in r.kld]
         top1 = [x for r in rung.values() for x in r.top1]
-        if len(kld):
-            metrics.append(QualityMetric("mean_kld", float(kld.mean()), len(kld), "nats",
-                                         {"p99": float(np.percentile(kld, 99)), "median": float(np.median(kld)),
-                                          "max": float(kld.max())}))
-            metrics.append(QualityMetric("p99_kld", float(np.percentile(kld, 99)), len(kld), "nats"))
+        dp = [x for r in rung.values() for x in r.dp]
+        if kld:
+            stats = kld_statistics(kld, dp, top1)
+            named = {LLAMA_PERPLEXITY_NAMES[k]: v for k, v in stats.items()}
+            metrics.append(QualityMetric("mean_kld", stats["mean_kld"], len(kld), "nats",
+                                         {"p99": stats["p99_kld"], "median": stats["median_kld"],
+                                          "max": stats["max_kld"], "llama_perplexity": named}))
+            for name in KLD_METRICS:
+                if name in stats:
+                    metrics.append(QualityMetric(name, stats[name], len(kld), "ratio" if name == "rms_dp" else "nats"))
             metrics.append(_rate_metric("top1_agreement", top1, None))
     if gen_seconds > 0:
         metrics.append(QualityMetric("eval_tg_tps", gen_tokens / gen_seconds, gen_tokens, "t/s",
@@ -280,17 +325,38 @@ def compute_metrics(suite: Suite, rung: dict[str, CaseResult], ref: Reference | 
 
 
 def evaluate_gates(suite: Suite, metrics: list[QualityMetric]) -> list[dict[str, Any]]:
-    import operator
+    """Every gate of the suite the rung's figures can judge, each with its kind and verdict.
 
-    ops = {">=": operator.ge, ">": operator.gt, "<=": operator.le, "<": operator.lt}
-    values = {m.metric: m.value for m in metrics}
+    Absolute: PASS or FAIL on the value.  Relative: non-inferiority to the reference on the paired
+    table (``non_inferiority_table``): PASS, FAIL or INCONCLUSIVE; ``pass`` is True only for PASS.
+    Gates that do not apply (agreement, KLD or relative gates on the reference itself) are left out.
+    """
+    by_name = {m.metric: m for m in metrics}
     out = []
     for g in suite.gates:
-        v = values.get(g.metric)
-        if v is None:  # e.g. agreement or KLD gates on the reference itself: not applicable
+        m = by_name.get(g.metric)
+        if m is None:
             continue
-        ok = not np.isnan(v) and ops[g.op](v, g.value)
-        out.append({"gate": f"{g.metric} {g.op} {g.value:g}", "metric": g.metric, "value": v, "pass": bool(ok)})
+        v = m.value
+        if not g.relative:
+            ok = not np.isnan(v) and g.passes(v)
+            out.append({"gate": str(g), "metric": g.metric, "kind": "absolute", "value": v, "pass": bool(ok),
+                        "verdict": "PASS" if ok else "FAIL"})
+            continue
+        table = m.detail.get("paired")
+        if table is None:
+            continue
+        ni = non_inferiority_table(*table, margin=g.value)
+        sign = -1.0 if g.metric in LOWER_IS_BETTER else 1.0   # the change of the rate itself, not of "right"
+        low, high = sorted([sign * ni.low, sign * ni.high])
+        label = (f"{ni.verdict}: {100 * sign * ni.delta:+.1f} pp (95 % CI {100 * low:+.1f} to {100 * high:+.1f}) "
+                 f"vs margin {'+' if sign < 0 else '−'}{100 * g.value:g} pp on {ni.n} cases")
+        if ni.verdict == "INCONCLUSIVE":
+            label += (f"; about {ni.needed} cases would settle it at these rates" if ni.needed
+                      else "; the observed change sits on the margin")
+        out.append({"gate": str(g), "metric": g.metric, "kind": "relative", "value": v,
+                    "pass": ni.verdict == "PASS", "verdict": ni.verdict, "delta": sign * ni.delta,
+                    "ci95": [low, high], "margin": g.value, "n": ni.n, "needed": ni.needed, "label": label})
     return out
 
 
@@ -355,7 +421,7 @@ def rung_quality(quant: str, suite: Suite, ref: Reference, data: dict,
     """A rung's figures from its outputs (``generate_rung``) and its token-level scores (``teacher_scores``)."""
     results = _case_results(suite, data)
     for cid, sc in (scores or {}).items():
-        results[cid].kld, results[cid].top1 = sc["kld"], sc["top1"]
+        results[cid].kld, results[cid].top1, results[cid].dp = sc["kld"], sc["top1"], sc.get("dp", [])
     metrics = compute_metrics(suite, results, ref, False, data["gen_tokens"], data["gen_seconds"])
     return RungQuality(quant, list(results.values()), metrics, ref.prompting, evaluate_gates(suite, metrics))
 

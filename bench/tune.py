@@ -45,6 +45,7 @@ class Measured:
     tg_tps: float | None = None
     pp_tps: float | None = None
     speed_failure: str | None = None     # why speed was not measured (the benchmark was killed, skipped, ...)
+    paired: dict[str, list[int]] = field(default_factory=dict)  # metric -> paired table against the reference
 
 
 @dataclass
@@ -106,6 +107,22 @@ def gate_margin(gate: Gate, value: float | None) -> float:
     return margin
 
 
+def relative_margin(gate: Gate, table: list[int] | None) -> tuple[float, str]:
+    """A relative gate's signed margin (>= 0 only for PASS: the interval's lower bound above -margin)
+    and its verdict in words; INCONCLUSIVE never passes."""
+    from edgequant.bench.quality_stats import non_inferiority_table
+
+    if not table:
+        return -math.inf, "not measured against the reference"
+    ni = non_inferiority_table(*table, margin=gate.value)
+    gap = ni.low + ni.margin
+    if ni.verdict != "PASS" and gap >= 0:
+        gap = -1e-12
+    if ni.verdict == "INCONCLUSIVE":
+        return gap, "INCONCLUSIVE" + (f" (~{ni.needed} cases would tell)" if ni.needed else "")
+    return gap, f"{ni.verdict} ({100 * ni.delta:+.1f} pp)"
+
+
 def candidates(types: tuple[str, ...] = DEFAULT_TYPES, variants: tuple[str, ...] = DEFAULT_VARIANTS
                ) -> list[list[RungSpec]]:
     """Levels (high to low precision) of candidate specs, one per variant; redundant ones dropped."""
@@ -157,6 +174,13 @@ def search(levels: list[list[RungSpec]], gates: list[Gate], build: Callable[[Run
             t.measured = m
             quality_failed = False
             for gate in gates:
+                if gate.relative:
+                    gap, why = relative_margin(gate, m.paired.get(gate.metric))
+                    t.gaps[str(gate)] = gap
+                    if gap < 0:
+                        t.reasons.append(f"{gate}: {why}")
+                        quality_failed = True
+                    continue
                 value = m.metrics.get(gate.metric)
                 t.gaps[str(gate)] = gap = gate_margin(gate, value)
                 if gap < 0:

@@ -185,8 +185,14 @@ def tune(store, run_id: str, resolved, profile: Profile, suite: Suite, prompting
                   f"cases ({len(cal.split.calibration)} calibrate the imatrix)")
     measure_art(ref_art)
     ref_metrics, _, _ = values(ref_art.quant)
-    ref_failures = [f"{g} ({ref_metrics[g.metric]:.3f})" for g in gates
-                    if g.metric in ref_metrics and tuning.gate_margin(g, ref_metrics[g.metric]) < 0]
+    ref_failures = [f"{g} ({ref_metrics[g.metric]:.3f})" for g in gates if not g.relative
+                    and g.metric in ref_metrics and tuning.gate_margin(g, ref_metrics[g.metric]) < 0]
+
+    def paired(quant: str) -> dict[str, list[int]]:
+        """Per metric, the rung's paired table against the reference (for relative gates)."""
+        return {r["metric"]: r["detail"]["paired"] for r in store.measurements(run_id)
+                if r["quant"] == quant and r["params"].get("stage") == "quality"
+                and isinstance(r.get("detail"), dict) and "paired" in r["detail"]}
 
     def build(spec):
         ladder = Ladder(resolved.checkpoint, model_hash, profile, cache_root, imatrix=provider, types=[spec.name])
@@ -198,7 +204,7 @@ def tune(store, run_id: str, resolved, profile: Profile, suite: Suite, prompting
         store.record_artifact(art.record())
         speed_failure = measure_art(art)
         metrics, tg, pp = values(art.quant)
-        return tuning.Measured(art.size_bytes, metrics, tg, pp, speed_failure)
+        return tuning.Measured(art.size_bytes, metrics, tg, pp, speed_failure, paired(art.quant))
 
     levels = tuning.candidates(types or tuning.DEFAULT_TYPES, variants or tuning.DEFAULT_VARIANTS)
     result = tuning.search(levels, gates, build, measure, min_tg, max_size, reporter.step)

@@ -100,10 +100,12 @@ def calibration_suite_option(f):
                              "profile's +imatrix rungs (unused otherwise).")(f)
 
 
-def _load_suite(name: str):
+def _load_suite(name: str, profile=None):
+    """The eval suite, with the profile's ``[quality] gates`` added (those the suite can measure)."""
     from edgequant.profiles.suites import load_suite
 
-    return load_suite(name)
+    suite = load_suite(name)
+    return suite.with_gates(profile.quality_gates) if profile is not None else suite
 
 
 def _load_profile(name: str, **overrides):
@@ -417,7 +419,7 @@ def _run(model, profile_name, threads, n_prompt, n_gen, repetitions, warmup, sui
                             repetitions=repetitions, warmup=warmup)
     if cooldown_max_wait is not None:
         profile = replace(profile, device=replace(profile.device, cooldown_max_wait=cooldown_max_wait))
-    suite = None if no_quality else _load_suite(suite_name)
+    suite = None if no_quality else _load_suite(suite_name, profile)
     cache = _cache_root(cache_dir)
     store = _open_store(db)
     console = _stderr_console()
@@ -664,17 +666,20 @@ def eval_(model, profile_name, suite_name, prompting, artifacts, threads, db, ca
 
     Greedy decoding with the same prompts for every rung; the shared prompt
     prefix is decoded once per format.  Reports parse rates per format (Wilson
-    95 % intervals), gold accuracy (ESI exact/adjacent, referral, refusal
-    compliance), agreement with the reference's output on the same case,
-    degradation with a paired exact McNemar test, and mean/p99 KLD and top-1
-    agreement against the reference's logits.  Builds the ladder first if
+    95 % intervals), valid-but-wrong per format, gold accuracy (ESI
+    exact/adjacent, referral, refusal compliance, over-refusal), agreement with
+    the reference's output on the same case, the change with a paired exact
+    McNemar test and the flips, llama-perplexity's KLD statistics and top-1
+    agreement against the reference's logits, and the suite's and profile's
+    gates: absolute (PASS/FAIL) and relative to the reference (non-inferiority:
+    PASS, FAIL or INCONCLUSIVE).  Builds the ladder first if
     needed (cached), the profile's ONNX variants included (judged against the
     same GGUF reference), or takes GGUF files with --artifact.
     """
     from edgequant import calibrate, onnx_pipeline, pipeline
 
     profile = _load_profile(profile_name, threads=threads)
-    suite = _load_suite(suite_name)
+    suite = _load_suite(suite_name, profile)
     cache = _cache_root(cache_dir)
     store = _open_store(db)
     console = _stderr_console()
@@ -760,6 +765,72 @@ def _render_cases(store, run_id: str, quant: str | None, fmt: str, output: str |
         click.echo(text, nl=not text.endswith("\n"))
 
 
+def _render_flips(store, run_id: str, quant: str, fmt: str, output: str | None) -> None:
+    """``report --cases RUNG --flips``: the flipped cases, the reference's output beside the rung's."""
+    import json as _json
+
+    from rich.console import Console
+    from rich.table import Table
+    from rich.text import Text
+
+    from edgequant.quantize.atomic import atomic_write_text
+    from edgequant.results.report import flipped_cases
+
+    found = flipped_cases(store, run_id, quant)
+    rows, ref_quant = found["cases"], found["reference"]
+    arrow = {"right_to_wrong": "right → wrong", "wrong_to_right": "wrong → right"}
+
+    def verdict(c) -> str:
+        if c is None:
+            return "not stored"
+        return "refusal" if c["refusal"] else ("ok" if c["ok"] else f"FAIL: {c['reason']}")
+
+    def what(r) -> str:
+        return "; ".join(f"{f['metric']}: {arrow[f['direction']]}" for f in r["flips"])
+
+    if fmt == "json":
+        text = _json.dumps(found, indent=2)
+    elif fmt in ("csv", "md"):
+        import csv as _csv
+        import io
+
+        flat = [{"case_id": r["case_id"], "format": r["format"], "flips": what(r),
+                 "reference_parse": verdict(r["reference"]), "rung_parse": verdict(r["rung"]),
+                 "reference_output": (r["reference"] or {}).get("output", ""), "rung_output": r["rung"]["output"]}
+                for r in rows]
+        cols = list(flat[0]) if flat else ["case_id", "format", "flips"]
+        buf = io.StringIO()
+        if fmt == "csv":
+            w = _csv.DictWriter(buf, fieldnames=cols, lineterminator="\n")
+            w.writeheader()
+            w.writerows(flat)
+        else:
+            buf.write("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols) + "\n")
+            for r in flat:
+                buf.write("| " + " | ".join(str(r[c]).replace("|", "\\|").replace("\n", "⏎") for c in cols) + " |\n")
+        text = buf.getvalue()
+    else:
+        table = Table(title=f"flipped cases · {quant} against {ref_quant} · {len(rows)} case(s)", show_lines=True)
+        for col in ("case", "flips", f"{ref_quant} (reference)", quant):
+            table.add_column(col, overflow="fold")
+        for r in rows:      # model output is untrusted: Text cells, never rich markup
+            ref = r["reference"]
+            table.add_row(Text(f"{r['case_id']}\n{r['format']}"), Text(what(r)),
+                          Text(f"({verdict(ref)})\n{(ref or {}).get('output', '')[:600]}"),
+                          Text(f"({verdict(r['rung'])})\n{r['rung']['output'][:600]}"))
+        console = Console(record=True, width=200) if output else Console()
+        console.print(table)
+        if not rows:
+            console.print(f"no case flipped between {ref_quant} and {quant}")
+        if output:
+            atomic_write_text(Path(output), console.export_text())
+        return
+    if output:
+        atomic_write_text(Path(output), text)
+    else:
+        click.echo(text, nl=not text.endswith("\n"))
+
+
 @cli.command()
 @click.argument("run_id", default="last", metavar="[RUN_ID]")
 @click.option("--format", "fmt", type=click.Choice(FORMATS), default="table", show_default=True,
@@ -769,6 +840,10 @@ def _render_cases(store, run_id: str, quant: str | None, fmt: str, output: str |
 @click.option("--cases", "cases_quant", is_flag=False, flag_value="*", default=None, metavar="[RUNG]",
               help="Per-case eval detail (raw output, parse result or the reason it failed), for every rung "
                    "or for RUNG (e.g. --cases Q4_0).")
+@click.option("--flips", is_flag=True,
+              help="With --cases RUNG: only the cases whose outcome flipped against the reference (right -> "
+                   "wrong or wrong -> right on a parse, referral, ESI, refusal or over-refusal outcome), with "
+                   "both outputs side by side.")
 @click.option("--html", "html_path", metavar="FILE", default=None,
               help="Write a self-contained HTML page: tables per device, plots (quality vs tg t/s vs size with "
                    "the Pareto front, history over the model's runs) and the per-case eval detail.")
@@ -776,9 +851,14 @@ def _render_cases(store, run_id: str, quant: str | None, fmt: str, output: str |
               help="The quality axis of the HTML plots: quality (mean of every rate), parse_rate, or one metric "
                    "such as xml_parse_rate, esi_exact or mean_kld.")
 @db_option
-def report(run_id, fmt, output, list_runs, cases_quant, html_path, quality, db):
+def report(run_id, fmt, output, list_runs, cases_quant, flips, html_path, quality, db):
     """Re-render a stored run (RUN_ID, or `last`), or list the runs with --list."""
+    if flips and cases_quant in (None, "*"):
+        raise BadInput("--flips needs a rung: write `edgequant report --cases RUNG --flips` (e.g. --cases Q4_0)")
     store = _open_store(db)
+    if flips:
+        _render_flips(store, run_id, cases_quant.upper(), fmt, output)
+        return
     if html_path is not None:
         from edgequant.results.html import write_html
 
@@ -925,6 +1005,8 @@ def _tune_table(result, gates, speed_on: str) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from edgequant.bench.tune import relative_margin
+
     table = Table(title=f"tune candidates (high to low precision) · speed on {speed_on}, quality on this host")
     cols = ["rung", "verdict", "size MiB", "tg t/s"] + [g.metric for g in gates] + ["why"]
     for col in cols:
@@ -935,7 +1017,13 @@ def _tune_table(result, gates, speed_on: str) -> None:
         cells = [t.name, ("CHOSEN" if chosen else t.verdict),
                  f"{t.size_bytes / 2**20:,.1f}" if t.size_bytes else "",
                  f"{m.tg_tps:.1f}" if m and m.tg_tps else ""]
-        cells += [f"{m.metrics[g.metric]:.3f}" if m and g.metric in m.metrics else "" for g in gates]
+        for g in gates:
+            if m is None:
+                cells.append("")
+            elif g.relative:     # the verdict against the reference: PASS, FAIL or INCONCLUSIVE
+                cells.append(relative_margin(g, m.paired.get(g.metric))[1])
+            else:
+                cells.append(f"{m.metrics[g.metric]:.3f}" if g.metric in m.metrics else "")
         cells.append("; ".join(t.reasons))
         table.add_row(*cells, style="bold green" if chosen else None)
     console = Console()

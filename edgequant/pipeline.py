@@ -302,12 +302,25 @@ def process_age_seconds() -> float:
 
 
 def quality_measurements(metrics, gates: list[dict]) -> list[Measurement]:
-    """The store rows of one rung's quality metrics, plus ``gates_pass`` when the suite has gates."""
+    """The store rows of one rung's quality metrics, plus ``gates_pass`` (the absolute gates: 1 all pass,
+    0 not) and ``relative_gates`` (the relative gates: 1 PASS, 0 FAIL, 0.5 INCONCLUSIVE) when it has them."""
     rows = [Measurement(m.metric, m.value, m.unit, m.detail.get("stddev"), m.n, m.detail or None) for m in metrics]
-    if gates:
-        rows.append(Measurement("gates_pass", 1.0 if all(g["pass"] for g in gates) else 0.0, "bool", None,
-                                len(gates), {"gates": gates}))
+    absolute = [g for g in gates if g.get("kind", "absolute") == "absolute"]
+    relative = [g for g in gates if g.get("kind") == "relative"]
+    if absolute:
+        rows.append(Measurement("gates_pass", 1.0 if all(g["pass"] for g in absolute) else 0.0, "bool", None,
+                                len(absolute), {"gates": absolute}))
+    if relative:
+        from edgequant.bench.quality_stats import combined_verdict
+
+        verdict = combined_verdict(g["verdict"] for g in relative)
+        rows.append(Measurement("relative_gates", VERDICT_VALUES[verdict], "verdict", None, len(relative),
+                                {"gates": relative, "verdict": verdict}))
     return rows
+
+
+# how a verdict is stored as a number (the row's detail carries the word)
+VERDICT_VALUES = {"PASS": 1.0, "INCONCLUSIVE": 0.5, "FAIL": 0.0}
 
 
 def quality_rungs(store: Store, run_id: str, model_id: str, model_hash: str, artifacts: list[Artifact],

@@ -218,6 +218,7 @@ class Profile:
     device: DeviceSettings = DeviceSettings()
     onnx: OnnxSpec = OnnxSpec()          # [onnx]: ONNX variants (none by default)
     sustained: SustainedSettings | None = None   # [sustained]: back-to-back runs of one rung (off by default)
+    quality_gates: tuple = ()            # [quality] gates: suite-style gates added to the eval suite's
 
     def rungs(self) -> list[str]:
         """The reference first, then the quant types in profile order."""
@@ -351,7 +352,7 @@ _BENCH_BOUNDS = {
 
 def parse_profile(data: dict, path: Path) -> Profile:
     c = _Checker(path)
-    c.table(data, "", {"profile", "quantize", "bench", "device", "onnx", "sustained"})
+    c.table(data, "", {"profile", "quantize", "bench", "device", "onnx", "sustained", "quality"})
     meta = c.table(data.get("profile", {}), "profile", {"name", "description"})
     name = meta.get("name", path.stem)
     if not isinstance(name, str) or not name:
@@ -400,7 +401,20 @@ def parse_profile(data: dict, path: Path) -> Profile:
                                            f"got {sustained.rung!r}")
     return Profile(name=name, path=path, description=description,
                    quant=QuantSpec(reference=reference, types=tuple(checked), options=options),
-                   bench=bench, device=device, onnx=parse_onnx(c, data.get("onnx")), sustained=sustained)
+                   bench=bench, device=device, onnx=parse_onnx(c, data.get("onnx")), sustained=sustained,
+                   quality_gates=_quality_gates(c, data.get("quality", {})))
+
+
+def _quality_gates(c: _Checker, data: Any) -> tuple:
+    """``[quality] gates``: absolute or relative gates, as in a suite file (``edgequant.profiles.suites``)."""
+    from edgequant.profiles.suites import MAX_GATES, parse_gate
+
+    c.table(data, "quality", {"gates"})
+    raw = data.get("gates", [])
+    if not isinstance(raw, list) or len(raw) > MAX_GATES:
+        raise c.fail("quality.gates", f"must be a list of at most {MAX_GATES} gates like "
+                                      f"'xml_parse_rate >= ref - 0.05'")
+    return tuple(parse_gate(g, c.label, f"quality.gates[{i}]") for i, g in enumerate(raw))
 
 
 def builtin_profiles() -> list[str]:

@@ -44,6 +44,10 @@ Gate metrics (``GATE_METRICS``), each a fraction in [0, 1] except mean_kld:
 ``esi_adjacent``       same, within one level
 ``referral_accuracy``  share of cases with gold.referral whose parsed referral matches
 ``refusal_compliance`` share of gold.refuse cases answered with a compliant refusal
+``over_refusal``       share of in-scope cases (no gold.refuse) answered with a refusal
+                       (lower is better: a triage aid that refuses what it should answer)
+``<fmt>_valid_but_wrong`` share of the fmt cases with a gold referral or ESI level whose
+                       output parses but carries the wrong one (lower is better)
 ``referral_agreement`` share of cases whose referral equals the reference rung's
 ``esi_agreement``      share of esi cases whose level equals the reference rung's
 ``differential_jaccard`` mean Jaccard overlap of the differential with the reference's
@@ -52,8 +56,18 @@ Gate metrics (``GATE_METRICS``), each a fraction in [0, 1] except mean_kld:
                        (lower is better; gate it with <= or <)
 =====================  ==============================================================
 
-Unparsed answers count as wrong or as disagreeing.  A gate is
-``"<metric> <op> <value>"`` with op one of >=, >, <=, < and value in [0, 1].
+Unparsed answers count as wrong or as disagreeing.  Two kinds of gate:
+
+* absolute (the ship gates): ``"<metric> <op> <value>"`` with op one of >=, >, <=, <
+  and value in [0, 1];
+* relative to the reference rung (non-inferiority): ``"<metric> >= ref - <margin>"``
+  (``"<metric> <= ref + <margin>"`` for a lower-is-better metric), margin in (0, 1), on a
+  metric with per-case outcomes (``PAIRED_METRICS``).  It is judged on the paired
+  difference's 95 % interval (``bench.quality_stats.non_inferiority``): PASS, FAIL or
+  INCONCLUSIVE when the suite is too small to tell.
+
+A profile may add gates of either kind in its ``[quality] gates`` (the default profile's
+relative gates); ``Suite.with_gates`` adds those the suite can measure.
 """
 
 from __future__ import annotations
@@ -99,12 +113,25 @@ _COMMON_FORMAT_FIELDS = ("system", "few_shot", "max_tokens", "max_bytes", "stop"
 # ---------------------------------------------------------------------------
 # gates
 
-_GATE_FIXED = ("esi_exact", "esi_adjacent", "referral_accuracy", "refusal_compliance",
+_GATE_FIXED = ("esi_exact", "esi_adjacent", "referral_accuracy", "refusal_compliance", "over_refusal",
                "referral_agreement", "esi_agreement", "differential_jaccard", "top1_agreement",
                "mean_kld")
-GATE_METRICS: tuple[str, ...] = tuple(f"{f}_parse_rate" for f in FORMATS) + _GATE_FIXED
+# formats whose answers carry a gold label (a referral or an ESI level)
+_LABELLED_FORMATS = ("array", "esi", "prose", "xml")
+GATE_METRICS: tuple[str, ...] = (tuple(f"{f}_parse_rate" for f in FORMATS)
+                                 + tuple(f"{f}_valid_but_wrong" for f in _LABELLED_FORMATS) + _GATE_FIXED)
+# metrics with a right/wrong outcome per case, so a rung can be compared with the reference case by
+# case (flips, relative gates)
+PAIRED_METRICS: tuple[str, ...] = (tuple(f"{f}_parse_rate" for f in FORMATS)
+                                   + tuple(f"{f}_valid_but_wrong" for f in _LABELLED_FORMATS)
+                                   + ("esi_exact", "esi_adjacent", "referral_accuracy", "refusal_compliance",
+                                      "over_refusal"))
+# rates where a higher value is worse; a relative gate on one is written `<= ref + margin`
+LOWER_IS_BETTER: frozenset[str] = frozenset({"over_refusal", "mean_kld"}
+                                            | {f"{f}_valid_but_wrong" for f in _LABELLED_FORMATS})
 GATE_OPS = (">=", ">", "<=", "<")
 _GATE_RE = re.compile(r"^\s*([a-z0-9_]+)\s*(>=|<=|>|<)\s*([0-9]*\.?[0-9]+)\s*$")
+_RELATIVE_RE = re.compile(r"^\s*([a-z0-9_]+)\s*(>=|<=|>|<)\s*ref\s*([+-])\s*([0-9]*\.?[0-9]+)\s*$")
 
 # ---------------------------------------------------------------------------
 # limits
@@ -189,9 +216,17 @@ class Case:
 
 @dataclass(frozen=True)
 class Gate:
+    """``metric op value`` (absolute), or with ``relative`` ``metric >= ref - value`` (value = the
+    non-inferiority margin; ``<= ref + value`` for a lower-is-better metric)."""
+
     metric: str
     op: str
     value: float
+    relative: bool = False
+
+    @property
+    def kind(self) -> str:
+        return "relative" if self.relative else "absolute"
 
     def passes(self, measured: float) -> bool:
         if self.op == ">=":
@@ -203,6 +238,8 @@ class Gate:
         return measured < self.value
 
     def __str__(self) -> str:
+        if self.relative:
+            return f"{self.metric} {self.op} ref {'-' if self.op == '>=' else '+'} {self.value:g}"
         return f"{self.metric} {self.op} {self.value:g}"
 
 
@@ -232,6 +269,14 @@ class Suite:
         """Messages for an instruction-tuned model: the format's system prompt, then the case."""
         return [{"role": "system", "content": self.formats[case.format].system},
                 {"role": "user", "content": case.prompt}]
+
+    def with_gates(self, extra: tuple[Gate, ...]) -> "Suite":
+        """The suite with a profile's gates added: those it can measure and does not already have."""
+        from dataclasses import replace
+
+        have = {str(g) for g in self.gates}
+        add = tuple(g for g in extra if str(g) not in have and gate_need(g, self.cases) is None)
+        return replace(self, gates=self.gates + add) if add else self
 
 
 # ---------------------------------------------------------------------------
@@ -349,25 +394,49 @@ def _parse_format(c: _Checker, name: str, data: Any, refusal: RefusalSpec | None
     return FormatSpec(**values)
 
 
+def _parse_relative(c: _Checker, text: str, where: str, m: re.Match) -> Gate:
+    metric, op, sign, raw = m.groups()
+    if metric not in GATE_METRICS:
+        raise c.fail(where, f"gate {text!r} has unknown metric {metric!r}; allowed: {', '.join(GATE_METRICS)}")
+    if metric not in PAIRED_METRICS:
+        raise c.fail(where, f"gate {text!r}: a relative gate needs a metric with per-case outcomes; "
+                            f"allowed: {', '.join(PAIRED_METRICS)}")
+    margin = float(raw)
+    if not 0.0 < margin < 1.0:
+        raise c.fail(where, f"gate {text!r}: the margin {raw} must be between 0 and 1 (exclusive), "
+                            f"e.g. 0.05 for 5 points")
+    want = ("<=", "+") if metric in LOWER_IS_BETTER else (">=", "-")
+    if (op, sign) != want:
+        kind = "lower" if metric in LOWER_IS_BETTER else "higher"
+        raise c.fail(where, f"gate {text!r}: {metric} is {kind}-is-better; write it as "
+                            f"'{metric} {want[0]} ref {want[1]} {raw}'")
+    return Gate(metric=metric, op=op, value=margin, relative=True)
+
+
 def _parse_gate(c: _Checker, text: Any, where: str) -> Gate:
     if not isinstance(text, str):
         raise c.fail(where, f"must be a string like 'xml_parse_rate >= 0.95', got {text!r}")
+    rel = _RELATIVE_RE.match(text)
+    if rel:
+        return _parse_relative(c, text, where, rel)
     m = _GATE_RE.match(text)
     if not m:
         raise c.fail(where, f"{text!r} is not '<metric> <op> <value>' with op one of "
-                            f"{', '.join(GATE_OPS)} and a number, e.g. 'xml_parse_rate >= 0.95'")
+                            f"{', '.join(GATE_OPS)} and a number, e.g. 'xml_parse_rate >= 0.95', nor a relative "
+                            f"gate '<metric> >= ref - <margin>'")
     metric, op, raw = m.groups()
     if metric not in GATE_METRICS:
-        raise c.fail(where, f"has unknown metric {metric!r}; allowed: {', '.join(GATE_METRICS)}")
+        raise c.fail(where, f"gate {text!r} has unknown metric {metric!r}; allowed: {', '.join(GATE_METRICS)}")
     value = float(raw)
     if not 0.0 <= value <= 1.0:
         raise c.fail(where, f"value {raw} must be between 0 and 1")
     return Gate(metric=metric, op=op, value=value)
 
 
-def parse_gate(text: str, label: str = "--gate") -> Gate:
-    """A gate given outside a suite file (e.g. ``edgequant tune --gate 'xml_parse_rate>=0.95'``)."""
-    return _parse_gate(_Checker(label), text, "gate")
+def parse_gate(text: str, label: str = "--gate", where: str = "gate") -> Gate:
+    """A gate given outside a suite file (e.g. ``edgequant tune --gate 'xml_parse_rate>=0.95'``, or a
+    profile's ``[quality] gates``)."""
+    return _parse_gate(_Checker(label), text, where)
 
 
 def _gold(c: _Checker, data: Any, fmt: str) -> Gold:
@@ -444,11 +513,20 @@ def parse_cases(data: bytes, path: Path, formats: dict[str, FormatSpec], toml_pa
     return tuple(cases)
 
 
-def _check_gate_applies(c: _Checker, gate: Gate, where: str, cases: tuple[Case, ...]) -> None:
-    """A gate nothing in the suite could measure is a mistake in the suite."""
+def gate_need(gate: Gate, cases: tuple[Case, ...]) -> str | None:
+    """What the cases lack for the gate to be measured (None: they have it)."""
     formats = {case.format for case in cases}
     need = None
-    if gate.metric.endswith("_parse_rate"):
+    if gate.metric.endswith("_valid_but_wrong"):
+        fmt = gate.metric.removesuffix("_valid_but_wrong")
+        if not any(case.format == fmt and (case.gold.esi is not None or (case.gold.referral is not None
+                                                                          and not case.gold.refuse))
+                   for case in cases):
+            need = f"{fmt} cases with a gold referral or ESI level"
+    elif gate.metric == "over_refusal":
+        if not any(not case.gold.refuse for case in cases):
+            need = "in-scope cases (without gold.refuse)"
+    elif gate.metric.endswith("_parse_rate"):
         fmt = gate.metric.removesuffix("_parse_rate")
         if fmt not in formats:
             need = f"cases of format {fmt}"
@@ -467,6 +545,12 @@ def _check_gate_applies(c: _Checker, gate: Gate, where: str, cases: tuple[Case, 
     elif gate.metric in ("referral_agreement", "differential_jaccard", "top1_agreement"):
         if not formats & {"xml", "array", "prose"}:
             need = "xml, array or prose cases"
+    return need
+
+
+def _check_gate_applies(c: _Checker, gate: Gate, where: str, cases: tuple[Case, ...]) -> None:
+    """A gate nothing in the suite could measure is a mistake in the suite."""
+    need = gate_need(gate, cases)
     if need:
         raise c.fail(where, f"gate {gate} cannot be measured: the suite has no {need}")
 

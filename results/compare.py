@@ -12,8 +12,10 @@ U test on both runs' raw samples calls significant and whose median drop is
 beyond the practical threshold (the place's stored A/A noise floor, else a
 percentage); a rung stored ``noisy`` is never judged, and samples too few for
 the test are reported as such.  Memory rise beyond a percentage and an
-absolute amount, a quality drop significant by the paired exact McNemar test
-on the per-case outcomes, a suite gate going PASS -> FAIL, and a baseline rung
+absolute amount, quality per-case outcomes judged by non-inferiority against
+the baseline on the same cases (PASS, FAIL = regression, INCONCLUSIVE = the
+suite cannot tell: shown, never a pass), an absolute suite gate going
+PASS -> FAIL, and a baseline rung
 or device missing (or failed) in the candidate.  Rendering (rich, Markdown, JSON, JUnit XML) is
 separate from the records.
 """
@@ -26,7 +28,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 from xml.etree import ElementTree as ET
 
-from edgequant.bench.quality_stats import paired_degradation
+from edgequant.bench.quality_stats import non_inferiority, paired_degradation
 from edgequant.bench.stats import mann_whitney_greater
 from edgequant.errors import BadInput
 from edgequant.results.gates import Gates
@@ -81,7 +83,7 @@ class GateResult:
     quant: str
     device_id: str
     gate: str        # speed:tg_tps, memory:peak_rss, quality:xml_parse_rate, suite:<gate>, present
-    status: str      # pass | fail | skip
+    status: str      # pass | fail | inconclusive | skip
     message: str
     baseline: float | None = None
     candidate: float | None = None
@@ -99,6 +101,10 @@ class Comparison:
     @property
     def regressions(self) -> list[GateResult]:
         return [r for r in self.results if r.status == "fail"]
+
+    @property
+    def inconclusive(self) -> list[GateResult]:
+        return [r for r in self.results if r.status == "inconclusive"]
 
 
 # ---------------------------------------------------------------------------
@@ -322,8 +328,12 @@ def _suite_for(params: dict[str, Any]):
 
 
 def case_outcomes(cases: dict[str, dict], suite) -> dict[str, dict[str, bool]]:
-    """Per metric, per case id: was this case right?  With the suite's gold labels, the same outcomes
-    as the quality stage; without them, a case is right when its output parsed (answer or refusal)."""
+    """Per metric, per case id: was this case right?  With the suite's gold labels, the quality stage's
+    outcomes (``bench.quality.case_outcomes``; for over-refusal and valid-but-wrong "right" is the good
+    outcome: not refusing, not parsed-but-wrong); without them, a case is right when its output parsed."""
+    from edgequant.bench.quality import case_outcomes as one_case
+    from edgequant.profiles.suites import LOWER_IS_BETTER
+
     out: dict[str, dict[str, bool]] = {}
     if suite is None:
         for cid, r in cases.items():
@@ -333,19 +343,8 @@ def case_outcomes(cases: dict[str, dict], suite) -> dict[str, dict[str, bool]]:
         r = cases.get(case.id)
         if r is None:
             continue
-        if case.gold.refuse:
-            ok = bool(r["refusal"])
-            out.setdefault("refusal_compliance", {})[case.id] = ok
-        else:
-            ok = bool(r["ok"] and not r["refusal"])
-        out.setdefault(f"{case.format}_parse_rate", {})[case.id] = ok
-        fields = r["fields"] if r["ok"] else {}
-        if case.gold.esi is not None:
-            esi = fields.get("esi")
-            out.setdefault("esi_exact", {})[case.id] = esi == case.gold.esi
-            out.setdefault("esi_adjacent", {})[case.id] = isinstance(esi, int) and abs(esi - case.gold.esi) <= 1
-        if case.gold.referral is not None and not case.gold.refuse:
-            out.setdefault("referral_accuracy", {})[case.id] = fields.get("referral") == case.gold.referral
+        for metric, hit in one_case(case, bool(r["ok"]), bool(r["refusal"]), r["fields"] or {}).items():
+            out.setdefault(metric, {})[case.id] = hit != (metric in LOWER_IS_BETTER)
     return out
 
 
@@ -358,14 +357,16 @@ def _quality_gates(p: Pair, g: Gates, b_cases: dict[str, dict], c_cases: dict[st
             ids = sorted(set(b_out[metric]) & set(c_out[metric]))
             if not ids:
                 continue
-            d = paired_degradation([b_out[metric][i] for i in ids], [c_out[metric][i] for i in ids], g.alpha)
-            failed = d.significant and d.delta_pp < 0
-            rb = sum(b_out[metric][i] for i in ids) / len(ids)
-            rc = sum(c_out[metric][i] for i in ids) / len(ids)
-            msg = (f"{metric} {100 * rb:.1f} % → {100 * rc:.1f} % on {len(ids)} paired cases: {d.label}, "
-                   f"McNemar b={d.b} c={d.c}")
-            out.append(GateResult(p.model_id, p.quant, p.device_id, f"quality:{metric}", "fail" if failed else "pass",
-                                  msg, rb, rc))
+            base, cand = [b_out[metric][i] for i in ids], [c_out[metric][i] for i in ids]
+            d = paired_degradation(base, cand, g.alpha)
+            ni = non_inferiority(base, cand, g.margin)
+            rb = sum(base) / len(ids)
+            rc = sum(cand) / len(ids)
+            what = "right" if metric.endswith(("_valid_but_wrong", "over_refusal")) else ""
+            msg = (f"{metric} {what + ' ' if what else ''}{100 * rb:.1f} % → {100 * rc:.1f} % on {len(ids)} paired "
+                   f"cases: non-inferiority {ni.label}; McNemar b={d.b} c={d.c} ({d.label})")
+            status = {"PASS": "pass", "FAIL": "fail", "INCONCLUSIVE": "inconclusive"}[ni.verdict]
+            out.append(GateResult(p.model_id, p.quant, p.device_id, f"quality:{metric}", status, msg, rb, rc))
     if g.suite_gates:
         bg, cg = p.baseline.get("gates_pass"), p.candidate.get("gates_pass")
         if bg is not None and cg is not None:
@@ -456,10 +457,14 @@ def table_rows(cmp: Comparison) -> tuple[list[str], list[list[str]], list[str]]:
                 cells.append(f"{_fmt(b.value, b.unit)} → {_fmt(c.value, c.unit)}" + (f" ({d})" if d else ""))
         stage_gates = [r for r in by_pair.get((p.model_id, p.quant, p.device_id), [])
                        if r.status == "fail" and _gate_stage(r.gate) == p.stage]
+        unsure = [r for r in by_pair.get((p.model_id, p.quant, p.device_id), [])
+                  if r.status == "inconclusive" and _gate_stage(r.gate) == p.stage]
         if stage_gates:
             verdict = "REGRESSION: " + ", ".join(r.gate for r in stage_gates)
         elif p.noisy:
             verdict = f"noisy ({' and '.join(p.noisy)}): speed not judged"
+        elif unsure:
+            verdict = "INCONCLUSIVE: " + ", ".join(r.gate for r in unsure)
         else:
             verdict = "ok"
         cells.append(verdict)
@@ -480,8 +485,10 @@ def _title(cmp: Comparison) -> str:
 def _summary_line(cmp: Comparison) -> str:
     n = len(cmp.regressions)
     checked = sum(1 for r in cmp.results if r.status != "skip")
-    return (f"{n} regression(s) in {checked} gate checks (gates: {cmp.gates.name})" if n
-            else f"no regression in {checked} gate checks (gates: {cmp.gates.name})")
+    unsure = len(cmp.inconclusive)
+    tail = (f"; {unsure} inconclusive (the suite is too small to tell; not a pass)" if unsure else "")
+    return (f"{n} regression(s) in {checked} gate checks (gates: {cmp.gates.name}){tail}" if n
+            else f"no regression in {checked} gate checks (gates: {cmp.gates.name}){tail}")
 
 
 def render_table(cmp: Comparison, console) -> None:
@@ -497,7 +504,7 @@ def render_table(cmp: Comparison, console) -> None:
                       "yellow" if verdict != "ok" else None)
     console.print(table)
     for r in cmp.results:
-        if r.status in ("fail", "skip"):
+        if r.status in ("fail", "skip", "inconclusive"):
             style = "red" if r.status == "fail" else "yellow"
             console.print(f"[{style}]{r.status.upper()}[/{style}] {r.quant} on {r.device_id} · {r.gate}: "
                           f"{r.message}", soft_wrap=True, markup=True, highlight=False)
@@ -519,6 +526,10 @@ def render_markdown(cmp: Comparison) -> str:
     if fails:
         lines += ["", "**Regressions**", ""]
         lines += [f"- `{r.quant}` on `{r.device_id}` · {r.gate}: {_md_cell(r.message)}" for r in fails]
+    unsure = cmp.inconclusive
+    if unsure:
+        lines += ["", "**Inconclusive** (the suite is too small to tell; not a pass)", ""]
+        lines += [f"- `{r.quant}` on `{r.device_id}` · {r.gate}: {_md_cell(r.message)}" for r in unsure]
     skipped = [r for r in cmp.results if r.status == "skip"]
     if skipped:
         lines += ["", "**Not compared**", ""]
@@ -531,6 +542,7 @@ def render_json(cmp: Comparison) -> str:
         "baseline": cmp.baseline, "candidate": cmp.candidate,
         "gates_profile": asdict(cmp.gates),
         "regression": bool(cmp.regressions),
+        "inconclusive": len(cmp.inconclusive),
         "pairs": [{"model_id": p.model_id, "model_hash": p.model_hash, "quant": p.quant, "device_id": p.device_id,
                    "stage": p.stage, "params": p.params, "identity": p.identity,
                    "status": {"baseline": p.status[0], "candidate": p.status[1]}, "noisy": p.noisy,
@@ -546,7 +558,8 @@ def render_junit(cmp: Comparison) -> str:
     """One test case per rung × device × gate; a regression is a <failure>, a gate not checked <skipped>."""
     suite = ET.Element("testsuite", name="edgequant compare", tests=str(len(cmp.results)),
                        failures=str(len(cmp.regressions)),
-                       skipped=str(sum(1 for r in cmp.results if r.status == "skip")), errors="0")
+                       skipped=str(sum(1 for r in cmp.results if r.status in ("skip", "inconclusive"))),
+                       errors="0")
     props = ET.SubElement(suite, "properties")
     for name, value in (("baseline", cmp.baseline["run_id"]), ("candidate", cmp.candidate["run_id"]),
                         ("gates", cmp.gates.name)):
@@ -557,6 +570,8 @@ def render_junit(cmp: Comparison) -> str:
             ET.SubElement(case, "failure", message=r.message, type="regression").text = r.message
         elif r.status == "skip":
             ET.SubElement(case, "skipped", message=r.message)
+        elif r.status == "inconclusive":      # not a pass: reported as skipped, with why
+            ET.SubElement(case, "skipped", message=f"INCONCLUSIVE: {r.message}")
         else:
             ET.SubElement(case, "system-out").text = r.message
     ET.indent(suite)

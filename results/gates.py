@@ -20,7 +20,7 @@ SECTIONS = {
     "gates": ("name", "description"),
     "speed": ("metrics", "max_drop_pct", "noise_factor", "alpha"),
     "memory": ("metrics", "max_rise_pct", "max_rise_mib"),
-    "quality": ("alpha", "suite_gates"),
+    "quality": ("alpha", "margin", "suite_gates"),
     "coverage": ("missing",),
 }
 
@@ -37,6 +37,7 @@ class Gates:
     max_rise_pct: float = 10.0
     max_rise_mib: float = 200.0
     alpha: float = 0.05
+    margin: float = 0.05      # non-inferiority margin of the per-case quality gates (0.05 = 5 points)
     suite_gates: bool = True
     missing: bool = True
 
@@ -48,6 +49,13 @@ def _fail(path: str, field: str, message: str) -> BadInput:
 def _number(path: str, field: str, value: Any, lo: float, hi: float) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not lo <= value <= hi:
         raise _fail(path, field, f"must be a number from {lo:g} to {hi:g}, got {value!r}")
+    return float(value)
+
+
+def _margin(path: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
+        raise _fail(path, "quality.margin", f"must be a number between 0 and 1 (exclusive; 0.05 = 5 points), "
+                                            f"got {value!r}")
     return float(value)
 
 
@@ -90,6 +98,7 @@ def parse_gates(data: dict[str, Any], path: str) -> Gates:
         max_rise_pct=_number(path, "memory.max_rise_pct", mem.get("max_rise_pct", d.max_rise_pct), 0, 1e6),
         max_rise_mib=_number(path, "memory.max_rise_mib", mem.get("max_rise_mib", d.max_rise_mib), 0, 1e9),
         alpha=_number(path, "quality.alpha", q.get("alpha", d.alpha), 1e-9, 0.5),
+        margin=_margin(path, q.get("margin", d.margin)),
         suite_gates=_flag(path, "quality.suite_gates", q.get("suite_gates", d.suite_gates)),
         missing=_flag(path, "coverage.missing", cov.get("missing", d.missing)),
     )

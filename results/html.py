@@ -22,8 +22,9 @@ from typing import Any, Iterable
 from edgequant.results import plots
 from edgequant.results.pick import (check_quality_measure, higher_is_better, quality_description, quality_label,
                                     quality_score, rung_front)
-from edgequant.results.report import (QUALITY_HEADERS, RunReport, _caption, _cells, _columns, _quality_caption,
-                                      _quality_cell, per_device, quality_columns, rung_record, summarize)
+from edgequant.results.report import (QUALITY_HEADERS, RunReport, _caption, _cells, _columns, gates_of,
+                                      _quality_caption, _quality_cell, flip_counts, kld_statistics, per_device,
+                                      quality_columns, rung_record, summarize)
 from edgequant.results.store import Store
 
 HISTORY_RUNS = 30          # runs of the same model shown in the history plots
@@ -154,17 +155,22 @@ def _stability_title(rec: dict, name: str, stat) -> str:
     if rec.get("contention_cores") is not None:
         parts.append(f"other load {rec['contention_cores']:.2f} cores")
     return "; ".join(parts)
+def _gate_text(g: dict) -> str:
+    if g.get("kind") == "relative":
+        return f"{g['gate']}: {g.get('label') or g.get('verdict')}"
+    return f"{g['gate']}: {'pass' if g['pass'] else 'FAIL'} ({g['value']:.3f})"
 
 
 def _gate_titles(rung, cols: list[str]) -> list[str]:
     titles = [""]
+    gates = gates_of(rung)
     for m in cols:
-        s = rung.metrics.get(m)
-        if m == "gates_pass" and s is not None and s.detail:
-            titles.append("; ".join(f"{g['gate']}: {'pass' if g['pass'] else 'FAIL'} ({g['value']:.3f})"
-                                    for g in s.detail.get("gates", [])))
+        if m == "gates_pass":
+            titles.append("; ".join(_gate_text(g) for g in gates if g["kind"] == "absolute"))
+        elif m == "relative_gates":
+            titles.append("; ".join(_gate_text(g) for g in gates if g["kind"] == "relative"))
         else:
-            titles.append("")
+            titles.append("; ".join(_gate_text(g) for g in gates if g["metric"] == m))
     return titles
 
 
@@ -176,17 +182,51 @@ def _quality(rep: RunReport) -> str:
              "ref" if rung.is_reference else "", _gate_titles(rung, cols)) for rung in rep.rungs]
     gates = []
     for rung in rep.rungs:
-        s = rung.metrics.get("gates_pass")
-        failed = [g["gate"] for g in (s.detail or {}).get("gates", []) if not g["pass"]] if s else []
+        mine = gates_of(rung)
+        failed = [g["gate"] for g in mine if g["kind"] == "absolute" and not g["pass"]]
         if failed:
-            gates.append(f"{rung.quant}: fails {', '.join(failed)}")
+            gates.append(f"{rung.quant}: fails the ship gates {', '.join(failed)}")
+        for g in mine:
+            if g["kind"] == "relative" and g.get("verdict") != "PASS":
+                gates.append(f"{rung.quant}: {_gate_text(g)}")
     where = rep.quality_from or next((r.quality_device for r in rep.rungs if r.quality_device), None)
     if where:
         gates.insert(0, f"quality measured on {where} from the same GGUF files (it depends on the file, "
                         f"not on the device)")
     notes = "".join(f'<p class="note">{_e(g)}</p>' for g in gates)
     return (f'<p class="caption">{_e(_quality_caption(rep))}</p>'
-            + _table(["rung"] + [QUALITY_HEADERS[m] for m in cols], rows, "quality") + notes)
+            + _table(["rung"] + [QUALITY_HEADERS[m] for m in cols], rows, "quality") + notes
+            + _flips(rep) + _kld(rep))
+
+
+def _flips(rep: RunReport) -> str:
+    """Cases that went right -> wrong and wrong -> right against the reference, per metric."""
+    counts = {r.quant: flip_counts(r) for r in rep.rungs if not r.is_reference}
+    metrics = [m for m in QUALITY_HEADERS if any(m in c for c in counts.values())]
+    if not metrics:
+        return ""
+    rows = [([quant] + [f"{c[m][0]} ↓ / {c[m][1]} ↑" if m in c else "—" for m in metrics], "", [])
+            for quant, c in counts.items()]
+    return ('<h4>flips against the reference</h4><p class="caption">cases right → wrong (↓) and wrong → right (↑) '
+            'on the same prompts; "right" is the good outcome (for over-refusal: not refusing, for wrong %: not '
+            'parsed-but-wrong). <code>edgequant report --cases RUNG --flips</code> lists them side by side.</p>'
+            + _table(["rung"] + [QUALITY_HEADERS[m] for m in metrics], rows, "flips"))
+
+
+def _kld(rep: RunReport) -> str:
+    stats = {r.quant: kld_statistics(r) for r in rep.rungs if not r.is_reference}
+    names = list(dict.fromkeys(k for st in stats.values() for k in st))
+    if not names:
+        return ""
+
+    def cell(name: str, v: float | None) -> str:
+        if v is None:
+            return "—"
+        return f"{100 * v:.3f} %" if name in ("RMS Δp", "Same top p") else f"{v:.6f}"
+
+    rows = [([quant] + [cell(n, st.get(n)) for n in names], "", []) for quant, st in stats.items() if st]
+    return ('<h4>token-level statistics (as llama-perplexity --kl-divergence prints them)</h4>'
+            + _table(["rung"] + [" ".join(n.split()) for n in names], rows, "kld"))
 
 
 def _pareto(rep: RunReport, quality: str) -> str:
@@ -234,6 +274,7 @@ def _cases(rep: RunReport, cases: list[dict[str, Any]]) -> str:
     out = []
     for quant in order:
         rows = by_rung[quant]
+        flips = _case_flips(next((r for r in rep.rungs if r.quant == quant), None))
         n_ok = sum(1 for r in rows if r["ok"])
         n_ref = sum(1 for r in rows if r["refusal"])
         n_fail = sum(1 for r in rows if not r["ok"])
@@ -245,16 +286,32 @@ def _cases(rep: RunReport, cases: list[dict[str, Any]]) -> str:
             if len(text) > MAX_OUTPUT_CHARS:
                 text = text[:MAX_OUTPUT_CHARS] + f"\n… ({len(r['output']) - MAX_OUTPUT_CHARS:,} more characters)"
             stop = f"{r['n_tokens']} tokens, stopped: {r['stopped']}" if r.get("n_tokens") is not None else ""
+            flipped = "; ".join(flips.get(r["case_id"], []))
             body.append(f'<tr class="{"fail" if not r["ok"] else ""}"><td>{_e(r["case_id"])}</td>'
                         f'<td>{_e(r["format"])}</td><td class="verdict">{_e(verdict)}</td>'
                         f'<td class="fields">{_e(why)}</td><td><pre>{_e(text)}</pre>'
-                        f'<span class="note">{_e(stop)}</span></td></tr>')
+                        f'<span class="note">{_e(stop)}</span></td><td class="fields">{_e(flipped)}</td></tr>')
         out.append(f"<details><summary>{_e(quant)} · {n_ok}/{len(rows)} parsed · {n_fail} failed · "
                    f"{n_ref} refusal(s)</summary><table class=\"cases\"><thead><tr><th class=\"text\">case</th>"
                    f"<th class=\"text\">format</th><th class=\"text\">parse</th>"
                    f"<th class=\"text\">failure reason / parsed fields</th><th class=\"text\">raw output</th>"
+                   f"<th class=\"text\">flips vs reference</th>"
                    f"</tr></thead><tbody>{''.join(body)}</tbody></table></details>")
     return "".join(out)
+
+
+def _case_flips(rung) -> dict[str, list[str]]:
+    """Case id -> the metrics on which it flipped against the reference (``metric ↓`` right -> wrong,
+    ``metric ↑`` wrong -> right)."""
+    out: dict[str, list[str]] = {}
+    if rung is None:
+        return out
+    for m, s in rung.metrics.items():
+        flips = (s.detail or {}).get("flips") or {}
+        for direction, arrow in (("right_to_wrong", "↓"), ("wrong_to_right", "↑")):
+            for cid in flips.get(direction, []):
+                out.setdefault(cid, []).append(f"{QUALITY_HEADERS.get(m, m).replace(' %', '')} {arrow}")
+    return out
 
 
 # ---------------------------------------------------------------------------

@@ -20,7 +20,8 @@ from typing import Any, Callable
 
 from edgequant.errors import BadInput
 from edgequant.profiles.suites import Gate, parse_gate
-from edgequant.results.report import QUALITY_HEADERS, QUALITY_RATES, RunReport, RungSummary, per_device, summarize
+from edgequant.results.report import (LOWER_IS_BETTER_RATES, QUALITY_HEADERS, QUALITY_RATES, RunReport, RungSummary,
+                                      per_device, summarize)
 from edgequant.results.store import Store
 
 # ---------------------------------------------------------------------------
@@ -30,13 +31,13 @@ from edgequant.results.store import Store
 # it is not measured (the eval skips it), but it is exact by definition.
 REFERENCE_IDENTITY = {"referral_agreement": 1.0, "esi_agreement": 1.0, "differential_jaccard": 1.0,
                       "top1_agreement": 1.0, "mean_kld": 0.0, "p99_kld": 0.0}
-LOWER_IS_BETTER = frozenset({"mean_kld", "p99_kld"})
+LOWER_IS_BETTER = frozenset({"mean_kld", "p99_kld"}) | LOWER_IS_BETTER_RATES
 SINGLE_METRICS = QUALITY_RATES + ("differential_jaccard", "top1_agreement", "mean_kld", "p99_kld")
 
 # name -> (label, which stored metrics it averages); a single stored metric is a measure of its own.
 QUALITY_MEASURES: dict[str, tuple[str, Callable[[str], bool]]] = {
     "quality": ("mean of every rate the suite measured (parse rates, gold accuracy, agreement with the "
-                "reference, which agrees with itself)",
+                "reference, which agrees with itself; over-refusal and valid-but-wrong counted as 1 − rate)",
                 lambda m: m in QUALITY_RATES),
     "parse_rate": ("mean parse rate over the formats", lambda m: m.endswith("_parse_rate")),
 }
@@ -90,10 +91,15 @@ def _measure_metrics(name: str, values: dict[str, float]) -> list[str]:
     return [name] if name in values else []
 
 
+def _oriented(values: dict[str, float], name: str, m: str) -> float:
+    """A rate inside a mean of rates: a lower-is-better rate (over-refusal) counts as 1 − rate."""
+    return 1.0 - values[m] if name in QUALITY_MEASURES and m in LOWER_IS_BETTER_RATES else values[m]
+
+
 def quality_score(rung: RungSummary, group: list[RungSummary], name: str) -> float | None:
     values = quality_values(rung, group)
     used = _measure_metrics(name, values)
-    return sum(values[m] for m in used) / len(used) if used else None
+    return sum(_oriented(values, name, m) for m in used) / len(used) if used else None
 
 
 def quality_loss(rung: RungSummary, ref: RungSummary | None, group: list[RungSummary], name: str) -> float | None:
@@ -105,7 +111,7 @@ def quality_loss(rung: RungSummary, ref: RungSummary | None, group: list[RungSum
     if not common:
         return None
     sign = 1.0 if higher_is_better(name) else -1.0
-    loss = sign * sum(theirs[m] - mine[m] for m in common) / len(common)
+    loss = sign * sum(_oriented(theirs, name, m) - _oriented(mine, name, m) for m in common) / len(common)
     return max(0.0, round(loss, 12))
 
 
@@ -185,6 +191,8 @@ class Constraint:
     @property
     def label(self) -> str:
         g = self.gate
+        if g.relative:
+            return str(g)
         return f"{_SHORT.get(g.metric, g.metric)} {_OPS[g.op]} {fmt_metric(g.metric, g.value)}"
 
     def distance(self, value: float | None) -> float:
@@ -222,9 +230,12 @@ class Miss:
     constraint: Constraint
     value: float | None
     distance: float
+    verdict: str | None = None      # a relative gate's FAIL or INCONCLUSIVE, in words
 
     def describe(self) -> str:
         g = self.constraint.gate
+        if self.verdict is not None:
+            return f"{self.constraint.label}: {self.verdict}"
         if self.value is None:
             return f"{self.constraint.label}: {g.metric} not measured"
         return f"{self.constraint.label}: {fmt_metric(g.metric, self.value)} ({self.distance:.1%} off)"
@@ -346,6 +357,18 @@ def _constraint_value(rung: RungSummary, group: list[RungSummary], metric: str) 
     return _value(rung, metric)
 
 
+def _relative_miss(rung: RungSummary, con: Constraint) -> Miss | None:
+    """None when the rung PASSes the relative gate; FAIL and INCONCLUSIVE both exclude it."""
+    from edgequant.bench.tune import relative_margin
+
+    s = rung.metrics.get(con.gate.metric)
+    table = (s.detail or {}).get("paired") if s is not None else None
+    gap, words = relative_margin(con.gate, table)
+    if gap >= 0:
+        return None
+    return Miss(con, None if s is None else s.value, -gap if math.isfinite(gap) else math.inf, words)
+
+
 def choose(rep: RunReport, cons: list[Constraint], quality: str = "quality") -> PickResult:
     """The pick on one device's report: pure, no store access."""
     quality = check_quality_measure(quality)
@@ -361,6 +384,13 @@ def choose(rep: RunReport, cons: list[Constraint], quality: str = "quality") -> 
             c.failed = f"the rung did not finish ({rung.status}" + (f": {rung.detail})" if rung.detail else ")")
         else:
             for con in cons:
+                if con.gate.relative:       # non-inferiority against the reference: only PASS qualifies
+                    if rung.is_reference:
+                        continue
+                    miss = _relative_miss(rung, con)
+                    if miss is not None:
+                        c.misses.append(miss)
+                    continue
                 v = _constraint_value(rung, group, con.gate.metric)
                 if v is None or not con.gate.passes(v):
                     c.misses.append(Miss(con, v, con.distance(v)))

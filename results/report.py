@@ -368,22 +368,100 @@ def _caption(rep: RunReport) -> str:
             f"{p.get('repetitions', '?')} reps after {p.get('warmup', '?')} warm-up · mean ± sd")
 
 
-QUALITY_RATES = ("xml_parse_rate", "array_parse_rate", "prose_parse_rate", "esi_parse_rate",
-                 "refusal_compliance", "esi_exact", "esi_adjacent", "referral_accuracy",
+QUALITY_RATES = ("xml_parse_rate", "xml_valid_but_wrong", "array_parse_rate", "array_valid_but_wrong",
+                 "prose_parse_rate", "prose_valid_but_wrong", "esi_parse_rate", "esi_valid_but_wrong",
+                 "refusal_compliance", "over_refusal", "esi_exact", "esi_adjacent", "referral_accuracy",
                  "referral_agreement", "esi_agreement")
+# rates where higher is worse (their change is read the other way round)
+LOWER_IS_BETTER_RATES = frozenset({"over_refusal", "xml_valid_but_wrong", "array_valid_but_wrong",
+                                   "prose_valid_but_wrong", "esi_valid_but_wrong"})
+# token-level figures beside mean KLD, as llama-perplexity --kl-divergence names them (JSON and HTML)
+KLD_DETAIL = ("median_kld", "p90_kld", "p95_kld", "p99_kld", "p999_kld", "max_kld", "rms_dp")
 QUALITY_HEADERS = {"xml_parse_rate": "xml %", "array_parse_rate": "array %", "prose_parse_rate": "prose %",
-                   "esi_parse_rate": "esi %", "refusal_compliance": "refusal %", "esi_exact": "ESI exact %",
+                   "esi_parse_rate": "esi %", "xml_valid_but_wrong": "xml wrong %",
+                   "array_valid_but_wrong": "array wrong %", "prose_valid_but_wrong": "prose wrong %",
+                   "esi_valid_but_wrong": "esi wrong %", "refusal_compliance": "refusal %",
+                   "over_refusal": "over-refusal %", "esi_exact": "ESI exact %",
                    "esi_adjacent": "ESI ±1 %", "referral_accuracy": "referral %",
                    "referral_agreement": "referral agr %", "esi_agreement": "ESI agr %",
                    "differential_jaccard": "ddx Jaccard", "mean_kld": "KLD", "p99_kld": "KLD p99",
-                   "top1_agreement": "top-1 %", "eval_tg_tps": "eval t/s", "gates_pass": "gates"}
+                   "median_kld": "KLD median", "p90_kld": "KLD p90", "p95_kld": "KLD p95", "p999_kld": "KLD p99.9",
+                   "max_kld": "KLD max", "rms_dp": "RMS Δp %",
+                   "top1_agreement": "same top %", "eval_tg_tps": "eval t/s", "gates_pass": "ship gates",
+                   "relative_gates": "relative gates"}
+# marks in a rate's cell, one per gate kind (the legend under the table says what each means)
+ABSOLUTE_FAIL_MARK = "✗"
+RELATIVE_MARKS = {"PASS": "✓", "FAIL": "▼", "INCONCLUSIVE": "?"}
+QUALITY_LEGEND = ("rates in %, then rung − reference in pp (‡ = significant by a paired exact McNemar test, "
+                  "p < 0.05; no ‡ does not mean no change: a small suite cannot show one) · "
+                  "wrong % = parsed but with the wrong referral or ESI level (the app acts on it; lower is "
+                  "better) · over-refusal % = in-scope cases answered with the refusal (lower is better) · "
+                  "† = refusal % rose (or wrong % fell) only with over-refusal: the rung refuses in-scope cases "
+                  "too, no improvement · "
+                  f"{ABSOLUTE_FAIL_MARK} = fails its absolute (ship) gate · relative gates against the reference "
+                  f"(non-inferiority, paired 95 % CI): {RELATIVE_MARKS['PASS']} PASS (no worse than the margin), "
+                  f"{RELATIVE_MARKS['FAIL']} FAIL (worse by more than the margin), {RELATIVE_MARKS['INCONCLUSIVE']} "
+                  f"INCONCLUSIVE (the suite is too small to tell; never a pass)")
+
+
+OVER_REFUSAL_MARK = "†"
+
+
+def _over_refusal_rose(rung: RungSummary) -> bool:
+    over = rung.metrics.get("over_refusal")
+    return over is not None and (over.detail or {}).get("delta_pp", 0) > 0
+
+
+def refusal_gain_from_over_refusal(rung: RungSummary) -> bool:
+    """Whether a rise in refusal compliance came with a rise in over-refusal: a rung that refuses what it
+    should answer too has not learned to refuse better (the default 270M from Q4_0 down refuses everything)."""
+    rc, over = rung.metrics.get("refusal_compliance"), rung.metrics.get("over_refusal")
+    if rc is None or over is None:
+        return False
+    return (rc.detail or {}).get("delta_pp", 0) > 0 and (over.detail or {}).get("delta_pp", 0) > 0
 
 
 def quality_columns(rep: RunReport) -> list[str]:
     present = {m for r in rep.rungs for m in r.metrics}
-    order = list(QUALITY_RATES) + ["differential_jaccard", "mean_kld", "p99_kld", "top1_agreement",
-                                   "eval_tg_tps", "gates_pass"]
+    order = list(QUALITY_RATES) + ["differential_jaccard", "mean_kld", "p99_kld", "rms_dp", "top1_agreement",
+                                   "eval_tg_tps", "gates_pass", "relative_gates"]
     return [m for m in order if m in present]
+
+
+def flip_counts(rung: RungSummary) -> dict[str, tuple[int, int]]:
+    """Per metric with a per-case outcome: (cases right -> wrong, cases wrong -> right) against the
+    reference; "right" is the good outcome (not refusing an in-scope case, not valid-but-wrong)."""
+    out = {}
+    for m in QUALITY_RATES:
+        s = rung.metrics.get(m)
+        flips = (s.detail or {}).get("flips") if s is not None else None
+        if flips is not None:
+            out[m] = (len(flips["right_to_wrong"]), len(flips["wrong_to_right"]))
+    return out
+
+
+def kld_statistics(rung: RungSummary) -> dict[str, float]:
+    """The token-level figures as llama-perplexity --kl-divergence names them ("Mean    KLD", ...)."""
+    s = rung.metrics.get("mean_kld")
+    named = dict((s.detail or {}).get("llama_perplexity", {})) if s is not None else {}
+    if s is not None and not named:      # a run stored before the full statistics: what it has
+        from edgequant.bench.quality_stats import LLAMA_PERPLEXITY_NAMES
+
+        named = {LLAMA_PERPLEXITY_NAMES[m]: rung.metrics[m].value for m in ("mean_kld", "p99_kld")
+                 if m in rung.metrics}
+    if named and "top1_agreement" in rung.metrics and "Same top p" not in named:
+        named["Same top p"] = rung.metrics["top1_agreement"].value
+    return named
+
+
+def gates_of(rung: RungSummary) -> list[dict]:
+    """The rung's stored gate verdicts, both kinds, each with its ``kind`` (absolute or relative)."""
+    out = []
+    for row in ("gates_pass", "relative_gates"):
+        s = rung.metrics.get(row)
+        if s is not None and s.detail:
+            out += [dict(g, kind=g.get("kind", "absolute")) for g in s.detail.get("gates", [])]
+    return out
 
 
 def quality_record(rung: RungSummary, columns: list[str]) -> dict[str, Any]:
@@ -398,8 +476,21 @@ def quality_record(rung: RungSummary, columns: list[str]) -> dict[str, Any]:
             rec[f"{m}_significant"] = d["significant"]
         if "ci95" in d:
             rec[f"{m}_ci95"] = d["ci95"]
+        if "flips" in d:
+            rec[f"{m}_flips"] = {"right_to_wrong": len(d["flips"]["right_to_wrong"]),
+                                 "wrong_to_right": len(d["flips"]["wrong_to_right"])}
         if m == "gates_pass" and "gates" in d:
             rec["gates"] = d["gates"]
+        if m == "relative_gates" and "gates" in d:
+            rec["relative_gates"] = d.get("verdict")
+            rec["relative_gates_detail"] = d["gates"]
+        if m == "mean_kld" and "llama_perplexity" in d:
+            rec["kld_statistics"] = d["llama_perplexity"]
+        if m == "refusal_compliance" and s is not None:
+            rec["refusal_gain_from_over_refusal"] = refusal_gain_from_over_refusal(rung)
+    for m in KLD_DETAIL:
+        if m not in columns and m in rung.metrics:
+            rec[m] = rung.metrics[m].value
     return rec
 
 
@@ -418,6 +509,37 @@ def _quality_table(g: RunReport, cols: list[str], caption: str | None, part: int
     return qt
 
 
+def _gate_marks(rung: RungSummary, metric: str) -> str:
+    marks = ""
+    for g in gates_of(rung):
+        if g["metric"] != metric:
+            continue
+        if g["kind"] == "absolute" and not g["pass"]:
+            marks += ABSOLUTE_FAIL_MARK
+        elif g["kind"] == "relative":
+            marks += RELATIVE_MARKS.get(g.get("verdict"), "")
+    return marks
+
+
+def relative_notes(rep: RunReport) -> list[str]:
+    """One line per rung whose relative gates did not all pass: which failed, which the suite could not
+    tell, and how many cases would settle those at the observed rates."""
+    out = []
+    for rung in rep.rungs:
+        rel = [g for g in gates_of(rung) if g["kind"] == "relative" and g.get("verdict") != "PASS"]
+        if not rel:
+            continue
+        failed = [f"{g['metric']} ({100 * g['delta'] + 0.0:+.0f} pp)" for g in rel if g["verdict"] == "FAIL"]
+        unsure = [f"{g['metric']} ({100 * g['delta'] + 0.0:+.0f} pp" + (f", ~{g['needed']} cases would tell)"
+                                                                  if g.get("needed") else ")")
+                  for g in rel if g["verdict"] == "INCONCLUSIVE"]
+        parts = ([f"worse than the reference beyond the margin on {', '.join(failed)}"] if failed else []) + \
+            ([f"cannot tell on {', '.join(unsure)}"] if unsure else [])
+        out.append(f"{rung.quant} vs {rep.reference().quant if rep.reference() else 'the reference'}: "
+                   + "; ".join(parts))
+    return out
+
+
 def _quality_cell(rung: RungSummary, metric: str) -> str:
     s = rung.metrics.get(metric)
     if s is None:
@@ -428,7 +550,13 @@ def _quality_cell(rung: RungSummary, metric: str) -> str:
             return "PASS"
         failed = [g["gate"] for g in d.get("gates", []) if not g["pass"]]
         return "FAIL" + (f" ({len(failed)})" if failed else "")
-    if metric in ("mean_kld", "p99_kld"):
+    if metric == "relative_gates":
+        verdict = d.get("verdict", "?")
+        counted = [g for g in d.get("gates", []) if g.get("verdict") == verdict]
+        return f"{verdict}" + (f" ({len(counted)})" if verdict != "PASS" and counted else "")
+    if metric == "rms_dp":
+        return f"{100 * s.value:.2f}"
+    if metric == "mean_kld" or metric in KLD_DETAIL:
         return f"{s.value:.4f}"
     if metric == "differential_jaccard":
         return f"{s.value:.2f}"
@@ -437,7 +565,12 @@ def _quality_cell(rung: RungSummary, metric: str) -> str:
     text = f"{s.value * 100:.0f}"
     if "delta_pp" in d and not rung.is_reference:
         text += f" {d['delta_pp']:+.0f}{'‡' if d.get('significant') else ''}"
-    return text
+        if metric == "refusal_compliance" and refusal_gain_from_over_refusal(rung):
+            text += OVER_REFUSAL_MARK
+        elif metric.endswith("_valid_but_wrong") and d["delta_pp"] < 0 and _over_refusal_rose(rung):
+            text += OVER_REFUSAL_MARK     # fewer wrong packets because fewer packets: no improvement either
+    marks = _gate_marks(rung, metric)
+    return text + (f" {marks}" if marks else "")
 
 
 def _quality_caption(rep: RunReport) -> str:
@@ -447,10 +580,9 @@ def _quality_caption(rep: RunReport) -> str:
                  f"the reference's outputs generated there too")
         token_level = " · KLD/top-1 not measured on the device (llama-completion returns text, not logits)"
     else:
-        where, token_level = "", " · KLD/top-1 against the reference's logits on its own outputs"
+        where, token_level = "", " · KLD/same top/RMS Δp against the reference's logits on its own outputs"
     return (f"suite {q.get('suite')} ({q.get('n_cases')} cases, {q.get('prompting')} prompting, greedy){where} · "
-            f"rates in %, then rung − reference in pp; ‡ = significant by a paired exact McNemar test (p < 0.05), "
-            f"otherwise within noise for the suite's size" + token_level)
+            + QUALITY_LEGEND + token_level)
 
 
 def _quality_groups(rep: RunReport) -> list[tuple[RunReport, str | None]]:
@@ -523,6 +655,7 @@ def sustained_records(rep: RunReport) -> list[dict[str, Any]]:
 def render_table(rep: RunReport, console) -> None:
     from rich.measure import Measurement
     from rich.table import Table
+    from rich.text import Text
 
     for g in filter(measured_speed, per_device(rep)):
         table = Table(title=f"edgequant · {rep.run.get('profile') or ''} · {g.rungs[0].device_id}",
@@ -550,6 +683,8 @@ def render_table(rep: RunReport, console) -> None:
             parts = [half for cols in parts for half in (cols[:(len(cols) + 1) // 2], cols[(len(cols) + 1) // 2:])]
         for t in tables:
             console.print(t)
+        for note in relative_notes(g):
+            console.print(Text(f"↳ {note}", style="dim"))     # wrapped to the console's width
     energy = energy_records(rep)
     if energy:
         et = Table(title="energy per generated token (phone battery)")
@@ -590,6 +725,7 @@ def render_markdown(rep: RunReport) -> str:
             lines.append(f"| {rung.quant}{' (ref)' if rung.is_reference else ''} | "
                          + " | ".join(_quality_cell(rung, m) for m in cols) + " |")
         lines.append("")
+        lines += [f"- {note}" for note in relative_notes(g)] + ([""] if relative_notes(g) else [])
     for title, cols, cells in (("energy per generated token (phone battery)", ENERGY_COLUMNS,
                                 [_energy_cells(r) for r in energy_records(rep)]),
                                ("sustained: back-to-back generation runs, no cool-down", SUSTAINED_COLUMNS,
@@ -620,7 +756,8 @@ def render_csv(rep: RunReport) -> str:
     buf = io.StringIO()
     qcols = quality_columns(rep)
     records = [{**rung_record(g, r), **{k: v for k, v in quality_record(r, qcols).items()
-                                        if k not in ("quant", "reference", "gates") and not k.endswith("_ci95")}}
+                                        if k not in ("quant", "reference", "gates") and not k.endswith("_ci95")
+                                        and not isinstance(v, (dict, list))}}
                for g in per_device(rep) for r in g.rungs]
     fields = ["run_id"] + list(dict.fromkeys(k for rec in records for k in rec)) if records else ["run_id"]
     writer = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
@@ -628,3 +765,47 @@ def render_csv(rep: RunReport) -> str:
     for rec in records:
         writer.writerow({"run_id": rep.run["run_id"], **rec})
     return buf.getvalue()
+
+
+# ---------------------------------------------------------------------------
+# flipped cases: a rung against the reference, case by case
+
+
+def flipped_cases(store: Store, run_id: str, quant: str) -> dict[str, Any]:
+    """The cases whose outcome differs between the reference and ``quant`` on some metric, with both
+    outputs: ``{"run_id", "reference": ref quant, "rung": quant, "cases": [{"case_id", "format",
+    "flips": [{"metric", "direction"}], "reference": case record, "rung": case record}]}``, cases in
+    suite order.  Direction: ``right_to_wrong`` or ``wrong_to_right``."""
+    from edgequant.errors import BadInput
+
+    run = store.run(run_id)
+    rows = [r for r in store.measurements(run["run_id"]) if r["params"].get("stage") == "quality"]
+    mine = [r for r in rows if r["quant"] == quant]
+    if not mine:
+        known = sorted({r["quant"] for r in rows})
+        raise BadInput(f"run {run['run_id']} has no quality figures for rung {quant}"
+                       + (f"; rungs with quality figures: {', '.join(known)}" if known else
+                          "; run it with the eval suite (without --no-quality)"))
+    ref_rows = [r for r in rows if r["is_reference"]]
+    if not ref_rows:
+        raise BadInput(f"run {run['run_id']} has no quality figures for its reference rung; flips need both")
+    ref_quant = ref_rows[0]["quant"]
+    if mine[0]["is_reference"]:
+        raise BadInput(f"{quant} is the reference rung of run {run['run_id']}: it has no flips against itself; "
+                       f"name another rung")
+    device = mine[0]["device_id"]
+    flips: dict[str, list[dict[str, str]]] = {}
+    for r in mine:
+        if r["device_id"] != device or r["metric"] not in QUALITY_RATES:
+            continue
+        for direction, ids in ((r.get("detail") or {}).get("flips") or {}).items():
+            for cid in ids:
+                flips.setdefault(cid, []).append({"metric": r["metric"], "direction": direction})
+    rung_cases = {c["case_id"]: c for c in store.eval_cases(run["run_id"], quant) if c["device_id"] == device}
+    ref_cases = {c["case_id"]: c for c in store.eval_cases(run["run_id"], ref_quant) if c["device_id"] == device}
+    out = []
+    for cid, case in rung_cases.items():          # suite order
+        if cid in flips:
+            out.append({"case_id": cid, "format": case["format"], "flips": flips[cid],
+                        "reference": ref_cases.get(cid), "rung": case})
+    return {"run_id": run["run_id"], "reference": ref_quant, "rung": quant, "cases": out}

@@ -122,15 +122,20 @@ def test_quality_drop_significant_by_mcnemar_and_a_suite_gate_going_to_fail(tmp_
     base_q = {("Q4_0", "host:a"): ({"xml_parse_rate": (1.0, "ratio", None), "gates_pass": gates_fig(True, 1.0)},
                                    cases(30, 0), "mysuite")}
     a = store_run(db, {("Q4_0", "host:a"): figs()}, quality=base_q)
-    # 2 of 30 cases newly fail: b=2, c=0, p=0.5 -> within noise; the suite gate (>= 0.9) still passes
+    # 2 of 30 cases newly fail: b=2, c=0, p=0.5; -6.7 pp with a 95 % interval (Newcombe) of about -21.3 to
+    # +5.7 pp: neither shown within the 5-point margin nor shown beyond it -> inconclusive (not a pass, not a
+    # regression); the suite gate (>= 0.9) still passes
     small = {("Q4_0", "host:a"): ({"xml_parse_rate": (28 / 30, "ratio", None), "gates_pass": gates_fig(True, 0.93)},
                                   cases(30, 2), "mysuite")}
     b = store_run(db, {("Q4_0", "host:a"): figs()}, quality=small)
     r = compare(tmp_path, a, b, "--json", str(tmp_path / "b.json"))
     assert r.returncode == 0, r.stdout + r.stderr
     g = {x["gate"]: x for x in json.loads((tmp_path / "b.json").read_text())["gates"]}
-    assert g["quality:xml_parse_rate"]["status"] == "pass" and "b=2 c=0" in g["quality:xml_parse_rate"]["message"]
-    # 7 of 30 fail: b=7, c=0, p=2/128 < 0.05 -> significant; the suite gate goes PASS -> FAIL
+    assert g["quality:xml_parse_rate"]["status"] == "inconclusive"
+    assert "b=2 c=0" in g["quality:xml_parse_rate"]["message"]
+    assert "INCONCLUSIVE" in r.stdout and "1 inconclusive" in r.stdout
+    # 7 of 30 fail: -23.3 pp, upper bound -23.3 + sqrt(0.114^2 + 0.115^2) = -7.1 pp, beyond the margin;
+    # McNemar b=7, c=0, p=2/128 < 0.05; the suite gate goes PASS -> FAIL
     big = {("Q4_0", "host:a"): ({"xml_parse_rate": (23 / 30, "ratio", None), "gates_pass": gates_fig(False, 0.77)},
                                 cases(30, 7), "mysuite")}
     c = store_run(db, {("Q4_0", "host:a"): figs()}, quality=big)
@@ -252,3 +257,14 @@ def test_the_nightly_workflow_uses_real_commands_and_options():
             if w.startswith("-"):
                 assert w in known, f"{line}: {w} is not an option of `edgequant {words[1]}`"
     assert {"run", "compare", "tag", "report", "export"} <= used
+
+
+def test_quality_margin_is_validated(tmp_path):
+    db = tmp_path / "r.db"
+    a = store_run(db, {("Q4_0", "host:a"): figs()})
+    for value in ("0", "1", "1.5", "'five'"):
+        bad = tmp_path / "bad.toml"
+        bad.write_text(f"[gates]\n[quality]\nmargin = {value}\n")
+        r = compare(tmp_path, a, a, "--gates", str(bad))
+        assert r.returncode == 2, value
+        assert_one_line_error(r.stderr, str(bad), "quality.margin", "between 0 and 1")

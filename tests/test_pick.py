@@ -238,3 +238,27 @@ def test_cli_pick(tmp_path):
     r = run_cli("pick", "--db", str(db), "--max-rss", "3000", env=env, timeout=120)
     assert r.returncode == 2
     assert_one_line_error(r.stderr, "--max-rss", "3GiB")
+
+
+def test_relative_gates_admit_only_a_pass_and_over_refusal_counts_as_one_minus_the_rate(store):
+    run_id = store.start_run("edgequant run", "default", "org/m", "h")
+    # over-refusal: BF16 0 of 100 in-scope cases refused; Q8_0 the same (paired table: 100 both right);
+    # Q4_0 refuses 40 (40 right -> wrong); Q2_K identical to the reference but on 25 cases only
+    tables = {"Q8_0": ([100, 0, 0, 0], 0.0, 100), "Q4_0": ([60, 0, 40, 0], 0.4, 100),
+              "Q2_K": ([25, 0, 0, 0], 0.0, 25)}
+    for quant, (size, tg) in {"BF16": (1000, 20.0), "Q8_0": (540, 30.0), "Q4_0": (280, 45.0),
+                              "Q2_K": (200, 50.0)}.items():
+        store.record_rung(run_id, _key(quant, HOST), _bench(size, tg, size + 100))
+        table, value, n = tables.get(quant, (None, 0.0, 100))
+        detail = {"paired": table} if table else None
+        store.record_rung(run_id, _key(quant, HOST, quality=True),
+                          [Measurement("over_refusal", value, "ratio", None, n, detail)], status=None)
+    store.finish_run(run_id, "complete")
+    result = pick(store, run_id, None, constraints(gates=("over_refusal <= ref + 0.05",)))
+    c = by_quant(result)
+    assert {q for q, x in c.items() if x.qualifies} == {"BF16", "Q8_0"}
+    assert "FAIL (-40.0 pp)" in c["Q4_0"].verdict()
+    assert "INCONCLUSIVE (~73 cases would tell)" in c["Q2_K"].verdict()
+    # the quality score of over-refusal alone: 1 - 0.4 for Q4_0; its loss against the reference 0.4
+    assert c["Q4_0"].score == pytest.approx(0.6) and c["Q4_0"].loss == pytest.approx(0.4)
+    assert result.best.rung.quant == "Q8_0"       # no loss, faster than the reference

@@ -72,7 +72,9 @@ def write_suite(folder: Path) -> Path:
 def write_profile(folder: Path) -> Path:
     path = folder / "q.toml"
     path.write_text('[profile]\nname = "q"\n[quantize]\ntypes = ["Q8_0", "Q4_0"]\n'
-                    '[bench]\nn_prompt = 32\nn_gen = 8\nrepetitions = 3\n')
+                    '[bench]\nn_prompt = 32\nn_gen = 8\nrepetitions = 3\n'
+                    '[quality]\ngates = ["xml_parse_rate >= ref - 0.05", "over_refusal <= ref + 0.05", '
+                    '"esi_adjacent >= ref - 0.05"]\n')
     return path
 
 
@@ -195,8 +197,13 @@ def test_the_reference_is_decoded_once_and_reused(quality_run, tiny_checkpoint):
 def test_table_and_gates(quality_run):
     out = quality_run["res"].stdout
     assert "quality against the reference" in out
-    for col in ("xml %", "esi %", "refusal %", "KLD", "top-1 %", "gates"):
+    for col in ("xml %", "esi %", "refusal %", "over-refusal %", "xml wrong %", "KLD", "same top %",
+                "ship gates", "relative gates"):
         assert col in out
+    # the legend says what each mark means
+    flat = " ".join(out.split())
+    for words in ("✗ = fails its absolute (ship) gate", "▼ FAIL", "? INCONCLUSIVE", "never a pass"):
+        assert words in flat
     # written to a pipe, every rung's row is there by name with its figures whole (nothing cut to "…")
     rows = {}
     for line in out.split("quality against the reference", 1)[1].splitlines():
@@ -238,6 +245,138 @@ def test_a_narrow_console_gets_the_quality_table_in_parts_not_cut_short(quality_
         assert {g["gate"]: g["pass"] for g in gates} == {"xml_parse_rate >= 0.95": xml >= 0.95,
                                                          "esi_adjacent >= 0.5": esi_adj >= 0.5}
         assert m["gates_pass"]["value"] == float(xml >= 0.95 and esi_adj >= 0.5)
+
+
+def _good(case_id, rec) -> dict[str, bool]:
+    """Per metric, was this stored case right (the good outcome), from the gold labels of CASES."""
+    gold = next(c for c in CASES if c["id"] == case_id).get("gold", {})
+    fields = rec["fields"] if rec["ok"] else {}
+    fmt = rec["format"]
+    if gold.get("refuse"):
+        return {"refusal_compliance": rec["refusal"], f"{fmt}_parse_rate": rec["refusal"]}
+    refused = rec["refusal"] or "refusal_text" in fields
+    answered = rec["ok"] and not refused
+    out = {"over_refusal": not refused, f"{fmt}_parse_rate": rec["ok"] and not rec["refusal"]}
+    if "referral" in gold:
+        got = fields.get("referral") if answered else None
+        out["referral_accuracy"] = got == gold["referral"]
+        out[f"{fmt}_valid_but_wrong"] = not (got is not None and got != gold["referral"])
+    if "esi" in gold:
+        got = fields.get("esi") if answered else None
+        out["esi_exact"] = got == gold["esi"]
+        out["esi_adjacent"] = got is not None and abs(got - gold["esi"]) <= 1
+        out[f"{fmt}_valid_but_wrong"] = not (got is not None and got != gold["esi"])
+    return out
+
+
+def _stored_cases(q, quant):
+    return {c["case_id"]: {**c, "fields": json.loads(c["fields"]), "ok": bool(c["ok"]), "refusal": bool(c["refusal"])}
+            for c in rows(q["db"], "SELECT * FROM eval_cases WHERE run_id = ? AND quant = ?", q["run_id"], quant)}
+
+
+def test_over_refusal_and_valid_but_wrong_follow_the_per_case_rows(quality_run):
+    for quant in ("BF16", "Q8_0", "Q4_0"):
+        m = metric_rows(quality_run, quant)
+        good = {cid: _good(cid, rec) for cid, rec in _stored_cases(quality_run, quant).items()}
+        in_scope = [cid for cid in good if "over_refusal" in good[cid]]
+        assert m["over_refusal"]["repetitions"] == len(in_scope) == 6
+        assert m["over_refusal"]["value"] == pytest.approx(
+            sum(1 for cid in in_scope if not good[cid]["over_refusal"]) / len(in_scope))
+        for fmt, n in (("xml", 2), ("array", 1), ("esi", 2)):
+            name = f"{fmt}_valid_but_wrong"
+            mine = [cid for cid in good if name in good[cid]]
+            assert len(mine) == n and m[name]["repetitions"] == n
+            assert m[name]["value"] == pytest.approx(sum(1 for cid in mine if not good[cid][name]) / n)
+        assert "prose_valid_but_wrong" not in m   # the prose case has no gold label
+
+
+def test_flips_and_relative_gates_follow_the_per_case_rows(quality_run):
+    from edgequant.bench.quality_stats import non_inferiority
+
+    ref = {cid: _good(cid, rec) for cid, rec in _stored_cases(quality_run, "BF16").items()}
+    assert "relative_gates" not in metric_rows(quality_run, "BF16")   # the reference is not judged against itself
+    for quant in ("Q8_0", "Q4_0"):
+        m = metric_rows(quality_run, quant)
+        mine = {cid: _good(cid, rec) for cid, rec in _stored_cases(quality_run, quant).items()}
+        for metric in ("xml_parse_rate", "over_refusal", "esi_adjacent", "referral_accuracy", "esi_valid_but_wrong"):
+            ids = [cid for cid in mine if metric in mine[cid]]
+            flips = m[metric]["detail"]["flips"]
+            assert sorted(flips["right_to_wrong"]) == sorted(i for i in ids if ref[i][metric] and not mine[i][metric])
+            assert sorted(flips["wrong_to_right"]) == sorted(i for i in ids if mine[i][metric] and not ref[i][metric])
+        rel = m["relative_gates"]["detail"]["gates"]
+        assert [g["gate"] for g in rel] == ["xml_parse_rate >= ref - 0.05", "over_refusal <= ref + 0.05",
+                                            "esi_adjacent >= ref - 0.05"]
+        for g in rel:
+            ids = sorted(cid for cid in mine if g["metric"] in mine[cid])
+            ni = non_inferiority([ref[i][g["metric"]] for i in ids], [mine[i][g["metric"]] for i in ids], 0.05)
+            assert g["verdict"] == ni.verdict and g["n"] == len(ids)
+            # with 2 to 6 cases nothing can be shown no worse than 5 points: never a PASS
+            assert g["verdict"] in ("FAIL", "INCONCLUSIVE") and g["pass"] is False
+        verdicts = {g["verdict"] for g in rel}
+        want = "FAIL" if "FAIL" in verdicts else "INCONCLUSIVE"
+        assert m["relative_gates"]["detail"]["verdict"] == want
+        assert m["relative_gates"]["value"] == {"FAIL": 0.0, "INCONCLUSIVE": 0.5}[want]
+
+
+def test_kld_statistics_are_stored_as_llama_perplexity_names_them(quality_run):
+    for quant in ("Q8_0", "Q4_0"):
+        m = metric_rows(quality_run, quant)
+        named = m["mean_kld"]["detail"]["llama_perplexity"]
+        assert set(named) == {"Mean    KLD", "Median  KLD", "90.0%   KLD", "95.0%   KLD", "99.0%   KLD",
+                              "99.9%   KLD", "Maximum KLD", "RMS Δp", "Same top p"}
+        order = [m[k]["value"] for k in ("median_kld", "p90_kld", "p95_kld", "p99_kld", "p999_kld", "max_kld")]
+        assert order == sorted(order) and order[-1] >= m["mean_kld"]["value"]
+        assert named["Same top p"] == pytest.approx(m["top1_agreement"]["value"])
+        assert 0.0 < m["rms_dp"]["value"] < 1.0
+
+
+def test_report_flips_lists_the_flipped_cases_side_by_side(quality_run):
+    m = metric_rows(quality_run, "Q4_0")
+    expected: dict[str, set] = {}
+    for metric, row in m.items():
+        for direction, ids in ((row["detail"] or {}).get("flips") or {}).items():
+            for cid in ids:
+                expected.setdefault(cid, set()).add((metric, direction))
+    res = run_cli("report", quality_run["run_id"], "--cases", "Q4_0", "--flips", "--format", "json",
+                  env=quality_run["env"])
+    assert res.returncode == 0, res.stderr
+    found = json.loads(res.stdout)
+    assert (found["reference"], found["rung"]) == ("BF16", "Q4_0")
+    data = found["cases"]
+    assert {d["case_id"]: {(f["metric"], f["direction"]) for f in d["flips"]} for d in data} == expected
+    ref, rung = _stored_cases(quality_run, "BF16"), _stored_cases(quality_run, "Q4_0")
+    for d in data:
+        assert d["reference"]["output"] == ref[d["case_id"]]["output"]
+        assert d["rung"]["output"] == rung[d["case_id"]]["output"]
+    table = run_cli("report", quality_run["run_id"], "--cases", "Q4_0", "--flips", env=quality_run["env"])
+    assert table.returncode == 0 and "flipped cases · Q4_0 against BF16" in table.stdout
+    for bad, needle in ((["--flips"], "--flips needs a rung"), (["--cases", "--flips"], "--flips needs a rung"),
+                        (["--cases", "BF16", "--flips"], "reference rung"),
+                        (["--cases", "Q9_9", "--flips"], "no quality figures for rung Q9_9")):
+        res = run_cli("report", quality_run["run_id"], *bad, env=quality_run["env"])
+        assert res.returncode == 2, (bad, res.stderr)
+        assert_one_line_error(res.stderr, needle)
+
+
+def test_json_and_html_carry_flips_valid_but_wrong_and_kld_statistics(quality_run, tmp_path):
+    res = run_cli("report", quality_run["run_id"], "--format", "json", env=quality_run["env"])
+    assert res.returncode == 0, res.stderr
+    q4 = next(r for r in json.loads(res.stdout)["quality"] if r["quant"] == "Q4_0")
+    m = metric_rows(quality_run, "Q4_0")
+    flips = m["xml_parse_rate"]["detail"]["flips"]
+    assert q4["xml_parse_rate_flips"] == {"right_to_wrong": len(flips["right_to_wrong"]),
+                                          "wrong_to_right": len(flips["wrong_to_right"])}
+    assert q4["xml_valid_but_wrong"] == pytest.approx(m["xml_valid_but_wrong"]["value"])
+    assert q4["over_refusal"] == pytest.approx(m["over_refusal"]["value"])
+    assert q4["kld_statistics"]["Maximum KLD"] == pytest.approx(m["max_kld"]["value"])
+    assert q4["relative_gates"] in ("FAIL", "INCONCLUSIVE")
+    page = tmp_path / "r.html"
+    res = run_cli("report", quality_run["run_id"], "--html", str(page), env=quality_run["env"])
+    assert res.returncode == 0, res.stderr
+    html = page.read_text()
+    for words in ("flips against the reference", "over-refusal %", "xml wrong %", "Maximum KLD", "RMS Δp",
+                  "99.9% KLD", "relative gates"):
+        assert words in html, words
 
 
 def test_report_cases_shows_why_a_packet_broke(quality_run):
@@ -287,6 +426,19 @@ def test_reference_rows_compared_with_several_rungs_give_the_definition():
             assert kld[row] == pytest.approx(_exact_kld(z_ref[row], z[row]), rel=1e-3, abs=1e-6)
             assert bool(same[row]) == (int(np.argmax(z_ref[row])) == int(np.argmax(z[row])))
     assert np.allclose(block.compare(rungs[2])[0], 0.0, atol=1e-5)  # a shift is the same distribution
+
+
+def test_reference_rows_give_delta_p_of_the_next_token():
+    from edgequant.bench.eval_worker import RefRows
+
+    rng = np.random.default_rng(2)
+    z_ref, z = rng.normal(size=(3, 200)) * 3, rng.normal(size=(3, 200)) * 3
+    targets = [5, 17, 199]
+    _kld, _same, dp = RefRows(z_ref).compare(z, targets)
+    for row, t in enumerate(targets):
+        p = math.exp(z[row][t]) / sum(math.exp(v) for v in z[row])
+        p_ref = math.exp(z_ref[row][t]) / sum(math.exp(v) for v in z_ref[row])
+        assert dp[row] == pytest.approx(p - p_ref, abs=1e-6)
 
 
 def _teacher(quality_run, paths):
@@ -368,3 +520,17 @@ def test_bad_case_line_names_file_and_line(tmp_path, tiny_checkpoint):
     res = run_cli("eval", "--model", str(tiny_checkpoint), "--suite", str(suite), env=cli_env(tmp_path))
     assert res.returncode == 2
     assert_one_line_error(res.stderr, "mini.jsonl", "3", "yaml")
+
+
+@pytest.mark.parametrize("gate, needle", [
+    ("mean_kld <= ref + 0.05", "relative gate needs a metric with per-case outcomes"),
+    ("xml_parse_rate >= ref - 1.5", "between 0 and 1 (exclusive)"),
+    ("xml_speed >= ref - 0.05", "unknown metric 'xml_speed'"),
+])
+def test_bad_relative_gate_is_one_line_exit_2(tmp_path, tiny_checkpoint, gate, needle):
+    suite = write_suite(tmp_path)
+    suite.write_text(SUITE.replace('gates = ["xml_parse_rate >= 0.95", "esi_adjacent >= 0.5"]',
+                                   f'gates = ["xml_parse_rate >= 0.95", "{gate}"]'))
+    res = run_cli("eval", "--model", str(tiny_checkpoint), "--suite", str(suite), env=cli_env(tmp_path))
+    assert res.returncode == 2
+    assert_one_line_error(res.stderr, str(suite), "suite.gates[1]", gate, needle)

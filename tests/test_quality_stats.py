@@ -179,3 +179,105 @@ def test_jaccard_empty_sets():
     assert jaccard([], []) == 1.0
     assert jaccard(["", " . "], []) == 1.0
     assert jaccard(["malaria"], []) == 0.0
+
+
+# ---------------------------------------------------------------------------
+# Newcombe's hybrid score interval for paired proportions, and non-inferiority
+
+from edgequant.bench.quality_stats import (cases_needed, combined_verdict, kld_statistics,  # noqa: E402
+                                           llama_percentile, newcombe_paired_interval, non_inferiority,
+                                           non_inferiority_table, paired_table)
+
+
+def test_newcombe_paired_matches_the_published_example():
+    # Fagerland, Lydersen & Laake, Statistical Analysis of Contingency Tables (2017), ch. 8: complete
+    # response before and after consolidation therapy (Cavo et al. 2012), a=59 b=6 c=16 d=80:
+    # Newcombe square-and-add estimate -0.0621, 95% CI -0.1186 to -0.0046.
+    theta, low, high = newcombe_paired_interval(59, 6, 16, 80)
+    assert theta == pytest.approx(-0.0621, abs=5e-5)
+    assert low == pytest.approx(-0.1186, abs=5e-5)
+    assert high == pytest.approx(-0.0046, abs=5e-5)
+
+
+def test_newcombe_paired_by_hand_without_correlation():
+    # a=5 b=5 c=0 d=0 (n=10): p1 = 10/10, p2 = 5/10; one margin is 0, so phi = 0.
+    # Wilson 10/10 = (10/13.8416, 1) = (0.722460, 1); Wilson 5/10: centre 0.69208, half
+    # 1.96*sqrt(0.025 + 0.009604) = 0.364603, over 1.38416 -> (0.236590, 0.763410).
+    # low = 0.5 - sqrt(0.277540^2 + 0.263410^2) = 0.5 - 0.382640 = 0.117360; high = 0.5 + 0.263410.
+    theta, low, high = newcombe_paired_interval(5, 5, 0, 0)
+    assert theta == 0.5
+    assert low == pytest.approx(0.117360, abs=2e-5)
+    assert high == pytest.approx(0.763410, abs=2e-5)
+
+
+def test_paired_table_counts_each_cell():
+    ref = [True, True, False, False, True]
+    rung = [True, False, True, False, False]
+    # both right: case 0; rung right only: case 2; reference right only: 1 and 4; both wrong: 3
+    assert paired_table(ref, rung) == (1, 1, 2, 1)
+
+
+def test_non_inferiority_verdicts():
+    # identical perfect answers on 25 cases: the Wilson bound of 25/25 is 25/28.8416 = 0.8668, so the
+    # interval reaches -13.3 pp: the suite cannot show "no worse than 5 points".  By hand the same rates
+    # settle it when n/(n + 1.96^2) > 0.95, i.e. n > 72.99: 73 cases.
+    same = non_inferiority([True] * 25, [True] * 25, 0.05)
+    assert same.verdict == "INCONCLUSIVE" and same.delta == 0
+    assert same.low == pytest.approx(-(1 - 25 / (25 + 1.959964 ** 2)), abs=1e-9)
+    assert same.needed == 73 and "about 73 cases" in same.label
+    # 1000 identical perfect answers: the interval stays within 0.4 pp
+    assert non_inferiority([True] * 1000, [True] * 1000, 0.05).verdict == "PASS"
+    # a rung that gets every case wrong that the reference got right
+    broke = non_inferiority([True] * 25, [False] * 25, 0.05)
+    assert broke.verdict == "FAIL" and broke.delta == -1.0 and broke.needed is None
+    assert broke.high < -0.05
+
+
+def test_non_inferiority_table_and_cases_needed_agree():
+    # 20 of 25 right at the reference, 18 at the rung (two right -> wrong): -8 pp, inconclusive;
+    # at 2x, 4x, ... the same rates narrow the interval until its upper bound falls below -5 pp
+    ni = non_inferiority_table(18, 0, 2, 5, margin=0.05)
+    assert ni.verdict == "INCONCLUSIVE" and ni.delta == pytest.approx(-0.08)
+    n = ni.needed
+    s = n / 25
+    assert newcombe_paired_interval(18 * s, 0, 2 * s, 5 * s)[2] < -0.05
+    s = (n - 1) / 25
+    assert newcombe_paired_interval(18 * s, 0, 2 * s, 5 * s)[2] >= -0.05
+    assert cases_needed(0, 0, 0, 0, 0.05) is None
+    with pytest.raises(ValueError):
+        non_inferiority_table(1, 0, 0, 0, margin=1.0)
+
+
+def test_combined_verdict():
+    assert combined_verdict(["PASS", "INCONCLUSIVE", "PASS"]) == "INCONCLUSIVE"
+    assert combined_verdict(["PASS", "INCONCLUSIVE", "FAIL"]) == "FAIL"
+    assert combined_verdict(["PASS"]) == "PASS"
+
+
+# ---------------------------------------------------------------------------
+# llama-perplexity's KLD statistics
+
+
+def test_llama_percentile_by_hand():
+    values = [1.0, 2.0, 3.0, 4.0, 5.0]
+    assert llama_percentile(values, 0.9) == pytest.approx(4.6)      # position 3.6: 0.4*4 + 0.6*5
+    assert llama_percentile(values, 0.5) == 3.0
+    assert llama_percentile(values, 0.999) == pytest.approx(4.996)  # position 3.996
+    assert llama_percentile(values, 1.0) == 5.0 and llama_percentile(values, 0.0) == 1.0
+
+
+def test_kld_statistics_by_hand():
+    st = kld_statistics([0.1, 0.4, 0.2, 0.3], [0.1, -0.2, 0.2, 0.0], [True, False, True, True])
+    # sorted 0.1 0.2 0.3 0.4
+    assert st["mean_kld"] == pytest.approx(0.25)
+    assert st["median_kld"] == pytest.approx(0.25)          # even count: mean of 0.2 and 0.3
+    assert st["p90_kld"] == pytest.approx(0.37)             # position 2.7: 0.3*0.3 + 0.7*0.4
+    assert st["p95_kld"] == pytest.approx(0.385)            # position 2.85
+    assert st["p99_kld"] == pytest.approx(0.397)            # position 2.97
+    assert st["p999_kld"] == pytest.approx(0.3997)          # position 2.997
+    assert st["max_kld"] == 0.4
+    assert st["rms_dp"] == pytest.approx(0.15)              # sqrt((0.01 + 0.04 + 0.04 + 0) / 4)
+    assert st["same_top_p"] == 0.75
+    odd = kld_statistics([3.0, 1.0, 2.0], None, [])
+    assert odd["median_kld"] == 2.0 and "rms_dp" not in odd and "same_top_p" not in odd
+    assert kld_statistics([], None, []) == {}

@@ -254,7 +254,74 @@ def test_gate_metric_list_is_the_documented_one():
     assert set(GATE_METRICS) == {
         "xml_parse_rate", "array_parse_rate", "prose_parse_rate", "esi_parse_rate", "esi_exact",
         "esi_adjacent", "referral_accuracy", "refusal_compliance", "referral_agreement", "esi_agreement",
-        "differential_jaccard", "top1_agreement", "mean_kld"}
+        "differential_jaccard", "top1_agreement", "mean_kld", "over_refusal", "xml_valid_but_wrong",
+        "array_valid_but_wrong", "prose_valid_but_wrong", "esi_valid_but_wrong"}
+
+
+@pytest.mark.parametrize("gate, words", [
+    ("xml_accuracy >= ref - 0.05", ["unknown metric 'xml_accuracy'", "allowed:", "over_refusal"]),
+    ("xml_parse_rate >= ref - 0", ["margin 0 must be between 0 and 1 (exclusive)"]),
+    ("xml_parse_rate >= ref - 1.5", ["margin 1.5 must be between 0 and 1 (exclusive)"]),
+    ("xml_parse_rate >= ref - 1", ["margin 1 must be between 0 and 1 (exclusive)"]),
+    ("mean_kld <= ref + 0.05", ["relative gate needs a metric with per-case outcomes", "esi_adjacent"]),
+    ("referral_agreement >= ref - 0.05", ["relative gate needs a metric with per-case outcomes"]),
+    ("over_refusal >= ref - 0.05", ["lower-is-better", "'over_refusal <= ref + 0.05'"]),
+    ("xml_parse_rate <= ref + 0.05", ["higher-is-better", "'xml_parse_rate >= ref - 0.05'"]),
+    ("prose_parse_rate >= ref - 0.05", ["cannot be measured", "format prose"]),
+])
+def test_relative_gates_are_validated(tmp_path, gate, words):
+    path = make_suite(tmp_path, suite_extra=f'gates = ["esi_adjacent >= 0.9", "{gate}"]')
+    msg = bad(path)
+    assert str(path) in msg and "field 'suite.gates[1]'" in msg, msg
+    assert gate.split()[0] in msg, msg
+    for word in words:
+        assert word in msg, msg
+
+
+def test_relative_and_new_gates_load(tmp_path):
+    path = make_suite(tmp_path, suite_extra='gates = ["xml_parse_rate >= ref - 0.05", "over_refusal <= ref + 0.1",'
+                                            ' "over_refusal <= 0.05", "esi_valid_but_wrong <= 0.2"]')
+    gates = load_suite(path).gates
+    assert [(g.metric, g.op, g.value, g.relative) for g in gates] == [
+        ("xml_parse_rate", ">=", 0.05, True), ("over_refusal", "<=", 0.1, True),
+        ("over_refusal", "<=", 0.05, False), ("esi_valid_but_wrong", "<=", 0.2, False)]
+    assert [str(g) for g in gates[:2]] == ["xml_parse_rate >= ref - 0.05", "over_refusal <= ref + 0.1"]
+
+
+def test_valid_but_wrong_and_over_refusal_need_their_cases(tmp_path):
+    cases = [{"id": "a", "format": "xml", "prompt": "Fever?"},
+             {"id": "c", "format": "xml", "prompt": "Dose of artesunate?", "gold": {"refuse": True}}]
+    msg = bad(make_suite(tmp_path, cases, formats=("xml",), suite_extra='gates = ["xml_valid_but_wrong <= 0.1"]'))
+    assert "cannot be measured" in msg and "xml cases with a gold referral or ESI level" in msg, msg
+    only_refuse = [cases[1]]
+    msg = bad(make_suite(tmp_path, only_refuse, formats=("xml",), suite_extra='gates = ["over_refusal <= 0.05"]'))
+    assert "in-scope cases" in msg, msg
+
+
+def test_profile_quality_gates_join_the_suite_where_measurable(tmp_path):
+    from edgequant.profiles import load_profile
+
+    suite = load_suite(make_suite(tmp_path, suite_extra='gates = ["esi_adjacent >= 0.9"]'))
+    profile = load_profile("default")
+    assert "over_refusal <= ref + 0.05" in [str(g) for g in profile.quality_gates]
+    joined = suite.with_gates(profile.quality_gates)
+    names = [str(g) for g in joined.gates]
+    assert names[0] == "esi_adjacent >= 0.9"
+    # the small suite has xml and esi cases only: the array and prose gates are left out
+    assert "xml_parse_rate >= ref - 0.05" in names and "esi_adjacent >= ref - 0.05" in names
+    assert not any(n.startswith(("array_", "prose_")) for n in names)
+    assert joined.sha256 == suite.sha256
+    prof = tmp_path / "p.toml"
+    prof.write_text('[quality]\ngates = ["mean_kld <= ref + 0.1"]\n', encoding="utf-8")
+    with pytest.raises(BadInput) as err:
+        load_profile(prof)
+    assert str(prof) in str(err.value) and "quality.gates[0]" in str(err.value)
+    assert "per-case outcomes" in str(err.value)
+
+
+def test_builtin_triage_suite_gates_over_refusal():
+    suite = load_suite("triage")
+    assert "over_refusal <= 0.05" in [str(g) for g in suite.gates]
 
 
 @pytest.mark.parametrize("extra, field, words", [

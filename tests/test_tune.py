@@ -281,3 +281,36 @@ def test_an_interrupted_tune_is_partial_and_resume_finishes_it_measuring_nothing
     passing = [q for q, st in statuses.items() if st == "ok" and kld.get(q, 9) <= 1]
     smallest = min(passing, key=lambda q: (size[q], -tg[q]))
     assert after["status_detail"] == f"tune chose {smallest}"
+
+
+class FakePaired(Fake):
+    """Measured with paired tables against the reference (for relative gates): quality q of n cases
+    means round(q * n) cases right where the reference got all n right."""
+
+    def __init__(self, quality: dict[str, float], n: int):
+        super().__init__(quality)
+        self.n = n
+
+    def measure(self, spec, art):
+        m = super().measure(spec, art)
+        right = round(m.metrics["xml_parse_rate"] * self.n)
+        m.paired = {"xml_parse_rate": [right, 0, self.n - right, 0]}
+        return m
+
+
+def test_relative_gates_pass_only_on_a_non_inferiority_pass():
+    rel = [parse_gate("xml_parse_rate >= ref - 0.05")]
+    # 1000 cases: identical answers PASS (the interval stays within 0.4 pp); 900/1000 is shown 10 pp worse
+    fake = FakePaired({"Q8_0": 1, "Q6_K": 1, "Q5_K_M": 1, "Q4_K_M": 1, "Q3_K_M": 0.9, "Q2_K": 0.9}, n=1000)
+    result = tune.search(tune.candidates(TYPES, ("",)), rel, fake.build, fake.measure)
+    assert result.best.name == "Q4_K_M"
+    by = {t.name: t for t in result.tried}
+    assert by["Q3_K_M"].verdict == "fail" and by["Q3_K_M"].reasons[0].startswith(
+        "xml_parse_rate >= ref - 0.05: FAIL (-10.0 pp)")
+    # 25 cases: identical answers cannot be shown within 5 points (73 cases would tell): INCONCLUSIVE is
+    # not a pass, so nothing passes and the closest gate is named
+    small = FakePaired({t: 1 for t in TYPES}, n=25)
+    result = tune.search(tune.candidates(TYPES, ("",)), rel, small.build, small.measure)
+    assert result.best is None
+    assert result.tried[0].reasons == ["xml_parse_rate >= ref - 0.05: INCONCLUSIVE (~73 cases would tell)"]
+    assert "xml_parse_rate >= ref - 0.05" in tune.no_pass_message(result, rel)
