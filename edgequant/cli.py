@@ -169,6 +169,7 @@ class RichReporter:
         self._rungs_total = 0
         self._rungs_done = 0
         self._bench_started = 0.0
+        self._last_done = 0.0
         self.progress = Progress(SpinnerColumn(), TextColumn("{task.description:<34}"), BarColumn(),
                                  DownloadColumn(binary_units=True), TimeElapsedColumn(),
                                  console=console, transient=False)
@@ -210,6 +211,7 @@ class RichReporter:
         self._label = label
         self._bench_task = self.bench_progress.add_task(label, total=n_rungs, phase="")
         self._rungs_total, self._rungs_done, self._bench_started = n_rungs, 0, time.monotonic()
+        self._last_done = 0.0
 
     def pause(self) -> None:
         """Stop the live bars while another live view (the farm's table) owns the console."""
@@ -230,7 +232,10 @@ class RichReporter:
             self.bench_progress.update(self._bench_task, advance=1, phase="")
         if self._plain:
             self._rungs_done += 1
-            took = time.monotonic() - self._rung_started.pop(quant, time.monotonic())
+            now = time.monotonic()
+            # a stage that reports no start (the eval's teacher groups) is timed from the previous rung
+            took = now - self._rung_started.pop(quant, self._last_done or self._bench_started or now)
+            self._last_done = now
             line = f"• {getattr(self, '_label', 'rung')} {quant}: {status} in {took:.1f} s"
             if self._rungs_total:
                 line += f" ({self._rungs_done}/{self._rungs_total} rungs"
