@@ -8,15 +8,19 @@ PIP := $(PY) -m pip
 # the system packages (compilers among them) come before the venv's build
 .NOTPARALLEL:
 
+# each setup step prints one line; pip's full output goes to $(SETUP_LOG), named if a step fails
+SETUP_LOG ?= build/setup.log
+STEP := .ci/step $(SETUP_LOG)
+
 $(VENV)/.installed: pyproject.toml
-	python3 -m venv $(VENV)
-	$(PIP) install --quiet --upgrade pip
-	# the CPU build of torch (plain `torch` can resolve to a multi-GB CUDA build)
-	$(PIP) install 'torch==2.13.0'
-	$(PIP) install -e '.[test]'
-	# the ONNX exporter has its own pinned transformers: installed beside, not into, the environment
-	$(VENV)/bin/edgequant setup-onnx
-	touch $@
+	@$(STEP) "creating the virtualenv $(VENV)" python3 -m venv $(VENV)
+	@$(STEP) "upgrading pip" $(PIP) install --upgrade pip
+	@# the CPU build of torch (plain `torch` can resolve to a multi-GB CUDA build)
+	@$(STEP) "installing torch 2.13.0 (CPU build)" $(PIP) install 'torch==2.13.0'
+	@$(STEP) "installing edgequant and its dependencies (llama-cpp-python builds from source: about 4 min the first time)" $(PIP) install -e '.[test]'
+	@# the ONNX exporter has its own pinned transformers: installed beside, not into, the environment
+	@$(STEP) "installing the ONNX exporter" $(VENV)/bin/edgequant setup-onnx
+	@touch $@
 
 setup: $(VENV)/.installed
 

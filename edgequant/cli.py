@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import shlex
 import sys
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -155,19 +156,29 @@ def recording_partial(store, run_id: str, stage: str, resume_hint: str = "",
 
 
 class RichReporter:
-    """Progress bars on stderr for every long step."""
+    """Progress bars on stderr for every long step.  When stderr is not a terminal (a CI log,
+    ``make run > log 2>&1``) the bars cannot redraw, so every finished step and rung also prints one
+    plain line with its time, and the log never goes silent for a whole stage."""
 
     def __init__(self, console):
         from rich.progress import (BarColumn, DownloadColumn, Progress, SpinnerColumn, TextColumn,
-                                   TimeElapsedColumn)
+                                   TimeElapsedColumn, TimeRemainingColumn)
 
         self.console = console
+        self._plain = not console.is_terminal
+        self._task_started: dict[str, float] = {}
+        self._rung_started: dict[str, float] = {}
+        self._rungs_total = 0
+        self._rungs_done = 0
+        self._bench_started = 0.0
+        self._last_done = 0.0
         self.progress = Progress(SpinnerColumn(), TextColumn("{task.description:<34}"), BarColumn(),
                                  DownloadColumn(binary_units=True), TimeElapsedColumn(),
                                  console=console, transient=False)
         self.bench_progress = Progress(SpinnerColumn(), TextColumn("{task.description:<34}"), BarColumn(),
                                        TextColumn("{task.completed:.0f}/{task.total:.0f} rungs"),
                                        TextColumn("{task.fields[phase]}"), TimeElapsedColumn(),
+                                       TextColumn("left"), TimeRemainingColumn(),
                                        console=console, transient=False)
         self._tasks: dict[str, int] = {}
         self._bench_task = None
@@ -188,7 +199,11 @@ class RichReporter:
         tid = self._tasks.get(task)
         if tid is None:
             tid = self._tasks[task] = self.progress.add_task(task, total=total)
+            self._task_started[task] = time.monotonic()
         self.progress.update(tid, completed=done, total=total)
+        if self._plain and total and done >= total and task in self._task_started:
+            took = time.monotonic() - self._task_started.pop(task)
+            self.console.print(f"• {task}: done in {took:.1f} s", highlight=False)
 
     def start_bench(self, n_rungs: int, label: str = "benchmarking") -> None:
         self.progress.stop()
@@ -197,6 +212,8 @@ class RichReporter:
         self.bench_progress.start()     # (again, after pause())
         self._label = label
         self._bench_task = self.bench_progress.add_task(label, total=n_rungs, phase="")
+        self._rungs_total, self._rungs_done, self._bench_started = n_rungs, 0, time.monotonic()
+        self._last_done = 0.0
 
     def pause(self) -> None:
         """Stop the live bars while another live view (the farm's table) owns the console."""
@@ -204,6 +221,7 @@ class RichReporter:
         self.bench_progress.stop()
 
     def rung_started(self, quant: str) -> None:
+        self._rung_started[quant] = time.monotonic()
         if self._bench_task is not None:
             self.bench_progress.update(self._bench_task, description=f"{self._label} {quant}", phase="loading")
 
@@ -214,8 +232,34 @@ class RichReporter:
     def rung_done(self, quant: str, status: str) -> None:
         if self._bench_task is not None:
             self.bench_progress.update(self._bench_task, advance=1, phase="")
-        if status != "ok":
+        if self._plain:
+            self._rungs_done += 1
+            now = time.monotonic()
+            # a stage that reports no start (the eval's teacher groups) is timed from the previous rung
+            took = now - self._rung_started.pop(quant, self._last_done or self._bench_started or now)
+            self._last_done = now
+            line = f"• {getattr(self, '_label', 'rung')} {quant}: {status} in {took:.1f} s"
+            if self._rungs_total:
+                line += f" ({self._rungs_done}/{self._rungs_total} rungs"
+                left = self._rungs_total - self._rungs_done
+                if left > 0:
+                    per = (time.monotonic() - self._bench_started) / self._rungs_done
+                    line += f", about {_duration(per * left)} left"
+                line += ")"
+            self.console.print(line, highlight=False)
+        elif status != "ok":
             self.console.print(f"[red]•[/red] {quant}: {status}")
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(0, int(round(seconds)))
+    if seconds < 60:
+        return f"{seconds} s"
+    minutes, seconds = divmod(seconds, 60)
+    if minutes < 60:
+        return f"{minutes} min {seconds:02d} s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min"
 
 
 def _stderr_console():
@@ -661,7 +705,10 @@ def bench(model, profile_name, threads, n_prompt, n_gen, repetitions, warmup, db
 @cache_option
 @click.option("--format", "fmt", type=click.Choice(FORMATS), default="table", show_default=True,
               help="How to print the comparison at the end.")
-def eval_(model, profile_name, suite_name, prompting, artifacts, threads, db, cache_dir, fmt):
+@click.option("--limit", type=click.IntRange(min=1), default=None, metavar="N",
+              help="Evaluate only the first N cases of each format (a quick look at a large model; "
+                   "the figures then describe that subset).")
+def eval_(model, profile_name, suite_name, prompting, artifacts, threads, db, cache_dir, fmt, limit):
     """Run an eval suite on every rung and compare it with the reference.
 
     Greedy decoding with the same prompts for every rung; the shared prompt
@@ -699,6 +746,10 @@ def eval_(model, profile_name, suite_name, prompting, artifacts, threads, db, ca
             arts = pipeline.build_ladder(resolved, profile, cache, reporter, imatrix=imatrix)
             onnx_arts = onnx_pipeline.build_onnx(resolved, profile, cache, reporter)
             model_id, model_hash = resolved.checkpoint.model_id, resolved.model_hash
+        if limit is not None:
+            suite = suite.limited(limit)
+            reporter.step(f"--limit {limit}: {len(suite.cases)} cases of suite {suite.name} "
+                          f"(the first {limit} of each format)")
         run_id = store.start_run(_command_line(), profile.name, model_id, model_hash)
         with recording_partial(store, run_id, "running the eval suite"):
             for art in arts:

@@ -62,6 +62,11 @@ def resolve_model(model: str | None, cache_root: Path, reporter: Reporter) -> Re
     else:
         reporter.step(f"downloading {model} from the Hugging Face hub")
         ckpt = open_checkpoint(download_from_hub(model, cache_root), model_id=model)
+    outside = ckpt.n_params_outside_ladder
+    if outside:
+        reporter.step(f"{ckpt.architecture}: the ladder quantizes the language model "
+                      f"({ckpt.n_params_estimate / 1e9:.2f} B parameters); the vision tower and projector "
+                      f"({outside / 1e9:.2f} B) are not part of any rung")
     reporter.step(f"fingerprinting {ckpt.path}")
     digest = checkpoint_hash(ckpt, cache_root / "checkpoint-hashes.json")
     return ResolvedModel(ckpt, digest)

@@ -76,7 +76,7 @@ import hashlib
 import json
 import re
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -257,6 +257,23 @@ class Suite:
 
     def cases_of(self, fmt: str) -> tuple[Case, ...]:
         return tuple(c for c in self.cases if c.format == fmt)
+
+    def limited(self, per_format: int) -> "Suite":
+        """The first ``per_format`` cases of each format, in file order: a subset for a quick eval of a
+        large model.  Its identity (sha256) differs from the whole suite's, so cached reference outputs of
+        one are never taken for the other."""
+        if per_format < 1:
+            raise BadInput(f"--limit must be at least 1 (cases per format), not {per_format}")
+        seen: dict[str, int] = {}
+        kept = []
+        for case in self.cases:
+            if seen.get(case.format, 0) < per_format:
+                seen[case.format] = seen.get(case.format, 0) + 1
+                kept.append(case)
+        if len(kept) == len(self.cases):
+            return self
+        digest = hashlib.sha256(f"{self.sha256}\0limit={per_format}".encode()).hexdigest()
+        return replace(self, cases=tuple(kept), sha256=digest)
 
     def spec(self, case: Case) -> FormatSpec:
         return self.formats[case.format]

@@ -54,14 +54,33 @@ class Checkpoint:
 
     @property
     def n_params_estimate(self) -> int:
-        """Parameter count from the safetensors headers (exact, no weights read)."""
-        return _count_params(self.path, [f for f in self.files if f.endswith(".safetensors")])
+        """Parameters of the language model, the part the ladder quantizes, from the safetensors
+        headers (exact, no weights read).  A multimodal checkpoint's vision tower and projector are
+        left out: see ``n_params_outside_ladder``."""
+        return _count_params(self.path, self._weight_files())[0]
+
+    @property
+    def n_params_outside_ladder(self) -> int:
+        """Parameters no rung carries: a multimodal checkpoint's vision tower and projector (MedGemma's
+        SigLIP encoder); 0 for a text model."""
+        return _count_params(self.path, self._weight_files())[1]
+
+    def _weight_files(self) -> list[str]:
+        return [f for f in self.files if f.endswith(".safetensors")]
 
 
-def _count_params(root: Path, weight_files: list[str]) -> int:
+# Tensor name prefixes of the parts of a multimodal checkpoint that the converter does not put in the
+# text model's GGUF (the hub layout and transformers 5's own).
+_OUTSIDE_LADDER = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.",
+                   "model.multi_modal_projector.")
+
+
+def _count_params(root: Path, weight_files: list[str]) -> tuple[int, int]:
+    """(language-model parameters, parameters outside the ladder) from the safetensors headers."""
     import struct
 
     total = 0
+    outside = 0
     for name in weight_files:
         with open(root / name, "rb") as fh:
             (n,) = struct.unpack("<Q", fh.read(8))
@@ -74,8 +93,11 @@ def _count_params(root: Path, weight_files: list[str]) -> int:
             count = 1
             for d in meta["shape"]:
                 count *= d
-            total += count
-    return total
+            if key.startswith(_OUTSIDE_LADDER):
+                outside += count
+            else:
+                total += count
+    return total, outside
 
 
 def open_checkpoint(path: str | os.PathLike, model_id: str | None = None) -> Checkpoint:
@@ -111,10 +133,35 @@ def open_checkpoint(path: str | os.PathLike, model_id: str | None = None) -> Che
     if not any(t in names for t in TOKENIZER_FILES):
         raise BadInput(f"model {root}: no tokenizer (tokenizer.json or tokenizer.model); copy the "
                        f"tokenizer files of the base model into the folder")
+    _check_shard_index(root, names)
     files = tuple(n for n in names if _MODEL_FILES.match(n))
     weight_bytes = sum((root / n).stat().st_size for n in safetensors)
     return Checkpoint(path=root.resolve(), model_id=model_id or root.resolve().name, architecture=arch,
                       files=files, weight_bytes=weight_bytes, config=config)
+
+
+def _check_shard_index(root: Path, names: list[str]) -> None:
+    """A sharded checkpoint's index must name only shards that are there (an interrupted download
+    leaves the index and some shards): one line naming the first missing shard."""
+    index_name = "model.safetensors.index.json"
+    if index_name not in names:
+        return
+    try:
+        index = json.loads((root / index_name).read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BadInput(f"model {root}: {index_name} is not valid JSON ({exc}); download the checkpoint "
+                       f"again") from None
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise BadInput(f"model {root}: {index_name} has no weight_map of tensor names to shard files; "
+                       f"download the checkpoint again")
+    shards = sorted(set(weight_map.values()))
+    missing = [s for s in shards if s not in names]
+    if missing:
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise BadInput(f"model {root}: shard {missing[0]}{more} named in {index_name} is missing "
+                       f"({len(shards) - len(missing)} of {len(shards)} shards present); the download is "
+                       f"incomplete: download the checkpoint again")
 
 
 def checkpoint_hash(ckpt: Checkpoint, cache_file: Path) -> str:
