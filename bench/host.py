@@ -24,6 +24,7 @@ from typing import Any, Callable
 
 from edgequant.bench.stats import Summary
 from edgequant.errors import RunFailed
+from edgequant.children import die_with_parent
 from edgequant.profiles import BenchSettings
 
 WORKER_MODULE = "edgequant.bench.host_worker"
@@ -135,7 +136,7 @@ class _Child:
             [sys.executable, "-m", module],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             # its own session: a terminal's Ctrl-C reaches only us, and we stop the worker
-            start_new_session=True,
+            start_new_session=True, preexec_fn=die_with_parent(),
         )
         try:
             self.proc.stdin.write(json.dumps(request).encode())

@@ -44,6 +44,7 @@ import numpy as np
 from edgequant.bench.parsers import ParseResult, parse
 from edgequant.bench.quality_stats import jaccard, paired_degradation, wilson_interval
 from edgequant.errors import RunFailed
+from edgequant.children import die_with_parent
 from edgequant.profiles.suites import Case, Suite
 
 WORKER_MODULE = "edgequant.bench.eval_worker"
@@ -125,7 +126,7 @@ def _groups(suite: Suite) -> list[dict[str, Any]]:
 def _call_worker(request: dict, timeout: float, on_progress: Callable[[str], None],
                  module: str = WORKER_MODULE) -> dict:
     proc = subprocess.Popen([sys.executable, "-m", module], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, preexec_fn=die_with_parent())
     import threading
 
     chunks: list[str] = []

@@ -48,7 +48,7 @@ from edgequant.devices.push import Pusher
 from edgequant.devices.transport import DeviceError, Transport, quote
 from edgequant.errors import BadInput, EdgequantError
 from edgequant.profiles import Profile
-from edgequant.quantize.ladder import Artifact
+from edgequant.quantize.ladder import Artifact, ArtifactChanged
 from edgequant.results.store import Measurement, RowKey, Store
 
 
@@ -211,6 +211,11 @@ def bench_on_device(store: Store, run_id: str, artifacts: list[Artifact], ctx: D
                 reporter.rung_phase(quant, f"push {100 * p.done / max(p.total, 1):.0f}% {p.mb_per_s:.1f} MB/s")
 
             ctx.pusher.on_progress = progress
+            try:
+                art.verify()            # the bytes pushed are the ones whose sha256 the rows record
+            except ArtifactChanged as exc:
+                not_measured(art, key, "failed", str(exc))
+                continue
             try:
                 handle = steps.push(art)
             except DeviceError as exc:

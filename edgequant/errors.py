@@ -21,3 +21,7 @@ class BadInput(EdgequantError):
 class RunFailed(EdgequantError):
     def __init__(self, message: str):
         super().__init__(message, exit_code=1)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, turned by the CLI into an interrupt so that it unwinds like Ctrl-C (exit 143)."""
