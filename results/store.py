@@ -178,11 +178,7 @@ def _finite_only(measurements: Iterable[Measurement]) -> tuple[list[Measurement]
 
     good, bad = [], []
     for m in measurements:
-        try:
-            value = float(m.value)
-        except (TypeError, ValueError):
-            value = math.nan
-        if not math.isfinite(value):
+        if not math.isfinite(float(m.value)):     # None is a bug, not a figure: TypeError
             bad.append(f"{m.metric}={m.value}")
             continue
         if m.stddev is not None and not math.isfinite(float(m.stddev)):
@@ -527,7 +523,7 @@ class Store:
                     return None
             except (psutil.NoSuchProcess, psutil.AccessDenied, ValueError):
                 pass
-            return f"interrupted: its process (pid {run['pid']}) is gone"
+            return f"interrupted: its process (pid {run['pid']}) ended before the run finished"
         age = time.time() - beat
         if age > HEARTBEAT_STALE_S:
             return (f"interrupted: no heartbeat from {run['hostname']} (pid {run['pid']}) for {age / 60:.0f} min "

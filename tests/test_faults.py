@@ -1,0 +1,309 @@
+"""Fault injection: what edgequant promises when things break (README, "Exit codes" and "After a crash").
+
+Each test breaks one thing for real -- damaged artifact bytes, a NaN figure, two runs at once, another
+application's database, SIGKILL/SIGTERM mid-stage, a full or read-only file system (a tmpfs mounted in a
+user+mount namespace with ``unshare``), another hostname (a UTS namespace) -- and then checks the stored
+rows and the files, not only the exit code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from conftest import assert_one_line_error, cli_env, db_rows, run_cli, start_cli, wait_for
+from test_cli import tiny_profile
+
+from edgequant.results.store import Measurement, RowKey, Store
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _unshare_works() -> bool:
+    try:
+        return subprocess.run(["unshare", "-Urm", "true"], capture_output=True, timeout=20).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+needs_unshare = pytest.mark.skipif(not _unshare_works(),
+                                   reason="needs unshare (util-linux) with user namespaces to mount a tmpfs")
+
+
+def in_namespace(argv: list[str], *, tmpfs: Path | None = None, size: str = "1m", setup: str = "",
+                 read_only: bool = False, hostname: str | None = None) -> list[str]:
+    """``argv`` run in a user+mount(+UTS) namespace: a fresh tmpfs of ``size`` on ``tmpfs`` (``setup`` runs
+    in it first, then it is made read-only if asked), and another hostname if asked."""
+    script = []
+    if tmpfs is not None:
+        script.append(f'mount -t tmpfs -o size={size} tmpfs "$EQ_MNT"')
+        if setup:
+            script.append(setup)
+        if read_only:
+            script.append('mount -o remount,ro "$EQ_MNT"')
+    if hostname:
+        script.append(f"hostname {hostname}")
+    script.append('exec "$@"')
+    flags = "-Urm" + ("u" if hostname else "")
+    return ["env", f"EQ_MNT={tmpfs or ''}", "unshare", flags, "sh", "-c", " && ".join(script), "sh", *argv]
+
+
+def cli_argv(*args: str) -> list[str]:
+    return [sys.executable, "-m", "edgequant.cli", *args]
+
+
+def run_argv(argv: list[str], env: dict, timeout: float = 900) -> subprocess.CompletedProcess:
+    return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+def row_key(quant: str) -> RowKey:
+    return RowKey(model_id="m", model_hash="h" * 64, quant=quant, artifact_sha256="a" * 64, is_reference=False,
+                  device_id="host", device={}, runtime="llama.cpp", runtime_version="0", params={"stage": "q"})
+
+
+# ---------------------------------------------------------------------------
+# only our own databases
+
+
+def _foreign_db(path: Path) -> None:
+    conn = sqlite3.connect(path)
+    conn.execute("PRAGMA journal_mode = DELETE")
+    conn.execute("CREATE TABLE invoices (id INTEGER PRIMARY KEY, total REAL)")
+    conn.execute("INSERT INTO invoices (total) VALUES (12.5)")
+    conn.commit()
+    conn.close()
+
+
+def test_another_applications_database_is_refused_before_any_write(tmp_path):
+    db = tmp_path / "other-app.sqlite"
+    _foreign_db(db)
+    before = sha256(db)
+    res = run_cli("report", "--list", "--db", str(db), env=cli_env(tmp_path))
+    assert res.returncode == 2, res.stderr
+    assert_one_line_error(res.stderr, "not an edgequant database", "invoices", "nothing was changed")
+    assert sha256(db) == before                                      # not one byte
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("other-app")) == ["other-app.sqlite"]
+    conn = sqlite3.connect(db)
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "delete"
+    assert [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")] == ["invoices"]
+
+
+def test_a_newer_edgequants_database_is_refused_and_nothing_was_changed(tmp_path):
+    db = tmp_path / "results.db"
+    Store(db).close()
+    conn = sqlite3.connect(db)
+    conn.execute("PRAGMA journal_mode = DELETE")        # as a newer edgequant might leave it
+    conn.execute("INSERT INTO _migrations (name, applied_at) VALUES ('999_from_the_future', 0)")
+    conn.commit()
+    conn.close()
+    before = sha256(db)
+    res = run_cli("report", "--list", "--db", str(db), env=cli_env(tmp_path))
+    assert res.returncode == 2, res.stderr
+    assert_one_line_error(res.stderr, "999_from_the_future", "newer edgequant", "nothing was changed")
+    assert sha256(db) == before
+    assert not (tmp_path / "results.db-wal").exists()
+    conn = sqlite3.connect(db)
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "delete"
+
+
+def test_an_empty_file_and_our_own_database_are_accepted(tmp_path):
+    empty = tmp_path / "empty.db"
+    empty.touch()
+    with Store(empty) as s:
+        assert "001_runs_and_measurements" in s.migrations()
+    with Store(empty) as s:                          # ours now: opened again without a word
+        assert s.runs() == []
+
+
+def test_sqlite_failures_are_told_apart(tmp_path):
+    env = cli_env(tmp_path)
+    folder = tmp_path / "a-folder.db"
+    folder.mkdir()
+    res = run_cli("report", "--list", "--db", str(folder), env=env)
+    assert res.returncode == 2
+    line = assert_one_line_error(res.stderr, "is a folder, not a file")
+    assert "wait" not in line
+
+
+@needs_unshare
+def test_a_database_on_a_read_only_file_system_says_read_only(tmp_path):
+    mnt = tmp_path / "ro"
+    mnt.mkdir()
+    res = run_argv(in_namespace(cli_argv("report", "--list", "--db", str(mnt / "results.db")), tmpfs=mnt,
+                                read_only=True), cli_env(tmp_path))
+    assert res.returncode == 2, res.stderr
+    line = assert_one_line_error(res.stderr, "read-only")
+    assert "another edgequant" not in line
+
+
+@needs_unshare
+def test_the_database_disk_filling_mid_run_is_one_line_and_the_run_ends_partial(tmp_path):
+    """A run is started on a 1 MiB tmpfs, the disk is then filled, a rung is written: one clear RunFailed
+    naming the full disk, nothing of that rung stored; after space is freed the run reads partial."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    script = f"""
+import json, os, sys
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+from test_faults import row_key
+from edgequant.cli import recording_partial
+from edgequant.errors import EdgequantError
+from edgequant.results.store import Measurement, Store
+db = os.path.join(os.environ["EQ_MNT"], "results.db")
+store = Store(db)
+run = store.start_run("edgequant eval", "p", "m", "h")
+store.record_rung(run, row_key("Q8_0"), [Measurement("mean_kld", 0.1, "nats")])
+fd = os.open(os.path.join(os.environ["EQ_MNT"], "filler"), os.O_WRONLY | os.O_CREAT)
+try:
+    while True:
+        os.write(fd, b"x" * 4096)
+except OSError:
+    os.close(fd)
+out = {{"run": run}}
+try:
+    with recording_partial(store, run, "running the eval suite"):
+        store.record_rung(run, row_key("Q4_0"), [Measurement("mean_kld", 0.2, "nats")] * 200,
+                          cases=[{{"case_id": f"c{{i}}", "format": "xml", "ok": True, "refusal": False, "reason": None,
+                                  "fields": {{}}, "output": "y" * 4000}} for i in range(200)], suite="s")
+except EdgequantError as exc:
+    out.update(code=exc.exit_code, message=str(exc))
+os.unlink(os.path.join(os.environ["EQ_MNT"], "filler"))
+store.finish_run(run, "partial", out.get("message"))   # what recording_partial could not write on a full disk
+out["rows"] = [(r["quant"], r["metric"]) for r in store.measurements(run)]
+out["status"] = store.run(run)["status"]
+print(json.dumps(out))
+"""
+    res = run_argv(in_namespace([sys.executable, "-c", script], tmpfs=mnt, size="1m"), cli_env(tmp_path))
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert out["code"] == 1
+    assert "disk holding it is full" in out["message"] and "nothing of the failed write was stored" in out["message"]
+    assert "\n" not in out["message"]
+    assert out["rows"] == [["Q8_0", "mean_kld"]]          # the earlier rung kept, nothing of Q4_0
+    assert out["status"] == "partial"
+
+
+# ---------------------------------------------------------------------------
+# a figure that is not a number fails its rung only (store level)
+
+
+def test_a_non_finite_figure_fails_its_rung_and_keeps_every_other_row(tmp_path):
+    with Store(tmp_path / "r.db") as s:
+        run = s.start_run("edgequant eval", "p", "m", "h")
+        stored = s.record_rung(run, row_key("Q8_0"), [Measurement("mean_kld", float("nan"), "nats"),
+                                                       Measurement("xml_parse_rate", 0.5, "ratio", float("inf"), 4)],
+                               status=None)
+        assert stored == "failed"
+        assert s.record_rung(run, row_key("Q4_0"), [Measurement("mean_kld", 0.25, "nats")], status=None) is None
+        rows = [(r["quant"], r["metric"], r["value"], r["stddev"]) for r in s.measurements(run)]
+        assert rows == [("Q8_0", "xml_parse_rate", 0.5, None), ("Q4_0", "mean_kld", 0.25, None)]
+        (st,) = s.rung_statuses(run)
+        assert (st["quant"], st["status"]) == ("Q8_0", "failed")
+        assert st["detail"] == "not a finite number: mean_kld=nan"
+
+
+# ---------------------------------------------------------------------------
+# damaged inputs: one line, exit 2
+
+
+def test_config_json_that_is_not_an_object_is_bad_input(tiny_checkpoint, tmp_path):
+    bad = tmp_path / "model"
+    shutil.copytree(tiny_checkpoint, bad)
+    (bad / "config.json").write_text("[1, 2, 3]")
+    res = run_cli("quantize", "--model", str(bad), env=cli_env(tmp_path))
+    assert res.returncode == 2, res.stderr
+    assert_one_line_error(res.stderr, "config.json", "not an object")
+
+
+def test_a_safetensors_file_cut_inside_its_header_is_bad_input(tiny_checkpoint, tmp_path):
+    bad = tmp_path / "model"
+    shutil.copytree(tiny_checkpoint, bad)
+    weights = bad / "model.safetensors"
+    head = weights.read_bytes()[:200]          # the 8-byte length says the header is longer than this
+    weights.write_bytes(head)
+    res = run_cli("quantize", "--model", str(bad), "--profile", str(tiny_profile(tmp_path, types=["Q4_0"])),
+                  env=cli_env(tmp_path))
+    assert res.returncode == 2, res.stderr
+    assert_one_line_error(res.stderr, "model.safetensors", "safetensors header")
+    assert not list((tmp_path / "cache").rglob("*.gguf"))
+
+
+def test_a_device_port_out_of_range_is_bad_input_at_once(tmp_path):
+    t0 = time.monotonic()
+    res = run_cli("devices", "--device", "127.0.0.1:99999", env=cli_env(tmp_path))
+    assert res.returncode == 2, res.stderr
+    line = assert_one_line_error(res.stderr, "port 99999", "1-65535")
+    assert "retry" not in line and time.monotonic() - t0 < 30
+
+
+def test_more_threads_than_logical_cpus_is_refused_before_a_run_is_stored(tiny_checkpoint, tmp_path):
+    env = cli_env(tmp_path)
+    n = (os.cpu_count() or 1) + 1
+    res = run_cli("bench", "--model", str(tiny_checkpoint), "-t", str(n), env=env)
+    assert res.returncode == 2, res.stderr
+    assert_one_line_error(res.stderr, f"--threads {n}", f"{os.cpu_count()} logical CPUs")
+    assert not (tmp_path / "results.db").exists()           # refused before the database was opened
+
+
+# ---------------------------------------------------------------------------
+# unwritable outputs and caches
+
+
+@pytest.fixture
+def stored_run(tmp_path):
+    db = tmp_path / "results.db"
+    with Store(db) as s:
+        run = s.start_run("edgequant bench", "p", "m", "h")
+        key = RowKey(model_id="m", model_hash="h", quant="BF16", artifact_sha256="a" * 64, is_reference=True,
+                     device_id="host", device={}, runtime="llama.cpp", runtime_version="0",
+                     params={"runner": "host", "threads": 2, "n_prompt": 16, "n_gen": 4})
+        s.record_rung(run, key, [Measurement("pp_tps", 100.0, "t/s", 1.0, 3), Measurement("tg_tps", 10.0, "t/s", 1.0, 3),
+                                 Measurement("size", 1000, "bytes")])
+        s.finish_run(run, "complete")
+    return db, run
+
+
+@pytest.mark.parametrize("command", [["report", "-o"], ["export", "--llama-bench", "-o"]])
+def test_an_output_path_that_is_a_folder_is_one_line(stored_run, tmp_path, command):
+    db, run = stored_run
+    out = tmp_path / "out"
+    out.mkdir()
+    res = run_cli(*command, str(out), "--db", str(db), env=cli_env(tmp_path))
+    assert res.returncode == 2, res.stderr
+    assert_one_line_error(res.stderr, str(out), "is a folder")
+    assert list(out.iterdir()) == []                     # nothing left in it, no partial file either
+
+
+@needs_unshare
+def test_an_output_on_a_read_only_file_system_is_one_line(stored_run, tmp_path):
+    db, run = stored_run
+    mnt = tmp_path / "ro"
+    mnt.mkdir()
+    res = run_argv(in_namespace(cli_argv("report", run, "--db", str(db), "-o", str(mnt / "report.txt")), tmpfs=mnt,
+                                read_only=True), cli_env(tmp_path))
+    assert res.returncode == 2, res.stderr
+    assert_one_line_error(res.stderr, "report.txt", "Read-only file system")
+
+
+@needs_unshare
+def test_a_read_only_cache_dir_is_refused_before_any_work(tiny_checkpoint, tmp_path):
+    mnt = tmp_path / "ro-cache"
+    mnt.mkdir()
+    res = run_argv(in_namespace(cli_argv("quantize", "--model", str(tiny_checkpoint), "--cache-dir", str(mnt)),
+                                tmpfs=mnt, read_only=True), cli_env(tmp_path))
+    assert res.returncode == 2, res.stderr
+    assert_one_line_error(res.stderr, f"cache folder {mnt}", "cannot be written", "--cache-dir")
+    assert not (tmp_path / "results.db").exists()           # refused before the database was opened
