@@ -307,3 +307,141 @@ def test_a_read_only_cache_dir_is_refused_before_any_work(tiny_checkpoint, tmp_p
     assert res.returncode == 2, res.stderr
     assert_one_line_error(res.stderr, f"cache folder {mnt}", "cannot be written", "--cache-dir")
     assert not (tmp_path / "results.db").exists()           # refused before the database was opened
+
+
+# ---------------------------------------------------------------------------
+# the tiny model's ladder, built once; tests work on copies of its cache
+
+
+@pytest.fixture(scope="module")
+def built(tiny_checkpoint, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("faults_ladder")
+    env = cli_env(tmp)
+    profile = tiny_profile(tmp, types=["Q8_0", "Q4_0"], n_prompt=16, n_gen=4, repetitions=3, warmup=0)
+    res = run_cli("quantize", "--model", str(tiny_checkpoint), "--profile", str(profile), "--json", env=env)
+    assert res.returncode == 0, res.stderr
+    arts = {a["quant"]: a for a in json.loads(res.stdout)}
+    assert set(arts) == {"BF16", "Q8_0", "Q4_0"}
+    return {"tmp": tmp, "profile": profile, "arts": arts, "cache": tmp / "cache", "model": tiny_checkpoint}
+
+
+def fresh_copy(built, tmp_path) -> tuple[dict, dict[str, Path]]:
+    """A private copy of the built cache under ``tmp_path``: (env, quant -> artifact path in the copy)."""
+    shutil.copytree(built["cache"], tmp_path / "cache", symlinks=True)
+    env = cli_env(tmp_path)
+    paths = {q: tmp_path / "cache" / Path(a["path"]).relative_to(built["cache"]) for q, a in built["arts"].items()}
+    return env, paths
+
+
+def flip_bytes_keep_mtime(path: Path, offset: int, n: int = 64) -> None:
+    st = path.stat()
+    with open(path, "r+b") as fh:
+        fh.seek(offset)
+        data = fh.read(n)
+        fh.seek(offset)
+        fh.write(bytes(b ^ 0x5A for b in data))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))       # size and mtime as before: only ctime moved
+
+
+def nan_copy(src: Path, dest: Path) -> Path:
+    """``src`` with every tensor byte set to 0xFF: every f16 scale and f32 weight is a NaN."""
+    from edgequant.quantize.gguf_info import read_gguf_layout
+
+    start = read_gguf_layout(src).data_offset
+    data = bytearray(src.read_bytes())
+    data[start:] = b"\xff" * (len(data) - start)
+    dest.write_bytes(bytes(data))
+    return dest
+
+
+def test_damaged_cached_artifacts_are_rebuilt_with_one_line_each(built, tmp_path):
+    env, paths = fresh_copy(built, tmp_path)
+    size = paths["Q4_0"].stat().st_size
+    flip_bytes_keep_mtime(paths["Q4_0"], size // 2)               # bytes flipped, size and mtime kept
+    with open(paths["Q8_0"], "r+b") as fh:                       # cut in half
+        fh.truncate(paths["Q8_0"].stat().st_size // 2)
+    os.utime(paths["BF16"])                                      # only touched: same bytes
+    res = run_cli("bench", "--model", str(built["model"]), "--profile", str(built["profile"]), env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    lines = [ln for ln in res.stderr.splitlines() if "is damaged" in ln]
+    assert len(lines) == 2, res.stderr
+    assert any("Q4_0" in ln and "rebuilding it" in ln for ln in lines)
+    assert any("Q8_0" in ln and "rebuilding it" in ln for ln in lines)
+    # rebuilt to the very bytes first built (llama.cpp's quantization is deterministic), and the rows say so
+    for quant, art in built["arts"].items():
+        assert sha256(paths[quant]) == art["sha256"], quant
+        assert json.loads(paths[quant].with_name(paths[quant].name + ".json").read_text())["sha256"] == art["sha256"]
+    rows = db_rows(tmp_path / "results.db", "SELECT DISTINCT quant, artifact_sha256 FROM measurements")
+    assert {r["quant"]: r["artifact_sha256"] for r in rows} == {q: a["sha256"] for q, a in built["arts"].items()}
+    assert {r["status"] for r in db_rows(tmp_path / "results.db", "SELECT status FROM runs")} == {"complete"}
+
+
+def test_an_artifact_changed_after_its_check_is_caught_before_it_is_measured(built, tmp_path):
+    from edgequant.profiles import load_profile
+    from edgequant.quantize.checkpoint import checkpoint_hash, open_checkpoint
+    from edgequant.quantize.ladder import ArtifactChanged, Ladder
+
+    env, paths = fresh_copy(built, tmp_path)
+    ckpt = open_checkpoint(built["model"])
+    digest = checkpoint_hash(ckpt, tmp_path / "cache" / "checkpoint-hashes.json")
+    arts = Ladder(ckpt, digest, load_profile(str(built["profile"])), tmp_path / "cache").build()
+    q4 = next(a for a in arts if a.quant == "Q4_0")
+    assert q4.reused and q4.sha256 == built["arts"]["Q4_0"]["sha256"]
+    q4.verify()                                                  # unchanged: passes without hashing
+    original = paths["Q4_0"].read_bytes()
+    flip_bytes_keep_mtime(paths["Q4_0"], 4096)
+    with pytest.raises(ArtifactChanged, match="bytes changed on disk"):
+        q4.verify()
+    paths["Q4_0"].write_bytes(original)                          # the same bytes again: hashed, accepted
+    q4.verify()
+
+
+def test_quantize_verify_checks_the_whole_cache_and_removes_damaged_artifacts(built, tmp_path):
+    env, paths = fresh_copy(built, tmp_path)
+    res = run_cli("quantize", "--verify", "--json", env=env)
+    assert res.returncode == 0, res.stderr
+    assert sorted(c["status"] for c in json.loads(res.stdout)) == ["ok", "ok", "ok"]
+    flip_bytes_keep_mtime(paths["Q8_0"], 10_000)
+    res = run_cli("quantize", "--verify", "--json", env=env)
+    assert res.returncode == 1
+    assert_one_line_error(res.stderr, "1 of 3", "Q8_0 damaged")
+    checks = {c["quant"]: c["status"] for c in json.loads(res.stdout)}
+    assert checks == {"BF16": "ok", "Q8_0": "damaged", "Q4_0": "ok"}
+    assert not paths["Q8_0"].exists()
+    res = run_cli("quantize", "--model", str(built["model"]), "--profile", str(built["profile"]), "--json", env=env)
+    assert res.returncode == 0, res.stderr
+    again = {a["quant"]: a for a in json.loads(res.stdout)}
+    assert again["Q8_0"]["sha256"] == built["arts"]["Q8_0"]["sha256"] and not again["Q8_0"]["reused"]
+    assert again["Q4_0"]["reused"]
+
+
+def test_a_gguf_cut_inside_its_header_is_bad_input(built, tmp_path):
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(Path(built["arts"]["BF16"]["path"]).read_bytes()[:5000])   # inside the vocabulary array
+    res = run_cli("eval", "--artifact", str(cut), "--artifact", built["arts"]["Q4_0"]["path"], env=cli_env(tmp_path))
+    assert res.returncode == 2, res.stderr
+    line = assert_one_line_error(res.stderr, str(cut), "truncated GGUF header", "pass a complete GGUF file")
+    assert "delete" not in line
+
+
+def test_a_nan_rung_fails_alone_and_the_other_rungs_quality_is_stored(built, tmp_path):
+    """The issue's first case: a damaged Q8_0 (NaN weights) evaluated in the same teacher group as Q4_0."""
+    from test_quality import write_suite
+
+    suite = write_suite(tmp_path)
+    bad = nan_copy(Path(built["arts"]["Q8_0"]["path"]), tmp_path / "damaged-q8.gguf")
+    env = cli_env(tmp_path)
+    res = run_cli("eval", "--artifact", built["arts"]["BF16"]["path"], "--artifact", str(bad),
+                  "--artifact", built["arts"]["Q4_0"]["path"], "--suite", str(suite), env=env)
+    assert res.returncode == 1, res.stderr[-3000:]
+    assert_one_line_error(res.stderr, "Q8_0")
+    db = tmp_path / "results.db"
+    (run,) = db_rows(db, "SELECT * FROM runs")
+    assert run["status"] == "complete" and run["status_detail"] == "1 rung(s) failed"
+    status = {r["quant"]: r for r in db_rows(db, "SELECT * FROM rung_status")}
+    assert set(status) == {"Q8_0"} and status["Q8_0"]["status"] == "failed", status   # nothing else failed
+    assert "not a finite number" in status["Q8_0"]["detail"] and "kld" in status["Q8_0"]["detail"], status
+    metrics = {(r["quant"], r["metric"]): r["value"] for r in db_rows(db, "SELECT * FROM measurements")}
+    assert 0 <= metrics[("Q4_0", "mean_kld")] < 1e6              # the healthy rung's KLD is stored
+    assert ("Q8_0", "mean_kld") not in metrics
+    assert len(db_rows(db, "SELECT * FROM eval_cases WHERE quant = 'Q4_0'")) == 7
