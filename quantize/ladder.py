@@ -211,9 +211,10 @@ class Ladder:
             return
         free = free_bytes(self.folder)
         if free < need + _DISK_MARGIN:
-            raise BadInput(f"artifacts folder {self.folder}: the ladder needs about {need / 2**30:.2f} GiB "
-                           f"and only {free / 2**30:.2f} GiB is free; free some space or pass --cache-dir "
-                           f"on a bigger disk")
+            raise BadInput(f"artifacts folder {self.folder}: the ladder needs about {(need + _DISK_MARGIN) / 2**30:.2f}"
+                           f" GiB ({need / 2**30:.2f} GiB of files and a {_DISK_MARGIN // 2**20} MiB margin) and "
+                           f"only {free / 2**30:.2f} GiB is free; free some space or pass --cache-dir on a bigger "
+                           f"disk")
 
     # -- building -----------------------------------------------------------
 
@@ -326,6 +327,9 @@ class Ladder:
                 proc.wait()
                 raise
             if proc.returncode != 0 or not tmp.is_file():
+                full = _disk_note(self.folder, expected)     # checked while the partial file still holds its space
+                if full:   # the log, on the same disk, may be empty: say what happened instead of "no output"
+                    raise RunFailed(f"converting {self.ckpt.path} to GGUF failed (exit {proc.returncode})" + full)
                 tail = _last_line(log_path)
                 raise RunFailed(f"converting {self.ckpt.path} to GGUF failed (exit {proc.returncode}): {tail}; "
                                 f"full log: {log_path}")
@@ -362,8 +366,10 @@ class Ladder:
                 if tmp.exists():
                     report(task, min(tmp.stat().st_size, estimate), estimate)
             if result.get("rc") != 0 or not tmp.is_file():
+                said = last_llama_error()
                 raise RunFailed(f"quantizing {src.name} to {rung.quant} failed in llama.cpp "
-                                f"(return code {result.get('rc')})")
+                                f"(return code {result.get('rc')})"
+                                + (f": {said}" if said else "") + _disk_note(self.folder, estimate))
             del keep
             if imatrix is not None:   # the provenance llama-quantize writes, so the file says how it was made
                 add_metadata(tmp, imatrix_metadata(*imatrix))
@@ -463,6 +469,19 @@ def imatrix_metadata(imx, n_entries: int) -> dict[str, str | int]:
             "quantize.imatrix.chunks_count": int(m.get("n_chunks", 0))}
 
 
+def _disk_note(folder: Path, need: int) -> str:
+    """"; the disk ... is full ..." when the disk holding ``folder`` has (almost) no room left, else ""."""
+    try:
+        free = free_bytes(folder)
+    except OSError:
+        return ""
+    if free >= 16 * 1024 * 1024:
+        return ""
+    return (f"; the disk holding {folder} is full ({free / 2**20:,.1f} MiB free; this step needs about "
+            f"{(need + _DISK_MARGIN) / 2**30:.2f} GiB with the {_DISK_MARGIN // 2**20} MiB margin): free some "
+            f"space or pass --cache-dir on a bigger disk")
+
+
 def _physical_cores() -> int:
     import psutil
 
@@ -478,13 +497,28 @@ def _last_line(path: Path) -> str:
 
 
 _NULL_LOG = None
+_LOG_ERROR = 4            # ggml_log_level GGML_LOG_LEVEL_ERROR
+_errors: list[str] = []
+
+
+def _keep_errors(level: int, text: bytes, user_data) -> None:
+    if level == _LOG_ERROR and text:
+        line = " ".join(text.decode("utf-8", "replace").split())
+        if line.strip("= "):
+            _errors[:] = (_errors + [line])[-5:]
+
+
+def last_llama_error() -> str:
+    """The last error line llama.cpp logged (its exceptions become only a return code), or ""."""
+    return _errors[-1][:300] if _errors else ""
 
 
 def silence_llama_logs() -> None:
-    """Route llama.cpp's log output to nowhere (it would otherwise flood stderr)."""
+    """Route llama.cpp's log output to nowhere (it would otherwise flood stderr), keeping its last errors."""
     global _NULL_LOG
     import llama_cpp
 
     if _NULL_LOG is None:
-        _NULL_LOG = llama_cpp.llama_log_callback(lambda level, text, user_data: None)
+        _NULL_LOG = llama_cpp.llama_log_callback(_keep_errors)
+    _errors.clear()
     llama_cpp.llama_log_set(_NULL_LOG, ctypes.c_void_p(0))

@@ -659,3 +659,35 @@ def test_a_converter_dies_with_its_killed_parent_and_its_partial_file_goes(built
     assert not list((tmp_path / "cache").rglob(".*.partial-*"))       # the killed run's partial file is gone
     for art in json.loads(res.stdout):
         assert sha256(Path(art["path"])) == art["sha256"]
+
+
+# ---------------------------------------------------------------------------
+# a quant type llama.cpp cannot make
+
+
+@pytest.mark.parametrize("rung, needle", [("NVFP4", "cannot be made here"), ("IQ3_XS", "needs an importance matrix"),
+                                          ("IQ2_M", "needs an importance matrix")])
+def test_a_type_llama_cpp_cannot_make_is_refused_when_the_profile_loads(tmp_path, rung, needle):
+    profile = tiny_profile(tmp_path, types=["Q8_0", rung])
+    res = run_cli("quantize", "--profile", str(profile), env=cli_env(tmp_path))
+    assert res.returncode == 2, res.stderr
+    assert_one_line_error(res.stderr, str(profile), "quantize.types[1]", needle)
+    assert not (tmp_path / "cache" / "artifacts").exists()
+
+
+def test_when_llama_cpp_refuses_a_type_the_error_says_why(built, tmp_path):
+    """Past the profile's checks (a tune candidate is not one), llama.cpp's own reason reaches the message."""
+    from edgequant.errors import RunFailed
+    from edgequant.profiles import load_profile
+    from edgequant.quantize.checkpoint import checkpoint_hash, open_checkpoint
+    from edgequant.quantize.ladder import Ladder
+
+    fresh_copy(built, tmp_path)
+    ckpt = open_checkpoint(built["model"])
+    digest = checkpoint_hash(ckpt, tmp_path / "cache" / "checkpoint-hashes.json")
+    ladder = Ladder(ckpt, digest, load_profile(str(built["profile"])), tmp_path / "cache", types=["NVFP4"])
+    with pytest.raises(RunFailed) as exc:
+        ladder.build()
+    assert "to NVFP4 failed in llama.cpp (return code 1): " in str(exc.value)
+    assert "invalid output file type" in str(exc.value)
+    assert not list(ladder.folder.glob("NVFP4-*")) and not list(ladder.folder.glob(".*.partial-*"))
