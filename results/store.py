@@ -360,15 +360,11 @@ class Store:
             self._pg.lock_schema()
 
     def _tables(self) -> set[str]:
+        """Every table and view of the database (its schema, on PostgreSQL), whoever made them."""
         if self._pg is not None:
-            # pg_class, not information_schema: a table this user may not read still belongs to someone
-            rows = self.conn.execute("SELECT c.relname AS name FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace"
-                                     " n ON n.oid = c.relnamespace WHERE n.nspname = current_schema()"
-                                     " AND c.relkind IN ('r', 'p', 'v', 'm', 'f')")
-        else:
-            rows = self.conn.execute("SELECT name FROM sqlite_master WHERE type IN ('table', 'view', 'index',"
-                                     " 'trigger') AND name NOT LIKE 'sqlite_%'")
-        return {r["name"] for r in rows}
+            return self._pg.table_names()
+        return {r["name"] for r in self.conn.execute("PRAGMA main.table_list")
+                if not r["name"].startswith("sqlite_")}
 
     def _check_ours(self) -> None:
         """Only reads: a database edgequant may write to is empty or carries its migrations table, and was

@@ -119,6 +119,20 @@ def test_a_newer_edgequants_database_is_refused_and_nothing_was_changed(tmp_path
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "delete"
 
 
+def test_another_applications_postgresql_database_is_refused_before_any_write(pg_server, tmp_path):
+    import psycopg
+
+    url = pg_server.new_database()
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("CREATE TABLE invoices (id serial PRIMARY KEY, total real)")
+    res = run_cli("report", "--list", "--db", url, env=cli_env(tmp_path))
+    assert res.returncode == 2, res.stderr
+    assert_one_line_error(res.stderr, "not an edgequant database", "invoices", "nothing was changed")
+    with psycopg.connect(url, autocommit=True) as conn:
+        names = [r[0] for r in conn.execute("SELECT tablename FROM pg_tables WHERE schemaname = current_schema()")]
+    assert names == ["invoices"]
+
+
 def test_an_empty_file_and_our_own_database_are_accepted(tmp_path):
     empty = tmp_path / "empty.db"
     empty.touch()
