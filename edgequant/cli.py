@@ -637,9 +637,10 @@ def quantize(model, profile_name, db, cache_dir, as_json, suite_name, verify):
         try:
             artifacts = pipeline.build_ladder(resolved, profile, cache, reporter, imatrix=imatrix)
             artifacts += onnx_pipeline.build_onnx(resolved, profile, cache, reporter)
-        except KeyboardInterrupt:
-            raise EdgequantError("interrupted while quantizing; finished artifacts are kept, "
-                                 "no partial file is left", 130) from None
+        except KeyboardInterrupt as exc:
+            how, code = ("interrupted (SIGTERM)", 143) if isinstance(exc, Terminated) else ("interrupted", 130)
+            raise EdgequantError(f"{how} while quantizing; finished artifacts are kept, "
+                                 "no partial file is left", code) from None
     for art in artifacts:
         store.record_artifact(art.record())
     if as_json:
@@ -1443,9 +1444,18 @@ def main(argv: list[str] | None = None) -> int:
     import signal
     import threading
 
+    previous = None
     if threading.current_thread() is threading.main_thread():
         # SIGTERM (a CI job cancelled, `kill`) unwinds like Ctrl-C: partial files removed, the run marked partial
-        signal.signal(signal.SIGTERM, _terminated)
+        previous = signal.signal(signal.SIGTERM, _terminated)
+    try:
+        return _main(argv)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main(argv: list[str] | None) -> int:
     try:
         cli.main(args=argv, prog_name="edgequant", standalone_mode=False)
     except click.exceptions.Exit as exc:
@@ -1454,7 +1464,10 @@ def main(argv: list[str] | None = None) -> int:
         cmd = exc.ctx.command_path if exc.ctx else "edgequant"
         click.echo(f"edgequant: error: {exc.format_message()} (see `{cmd} --help`)", err=True)
         return 2
-    except click.Abort:
+    except click.Abort as exc:     # click turns an interrupt that escaped a command into Abort
+        if isinstance(exc.__cause__, Terminated):
+            click.echo("edgequant: terminated (SIGTERM)", err=True)
+            return 143
         click.echo("edgequant: interrupted", err=True)
         return 130
     except EdgequantError as exc:

