@@ -256,10 +256,15 @@ def bench_on_device(store: Store, run_id: str, artifacts: list[Artifact], ctx: D
                                         {"after": after.thermal_status}))
             if cool.health.battery_level is not None:
                 rows.append(Measurement("battery_level", float(cool.health.battery_level), "%"))
-            store.record_rung(run_id, key, [r for r in rows if r is not None], status="ok",
-                              detail="throttled: " + ("thermal status rose during the run" if cool.cooled else
-                                                      f"did not cool down within {cooldown.max_wait_s:g} s")
-                              if hot else None)
+            stored = store.record_rung(run_id, key, [r for r in rows if r is not None], status="ok",
+                                       detail="throttled: " + ("thermal status rose during the run" if cool.cooled
+                                                               else f"did not cool down within "
+                                                                    f"{cooldown.max_wait_s:g} s")
+                                       if hot else None)
+            if stored not in (None, "ok"):    # a figure was not finite: the store made the rung failed
+                outcome.outcomes.append(RungOutcome(art, stored, "a figure is not a finite number"))
+                reporter.rung_done(art.quant, stored)
+                continue
             outcome.outcomes.append(RungOutcome(art, "ok"))
             reporter.rung_done(art.quant, "ok" if not hot else "ok (throttled)")
     except DeviceError as exc:
