@@ -7,7 +7,10 @@ the few dialect translations).  The same migrations run on both.
 Every write happens in a transaction.  A run is inserted as ``running`` and
 ends ``complete`` only when every rung finished; an interrupted or failed run
 ends ``partial``/``failed``, and a run still ``running`` whose process is gone
-is reported as ``partial``.
+(this host) or whose heartbeat stopped (any host) is reported as ``partial``
+(interrupted) and can be taken over by ``--resume``.  A figure that is not a
+finite number fails its rung instead of the transaction.  Only an empty
+database or one carrying the ``_migrations`` table is ever written to.
 """
 
 from __future__ import annotations
