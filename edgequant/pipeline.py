@@ -119,7 +119,7 @@ def bench_rungs(store: Store, run_id: str, model_id: str, model_hash: str, artif
     the package whose version the rows record, ``params`` the settings they were measured with."""
     from importlib import metadata
 
-    from edgequant.bench.host import BenchError, measure_gguf
+    from edgequant.bench.host import measure_gguf
 
     measure = measure or measure_gguf
     settings = profile.bench
@@ -137,7 +137,7 @@ def bench_rungs(store: Store, run_id: str, model_id: str, model_hash: str, artif
             art.verify()
             res = measure(art.path, settings, repack=params.get("repack"),
                           on_progress=lambda phase, q=art.quant: reporter.rung_phase(q, phase))
-        except (BenchError, RunFailed) as exc:   # this rung's failure; the others go on
+        except RunFailed as exc:     # a BenchError, or an artifact changed on disk: this rung's failure
             status = getattr(exc, "status", "failed")
             store.record_rung(run_id, key, _artifact_measurements(art), status=status, detail=str(exc))
             outcome.outcomes.append(RungOutcome(art, status, str(exc)))
