@@ -290,7 +290,8 @@ def stored_run(tmp_path):
     return db, run
 
 
-@pytest.mark.parametrize("command", [["report", "-o"], ["export", "--llama-bench", "-o"]])
+@pytest.mark.parametrize("command", [["report", "-o"], ["export", "--llama-bench", "-o"],
+                                     ["compare", "last", "last", "--junit"]])
 def test_an_output_path_that_is_a_folder_is_one_line(stored_run, tmp_path, command):
     db, run = stored_run
     out = tmp_path / "out"
