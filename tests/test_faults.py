@@ -732,3 +732,16 @@ def test_sigterm_while_converting_leaves_no_partial_file_and_no_converter(tiny_c
     assert not list((tmp_path / "cache").rglob(".*.partial-*"))
     for done in (tmp_path / "cache").rglob("*.gguf"):            # a step that finished first is whole
         assert json.loads(done.with_name(done.name + ".json").read_text())["sha256"] == sha256(done)
+
+
+@needs_unshare
+def test_a_cache_disk_too_small_says_how_much_is_needed_margin_included(tiny_checkpoint, tmp_path):
+    mnt = tmp_path / "small-cache"
+    mnt.mkdir()
+    res = run_argv(in_namespace(cli_argv("quantize", "--model", str(tiny_checkpoint), "--cache-dir", str(mnt),
+                                         "--profile", str(tiny_profile(tmp_path, types=["Q4_0"]))),
+                                tmpfs=mnt, size="64m"), cli_env(tmp_path))
+    assert res.returncode == 2, res.stderr
+    line = assert_one_line_error(res.stderr, "needs about", "256 MiB margin", "is free", "--cache-dir")
+    need = float(line.split("needs about ")[1].split(" GiB")[0])
+    assert need > 0.25                       # the margin alone is 0.25 GiB: it is counted in what is needed
