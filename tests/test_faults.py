@@ -58,7 +58,8 @@ def in_namespace(argv: list[str], *, tmpfs: Path | None = None, size: str = "1m"
         script.append(f"hostname {hostname}")
     script.append('exec "$@"')
     flags = "-Urm" + ("u" if hostname else "")
-    return ["env", f"EQ_MNT={tmpfs or ''}", "unshare", flags, "sh", "-c", " && ".join(script), "sh", *argv]
+    return ["env", f"EQ_MNT={tmpfs or ''}", "unshare", flags, "sh", "-c", "set -e\n" + "\n".join(script), "sh",
+            *argv]
 
 
 def cli_argv(*args: str) -> list[str]:
@@ -745,3 +746,20 @@ def test_a_cache_disk_too_small_says_how_much_is_needed_margin_included(tiny_che
     line = assert_one_line_error(res.stderr, "needs about", "256 MiB margin", "is free", "--cache-dir")
     need = float(line.split("needs about ")[1].split(" GiB")[0])
     assert need > 0.25                       # the margin alone is 0.25 GiB: it is counted in what is needed
+
+
+@needs_unshare
+def test_the_cache_disk_filling_while_converting_says_disk_full_not_no_output(tiny_checkpoint, tmp_path):
+    """The disk fills up (a filler written the moment the converter's log appears) after the free-space
+    check passed: the error names the full disk and what the step needs, not the converter's empty log."""
+    mnt = tmp_path / "cache"
+    mnt.mkdir()
+    fill = ('( while ! ls "$EQ_MNT"/artifacts/*/convert-*.log >/dev/null 2>&1; do sleep 0.02; done; '
+            'dd if=/dev/zero of="$EQ_MNT/filler" bs=1M >/dev/null 2>&1 || true ) &')
+    res = run_argv(in_namespace(cli_argv("quantize", "--model", str(tiny_checkpoint), "--cache-dir", str(mnt),
+                                         "--profile", str(tiny_profile(tmp_path, types=["Q4_0"]))),
+                                tmpfs=mnt, size="300m", setup=fill), cli_env(tmp_path))
+    assert res.returncode == 1, res.stderr
+    line = assert_one_line_error(res.stderr, "converting", "the disk holding", "is full", "MiB free",
+                                 "256 MiB margin", "--cache-dir")
+    assert "no output" not in line and "no log" not in line
