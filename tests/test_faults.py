@@ -568,6 +568,7 @@ def _assert_every_rung_once(db: Path, run_id: str, device_id: str) -> None:
         {"BF16", *SLOW_LADDER}
 
 
+@needs_unshare
 def test_sigkill_mid_run_then_resume_on_another_host(built, tmp_path):
     env, args, proc, workers, db, _ = _start_and_stop_mid_bench(built, tmp_path, signal.SIGKILL)
     assert proc.returncode == -signal.SIGKILL
@@ -607,7 +608,6 @@ def test_sigkill_mid_run_then_resume_on_another_host(built, tmp_path):
     assert kept == stored_before and kept
 
 
-@pytest.mark.skipif(not _unshare_works(), reason="needs unshare (util-linux) for another hostname")
 def test_resume_force_takes_over_a_run_that_still_looks_alive(tmp_path):
     db = tmp_path / "r.db"
     with Store(db) as s:
