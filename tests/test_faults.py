@@ -484,6 +484,7 @@ def test_two_runs_at_once_take_turns_and_share_the_artifacts(tiny_checkpoint, tm
     profile = tiny_profile(tmp_path, types=["Q8_0", "Q4_0"], n_prompt=16, n_gen=4, repetitions=3, warmup=0)
     args = ("run", "--no-quality", "--model", str(tiny_checkpoint), "--profile", str(profile))
     first = start_cli(*args, env=env)
+    second = None
     try:
         wait_for(lambda: _lock_holder(tmp_path / "cache") == first.pid, 120, "the first run's host lock", first)
         refused = run_cli(*args, "--no-wait", env=env)
@@ -491,13 +492,16 @@ def test_two_runs_at_once_take_turns_and_share_the_artifacts(tiny_checkpoint, tm
         assert_one_line_error(refused.stderr, "already measuring", f"pid {first.pid}", "edgequant run")
         second = start_cli(*args, env=env)
         out1, err1 = first.communicate(timeout=900)
+        stamps = _artifact_stamps(tmp_path / "cache")          # what the first run built
         out2, err2 = second.communicate(timeout=900)
     finally:
-        for p in (first,):
-            if p.poll() is None:
+        for p in (first, second):
+            if p is not None and p.poll() is None:
                 p.kill()
     assert first.returncode == 0, err1[-3000:]
     assert second.returncode == 0, err2[-3000:]
+    # the second run built nothing: every artifact is the file the first made (same inode, never rewritten)
+    assert len(stamps) == 3 and _artifact_stamps(tmp_path / "cache") == stamps
     assert "already measuring" in err2 and f"pid {first.pid}" in err2 and "waiting" in err2
     runs = db_rows(tmp_path / "results.db", "SELECT * FROM runs ORDER BY started_at")
     assert [r["status"] for r in runs] == ["complete", "complete"]      # the refused one stored nothing
@@ -506,26 +510,6 @@ def test_two_runs_at_once_take_turns_and_share_the_artifacts(tiny_checkpoint, tm
         tmp_path / "results.db", "SELECT run_id, min(measured_at) AS first, max(measured_at) AS last FROM measurements"
                                  " GROUP BY run_id")}
     assert times[runs[1]["run_id"]][0] >= times[runs[0]["run_id"]][1]    # measured one after the other
-    assert len(_artifact_stamps(tmp_path / "cache")) == 3
-    # the second run built nothing: every artifact is the file the first run made (same inode, never rewritten)
-    built_by_first = {r["path"]: r for r in db_rows(tmp_path / "results.db", "SELECT path, sha256 FROM artifacts")}
-    assert all(sha256(Path(p)) == r["sha256"] for p, r in built_by_first.items())
-
-
-def test_the_second_run_built_nothing(tiny_checkpoint, tmp_path):
-    """Measured with stamps taken between the two runs: the waiting run reuses every artifact."""
-    env = cli_env(tmp_path)
-    profile = tiny_profile(tmp_path, types=["Q4_0"], n_prompt=16, n_gen=4, repetitions=3, warmup=0)
-    args = ("run", "--no-quality", "--model", str(tiny_checkpoint), "--profile", str(profile))
-    first = start_cli(*args, env=env)
-    wait_for(lambda: _lock_holder(tmp_path / "cache") == first.pid, 120, "the first run's host lock", first)
-    second = start_cli(*args, env=env)
-    _, err1 = first.communicate(timeout=900)
-    assert first.returncode == 0, err1[-3000:]
-    stamps = _artifact_stamps(tmp_path / "cache")
-    _, err2 = second.communicate(timeout=900)
-    assert second.returncode == 0, err2[-3000:]
-    assert len(stamps) == 2 and _artifact_stamps(tmp_path / "cache") == stamps
 
 
 # ---------------------------------------------------------------------------
