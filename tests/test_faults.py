@@ -592,6 +592,22 @@ def test_sigkill_mid_run_then_resume_on_another_host(built, tmp_path):
     assert kept == stored_before and kept
 
 
+def test_a_working_run_writes_its_heartbeat_from_its_own_connection(tmp_path):
+    db = tmp_path / "r.db"
+    with Store(db) as s:
+        run = s.start_run("edgequant run", "p", "m", "h")
+        (started,) = db_rows(db, "SELECT heartbeat_at FROM runs")
+        with s.heartbeat(run, every=0.1):
+            wait_for(lambda: db_rows(db, "SELECT heartbeat_at FROM runs")[0]["heartbeat_at"] > started["heartbeat_at"],
+                     30, "a heartbeat")
+            # the main connection can write meanwhile (the beat is short and has its own connection)
+            s.record_rung(run, row_key("Q4_0"), [Measurement("tg_tps", 5.0, "t/s")])
+        s.finish_run(run, "complete")
+        last = db_rows(db, "SELECT heartbeat_at FROM runs")[0]["heartbeat_at"]
+        time.sleep(0.3)
+        assert db_rows(db, "SELECT heartbeat_at FROM runs")[0]["heartbeat_at"] == last   # stopped with the block
+
+
 def test_resume_force_takes_over_a_run_that_still_looks_alive(tmp_path):
     db = tmp_path / "r.db"
     with Store(db) as s:
