@@ -608,6 +608,26 @@ def test_a_working_run_writes_its_heartbeat_from_its_own_connection(tmp_path):
         assert db_rows(db, "SELECT heartbeat_at FROM runs")[0]["heartbeat_at"] == last   # stopped with the block
 
 
+def test_a_pid_reused_by_a_newer_process_does_not_keep_a_run_running(tmp_path):
+    db = tmp_path / "r.db"
+    with Store(db) as s:
+        run = s.start_run("edgequant run", "p", "m", "h")
+        assert s.run(run)["status"] == "running"                  # its own live process
+        conn = sqlite3.connect(db)
+        conn.execute("UPDATE runs SET heartbeat_at = heartbeat_at - 100, started_at = started_at - 100")
+        conn.commit()
+        newer = subprocess.Popen(["sleep", "30"])                 # a process started after the run's last beat
+        try:
+            conn.execute("UPDATE runs SET pid = ?", (newer.pid,))
+            conn.commit()
+            seen = s.run(run)
+            assert seen["status"] == "partial" and "ended before the run finished" in seen["status_detail"]
+        finally:
+            newer.kill()
+            newer.wait()
+            conn.close()
+
+
 def test_resume_force_takes_over_a_run_that_still_looks_alive(tmp_path):
     db = tmp_path / "r.db"
     with Store(db) as s:
