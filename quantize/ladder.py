@@ -160,6 +160,7 @@ class Ladder:
         ``notice`` gets one line for each cached artifact found damaged (and rebuilt)."""
         self.notice = notice
         self.rebuilt: list[str] = []
+        self._fresh: dict[Path, tuple] = {}      # final path -> (info, sha256) of a file just made
         self.ckpt = ckpt
         self.model_hash = model_hash
         self.profile = profile
@@ -270,21 +271,35 @@ class Ladder:
         rung.manifest.unlink(missing_ok=True)
         return None
 
-    def _manifest(self, rung: PlannedRung, report: Progress) -> Artifact:
-        """Compute and store the manifest of an artifact just built."""
-        st = rung.path.stat()
-        report(f"hashing {rung.quant}", 0, st.st_size)
+    def _fingerprint(self, rung: PlannedRung, path: Path, report: Progress) -> tuple:
+        """(GGUF info, sha256) of a file just made, read while it is still under its temporary name, so that
+        its record is written the moment it is renamed (a cached file without a record is rebuilt)."""
+        size = path.stat().st_size
+        report(f"hashing {rung.quant}", 0, size)
         try:
-            info = read_gguf_info(rung.path)
-        except BadGGUF as exc:        # ours, just made: removed so that nothing uses it
-            rung.path.unlink(missing_ok=True)
+            info = read_gguf_info(path)
+        except BadGGUF as exc:        # ours, just made: never renamed into place
             raise RunFailed(f"the {rung.quant} artifact just built is not a readable GGUF ({exc}); it was "
                             f"removed: re-run, and report it if it happens again") from None
+        digest = file_sha256(path)
+        report(f"hashing {rung.quant}", size, size)
+        return info, digest
+
+    def _manifest(self, rung: PlannedRung, report: Progress) -> Artifact:
+        """Store the manifest of an artifact just built (fingerprinted before its rename)."""
+        fresh = self._fresh.pop(rung.path, None)
+        if fresh is None:
+            try:
+                fresh = self._fingerprint(rung, rung.path, report)
+            except RunFailed:
+                rung.path.unlink(missing_ok=True)
+                raise
+        info, digest = fresh
+        st = rung.path.stat()
         art = Artifact(quant=rung.quant, is_reference=rung.is_reference, path=rung.path,
-                       cache_key=rung.cache_key, model_hash=self.model_hash, sha256=file_sha256(rung.path),
+                       cache_key=rung.cache_key, model_hash=self.model_hash, sha256=digest,
                        size_bytes=st.st_size, n_params=info.n_params, bits_per_weight=info.bits_per_weight,
                        tensor_types=info.tensor_types, architecture=info.architecture)
-        report(f"hashing {rung.quant}", st.st_size, st.st_size)
         self._write_manifest(art, st)
         return art
 
@@ -334,6 +349,7 @@ class Ladder:
                 raise RunFailed(f"converting {self.ckpt.path} to GGUF failed (exit {proc.returncode}): {tail}; "
                                 f"full log: {log_path}")
             report(task, expected, expected)
+            self._fresh[rung.path] = self._fingerprint(rung, tmp, report)
 
     def _quantize(self, src: Path, rung: PlannedRung, report: Progress) -> None:
         import llama_cpp
@@ -374,6 +390,7 @@ class Ladder:
             if imatrix is not None:   # the provenance llama-quantize writes, so the file says how it was made
                 add_metadata(tmp, imatrix_metadata(*imatrix))
             report(task, estimate, estimate)
+            self._fresh[rung.path] = self._fingerprint(rung, tmp, report)
 
 
     def _apply_overrides(self, params, spec: RungSpec, report: Progress):
