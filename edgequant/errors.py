@@ -36,3 +36,5 @@ def one_line(text: object, limit: int | None = None) -> str:
     if limit is not None and len(flat) > limit:
         flat = flat[:max(1, limit - 1)].rstrip() + "…"
     return flat
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, turned by the CLI into an interrupt so that it unwinds like Ctrl-C (exit 143)."""

@@ -336,30 +336,63 @@ class HostLock:
         self.path = Path(cache_root) / "leases" / (re.sub(r"[^A-Za-z0-9._-]", "_", serial) + ".lock")
         self._fd: int | None = None
 
-    def try_acquire(self) -> bool:
+    def try_acquire(self, note: str = "", wait: bool = False) -> bool:
+        """Take the lock (``wait``: blocking until its holder ends; Ctrl-C stops the wait); the file then
+        says who holds it: our pid, and ``note`` on a second line."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
             return False
+        except BaseException:
+            os.close(fd)
+            raise
         os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
+        os.write(fd, f"{os.getpid()}\n{note}\n".encode() if note else f"{os.getpid()}\n".encode())
         self._fd = fd
         return True
 
     def holder_pid(self) -> int | None:
+        return self.holder()[0]
+
+    def holder(self) -> tuple[int | None, str]:
+        """(pid, note) of the process that holds the lock, as far as its file says."""
         try:
-            text = self.path.read_text().strip()
+            first, _, note = self.path.read_text().partition("\n")
         except OSError:
-            return None
-        return int(text) if text.isdigit() else None
+            return None, ""
+        return (int(first) if first.strip().isdigit() else None), note.strip()
 
     def release(self) -> None:
         if self._fd is not None:
             os.close(self._fd)      # closing drops the flock
             self._fd = None
+
+
+MEASURING_LOCK = "@host-measuring"     # CACHE/leases/_host-measuring.lock (no phone serial starts with @)
+
+
+@contextmanager
+def measuring_on_host(cache_root: Path, note: str, no_wait: bool = False,
+                      on_wait: Callable[[str], None] = lambda m: None) -> Iterator[None]:
+    """One measuring command (run, bench, eval, tune on this host) at a time per host, like a phone's lease:
+    two at once slow each other's figures and build the same artifacts twice.  A second one waits for the
+    first (saying which), or with ``no_wait`` is refused (exit 2).  The flock goes away with its process."""
+    lock = HostLock(cache_root, MEASURING_LOCK)
+    if not lock.try_acquire(note):
+        pid, what = lock.holder()
+        who = f"edgequant pid {pid or '?'}" + (f" ({what})" if what else "")
+        if no_wait:
+            raise BadInput(f"this host is already measuring: {who}; two runs at once slow each other's figures: "
+                           f"run again when it ends, or drop --no-wait to wait for it")
+        on_wait(f"this host is already measuring: {who}; waiting for it to end (Ctrl-C stops waiting)")
+        lock.try_acquire(note, wait=True)
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def take_lease(target: select.Target, transport: Transport, workdir: str, cache_root: Path, wait_s: float,

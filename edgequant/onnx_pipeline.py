@@ -94,10 +94,10 @@ def quality_onnx_rungs(store: Store, run_id: str, model_id: str, model_hash: str
             statuses[art.quant] = exc.status
             reporter.rung_done(art.quant, exc.status)
             continue
-        store.record_rung(run_id, key, quality_measurements(q.metrics, q.gates), status=None,
-                          cases=[c.record() for c in q.cases], suite=suite.name)
-        statuses[art.quant] = "ok"
-        reporter.rung_done(art.quant, "ok")
+        stored = store.record_rung(run_id, key, quality_measurements(q.metrics, q.gates), status=None,
+                                   cases=[c.record() for c in q.cases], suite=suite.name)
+        statuses[art.quant] = stored or "ok"        # "failed": a figure was not finite (the store says which)
+        reporter.rung_done(art.quant, stored or "ok")
     return statuses
 
 

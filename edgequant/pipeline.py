@@ -11,11 +11,11 @@ from pathlib import Path
 from typing import Callable, Protocol
 
 from edgequant.devices.host import host_device, host_device_id
-from edgequant.errors import BadInput
+from edgequant.errors import BadInput, RunFailed
 from edgequant.profiles import Profile
 from edgequant.quantize.checkpoint import (Checkpoint, checkpoint_hash, download_from_hub, looks_like_hub_id,
                                            open_checkpoint)
-from edgequant.quantize.ladder import Artifact, Ladder
+from edgequant.quantize.ladder import Artifact, Ladder, stat_signature
 from edgequant.results.store import Measurement, RowKey, Store
 
 
@@ -75,14 +75,16 @@ def resolve_model(model: str | None, cache_root: Path, reporter: Reporter) -> Re
 def build_ladder(resolved: ResolvedModel, profile: Profile, cache_root: Path,
                  reporter: Reporter, imatrix=None) -> list[Artifact]:
     """``imatrix``: an ImatrixProvider (edgequant.calibrate.SuiteImatrix) for ``+imatrix`` rungs."""
-    ladder = Ladder(resolved.checkpoint, resolved.model_hash, profile, cache_root, imatrix=imatrix)
+    ladder = Ladder(resolved.checkpoint, resolved.model_hash, profile, cache_root, imatrix=imatrix,
+                    notice=reporter.step)
     return ladder.build(reporter.bytes_progress)
 
 
 def cached_ladder(resolved: ResolvedModel, profile: Profile, cache_root: Path,
                   reporter: Reporter, imatrix=None) -> list[Artifact]:
     """The ladder's artifacts if all are already built; BadInput naming the missing ones otherwise."""
-    ladder = Ladder(resolved.checkpoint, resolved.model_hash, profile, cache_root, imatrix=imatrix)
+    ladder = Ladder(resolved.checkpoint, resolved.model_hash, profile, cache_root, imatrix=imatrix,
+                    notice=reporter.step)
     missing = ladder.missing()
     if missing:
         raise BadInput(f"{len(missing)} rung(s) of profile {profile.name} are not built yet "
@@ -195,18 +197,20 @@ def bench_rungs(store: Store, run_id: str, model_id: str, model_hash: str, artif
                         is_reference=art.is_reference and i == 0) for i, v in enumerate(variants)]
         reporter.rung_started(art.quant)
         try:
+            art.verify()
             quiet = measure_until_quiet(measure, art.path, settings,
                                         on_phase=lambda phase, q=art.quant: reporter.rung_phase(q, phase),
                                         repack=params.get("repack"),
                                         on_progress=lambda phase, q=art.quant: reporter.rung_phase(q, phase),
                                         **({"variants": variants} if variants else {}))
-        except BenchError as exc:
+        except RunFailed as exc:     # a BenchError, or an artifact changed on disk: this rung's failure
+            status = getattr(exc, "status", "failed")
             if keys:
-                store.record_rungs(run_id, [(k, _artifact_measurements(art), exc.status, str(exc)) for k in keys])
+                store.record_rungs(run_id, [(k, _artifact_measurements(art), status, str(exc)) for k in keys])
             else:
-                store.record_rung(run_id, key, _artifact_measurements(art), status=exc.status, detail=str(exc))
-            outcome.outcomes.append(RungOutcome(art, exc.status, str(exc)))
-            reporter.rung_done(art.quant, exc.status)
+                store.record_rung(run_id, key, _artifact_measurements(art), status=status, detail=str(exc))
+            outcome.outcomes.append(RungOutcome(art, status, str(exc)))
+            reporter.rung_done(art.quant, status)
             continue
         res = quiet.result
         contention = [m for m in (quiet.measurement(),) if m is not None]
@@ -219,8 +223,10 @@ def bench_rungs(store: Store, run_id: str, model_id: str, model_hash: str, artif
             reporter.rung_done(art.quant, exc.status)
             continue
         if keys:   # one process measured every variant: its contention row and verdict hold for each
-            store.record_rungs(run_id, [(k, _variant_rows(art, res, v, i == 0) + contention, status, detail)
-                                        for i, (k, v) in enumerate(zip(keys, res.variants))])
+            stored = store.record_rungs(run_id, [(k, _variant_rows(art, res, v, i == 0) + contention, status, detail)
+                                                 for i, (k, v) in enumerate(zip(keys, res.variants))])
+            if any(st != status for st in stored):     # "failed" for a figure that is not a finite number
+                status, detail = "failed", "a figure is not a finite number"
             outcome.outcomes.append(RungOutcome(art, status, detail))
             reporter.rung_done(art.quant, status)
             continue
@@ -233,7 +239,9 @@ def bench_rungs(store: Store, run_id: str, model_id: str, model_hash: str, artif
             Measurement("peak_rss_anon", res.peak_rss_anon_bytes, "bytes"),
             Measurement("peak_rss_file", res.peak_rss_file_bytes, "bytes"),
         ] + contention
-        store.record_rung(run_id, key, rows, status=status, detail=detail)
+        stored = store.record_rung(run_id, key, rows, status=status, detail=detail)
+        if stored != status:          # "failed" for a figure that is not a finite number
+            status, detail = stored, "a figure is not a finite number"
         outcome.outcomes.append(RungOutcome(art, status, detail))
         reporter.rung_done(art.quant, status)
     return outcome
@@ -350,6 +358,7 @@ def quality_rungs(store: Store, run_id: str, model_id: str, model_hash: str, art
     ref_art = next(a for a in artifacts if a.is_reference)
     statuses: dict[str, str] = {}
     reporter.rung_started(f"{ref_art.quant} reference outputs")
+    ref_art.verify()
     ref = quality.reference_outputs(ref_art.path, ref_art.sha256, ref_art.quant, suite, cache_root, threads,
                                     repack, prompting, settings.timeout,
                                     lambda p: reporter.rung_phase(ref_art.quant, p))
@@ -365,10 +374,11 @@ def quality_rungs(store: Store, run_id: str, model_id: str, model_hash: str, art
                       runtime="llama.cpp", runtime_version=runtime_version, params={**params, **extra})
 
     def store_quality(art: Artifact, q, status: str | None = None, detail: str | None = None) -> None:
-        store.record_rung(run_id, key(art), quality_measurements(q.metrics, q.gates), status=status,
-                          detail=detail, cases=[c.record() for c in q.cases], suite=suite.name)
-        statuses[art.quant] = status or "ok"
-        reporter.rung_done(art.quant, status or "ok")
+        # a figure that is not finite makes this rung failed (the store says which); the others are stored
+        stored = store.record_rung(run_id, key(art), quality_measurements(q.metrics, q.gates), status=status,
+                                   detail=detail, cases=[c.record() for c in q.cases], suite=suite.name)
+        statuses[art.quant] = stored or "ok"
+        reporter.rung_done(art.quant, stored or "ok")
 
     selected = [a for a in artifacts if only is None or a.quant in only]
     # a quantized KV cache changes outputs too: each rung (the reference included) again with every other
@@ -391,13 +401,15 @@ def quality_rungs(store: Store, run_id: str, model_id: str, model_hash: str, art
             store_quality(art, quality.reference_quality(suite, ref))
             continue
         try:
+            art.verify()
             outputs.append((art, quality.generate_rung(art.path, suite, ref, threads, repack, settings.timeout,
                                                        lambda p, quant=art.quant: reporter.rung_phase(quant, p),
                                                        cache_type=ct)))
-        except quality.EvalError as exc:
-            store.record_rung(run_id, key(art), [], status=exc.status, detail=f"quality: {exc}")
-            statuses[art.quant] = exc.status
-            reporter.rung_done(art.quant, exc.status)
+        except RunFailed as exc:     # an EvalError, or an artifact changed on disk: this rung's failure
+            status = getattr(exc, "status", "failed")
+            store.record_rung(run_id, key(art), [], status=status, detail=f"quality: {exc}")
+            statuses[art.quant] = status
+            reporter.rung_done(art.quant, status)
     # 2. token-level scores: the reference's outputs teacher-forced through as many rungs at once as fit
     groups = quality.teacher_groups(ref_art.size_bytes, [(unit_key[a.quant], a.size_bytes) for a, _ in outputs])
     by_path = {unit_key[a.quant]: (a, data) for a, data in outputs}
@@ -425,7 +437,7 @@ def artifacts_from_files(paths: list[Path], reporter: Reporter) -> list[Artifact
     """Artifacts for GGUF files given on the command line; the first is the reference."""
     import gguf
 
-    from edgequant.quantize.gguf_info import file_sha256, read_gguf_info
+    from edgequant.quantize.gguf_info import BadGGUF, file_sha256, read_gguf_info
 
     out = []
     for i, path in enumerate(paths):
@@ -434,7 +446,10 @@ def artifacts_from_files(paths: list[Path], reporter: Reporter) -> list[Artifact
         with open(path, "rb") as fh:
             if fh.read(4) != b"GGUF":
                 raise BadInput(f"artifact {path}: not a GGUF file (bad magic)")
-        info = read_gguf_info(path)
+        try:
+            info = read_gguf_info(path)
+        except BadGGUF as exc:        # the user's own file: refused, never "delete it"
+            raise BadInput(f"artifact {exc}; pass a complete GGUF file") from None
         quant = path.stem
         if info.file_type is not None:
             try:
@@ -443,10 +458,12 @@ def artifacts_from_files(paths: list[Path], reporter: Reporter) -> list[Artifact
                 pass
         reporter.step(f"hashing {path}")
         digest = file_sha256(path)
+        st = path.stat()
         out.append(Artifact(quant=quant, is_reference=i == 0, path=path.resolve(), cache_key="file:" + digest,
-                            model_hash="gguf:" + digest, sha256=digest, size_bytes=path.stat().st_size,
+                            model_hash="gguf:" + digest, sha256=digest, size_bytes=st.st_size,
                             n_params=info.n_params, bits_per_weight=info.bits_per_weight,
-                            tensor_types=info.tensor_types, architecture=info.architecture))
+                            tensor_types=info.tensor_types, architecture=info.architecture,
+                            checked=stat_signature(st)))
     names = [a.quant for a in out]
     if len(set(names)) != len(names):
         for a in out:

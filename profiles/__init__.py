@@ -19,7 +19,13 @@ from edgequant.profiles.onnx_variants import OnnxSpec, OnnxVariant, parse_onnx  
 
 # Types llama.cpp refuses to make without an importance matrix
 # (mirrors the check in llama.cpp's tools/quantize).
-NEEDS_IMATRIX = frozenset({"IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "Q2_K_S"})
+# Types llama.cpp's quantizer refuses to make without an importance matrix (llama-quant.cpp,
+# tensor_requires_imatrix: IQ1_*, IQ2_XXS/XS/S and IQ3_XXS tensors, Q2_K in a Q2_K_S file; IQ2_M and IQ3_XS
+# mix in such tensors: "this quantization requires an imatrix!").
+NEEDS_IMATRIX = frozenset({"IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "IQ3_XXS", "IQ3_XS", "Q2_K_S"})
+# Types gguf and llama-cpp-python name that llama.cpp's quantizer cannot make at all (llama-quant.cpp,
+# llama_ftype_get_default_type has no case for them: "invalid output file type").
+CANNOT_MAKE = {"NVFP4": "llama.cpp's quantizer has no tensor type for this file type (it only loads such files)"}
 # llama.cpp's llama_flash_attn_type, by the names llama-bench's -fa takes.
 FLASH_ATTN = ("auto", "on", "off")
 REPACK = ("auto", "on", "off")
@@ -277,6 +283,8 @@ class _Checker:
                                        f"{_valid_list(known)}")
             if spec.base in FLOAT_TYPES:
                 raise self.fail(where, f"{value!r}: modifiers apply to quant types, not to {spec.base}")
+            if spec.base in CANNOT_MAKE:
+                raise self.fail(where, f"{value!r}: {spec.base} cannot be made here: {CANNOT_MAKE[spec.base]}")
             if spec.base in NEEDS_IMATRIX and not spec.imatrix:
                 raise self.fail(where, f"{spec.base} needs an importance matrix; add '+imatrix' to {value!r}")
             return spec.name
@@ -285,6 +293,8 @@ class _Checker:
         name = value.upper()
         if reference and name not in FLOAT_TYPES:
             raise self.fail(where, f"must be a float type, got {value!r}; allowed: {_valid_list(FLOAT_TYPES)}")
+        if not reference and name in CANNOT_MAKE:
+            raise self.fail(where, f"{name} cannot be made here: {CANNOT_MAKE[name]}; pick another type")
         if not reference and name in NEEDS_IMATRIX:
             raise self.fail(where, f"{name} needs an importance matrix; write it as '{name}+imatrix' "
                                    f"(computed from the eval suite's calibration cases)")

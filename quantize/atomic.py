@@ -32,12 +32,46 @@ def atomic_path(final: Path) -> Iterator[Path]:
             tmp.unlink()
 
 
+def write_error(path: Path, exc: OSError, need: int | None = None):
+    """The one-line error (an ``EdgequantError``) for a file that could not be written: a folder in its
+    place, a read-only or forbidden place (bad input, 2), a full disk (1, with what is free and needed)."""
+    import errno
+
+    from edgequant.errors import BadInput, RunFailed
+
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        probe = Path(path).parent
+        while not probe.exists() and probe != probe.parent:
+            probe = probe.parent
+        try:
+            free = f"{shutil.disk_usage(probe).free / 2**20:,.1f} MiB free"
+        except OSError:
+            free = "no space left"
+        needed = f", about {need / 2**20:,.1f} MiB needed" if need else ""
+        return RunFailed(f"cannot write {path}: the disk is full ({free}{needed}); free some space or write "
+                         f"to another disk")
+    if exc.errno == errno.EISDIR or Path(path).is_dir():
+        return BadInput(f"cannot write {path}: it is a folder; name a file to write")
+    if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return BadInput(f"cannot write {path}: {exc.strerror} (a read-only file system, or a folder you may "
+                        f"not write to); pick another path")
+    if exc.errno in (errno.ENOENT, errno.ENOTDIR):
+        return BadInput(f"cannot write {path}: {exc.strerror} (its folder cannot be made); pick another path")
+    return RunFailed(f"cannot write {path}: {exc.strerror or exc}")
+
+
 def atomic_write_text(final: Path, text: str) -> None:
-    with atomic_path(final) as tmp:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
+    """Write ``text`` to ``final`` through a temporary name; a failure is one ``EdgequantError`` line."""
+    if final.is_dir():
+        raise write_error(final, IsADirectoryError(21, "Is a directory"))
+    try:
+        with atomic_path(final) as tmp:
+            with open(tmp, "w", encoding="utf-8") as fh:
+                fh.write(text)
+                fh.flush()
+                os.fsync(fh.fileno())
+    except OSError as exc:
+        raise write_error(final, exc, len(text.encode("utf-8", "replace"))) from None
 
 
 def clean_stale_partials(folder: Path) -> None:

@@ -82,21 +82,29 @@ def _count_params(root: Path, weight_files: list[str]) -> tuple[int, int]:
     total = 0
     outside = 0
     for name in weight_files:
-        with open(root / name, "rb") as fh:
-            (n,) = struct.unpack("<Q", fh.read(8))
-            if n > 100 * 1024 * 1024:
-                raise BadInput(f"checkpoint {root}: {name} has a corrupt safetensors header")
-            header = json.loads(fh.read(n))
-        for key, meta in header.items():
-            if key == "__metadata__":
-                continue
-            count = 1
-            for d in meta["shape"]:
-                count *= d
-            if key.startswith(_OUTSIDE_LADDER):
-                outside += count
-            else:
-                total += count
+        corrupt = BadInput(f"checkpoint {root}: {name} has a corrupt or cut-short safetensors header; "
+                           f"copy or download that file again")
+        try:
+            with open(root / name, "rb") as fh:
+                (n,) = struct.unpack("<Q", fh.read(8))
+                if n > 100 * 1024 * 1024:
+                    raise corrupt
+                raw = fh.read(n)
+            if len(raw) != n:
+                raise corrupt
+            header = json.loads(raw)
+            for key, meta in header.items():
+                if key == "__metadata__":
+                    continue
+                count = 1
+                for d in meta["shape"]:
+                    count *= int(d)
+                if key.startswith(_OUTSIDE_LADDER):
+                    outside += count
+                else:
+                    total += count
+        except (struct.error, ValueError, UnicodeDecodeError, AttributeError, KeyError, TypeError):
+            raise corrupt from None
     return total, outside
 
 
@@ -116,6 +124,9 @@ def open_checkpoint(path: str | os.PathLike, model_id: str | None = None) -> Che
         config = json.loads((root / "config.json").read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as exc:
         raise BadInput(f"model {root}: config.json is not valid JSON ({exc})") from None
+    if not isinstance(config, dict):
+        raise BadInput(f"model {root}: config.json holds a JSON {type(config).__name__}, not an object "
+                       f"({{\"architectures\": [...], ...}}); restore the checkpoint's own config.json")
     archs = config.get("architectures") or []
     if not isinstance(archs, list) or not archs:
         raise BadInput(f"model {root}: config.json names no architectures")

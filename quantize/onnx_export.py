@@ -48,6 +48,7 @@ from edgequant.errors import BadInput, RunFailed
 from edgequant.profiles import OnnxSpec, OnnxVariant, Profile
 from edgequant.quantize.atomic import atomic_path, atomic_write_text, clean_stale_partials
 from edgequant.quantize.checkpoint import Checkpoint
+from edgequant.children import die_with_parent
 from edgequant.quantize.ladder import Artifact, free_bytes
 
 Progress = Callable[[str, float, "float | None"], None]
@@ -357,7 +358,8 @@ class OnnxLadder:
         request = dict(request, result=str(report_file))
         with open(log_path, "w") as log:
             proc = subprocess.Popen([sys.executable, "-m", "edgequant.quantize.onnx_export", json.dumps(request)],
-                                    stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
+                                    stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                                    preexec_fn=die_with_parent())
             try:
                 proc.wait()
             except BaseException:

@@ -108,6 +108,14 @@ class PgConnection:
     def execute_ddl(self, sql: str) -> None:
         self._conn.execute(ddl(sql))
 
+    def table_names(self) -> set[str]:
+        """Tables and views of the current schema; pg_class, not information_schema: a table this user may
+        not read still belongs to someone."""
+        rows = self._conn.execute("SELECT c.relname AS name FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n"
+                                  " ON n.oid = c.relnamespace WHERE n.nspname = current_schema()"
+                                  " AND c.relkind IN ('r', 'p', 'v', 'm', 'f')")
+        return {r["name"] for r in rows}
+
     def lock_schema(self) -> None:
         """Inside a transaction: wait until no other process is migrating this database."""
         self._conn.execute("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK_KEY,))

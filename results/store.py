@@ -7,12 +7,16 @@ the few dialect translations).  The same migrations run on both.
 Every write happens in a transaction.  A run is inserted as ``running`` and
 ends ``complete`` only when every rung finished; an interrupted or failed run
 ends ``partial``/``failed``, and a run still ``running`` whose process is gone
-is reported as ``partial``.
+(this host) or whose heartbeat stopped (any host) is reported as ``partial``
+(interrupted) and can be taken over by ``--resume``.  A figure that is not a
+finite number fails its rung instead of the transaction.  Only an empty
+database or one carrying the ``_migrations`` table is ever written to.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import socket
@@ -26,7 +30,7 @@ from typing import Any, Iterable, Iterator
 
 import psutil
 
-from edgequant.errors import BadInput
+from edgequant.errors import BadInput, RunFailed
 
 # Named, append-only: never edit or reorder an entry, only add new ones.
 MIGRATIONS: list[tuple[str, str]] = [
@@ -128,7 +132,7 @@ MIGRATIONS: list[tuple[str, str]] = [
             PRIMARY KEY (split_sha256, case_id)
         );
     """),
-    ("005_i17_noise_floors", """
+    ("005_noise_floors", """
         CREATE TABLE noise_floors (
             id INTEGER PRIMARY KEY AUTOINCREMENT,
             device_id TEXT NOT NULL,
@@ -143,7 +147,15 @@ MIGRATIONS: list[tuple[str, str]] = [
         );
         CREATE INDEX noise_floors_place ON noise_floors(device_id, metric, measured_at);
     """),
+    ("006_run_heartbeat", """
+        ALTER TABLE runs ADD COLUMN heartbeat_at REAL;
+    """),
 ]
+
+# A running command writes its run's heartbeat every HEARTBEAT_S; a run whose heartbeat is older than
+# HEARTBEAT_STALE_S (any host), or whose process is gone (this host), was interrupted.
+HEARTBEAT_S = 30.0
+HEARTBEAT_STALE_S = 600.0
 
 # names `edgequant compare`/`report` resolve besides run ids and tags
 RUN_ALIASES = ("last", "last-complete")
@@ -176,6 +188,22 @@ class RowKey:
     params: dict
 
 
+def _finite_only(measurements: Iterable[Measurement]) -> tuple[list[Measurement], list[str]]:
+    """(the measurements whose value is a finite number, with a non-finite stddev dropped; "METRIC=VALUE"
+    of the others)."""
+    from dataclasses import replace
+
+    good, bad = [], []
+    for m in measurements:
+        if not math.isfinite(float(m.value)):     # None is a bug, not a figure: TypeError
+            bad.append(f"{m.metric}={m.value}")
+            continue
+        if m.stddev is not None and not math.isfinite(float(m.stddev)):
+            m = replace(m, stddev=None)
+        good.append(m)
+    return good, bad
+
+
 OPEN_WAIT_SECONDS = 60.0
 
 
@@ -184,17 +212,47 @@ def _is_busy(exc: sqlite3.OperationalError) -> bool:
     return "locked" in text or "busy" in text
 
 
+def sqlite_problem(path: str, exc: sqlite3.Error) -> str:
+    """One line telling apart what went wrong with a SQLite results database, with the advice that fits."""
+    text = str(exc)
+    low = text.lower()
+    where = Path(path).expanduser()
+    if where.is_dir():
+        return f"results database {path} is a folder, not a file; pass a file path with --db"
+    if "full" in low:
+        free = ""
+        try:
+            import shutil
+
+            free = f" ({shutil.disk_usage(where.parent).free / 2**20:,.1f} MiB free)"
+        except OSError:
+            pass
+        return (f"results database {path}: the disk holding it is full{free}; free some space or pass a "
+                f"file on another disk with --db")
+    if "readonly" in low or "read-only" in low or (where.exists() and not os.access(where, os.W_OK)) \
+            or not os.access(where.parent, os.W_OK):
+        return (f"results database {path} cannot be written (a read-only file or file system: {text}); "
+                f"make it writable or pass another file with --db")
+    if _is_busy(exc):
+        return (f"results database {path} is locked by another process ({text}); if another edgequant "
+                f"holds it, wait for it, or pass another file with --db")
+    return f"results database {path}: not usable ({text}); pass another file with --db"
+
+
 class Store:
     def __init__(self, path: str | os.PathLike):
         from edgequant.results.pg import PgConnection, is_postgres_url
 
         self.path = str(path)
+        self._target = self.path            # what opens it again (the heartbeat's own connection)
         self._pg: PgConnection | None = None
+        self._opened = False
         if is_postgres_url(self.path):
             self._pg = PgConnection(self.path)
             self.conn = self._pg
             self.path = self._pg.display  # never the password
             try:
+                self._check_ours()
                 self._migrate()
             except BaseException:
                 self._pg.close()
@@ -214,6 +272,7 @@ class Store:
         while True:
             try:
                 self._open_sqlite()
+                self._opened = True
                 return
             except sqlite3.OperationalError as exc:
                 self._close_quietly()
@@ -221,8 +280,7 @@ class Store:
                     time.sleep(pause)
                     pause = min(pause * 2, 1.0)
                     continue
-                raise BadInput(f"results database {self.path}: not usable ({exc}); if another edgequant "
-                               f"holds it, wait for it, or pass another file with --db") from None
+                raise BadInput(sqlite_problem(self.path, exc)) from None
             except sqlite3.DatabaseError as exc:
                 self._close_quietly()
                 raise BadInput(f"results database {self.path}: not a usable SQLite database ({exc}); "
@@ -236,6 +294,7 @@ class Store:
         self.conn = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
         self.conn.row_factory = sqlite3.Row
         self.conn.execute("PRAGMA foreign_keys = ON")
+        self._check_ours()      # before the journal mode or any table is touched
         if self.path != ":memory:":
             mode = self.conn.execute("PRAGMA journal_mode").fetchone()[0]
             if str(mode).lower() != "wal":
@@ -268,14 +327,26 @@ class Store:
     def transaction(self) -> Iterator[Any]:
         pg = self._pg
         if pg is None:
-            self.conn.execute("BEGIN IMMEDIATE")
             try:
-                yield self.conn
-            except BaseException:
-                self.conn.execute("ROLLBACK")
-                raise
-            else:
-                self.conn.execute("COMMIT")
+                self.conn.execute("BEGIN IMMEDIATE")
+                try:
+                    yield self.conn
+                except BaseException:
+                    if self.conn.in_transaction:
+                        self.conn.execute("ROLLBACK")
+                    raise
+                else:
+                    self.conn.execute("COMMIT")
+            except sqlite3.Error as exc:
+                if not self._opened:         # opening retries a busy database itself
+                    raise
+                if self.conn.in_transaction:
+                    try:
+                        self.conn.execute("ROLLBACK")
+                    except sqlite3.Error:
+                        pass
+                raise RunFailed(sqlite_problem(self.path, exc) + "; nothing of the failed write was stored") \
+                    from None
             return
         try:
             pg.execute("BEGIN")
@@ -305,6 +376,33 @@ class Store:
         if self._pg is not None:
             self._pg.lock_schema()
 
+    def _tables(self) -> set[str]:
+        """Every table and view of the database (its schema, on PostgreSQL), whoever made them."""
+        if self._pg is not None:
+            return self._pg.table_names()
+        return {r["name"] for r in self.conn.execute("PRAGMA main.table_list")
+                if not r["name"].startswith("sqlite_")}
+
+    def _check_ours(self) -> None:
+        """Only reads: a database edgequant may write to is empty or carries its migrations table, and was
+        not written by a newer edgequant; BadInput (nothing changed) for any other."""
+        tables = self._tables()
+        if not tables:
+            return
+        if "_migrations" not in tables:
+            shown = ", ".join(sorted(tables)[:4]) + (", ..." if len(tables) > 4 else "")
+            raise BadInput(f"results database {self.path} is not an edgequant database (it holds {shown}); "
+                           f"edgequant writes only to an empty database or its own: pass another --db "
+                           f"(nothing was changed)")
+        self._refuse_newer({r["name"] for r in self.conn.execute("SELECT name FROM _migrations")})
+
+    def _refuse_newer(self, applied: set[str]) -> None:
+        newer = sorted(applied - {name for name, _ in MIGRATIONS})
+        if newer:
+            raise BadInput(f"results database {self.path} has migrations this edgequant does not know "
+                           f"({', '.join(newer)}): it was written by a newer edgequant; upgrade edgequant "
+                           f"or use another --db (nothing was changed)")
+
     def _migrate(self) -> None:
         # Several hosts or processes may open a fresh database at once: each migration is applied
         # under the schema lock, after checking again that nobody applied it meanwhile.
@@ -312,12 +410,7 @@ class Store:
             self._lock_schema()
             self._ddl("CREATE TABLE IF NOT EXISTS _migrations (name TEXT PRIMARY KEY, applied_at REAL NOT NULL)")
             applied = {r["name"] for r in conn.execute("SELECT name FROM _migrations")}
-        known = {name for name, _ in MIGRATIONS}
-        newer = sorted(applied - known)
-        if newer:
-            raise BadInput(f"results database {self.path} has migrations this edgequant does not know "
-                           f"({', '.join(newer)}): it was written by a newer edgequant; upgrade edgequant "
-                           f"or use another --db (nothing was changed)")
+        self._refuse_newer(applied)
         for name, sql in MIGRATIONS:
             if name in applied:
                 continue
@@ -340,13 +433,53 @@ class Store:
         from edgequant import __version__
 
         run_id = time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:6]
+        now = time.time()
         with self.transaction() as conn:
             conn.execute(
                 "INSERT INTO runs (run_id, started_at, status, command, profile, model_id, model_hash,"
-                " edgequant_version, hostname, pid) VALUES (?, ?, 'running', ?, ?, ?, ?, ?, ?, ?)",
-                (run_id, time.time(), command, profile, model_id, model_hash, __version__,
-                 socket.gethostname(), os.getpid()))
+                " edgequant_version, hostname, pid, heartbeat_at) VALUES (?, ?, 'running', ?, ?, ?, ?, ?, ?, ?, ?)",
+                (run_id, now, command, profile, model_id, model_hash, __version__,
+                 socket.gethostname(), os.getpid(), now))
         return run_id
+
+    def beat(self, run_id: str) -> None:
+        """Say that this process is still working on run ``run_id`` (if it is still its own)."""
+        with self.transaction() as conn:
+            conn.execute("UPDATE runs SET heartbeat_at = ? WHERE run_id = ? AND status = 'running' AND hostname = ?"
+                         " AND pid = ?", (time.time(), run_id, socket.gethostname(), os.getpid()))
+
+    @contextmanager
+    def heartbeat(self, run_id: str, every: float = HEARTBEAT_S) -> Iterator[None]:
+        """While the block runs, a thread with its own connection writes the run's heartbeat every ``every``
+        seconds, so that another host can tell a run that is working from one whose machine died."""
+        if self._target == ":memory:":
+            yield
+            return
+        import threading
+
+        stop = threading.Event()
+
+        def beat() -> None:
+            try:
+                other = Store(self._target)
+            except Exception:  # noqa: BLE001 - the run goes on; only its liveness is not written
+                return
+            try:
+                while not stop.wait(every):
+                    try:
+                        other.beat(run_id)
+                    except Exception:  # noqa: BLE001 - a busy or full database: try again next time
+                        pass
+            finally:
+                other.close()
+
+        thread = threading.Thread(target=beat, name=f"heartbeat-{run_id}", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join(timeout=5)
 
     def set_prep_seconds(self, run_id: str, seconds: float) -> None:
         with self.transaction() as conn:
@@ -357,19 +490,58 @@ class Store:
             conn.execute("UPDATE runs SET status = ?, status_detail = ?, finished_at = ? WHERE run_id = ?",
                          (status, detail, time.time(), run_id))
 
-    def resume_run(self, run_id: str) -> dict[str, Any]:
-        """Mark an unfinished run as running again in this process (``edgequant run --resume``)."""
+    def resume_run(self, run_id: str, force: bool = False) -> dict[str, Any]:
+        """Mark an unfinished run as running again in this process (``edgequant run --resume``).
+
+        A run left ``running`` by a process that is gone (this host) or silent for HEARTBEAT_STALE_S (any
+        host) is taken over; one that still looks alive only with ``force``.  The returned run's
+        ``takeover`` is the one-line notice to show then (None otherwise)."""
         run = self.run(run_id)
         if run["status"] == "complete":
             raise BadInput(f"run {run['run_id']} is complete; there is nothing to resume")
+        holder = f"pid {run['pid']} on {run['hostname']}"
+        takeover = None
         if run["status"] == "running":
-            raise BadInput(f"run {run['run_id']} is still running (pid {run['pid']} on {run['hostname']}); "
-                           "wait for it or stop it first")
+            if not force:
+                raise BadInput(f"run {run['run_id']} is still running ({holder}, {self._heartbeat_age(run)}); "
+                               f"wait for it or stop it first; if you know it is gone, add --force to take it over")
+            takeover = f"run {run['run_id']} looked still running ({holder}); taking it over (--force)"
+        elif run.get("interrupted"):
+            takeover = f"run {run['run_id']} was left running by {holder} ({run['interrupted']}); taking it over"
         with self.transaction() as conn:
-            conn.execute("UPDATE runs SET status = 'running', status_detail = NULL, finished_at = NULL,"
-                         " hostname = ?, pid = ? WHERE run_id = ?", (socket.gethostname(), os.getpid(),
-                                                                     run["run_id"]))
-        return run
+            cur = conn.execute("UPDATE runs SET status = 'running', status_detail = NULL, finished_at = NULL,"
+                               " hostname = ?, pid = ?, heartbeat_at = ? WHERE run_id = ? AND status = ?"
+                               " AND hostname = ? AND pid = ?",
+                               (socket.gethostname(), os.getpid(), time.time(), run["run_id"], run["stored_status"],
+                                run["hostname"], run["pid"]))
+            if cur.rowcount == 0:
+                raise BadInput(f"run {run['run_id']} was resumed by another edgequant meanwhile; "
+                               f"`edgequant report --list` shows who holds it")
+        return {**run, "takeover": takeover}
+
+    @staticmethod
+    def _heartbeat_age(run: dict[str, Any]) -> str:
+        beat = run.get("heartbeat_at") or run["started_at"]
+        return f"last heartbeat {max(time.time() - beat, 0):.0f} s ago"
+
+    @staticmethod
+    def _interrupted(run: dict[str, Any]) -> str | None:
+        """Why a run stored as ``running`` is not running any more, or None if it may be."""
+        beat = run.get("heartbeat_at") or run["started_at"]
+        if run["hostname"] == socket.gethostname():
+            try:
+                proc = psutil.Process(run["pid"])
+                # a pid reused by a process started after the run's last heartbeat: not the run's process
+                if proc.create_time() <= beat + 1:
+                    return None
+            except (psutil.NoSuchProcess, psutil.AccessDenied, ValueError):
+                pass
+            return f"interrupted: its process (pid {run['pid']}) ended before the run finished"
+        age = time.time() - beat
+        if age > HEARTBEAT_STALE_S:
+            return (f"interrupted: no heartbeat from {run['hostname']} (pid {run['pid']}) for {age / 60:.0f} min "
+                    f"(limit {HEARTBEAT_STALE_S / 60:.0f} min)")
+        return None
 
     def run(self, run_id: str) -> dict[str, Any]:
         """One run by id, by tag (`edgequant tag`), or `last` / `last-complete`."""
@@ -390,10 +562,11 @@ class Store:
                                f"`edgequant report --list` shows the runs")
         out = dict(row)
         out.pop("rowid", None)  # PostgreSQL's emulated rowid column
-        if out["status"] == "running" and (out["hostname"] != socket.gethostname() or not psutil.pid_exists(out["pid"])):
-            if out["hostname"] == socket.gethostname():
-                out["status"] = "partial"
-                out["status_detail"] = out["status_detail"] or "the process ended before the run finished"
+        out["stored_status"] = out["status"]
+        out["interrupted"] = self._interrupted(out) if out["status"] == "running" else None
+        if out["interrupted"]:
+            out["status"] = "partial"
+            out["status_detail"] = out["status_detail"] or out["interrupted"]
         return out
 
     def tag(self, run_id: str, name: str) -> str:
@@ -443,25 +616,32 @@ class Store:
 
     def record_rung(self, run_id: str, key: RowKey, measurements: Iterable[Measurement],
                     status: str | None = "ok", detail: str | None = None,
-                    cases: Iterable[dict] = (), suite: str | None = None) -> None:
+                    cases: Iterable[dict] = (), suite: str | None = None) -> str | None:
         """Store one rung's measurements (and eval cases) and its status in a single transaction.
 
         ``status=None`` adds rows without touching the rung's status (a later stage of the same rung).
+        A figure that is not a finite number (NaN, infinity: a damaged artifact) is not stored: the rung
+        is stored as ``failed`` naming it, with its finite figures.  Returns the status stored (None: untouched).
         """
         with self.transaction() as conn:
-            self._write_rung(conn, run_id, key, measurements, status, detail, cases, suite)
+            return self._write_rung(conn, run_id, key, measurements, status, detail, cases, suite)
 
     def record_rungs(self, run_id: str, entries: Iterable[tuple[RowKey, Iterable[Measurement], str | None,
-                                                                  str | None]]) -> None:
+                                                                  str | None]]) -> list[str | None]:
         """Several rows sets of one measurement (a rung's variants: depths, cache types) in one transaction:
-        an interrupted run holds all of them or none.  Each entry is (key, measurements, status, detail)."""
+        an interrupted run holds all of them or none.  Each entry is (key, measurements, status, detail);
+        returns the status stored for each (``record_rung``'s rule for figures that are not finite)."""
         with self.transaction() as conn:
-            for key, measurements, status, detail in entries:
-                self._write_rung(conn, run_id, key, measurements, status, detail, (), None)
+            return [self._write_rung(conn, run_id, key, measurements, status, detail, (), None)
+                    for key, measurements, status, detail in entries]
 
     def _write_rung(self, conn, run_id: str, key: RowKey, measurements: Iterable[Measurement],
-                    status: str | None, detail: str | None, cases: Iterable[dict], suite: str | None) -> None:
+                    status: str | None, detail: str | None, cases: Iterable[dict], suite: str | None) -> str | None:
         now = time.time()
+        measurements, bad = _finite_only(measurements)
+        if bad:
+            status = "failed"
+            detail = "; ".join(d for d in (detail, f"not a finite number: {', '.join(bad)}") if d)
         for m in measurements:
             conn.execute(
                 "INSERT INTO measurements (run_id, model_id, model_hash, quant, artifact_sha256,"
@@ -490,6 +670,7 @@ class Store:
                 "INSERT INTO rung_status (run_id, quant, device_id, status, detail) VALUES (?, ?, ?, ?, ?)"
                 " ON CONFLICT (run_id, quant, device_id) DO UPDATE SET status = excluded.status,"
                 " detail = excluded.detail", (run_id, key.quant, key.device_id, status, detail))
+        return status
 
     def measurements(self, run_id: str) -> list[dict[str, Any]]:
         rows = self.conn.execute(
