@@ -704,7 +704,9 @@ def render_table(rep: RunReport, console) -> None:
             st.add_row(*_sustained_cells(rec))
         console.print(st)
     for note in rep.footnotes:
-        console.print(f"[dim]* {note}[/dim]", soft_wrap=True)
+        # wrapped on a narrow console; a wide one (a pipe or file is rendered wide) keeps each note on one line,
+        # whole for grep
+        console.print(f"[dim]* {note}[/dim]", soft_wrap=console.width >= 120)
 
 
 def render_markdown(rep: RunReport) -> str:
