@@ -289,6 +289,7 @@ def test_aosp_client_with_delayed_acks(adb_peer_factory, adb_cli, tmp_path):
     """ADB_BURST_MODE=1 makes the AOSP client offer delayed_ack: with the modern personality the
     real client keeps several WRTEs in flight, and shell v2 still gives exit codes."""
     peer = adb_peer_factory(personality="modern")
+    peer.read_delay = 0.05       # a slow device: only a host using the window has more than one WRTE out
     adb_cli.env["ADB_BURST_MODE"] = "1"
     adb_cli.connect(peer)
     assert "delayed_ack" in peer.events_of("cnxn")[0]

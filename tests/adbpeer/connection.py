@@ -23,6 +23,7 @@ import os
 import socket
 import struct
 import threading
+import time
 import traceback
 from collections import deque
 from typing import TYPE_CHECKING, Callable
@@ -67,7 +68,12 @@ class Stream:
                 self._cv.notify_all()
 
     def read(self) -> bytes:
-        """The next WRTE payload from the host (acknowledged now), or b"" once closed."""
+        """The next WRTE payload from the host (acknowledged now), or b"" once closed.  A peer with
+        ``read_delay`` set consumes each payload that much later (a slow device), so a host that keeps
+        several WRTEs in flight is seen doing so whatever the machine's speed."""
+        delay = getattr(self.conn.peer, "read_delay", 0.0)
+        if delay:
+            time.sleep(delay)
         with self._cv:
             while not self._inbox and not self.closed:
                 self._cv.wait()

@@ -153,6 +153,7 @@ class AdbPeer:
         self.lmk_kills: list[tuple[int, str]] = []
         self.host_writes: dict[int, int] = {}   # WRTE payload size from the host -> how many
         self.max_unacked = 0                     # most host bytes one stream held unacknowledged
+        self.read_delay = 0.0                    # seconds each stream waits before consuming a WRTE
         self._lock = threading.Lock()
         self._connections: set[Connection] = set()
         self._sessions: set[int] = set()
