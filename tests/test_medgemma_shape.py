@@ -98,7 +98,7 @@ def test_small_variant_whole_job_quantize_run_and_eval(medgemma_small, tmp_path)
     assert sorted({n.split(".")[1] for n in names if n.startswith("blk.")}) == ["0", "1"]
 
     r = run_cli("run", "--model", str(medgemma_small), "--profile", "quick", "--no-quality",
-                "-p", "16", "-n", "4", "-r", "2", "--warmup", "0", env=env, timeout=1800)
+                "-p", "16", "-n", "4", "-r", "3", "--warmup", "0", env=env, timeout=1800)
     assert r.returncode == 0, r.stderr[-2000:]
     # not a terminal: every finished rung printed one plain line with its time
     for quant in quants:
