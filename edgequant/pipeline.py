@@ -149,8 +149,8 @@ def bench_variants(profile: Profile, artifacts: list[Artifact], suite=None, prom
 
 
 def _variant_rows(art: Artifact, res, v, first: bool) -> list[Measurement]:
-    """One variant's rows (``bench.host.VariantResult``); the load time belongs to the first (one model load
-    serves every variant)."""
+    """One variant's rows (``bench.host.VariantResult``, or the ``HostBenchResult`` itself for a plain rung:
+    the same figures); the load time belongs to the first (one model load serves every variant)."""
     from edgequant.noise import sample_detail
 
     rows = _artifact_measurements(art)
@@ -179,7 +179,7 @@ def bench_rungs(store: Store, run_id: str, model_id: str, model_hash: str, artif
     from importlib import metadata
 
     from edgequant.bench.host import BenchError, measure_gguf
-    from edgequant.noise import measure_until_quiet, sample_detail
+    from edgequant.noise import measure_until_quiet
 
     measure = measure or measure_gguf
     settings = profile.bench
@@ -230,15 +230,7 @@ def bench_rungs(store: Store, run_id: str, model_id: str, model_hash: str, artif
             outcome.outcomes.append(RungOutcome(art, status, detail))
             reporter.rung_done(art.quant, status)
             continue
-        rows = _artifact_measurements(art) + [
-            Measurement("load_time", res.load_s, "s", None, 1),
-            Measurement("pp_tps", res.pp.mean, "t/s", res.pp.stddev, res.pp.n, sample_detail(res.pp)),
-            Measurement("tg_tps", res.tg.mean, "t/s", res.tg.stddev, res.tg.n, sample_detail(res.tg)),
-            Measurement("ttft", res.ttft_ms.mean, "ms", res.ttft_ms.stddev, res.ttft_ms.n),
-            Measurement("peak_rss", res.peak_rss_bytes, "bytes"),
-            Measurement("peak_rss_anon", res.peak_rss_anon_bytes, "bytes"),
-            Measurement("peak_rss_file", res.peak_rss_file_bytes, "bytes"),
-        ] + contention
+        rows = _variant_rows(art, res, res, True) + contention     # a plain rung is its one variant
         stored = store.record_rung(run_id, key, rows, status=status, detail=detail)
         if stored != status:          # "failed" for a figure that is not a finite number
             status, detail = stored, "a figure is not a finite number"
