@@ -96,7 +96,8 @@ def main() -> int:
     ap.add_argument("--cache-dir", default=None)
     args = ap.parse_args()
 
-    from edgequant import noise, pipeline
+    from edgequant import noise
+    from edgequant.pipeline import host as pipeline
     from edgequant.bench.host import measure_gguf
     from edgequant.paths import cache_dir
     from edgequant.profiles import load_profile, with_bench_overrides

@@ -34,11 +34,11 @@ from types import SimpleNamespace
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from runner_vs_bench import ThisMachine  # noqa: E402 - this folder's own helper
 
-from edgequant import device_quality as dq  # noqa: E402
+from edgequant.pipeline import device_quality as dq  # noqa: E402
 from edgequant.bench.device_bench import RemoteRunner  # noqa: E402
 from edgequant.bench.quality import _base_request, _call_worker  # noqa: E402
 from edgequant.bench.runner import open_runner_dir  # noqa: E402
-from edgequant.pipeline import NullReporter  # noqa: E402
+from edgequant.pipeline.host import NullReporter  # noqa: E402
 from edgequant.profiles.suites import load_suite  # noqa: E402
 
 

@@ -150,7 +150,7 @@ def default_files(types: list[str]) -> tuple[Path, list[Path]]:
     from dataclasses import replace
 
     from edgequant.paths import cache_dir
-    from edgequant.pipeline import NullReporter, build_ladder, resolve_model
+    from edgequant.pipeline.host import NullReporter, build_ladder, resolve_model
     from edgequant.profiles import load_profile
 
     cache = cache_dir()

@@ -488,7 +488,7 @@ def _onnx_perf_test(path: str | None):
 def _onnx_on_host(store, run_id: str, resolved, onnx_artifacts: list, profile, reporter) -> list[str]:
     """Measure ONNX rungs on the host as every command does (``onnx_pipeline.bench_onnx_rungs``);
     "RUNG STATUS" for each that did not finish."""
-    from edgequant import onnx_pipeline
+    from edgequant.pipeline import onnx_rungs as onnx_pipeline
 
     if not onnx_artifacts:
         return []
@@ -502,7 +502,7 @@ def _onnx_quality_on_host(store, run_id: str, resolved, gguf_artifacts: list, on
                           cache: Path, reporter, prompting: str, qparams: dict) -> list[str]:
     """The eval suite on ONNX rungs on the host, against the GGUF reference (``onnx_pipeline.quality_onnx_rungs``);
     "RUNG quality STATUS" for each that did not finish."""
-    from edgequant import onnx_pipeline
+    from edgequant.pipeline import onnx_rungs as onnx_pipeline
 
     if not onnx_artifacts:
         return []
@@ -524,7 +524,10 @@ def _run(model, profile_name, threads, n_prompt, n_gen, repetitions, warmup, sui
          quality_on_device=False, onnx_perf_test=None, no_wait=False, force=False):
     from dataclasses import replace
 
-    from edgequant import calibrate, device_quality, device_run, farm, onnx_pipeline, pipeline
+    from edgequant import farm
+    from edgequant.pipeline import calibrate, device_quality, device_run
+    from edgequant.pipeline import host as pipeline
+    from edgequant.pipeline import onnx_rungs as onnx_pipeline
     from edgequant.devices.host import host_device_id
     from edgequant.devices.select import device_dir as resolve_device_dir
     from edgequant.devices.transport import DeviceError
@@ -695,7 +698,9 @@ def quantize(model, profile_name, db, cache_dir, as_json, suite_name, verify):
     from rich.console import Console
     from rich.table import Table
 
-    from edgequant import calibrate, onnx_pipeline, pipeline
+    from edgequant.pipeline import calibrate
+    from edgequant.pipeline import host as pipeline
+    from edgequant.pipeline import onnx_rungs as onnx_pipeline
 
     if verify:
         return _verify_cache(_cache_root(cache_dir), as_json)
@@ -777,7 +782,9 @@ def bench(model, profile_name, threads, n_prompt, n_gen, repetitions, warmup, db
     llama-bench: random tokens, tokenization and sampling excluded.  Build the
     rungs first with `edgequant quantize`.
     """
-    from edgequant import calibrate, onnx_pipeline, pipeline
+    from edgequant.pipeline import calibrate
+    from edgequant.pipeline import host as pipeline
+    from edgequant.pipeline import onnx_rungs as onnx_pipeline
 
     profile = _load_profile(profile_name, threads=threads, n_prompt=n_prompt, n_gen=n_gen,
                             repetitions=repetitions, warmup=warmup)
@@ -836,7 +843,9 @@ def eval_(model, profile_name, suite_name, prompting, artifacts, threads, db, ca
     needed (cached), the profile's ONNX variants included (judged against the
     same GGUF reference), or takes GGUF files with --artifact.
     """
-    from edgequant import calibrate, onnx_pipeline, pipeline
+    from edgequant.pipeline import calibrate
+    from edgequant.pipeline import host as pipeline
+    from edgequant.pipeline import onnx_rungs as onnx_pipeline
 
     profile = _load_profile(profile_name, threads=threads)
     _check_host_threads(profile)
@@ -1125,7 +1134,8 @@ def imatrix(model, profile_name, suite_name, prompting, db, cache_dir):
     """
     from dataclasses import replace
 
-    from edgequant import calibrate, pipeline
+    from edgequant.pipeline import calibrate
+    from edgequant.pipeline import host as pipeline
 
     profile = _load_profile(profile_name)
     suite = _load_suite(suite_name)
@@ -1151,7 +1161,7 @@ def imatrix(model, profile_name, suite_name, prompting, db, cache_dir):
 
 def _tune_device(spec: str) -> list:
     """The phone ``tune --device SPEC`` measures speed on (none for ``host``); one line for anything else."""
-    from edgequant import device_run
+    from edgequant.pipeline import device_run
 
     if spec.strip() == "host":
         return []
@@ -1257,7 +1267,9 @@ def _tune(device, device_dir, runner_dir, gate_texts, min_tg, max_size, types_cs
           profile_name, suite_name, prompting, resume_id, db, cache_dir, no_wait=False, force=False):
     import time as _time
 
-    from edgequant import calibrate, device_run, farm, pipeline
+    from edgequant import farm
+    from edgequant.pipeline import calibrate, device_run
+    from edgequant.pipeline import host as pipeline
     from edgequant.bench import tune as tuning
     from edgequant.devices.select import device_dir as resolve_device_dir
     from edgequant.devices.transport import DeviceError
@@ -1627,7 +1639,8 @@ def noise(model, profile_name, threads, n_prompt, n_gen, repetitions, warmup, ru
     """
     from dataclasses import replace
 
-    from edgequant import calibrate, pipeline
+    from edgequant.pipeline import calibrate
+    from edgequant.pipeline import host as pipeline
     from edgequant.devices.host import host_device_id
     from edgequant.noise import measure_noise_floor
 

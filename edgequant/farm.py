@@ -524,7 +524,7 @@ def open_phones(targets: list[select.Target], workdir: str, runner_dir: str | No
     stop = threading.Event()
 
     def open_one(phone: Phone) -> None:
-        from edgequant import device_run
+        from edgequant.pipeline import device_run
 
         for attempt in range(len(retry_delays) + 1):
             transport = select.open_transport(phone.target)
@@ -739,7 +739,7 @@ def run_farm(phones: list[Phone], todo: dict[str, list], job: Job, *, runner_dir
 
 def _phone_worker(phone: Phone, queue: list, job: Job, view: FarmView, stop: threading.Event,
                   runner_dir: str | None, cache_root: Path, retry_delays: tuple[float, ...]) -> None:
-    from edgequant import device_run
+    from edgequant.pipeline import device_run
 
     reporter = PhoneReporter(phone, view)
     phone.started = time.monotonic()

@@ -134,7 +134,7 @@ def free_bytes(folder: Path) -> int:
 
 
 class ImatrixProvider:
-    """Where a ladder gets the importance matrix for its ``+imatrix`` rungs (see edgequant.calibrate).
+    """Where a ladder gets the importance matrix for its ``+imatrix`` rungs (see edgequant.pipeline.calibrate).
 
     ``identity`` names the calibration (suite hash, split, prompting) for the cache keys;
     ``get(reference)`` returns the (cached) ``ImatrixFile`` computed on that reference artifact.

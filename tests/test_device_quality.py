@@ -14,7 +14,7 @@ import pytest
 from adbpeer.peer import LmkRule
 from conftest import assert_one_line_error, db_rows, run_cli
 
-from edgequant import device_quality as dq
+from edgequant.pipeline import device_quality as dq
 
 PROFILE = """
 [profile]

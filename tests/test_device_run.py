@@ -191,7 +191,8 @@ def test_unplugged_mid_run_is_partial_and_resumes(tiny_checkpoint, phone, arm64_
 
 @pytest.mark.slow
 def test_rungs_larger_than_available_ram_are_skipped(tiny_checkpoint, phone, arm64_runner, tmp_path):
-    from edgequant import device_run, pipeline
+    from edgequant.pipeline import device_run
+    from edgequant.pipeline import host as pipeline
     from edgequant.profiles import load_profile
     from edgequant.results.store import Store
 
@@ -271,7 +272,8 @@ def test_device_run_errors_are_one_line(tiny_checkpoint, phone, arm64_runner, ad
 @pytest.mark.slow
 def test_a_full_disk_skips_the_rungs_that_do_not_fit_and_measures_the_rest(tiny_checkpoint, phone, arm64_runner,
                                                                           tmp_path):
-    from edgequant import device_run, pipeline
+    from edgequant.pipeline import device_run
+    from edgequant.pipeline import host as pipeline
     from edgequant.profiles import load_profile
     from edgequant.results.store import Store
 

@@ -412,7 +412,7 @@ def test_a_killed_farm_run_resumes_past_its_own_stale_lease(tiny_checkpoint, far
 def test_live_view_and_summary_render_each_phone(tmp_path):
     from rich.console import Console
 
-    from edgequant.pipeline import RungOutcome
+    from edgequant.pipeline.host import RungOutcome
 
     class Art:
         def __init__(self, quant):

@@ -145,11 +145,11 @@ def test_device_rows_are_stored_like_host_rows(tiny_onnx, adb_peer, peer_transpo
     from conftest import db_rows
 
     from edgequant.bench.onnx_device import open_perf_test
-    from edgequant.device_run import DeviceContext, bench_onnx_rungs_on_device
+    from edgequant.pipeline.device_run import DeviceContext, bench_onnx_rungs_on_device
     from edgequant.devices.facts import collect_facts
     from edgequant.devices.push import Pusher
     from edgequant.devices.select import Target
-    from edgequant.pipeline import NullReporter
+    from edgequant.pipeline.host import NullReporter
     from edgequant.profiles import Profile, QuantSpec
     from edgequant.results.store import Store
 

@@ -264,10 +264,10 @@ class _Recorder:
 def _device_bench(onnx_phone, runner, tmp_path):
     """(ctx, store, run_id, bench): the phone opened like `edgequant run` opens it, and a callable that
     measures ONNX artifacts on it with the stand-in tool."""
-    from edgequant import device_run
+    from edgequant.pipeline import device_run
     from edgequant.bench.onnx_device import open_perf_test
     from edgequant.devices import select
-    from edgequant.pipeline import NullReporter
+    from edgequant.pipeline.host import NullReporter
     from edgequant.profiles import load_profile
     from edgequant.results.store import Store
 

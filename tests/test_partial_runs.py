@@ -11,7 +11,7 @@ from conftest import assert_one_line_error, cli_env, run_cli
 from test_cli import tiny_profile
 
 from edgequant.cli import recording_partial
-from edgequant.device_run import DeviceLost
+from edgequant.pipeline.device_run import DeviceLost
 from edgequant.devices.transport import DeviceError
 from edgequant.errors import BadInput, EdgequantError
 from edgequant.results.store import Store

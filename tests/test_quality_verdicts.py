@@ -16,7 +16,7 @@ import pytest
 from conftest import cli_env, run_cli
 from edgequant.bench import quality
 from edgequant.bench.parsers import parse
-from edgequant.pipeline import quality_measurements
+from edgequant.pipeline.host import quality_measurements
 from edgequant.profiles import load_profile
 from edgequant.profiles.suites import load_suite
 from edgequant.results.store import RowKey, Store

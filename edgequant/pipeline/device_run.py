@@ -187,7 +187,7 @@ def bench_on_device(store: Store, run_id: str, artifacts: list[Artifact], ctx: D
     """Every artifact on one device, one rung at a time (steps 1-6 of the module doc), whatever measures it;
     returns the pipeline's BenchOutcome.  ``done``: quants already stored (a resumed run) are not measured
     again.  A transport failure is :class:`DeviceLost`."""
-    from edgequant.pipeline import BenchOutcome, RungOutcome, _artifact_measurements
+    from edgequant.pipeline.host import BenchOutcome, RungOutcome, _artifact_measurements
 
     outcome = BenchOutcome(run_id)
 
@@ -312,7 +312,7 @@ def bench_rungs_on_device(store: Store, run_id: str, model_id: str, model_hash: 
     are measured by the on-device llama-bench itself: one invocation per cache type with every depth in
     its ``-d`` (one model load each), each variant stored as a rung of its own (``Q4_K_M@d512``).
     """
-    from edgequant.pipeline import bench_variants
+    from edgequant.pipeline.host import bench_variants
 
     settings = profile.bench
     variants = bench_variants(profile, artifacts, suite)
@@ -398,7 +398,7 @@ def sustained_on_device(store: Store, run_id: str, model_id: str, model_hash: st
     ``pipeline.sustained_rung``; returns its status.  A transport failure is :class:`DeviceLost`."""
     from edgequant.bench.sustained import SustainedRun
     from edgequant.devices.facts import HEALTH_SECTIONS, collect_facts
-    from edgequant.pipeline import sustained_rung
+    from edgequant.pipeline.host import sustained_rung
 
     settings = profile.bench
     threads = settings.threads if settings.threads > 0 else recommended_threads(ctx.facts)
@@ -505,7 +505,7 @@ def bench_onnx_rungs_on_device(store: Store, run_id: str, model_id: str, model_h
     connection (a file the device holds with the same sha256 is not sent again); without it every rung is
     stored as skipped with ``skip_reason``.  The input sets are written under ``staging_root/<serial>``.
     ``done``: quants already stored for this device (a resumed run) are not measured again."""
-    from edgequant import onnx_pipeline
+    from edgequant.pipeline import onnx_rungs as onnx_pipeline
     from edgequant.bench.onnx_device import install_perf_test, run_staged_onnx, stage_onnx_on_device
 
     settings = profile.bench

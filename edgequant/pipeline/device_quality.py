@@ -50,7 +50,7 @@ from edgequant.bench.quality import (EvalError, CaseResult, Reference, _base_req
                                      _parse_case, compute_metrics, evaluate_gates)
 from edgequant.devices.facts import recommended_threads
 from edgequant.devices.transport import DeviceError, quote
-from edgequant.pipeline import quality_measurements
+from edgequant.pipeline.host import quality_measurements
 from edgequant.results.store import RowKey
 from edgequant.status import RungStatus, classify_exit
 
@@ -359,7 +359,7 @@ def quality_rungs_on_device(store, run_id: str, model_id: str, model_hash: str, 
     not evaluated.  Returns quant -> status ("ok" or how the eval failed); ``DeviceLost`` when the
     phone stops answering.
     """
-    from edgequant.device_run import DeviceLost
+    from edgequant.pipeline.device_run import DeviceLost
 
     ctx = device_ctx
     settings = profile.bench

@@ -115,7 +115,8 @@ def tune(store, run_id: str, resolved, profile: Profile, suite: Suite, prompting
     from dataclasses import replace
     from importlib import metadata
 
-    from edgequant import device_run, pipeline
+    from edgequant.pipeline import device_run
+    from edgequant.pipeline import host as pipeline
     from edgequant.bench import tune as tuning
     from edgequant.devices.host import host_device, host_device_id
     from edgequant.devices.transport import DeviceError

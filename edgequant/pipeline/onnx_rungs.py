@@ -10,7 +10,7 @@ from pathlib import Path
 
 from edgequant.devices.host import host_device, host_device_id
 from edgequant.errors import BadInput
-from edgequant.pipeline import (BenchOutcome, Reporter, ResolvedModel, RungOutcome, _artifact_measurements,
+from edgequant.pipeline.host import (BenchOutcome, Reporter, ResolvedModel, RungOutcome, _artifact_measurements,
                                 quality_measurements)
 from edgequant.profiles import Profile
 from edgequant.quantize.ladder import Artifact
@@ -30,7 +30,7 @@ def build_onnx(resolved: ResolvedModel, profile: Profile, cache_root: Path, repo
 
 
 def cached_onnx(resolved: ResolvedModel, profile: Profile, cache_root: Path, reporter: Reporter) -> list:
-    """The profile's ONNX variants if all are already built (as ``pipeline.cached_ladder`` for GGUF);
+    """The profile's ONNX variants if all are already built (as ``host.cached_ladder`` for GGUF);
     BadInput naming the missing ones otherwise."""
     if not profile.onnx:
         return []
@@ -57,7 +57,7 @@ def bench_onnx_rungs(store: Store, run_id: str, model_id: str, model_hash: str, 
     """Measure every ONNX rung on the host (one process each, ``bench.onnx_host``), as ``pipeline.bench_rungs``
     measures the GGUF rungs: the same rows, one transaction per rung."""
     from edgequant.bench.onnx_host import measure_onnx
-    from edgequant.pipeline import bench_rungs
+    from edgequant.pipeline.host import bench_rungs
 
     return bench_rungs(store, run_id, model_id, model_hash, artifacts, profile, reporter, measure=measure_onnx,
                        runtime=RUNTIME, params=_params(profile))
