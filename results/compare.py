@@ -120,8 +120,7 @@ def _groups(rows: list[dict[str, Any]]) -> dict[tuple, dict[str, Any]]:
     for r in rows:
         if r["metric"] in SKIP_METRICS:
             continue
-        stage = r["params"].get("stage", "bench")
-        k = (r["model_hash"], r["quant"], r["device_id"], stage, _params_key(r["params"]))
+        k = (r["model_hash"], r["quant"], r["device_id"], r["stage"], _params_key(r["params"]))
         g = out.setdefault(k, {"model_id": r["model_id"], "params": r["params"], "figures": {},
                                "artifact": r["artifact_sha256"], "runtime": f"{r['runtime']} {r['runtime_version']}"})
         g["figures"][r["metric"]] = Figure(r["value"], r["stddev"], r["unit"], r["detail"])

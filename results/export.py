@@ -89,11 +89,9 @@ def _test(common: dict[str, Any], n_prompt: int, n_gen: int, row: dict[str, Any]
 def llama_bench_rows(store: Store, run_id: str, build_commit: str | None = None) -> list[dict[str, Any]]:
     """The run's speed rows as llama-bench test records (pp first, then tg, per rung × device)."""
     run = store.run(run_id)
-    rows = store.measurements(run["run_id"])
+    rows = store.measurements(run["run_id"], stage="bench")
     groups: dict[tuple[str, str], dict[str, dict]] = {}
     for r in rows:
-        if r["params"].get("stage", "bench") != "bench":
-            continue
         groups.setdefault((r["quant"], r["device_id"]), {})[r["metric"]] = r
     tests = []
     for (quant, device_id), metrics in groups.items():

@@ -10,7 +10,8 @@ insertion order.  This module holds the few translations PostgreSQL needs:
   reals are doubles; a 4-byte float would round epoch timestamps to minutes),
   ``INTEGER PRIMARY KEY AUTOINCREMENT`` becomes an identity column, and every
   table gets the ``rowid`` column SQLite gives it implicitly, so ``ORDER BY
-  rowid`` means insertion order on both.
+  rowid`` means insertion order on both; ``json_extract(col, '$.key')`` (a
+  back-fill reading a JSON column) becomes ``(col::json ->> 'key')``.
 
 The connection runs in autocommit mode; the store opens its own transactions
 with ``BEGIN``/``COMMIT``, exactly as on SQLite.
@@ -60,6 +61,8 @@ def placeholders(sql: str) -> str:
     return sql.replace("?", "%s")
 
 
+# SQLite's json_extract(col, '$.key') of a top-level key: PostgreSQL's (col::json ->> 'key')
+_JSON_EXTRACT = re.compile(r"\bjson_extract\((\w+),\s*'\$\.(\w+)'\)", re.IGNORECASE)
 _CREATE_TABLE = re.compile(r"(CREATE TABLE(?: IF NOT EXISTS)?\s+\w+\s*\()", re.IGNORECASE)
 
 
@@ -70,6 +73,7 @@ def ddl(sql: str) -> str:
     out = re.sub(r"\bINTEGER\b", "BIGINT", out, flags=re.IGNORECASE)
     out = re.sub(r"\bREAL\b", "DOUBLE PRECISION", out, flags=re.IGNORECASE)
     out = _CREATE_TABLE.sub(r"\1\n rowid BIGINT GENERATED ALWAYS AS IDENTITY,", out)
+    out = _JSON_EXTRACT.sub(r"(\1::json ->> '\2')", out)
     return placeholders(out)
 
 

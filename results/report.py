@@ -88,9 +88,9 @@ def summarize(store: Store, run_id: str) -> RunReport:
         rung = rungs.setdefault(key, RungSummary(r["quant"], r["is_reference"], r["device_id"]))
         rung.metrics[r["metric"]] = Stat(r["value"], r["stddev"], r["repetitions"], r.get("detail"))
         rung.device = rung.device or r["device"]
-        if r["params"].get("stage") in ("tune", "sustained"):   # tune's verdicts; [sustained]'s own runs
+        if r["stage"] in ("tune", "sustained"):   # tune's verdicts; [sustained]'s own runs
             continue
-        if r["params"].get("stage") == "quality":
+        if r["stage"] == "quality":
             quality_params = quality_by_device[r["device_id"]] = r["params"]
             continue
         rung.params, rung.device = r["params"], r["device"]
@@ -781,7 +781,7 @@ def flipped_cases(store: Store, run_id: str, quant: str) -> dict[str, Any]:
     from edgequant.errors import BadInput
 
     run = store.run(run_id)
-    rows = [r for r in store.measurements(run["run_id"]) if r["params"].get("stage") == "quality"]
+    rows = store.measurements(run["run_id"], stage="quality")
     mine = [r for r in rows if r["quant"] == quant]
     if not mine:
         known = sorted({r["quant"] for r in rows})

@@ -150,7 +150,33 @@ MIGRATIONS: list[tuple[str, str]] = [
     ("006_run_heartbeat", """
         ALTER TABLE runs ADD COLUMN heartbeat_at REAL;
     """),
+    # stage and place as columns (``stage_of``/``place_of``: the same rule, for new rows); old rows back-filled
+    ("007_s15p_stage_place", """
+        ALTER TABLE measurements ADD COLUMN stage TEXT NOT NULL DEFAULT 'bench';
+        ALTER TABLE measurements ADD COLUMN place TEXT NOT NULL DEFAULT 'host';
+        UPDATE measurements SET stage = COALESCE(json_extract(params, '$.stage'), 'bench'),
+            place = CASE WHEN json_extract(params, '$.runner') = 'device'
+                              OR json_extract(params, '$.where') = 'device' THEN 'device' ELSE 'host' END;
+        CREATE INDEX measurements_stage_place ON measurements(run_id, stage, place);
+    """),
 ]
+
+# what a measurement row measured (its ``stage`` column): llama-bench-like speed and memory ("bench"), the eval
+# suite ("quality"), a [sustained] series ("sustained"), tune's verdicts ("tune"); and where (``place``):
+# "host" (this machine) or "device" (a phone).  Old rows carried them only in their params, from which
+# migration 007 back-fills the columns by the same rule.
+STAGES = ("bench", "quality", "sustained", "tune")
+PLACES = ("host", "device")
+
+
+def stage_of(params: dict) -> str:
+    """The stage a row with these params belongs to (``STAGES``)."""
+    return str(params.get("stage") or "bench")
+
+
+def place_of(params: dict) -> str:
+    """The kind of place a row with these params was measured on (``PLACES``)."""
+    return "device" if params.get("runner") == "device" or params.get("where") == "device" else "host"
 
 # A running command writes its run's heartbeat every HEARTBEAT_S; a run whose heartbeat is older than
 # HEARTBEAT_STALE_S (any host), or whose process is gone (this host), was interrupted.
@@ -186,6 +212,14 @@ class RowKey:
     runtime: str
     runtime_version: str
     params: dict
+
+    @property
+    def stage(self) -> str:
+        return stage_of(self.params)
+
+    @property
+    def place(self) -> str:
+        return place_of(self.params)
 
 
 def _finite_only(measurements: Iterable[Measurement]) -> tuple[list[Measurement], list[str]]:
@@ -646,13 +680,13 @@ class Store:
             conn.execute(
                 "INSERT INTO measurements (run_id, model_id, model_hash, quant, artifact_sha256,"
                 " is_reference, device_id, device, runtime, runtime_version, params, metric, value,"
-                " stddev, repetitions, unit, measured_at, detail) VALUES"
-                " (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " stddev, repetitions, unit, measured_at, detail, stage, place) VALUES"
+                " (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (run_id, key.model_id, key.model_hash, key.quant, key.artifact_sha256,
                  int(key.is_reference), key.device_id, json.dumps(key.device, sort_keys=True),
                  key.runtime, key.runtime_version, json.dumps(key.params, sort_keys=True),
                  m.metric, float(m.value), m.stddev, m.repetitions, m.unit, now,
-                 json.dumps(m.detail, sort_keys=True) if m.detail is not None else None))
+                 json.dumps(m.detail, sort_keys=True) if m.detail is not None else None, key.stage, key.place))
         for c in cases:
             conn.execute(
                 "INSERT INTO eval_cases (run_id, quant, device_id, suite, case_id, format, ok,"
@@ -672,11 +706,25 @@ class Store:
                 " detail = excluded.detail", (run_id, key.quant, key.device_id, status, detail))
         return status
 
-    def measurements(self, run_id: str) -> list[dict[str, Any]]:
-        rows = self.conn.execute(
-            "SELECT run_id, model_id, model_hash, quant, artifact_sha256, is_reference, device_id, device,"
-            " runtime, runtime_version, params, metric, value, stddev, repetitions, unit, measured_at, detail"
-            " FROM measurements WHERE run_id = ? ORDER BY id", (run_id,))
+    def measurements(self, run_id: str, stage: str | Iterable[str] | None = None,
+                     place: str | None = None, device_id: str | None = None) -> list[dict[str, Any]]:
+        """The run's rows in the order stored; ``stage`` (one or several of ``STAGES``), ``place`` (``PLACES``)
+        and ``device_id`` select by those columns."""
+        sql = ("SELECT run_id, model_id, model_hash, quant, artifact_sha256, is_reference, device_id, device,"
+               " runtime, runtime_version, params, metric, value, stddev, repetitions, unit, measured_at, detail,"
+               " stage, place FROM measurements WHERE run_id = ?")
+        args: list[Any] = [run_id]
+        if stage is not None:
+            stages = [stage] if isinstance(stage, str) else list(stage)
+            sql += f" AND stage IN ({', '.join('?' * len(stages))})"
+            args += stages
+        if place is not None:
+            sql += " AND place = ?"
+            args.append(place)
+        if device_id is not None:
+            sql += " AND device_id = ?"
+            args.append(device_id)
+        rows = self.conn.execute(sql + " ORDER BY id", args)
         out = []
         for r in rows:
             d = dict(r)
@@ -686,6 +734,15 @@ class Store:
             d["is_reference"] = bool(d["is_reference"])
             out.append(d)
         return out
+
+    def measured(self, run_id: str, stage: str, place: str | None = None) -> set[tuple[str, str]]:
+        """(quant, device_id) of every rung holding rows of ``stage`` in the run (at ``place`` if given)."""
+        sql = "SELECT DISTINCT quant, device_id FROM measurements WHERE run_id = ? AND stage = ?"
+        args: list[Any] = [run_id, stage]
+        if place is not None:
+            sql += " AND place = ?"
+            args.append(place)
+        return {(r["quant"], r["device_id"]) for r in self.conn.execute(sql, args)}
 
     def eval_cases(self, run_id: str, quant: str | None = None) -> list[dict[str, Any]]:
         sql = ("SELECT quant, device_id, suite, case_id, format, ok, refusal, reason, fields, output, stopped,"

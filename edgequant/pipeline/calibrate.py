@@ -151,15 +151,14 @@ def tune(store, run_id: str, resolved, profile: Profile, suite: Suite, prompting
                                                     phone.ctx, reporter)
 
     def values(quant: str) -> tuple[dict[str, float], float | None, float | None]:
-        rows = [r for r in store.measurements(run_id) if r["quant"] == quant]
-        metrics = {r["metric"]: r["value"] for r in rows if r["params"].get("stage") == "quality"}
-        speed = {r["metric"]: r["value"] for r in rows
-                 if r["device_id"] == device_id and r["params"].get("stage") not in ("quality", "tune")}
+        metrics = {r["metric"]: r["value"] for r in store.measurements(run_id, stage="quality") if r["quant"] == quant}
+        speed = {r["metric"]: r["value"] for r in store.measurements(run_id, stage=("bench", "sustained"),
+                                                                     device_id=device_id) if r["quant"] == quant}
         return metrics, speed.get("tg_tps"), speed.get("pp_tps")
 
     # a resumed search (``edgequant tune --resume``) measures again only what the run does not hold yet
     benched = {s["quant"]: s for s in store.rung_statuses(run_id) if s["device_id"] == device_id}
-    evaluated = {r["quant"] for r in store.measurements(run_id) if r["params"].get("stage") == "quality"}
+    evaluated = {q for q, _ in store.measured(run_id, "quality")}
 
     def measure_art(art: Artifact) -> str | None:
         """Speed where it ships, quality on the host; why speed was not measured, or None."""
@@ -191,8 +190,8 @@ def tune(store, run_id: str, resolved, profile: Profile, suite: Suite, prompting
 
     def paired(quant: str) -> dict[str, list[int]]:
         """Per metric, the rung's paired table against the reference (for relative gates)."""
-        return {r["metric"]: r["detail"]["paired"] for r in store.measurements(run_id)
-                if r["quant"] == quant and r["params"].get("stage") == "quality"
+        return {r["metric"]: r["detail"]["paired"] for r in store.measurements(run_id, stage="quality")
+                if r["quant"] == quant
                 and isinstance(r.get("detail"), dict) and "paired" in r["detail"]}
 
     def build(spec):

@@ -324,9 +324,7 @@ def _record(c: CaseResult) -> dict:
 
 def _stored_on_device(store, run_id: str, device_id: str) -> tuple[set[str], set[str]]:
     """(quants whose device quality is stored, quants the bench skipped there) for this run."""
-    done = {r["quant"] for r in store.measurements(run_id)
-            if r["device_id"] == device_id and r["params"].get("stage") == "quality"
-            and r["params"].get("where") == "device"}
+    done = {q for q, d in store.measured(run_id, "quality", "device") if d == device_id}
     skipped = {s["quant"] for s in store.rung_statuses(run_id)
                if s["device_id"] == device_id and s["status"] == "skipped"}
     return done, skipped
