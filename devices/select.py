@@ -15,8 +15,8 @@ Specs:
 ==================  ==========================================================
 
 No spec: the one reachable device; none or several are a one-line error.
-Transports register by name in :data:`TRANSPORTS`; a new one is one module
-plus one entry.
+Transports register by name, with the spec prefix that names them, in :data:`TRANSPORTS`
+(``@register_transport``); a new one is one module plus one registration.
 """
 
 from __future__ import annotations
@@ -53,12 +53,58 @@ class Target:
     usb: bool = False       # direct: over USB rather than TCP
 
 
+_HOSTPORT = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.\-]+):(\d{1,5})")
+_SERIAL = re.compile(r"[A-Za-z0-9._:\-\[\]]{1,128}")
+
+
+@dataclass(frozen=True)
+class TransportEntry:
+    """A registered transport: ``open`` reaches a :class:`Target`; ``prefix`` is the spec prefix that names it
+    (``PREFIX:ADDRESS``) and ``parse(address, spec)`` the target such a spec names."""
+
+    name: str
+    open: Callable[[Target], Transport]
+    prefix: str | None = None
+    parse: Callable[[str, str], Target] | None = None
+
+
+TRANSPORTS: dict[str, TransportEntry] = {}
+
+
+def register_transport(name: str, *, prefix: str | None = None, parse: Callable[[str, str], Target] | None = None):
+    """Decorator registering an opener as transport ``name``, named in specs by ``prefix:`` (see ``parse_spec``).
+    A decorator rather than a subclass hook: a transport is reached by one function, its class lives in its
+    own module (imported only when used, so a missing optional dependency fails only there)."""
+    if (prefix is None) != (parse is None):
+        raise ValueError("a transport's spec prefix and its parser go together")
+
+    def register(open_fn: Callable[[Target], Transport]) -> Callable[[Target], Transport]:
+        TRANSPORTS[name] = TransportEntry(name, open_fn, prefix, parse)
+        return open_fn
+
+    return register
+
+
+def _tcp_target(addr: str, spec: str) -> Target:
+    if not _HOSTPORT.fullmatch(addr):
+        raise BadInput(f"--device {spec!r}: expected tcp:HOST:PORT (e.g. tcp:192.168.1.20:5555)")
+    return Target(addr, "direct")
+
+
+@register_transport("direct", prefix="tcp", parse=_tcp_target)
 def _open_direct(target: Target) -> Transport:
     from edgequant.devices.direct import DirectTransport
 
     return DirectTransport(target.serial, usb=target.usb)
 
 
+def _server_target(serial: str, spec: str) -> Target:
+    if not _SERIAL.fullmatch(serial):
+        raise BadInput(f"--device {spec!r}: expected server:SERIAL or server:HOST:PORT")
+    return Target(serial, "server", connect=bool(_HOSTPORT.fullmatch(serial)))
+
+
+@register_transport("server", prefix="server", parse=_server_target)
 def _open_server(target: Target) -> Transport:
     from edgequant.devices import server
 
@@ -73,13 +119,11 @@ def _open_server(target: Target) -> Transport:
     return server.ServerTransport(target.serial)
 
 
-TRANSPORTS: dict[str, Callable[[Target], Transport]] = {
-    "direct": _open_direct,
-    "server": _open_server,
-}
-
-_HOSTPORT = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.\-]+):(\d{1,5})")
-_SERIAL = re.compile(r"[A-Za-z0-9._:\-\[\]]{1,128}")
+def _prefixed(spec: str) -> tuple[TransportEntry, str] | None:
+    """(the transport whose ``prefix:`` starts ``spec``, the address after it), or None."""
+    head, sep, rest = spec.partition(":")
+    entry = next((e for e in TRANSPORTS.values() if e.prefix == head), None) if sep else None
+    return (entry, rest) if entry is not None else None
 
 
 def parse_spec(spec: str) -> Target | str:
@@ -89,16 +133,10 @@ def parse_spec(spec: str) -> Target | str:
     if spec in ("host", "all"):
         return spec
     _check_port(spec)
-    if spec.startswith("tcp:"):
-        addr = spec[4:]
-        if not _HOSTPORT.fullmatch(addr):
-            raise BadInput(f"--device {spec!r}: expected tcp:HOST:PORT (e.g. tcp:192.168.1.20:5555)")
-        return Target(addr, "direct")
-    if spec.startswith("server:"):
-        serial = spec[7:]
-        if not _SERIAL.fullmatch(serial):
-            raise BadInput(f"--device {spec!r}: expected server:SERIAL or server:HOST:PORT")
-        return Target(serial, "server", connect=bool(_HOSTPORT.fullmatch(serial)))
+    prefixed = _prefixed(spec)
+    if prefixed is not None:
+        entry, addr = prefixed
+        return entry.parse(addr, spec)
     if _HOSTPORT.fullmatch(spec):
         return Target(spec, "direct")
     if not _SERIAL.fullmatch(spec):
@@ -109,7 +147,8 @@ def parse_spec(spec: str) -> Target | str:
 
 def _check_port(spec: str) -> None:
     """A HOST:PORT whose port cannot exist is bad input, said at once (not a connection retried)."""
-    addr = spec.split(":", 1)[1] if spec.startswith(("tcp:", "server:")) else spec
+    prefixed = _prefixed(spec)
+    addr = prefixed[1] if prefixed is not None else spec
     if _HOSTPORT.fullmatch(addr):
         port = int(addr.rsplit(":", 1)[1])
         if not 1 <= port <= 65535:
@@ -206,7 +245,7 @@ def resolve(specs: list[str] | tuple[str, ...]) -> list[Target | str]:
 
 
 def open_transport(target: Target) -> Transport:
-    return TRANSPORTS[target.transport](target)
+    return TRANSPORTS[target.transport].open(target)
 
 
 def require_arm64(facts) -> None:
