@@ -404,10 +404,13 @@ def cli():
               help="How to print the comparison at the end.")
 @no_wait_option
 @force_option
+@click.option("--dry-run", is_flag=True,
+              help="Print the run's plan (one line per rung x stage x place, with what it is measured with) and "
+                   "exit: nothing is built, no phone is opened, nothing is stored. With --resume: what is left.")
 @click.pass_context
 def run(ctx, model, profile_name, threads, n_prompt, n_gen, repetitions, warmup, suite_name, prompting, no_quality,
         device_specs, device_dir, runner_dir, cooldown_max_wait, resume_id, lease_wait, db, cache_dir, fmt,
-        quality_on_device, onnx_perf_test, no_wait, force):
+        quality_on_device, onnx_perf_test, no_wait, force, dry_run):
     """Quantize, benchmark and compare: the whole job, on the host or on phones.
 
     Converts the checkpoint to the profile's reference GGUF (BF16) once, makes
@@ -426,12 +429,12 @@ def run(ctx, model, profile_name, threads, n_prompt, n_gen, repetitions, warmup,
     if resume_id:
         stored, params = _stored_options(ctx, run, _open_store(db), resume_id)
         params.update(resume_id=stored["run_id"], db=db or params.get("db"), fmt=fmt, lease_wait=lease_wait,
-                      no_wait=no_wait, force=force)
+                      no_wait=no_wait, force=force, dry_run=dry_run)
         return _run(**params)
     return _run(model, profile_name, threads, n_prompt, n_gen, repetitions, warmup, suite_name, prompting,
                 no_quality, device_specs, device_dir, runner_dir, cooldown_max_wait, None, db, cache_dir, fmt,
                 lease_wait=lease_wait, quality_on_device=quality_on_device, onnx_perf_test=onnx_perf_test,
-                no_wait=no_wait)
+                no_wait=no_wait, dry_run=dry_run)
 
 
 # columns of a table written to a file or a pipe (rich's tables are only as wide as their content)
@@ -472,10 +475,6 @@ def _start_or_resume(store, resume_id: str | None, profile, resolved, force: boo
     return resume_id
 
 
-ONNX_NO_PERF_TEST = ("no onnxruntime_perf_test for the phone: pass --onnx-perf-test PATH (onnxruntime_perf_test "
-                     "built for Android arm64-v8a; see the README, 'ONNX rungs')")
-
-
 def _onnx_perf_test(path: str | None):
     """The checked ``--onnx-perf-test`` (``bench.onnx_device.LocalPerfTest``), or None without the option."""
     if not path:
@@ -513,42 +512,41 @@ def _onnx_quality_on_host(store, run_id: str, resolved, gguf_artifacts: list, on
     return [f"{q} quality {st}" for q, st in statuses.items() if st != "ok"]
 
 
-def _has_sustained(store, run_id: str, device_id: str) -> bool:
-    """Whether a resumed run already holds its [sustained] rows for this device."""
-    return any(r["params"].get("stage") == "sustained" and r["device_id"] == device_id
-               for r in store.measurements(run_id))
-
-
 def _run(model, profile_name, threads, n_prompt, n_gen, repetitions, warmup, suite_name, prompting, no_quality,
          device_specs, device_dir, runner_dir, cooldown_max_wait, resume_id, db, cache_dir, fmt, lease_wait=300,
-         quality_on_device=False, onnx_perf_test=None, no_wait=False, force=False):
+         quality_on_device=False, onnx_perf_test=None, no_wait=False, force=False, dry_run=False):
     from dataclasses import replace
 
     from edgequant import farm
-    from edgequant.pipeline import calibrate, device_quality, device_run
-    from edgequant.pipeline import host as pipeline
-    from edgequant.pipeline import onnx_rungs as onnx_pipeline
-    from edgequant.devices.host import host_device_id
     from edgequant.devices.select import device_dir as resolve_device_dir
     from edgequant.devices.transport import DeviceError
-    from edgequant.profiles.variants import base_quant
+    from edgequant.pipeline import calibrate, executor
+    from edgequant.pipeline import host as pipeline
+    from edgequant.pipeline import onnx_rungs as onnx_pipeline
+    from edgequant.pipeline import plan as planning
+    from edgequant.pipeline.scope import RunScope
 
     profile = _load_profile(profile_name, threads=threads, n_prompt=n_prompt, n_gen=n_gen,
                             repetitions=repetitions, warmup=warmup)
     if cooldown_max_wait is not None:
         profile = replace(profile, device=replace(profile.device, cooldown_max_wait=cooldown_max_wait))
     suite = None if no_quality else _load_suite(suite_name, profile)
-    cache = _cache_root(cache_dir)
-    store = _open_store(db)
-    console = _stderr_console()
     on_host, phones, pool_entries = (True, [], {}) if not device_specs else farm.resolve_farm(device_specs)
     if profile.device.energy and on_host:
         raise BadInput(f"profile {profile.path}: field 'device.energy' needs a phone's battery current, which this "
                        f"host cannot read; run with --device SERIAL, or set device.energy = false")
+    places = ([planning.PlaceSpec.host()] if on_host else []) + [planning.PlaceSpec.phone(t.serial) for t in phones]
+    if dry_run:     # a resumed run's plan leaves out what it holds (the store is only read)
+        stored = planning.Stored.read(_open_store(db), resume_id) if resume_id else None
+        return _print_plan(planning.build(profile, planning.rungs_of_profile(profile), places, suite,
+                                          quality_on_device=quality_on_device, stored=stored), profile)
+    cache = _cache_root(cache_dir)
+    store = _open_store(db)
+    console = _stderr_console()
     workdir = resolve_device_dir(device_dir) if phones else None
     perf_test = _onnx_perf_test(onnx_perf_test)
     opened: list[farm.Phone] = []
-    lost: list[farm.Phone] = []
+    executed = None
     host_measures = on_host or (suite is not None and not quality_on_device)   # the eval runs here too
     if host_measures:
         _check_host_threads(profile)
@@ -560,104 +558,31 @@ def _run(model, profile_name, threads, n_prompt, n_gen, repetitions, warmup, sui
                 for phone in opened:   # a build for another OS's linker than a phone's: refused before starting
                     perf_test.require(phone.ctx.os_name, f"device {phone.serial}")
             resolved = pipeline.resolve_model(model, cache, reporter)
-            ckpt = resolved.checkpoint
             run_id = _start_or_resume(store, resume_id, profile, resolved, force)
             for phone in opened:
                 phone.lease.run = run_id        # written into the lease at its next renewal
-            # a rung measured in several variants (depths, cache types: RUNG@d512) is done when they are
-            done = {(base_quant(s["quant"]), s["device_id"]) for s in store.rung_statuses(run_id)}
+            stored = planning.Stored.read(store, run_id)
             with recording_partial(store, run_id, "quantizing",
                                    f"`edgequant run --resume {run_id}` finishes it") as stage:
                 imatrix, suite, qparams = calibrate.for_profile(profile, suite, suite_name, prompting,
                                                                 resolved.model_hash, cache, store, reporter.step)
                 artifacts = pipeline.build_ladder(resolved, profile, cache, reporter, imatrix=imatrix)
-                onnx_artifacts = onnx_pipeline.build_onnx(resolved, profile, cache, reporter)
+                artifacts += onnx_pipeline.build_onnx(resolved, profile, cache, reporter)
                 if not resume_id:
                     store.set_prep_seconds(run_id, pipeline.process_age_seconds())
-                failed: list[str] = []
-                if on_host:
-                    stage.now = "benchmarking"
-                    host_id = host_device_id()
-                    todo = [a for a in artifacts if (a.quant, host_id) not in done]
-                    reporter.start_bench(len(todo))
-                    outcome = pipeline.bench_rungs(store, run_id, ckpt.model_id, resolved.model_hash, todo,
-                                                   profile, reporter, suite=suite)
-                    failed += [f"{o.artifact.quant} {o.status}" for o in outcome.failed]
-                    todo = [a for a in onnx_artifacts if (a.quant, host_id) not in done]
-                    failed += _onnx_on_host(store, run_id, resolved, todo, profile, reporter)
-                    if profile.sustained is not None and not _has_sustained(store, run_id, host_id):
-                        stage.now = "sustained runs"
-                        status = pipeline.sustained_rung(store, run_id, ckpt.model_id, resolved.model_hash,
-                                                         artifacts, profile, reporter)
-                        failed += [f"{profile.sustained.target(profile)} sustained {status}"] if status != "ok" else []
-                if opened:
-                    stage.now = "benchmarking on the phones"
-                    shared = farm.LockedStore(store)    # the phones' threads write through one lock
-
-                    def device_job(dctx, todo, phone_reporter):
-                        """Everything measured on one opened phone (``dctx``) for the rungs in ``todo``; the
-                        farm calls it from that phone's thread, under its lease, one rung at a time."""
-                        benched = {(base_quant(s["quant"]), s["device_id"]) for s in shared.rung_statuses(run_id)}
-                        gguf = [a for a in todo if a.quant not in onnx_quants]
-                        onnx = [a for a in todo if a.quant in onnx_quants and (a.quant, dctx.device_id) not in benched]
-                        outcome = device_run.bench_rungs_on_device(
-                            shared, run_id, ckpt.model_id, resolved.model_hash,
-                            [a for a in gguf if (a.quant, dctx.device_id) not in benched], profile, dctx,
-                            phone_reporter, suite=suite)
-                        if profile.sustained is not None and gguf and not _has_sustained(shared, run_id,
-                                                                                         dctx.device_id):
-                            status = device_run.sustained_on_device(shared, run_id, ckpt.model_id,
-                                                                    resolved.model_hash, artifacts, profile, dctx,
-                                                                    phone_reporter)
-                            outcome.outcomes += [pipeline.RungOutcome(a, f"sustained {status}") for a in gguf
-                                                 if status != "ok" and a.quant == profile.sustained.target(profile)]
-                        if quality_on_device and suite is not None and gguf:
-                            statuses = device_quality.quality_rungs_on_device(
-                                shared, run_id, ckpt.model_id, resolved.model_hash, artifacts, profile, suite, dctx,
-                                phone_reporter, prompting=prompting, extra_params=qparams,
-                                only={a.quant for a in gguf})
-                            outcome.outcomes += [pipeline.RungOutcome(a, f"quality {statuses[a.quant]}") for a in gguf
-                                                 if statuses.get(a.quant, "ok") != "ok"]
-                        if onnx:
-                            outcome.outcomes += device_run.bench_onnx_rungs_on_device(
-                                shared, run_id, ckpt.model_id, resolved.model_hash, onnx, profile, dctx,
-                                phone_reporter, cache / "onnx-device-sets", perf_test,
-                                skip_reason=ONNX_NO_PERF_TEST).outcomes
-                        return outcome
-
-                    evaluated = {(r["quant"], r["device_id"]) for r in store.measurements(run_id)
-                                 if r["params"].get("where") == "device"} if quality_on_device else None
-                    onnx_quants = {a.quant for a in onnx_artifacts}
-                    plan = {p.serial: [a for a in artifacts if (a.quant, p.ctx.device_id) not in done
-                                       or (evaluated is not None and (a.quant, p.ctx.device_id) not in evaluated)]
-                            + [a for a in onnx_artifacts if (a.quant, p.ctx.device_id) not in done]
-                            for p in opened}
-                    reporter.pause()
-                    result = farm.run_farm(opened, plan, device_job, runner_dir=runner_dir, cache_root=cache,
-                                           console=console)
-                    farm.render_summary(result, console)
-                    failed += result.failed_rungs
-                    lost = result.lost
-                if suite is not None:
-                    stage.now = "running the eval suite"
-                    have = {r["quant"] for r in store.measurements(run_id)
-                            if r["params"].get("stage") == "quality" and r["params"].get("where") != "device"}
-                    todo = [a for a in artifacts if a.quant not in have]
-                    if todo and (on_host or not quality_on_device):
-                        reporter.start_bench(len(todo), f"eval {suite.name}")
-                        statuses = pipeline.quality_rungs(store, run_id, ckpt.model_id, resolved.model_hash,
-                                                          artifacts, profile, suite, cache, reporter, prompting,
-                                                          only={a.quant for a in todo}, extra_params=qparams)
-                        failed += [f"{q} quality {st}" for q, st in statuses.items() if st != "ok"]
-                    todo = [a for a in onnx_artifacts if a.quant not in have]
-                    if todo and quality_on_device and not on_host:  # the phones' eval generates with llama.cpp
-                        reporter.step("ONNX rungs: quality computed on the host; onnxruntime_perf_test only times Run")
-                    failed += _onnx_quality_on_host(store, run_id, resolved, artifacts, todo, profile, suite, cache,
-                                                    reporter, prompting, qparams)
+                run_plan = planning.build(profile, planning.rungs_of(artifacts), places, suite,
+                                          quality_on_device=quality_on_device, stored=stored)
+                inputs = executor.RunInputs(profile, artifacts, cache, suite, prompting, qparams, variant_suite=suite,
+                                            quality_on_device=quality_on_device, on_host=on_host,
+                                            perf_test=perf_test)
+                executed = executor.execute(run_plan, RunScope.of(store, run_id, resolved, reporter), inputs,
+                                            phones=opened, runner_dir=runner_dir, console=console,
+                                            on_stage=lambda now: setattr(stage, "now", now))
         except DeviceError as exc:
             raise EdgequantError(str(exc), 1) from None
         finally:
             farm.close_phones(opened)
+    failed, lost = executed.failed, executed.lost
     if lost:
         detail = "; ".join(f"{p.serial}: {p.failure}" for p in lost)
         store.finish_run(run_id, "partial", detail)
@@ -670,6 +595,14 @@ def _run(model, profile_name, threads, n_prompt, n_gen, repetitions, warmup, sui
                   f"`edgequant report {run_id}` shows it again[/dim]")
     if failed:
         raise EdgequantError(f"{len(failed)} rung stage(s) did not finish: " + "; ".join(failed), 1)
+
+
+def _print_plan(run_plan, profile) -> None:
+    """``run --dry-run``: the plan's cells on stdout; nothing is built, opened or stored."""
+    click.echo(f"plan of profile {profile.name}: {len(run_plan.cells)} cell(s) (stage, rung, runtime, place)")
+    for line in run_plan.lines():
+        click.echo("  " + line)
+    # estimates of disk, memory and time per cell are printed here (edgequant.pipeline.estimates, s19r)
 
 
 @cli.command()

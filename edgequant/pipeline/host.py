@@ -43,6 +43,12 @@ class NullReporter:
     def rung_done(self, quant: str, status: str) -> None:
         pass
 
+    def start_bench(self, n_rungs: int, label: str = "") -> None:
+        pass
+
+    def pause(self) -> None:
+        pass
+
 
 @dataclass
 class ResolvedModel:
