@@ -115,13 +115,17 @@ def tune(store, run_id: str, resolved, profile: Profile, suite: Suite, prompting
     from dataclasses import replace
     from importlib import metadata
 
-    from edgequant.pipeline import device_run
-    from edgequant.pipeline import host as pipeline
     from edgequant.bench import tune as tuning
     from edgequant.devices.host import host_device, host_device_id
     from edgequant.devices.transport import DeviceError
+    from edgequant.pipeline import device_run
+    from edgequant.pipeline import host as pipeline
+    from edgequant.pipeline.executor import RunInputs, run_cells
+    from edgequant.pipeline.places import HostPlace, PhonePlace
+    from edgequant.pipeline.plan import Cell, PlaceSpec
+    from edgequant.pipeline.scope import RunScope
     from edgequant.quantize.ladder import Ladder
-    from edgequant.results.store import Measurement, RowKey
+    from edgequant.results.store import Measurement
 
     cal = Calibration.of(suite, prompting)
     record_split(store, cal)
@@ -133,22 +137,30 @@ def tune(store, run_id: str, resolved, profile: Profile, suite: Suite, prompting
     ref_art = pipeline.build_ladder(resolved, only_ref, cache_root, reporter)[0]
     store.record_artifact(ref_art.record())
     built: dict[str, Artifact] = {}
+    # every candidate is asked for as cells (its speed where it ships, its quality on the host), run by the
+    # run's executor through the llama.cpp runtime; the reference and each candidate join the inputs when built
+    scope = RunScope(store, run_id, model_id, model_hash, reporter)
+    inputs = RunInputs(profile, [ref_art], cache_root, eval_suite, prompting, extra)
+    host = HostPlace()
 
     if phone is None:
         device, device_id, runner = host_device(), host_device_id(), "host"
-
-        def bench(art: Artifact):
-            return pipeline.bench_rungs(store, run_id, model_id, model_hash, [art], profile, reporter)
+        place, where_spec = host, PlaceSpec.host()
     else:
         device, device_id, runner = phone.ctx.device_record(), phone.ctx.device_id, "device"
+        place, where_spec = PhonePlace(phone.ctx), PlaceSpec.phone(phone.serial)
 
-        def bench(art: Artifact):
+    def cell(art: Artifact, stage: str, spec: PlaceSpec) -> Cell:
+        return Cell(art.quant, "gguf", "llama.cpp", spec, stage)
+
+    def bench(art: Artifact) -> list:
+        if phone is not None:
             try:
                 phone.lease.renew()     # held across the whole search, which can outlast a stale lease
             except DeviceError as exc:
                 raise device_run.DeviceLost(phone.serial, "renewing its lease", exc) from None
-            return device_run.bench_rungs_on_device(store, run_id, model_id, model_hash, [art], profile,
-                                                    phone.ctx, reporter)
+        return [o for o in run_cells(scope, inputs, [cell(art, "bench", where_spec)], place)
+                if o.status not in ("ok", "noisy")]
 
     def values(quant: str) -> tuple[dict[str, float], float | None, float | None]:
         metrics = {r["metric"]: r["value"] for r in store.measurements(run_id, stage="quality") if r["quant"] == quant}
@@ -169,12 +181,11 @@ def tune(store, run_id: str, resolved, profile: Profile, suite: Suite, prompting
                 failure = (s["status"], s["detail"])
         else:
             reporter.start_bench(1, "tune" if phone is None else f"tune on {phone.serial}")
-            failed = bench(art).failed
+            failed = bench(art)
             failure = (failed[0].status, failed[0].detail) if failed else None
         if art.quant not in evaluated:
             reporter.start_bench(1, f"eval {eval_suite.name} (evaluation half)")
-            pipeline.quality_rungs(store, run_id, model_id, model_hash, [ref_art, art], profile, eval_suite,
-                                   cache_root, reporter, prompting, only={art.quant}, extra_params=extra)
+            run_cells(scope, inputs, [cell(art, "quality", PlaceSpec.host())], host)
         if failure is None:
             return None
         status, detail = failure
@@ -198,6 +209,7 @@ def tune(store, run_id: str, resolved, profile: Profile, suite: Suite, prompting
         ladder = Ladder(resolved.checkpoint, model_hash, profile, cache_root, imatrix=provider, types=[spec.name])
         art = ladder.build(reporter.bytes_progress)[1]
         built[spec.name] = art
+        inputs.artifacts.append(art)
         return art
 
     def measure(spec, art):
@@ -214,9 +226,8 @@ def tune(store, run_id: str, resolved, profile: Profile, suite: Suite, prompting
               "max_size": max_size, **cal.params()}
     for t in result.tried:
         art = built.get(t.name)
-        key = RowKey(model_id=model_id, model_hash=model_hash, quant=t.name,
-                     artifact_sha256=art.sha256 if art else "", is_reference=False, device_id=device_id,
-                     device=device, runtime="llama.cpp", runtime_version=runtime_version, params=params)
+        key = scope.key(art, quant=t.name, is_reference=False, device_id=device_id, device=device,
+                        runtime="llama.cpp", runtime_version=runtime_version, params=params)
         chosen = result.best is not None and t.name == result.best.name
         rows = [Measurement("tune_pass", 1.0 if t.verdict == "pass" else 0.0, "bool", None, None,
                             {"verdict": t.verdict, "reasons": t.reasons, "chosen": chosen})]
@@ -224,7 +235,7 @@ def tune(store, run_id: str, resolved, profile: Profile, suite: Suite, prompting
             rows += [Measurement("size", art.size_bytes, "bytes"), Measurement("bpw", art.bits_per_weight,
                                                                               "bits/weight")]
         status = {"pass": "ok", "fail": "rejected", "skipped": "skipped"}[t.verdict]
-        store.record_rung(run_id, key, rows, status=status, detail="; ".join(t.reasons) or None)
+        scope.record(key, rows, status=status, detail="; ".join(t.reasons) or None)
     return result, ref_failures
 
 
