@@ -51,7 +51,7 @@ from edgequant.bench.quality import (EvalError, CaseResult, Reference, _base_req
 from edgequant.devices.facts import recommended_threads
 from edgequant.devices.transport import DeviceError, quote
 from edgequant.pipeline.host import quality_measurements
-from edgequant.results.store import RowKey
+from edgequant.pipeline.scope import RunScope
 from edgequant.status import RungStatus, classify_exit
 
 OUTPUT_LIMIT = 1 << 20          # bytes of one case's output read back; more is a failed parse
@@ -336,14 +336,12 @@ _CACHE: dict[tuple, dict[str, Any]] = {}
 _CACHE_LOCK = threading.Lock()
 
 
-def _failed(store, run_id, art, ctx, model_id, model_hash, device, runtime_version, params, exc, reporter,
-            statuses) -> None:
-    key = RowKey(model_id=model_id, model_hash=model_hash, quant=art.quant, artifact_sha256=art.sha256,
-                 is_reference=art.is_reference, device_id=ctx.device_id, device=device, runtime="llama.cpp",
-                 runtime_version=runtime_version, params=params)
-    store.record_rung(run_id, key, [], status=exc.status, detail=f"quality on device: {exc}")
+def _failed(scope: RunScope, art, ctx, device, runtime_version, params, exc, statuses) -> None:
+    key = scope.key(art, device_id=ctx.device_id, device=device, runtime="llama.cpp",
+                    runtime_version=runtime_version, params=params)
+    scope.record(key, [], status=exc.status, detail=f"quality on device: {exc}")
     statuses[art.quant] = exc.status
-    reporter.rung_done(art.quant, exc.status)
+    scope.reporter.rung_done(art.quant, exc.status)
 
 
 def quality_rungs_on_device(store, run_id: str, model_id: str, model_hash: str, artifacts, profile, suite,
@@ -374,6 +372,7 @@ def quality_rungs_on_device(store, run_id: str, model_id: str, model_hash: str, 
     rundir = posixpath.join(ctx.workdir, "runs", run_id)
     device = ctx.device_record()
     runtime_version = metadata.version("llama-cpp-python")
+    scope = RunScope(store, run_id, model_id, model_hash, reporter)
     statuses: dict[str, str] = {}
     doing = "preparing the eval"
     try:
@@ -382,8 +381,8 @@ def quality_rungs_on_device(store, run_id: str, model_id: str, model_hash: str, 
                 state["plan"] = _plan(suite, ref_art, ctx, threads, repack, prompting, settings.timeout, reporter)
             except EvalError as exc:
                 for art in todo:
-                    _failed(store, run_id, art, ctx, model_id, model_hash, device, runtime_version,
-                            {"runner": "device", "stage": "quality", "where": "device"}, exc, reporter, statuses)
+                    _failed(scope, art, ctx, device, runtime_version,
+                            {"runner": "device", "stage": "quality", "where": "device"}, exc, statuses)
                 return statuses
         plan: _Plan = state["plan"]
         params = {"runner": "device", "stage": "quality", "where": "device", "tool": _completion_name(ctx),
@@ -404,9 +403,8 @@ def quality_rungs_on_device(store, run_id: str, model_id: str, model_hash: str, 
             doing = f"pushing {art.quant}"
             pushed = ctx.pusher.push(art.path, art.sha256, name=f"{art.quant}.gguf")
             doing = f"evaluating {art.quant}"
-            row_key = RowKey(model_id=model_id, model_hash=model_hash, quant=art.quant, artifact_sha256=art.sha256,
-                             is_reference=art.is_reference, device_id=ctx.device_id, device=device,
-                             runtime="llama.cpp", runtime_version=runtime_version, params=params)
+            row_key = scope.key(art, device_id=ctx.device_id, device=device, runtime="llama.cpp",
+                                runtime_version=runtime_version, params=params)
             reporter.rung_started(art.quant)
             reporter.rung_phase(art.quant, f"eval: {len(plan.order)} cases on {ctx.serial}")
             try:
@@ -422,8 +420,7 @@ def quality_rungs_on_device(store, run_id: str, model_id: str, model_hash: str, 
                 if art is ref_art:
                     state["reference"] = None     # the rungs are compared with nothing
                 if mine:
-                    _failed(store, run_id, art, ctx, model_id, model_hash, device, runtime_version, params, exc,
-                            reporter, statuses)
+                    _failed(scope, art, ctx, device, runtime_version, params, exc, statuses)
                 continue
             if art is ref_art:
                 state["reference"] = Reference(quant=art.quant, sha256=art.sha256, path=art.path, cases=results,

@@ -49,6 +49,7 @@ from edgequant.devices.push import Pusher
 from edgequant.devices.transport import DeviceError, Transport, quote
 from edgequant.errors import BadInput, EdgequantError
 from edgequant.noise import measure_until_quiet, sample_detail
+from edgequant.pipeline.scope import RunScope
 from edgequant.profiles import BenchSettings, Profile
 from edgequant.quantize.ladder import Artifact, ArtifactChanged
 from edgequant.results.store import Measurement, RowKey, Store
@@ -330,10 +331,11 @@ def bench_rungs_on_device(store: Store, run_id: str, model_id: str, model_hash: 
     except DeviceError as exc:
         raise DeviceLost(ctx.serial, "preparing the run folder", exc) from None
 
+    scope = RunScope(store, run_id, model_id, model_hash, reporter)
+
     def key(art: Artifact) -> RowKey:
-        return RowKey(model_id=model_id, model_hash=model_hash, quant=art.quant, artifact_sha256=art.sha256,
-                      is_reference=art.is_reference, device_id=ctx.device_id, device=device,
-                      runtime="llama.cpp", runtime_version=runtime_version, params=params)
+        return scope.key(art, device_id=ctx.device_id, device=device, runtime="llama.cpp",
+                         runtime_version=runtime_version, params=params)
 
     def push(art: Artifact):
         return ctx.pusher.push(art.path, art.sha256, name=f"{art.quant}.gguf")
@@ -524,10 +526,11 @@ def bench_onnx_rungs_on_device(store: Store, run_id: str, model_id: str, model_h
         except DeviceError as exc:
             raise DeviceLost(ctx.serial, f"installing {tool.path.name}", exc) from None
     device = ctx.device_record()
+    scope = RunScope(store, run_id, model_id, model_hash, reporter)
     staging = staging_root / re.sub(r"[^A-Za-z0-9._-]", "_", ctx.serial)   # one folder per phone thread
 
     def key(art: Artifact) -> RowKey:
-        return onnx_pipeline.device_key(model_id, model_hash, art, profile, ctx.device_id, device, threads)
+        return onnx_pipeline.device_key(scope, art, profile, ctx.device_id, device, threads)
 
     def push(art: Artifact):
         return stage_onnx_on_device(ctx.transport, ctx.pusher, art.path, art.sha256, settings, staging=staging,

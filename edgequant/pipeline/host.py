@@ -13,6 +13,7 @@ from typing import Callable, Protocol
 from edgequant.devices.host import host_device, host_device_id
 from edgequant.errors import BadInput, RunFailed
 from edgequant.profiles import Profile
+from edgequant.pipeline.scope import RunScope
 from edgequant.quantize.checkpoint import (Checkpoint, checkpoint_hash, download_from_hub, looks_like_hub_id,
                                            open_checkpoint)
 from edgequant.quantize.ladder import Artifact, Ladder, stat_signature
@@ -193,12 +194,12 @@ def bench_rungs(store: Store, run_id: str, model_id: str, model_hash: str, artif
     device, device_id = host_device(), host_device_id()
     runtime_version = metadata.version("llama-cpp-python" if runtime == "llama.cpp" else runtime)
     variants = bench_variants(profile, artifacts, suite) if runtime == "llama.cpp" else []
+    scope = RunScope(store, run_id, model_id, model_hash, reporter)
     outcome = BenchOutcome(run_id)
     for art in artifacts:
         store.record_artifact(art.record())
-        key = RowKey(model_id=model_id, model_hash=model_hash, quant=art.quant, artifact_sha256=art.sha256,
-                     is_reference=art.is_reference, device_id=device_id, device=device,
-                     runtime=runtime, runtime_version=runtime_version, params=params)
+        key = scope.key(art, device_id=device_id, device=device, runtime=runtime, runtime_version=runtime_version,
+                        params=params)
         keys = [replace(key, quant=v.name(art.quant), params=v.params(params, settings),
                         is_reference=art.is_reference and i == 0) for i, v in enumerate(variants)]
         reporter.rung_started(art.quant)
@@ -287,9 +288,9 @@ def sustained_rung(store: Store, run_id: str, model_id: str, model_hash: str, ar
     params = {"runner": runner, "stage": "sustained", "runs": spec.runs, "n_gen": n_gen,
               "threads": profile.bench.resolved_threads() if runner == "host" else profile.bench.threads,
               "repack": profile.bench.resolved_repack() if runner == "host" else profile.bench.repack}
-    key = RowKey(model_id=model_id, model_hash=model_hash, quant=art.quant, artifact_sha256=art.sha256,
-                 is_reference=art.is_reference, device_id=device_id, device=device, runtime="llama.cpp",
-                 runtime_version=metadata.version("llama-cpp-python"), params=params)
+    key = RunScope(store, run_id, model_id, model_hash, reporter).key(
+        art, device_id=device_id, device=device, runtime="llama.cpp",
+        runtime_version=metadata.version("llama-cpp-python"), params=params)
     label = f"{art.quant} sustained ×{spec.runs}"
     reporter.rung_started(label)
     try:
@@ -353,6 +354,7 @@ def quality_rungs(store: Store, run_id: str, model_id: str, model_hash: str, art
     repack = settings.resolved_repack()
     device, device_id = host_device(), host_device_id()
     runtime_version = metadata.version("llama-cpp-python")
+    scope = RunScope(store, run_id, model_id, model_hash, reporter)
     ref_art = next(a for a in artifacts if a.is_reference)
     statuses: dict[str, str] = {}
     reporter.rung_started(f"{ref_art.quant} reference outputs")
@@ -367,9 +369,8 @@ def quality_rungs(store: Store, run_id: str, model_id: str, model_hash: str, art
     def key(art: Artifact) -> RowKey:
         kv = variant_suffix(art.quant)     # "@kv=q8_0": evaluated with that KV cache type
         extra = BenchVariant(0, kv.split("kv=", 1)[1]).params({}, settings) if kv else {}
-        return RowKey(model_id=model_id, model_hash=model_hash, quant=art.quant, artifact_sha256=art.sha256,
-                      is_reference=art.is_reference, device_id=device_id, device=device,
-                      runtime="llama.cpp", runtime_version=runtime_version, params={**params, **extra})
+        return scope.key(art, device_id=device_id, device=device, runtime="llama.cpp",
+                         runtime_version=runtime_version, params={**params, **extra})
 
     def store_quality(art: Artifact, q, status: str | None = None, detail: str | None = None) -> None:
         # a figure that is not finite makes this rung failed (the store says which); the others are stored

@@ -12,6 +12,7 @@ from edgequant.devices.host import host_device, host_device_id
 from edgequant.errors import BadInput
 from edgequant.pipeline.host import (BenchOutcome, Reporter, ResolvedModel, RungOutcome, _artifact_measurements,
                                 quality_measurements)
+from edgequant.pipeline.scope import RunScope
 from edgequant.profiles import Profile
 from edgequant.quantize.ladder import Artifact
 from edgequant.results.store import Measurement, RowKey, Store
@@ -80,11 +81,11 @@ def quality_onnx_rungs(store: Store, run_id: str, model_id: str, model_hash: str
               "prompting": ref.prompting, "threads": threads, "decoding": "greedy", "n_cases": len(suite.cases),
               "reference": ref_art.quant, "execution_provider": "CPUExecutionProvider", **(extra_params or {})}
     device, device_id = host_device(), host_device_id()
+    scope = RunScope(store, run_id, model_id, model_hash, reporter)
     statuses: dict[str, str] = {}
     for art in onnx_artifacts:
-        key = RowKey(model_id=model_id, model_hash=model_hash, quant=art.quant, artifact_sha256=art.sha256,
-                     is_reference=False, device_id=device_id, device=device, runtime=RUNTIME,
-                     runtime_version=metadata.version("onnxruntime"), params=params)
+        key = scope.key(art, is_reference=False, device_id=device_id, device=device, runtime=RUNTIME,
+                        runtime_version=metadata.version("onnxruntime"), params=params)
         reporter.rung_started(art.quant)
         try:
             q = evaluate_onnx_rung(art.path, art.quant, suite, ref, threads, settings.timeout,
@@ -101,16 +102,15 @@ def quality_onnx_rungs(store: Store, run_id: str, model_id: str, model_hash: str
     return statuses
 
 
-def device_key(model_id: str, model_hash: str, art: Artifact, profile: Profile, device_id: str, device: dict,
+def device_key(scope: RunScope, art: Artifact, profile: Profile, device_id: str, device: dict,
                threads: int) -> RowKey:
     """The key of an ONNX rung's rows measured on a device with onnxruntime_perf_test."""
     s = profile.bench
     params = {"runner": "device", "tool": "onnxruntime_perf_test", "threads": threads,
               "n_prompt": s.n_prompt, "n_cached": s.n_prompt, "repetitions": s.repetitions, "warmup": 1,
               "execution_provider": "CPUExecutionProvider", "inter_op_threads": 1}
-    return RowKey(model_id=model_id, model_hash=model_hash, quant=art.quant, artifact_sha256=art.sha256,
-                  is_reference=False, device_id=device_id, device=device, runtime=RUNTIME,
-                  runtime_version=metadata.version("onnxruntime"), params=params)
+    return scope.key(art, is_reference=False, device_id=device_id, device=device, runtime=RUNTIME,
+                     runtime_version=metadata.version("onnxruntime"), params=params)
 
 
 def skip_onnx_rungs_on_device(store: Store, run_id: str, model_id: str, model_hash: str, artifacts: list[Artifact],
@@ -119,10 +119,11 @@ def skip_onnx_rungs_on_device(store: Store, run_id: str, model_id: str, model_ha
     """Store every ONNX rung of one device as ``skipped`` with ``reason`` (e.g. no onnxruntime_perf_test for
     it), so the run says why those rows have no figures instead of leaving them out."""
     outcome = BenchOutcome(run_id)
+    scope = RunScope(store, run_id, model_id, model_hash, reporter)
     for art in artifacts:
         store.record_artifact(art.record())
         reporter.rung_started(art.quant)
-        key = device_key(model_id, model_hash, art, profile, device_id, device, threads)
+        key = device_key(scope, art, profile, device_id, device, threads)
         store.record_rung(run_id, key, _artifact_measurements(art), status="skipped", detail=reason)
         outcome.outcomes.append(RungOutcome(art, "skipped", reason))
         reporter.rung_done(art.quant, "skipped")
