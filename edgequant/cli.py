@@ -600,9 +600,9 @@ def _run(model, profile_name, threads, n_prompt, n_gen, repetitions, warmup, sui
 def _print_plan(run_plan, profile) -> None:
     """``run --dry-run``: the plan's cells on stdout; nothing is built, opened or stored."""
     click.echo(f"plan of profile {profile.name}: {len(run_plan.cells)} cell(s) (stage, rung, runtime, place)")
+    # per-cell estimates of disk, memory and time (s19r's estimators) go in as ``lines(annotate=...)``
     for line in run_plan.lines():
         click.echo("  " + line)
-    # estimates of disk, memory and time per cell are printed here (edgequant.pipeline.estimates, s19r)
 
 
 @cli.command()

@@ -138,6 +138,8 @@ def test_the_plan_on_the_host_measures_speed_then_sustained_then_the_eval(tmp_pa
     assert (bench["n_prompt"], bench["n_gen"], bench["reps"], bench["warmup"]) == (16, 4, 3, 0)
     assert dict(plan.cells[4].params)["runs"] == 3
     assert dict(plan.cells[-1].params) == {"suite": "triage", "cases": 5}
+    lines = plan.lines(annotate=lambda c: f"~{len(c.quant)} s")     # where per-cell estimates go
+    assert len(lines) == 9 and lines[0].endswith("~4 s") and lines[3].endswith("~9 s")
 
 
 def test_the_plan_on_phones_goes_rung_by_rung_and_quality_on_device_stays_with_llama_cpp(tmp_path):

@@ -21,7 +21,7 @@ host / on that phone.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from edgequant.pipeline.registry import Runtime, artifact_format, runtimes
 from edgequant.profiles.variants import base_quant
@@ -111,9 +111,10 @@ class Plan:
         stages = tuple(stages)
         return [c for c in self.cells if c.place.kind == kind and c.stage in stages]
 
-    def lines(self) -> list[str]:
-        """One line per cell to measure, then the count of those a resumed run holds already."""
-        out = [c.describe() for c in self.cells]
+    def lines(self, annotate: Callable[[Cell], str] | None = None) -> list[str]:
+        """One line per cell to measure, then the count of those a resumed run holds already.  ``annotate``
+        adds its text to a cell's line (the place for per-cell estimates of disk, memory and time)."""
+        out = [c.describe() + (f"  {annotate(c)}" if annotate is not None else "") for c in self.cells]
         if self.stored:
             out.append(f"({len(self.stored)} cell(s) already stored in the run are not measured again)")
         return out
