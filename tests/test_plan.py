@@ -254,3 +254,23 @@ def test_a_new_transport_registers_for_its_device_spec(monkeypatch):
     # the built-in prefixes still name their transports
     assert select.parse_spec("tcp:10.0.0.2:5555") == select.Target("10.0.0.2:5555", "direct")
     assert select.parse_spec("server:10.0.0.2:5555") == select.Target("10.0.0.2:5555", "server", connect=True)
+
+
+def test_run_dry_run_of_a_resumed_run_shows_what_is_left(tmp_path):
+    from edgequant.devices.host import host_device_id
+    from edgequant.results.store import RowKey
+
+    db = tmp_path / "r.db"
+    with Store(db) as s:
+        run_id = s.start_run("edgequant run --profile quick --no-quality", "quick", "m", "h")
+        key = RowKey("m", "h", "Q8_0", "a", False, host_device_id(), {}, "llama.cpp", "0", {"runner": "host"})
+        s.record_rung(run_id, key, [Measurement("tg_tps", 1.0, "t/s")])
+        s.finish_run(run_id, "partial", "interrupted")
+        before = s.measurements(run_id)
+    r = run_cli("run", "--resume", run_id, "--dry-run", "--db", str(db), env=cli_env(tmp_path), timeout=120)
+    assert r.returncode == 0, r.stderr
+    cells = [ln.split()[:2] for ln in r.stdout.splitlines()[1:] if not ln.strip().startswith("(")]
+    assert cells == [["bench", "BF16"], ["bench", "Q4_K_M"], ["bench", "Q4_0"]]
+    assert "(1 cell(s) already stored in the run are not measured again)" in r.stdout
+    with Store(db) as s:      # nothing was written
+        assert s.run(run_id)["status"] == "partial" and s.measurements(run_id) == before
