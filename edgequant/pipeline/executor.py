@@ -150,6 +150,10 @@ def execute(plan: Plan, scope: RunScope, inputs: RunInputs, *, phones: list = ()
         pause = getattr(scope.reporter, "pause", None)
         if pause is not None:
             pause()
+        if console is None:
+            from rich.console import Console
+
+            console = Console(stderr=True)
         queues = phone_queues(plan)
         result = farm.run_farm(list(phones), {p.serial: queues.get(p.serial, []) for p in phones},
                                _phone_job(shared, inputs), runner_dir=runner_dir, cache_root=inputs.cache_root,
