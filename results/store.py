@@ -8,7 +8,10 @@ Every write happens in a transaction.  A run is inserted as ``running`` and
 ends ``complete`` only when every rung finished; an interrupted or failed run
 ends ``partial``/``failed``, and a run still ``running`` whose process is gone
 (this host) or whose heartbeat stopped (any host) is reported as ``partial``
-(interrupted) and can be taken over by ``--resume``.  A figure that is not a
+(interrupted) and can be taken over by ``--resume``.  Every write of a run (its rows, its status, its
+heartbeat) checks in the same transaction that the run is still held by this process (hostname, pid):
+a process suspended while another took its run over writes nothing more (:class:`RunTakenOver`).
+A figure that is not a
 finite number fails its rung instead of the transaction.  Only an empty
 database or one carrying the ``_migrations`` table is ever written to.
 """
@@ -19,6 +22,7 @@ import json
 import math
 import os
 import re
+import signal
 import socket
 import sqlite3
 import time
@@ -156,10 +160,17 @@ MIGRATIONS: list[tuple[str, str]] = [
 # HEARTBEAT_STALE_S (any host), or whose process is gone (this host), was interrupted.
 HEARTBEAT_S = 30.0
 HEARTBEAT_STALE_S = 600.0
+# what the heartbeat thread sends the main thread when it finds the run taken over
+TAKEN_OVER_SIGNAL = signal.SIGUSR2
 
 # names `edgequant compare`/`report` resolve besides run ids and tags
 RUN_ALIASES = ("last", "last-complete")
 TAG_NAME = re.compile(r"[A-Za-z][A-Za-z0-9._-]{0,63}")
+
+
+class RunTakenOver(RunFailed):
+    """This process's run is held by another process now (``--resume`` took it over while this one was
+    suspended or silent): it stops, and writes nothing more into the run."""
 
 
 @dataclass(frozen=True)
@@ -443,21 +454,43 @@ class Store:
         return run_id
 
     def beat(self, run_id: str) -> None:
-        """Say that this process is still working on run ``run_id`` (if it is still its own)."""
+        """Say that this process is still working on run ``run_id``; :class:`RunTakenOver` if it is not its own
+        any more."""
         with self.transaction() as conn:
+            self._hold(conn, run_id)
             conn.execute("UPDATE runs SET heartbeat_at = ? WHERE run_id = ? AND status = 'running' AND hostname = ?"
                          " AND pid = ?", (time.time(), run_id, socket.gethostname(), os.getpid()))
+
+    def _hold(self, conn, run_id: str) -> None:
+        """Inside a write's transaction: the run is still held by this process (hostname, pid), or
+        :class:`RunTakenOver` (the transaction is rolled back).  PostgreSQL locks the run's row until the
+        write commits, so a take-over cannot slip in between; SQLite's write lock already covers it."""
+        row = conn.execute("SELECT hostname, pid FROM runs WHERE run_id = ?" + (" FOR UPDATE" if self._pg else ""),
+                           (run_id,)).fetchone()
+        if row is None:
+            return
+        if (row["hostname"], row["pid"]) != (socket.gethostname(), os.getpid()):
+            raise RunTakenOver(f"run {run_id} was taken over by pid {row['pid']} on {row['hostname']}; "
+                               f"this process stops without writing")
 
     @contextmanager
     def heartbeat(self, run_id: str, every: float = HEARTBEAT_S) -> Iterator[None]:
         """While the block runs, a thread with its own connection writes the run's heartbeat every ``every``
-        seconds, so that another host can tell a run that is working from one whose machine died."""
+        seconds, so that another host can tell a run that is working from one whose machine died.
+
+        A beat that finds the run taken over by another process (this one was suspended past
+        HEARTBEAT_STALE_S) stops beating and, when the block runs in the main thread, raises
+        :class:`RunTakenOver` there at once (a signal interrupts what it waits on); every write of the run
+        refuses it anyway."""
         if self._target == ":memory:":
             yield
             return
+        import signal
         import threading
 
         stop = threading.Event()
+        taken: list[RunTakenOver] = []
+        main = threading.current_thread() is threading.main_thread()
 
         def beat() -> None:
             try:
@@ -468,11 +501,21 @@ class Store:
                 while not stop.wait(every):
                     try:
                         other.beat(run_id)
+                    except RunTakenOver as exc:
+                        taken.append(exc)
+                        if main and not stop.is_set():
+                            signal.pthread_kill(threading.main_thread().ident, TAKEN_OVER_SIGNAL)
+                        return
                     except Exception:  # noqa: BLE001 - a busy or full database: try again next time
                         pass
             finally:
                 other.close()
 
+        def taken_over(signum, frame) -> None:
+            if taken and not stop.is_set():
+                raise RunTakenOver(str(taken[0]))
+
+        previous = signal.signal(TAKEN_OVER_SIGNAL, taken_over) if main else None
         thread = threading.Thread(target=beat, name=f"heartbeat-{run_id}", daemon=True)
         thread.start()
         try:
@@ -480,13 +523,17 @@ class Store:
         finally:
             stop.set()
             thread.join(timeout=5)
+            if main:
+                signal.signal(TAKEN_OVER_SIGNAL, previous)
 
     def set_prep_seconds(self, run_id: str, seconds: float) -> None:
         with self.transaction() as conn:
+            self._hold(conn, run_id)
             conn.execute("UPDATE runs SET prep_seconds = ? WHERE run_id = ?", (seconds, run_id))
 
     def finish_run(self, run_id: str, status: str, detail: str | None = None) -> None:
         with self.transaction() as conn:
+            self._hold(conn, run_id)
             conn.execute("UPDATE runs SET status = ?, status_detail = ?, finished_at = ? WHERE run_id = ?",
                          (status, detail, time.time(), run_id))
 
@@ -624,6 +671,7 @@ class Store:
         is stored as ``failed`` naming it, with its finite figures.  Returns the status stored (None: untouched).
         """
         with self.transaction() as conn:
+            self._hold(conn, run_id)
             return self._write_rung(conn, run_id, key, measurements, status, detail, cases, suite)
 
     def record_rungs(self, run_id: str, entries: Iterable[tuple[RowKey, Iterable[Measurement], str | None,
@@ -632,6 +680,7 @@ class Store:
         an interrupted run holds all of them or none.  Each entry is (key, measurements, status, detail);
         returns the status stored for each (``record_rung``'s rule for figures that are not finite)."""
         with self.transaction() as conn:
+            self._hold(conn, run_id)
             return [self._write_rung(conn, run_id, key, measurements, status, detail, (), None)
                     for key, measurements, status, detail in entries]
 

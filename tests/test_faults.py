@@ -783,3 +783,131 @@ def test_the_cache_disk_filling_while_converting_says_disk_full_not_no_output(ti
     line = assert_one_line_error(res.stderr, "converting", "the disk holding", "is full", "MiB free",
                                  "256 MiB margin", "--cache-dir")
     assert "no output" not in line and "no log" not in line
+
+
+# ---------------------------------------------------------------------------
+# fencing: a run taken over while its process was only suspended
+
+
+def test_every_write_of_a_run_taken_over_is_refused_and_rolled_back(tmp_path):
+    """The store's side: once another process holds the run, this one's rows, status, preparation time and
+    heartbeat are refused in their own transaction, and nothing of them is stored."""
+    from edgequant.results.store import RunTakenOver
+
+    db = tmp_path / "r.db"
+    with Store(db) as s:
+        run = s.start_run("edgequant run", "p", "m", "h")
+        s.record_rung(run, row_key("BF16"), [Measurement("tg_tps", 9.0, "t/s")])      # still its own
+        conn = sqlite3.connect(db)
+        conn.execute("UPDATE runs SET hostname = 'ci-other', pid = 4242, heartbeat_at = 123.0")
+        conn.commit()
+        conn.close()
+        before = {t: db_rows(db, f"SELECT * FROM {t}") for t in ("runs", "measurements", "rung_status")}
+        said = "run " + run + " was taken over by pid 4242 on ci-other; this process stops without writing"
+        writes = [lambda: s.record_rung(run, row_key("Q4_0"), [Measurement("tg_tps", 5.0, "t/s")]),
+                  lambda: s.record_rungs(run, [(row_key("Q8_0"), [Measurement("tg_tps", 6.0, "t/s")], "ok", None)]),
+                  lambda: s.finish_run(run, "partial", "interrupted"),
+                  lambda: s.set_prep_seconds(run, 3.0),
+                  lambda: s.beat(run)]
+        for write in writes:
+            with pytest.raises(RunTakenOver) as exc:
+                write()
+            assert str(exc.value) == said and exc.value.exit_code == 1
+        assert {t: db_rows(db, f"SELECT * FROM {t}") for t in before} == before
+
+
+def test_the_heartbeat_stops_a_process_whose_run_was_taken_over(tmp_path):
+    """The heartbeat finds the run taken over and stops the working (main) thread at once, even while it
+    waits, instead of letting it measure on until its next write."""
+    from edgequant.results.store import RunTakenOver
+
+    db = tmp_path / "r.db"
+    with Store(db) as s:
+        run = s.start_run("edgequant run", "p", "m", "h")
+        t0 = time.monotonic()
+        with pytest.raises(RunTakenOver, match="taken over by pid 4242 on ci-other"):
+            with s.heartbeat(run, every=0.2):
+                conn = sqlite3.connect(db)
+                conn.execute("UPDATE runs SET hostname = 'ci-other', pid = 4242")
+                conn.commit()
+                conn.close()
+                time.sleep(60)                          # a long wait, as for a worker: interrupted
+        assert time.monotonic() - t0 < 30
+    (row,) = db_rows(db, "SELECT hostname, pid, status FROM runs")
+    assert (row["hostname"], row["pid"], row["status"]) == ("ci-other", 4242, "running")
+
+
+def _suspend(proc: subprocess.Popen, db: Path) -> list[psutil.Process]:
+    """SIGSTOP the CLI and its workers (a laptop lid), at a moment it does not hold the database's write lock
+    (a transaction is milliseconds long: if it was caught in one, let it finish and stop it again)."""
+    while True:
+        group = [psutil.Process(proc.pid)] + psutil.Process(proc.pid).children(recursive=True)
+        for p in group:
+            p.suspend()
+        conn = sqlite3.connect(db, timeout=0)
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            conn.execute("ROLLBACK")
+            return group
+        except sqlite3.OperationalError:
+            for p in group:
+                p.resume()
+            time.sleep(0.05)
+        finally:
+            conn.close()
+
+
+@needs_unshare
+def test_a_suspended_run_taken_over_by_another_host_writes_nothing_when_it_wakes(built, tmp_path):
+    env, _ = fresh_copy(built, tmp_path)
+    profile = tiny_profile(tmp_path, types=SLOW_LADDER, n_prompt=16, n_gen=4, repetitions=3, warmup=0)
+    db = tmp_path / "results.db"
+    first = start_cli("run", "--no-quality", "--model", str(built["model"]), "--profile", str(profile), env=env)
+    try:
+        def one_rung_stored() -> bool:
+            try:
+                return bool(db_rows(db, "SELECT quant FROM rung_status"))
+            except sqlite3.Error:
+                return False
+
+        wait_for(one_rung_stored, 600, "the first rung to be stored", first)
+        group = _suspend(first, db)
+        (run,) = db_rows(db, "SELECT * FROM runs")
+        assert (run["status"], run["pid"]) == ("running", first.pid)
+        own = f"host:{run['hostname']}"
+        stored = {t: db_rows(db, f"SELECT * FROM {t} WHERE device_id = ? ORDER BY 1, 2", own)
+                  for t in ("measurements", "rung_status")}
+        assert stored["rung_status"] and len(stored["rung_status"]) < 1 + len(SLOW_LADDER)
+        # silent for longer than the limit: another machine (its own cache, the same database) takes it over
+        conn = sqlite3.connect(db)
+        conn.execute("UPDATE runs SET heartbeat_at = heartbeat_at - 3600")
+        conn.commit()
+        conn.close()
+        (tmp_path / "b").mkdir()
+        shutil.copytree(built["cache"], tmp_path / "b" / "cache", symlinks=True)
+        env_b = cli_env(tmp_path / "b", EDGEQUANT_DB=str(db))
+        resumed = run_argv(in_namespace(cli_argv("run", "--resume", run["run_id"]), hostname="ci-other"), env_b)
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+        (taken,) = db_rows(db, "SELECT * FROM runs")
+        assert (taken["status"], taken["hostname"]) == ("complete", "ci-other") and taken["pid"] != first.pid
+        after_b = {t: db_rows(db, f"SELECT * FROM {t} ORDER BY 1, 2") for t in ("runs", "measurements", "rung_status")}
+        # the first process wakes up, mid-rung: it must stop with one line and write nothing
+        for p in group:
+            try:
+                p.resume()
+            except psutil.NoSuchProcess:
+                pass
+        _, err = first.communicate(timeout=300)
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+            first.communicate()
+    assert first.returncode == 1, err[-3000:]
+    assert_one_line_error(err, f"run {run['run_id']} was taken over by pid {taken['pid']} on ci-other",
+                          "this process stops without writing")
+    assert {t: db_rows(db, f"SELECT * FROM {t} ORDER BY 1, 2") for t in after_b} == after_b
+    assert {t: db_rows(db, f"SELECT * FROM {t} WHERE device_id = ? ORDER BY 1, 2", own)
+            for t in stored} == stored
+    _assert_every_rung_once(db, run["run_id"], "host:ci-other")
+    _, alive = psutil.wait_procs([p for p in group if p.pid != first.pid], timeout=20)
+    assert alive == []
