@@ -816,6 +816,26 @@ def test_every_write_of_a_run_taken_over_is_refused_and_rolled_back(tmp_path):
         assert {t: db_rows(db, f"SELECT * FROM {t}") for t in before} == before
 
 
+def test_a_shared_postgresql_store_refuses_the_writes_of_a_run_taken_over(pg_server):
+    import psycopg
+
+    from edgequant.results.store import RunTakenOver
+
+    url = pg_server.new_database()
+    with Store(url) as s:
+        run = s.start_run("edgequant run", "p", "m", "h")
+        s.record_rung(run, row_key("BF16"), [Measurement("tg_tps", 9.0, "t/s")])
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute("UPDATE runs SET hostname = 'ci-other', pid = 4242")
+        with pytest.raises(RunTakenOver, match=f"run {run} was taken over by pid 4242 on ci-other"):
+            s.record_rung(run, row_key("Q4_0"), [Measurement("tg_tps", 5.0, "t/s")])
+        with pytest.raises(RunTakenOver):
+            s.finish_run(run, "complete")
+    with psycopg.connect(url, autocommit=True) as conn:
+        assert [r[0] for r in conn.execute("SELECT quant FROM measurements")] == ["BF16"]
+        assert conn.execute("SELECT status, pid FROM runs").fetchall() == [("running", 4242)]
+
+
 def test_the_heartbeat_stops_a_process_whose_run_was_taken_over(tmp_path):
     """The heartbeat finds the run taken over and stops the working (main) thread at once, even while it
     waits, instead of letting it measure on until its next write."""
