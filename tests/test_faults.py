@@ -931,3 +931,107 @@ def test_a_suspended_run_taken_over_by_another_host_writes_nothing_when_it_wakes
     _assert_every_rung_once(db, run["run_id"], "host:ci-other")
     _, alive = psutil.wait_procs([p for p in group if p.pid != first.pid], timeout=20)
     assert alive == []
+
+
+# ---------------------------------------------------------------------------
+# ONNX rungs: content-verified like the GGUF rungs
+
+
+def _onnx_copy(tiny_onnx, tmp_path, notices: list[str]):
+    """A private copy of the tiny ONNX rungs' cache: (the built artifacts by variant, a ladder over the copy
+    that collects its notices, the copy's artifacts by variant)."""
+    from edgequant.quantize.onnx_export import OnnxLadder
+
+    arts, ladder, cache = tiny_onnx
+    shutil.copytree(cache, tmp_path / "cache", symlinks=True)
+    copy = OnnxLadder(ladder.ckpt, ladder.model_hash, ladder.spec, tmp_path / "cache", notice=notices.append)
+    moved = {v: tmp_path / "cache" / a.path.relative_to(cache) for v, a in arts.items()}
+    return arts, copy, moved
+
+
+def _folder_digest(folder: Path) -> str:
+    """sha256 over (name, sha256) of model.onnx*, computed here apart from edgequant's own hashing."""
+    lines = "".join(f"{p.name}\0{sha256(p)}\n" for p in sorted(folder.glob("model.onnx*")))
+    return hashlib.sha256(lines.encode()).hexdigest()
+
+
+@pytest.mark.slow
+def test_damaged_cached_onnx_rungs_are_rebuilt_with_one_line_each(tiny_onnx, tmp_path):
+    notices: list[str] = []
+    arts, copy, model = _onnx_copy(tiny_onnx, tmp_path, notices)
+    flip_bytes_keep_mtime(model["int8"], 2000)                                   # flipped, mtime kept
+    data = model["fp32-ext"].with_name("model.onnx_data")
+    flip_bytes_keep_mtime(data, data.stat().st_size // 2)                         # its external data
+    cut = model["int4"].read_bytes()
+    st = model["int4"].stat()
+    model["int4"].write_bytes(cut[: len(cut) // 2])                               # truncated, mtime kept
+    os.utime(model["int4"], ns=(st.st_atime_ns, st.st_mtime_ns))
+    os.utime(model["fp16"], ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))          # only touched
+    again = {a.variant: a for a in copy.build()}
+    assert sorted(copy.rebuilt) == ["ONNX-FP32-EXT", "ONNX-INT4", "ONNX-INT8"]
+    assert len(notices) == 3 and all("is damaged" in n and n.endswith("rebuilding it") for n in notices), notices
+    assert any("ONNX-FP32-EXT" in n and "sha256" in n for n in notices)
+    for variant, art in again.items():
+        assert art.reused == (variant not in ("int8", "int4", "fp32-ext")), variant
+        assert _folder_digest(art.path.parent) == art.sha256, variant              # the record is the bytes
+        manifest = json.loads(art.path.parent.with_name(art.path.parent.name + ".json").read_text())
+        assert manifest["sha256"] == art.sha256
+    # made again from the same export with the same options: the very bytes first built
+    assert {v: a.sha256 for v, a in again.items()} == {v: a.sha256 for v, a in arts.items()}
+
+
+@pytest.mark.slow
+def test_an_onnx_rung_changed_after_its_check_fails_alone_before_it_is_measured(tiny_onnx, tmp_path):
+    from edgequant.onnx_pipeline import bench_onnx_rungs
+    from edgequant.pipeline import NullReporter
+    from edgequant.profiles import load_profile
+    from edgequant.quantize.ladder import ArtifactChanged
+
+    notices: list[str] = []
+    _, copy, model = _onnx_copy(tiny_onnx, tmp_path, notices)
+    arts = {a.variant: a for a in copy.build()}
+    assert notices == [] and all(a.reused for a in arts.values())
+    ext = arts["fp32-ext"]
+    ext.verify()
+    data = ext.path.with_name("model.onnx_data")
+    flip_bytes_keep_mtime(data, data.stat().st_size // 3)
+    with pytest.raises(ArtifactChanged, match="bytes changed on disk"):
+        ext.verify()
+    profile = load_profile(str(tiny_profile(tmp_path, types=["Q4_0"], n_prompt=8, n_gen=2, repetitions=3,
+                                            warmup=0)))
+    with Store(tmp_path / "r.db") as s:
+        run = s.start_run("edgequant bench", "p", "m", "h")
+        outcome = bench_onnx_rungs(s, run, "m", copy.model_hash, [ext, arts["int8"]], profile, NullReporter())
+        s.finish_run(run, "complete")
+    assert {o.artifact.quant: o.status for o in outcome.outcomes} == {"ONNX-FP32-EXT": "failed", "ONNX-INT8": "ok"}
+    status = {r["quant"]: r for r in db_rows(tmp_path / "r.db", "SELECT * FROM rung_status")}
+    assert status["ONNX-FP32-EXT"]["status"] == "failed"
+    detail = status["ONNX-FP32-EXT"]["detail"]
+    assert "bytes changed on disk" in detail and "a damaged cached artifact is rebuilt" in detail
+    measured = {r["quant"] for r in db_rows(tmp_path / "r.db", "SELECT quant FROM measurements"
+                                                                   " WHERE metric = 'tg_tps'")}
+    assert measured == {"ONNX-INT8"}
+
+
+@pytest.mark.slow
+def test_quantize_verify_checks_the_onnx_rungs_too(tiny_onnx, tmp_path):
+    notices: list[str] = []
+    arts, copy, model = _onnx_copy(tiny_onnx, tmp_path, notices)
+    env = cli_env(tmp_path)
+    res = run_cli("quantize", "--verify", "--json", env=env)
+    assert res.returncode == 0, res.stderr
+    checks = json.loads(res.stdout)
+    assert sorted(c["quant"] for c in checks) == sorted(["ONNX-FP32", "ONNX-FP16", "ONNX-INT8", "ONNX-INT4",
+                                                         "ONNX-INT4-EMB", "ONNX-FP32-EXT"])
+    assert {c["status"] for c in checks} == {"ok"}
+    data = model["fp32-ext"].with_name("model.onnx_data")
+    flip_bytes_keep_mtime(data, 1000)
+    res = run_cli("quantize", "--verify", "--json", env=env)
+    assert res.returncode == 1
+    assert_one_line_error(res.stderr, "1 of 6", "ONNX-FP32-EXT damaged")
+    checks = {c["quant"]: c["status"] for c in json.loads(res.stdout)}
+    assert checks["ONNX-FP32-EXT"] == "damaged" and list(checks.values()).count("ok") == 5
+    assert not model["fp32-ext"].parent.exists()
+    again = {a.variant: a for a in copy.build()}                  # rebuilt, to the bytes first built
+    assert not again["fp32-ext"].reused and again["fp32-ext"].sha256 == arts["fp32-ext"].sha256
+    assert notices == []                                           # removed by --verify: simply missing
