@@ -153,6 +153,31 @@ def test_sqlite_failures_are_told_apart(tmp_path):
     assert "wait" not in line
 
 
+def test_a_locked_database_says_locked_and_only_then_to_wait(tmp_path):
+    """The fourth case told apart: another process holds SQLite's write lock (a real lock, the error SQLite
+    itself gives once the wait is over)."""
+    from edgequant.results.store import sqlite_problem
+
+    db = tmp_path / "results.db"
+    Store(db).close()
+    holder = subprocess.Popen([sys.executable, "-c", "import sqlite3, sys, time\n"
+                               f"c = sqlite3.connect({str(db)!r}, isolation_level=None)\n"
+                               "c.execute('BEGIN EXCLUSIVE'); print('held', flush=True); time.sleep(60)"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        conn = sqlite3.connect(db, timeout=0.2, isolation_level=None)
+        with pytest.raises(sqlite3.OperationalError) as exc:
+            conn.execute("BEGIN IMMEDIATE")
+        conn.close()
+    finally:
+        holder.kill()
+        holder.wait()
+    line = sqlite_problem(str(db), exc.value)
+    assert "is locked by another process" in line and "if another edgequant holds it, wait for it" in line
+    assert "full" not in line and "read-only" not in line and "folder" not in line
+
+
 @needs_unshare
 def test_a_database_on_a_read_only_file_system_says_read_only(tmp_path):
     mnt = tmp_path / "ro"
@@ -206,7 +231,7 @@ print(json.dumps(out))
     out = json.loads(res.stdout.strip().splitlines()[-1])
     assert out["code"] == 1
     assert "disk holding it is full" in out["message"] and "nothing of the failed write was stored" in out["message"]
-    assert "\n" not in out["message"]
+    assert "\n" not in out["message"] and "wait" not in out["message"]      # not told as a locked database
     assert out["rows"] == [["Q8_0", "mean_kld"]]          # the earlier rung kept, nothing of Q4_0
     assert out["status"] == "partial"
 
@@ -304,14 +329,16 @@ def test_an_output_path_that_is_a_folder_is_one_line(stored_run, tmp_path, comma
 
 
 @needs_unshare
-def test_an_output_on_a_read_only_file_system_is_one_line(stored_run, tmp_path):
+@pytest.mark.parametrize("command", [["report", "-o"], ["export", "--llama-bench", "-o"],
+                                     ["compare", "last", "last", "--junit"]])
+def test_an_output_on_a_read_only_file_system_is_one_line(stored_run, tmp_path, command):
     db, run = stored_run
     mnt = tmp_path / "ro"
     mnt.mkdir()
-    res = run_argv(in_namespace(cli_argv("report", run, "--db", str(db), "-o", str(mnt / "report.txt")), tmpfs=mnt,
+    res = run_argv(in_namespace(cli_argv(*command, str(mnt / "out.txt"), "--db", str(db)), tmpfs=mnt,
                                 read_only=True), cli_env(tmp_path))
     assert res.returncode == 2, res.stderr
-    assert_one_line_error(res.stderr, "report.txt", "Read-only file system")
+    assert_one_line_error(res.stderr, str(mnt / "out.txt"), "Read-only file system")
 
 
 @needs_unshare
