@@ -523,8 +523,8 @@ class Store:
         finally:
             stop.set()
             thread.join(timeout=5)
-            if main:
-                signal.signal(TAKEN_OVER_SIGNAL, previous)
+            if main:    # after the join: a signal the beat sent meanwhile finds ``stop`` set and does nothing
+                signal.signal(TAKEN_OVER_SIGNAL, signal.SIG_DFL if previous is None else previous)
 
     def set_prep_seconds(self, run_id: str, seconds: float) -> None:
         with self.transaction() as conn:

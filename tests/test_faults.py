@@ -265,7 +265,8 @@ def test_config_json_that_is_not_an_object_is_bad_input(tiny_checkpoint, tmp_pat
     (bad / "config.json").write_text("[1, 2, 3]")
     res = run_cli("quantize", "--model", str(bad), env=cli_env(tmp_path))
     assert res.returncode == 2, res.stderr
-    assert_one_line_error(res.stderr, "config.json", "not an object")
+    line = assert_one_line_error(res.stderr, "config.json", "not an object")
+    assert "delete" not in line                                  # the user's own checkpoint
 
 
 def test_a_safetensors_file_cut_inside_its_header_is_bad_input(tiny_checkpoint, tmp_path):
@@ -277,7 +278,8 @@ def test_a_safetensors_file_cut_inside_its_header_is_bad_input(tiny_checkpoint, 
     res = run_cli("quantize", "--model", str(bad), "--profile", str(tiny_profile(tmp_path, types=["Q4_0"])),
                   env=cli_env(tmp_path))
     assert res.returncode == 2, res.stderr
-    assert_one_line_error(res.stderr, "model.safetensors", "safetensors header")
+    line = assert_one_line_error(res.stderr, "model.safetensors", "safetensors header")
+    assert "delete" not in line
     assert not list((tmp_path / "cache").rglob("*.gguf"))
 
 
@@ -465,6 +467,24 @@ def test_a_gguf_cut_inside_its_header_is_bad_input(built, tmp_path):
     assert res.returncode == 2, res.stderr
     line = assert_one_line_error(res.stderr, str(cut), "truncated GGUF header", "pass a complete GGUF file")
     assert "delete" not in line
+
+
+def test_the_users_own_gguf_changed_while_used_is_never_ours_to_delete(built, tmp_path):
+    """An --artifact file is the user's: changed on disk after it was hashed, the advice is about the file,
+    not to delete it or to expect edgequant to rebuild it."""
+    from edgequant.pipeline import NullReporter, artifacts_from_files
+    from edgequant.quantize.ladder import ArtifactChanged
+
+    mine = tmp_path / "mine-q4.gguf"
+    shutil.copyfile(built["arts"]["Q4_0"]["path"], mine)
+    (art,) = artifacts_from_files([mine], NullReporter())
+    art.verify()
+    flip_bytes_keep_mtime(mine, mine.stat().st_size // 2)
+    with pytest.raises(ArtifactChanged) as exc:
+        art.verify()
+    said = str(exc.value)
+    assert str(mine) in said and "run again on a file nobody writes to" in said
+    assert "delete" not in said and "rebuilt" not in said and mine.exists()
 
 
 def test_a_nan_rung_fails_alone_and_the_other_rungs_quality_is_stored(built, tmp_path):
