@@ -26,7 +26,10 @@ Artifacts follow the GGUF ladder's rules: content-addressed folders
 over 2 GB or the variant asks for external data), built under a temporary
 name and renamed when complete, a manifest beside each (sha256 over the model
 files, size, bits per weight = bytes * 8 / checkpoint parameters, counts of
-initializer types and quantized ops).  Memory and disk needs are estimated and
+initializer types and quantized ops).  As for the GGUF rungs (``quantize.verified``),
+the manifest keeps the signature of every model file when its sha256 was checked: a
+cached variant whose files moved is hashed again and rebuilt, with one line, if its
+bytes are not the recorded ones.  Memory and disk needs are estimated and
 checked before anything starts.
 """
 

@@ -441,6 +441,30 @@ def test_an_artifact_changed_after_its_check_is_caught_before_it_is_measured(bui
     q4.verify()
 
 
+def test_a_cache_recorded_by_an_older_edgequant_is_trusted_without_hashing_it_again(built, tmp_path):
+    """Manifests written before the signature covered every file kept the GGUF's mtime and ctime apart: an
+    untouched file is still reused without being read, and its manifest moves to the new form only when the
+    file is hashed again."""
+    from edgequant.profiles import load_profile
+    from edgequant.quantize.checkpoint import checkpoint_hash, open_checkpoint
+    from edgequant.quantize.ladder import Ladder
+
+    env, paths = fresh_copy(built, tmp_path)
+    for path in paths.values():
+        manifest = path.with_name(path.name + ".json")
+        data = json.loads(manifest.read_text())
+        del data["signature"]
+        st = path.stat()                     # the copy's own (a copy has a new ctime)
+        manifest.write_text(json.dumps({**data, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns}))
+    ckpt = open_checkpoint(built["model"])
+    digest = checkpoint_hash(ckpt, tmp_path / "cache" / "checkpoint-hashes.json")
+    steps: list[str] = []
+    arts = Ladder(ckpt, digest, load_profile(str(built["profile"])), tmp_path / "cache").build(
+        lambda task, done, total: steps.append(task))
+    assert all(a.reused for a in arts) and not [t for t in steps if t.startswith("checking")], steps
+    assert {a.quant: a.sha256 for a in arts} == {q: a["sha256"] for q, a in built["arts"].items()}
+
+
 def test_quantize_verify_checks_the_whole_cache_and_removes_damaged_artifacts(built, tmp_path):
     env, paths = fresh_copy(built, tmp_path)
     res = run_cli("quantize", "--verify", "--json", env=env)
