@@ -22,7 +22,6 @@ import json
 import math
 import os
 import re
-import signal
 import socket
 import sqlite3
 import time
@@ -160,8 +159,6 @@ MIGRATIONS: list[tuple[str, str]] = [
 # HEARTBEAT_STALE_S (any host), or whose process is gone (this host), was interrupted.
 HEARTBEAT_S = 30.0
 HEARTBEAT_STALE_S = 600.0
-# what the heartbeat thread sends the main thread when it finds the run taken over
-TAKEN_OVER_SIGNAL = signal.SIGUSR2
 
 # names `edgequant compare`/`report` resolve besides run ids and tags
 RUN_ALIASES = ("last", "last-complete")
@@ -221,6 +218,17 @@ OPEN_WAIT_SECONDS = 60.0
 def _is_busy(exc: sqlite3.OperationalError) -> bool:
     text = str(exc).lower()
     return "locked" in text or "busy" in text
+
+
+def _end_children(since: float) -> None:
+    """Kill the children this process started since ``since`` (a run's workers, converters): the run was
+    taken over, their work is not wanted.  Older children (not the run's) are left alone."""
+    for child in psutil.Process().children(recursive=True):
+        try:
+            if child.create_time() >= since - 1.0:      # create_time is in clock ticks
+                child.kill()
+        except psutil.Error:
+            pass
 
 
 def sqlite_problem(path: str, exc: sqlite3.Error) -> str:
@@ -479,18 +487,16 @@ class Store:
         seconds, so that another host can tell a run that is working from one whose machine died.
 
         A beat that finds the run taken over by another process (this one was suspended past
-        HEARTBEAT_STALE_S) stops beating and, when the block runs in the main thread, raises
-        :class:`RunTakenOver` there at once (a signal interrupts what it waits on); every write of the run
-        refuses it anyway."""
+        HEARTBEAT_STALE_S) stops beating and ends the children started during the block (benchmark and
+        eval workers, converters), so that what the block waits on returns at once; the block's next write into the run
+        is then refused (:class:`RunTakenOver`), as every write of a run taken over is."""
         if self._target == ":memory:":
             yield
             return
-        import signal
         import threading
 
         stop = threading.Event()
-        taken: list[RunTakenOver] = []
-        main = threading.current_thread() is threading.main_thread()
+        since = time.time()
 
         def beat() -> None:
             try:
@@ -501,21 +507,15 @@ class Store:
                 while not stop.wait(every):
                     try:
                         other.beat(run_id)
-                    except RunTakenOver as exc:
-                        taken.append(exc)
-                        if main and not stop.is_set():
-                            signal.pthread_kill(threading.main_thread().ident, TAKEN_OVER_SIGNAL)
+                    except RunTakenOver:
+                        if not stop.is_set():
+                            _end_children(since)
                         return
                     except Exception:  # noqa: BLE001 - a busy or full database: try again next time
                         pass
             finally:
                 other.close()
 
-        def taken_over(signum, frame) -> None:
-            if taken and not stop.is_set():
-                raise RunTakenOver(str(taken[0]))
-
-        previous = signal.signal(TAKEN_OVER_SIGNAL, taken_over) if main else None
         thread = threading.Thread(target=beat, name=f"heartbeat-{run_id}", daemon=True)
         thread.start()
         try:
@@ -523,8 +523,6 @@ class Store:
         finally:
             stop.set()
             thread.join(timeout=5)
-            if main:    # after the join: a signal the beat sent meanwhile finds ``stop`` set and does nothing
-                signal.signal(TAKEN_OVER_SIGNAL, signal.SIG_DFL if previous is None else previous)
 
     def set_prep_seconds(self, run_id: str, seconds: float) -> None:
         with self.transaction() as conn:

@@ -907,25 +907,31 @@ def test_a_shared_postgresql_store_refuses_the_writes_of_a_run_taken_over(pg_ser
         assert conn.execute("SELECT status, pid FROM runs").fetchall() == [("running", 4242)]
 
 
-def test_the_heartbeat_stops_a_process_whose_run_was_taken_over(tmp_path):
-    """The heartbeat finds the run taken over and stops the working (main) thread at once, even while it
-    waits, instead of letting it measure on until its next write."""
+def test_the_heartbeat_stops_the_work_of_a_run_taken_over(tmp_path):
+    """The heartbeat finds the run taken over and ends this process's children (a worker it waits on), so
+    the process does not measure on until its next write, which is refused."""
     from edgequant.results.store import RunTakenOver
 
     db = tmp_path / "r.db"
+    older = subprocess.Popen(["sleep", "60"])                    # not the run's: left alone
+    time.sleep(1.5)
     with Store(db) as s:
         run = s.start_run("edgequant run", "p", "m", "h")
-        t0 = time.monotonic()
-        with pytest.raises(RunTakenOver, match="taken over by pid 4242 on ci-other"):
-            with s.heartbeat(run, every=0.2):
-                conn = sqlite3.connect(db)
-                conn.execute("UPDATE runs SET hostname = 'ci-other', pid = 4242")
-                conn.commit()
-                conn.close()
-                time.sleep(60)                          # a long wait, as for a worker: interrupted
-        assert time.monotonic() - t0 < 30
+        with s.heartbeat(run, every=0.2):
+            worker = subprocess.Popen(["sleep", "60"])           # a long measurement
+            conn = sqlite3.connect(db)
+            conn.execute("UPDATE runs SET hostname = 'ci-other', pid = 4242")
+            conn.commit()
+            conn.close()
+            assert worker.wait(timeout=30) == -signal.SIGKILL
+            with pytest.raises(RunTakenOver, match="taken over by pid 4242 on ci-other"):
+                s.record_rung(run, row_key("Q4_0"), [Measurement("tg_tps", 5.0, "t/s")])
     (row,) = db_rows(db, "SELECT hostname, pid, status FROM runs")
     assert (row["hostname"], row["pid"], row["status"]) == ("ci-other", 4242, "running")
+    assert db_rows(db, "SELECT * FROM measurements") == []
+    assert older.poll() is None
+    older.kill()
+    older.wait()
 
 
 def _suspend(proc: subprocess.Popen, db: Path) -> list[psutil.Process]:
