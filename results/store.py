@@ -8,12 +8,13 @@ Every write happens in a transaction.  A run is inserted as ``running`` and
 ends ``complete`` only when every rung finished; an interrupted or failed run
 ends ``partial``/``failed``, and a run still ``running`` whose process is gone
 (this host) or whose heartbeat stopped (any host) is reported as ``partial``
-(interrupted) and can be taken over by ``--resume``.  Every write of a run (its rows, its status, its
-heartbeat) checks in the same transaction that the run is still held by this process (hostname, pid):
-a process suspended while another took its run over writes nothing more (:class:`RunTakenOver`).
-A figure that is not a
-finite number fails its rung instead of the transaction.  Only an empty
-database or one carrying the ``_migrations`` table is ever written to.
+(interrupted) and can be taken over by ``--resume``.  Every write of a run
+(its rows, its status, its heartbeat) checks in the same transaction that the
+run is still held by this process (hostname, pid): a process suspended while
+another took its run over writes nothing more (:class:`RunTakenOver`).  A
+figure that is not a finite number fails its rung instead of the transaction.
+Only an empty database or one carrying the ``_migrations`` table is ever
+written to.
 """
 
 from __future__ import annotations
@@ -488,8 +489,8 @@ class Store:
 
         A beat that finds the run taken over by another process (this one was suspended past
         HEARTBEAT_STALE_S) stops beating and ends the children started during the block (benchmark and
-        eval workers, converters), so that what the block waits on returns at once; the block's next write into the run
-        is then refused (:class:`RunTakenOver`), as every write of a run taken over is."""
+        eval workers, converters), so that what the block waits on returns at once; the block's next write
+        into the run is then refused (:class:`RunTakenOver`), as every write of a run taken over is."""
         if self._target == ":memory:":
             yield
             return

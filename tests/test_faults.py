@@ -954,6 +954,7 @@ def _suspend(proc: subprocess.Popen, db: Path) -> list[psutil.Process]:
             conn.close()
 
 
+@pytest.mark.slow
 @needs_unshare
 def test_a_suspended_run_taken_over_by_another_host_writes_nothing_when_it_wakes(built, tmp_path):
     env, _ = fresh_copy(built, tmp_path)
