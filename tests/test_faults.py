@@ -1113,3 +1113,28 @@ def test_quantize_verify_checks_the_onnx_rungs_too(tiny_onnx, tmp_path):
     again = {a.variant: a for a in copy.build()}                  # rebuilt, to the bytes first built
     assert not again["fp32-ext"].reused and again["fp32-ext"].sha256 == arts["fp32-ext"].sha256
     assert notices == []                                           # removed by --verify: simply missing
+
+
+@pytest.mark.slow
+def test_an_onnx_rung_changed_after_its_check_is_not_evaluated(tiny_onnx, tiny_bf16_gguf, tmp_path):
+    from test_quality import write_suite
+
+    from edgequant.onnx_pipeline import quality_onnx_rungs
+    from edgequant.pipeline import NullReporter, artifacts_from_files
+    from edgequant.profiles import load_profile
+    from edgequant.profiles.suites import load_suite
+
+    _, copy, model = _onnx_copy(tiny_onnx, tmp_path, [])
+    ext = next(a for a in copy.build() if a.variant == "fp32-ext")
+    flip_bytes_keep_mtime(model["fp32-ext"].with_name("model.onnx_data"), 5000)
+    reference = artifacts_from_files([tiny_bf16_gguf], NullReporter())
+    profile = load_profile(str(tiny_profile(tmp_path, types=["Q4_0"], threads=1)))
+    suite = load_suite(str(write_suite(tmp_path)))
+    with Store(tmp_path / "r.db") as s:
+        run = s.start_run("edgequant eval", "p", "m", "h")
+        statuses = quality_onnx_rungs(s, run, "m", copy.model_hash, reference, [ext], profile, suite,
+                                      tmp_path / "cache", NullReporter())
+    assert statuses == {"ONNX-FP32-EXT": "failed"}
+    (st,) = db_rows(tmp_path / "r.db", "SELECT * FROM rung_status")
+    assert st["status"] == "failed" and "bytes changed on disk" in st["detail"] and st["detail"].startswith("quality:")
+    assert db_rows(tmp_path / "r.db", "SELECT * FROM eval_cases") == []
