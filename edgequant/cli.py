@@ -612,8 +612,9 @@ def _print_plan(run_plan, profile) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the artifacts as JSON instead of a table.")
 @calibration_suite_option
 @click.option("--verify", is_flag=True,
-              help="Instead of building: hash every cached GGUF artifact again and compare it with the sha256 "
-                   "recorded when it was built; damaged ones are removed (the next run rebuilds them), exit 1.")
+              help="Instead of building: hash every cached GGUF and ONNX artifact again and compare it with "
+                   "the sha256 recorded when it was built; damaged ones are removed (the next run rebuilds "
+                   "them), exit 1.")
 def quantize(model, profile_name, db, cache_dir, as_json, suite_name, verify):
     """Build the profile's GGUF ladder and its [onnx] variants (cached) and list the artifacts.
 
@@ -675,14 +676,15 @@ def _verify_cache(cache: Path, as_json: bool) -> None:
     from rich.table import Table
 
     from edgequant.quantize.ladder import verify_cache
+    from edgequant.quantize.onnx_export import verify_onnx_cache
 
     with RichReporter(_stderr_console()) as reporter:
-        checks = verify_cache(cache, reporter.bytes_progress)
+        checks = verify_cache(cache, reporter.bytes_progress) + verify_onnx_cache(cache, reporter.bytes_progress)
     if as_json:
         click.echo(json.dumps([{"path": str(c.path), "quant": c.quant, "status": c.status, "detail": c.detail}
                                for c in checks], indent=2))
     else:
-        table = Table(title=f"cached GGUF artifacts in {cache / 'artifacts'}")
+        table = Table(title=f"cached artifacts in {cache / 'artifacts'}")
         for col in ("rung", "status", "detail", "path"):
             table.add_column(col, overflow="fold")
         for c in checks:

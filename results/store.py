@@ -8,9 +8,13 @@ Every write happens in a transaction.  A run is inserted as ``running`` and
 ends ``complete`` only when every rung finished; an interrupted or failed run
 ends ``partial``/``failed``, and a run still ``running`` whose process is gone
 (this host) or whose heartbeat stopped (any host) is reported as ``partial``
-(interrupted) and can be taken over by ``--resume``.  A figure that is not a
-finite number fails its rung instead of the transaction.  Only an empty
-database or one carrying the ``_migrations`` table is ever written to.
+(interrupted) and can be taken over by ``--resume``.  Every write of a run
+(its rows, its status, its heartbeat) checks in the same transaction that the
+run is still held by this process (hostname, pid): a process suspended while
+another took its run over writes nothing more (:class:`RunTakenOver`).  A
+figure that is not a finite number fails its rung instead of the transaction.
+Only an empty database or one carrying the ``_migrations`` table is ever
+written to.
 """
 
 from __future__ import annotations
@@ -188,6 +192,11 @@ RUN_ALIASES = ("last", "last-complete")
 TAG_NAME = re.compile(r"[A-Za-z][A-Za-z0-9._-]{0,63}")
 
 
+class RunTakenOver(RunFailed):
+    """This process's run is held by another process now (``--resume`` took it over while this one was
+    suspended or silent): it stops, and writes nothing more into the run."""
+
+
 @dataclass(frozen=True)
 class Measurement:
     metric: str
@@ -244,6 +253,17 @@ OPEN_WAIT_SECONDS = 60.0
 def _is_busy(exc: sqlite3.OperationalError) -> bool:
     text = str(exc).lower()
     return "locked" in text or "busy" in text
+
+
+def _end_children(since: float) -> None:
+    """Kill the children this process started since ``since`` (a run's workers, converters): the run was
+    taken over, their work is not wanted.  Older children (not the run's) are left alone."""
+    for child in psutil.Process().children(recursive=True):
+        try:
+            if child.create_time() >= since - 1.0:      # create_time is in clock ticks
+                child.kill()
+        except psutil.Error:
+            pass
 
 
 def sqlite_problem(path: str, exc: sqlite3.Error) -> str:
@@ -477,21 +497,41 @@ class Store:
         return run_id
 
     def beat(self, run_id: str) -> None:
-        """Say that this process is still working on run ``run_id`` (if it is still its own)."""
+        """Say that this process is still working on run ``run_id``; :class:`RunTakenOver` if it is not its own
+        any more."""
         with self.transaction() as conn:
+            self._hold(conn, run_id)
             conn.execute("UPDATE runs SET heartbeat_at = ? WHERE run_id = ? AND status = 'running' AND hostname = ?"
                          " AND pid = ?", (time.time(), run_id, socket.gethostname(), os.getpid()))
+
+    def _hold(self, conn, run_id: str) -> None:
+        """Inside a write's transaction: the run is still held by this process (hostname, pid), or
+        :class:`RunTakenOver` (the transaction is rolled back).  PostgreSQL locks the run's row until the
+        write commits, so a take-over cannot slip in between; SQLite's write lock already covers it."""
+        row = conn.execute("SELECT hostname, pid FROM runs WHERE run_id = ?" + (" FOR UPDATE" if self._pg else ""),
+                           (run_id,)).fetchone()
+        if row is None:
+            return
+        if (row["hostname"], row["pid"]) != (socket.gethostname(), os.getpid()):
+            raise RunTakenOver(f"run {run_id} was taken over by pid {row['pid']} on {row['hostname']}; "
+                               f"this process stops without writing")
 
     @contextmanager
     def heartbeat(self, run_id: str, every: float = HEARTBEAT_S) -> Iterator[None]:
         """While the block runs, a thread with its own connection writes the run's heartbeat every ``every``
-        seconds, so that another host can tell a run that is working from one whose machine died."""
+        seconds, so that another host can tell a run that is working from one whose machine died.
+
+        A beat that finds the run taken over by another process (this one was suspended past
+        HEARTBEAT_STALE_S) stops beating and ends the children started during the block (benchmark and
+        eval workers, converters), so that what the block waits on returns at once; the block's next write
+        into the run is then refused (:class:`RunTakenOver`), as every write of a run taken over is."""
         if self._target == ":memory:":
             yield
             return
         import threading
 
         stop = threading.Event()
+        since = time.time()
 
         def beat() -> None:
             try:
@@ -502,6 +542,10 @@ class Store:
                 while not stop.wait(every):
                     try:
                         other.beat(run_id)
+                    except RunTakenOver:
+                        if not stop.is_set():
+                            _end_children(since)
+                        return
                     except Exception:  # noqa: BLE001 - a busy or full database: try again next time
                         pass
             finally:
@@ -517,10 +561,12 @@ class Store:
 
     def set_prep_seconds(self, run_id: str, seconds: float) -> None:
         with self.transaction() as conn:
+            self._hold(conn, run_id)
             conn.execute("UPDATE runs SET prep_seconds = ? WHERE run_id = ?", (seconds, run_id))
 
     def finish_run(self, run_id: str, status: str, detail: str | None = None) -> None:
         with self.transaction() as conn:
+            self._hold(conn, run_id)
             conn.execute("UPDATE runs SET status = ?, status_detail = ?, finished_at = ? WHERE run_id = ?",
                          (status, detail, time.time(), run_id))
 
@@ -658,6 +704,7 @@ class Store:
         is stored as ``failed`` naming it, with its finite figures.  Returns the status stored (None: untouched).
         """
         with self.transaction() as conn:
+            self._hold(conn, run_id)
             return self._write_rung(conn, run_id, key, measurements, status, detail, cases, suite)
 
     def record_rungs(self, run_id: str, entries: Iterable[tuple[RowKey, Iterable[Measurement], str | None,
@@ -666,6 +713,7 @@ class Store:
         an interrupted run holds all of them or none.  Each entry is (key, measurements, status, detail);
         returns the status stored for each (``record_rung``'s rule for figures that are not finite)."""
         with self.transaction() as conn:
+            self._hold(conn, run_id)
             return [self._write_rung(conn, run_id, key, measurements, status, detail, (), None)
                     for key, measurements, status, detail in entries]
 

@@ -153,6 +153,31 @@ def test_sqlite_failures_are_told_apart(tmp_path):
     assert "wait" not in line
 
 
+def test_a_locked_database_says_locked_and_only_then_to_wait(tmp_path):
+    """The fourth case told apart: another process holds SQLite's write lock (a real lock, the error SQLite
+    itself gives once the wait is over)."""
+    from edgequant.results.store import sqlite_problem
+
+    db = tmp_path / "results.db"
+    Store(db).close()
+    holder = subprocess.Popen([sys.executable, "-c", "import sqlite3, sys, time\n"
+                               f"c = sqlite3.connect({str(db)!r}, isolation_level=None)\n"
+                               "c.execute('BEGIN EXCLUSIVE'); print('held', flush=True); time.sleep(60)"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        conn = sqlite3.connect(db, timeout=0.2, isolation_level=None)
+        with pytest.raises(sqlite3.OperationalError) as exc:
+            conn.execute("BEGIN IMMEDIATE")
+        conn.close()
+    finally:
+        holder.kill()
+        holder.wait()
+    line = sqlite_problem(str(db), exc.value)
+    assert "is locked by another process" in line and "if another edgequant holds it, wait for it" in line
+    assert "full" not in line and "read-only" not in line and "folder" not in line
+
+
 @needs_unshare
 def test_a_database_on_a_read_only_file_system_says_read_only(tmp_path):
     mnt = tmp_path / "ro"
@@ -206,7 +231,7 @@ print(json.dumps(out))
     out = json.loads(res.stdout.strip().splitlines()[-1])
     assert out["code"] == 1
     assert "disk holding it is full" in out["message"] and "nothing of the failed write was stored" in out["message"]
-    assert "\n" not in out["message"]
+    assert "\n" not in out["message"] and "wait" not in out["message"]      # not told as a locked database
     assert out["rows"] == [["Q8_0", "mean_kld"]]          # the earlier rung kept, nothing of Q4_0
     assert out["status"] == "partial"
 
@@ -240,7 +265,8 @@ def test_config_json_that_is_not_an_object_is_bad_input(tiny_checkpoint, tmp_pat
     (bad / "config.json").write_text("[1, 2, 3]")
     res = run_cli("quantize", "--model", str(bad), env=cli_env(tmp_path))
     assert res.returncode == 2, res.stderr
-    assert_one_line_error(res.stderr, "config.json", "not an object")
+    line = assert_one_line_error(res.stderr, "config.json", "not an object")
+    assert "delete" not in line                                  # the user's own checkpoint
 
 
 def test_a_safetensors_file_cut_inside_its_header_is_bad_input(tiny_checkpoint, tmp_path):
@@ -252,7 +278,8 @@ def test_a_safetensors_file_cut_inside_its_header_is_bad_input(tiny_checkpoint, 
     res = run_cli("quantize", "--model", str(bad), "--profile", str(tiny_profile(tmp_path, types=["Q4_0"])),
                   env=cli_env(tmp_path))
     assert res.returncode == 2, res.stderr
-    assert_one_line_error(res.stderr, "model.safetensors", "safetensors header")
+    line = assert_one_line_error(res.stderr, "model.safetensors", "safetensors header")
+    assert "delete" not in line
     assert not list((tmp_path / "cache").rglob("*.gguf"))
 
 
@@ -304,14 +331,16 @@ def test_an_output_path_that_is_a_folder_is_one_line(stored_run, tmp_path, comma
 
 
 @needs_unshare
-def test_an_output_on_a_read_only_file_system_is_one_line(stored_run, tmp_path):
+@pytest.mark.parametrize("command", [["report", "-o"], ["export", "--llama-bench", "-o"],
+                                     ["compare", "last", "last", "--junit"]])
+def test_an_output_on_a_read_only_file_system_is_one_line(stored_run, tmp_path, command):
     db, run = stored_run
     mnt = tmp_path / "ro"
     mnt.mkdir()
-    res = run_argv(in_namespace(cli_argv("report", run, "--db", str(db), "-o", str(mnt / "report.txt")), tmpfs=mnt,
+    res = run_argv(in_namespace(cli_argv(*command, str(mnt / "out.txt"), "--db", str(db)), tmpfs=mnt,
                                 read_only=True), cli_env(tmp_path))
     assert res.returncode == 2, res.stderr
-    assert_one_line_error(res.stderr, "report.txt", "Read-only file system")
+    assert_one_line_error(res.stderr, str(mnt / "out.txt"), "Read-only file system")
 
 
 @needs_unshare
@@ -412,6 +441,30 @@ def test_an_artifact_changed_after_its_check_is_caught_before_it_is_measured(bui
     q4.verify()
 
 
+def test_a_cache_recorded_by_an_older_edgequant_is_trusted_without_hashing_it_again(built, tmp_path):
+    """Manifests written before the signature covered every file kept the GGUF's mtime and ctime apart: an
+    untouched file is still reused without being read, and its manifest moves to the new form only when the
+    file is hashed again."""
+    from edgequant.profiles import load_profile
+    from edgequant.quantize.checkpoint import checkpoint_hash, open_checkpoint
+    from edgequant.quantize.ladder import Ladder
+
+    env, paths = fresh_copy(built, tmp_path)
+    for path in paths.values():
+        manifest = path.with_name(path.name + ".json")
+        data = json.loads(manifest.read_text())
+        del data["signature"]
+        st = path.stat()                     # the copy's own (a copy has a new ctime)
+        manifest.write_text(json.dumps({**data, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns}))
+    ckpt = open_checkpoint(built["model"])
+    digest = checkpoint_hash(ckpt, tmp_path / "cache" / "checkpoint-hashes.json")
+    steps: list[str] = []
+    arts = Ladder(ckpt, digest, load_profile(str(built["profile"])), tmp_path / "cache").build(
+        lambda task, done, total: steps.append(task))
+    assert all(a.reused for a in arts) and not [t for t in steps if t.startswith("checking")], steps
+    assert {a.quant: a.sha256 for a in arts} == {q: a["sha256"] for q, a in built["arts"].items()}
+
+
 def test_quantize_verify_checks_the_whole_cache_and_removes_damaged_artifacts(built, tmp_path):
     env, paths = fresh_copy(built, tmp_path)
     res = run_cli("quantize", "--verify", "--json", env=env)
@@ -438,6 +491,24 @@ def test_a_gguf_cut_inside_its_header_is_bad_input(built, tmp_path):
     assert res.returncode == 2, res.stderr
     line = assert_one_line_error(res.stderr, str(cut), "truncated GGUF header", "pass a complete GGUF file")
     assert "delete" not in line
+
+
+def test_the_users_own_gguf_changed_while_used_is_never_ours_to_delete(built, tmp_path):
+    """An --artifact file is the user's: changed on disk after it was hashed, the advice is about the file,
+    not to delete it or to expect edgequant to rebuild it."""
+    from edgequant.pipeline import NullReporter, artifacts_from_files
+    from edgequant.quantize.ladder import ArtifactChanged
+
+    mine = tmp_path / "mine-q4.gguf"
+    shutil.copyfile(built["arts"]["Q4_0"]["path"], mine)
+    (art,) = artifacts_from_files([mine], NullReporter())
+    art.verify()
+    flip_bytes_keep_mtime(mine, mine.stat().st_size // 2)
+    with pytest.raises(ArtifactChanged) as exc:
+        art.verify()
+    said = str(exc.value)
+    assert str(mine) in said and "run again on a file nobody writes to" in said
+    assert "delete" not in said and "rebuilt" not in said and mine.exists()
 
 
 def test_a_nan_rung_fails_alone_and_the_other_rungs_quality_is_stored(built, tmp_path):
@@ -783,3 +854,287 @@ def test_the_cache_disk_filling_while_converting_says_disk_full_not_no_output(ti
     line = assert_one_line_error(res.stderr, "converting", "the disk holding", "is full", "MiB free",
                                  "256 MiB margin", "--cache-dir")
     assert "no output" not in line and "no log" not in line
+
+
+# ---------------------------------------------------------------------------
+# fencing: a run taken over while its process was only suspended
+
+
+def test_every_write_of_a_run_taken_over_is_refused_and_rolled_back(tmp_path):
+    """The store's side: once another process holds the run, this one's rows, status, preparation time and
+    heartbeat are refused in their own transaction, and nothing of them is stored."""
+    from edgequant.results.store import RunTakenOver
+
+    db = tmp_path / "r.db"
+    with Store(db) as s:
+        run = s.start_run("edgequant run", "p", "m", "h")
+        s.record_rung(run, row_key("BF16"), [Measurement("tg_tps", 9.0, "t/s")])      # still its own
+        conn = sqlite3.connect(db)
+        conn.execute("UPDATE runs SET hostname = 'ci-other', pid = 4242, heartbeat_at = 123.0")
+        conn.commit()
+        conn.close()
+        before = {t: db_rows(db, f"SELECT * FROM {t}") for t in ("runs", "measurements", "rung_status")}
+        said = "run " + run + " was taken over by pid 4242 on ci-other; this process stops without writing"
+        writes = [lambda: s.record_rung(run, row_key("Q4_0"), [Measurement("tg_tps", 5.0, "t/s")]),
+                  lambda: s.record_rungs(run, [(row_key("Q8_0"), [Measurement("tg_tps", 6.0, "t/s")], "ok", None)]),
+                  lambda: s.finish_run(run, "partial", "interrupted"),
+                  lambda: s.set_prep_seconds(run, 3.0),
+                  lambda: s.beat(run)]
+        for write in writes:
+            with pytest.raises(RunTakenOver) as exc:
+                write()
+            assert str(exc.value) == said and exc.value.exit_code == 1
+        assert {t: db_rows(db, f"SELECT * FROM {t}") for t in before} == before
+
+
+def test_a_shared_postgresql_store_refuses_the_writes_of_a_run_taken_over(pg_server):
+    import psycopg
+
+    from edgequant.results.store import RunTakenOver
+
+    url = pg_server.new_database()
+    with Store(url) as s:
+        run = s.start_run("edgequant run", "p", "m", "h")
+        s.record_rung(run, row_key("BF16"), [Measurement("tg_tps", 9.0, "t/s")])
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute("UPDATE runs SET hostname = 'ci-other', pid = 4242")
+        with pytest.raises(RunTakenOver, match=f"run {run} was taken over by pid 4242 on ci-other"):
+            s.record_rung(run, row_key("Q4_0"), [Measurement("tg_tps", 5.0, "t/s")])
+        with pytest.raises(RunTakenOver):
+            s.finish_run(run, "complete")
+    with psycopg.connect(url, autocommit=True) as conn:
+        assert [r[0] for r in conn.execute("SELECT quant FROM measurements")] == ["BF16"]
+        assert conn.execute("SELECT status, pid FROM runs").fetchall() == [("running", 4242)]
+
+
+def test_the_heartbeat_stops_the_work_of_a_run_taken_over(tmp_path):
+    """The heartbeat finds the run taken over and ends this process's children (a worker it waits on), so
+    the process does not measure on until its next write, which is refused."""
+    from edgequant.results.store import RunTakenOver
+
+    db = tmp_path / "r.db"
+    older = subprocess.Popen(["sleep", "60"])                    # not the run's: left alone
+    time.sleep(1.5)
+    with Store(db) as s:
+        run = s.start_run("edgequant run", "p", "m", "h")
+        with s.heartbeat(run, every=0.2):
+            worker = subprocess.Popen(["sleep", "60"])           # a long measurement
+            conn = sqlite3.connect(db)
+            conn.execute("UPDATE runs SET hostname = 'ci-other', pid = 4242")
+            conn.commit()
+            conn.close()
+            assert worker.wait(timeout=30) == -signal.SIGKILL
+            with pytest.raises(RunTakenOver, match="taken over by pid 4242 on ci-other"):
+                s.record_rung(run, row_key("Q4_0"), [Measurement("tg_tps", 5.0, "t/s")])
+    (row,) = db_rows(db, "SELECT hostname, pid, status FROM runs")
+    assert (row["hostname"], row["pid"], row["status"]) == ("ci-other", 4242, "running")
+    assert db_rows(db, "SELECT * FROM measurements") == []
+    assert older.poll() is None
+    older.kill()
+    older.wait()
+
+
+def _suspend(proc: subprocess.Popen, db: Path) -> list[psutil.Process]:
+    """SIGSTOP the CLI and its workers (a laptop lid), at a moment it does not hold the database's write lock
+    (a transaction is milliseconds long: if it was caught in one, let it finish and stop it again)."""
+    while True:
+        group = [psutil.Process(proc.pid)] + psutil.Process(proc.pid).children(recursive=True)
+        for p in group:
+            p.suspend()
+        conn = sqlite3.connect(db, timeout=0)
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            conn.execute("ROLLBACK")
+            return group
+        except sqlite3.OperationalError:
+            for p in group:
+                p.resume()
+            time.sleep(0.05)
+        finally:
+            conn.close()
+
+
+@pytest.mark.slow
+@needs_unshare
+def test_a_suspended_run_taken_over_by_another_host_writes_nothing_when_it_wakes(built, tmp_path):
+    env, _ = fresh_copy(built, tmp_path)
+    profile = tiny_profile(tmp_path, types=SLOW_LADDER, n_prompt=16, n_gen=4, repetitions=3, warmup=0)
+    db = tmp_path / "results.db"
+    first = start_cli("run", "--no-quality", "--model", str(built["model"]), "--profile", str(profile), env=env)
+    try:
+        def one_rung_stored() -> bool:
+            try:
+                return bool(db_rows(db, "SELECT quant FROM rung_status"))
+            except sqlite3.Error:
+                return False
+
+        wait_for(one_rung_stored, 600, "the first rung to be stored", first)
+        group = _suspend(first, db)
+        (run,) = db_rows(db, "SELECT * FROM runs")
+        assert (run["status"], run["pid"]) == ("running", first.pid)
+        own = f"host:{run['hostname']}"
+        stored = {t: db_rows(db, f"SELECT * FROM {t} WHERE device_id = ? ORDER BY 1, 2", own)
+                  for t in ("measurements", "rung_status")}
+        assert stored["rung_status"] and len(stored["rung_status"]) < 1 + len(SLOW_LADDER)
+        # silent for longer than the limit: another machine (its own cache, the same database) takes it over
+        conn = sqlite3.connect(db)
+        conn.execute("UPDATE runs SET heartbeat_at = heartbeat_at - 3600")
+        conn.commit()
+        conn.close()
+        (tmp_path / "b").mkdir()
+        shutil.copytree(built["cache"], tmp_path / "b" / "cache", symlinks=True)
+        env_b = cli_env(tmp_path / "b", EDGEQUANT_DB=str(db))
+        resumed = run_argv(in_namespace(cli_argv("run", "--resume", run["run_id"]), hostname="ci-other"), env_b)
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+        (taken,) = db_rows(db, "SELECT * FROM runs")
+        assert (taken["status"], taken["hostname"]) == ("complete", "ci-other") and taken["pid"] != first.pid
+        after_b = {t: db_rows(db, f"SELECT * FROM {t} ORDER BY 1, 2") for t in ("runs", "measurements", "rung_status")}
+        # the first process wakes up, mid-rung: it must stop with one line and write nothing
+        for p in group:
+            try:
+                p.resume()
+            except psutil.NoSuchProcess:
+                pass
+        _, err = first.communicate(timeout=300)
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+            first.communicate()
+    assert first.returncode == 1, err[-3000:]
+    assert_one_line_error(err, f"run {run['run_id']} was taken over by pid {taken['pid']} on ci-other",
+                          "this process stops without writing")
+    assert {t: db_rows(db, f"SELECT * FROM {t} ORDER BY 1, 2") for t in after_b} == after_b
+    assert {t: db_rows(db, f"SELECT * FROM {t} WHERE device_id = ? ORDER BY 1, 2", own)
+            for t in stored} == stored
+    _assert_every_rung_once(db, run["run_id"], "host:ci-other")
+    _, alive = psutil.wait_procs([p for p in group if p.pid != first.pid], timeout=20)
+    assert alive == []
+
+
+# ---------------------------------------------------------------------------
+# ONNX rungs: content-verified like the GGUF rungs
+
+
+def _onnx_copy(tiny_onnx, tmp_path, notices: list[str]):
+    """A private copy of the tiny ONNX rungs' cache: (the built artifacts by variant, a ladder over the copy
+    that collects its notices, the copy's artifacts by variant)."""
+    from edgequant.quantize.onnx_export import OnnxLadder
+
+    arts, ladder, cache = tiny_onnx
+    shutil.copytree(cache, tmp_path / "cache", symlinks=True)
+    copy = OnnxLadder(ladder.ckpt, ladder.model_hash, ladder.spec, tmp_path / "cache", notice=notices.append)
+    moved = {v: tmp_path / "cache" / a.path.relative_to(cache) for v, a in arts.items()}
+    return arts, copy, moved
+
+
+def _folder_digest(folder: Path) -> str:
+    """sha256 over (name, sha256) of model.onnx*, computed here apart from edgequant's own hashing."""
+    lines = "".join(f"{p.name}\0{sha256(p)}\n" for p in sorted(folder.glob("model.onnx*")))
+    return hashlib.sha256(lines.encode()).hexdigest()
+
+
+@pytest.mark.slow
+def test_damaged_cached_onnx_rungs_are_rebuilt_with_one_line_each(tiny_onnx, tmp_path):
+    notices: list[str] = []
+    arts, copy, model = _onnx_copy(tiny_onnx, tmp_path, notices)
+    flip_bytes_keep_mtime(model["int8"], 2000)                                   # flipped, mtime kept
+    data = model["fp32-ext"].with_name("model.onnx_data")
+    flip_bytes_keep_mtime(data, data.stat().st_size // 2)                         # its external data
+    cut = model["int4"].read_bytes()
+    st = model["int4"].stat()
+    model["int4"].write_bytes(cut[: len(cut) // 2])                               # truncated, mtime kept
+    os.utime(model["int4"], ns=(st.st_atime_ns, st.st_mtime_ns))
+    os.utime(model["fp16"], ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))          # only touched
+    again = {a.variant: a for a in copy.build()}
+    assert sorted(copy.rebuilt) == ["ONNX-FP32-EXT", "ONNX-INT4", "ONNX-INT8"]
+    assert len(notices) == 3 and all("is damaged" in n and n.endswith("rebuilding it") for n in notices), notices
+    assert any("ONNX-FP32-EXT" in n and "sha256" in n for n in notices)
+    for variant, art in again.items():
+        assert art.reused == (variant not in ("int8", "int4", "fp32-ext")), variant
+        assert _folder_digest(art.path.parent) == art.sha256, variant              # the record is the bytes
+        manifest = json.loads(art.path.parent.with_name(art.path.parent.name + ".json").read_text())
+        assert manifest["sha256"] == art.sha256
+    # made again from the same export with the same options: the very bytes first built
+    assert {v: a.sha256 for v, a in again.items()} == {v: a.sha256 for v, a in arts.items()}
+
+
+@pytest.mark.slow
+def test_an_onnx_rung_changed_after_its_check_fails_alone_before_it_is_measured(tiny_onnx, tmp_path):
+    from edgequant.onnx_pipeline import bench_onnx_rungs
+    from edgequant.pipeline import NullReporter
+    from edgequant.profiles import load_profile
+    from edgequant.quantize.ladder import ArtifactChanged
+
+    notices: list[str] = []
+    _, copy, model = _onnx_copy(tiny_onnx, tmp_path, notices)
+    arts = {a.variant: a for a in copy.build()}
+    assert notices == [] and all(a.reused for a in arts.values())
+    ext = arts["fp32-ext"]
+    ext.verify()
+    data = ext.path.with_name("model.onnx_data")
+    flip_bytes_keep_mtime(data, data.stat().st_size // 3)
+    with pytest.raises(ArtifactChanged, match="bytes changed on disk"):
+        ext.verify()
+    profile = load_profile(str(tiny_profile(tmp_path, types=["Q4_0"], n_prompt=8, n_gen=2, repetitions=3,
+                                            warmup=0)))
+    with Store(tmp_path / "r.db") as s:
+        run = s.start_run("edgequant bench", "p", "m", "h")
+        outcome = bench_onnx_rungs(s, run, "m", copy.model_hash, [ext, arts["int8"]], profile, NullReporter())
+        s.finish_run(run, "complete")
+    assert {o.artifact.quant: o.status for o in outcome.outcomes} == {"ONNX-FP32-EXT": "failed", "ONNX-INT8": "ok"}
+    status = {r["quant"]: r for r in db_rows(tmp_path / "r.db", "SELECT * FROM rung_status")}
+    assert status["ONNX-FP32-EXT"]["status"] == "failed"
+    detail = status["ONNX-FP32-EXT"]["detail"]
+    assert "bytes changed on disk" in detail and "a damaged cached artifact is rebuilt" in detail
+    measured = {r["quant"] for r in db_rows(tmp_path / "r.db", "SELECT quant FROM measurements"
+                                                                   " WHERE metric = 'tg_tps'")}
+    assert measured == {"ONNX-INT8"}
+
+
+@pytest.mark.slow
+def test_quantize_verify_checks_the_onnx_rungs_too(tiny_onnx, tmp_path):
+    notices: list[str] = []
+    arts, copy, model = _onnx_copy(tiny_onnx, tmp_path, notices)
+    env = cli_env(tmp_path)
+    res = run_cli("quantize", "--verify", "--json", env=env)
+    assert res.returncode == 0, res.stderr
+    checks = json.loads(res.stdout)
+    assert sorted(c["quant"] for c in checks) == sorted(["ONNX-FP32", "ONNX-FP16", "ONNX-INT8", "ONNX-INT4",
+                                                         "ONNX-INT4-EMB", "ONNX-FP32-EXT"])
+    assert {c["status"] for c in checks} == {"ok"}
+    data = model["fp32-ext"].with_name("model.onnx_data")
+    flip_bytes_keep_mtime(data, 1000)
+    res = run_cli("quantize", "--verify", "--json", env=env)
+    assert res.returncode == 1
+    assert_one_line_error(res.stderr, "1 of 6", "ONNX-FP32-EXT damaged")
+    checks = {c["quant"]: c["status"] for c in json.loads(res.stdout)}
+    assert checks["ONNX-FP32-EXT"] == "damaged" and list(checks.values()).count("ok") == 5
+    assert not model["fp32-ext"].parent.exists()
+    again = {a.variant: a for a in copy.build()}                  # rebuilt, to the bytes first built
+    assert not again["fp32-ext"].reused and again["fp32-ext"].sha256 == arts["fp32-ext"].sha256
+    assert notices == []                                           # removed by --verify: simply missing
+
+
+@pytest.mark.slow
+def test_an_onnx_rung_changed_after_its_check_is_not_evaluated(tiny_onnx, tiny_bf16_gguf, tmp_path):
+    from test_quality import write_suite
+
+    from edgequant.onnx_pipeline import quality_onnx_rungs
+    from edgequant.pipeline import NullReporter, artifacts_from_files
+    from edgequant.profiles import load_profile
+    from edgequant.profiles.suites import load_suite
+
+    _, copy, model = _onnx_copy(tiny_onnx, tmp_path, [])
+    ext = next(a for a in copy.build() if a.variant == "fp32-ext")
+    flip_bytes_keep_mtime(model["fp32-ext"].with_name("model.onnx_data"), 5000)
+    reference = artifacts_from_files([tiny_bf16_gguf], NullReporter())
+    profile = load_profile(str(tiny_profile(tmp_path, types=["Q4_0"], threads=1)))
+    suite = load_suite(str(write_suite(tmp_path)))
+    with Store(tmp_path / "r.db") as s:
+        run = s.start_run("edgequant eval", "p", "m", "h")
+        statuses = quality_onnx_rungs(s, run, "m", copy.model_hash, reference, [ext], profile, suite,
+                                      tmp_path / "cache", NullReporter())
+    assert statuses == {"ONNX-FP32-EXT": "failed"}
+    (st,) = db_rows(tmp_path / "r.db", "SELECT * FROM rung_status")
+    assert st["status"] == "failed" and "bytes changed on disk" in st["detail"] and st["detail"].startswith("quality:")
+    assert db_rows(tmp_path / "r.db", "SELECT * FROM eval_cases") == []

@@ -375,3 +375,37 @@ def test_a_resumed_run_does_not_measure_a_stored_onnx_rung_again(tiny_onnx, onnx
     counts = db_rows(tmp_path / "r.db", "SELECT quant, COUNT(*) AS n FROM measurements WHERE run_id = ? "
                                         "AND metric = 'tg_tps' GROUP BY quant", run_id)
     assert {r["quant"]: r["n"] for r in counts} == {first.quant: 1, second.quant: 1}
+
+
+@pytest.mark.slow
+def test_an_onnx_rung_changed_on_disk_after_its_check_is_not_pushed_and_fails_alone(tiny_onnx, onnx_phone,
+                                                                                    arm64_runner, tmp_path):
+    """The push sends only bytes whose sha256 the rows record: an ONNX rung whose external data changed after
+    the ladder checked it fails with the reason, before anything of it reaches the phone; the next rung runs."""
+    import os
+
+    from edgequant.quantize.onnx_export import OnnxLadder
+
+    _, ladder, cache = tiny_onnx
+    shutil.copytree(cache, tmp_path / "onnx-copy", symlinks=True)       # the shared cache stays whole
+    arts = {a.variant: a for a in OnnxLadder(ladder.ckpt, ladder.model_hash, ladder.spec,
+                                             tmp_path / "onnx-copy").build()}
+    ext, small = arts["fp32-ext"], arts["int4"]
+    data = ext.path.with_name("model.onnx_data")
+    st = data.stat()
+    with open(data, "r+b") as fh:                                       # bytes flipped, size and mtime kept
+        fh.seek(st.st_size // 2)
+        block = fh.read(64)
+        fh.seek(st.st_size // 2)
+        fh.write(bytes(b ^ 0x5A for b in block))
+    os.utime(data, ns=(st.st_atime_ns, st.st_mtime_ns))
+    peer, workdir, _, _ = onnx_phone
+    with _device_bench(onnx_phone, arm64_runner, tmp_path) as (ctx, store, run_id, bench):
+        out = bench([ext, small])
+    assert [(o.artifact.quant, o.status) for o in out.outcomes] == [(ext.quant, "failed"), (small.quant, "ok")]
+    statuses = {s["quant"]: s for s in store.rung_statuses(run_id)}
+    assert statuses[ext.quant]["status"] == "failed"
+    assert "bytes changed on disk" in statuses[ext.quant]["detail"]
+    assert "tg_tps" not in _rows(tmp_path / "r.db", ext.quant) and _rows(tmp_path / "r.db", small.quant)["tg_tps"]
+    pushed = [p.name for p in (Path(workdir) / "models").iterdir()]
+    assert not [n for n in pushed if n.endswith("onnx_data")], pushed       # nothing of the damaged rung

@@ -16,7 +16,7 @@ from edgequant.profiles import Profile
 from edgequant.pipeline.scope import RunScope
 from edgequant.quantize.checkpoint import (Checkpoint, checkpoint_hash, download_from_hub, looks_like_hub_id,
                                            open_checkpoint)
-from edgequant.quantize.ladder import Artifact, Ladder, stat_signature
+from edgequant.quantize.ladder import Artifact, Ladder, files_signature
 from edgequant.results.store import Measurement, RowKey, Store
 
 
@@ -462,7 +462,7 @@ def artifacts_from_files(paths: list[Path], reporter: Reporter) -> list[Artifact
                             model_hash="gguf:" + digest, sha256=digest, size_bytes=st.st_size,
                             n_params=info.n_params, bits_per_weight=info.bits_per_weight,
                             tensor_types=info.tensor_types, architecture=info.architecture,
-                            checked=stat_signature(st)))
+                            checked=files_signature([path.resolve()])))
     names = [a.quant for a in out]
     if len(set(names)) != len(names):
         for a in out:

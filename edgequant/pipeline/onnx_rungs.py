@@ -14,7 +14,7 @@ from edgequant.pipeline.host import (BenchOutcome, Reporter, ResolvedModel, Rung
                                 quality_measurements)
 from edgequant.pipeline.scope import RunScope
 from edgequant.profiles import Profile
-from edgequant.quantize.ladder import Artifact
+from edgequant.quantize.ladder import Artifact, ArtifactChanged
 from edgequant.results.store import Measurement, RowKey, Store
 
 RUNTIME = "onnxruntime"
@@ -26,7 +26,8 @@ def build_onnx(resolved: ResolvedModel, profile: Profile, cache_root: Path, repo
         return []
     from edgequant.quantize.onnx_export import OnnxLadder
 
-    ladder = OnnxLadder.for_profile(resolved.checkpoint, resolved.model_hash, profile, cache_root)
+    ladder = OnnxLadder.for_profile(resolved.checkpoint, resolved.model_hash, profile, cache_root,
+                                    notice=reporter.step)
     return ladder.build(reporter.bytes_progress)
 
 
@@ -37,7 +38,8 @@ def cached_onnx(resolved: ResolvedModel, profile: Profile, cache_root: Path, rep
         return []
     from edgequant.quantize.onnx_export import OnnxLadder, rung_name
 
-    ladder = OnnxLadder.for_profile(resolved.checkpoint, resolved.model_hash, profile, cache_root)
+    ladder = OnnxLadder.for_profile(resolved.checkpoint, resolved.model_hash, profile, cache_root,
+                                    notice=reporter.step)
     missing = ladder.missing()
     if missing:
         names = sorted({rung_name(p.variant.name) for p in missing})
@@ -88,12 +90,14 @@ def quality_onnx_rungs(store: Store, run_id: str, model_id: str, model_hash: str
                         runtime_version=metadata.version("onnxruntime"), params=params)
         reporter.rung_started(art.quant)
         try:
+            art.verify()           # the files evaluated hold the bytes whose sha256 the rows record
             q = evaluate_onnx_rung(art.path, art.quant, suite, ref, threads, settings.timeout,
                                    lambda p, quant=art.quant: reporter.rung_phase(quant, p))
-        except EvalError as exc:
-            store.record_rung(run_id, key, [], status=exc.status, detail=f"quality: {exc}")
-            statuses[art.quant] = exc.status
-            reporter.rung_done(art.quant, exc.status)
+        except (EvalError, ArtifactChanged) as exc:
+            status = getattr(exc, "status", "failed")
+            store.record_rung(run_id, key, [], status=status, detail=f"quality: {exc}")
+            statuses[art.quant] = status
+            reporter.rung_done(art.quant, status)
             continue
         stored = store.record_rung(run_id, key, quality_measurements(q.metrics, q.gates), status=None,
                                    cases=[c.record() for c in q.cases], suite=suite.name)
