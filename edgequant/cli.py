@@ -1635,6 +1635,8 @@ def noise(model, profile_name, threads, n_prompt, n_gen, repetitions, warmup, ru
     worth calling a regression.  Every measurement follows the profile's
     contention rules; a measurement still contended stops the command (exit 1)
     without storing a floor.  Build the rung first with `edgequant quantize`.
+    With --device SERIAL the phone is leased and the rung measured there as
+    `edgequant run --device` measures it; the floor is that phone's.
     """
     from dataclasses import replace
 
