@@ -19,10 +19,9 @@ runner); both measure a GGUF the way a run measures a rung there.
 from __future__ import annotations
 
 import statistics
-from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 from edgequant.bench.contention import Contention, host_top, wait_for_quiet
 from edgequant.errors import BadInput, RunFailed
