@@ -197,3 +197,30 @@ def test_noise_and_recheck_bad_input_on_a_phone_is_one_line_exit_2(tiny_checkpoi
     r = run_cli("compare", *runs, *args, "--db", str(away), env=env, timeout=300)
     assert r.returncode == 2 and assert_one_line_error(r.stderr, "re-check of BF16", gone, "cannot be reached")
     assert not _benches(peer, "recheck")
+
+
+def test_a_phone_pairs_stored_settings_are_measured_again_as_stored():
+    """A re-check measures a phone pair with the settings its rows store: threads as resolved there, and
+    "default" repack (llama.cpp's own choice) stays llama.cpp's own choice, not "on"."""
+    from edgequant.bench.device_bench import device_repack
+    from edgequant.device_run import device_params
+    from edgequant.noise import _settings_from
+    from edgequant.profiles import BenchSettings
+
+    contention = BenchSettings(contention_threshold=0.5)
+    stored = {"runner": "device", "threads": 4, "n_prompt": 16, "n_gen": 4, "repetitions": 5, "repack": "default"}
+    s = _settings_from(stored, contention)
+    assert (s.threads, s.n_prompt, s.n_gen, s.repetitions, s.repack) == (4, 16, 4, 5, "auto")
+    assert s.contention_threshold == 0.5
+    assert device_params(s, 4, device_repack(s))["repack"] == "default"        # the same rows again
+    assert _settings_from({**stored, "repack": False}, contention).repack == "off"
+    assert _settings_from({**stored, "repack": True}, contention).repack == "on"
+
+
+@pytest.mark.parametrize("spec", ["all", "pool:rack.toml"])
+def test_noise_measures_on_one_place(spec):
+    from edgequant.errors import BadInput
+    from edgequant.noise import place_id
+
+    with pytest.raises(BadInput, match="one place"):
+        place_id(spec)
