@@ -30,7 +30,7 @@ an app using these prompts generates (``bench.depths = ["suite"]``).
 
 With ``"prompts_only": true`` nothing is decoded: the result is every case's
 whole prompt text and its tokens (``prompts``), for running the same prompts
-elsewhere (``edgequant.device_quality``).
+elsewhere (``edgequant.pipeline.device_quality``).
 
 Method:
 

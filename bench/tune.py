@@ -14,7 +14,7 @@ measures every live variant at each level:
 * a candidate over ``--max-size`` is not measured.
 
 Building and measuring are callables, so the same search runs on the host or
-on a phone (``edgequant.calibrate.tune``): ``build(spec) -> artifact``
+on a phone (``edgequant.pipeline.calibrate.tune``): ``build(spec) -> artifact``
 (anything with ``size_bytes``) and ``measure(spec, artifact) -> Measured``.
 Nothing here touches llama.cpp, files or the store; the caller records the
 evidence.

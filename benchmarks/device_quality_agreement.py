@@ -9,7 +9,7 @@ For each GGUF, the first ``--cases`` cases of the suite (the built-in triage
 suite by default, each format's ``max_tokens`` lowered to ``--max-tokens``) are
 generated greedily twice: by the host eval (``edgequant.bench.eval_worker``,
 batched, in-process llama.cpp on this x86 host) and by the device path of
-``edgequant.device_quality`` (the same prompts, the same shell script and
+``edgequant.pipeline.device_quality`` (the same prompts, the same shell script and
 result reading) with the runner's ``llama-completion``.  A linux-arm64 runner
 runs under ``qemu-aarch64-static -cpu cortex-a53`` through a transport that is
 ``/bin/sh`` on this machine (the folder plays the phone's work directory), so

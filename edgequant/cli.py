@@ -1479,14 +1479,19 @@ def tag(run_id, name, db):
               help="Also write a Markdown summary (e.g. $GITHUB_STEP_SUMMARY).")
 @click.option("--json", "json_path", metavar="FILE", default=None, help="Also write every figure and gate as JSON.")
 @click.option("--recheck", is_flag=True,
-              help="Measure the artifacts of every flagged rung again on this host, baseline and candidate "
-                   "alternately (A, B, A, B ...), and let that paired verdict decide its speed gates.")
+              help="Measure the artifacts of every flagged rung again where the runs measured it (this host or "
+                   "the phone), baseline and candidate alternately (A, B, A, B ...), and let that paired "
+                   "verdict decide its speed gates.")
 @click.option("--rounds", type=int, default=3, show_default=True, metavar="N",
               help="With --recheck: how many times each side is measured (at least 2).")
 @click.option("--profile", "profile_name", default="default", show_default=True, metavar="NAME|PATH",
               help="With --recheck: the profile whose [bench] contention settings the re-measurements follow.")
+@device_dir_option
+@runner_dir_option
 @db_option
-def compare(baseline, candidate, gates_name, junit_path, markdown_path, json_path, recheck, rounds, profile_name, db):
+@cache_option
+def compare(baseline, candidate, gates_name, junit_path, markdown_path, json_path, recheck, rounds, profile_name,
+            device_dir, runner_dir, db, cache_dir):
     """Compare CANDIDATE (default `last`) with BASELINE and fail on a regression.
 
     Runs are given by id, `last`, `last-complete` or tag.  Rows pair on model,
@@ -1525,7 +1530,10 @@ def compare(baseline, candidate, gates_name, junit_path, markdown_path, json_pat
             if phase.endswith(("done", "waiting for quiet")):     # one line per measurement, not per step
                 console.print(f"  {quant}: {phase}", highlight=False)
 
-        rechecks = noise.recheck(store, result, rounds, profile.bench, pairs=flagged, on_phase=said)
+        with noise.Places(_cache_root(cache_dir), device_dir, runner_dir, say=lambda m: console.print(f"  {m}"),
+                          cooldown=profile.device.cooldown(), folder="recheck") as places:
+            rechecks = noise.recheck(store, result, rounds, profile.bench, pairs=flagged, on_phase=said,
+                                     places=places)
         noise.apply_recheck(result, rechecks)
     for path, render in ((junit_path, cmp.render_junit), (markdown_path, cmp.render_markdown),
                          (json_path, cmp.render_json)):
@@ -1557,12 +1565,15 @@ def compare(baseline, candidate, gates_name, junit_path, markdown_path, json_pat
 @click.option("--repeat", type=int, default=5, show_default=True, metavar="N",
               help="How many times the rung is measured (at least 2).")
 @click.option("--device", "device_spec", default=None, metavar="SPEC",
-              help="Where to measure: this host (`host`, the default; phones are not supported yet).")
+              help="Where to measure: this host (`host`, the default) or one phone (SERIAL, HOST:PORT, "
+                   "server:SERIAL), leased and measured as `edgequant run --device` does.")
+@device_dir_option
+@runner_dir_option
 @db_option
 @cache_option
 @calibration_suite_option
-def noise(model, profile_name, threads, n_prompt, n_gen, repetitions, warmup, rung, repeat, device_spec, db, cache_dir,
-          suite_name):
+def noise(model, profile_name, threads, n_prompt, n_gen, repetitions, warmup, rung, repeat, device_spec, device_dir,
+          runner_dir, db, cache_dir, suite_name):
     """Measure one rung several times in a row and store this place's A/A noise floor.
 
     The floor of a metric is the spread of the measurements' medians: (largest
@@ -1571,20 +1582,19 @@ def noise(model, profile_name, threads, n_prompt, n_gen, repetitions, warmup, ru
     worth calling a regression.  Every measurement follows the profile's
     contention rules; a measurement still contended stops the command (exit 1)
     without storing a floor.  Build the rung first with `edgequant quantize`.
+    With --device SERIAL the phone is leased and the rung measured there as
+    `edgequant run --device` measures it; the floor is that phone's.
     """
     from dataclasses import replace
 
     from edgequant.pipeline import calibrate
     from edgequant.pipeline import host as pipeline
-    from edgequant.devices.host import host_device_id
-    from edgequant.noise import measure_noise_floor
+    from edgequant.noise import Places, measure_noise_floor, place_id
 
     if repeat < 2:
         raise BadInput(f"--repeat {repeat}: a noise floor needs at least 2 measurements of the rung (5 is a "
                        f"good start)")
-    if device_spec not in (None, "host", host_device_id()):
-        raise BadInput(f"--device {device_spec}: noise floors are measured on this host only so far; leave "
-                       f"--device out (or pass `host`)")
+    where = place_id(device_spec)
     profile = _load_profile(profile_name, threads=threads, n_prompt=n_prompt, n_gen=n_gen,
                             repetitions=repetitions, warmup=warmup)
     rungs = profile.rungs()
@@ -1604,10 +1614,14 @@ def noise(model, profile_name, threads, n_prompt, n_gen, repetitions, warmup, ru
                                               reporter.step)
         art = next(a for a in pipeline.cached_ladder(resolved, only, cache, reporter, imatrix=imatrix)
                    if a.quant == wanted)
-        reporter.start_bench(1, f"noise floor ({repeat}×)")
-        reporter.rung_started(art.quant)
-        floor = measure_noise_floor(art, profile.bench, repeat, on_phase=lambda ph: reporter.rung_phase(art.quant, ph))
-        reporter.rung_done(art.quant, "ok")
+        with Places(cache, device_dir, runner_dir, say=reporter.step, cooldown=profile.device.cooldown(),
+                    folder="noise") as places:
+            place = places.get(where, f"--device {device_spec}")
+            reporter.start_bench(1, f"noise floor ({repeat}×)")
+            reporter.rung_started(art.quant)
+            floor = measure_noise_floor(art, profile.bench, repeat, place=place,
+                                        on_phase=lambda ph: reporter.rung_phase(art.quant, ph))
+            reporter.rung_done(art.quant, "ok")
     store.record_artifact(art.record())
     store.record_noise_floor(floor.device_id, art.quant, art.sha256, floor.params, floor.floors)
     click.echo(f"A/A noise floor of {floor.device_id} ({art.quant}, {repeat} measurements, threads "

@@ -10,6 +10,10 @@
 * ``recheck``: a flagged speed change measured again, baseline and candidate
   artifacts alternately (A, B, A, B ...) on the same place, which cancels drift
   such as heat; the verdict comes from the pooled samples of both sides.
+
+A *place* is this host (``HostPlace``) or a phone (``device_run.DevicePlace``,
+opened by ``Places`` like ``edgequant run --device`` opens it: lease, facts,
+runner); both measure a GGUF the way a run measures a rung there.
 """
 
 from __future__ import annotations
@@ -108,6 +112,143 @@ def sample_detail(summary) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------
+# places: this host, or a phone
+
+
+class HostPlace:
+    """This host as a place to measure GGUF files on: the worker a host run uses (``bench.host``)."""
+
+    runner = "host"
+    read_load = None            # measure_until_quiet's defaults: this host's /proc/stat and processes
+    read_top = None
+
+    def __init__(self):
+        from edgequant.devices.host import host_device_id
+
+        self.device_id = host_device_id()
+
+    def params(self, settings: BenchSettings) -> dict[str, Any]:
+        return {"runner": "host", **settings.as_params()}
+
+    def repack(self, settings: BenchSettings) -> bool:
+        return settings.resolved_repack()
+
+    def prepare(self, path: Path, sha256: str, quant: str, on_progress=None) -> Path:
+        return Path(path)
+
+    def measure(self, path: Path, settings: BenchSettings, repack: bool | None = None,
+                on_progress: Callable[[str], None] | None = None):
+        from edgequant.bench.host import measure_gguf
+
+        return measure_gguf(path, settings, on_progress=on_progress, repack=repack)
+
+
+class _Steps:
+    """The reporter a phone's opening talks to (``farm.open_phones``): its steps only."""
+
+    def __init__(self, say: Callable[[str], None]):
+        self.step = say
+
+
+UNREACHABLE = frozenset({"offline", "timeout", "refused"})
+
+
+class Places:
+    """The places a command measures on, by device id: this host, and phones (``adb:SERIAL``) reached as
+    ``edgequant run --device SERIAL`` reaches them: the lease taken (``farm``), the facts read, the runner
+    installed in ``workdir``.  Each is opened on first use and all are closed (leases released) together.
+
+    A phone that cannot be reached, or a device id that is neither, is ``BadInput`` naming it."""
+
+    def __init__(self, cache_root: Path, workdir: str | None = None, runner_dir: str | None = None,
+                 say: Callable[[str], None] = lambda m: None, cooldown=None, lease_wait: float | None = None,
+                 folder: str = "measure"):
+        self.cache_root, self.workdir, self.runner_dir = cache_root, workdir, runner_dir
+        self.say, self.cooldown, self.lease_wait, self.folder = say, cooldown, lease_wait, folder
+        self._host: HostPlace | None = None
+        self._phones: dict[str, Any] = {}      # device id -> farm.Phone
+        self._places: dict[str, Any] = {}
+
+    @property
+    def host_id(self) -> str:
+        from edgequant.devices.host import host_device_id
+
+        return host_device_id()
+
+    def reachable(self, device_id: str) -> bool:
+        """Whether ``device_id`` is a place this host can measure on (itself, or a phone)."""
+        return device_id == self.host_id or device_id.startswith("adb:")
+
+    def get(self, device_id: str, why: str) -> Any:
+        """The opened place of ``device_id``; ``why`` names it in errors (e.g. ``--device X``)."""
+        if device_id in self._places:
+            return self._places[device_id]
+        if device_id == self.host_id:
+            place = self._places[device_id] = HostPlace()
+            return place
+        if not device_id.startswith("adb:"):
+            raise BadInput(f"{why}: {device_id} is neither this host ({self.host_id}) nor a phone; measure it "
+                           f"on the host that ran it")
+        place = self._places[device_id] = self._open_phone(device_id[4:], why)
+        return place
+
+    def _open_phone(self, serial: str, why: str):
+        from edgequant import farm
+        from edgequant.pipeline import device_run
+        from edgequant.devices import select
+        from edgequant.devices.transport import DeviceError
+
+        targets = [t for t in select.resolve([serial]) if isinstance(t, select.Target)]
+        if len(targets) != 1:
+            raise BadInput(f"{why}: {serial} names {len(targets)} phones; name one phone")
+        workdir = select.device_dir(self.workdir)
+        try:
+            opened = farm.open_phones(targets, workdir, self.runner_dir, self.cache_root, _Steps(self.say),
+                                      self.lease_wait if self.lease_wait is not None else farm.LEASE_WAIT_S,
+                                      retry_delays=())
+        except DeviceError as exc:
+            if exc.kind not in UNREACHABLE:
+                raise
+            raise BadInput(f"{why}: phone {serial} cannot be reached ({exc}); connect it (`edgequant devices` "
+                           f"lists the reachable ones) and run again") from None
+        phone = opened[0]
+        self._phones[serial] = phone
+        return device_run.DevicePlace(phone.ctx, phone.lease, self.cooldown, self.folder)
+
+    def close(self) -> None:
+        from edgequant import farm
+
+        farm.close_phones(list(self._phones.values()))
+        self._phones.clear()
+        self._places.clear()
+
+    def __enter__(self) -> "Places":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def place_id(spec: str | None) -> str:
+    """The device id ``--device SPEC`` names for a one-place command: this host's for none or ``host``,
+    ``adb:SERIAL`` for one phone (SERIAL, HOST:PORT, tcp:HOST:PORT, server:SERIAL); BadInput otherwise."""
+    from edgequant.devices import select
+    from edgequant.devices.host import host_device_id
+
+    here = host_device_id()
+    if spec is None or spec.strip() in ("host", here):
+        return here
+    if spec.strip().startswith("pool:") or spec.strip() == "all":
+        raise BadInput(f"--device {spec}: a noise floor is measured on one place; name one phone (SERIAL, "
+                       f"HOST:PORT, server:SERIAL) or host")
+    targets = select.resolve([spec])
+    phones = [t for t in targets if isinstance(t, select.Target)]
+    if len(phones) != 1 or len(targets) != 1:
+        raise BadInput(f"--device {spec}: name one phone (SERIAL, HOST:PORT, server:SERIAL) or host")
+    return f"adb:{phones[0].serial}"
+
+
+# ---------------------------------------------------------------------------
 # the A/A noise floor of a place
 
 
@@ -127,22 +268,26 @@ class NoiseFloor:
 
 
 def measure_noise_floor(art, settings: BenchSettings, repeat: int, measure: Callable[..., Any] | None = None,
-                        on_phase: Callable[[str], None] | None = None, repack: bool | None = None) -> NoiseFloor:
-    """Measure ``art`` (an Artifact) ``repeat`` times on this host, each quiet (see ``measure_until_quiet``)."""
-    from edgequant.bench.host import measure_gguf
-    from edgequant.devices.host import host_device_id
-
+                        on_phase: Callable[[str], None] | None = None, repack: bool | None = None,
+                        place=None) -> NoiseFloor:
+    """Measure ``art`` (an Artifact) ``repeat`` times on ``place`` (default: this host), each quiet (see
+    ``measure_until_quiet``: on a phone its own load is read and waited for); the floor is keyed by the
+    place's device id, as its runs' rows are."""
     if repeat < 2:
         raise BadInput(f"--repeat {repeat}: a noise floor needs at least 2 measurements of the rung (5 is a "
                        f"good start)")
-    measure = measure or measure_gguf
+    place = place or HostPlace()
+    measure = measure or place.measure
+    handle = place.prepare(art.path, art.sha256, art.quant, on_progress=on_phase)
     kept, contention = [], []
     for i in range(repeat):
         def phase(p: str, i=i) -> None:
             if on_phase is not None:
                 on_phase(f"{i + 1}/{repeat} {p}")
 
-        q = measure_until_quiet(measure, art.path, settings, on_phase=phase, repack=repack, on_progress=phase)
+        q = measure_until_quiet(measure, handle, settings, on_phase=phase, read_load=place.read_load,
+                                read_top=place.read_top, on_progress=phase,
+                                repack=place.repack(settings) if repack is None else repack)
         if q.noisy:
             raise RunFailed(f"measurement {i + 1} of {repeat} of {art.quant} ran while {q.contention.other_cores:.2f} "
                             f"other cores were busy (threshold {settings.contention_threshold:g}), even after "
@@ -155,10 +300,10 @@ def measure_noise_floor(art, settings: BenchSettings, repeat: int, measure: Call
     for metric, attr in (("pp_tps", "pp"), ("tg_tps", "tg")):
         medians = [getattr(r, attr).median for r in kept]
         floors[metric] = (floor_pct(medians), medians)
-    params = {"runner": "host", **settings.as_params()}
+    params = place.params(settings)
     if repack is not None:
         params["repack"] = bool(repack)
-    return NoiseFloor(art.quant, host_device_id(), params, floors, contention)
+    return NoiseFloor(art.quant, place.device_id, params, floors, contention)
 
 
 # ---------------------------------------------------------------------------
@@ -179,7 +324,9 @@ def _settings_from(params: dict[str, Any], contention: BenchSettings) -> BenchSe
     """The bench settings a stored pair was measured with; the contention rules of ``contention``."""
     names = ("threads", "n_prompt", "n_gen", "repetitions", "warmup", "n_batch", "n_ubatch", "flash_attn", "mmap")
     given = {k: params[k] for k in names if k in params}
-    return replace(contention, **given, repack="on" if params.get("repack", True) else "off")
+    stored = params.get("repack", True)          # a bool; "default" on a phone: llama.cpp's own choice
+    repack = "auto" if stored == "default" else ("on" if stored else "off")
+    return replace(contention, **given, repack=repack)
 
 
 def flagged_pairs(cmp) -> list:
@@ -191,26 +338,33 @@ def flagged_pairs(cmp) -> list:
 
 def recheck(store, cmp, rounds: int, contention: BenchSettings,
             measure_baseline: Callable[..., Any] | None = None, measure_candidate: Callable[..., Any] | None = None,
-            on_phase: Callable[[str, str], None] | None = None, pairs: list | None = None) -> list[Recheck]:
-    """Measure each flagged pair's baseline and candidate artifacts alternately, ``rounds`` times each, on this
-    host, and judge every speed gate metric on the pooled samples (``edgequant.results.compare.judge_speed``).
+            on_phase: Callable[[str, str], None] | None = None, pairs: list | None = None,
+            places: Places | None = None) -> list[Recheck]:
+    """Measure each flagged pair's baseline and candidate artifacts alternately, ``rounds`` times each, on the
+    place the runs measured it on (this host, or a phone through ``places``), and judge every speed gate
+    metric on the pooled samples (``edgequant.results.compare.judge_speed``).  ``places``: where to measure
+    (default: this host only; a pair measured elsewhere is skipped, saying so).
 
-    BadInput (before anything is measured) for fewer than 2 rounds or an artifact no longer on disk."""
-    from edgequant.bench.host import measure_gguf
-    from edgequant.devices.host import host_device_id
-    from edgequant.results.compare import judge_speed
-
+    BadInput (before anything is measured) for fewer than 2 rounds, an artifact no longer on disk or a phone
+    that cannot be reached."""
     if rounds < 2:
         raise BadInput(f"--rounds {rounds}: a re-check alternates baseline and candidate at least twice "
                        f"(A, B, A, B); pass --rounds 2 or more")
     pairs = flagged_pairs(cmp) if pairs is None else pairs
-    here = host_device_id()
+    own = places is None
+    places = places or Places(Path("."))
+    here = places.host_id
     out: list[Recheck] = []
     todo = []
     for p in pairs:
-        if p.device_id != here:
-            out += [Recheck(p.quant, p.device_id, m, "skip", f"measured on {p.device_id}; the re-check measures "
-                                                             f"on this host ({here}) only") for m in cmp.gates.speed_metrics]
+        reach = places.reachable(p.device_id) and (not own or p.device_id == here)
+        onnx = "tool" in p.params or "execution_provider" in p.params
+        if not reach or onnx:
+            why = ("the re-check measures GGUF rungs (llama.cpp) only" if reach
+                   else f"the re-check measures on this host ({here})" + (" only" if own else
+                                                                        " and on phones reachable from it"))
+            out += [Recheck(p.quant, p.device_id, m, "skip", f"measured on {p.device_id}; {why}")
+                    for m in cmp.gates.speed_metrics]
             continue
         paths = []
         for side, sha, run in zip(("baseline", "candidate"), p.artifacts, (cmp.baseline, cmp.candidate)):
@@ -220,11 +374,29 @@ def recheck(store, cmp, rounds: int, contention: BenchSettings,
                 raise BadInput(f"re-check of {p.quant}: the {side}'s artifact ({sha[:12]}, run {run['run_id']}) is "
                                f"{where}; rebuild it with `edgequant quantize` (same model and profile) or "
                                f"compare without --recheck")
-            paths.append(Path(art["path"]))
+            paths.append((Path(art["path"]), sha))
         todo.append((p, paths))
-    measures = (measure_baseline or measure_gguf, measure_candidate or measure_gguf)
+    try:
+        return out + _measure_alternately(store, cmp, rounds, contention, todo, places, measure_baseline,
+                                          measure_candidate, on_phase)
+    finally:
+        if own:
+            places.close()
+
+
+def _measure_alternately(store, cmp, rounds, contention, todo, places, measure_baseline, measure_candidate,
+                         on_phase) -> list[Recheck]:
+    from edgequant.results.compare import judge_speed
+
+    for p, _ in todo:       # every place first: a phone that cannot be reached stops nothing half-measured
+        places.get(p.device_id, f"re-check of {p.quant}")
+    out: list[Recheck] = []
     floors = store.noise_floors()
-    for p, paths in todo:
+    for p, local in todo:
+        place = places.get(p.device_id, f"re-check of {p.quant}")
+        measures = (measure_baseline or place.measure, measure_candidate or place.measure)
+        paths = [place.prepare(path, sha, p.quant, on_progress=lambda t, q=p.quant: on_phase and on_phase(q, t))
+                 for path, sha in local]
         settings = _settings_from(p.params, contention)
         samples: dict[str, tuple[list[float], list[float]]] = {m: ([], []) for m in SPEED_METRICS}
         rounds_by_metric: dict[str, list[tuple[float, float]]] = {m: [] for m in SPEED_METRICS}
@@ -239,7 +411,8 @@ def recheck(store, cmp, rounds: int, contention: BenchSettings,
                         on_phase(p.quant, f"round {i + 1}/{rounds} {label}: {text}")
 
                 q = measure_until_quiet(measure, path, settings, on_phase=phase, on_progress=phase,
-                                        repack=settings.resolved_repack())
+                                        repack=place.repack(settings), read_load=place.read_load,
+                                        read_top=place.read_top)
                 if q.noisy:
                     noisy.append(f"round {i + 1} {label} ({q.contention.other_cores:.2f} other cores)")
                 for m, attr in (("pp_tps", "pp"), ("tg_tps", "tg")):

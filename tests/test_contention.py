@@ -200,7 +200,7 @@ def test_recheck_and_noise_bad_input_is_one_line_exit_2(built, quiet_run, tmp_pa
     r = run_cli("noise", *m, "--rung", "Q2_K", env=env)
     assert r.returncode == 2 and assert_one_line_error(r.stderr, "Q2_K", "not a rung", "BF16, Q8_0")
     r = run_cli("noise", *m, "--device", "pixel-nowhere", env=env)
-    assert r.returncode == 2 and assert_one_line_error(r.stderr, "pixel-nowhere", "this host")
+    assert r.returncode == 2 and assert_one_line_error(r.stderr, "pixel-nowhere", "edgequant devices")
     # artifacts not (or no longer) in the cache
     r = run_cli("noise", *m, env=cli_env(tmp_path))
     assert r.returncode == 2 and assert_one_line_error(r.stderr, "not built yet", "edgequant quantize")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import cli_env, db_rows, run_cli
+from conftest import db_rows, run_cli
 
 PROFILE = """
 [profile]
@@ -39,19 +39,8 @@ cooldown_max_wait = 0
 """
 
 
-@pytest.fixture
-def phone(adb_peer_factory, adb_host_key, tmp_path, monkeypatch):
-    peer = adb_peer_factory(qemu_cpu="cortex-a53")
-    assert peer.qemu_enabled, "qemu-aarch64-static is needed: .ci/run installs qemu-user-static"
-    env = cli_env(tmp_path, ANDROID_USER_HOME=str(adb_host_key.home / ".android"), HOME=str(adb_host_key.home))
-    for name in ("EDGEQUANT_DEVICES", "EDGEQUANT_DEVICE_DIR", "ADB_VENDOR_KEYS"):
-        env.pop(name, None)
-    monkeypatch.setenv("ANDROID_USER_HOME", env["ANDROID_USER_HOME"])
-    return peer, str(peer.sandbox / "eq"), env
-
-
 def _run(tiny_checkpoint, phone, runner, tmp_path, threshold: float):
-    peer, workdir, env = phone
+    peer, workdir, env, _ = phone          # conftest's phone; this module writes its own profile
     profile = tmp_path / f"p{threshold:g}.toml"
     profile.write_text(PROFILE.format(threshold=threshold))
     res = run_cli("run", "--model", str(tiny_checkpoint), "--profile", str(profile), "--device", peer.serial,

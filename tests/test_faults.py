@@ -1060,7 +1060,7 @@ def test_damaged_cached_onnx_rungs_are_rebuilt_with_one_line_each(tiny_onnx, tmp
 
 @pytest.mark.slow
 def test_an_onnx_rung_changed_after_its_check_fails_alone_before_it_is_measured(tiny_onnx, tmp_path):
-    from edgequant.onnx_pipeline import bench_onnx_rungs
+    from edgequant.pipeline.onnx_rungs import bench_onnx_rungs
     from edgequant.pipeline import NullReporter
     from edgequant.profiles import load_profile
     from edgequant.quantize.ladder import ArtifactChanged
@@ -1119,7 +1119,7 @@ def test_quantize_verify_checks_the_onnx_rungs_too(tiny_onnx, tmp_path):
 def test_an_onnx_rung_changed_after_its_check_is_not_evaluated(tiny_onnx, tiny_bf16_gguf, tmp_path):
     from test_quality import write_suite
 
-    from edgequant.onnx_pipeline import quality_onnx_rungs
+    from edgequant.pipeline.onnx_rungs import quality_onnx_rungs
     from edgequant.pipeline import NullReporter, artifacts_from_files
     from edgequant.profiles import load_profile
     from edgequant.profiles.suites import load_suite

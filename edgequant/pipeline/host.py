@@ -81,7 +81,7 @@ def resolve_model(model: str | None, cache_root: Path, reporter: Reporter) -> Re
 
 def build_ladder(resolved: ResolvedModel, profile: Profile, cache_root: Path,
                  reporter: Reporter, imatrix=None) -> list[Artifact]:
-    """``imatrix``: an ImatrixProvider (edgequant.calibrate.SuiteImatrix) for ``+imatrix`` rungs."""
+    """``imatrix``: an ImatrixProvider (edgequant.pipeline.calibrate.SuiteImatrix) for ``+imatrix`` rungs."""
     ladder = Ladder(resolved.checkpoint, resolved.model_hash, profile, cache_root, imatrix=imatrix,
                     notice=reporter.step)
     return ladder.build(reporter.bytes_progress)
