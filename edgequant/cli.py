@@ -613,8 +613,9 @@ def _run(model, profile_name, threads, n_prompt, n_gen, repetitions, warmup, sui
                                 shared, run_id, ckpt.model_id, resolved.model_hash, artifacts, profile, suite, dctx,
                                 phone_reporter, prompting=prompting, extra_params=qparams,
                                 only={a.quant for a in gguf})
-                            outcome.outcomes += [pipeline.RungOutcome(a, f"quality {statuses[a.quant]}") for a in gguf
-                                                 if statuses.get(a.quant, "ok") != "ok"]
+                            outcome.outcomes += [pipeline.RungOutcome(replace(a, quant=q), f"quality {st}")
+                                                 for a in gguf for q, st in statuses.items()
+                                                 if base_quant(q) == a.quant and st != "ok"]
                         if onnx:
                             outcome.outcomes += device_run.bench_onnx_rungs_on_device(
                                 shared, run_id, ckpt.model_id, resolved.model_hash, onnx, profile, dctx,
@@ -626,7 +627,8 @@ def _run(model, profile_name, threads, n_prompt, n_gen, repetitions, warmup, sui
                                  if r["params"].get("where") == "device"} if quality_on_device else None
                     onnx_quants = {a.quant for a in onnx_artifacts}
                     plan = {p.serial: [a for a in artifacts if (a.quant, p.ctx.device_id) not in done
-                                       or (evaluated is not None and (a.quant, p.ctx.device_id) not in evaluated)]
+                                       or (evaluated is not None and any((n, p.ctx.device_id) not in evaluated
+                                                                         for n in pipeline.quality_names(profile, a)))]
                             + [a for a in onnx_artifacts if (a.quant, p.ctx.device_id) not in done]
                             for p in opened}
                     reporter.pause()
@@ -639,12 +641,13 @@ def _run(model, profile_name, threads, n_prompt, n_gen, repetitions, warmup, sui
                     stage.now = "running the eval suite"
                     have = {r["quant"] for r in store.measurements(run_id)
                             if r["params"].get("stage") == "quality" and r["params"].get("where") != "device"}
-                    todo = [a for a in artifacts if a.quant not in have]
+                    todo = [a for a in artifacts if set(pipeline.quality_names(profile, a)) - have]
                     if todo and (on_host or not quality_on_device):
                         reporter.start_bench(len(todo), f"eval {suite.name}")
                         statuses = pipeline.quality_rungs(store, run_id, ckpt.model_id, resolved.model_hash,
                                                           artifacts, profile, suite, cache, reporter, prompting,
-                                                          only={a.quant for a in todo}, extra_params=qparams)
+                                                          only={a.quant for a in todo}, extra_params=qparams,
+                                                          stored=have)
                         failed += [f"{q} quality {st}" for q, st in statuses.items() if st != "ok"]
                     todo = [a for a in onnx_artifacts if a.quant not in have]
                     if todo and quality_on_device and not on_host:  # the phones' eval generates with llama.cpp
