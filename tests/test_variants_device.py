@@ -19,8 +19,8 @@ from test_device_quality import SUITE as PHONE_SUITE
 from test_device_run import _run_args, _run_row  # noqa: F401
 from test_energy import BUSY_W, IDLE_W, energy_rows
 
-N_GEN = 48
-SUSTAINED_GEN = 64
+N_GEN = 16
+SUSTAINED_GEN = 24
 VARIANTS = ("", "@d8", "@kv=q8_0", "@d8,kv=q8_0")
 NAMES = {f"{r}{v}" for r in ("BF16", "Q8_0") for v in VARIANTS}
 
@@ -167,11 +167,16 @@ def test_quality_on_device_runs_each_quantized_kv_cache_type(tiny_checkpoint, ph
         assert params["where"] == "device"
         assert params.get("cache_type", "f16") == ("q8_0" if "kv=" in name else "f16")
         assert params.get("flash_attn") == ("on" if "kv=" in name else None)
-    # llama-completion ran each case of each rung once more with the quantized cache and flash attention
-    runs = [c for c in peer.events_of("process") if "bin/llama-completion" in c]
-    kv = [c for c in runs if "-ctk q8_0 -ctv q8_0 -fa on" in c]
-    assert len(kv) == 2 * len(PHONE_CASES) and len(runs) == 4 * len(PHONE_CASES), runs
-    assert {"BF16.gguf", "Q8_0.gguf"} == {m for c in kv for m in re.findall(r"\w+\.gguf", c)}
+    # llama-completion ran each case of each rung once more with the quantized cache and flash attention: the
+    # scripts pushed to the phone's run folder, and which rung each ran on
+    folder = Path(workdir) / "runs" / run_id
+    plain, quantized = (folder / "quality.sh").read_text(), (folder / "quality-kv=q8_0.sh").read_text()
+    case_lines = [ln for ln in quantized.splitlines() if ln.startswith("one ")]
+    assert len(case_lines) == len(PHONE_CASES)
+    assert all("-ctk q8_0 -ctv q8_0 -fa on" in ln and "llama-completion" in ln for ln in case_lines)
+    assert "-ctk" not in plain and len([ln for ln in plain.splitlines() if ln.startswith("one ")]) == len(PHONE_CASES)
+    shells = [c for c in peer.events_of("process") if "quality-kv=q8_0.sh" in c]
+    assert sorted(m for c in shells for m in re.findall(r"(BF16|Q8_0)\.gguf", c)) == ["BF16", "Q8_0"], shells
     # the phone's outputs with a q8_0 cache are the host eval's with the same cache
     cases = {(c["quant"], c["case_id"]): c["output"]
              for c in db_rows(db, "SELECT quant, case_id, output FROM eval_cases WHERE run_id = ?", run_id)}
@@ -181,3 +186,58 @@ def test_quality_on_device_runs_each_quantized_kv_cache_type(tiny_checkpoint, ph
         assert cases[("BF16@kv=q8_0", case["id"])] == host[case["id"]], case["id"]
     # judged against the phone's own f16 reference: agreement is a fraction, and the table shows the variants
     assert "BF16@kv=q8_0" in res.stdout and "Q8_0@kv=q8_0" in res.stdout
+
+
+# ---------------------------------------------------------------------------
+# the pieces, without a phone
+
+
+def test_energy_splits_the_variants_into_one_llama_bench_each():
+    from edgequant.device_run import _variant_invocations
+    from edgequant.profiles.variants import BenchVariant
+
+    variants = [BenchVariant(d, t) for t in ("f16", "q8_0") for d in (0, 8)]
+    grouped = _variant_invocations(variants, per_variant=False)
+    assert [[(v.depth, v.cache_type) for v in g] for g in grouped] == [[(0, "f16"), (8, "f16")],
+                                                                      [(0, "q8_0"), (8, "q8_0")]]
+    assert _variant_invocations(variants, per_variant=True) == [[v] for v in variants]
+
+
+def test_sustained_energy_rows_do_not_replace_the_rungs_own(tmp_path):
+    """A plain rung's energy and its sustained runs' energy, stored through the store API: the report shows
+    each where it belongs (hand-made figures, so the expected values are known)."""
+    from dataclasses import replace
+
+    from edgequant.bench.sustained import SustainedRun
+    from edgequant.pipeline import sustained_energy_rows, sustained_measurements
+    from edgequant.results.report import _sustained_cells, energy_records, summarize, sustained_records
+    from edgequant.results.store import Measurement, RowKey, Store
+
+    with Store(tmp_path / "r.db") as store:
+        run_id = store.start_run("edgequant run", "p", "m", "h")
+        key = RowKey(model_id="m", model_hash="h", quant="Q8_0", artifact_sha256="s", is_reference=False,
+                     device_id="adb:x", device={"kind": "android"}, runtime="llama.cpp", runtime_version="0",
+                     params={"runner": "device"})
+        store.record_rung(run_id, key, [Measurement("tg_tps", 10.0, "t/s"),
+                                        Measurement("avg_power", 5.0, "W"),
+                                        Measurement("energy_per_token", 0.5, "J/token")])
+        runs = [SustainedRun(1, 10.0, energy={"j_per_token": 0.9, "watts": 9.0, "samples": 4, "seconds": 1.0,
+                                              "tokens": 10}),
+                SustainedRun(2, 8.0, energy={"j_per_token": 0.8, "watts": 6.4, "samples": 4, "seconds": 1.25,
+                                             "tokens": 10})]
+        params = {"runner": "device", "stage": "sustained", "runs": 2}
+        sustained = replace(key, params=params)
+        store.record_rungs(run_id, [(sustained, sustained_measurements(runs), None, None)]
+                           + [(replace(key, params={**params, "run": r.run}),
+                               sustained_energy_rows(r), None, None) for r in runs])
+        per_run = [r for r in store.measurements(run_id) if "run" in r["params"]]
+        assert sorted((r["params"]["run"], r["metric"], r["value"]) for r in per_run) == [
+            (1, "avg_power", 9.0), (1, "energy_per_token", 0.9), (2, "avg_power", 6.4), (2, "energy_per_token", 0.8)]
+        rep = summarize(store, run_id)
+    (plain,) = energy_records(rep)
+    assert plain["energy_j_per_token"] == 0.5 and plain["avg_power_w"] == 5.0
+    (rec,) = sustained_records(rep)
+    assert rec["energy_j_per_token"] == [0.9, 0.8] and rec["drop_pct"] == pytest.approx(20.0)
+    assert _sustained_cells(rec)[-1] == "0.900 → 0.800"
+    charging = dict(rec, energy_j_per_token=[None, None], energy_not_measured="the phone is charging (usb powered)")
+    assert _sustained_cells(charging)[-1] == "not measured (charging)"
