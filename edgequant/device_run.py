@@ -310,7 +310,9 @@ def bench_rungs_on_device(store: Store, run_id: str, model_id: str, model_hash: 
     ``done``: quants already stored for this device (a resumed run) are not measured again.
     A profile's depths and cache types (``pipeline.bench_variants``; ``suite`` resolves a ``"suite"`` depth)
     are measured by the on-device llama-bench itself: one invocation per cache type with every depth in
-    its ``-d`` (one model load each), each variant stored as a rung of its own (``Q4_K_M@d512``).
+    its ``-d`` (one model load each), each variant stored as a rung of its own (``Q4_K_M@d512``); with
+    ``device.energy`` sampling the battery, one invocation per variant, so that the run's last tg test,
+    over which the energy is read, is the variant's own.
     """
     from edgequant.pipeline import bench_variants
 
