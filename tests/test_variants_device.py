@@ -19,8 +19,9 @@ from test_device_quality import SUITE as PHONE_SUITE
 from test_device_run import _run_args, _run_row  # noqa: F401
 from test_energy import BUSY_W, IDLE_W, energy_rows
 
-N_GEN = 16
-SUSTAINED_GEN = 24
+# long enough for several 0.2 s power samples in each tg window on a quiet machine (qemu: tens of tokens/s)
+N_GEN = 32
+SUSTAINED_GEN = 48
 VARIANTS = ("", "@d8", "@kv=q8_0", "@d8,kv=q8_0")
 NAMES = {f"{r}{v}" for r in ("BF16", "Q8_0") for v in VARIANTS}
 
