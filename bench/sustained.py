@@ -24,6 +24,9 @@ class SustainedRun:
     thermal_status: int | None = None
     battery_celsius: float | None = None
     cpu_khz: int | None = None      # the fastest cluster's current clock after the run
+    # energy over the run's generation test (a phone with device.energy): ``j_per_token``, ``watts``,
+    # ``samples``, ``seconds``, ``tokens``, ``source``; or ``not_measured`` with the reason.  None: not asked
+    energy: dict[str, Any] | None = None
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "SustainedRun":
@@ -31,7 +34,8 @@ class SustainedRun:
                    celsius=None if d.get("celsius") is None else float(d["celsius"]), sensor=d.get("sensor"),
                    thermal_status=None if d.get("thermal_status") is None else int(d["thermal_status"]),
                    battery_celsius=None if d.get("battery_celsius") is None else float(d["battery_celsius"]),
-                   cpu_khz=None if d.get("cpu_khz") is None else int(d["cpu_khz"]))
+                   cpu_khz=None if d.get("cpu_khz") is None else int(d["cpu_khz"]),
+                   energy=d.get("energy") if isinstance(d.get("energy"), dict) else None)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -16,10 +16,12 @@ use), each in a fresh worker process:
 * **one process per variant**: the same four variants, each in a worker of its
   own (a model load each): what not sharing the load would cost.
 
-It prints the wall time of each (median over the rounds; rounds alternate the
-order), the ratio to plain, the variants' tg and TTFT, and the share of the CPUs
-other work used meanwhile (on a busy machine the figures mean little: re-run on a
-quiet one).
+It prints what was measured where (the host's CPU, cores and OS, llama-cpp-python's
+version, threads, the GGUF and its size), the wall time of each (median and
+standard deviation over the rounds; rounds alternate the order), the ratio to
+plain, the variants' pp, tg and TTFT (mean ± standard deviation over the
+repetitions), and the share of the CPUs other work used meanwhile (on a busy
+machine the figures mean little: re-run on a quiet one).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import statistics
 import sys
 import tempfile
 import time
+from importlib import metadata
 from pathlib import Path
 
 from rich.console import Console
@@ -36,6 +39,7 @@ from rich.table import Table
 
 from bench_vs_llama_bench import timed_with_contention  # this folder is on sys.path when run as a script
 from edgequant.bench.host import BenchError, measure_gguf
+from edgequant.devices.host import host_device
 from edgequant.errors import EdgequantError
 from edgequant.profiles import BenchSettings
 from edgequant.profiles.variants import BenchVariant
@@ -67,6 +71,11 @@ def main() -> int:
     settings = BenchSettings(threads=args.threads, n_prompt=args.n_prompt, n_gen=args.n_gen,
                              repetitions=args.repetitions, warmup=1, timeout=7200.0)
     variants = [BenchVariant(d, t) for t in ("f16", "q8_0") for d in (0, args.depth)]
+    host = host_device()
+    console.print(f"measured on {host['hostname']}: {host['cpu_model']}, {host['physical_cores']} cores / "
+                  f"{host['logical_cores']} logical, {host['os']}; llama-cpp-python "
+                  f"{metadata.version('llama-cpp-python')}, threads {settings.resolved_threads()}; "
+                  f"{path} ({path.stat().st_size / 2**20:.1f} MiB); {args.rounds} round(s)", highlight=False)
 
     def plain():
         return [measure_gguf(path, settings)]
@@ -97,21 +106,26 @@ def main() -> int:
         return 0
     table = Table(title=f"cost of depths (0, {args.depth}) x cache types (f16, q8_0) · {path.name} · "
                         f"pp{args.n_prompt} tg{args.n_gen} r{args.repetitions}")
-    for col in ("measured as", "wall s (median)", "× plain", "model loads", "other load on the CPUs"):
+    for col in ("measured as", "wall s (median)", "± sd over rounds", "× plain", "model loads",
+                "other load on the CPUs"):
         table.add_column(col, justify="left" if col == "measured as" else "right")
     base = statistics.median(times["plain"])
     loads = {"plain": 1, "variants (one load)": 1, "one process per variant": len(variants)}
     for name in ways:
         med = statistics.median(times[name])
+        sd = f"{statistics.stdev(times[name]):.2f}" if len(times[name]) > 1 else "— (1 round)"
         other = f"{100 * statistics.median(busy[name]):.0f} %" if busy[name] else "?"
-        table.add_row(name, f"{med:.1f}", f"{med / base:.2f}", str(loads[name]), other)
+        table.add_row(name, f"{med:.1f}", sd, f"{med / base:.2f}", str(loads[name]), other)
     console.print(table)
-    vt = Table(title="the variants (last round, one load)")
+    vt = Table(title=f"the variants (last round, one load; mean ± sd over {args.repetitions} repetitions)")
     for col in ("variant", "pp t/s", "tg t/s", "TTFT ms", "anon MiB"):
         vt.add_column(col, justify="left" if col == "variant" else "right")
+
+    def pm(s) -> str:
+        return f"{s.mean:.1f} ± {s.stddev:.1f}" if s.stddev is not None else f"{s.mean:.1f}"
+
     for v, r in zip(variants, last["variants (one load)"][0].variants):
-        vt.add_row(v.name("rung"), f"{r.pp.mean:.1f}", f"{r.tg.mean:.1f}", f"{r.ttft_ms.mean:.1f}",
-                   f"{r.peak_rss_anon_bytes / 2**20:.1f}")
+        vt.add_row(v.name("rung"), pm(r.pp), pm(r.tg), pm(r.ttft_ms), f"{r.peak_rss_anon_bytes / 2**20:.1f}")
     console.print(vt)
     console.print("Timings on a busy machine are not figures: re-run on a quiet one.")
     return 0

@@ -86,6 +86,8 @@ def summarize(store: Store, run_id: str) -> RunReport:
     for r in rows:
         key = (r["quant"], r["device_id"])
         rung = rungs.setdefault(key, RungSummary(r["quant"], r["is_reference"], r["device_id"]))
+        if r["params"].get("stage") == "sustained" and "run" in r["params"]:
+            continue     # one sustained run's energy: its figures are in the curve (sustained_tg_tps' detail)
         rung.metrics[r["metric"]] = Stat(r["value"], r["stddev"], r["repetitions"], r.get("detail"))
         rung.device = rung.device or r["device"]
         if r["stage"] in ("tune", "sustained"):   # tune's verdicts; [sustained]'s own runs
@@ -611,7 +613,7 @@ def measured_speed(g: RunReport) -> bool:
 
 
 SUSTAINED_COLUMNS = ["rung", "device", "runs", "first tg t/s", "last tg t/s", "drop %", "first run < 90 %",
-                     "°C first → last", "thermal status", "CPU MHz first → last"]
+                     "°C first → last", "thermal status", "CPU MHz first → last", "J/token first → last"]
 
 
 def sustained_record(rung: RungSummary) -> dict[str, Any] | None:
@@ -625,15 +627,19 @@ def sustained_record(rung: RungSummary) -> dict[str, Any] | None:
         return None
     runs = (s.detail or {}).get("runs", [])
     below = rung.metrics.get("sustained_below90_run")
+    energies = [r.get("energy") or {} for r in runs]
     return {"quant": rung.quant, "device_id": rung.device_id, "runs": runs,
             "first_tg_tps": rung.get("sustained_first_tg_tps"), "last_tg_tps": s.value,
             "drop_pct": rung.get("sustained_drop"),
-            "below90_run": None if below is None or below.value == 0 else int(below.value)}
+            "below90_run": None if below is None or below.value == 0 else int(below.value),
+            # a phone's energy per run (device.energy): J/token of each run, None where not measured
+            "energy_j_per_token": [e.get("j_per_token") for e in energies] if any(energies) else None,
+            "energy_not_measured": next((e["not_measured"] for e in energies if e.get("not_measured")), None)}
 
 
 def _sustained_cells(rec: dict[str, Any]) -> list[str]:
     if rec.get("error"):
-        return [rec["quant"], rec["device_id"], "0", "—", "—", "—", "—", "—", "—",
+        return [rec["quant"], rec["device_id"], "0", "—", "—", "—", "—", "—", "—", "—",
                 f"not measured: {rec['error']}"]
     runs = rec["runs"]
 
@@ -645,7 +651,17 @@ def _sustained_cells(rec: dict[str, Any]) -> list[str]:
 
     return [rec["quant"], rec["device_id"], str(len(runs)), _fmt(rec["first_tg_tps"]), _fmt(rec["last_tg_tps"]),
             _fmt(rec["drop_pct"]), "never" if rec["below90_run"] is None else f"run {rec['below90_run']}",
-            first_last("celsius"), first_last("thermal_status", digits=0), first_last("cpu_khz", 1000.0, 0)]
+            first_last("celsius"), first_last("thermal_status", digits=0), first_last("cpu_khz", 1000.0, 0),
+            _sustained_energy_cell(rec)]
+
+
+def _sustained_energy_cell(rec: dict[str, Any]) -> str:
+    joules = rec.get("energy_j_per_token")
+    if not joules:
+        return "—"
+    if joules[0] is None or joules[-1] is None:
+        return "not measured" + (" (charging)" if "charging" in (rec.get("energy_not_measured") or "") else "")
+    return f"{joules[0]:.3f} → {joules[-1]:.3f}"
 
 
 def sustained_records(rep: RunReport) -> list[dict[str, Any]]:

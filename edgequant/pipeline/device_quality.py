@@ -39,7 +39,7 @@ import re
 import signal
 import tempfile
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -52,6 +52,7 @@ from edgequant.devices.facts import recommended_threads
 from edgequant.devices.transport import DeviceError, quote
 from edgequant.pipeline.host import quality_measurements
 from edgequant.pipeline.scope import RunScope
+from edgequant.profiles.variants import BenchVariant
 from edgequant.status import RungStatus, classify_exit
 
 OUTPUT_LIMIT = 1 << 20          # bytes of one case's output read back; more is a failed parse
@@ -119,11 +120,15 @@ class DeviceCase:
 
 
 def completion_args(tool: list[str], threads: int, n_ctx: int, max_tokens: int, stops: list[str],
-                    repack: bool | None) -> list[str]:
-    """llama-completion's command line for one case (the model and prompt file are added by the script)."""
+                    repack: bool | None, cache_type: str = "f16", flash_attn: str = "auto") -> list[str]:
+    """llama-completion's command line for one case (the model and prompt file are added by the script).
+    ``cache_type``: the K and V cache type (``-ctk/-ctv``); ``flash_attn`` is passed with it (llama.cpp
+    runs a quantized V cache only with flash attention: ``BenchVariant.flash_attn`` says "on" then)."""
     # --swa-full: the host eval's context keeps the full sliding-window cache too
     args = [*tool, "--no-escape", "-no-cnv", "--no-display-prompt", "--no-warmup", "--samplers", "temperature",
             "--temp", "0", "-s", "0", "-n", str(max_tokens), "-c", str(n_ctx), "-t", str(threads), "--swa-full"]
+    if cache_type != "f16":
+        args += ["-ctk", cache_type, "-ctv", cache_type, "-fa", flash_attn]
     if repack is False:
         args.append("--no-repack")
     for s in stops:
@@ -237,22 +242,28 @@ def failure_status(run: CaseRun | None, timeout: int) -> tuple[str, str]:
 @dataclass
 class _Plan:
     order: list[Any]                 # suite cases in script order
-    script: str
+    scripts: dict[str, str]          # cache type -> the script (f16 and each of the profile's cache types)
     prompts: bytes
     prompting: str
     differ: list[str]                # case ids whose whole-text tokens differ from the host's
     timeout: int
 
+    @staticmethod
+    def script_name(cache_type: str) -> str:
+        return "quality.sh" if cache_type == "f16" else f"quality-kv={cache_type}.sh"
+
 
 def _plan(suite, ref_art, ctx, threads: int, repack: bool | None, prompting: str, timeout: float,
-          reporter) -> _Plan:
+          reporter, settings=None) -> _Plan:
     req = _base_request(ref_art.path, suite, 1, None, prompting)
     req["prompts_only"] = True
     data = _call_worker(req, timeout, lambda p: None)
     by_id = {p["id"]: p for p in data["prompts"]}
     tool = ctx.remote.tool(_completion_name(ctx))
     per_case = max(30, int(timeout))
-    lines, blob, order, differ = [], bytearray(), [], []
+    cache_types = ["f16"] + [t for t in (settings.cache_types if settings is not None else ()) if t != "f16"]
+    lines: dict[str, list] = {t: [] for t in cache_types}
+    blob, order, differ = bytearray(), [], []
     for group in _groups(suite):
         spec = suite.formats[group["format"]]
         for c in group["cases"]:
@@ -261,14 +272,17 @@ def _plan(suite, ref_art, ctx, threads: int, repack: bool | None, prompting: str
             if p["tokens"] != p["whole_tokens"]:
                 differ.append(c["id"])
             n_ctx = max(256, -(-(len(p["whole_tokens"]) + spec.max_tokens + 16) // 256) * 256)
-            argv = completion_args(tool, threads, n_ctx, spec.max_tokens, list(group["stop"]), repack)
-            lines.append((len(order), len(blob), len(text), per_case, argv))
+            for t in cache_types:
+                flash = BenchVariant(0, t).flash_attn(settings) if settings is not None else "auto"
+                argv = completion_args(tool, threads, n_ctx, spec.max_tokens, list(group["stop"]), repack, t, flash)
+                lines[t].append((len(order), len(blob), len(text), per_case, argv))
             blob += text
             order.append(next(x for x in suite.cases if x.id == c["id"]))
     if differ:
         reporter.step(f"{ctx.serial}: {len(differ)} prompt(s) tokenize differently as one text than as the host "
                       f"eval's prefix + case ({', '.join(differ[:5])}); their outputs may differ for that reason")
-    return _Plan(order, build_script(lines, ctx.remote.env()), bytes(blob), data["prompting"], differ, per_case)
+    scripts = {t: build_script(lines[t], ctx.remote.env()) for t in cache_types}
+    return _Plan(order, scripts, bytes(blob), data["prompting"], differ, per_case)
 
 
 def _completion_name(ctx) -> str:
@@ -279,12 +293,15 @@ def _completion_name(ctx) -> str:
                               f"rebuild it with `edgequant runner build`")
 
 
-def _run_rung(ctx, plan: _Plan, rundir: str, model: str, quant: str, suite) -> tuple[dict, int, float]:
-    """Every case of one rung on the device -> (case id -> CaseResult, tokens, seconds); EvalError on failure."""
+def _run_rung(ctx, plan: _Plan, rundir: str, model: str, quant: str, suite,
+              cache_type: str = "f16") -> tuple[dict, int, float]:
+    """Every case of one rung on the device -> (case id -> CaseResult, tokens, seconds); EvalError on failure.
+    ``cache_type``: run it with that KV cache type (the plan's script for it)."""
     res = posixpath.join(rundir, f"quality-{re.sub(r'[^A-Za-z0-9_.+=-]', '_', quant)}.bin")
     n = len(plan.order)
     shell_timeout = n * (plan.timeout + 10) + 120
-    r = ctx.transport.shell(f"cd {quote(rundir)} && rm -f {quote(res)} && sh quality.sh {quote(model)} {quote(res)}",
+    script = quote(plan.script_name(cache_type))
+    r = ctx.transport.shell(f"cd {quote(rundir)} && rm -f {quote(res)} && sh {script} {quote(model)} {quote(res)}",
                             shell_timeout)
     if not r.ok:
         raise EvalError("failed", f"the eval script on {ctx.serial} exited with {r.exit_code}: "
@@ -364,7 +381,12 @@ def quality_rungs_on_device(store, run_id: str, model_id: str, model_hash: str, 
     ref_art = next(a for a in artifacts if a.is_reference)
     done, skipped = _stored_on_device(store, run_id, ctx.device_id)
     todo = [a for a in artifacts if (only is None or a.quant in only) and a.quant not in done | skipped]
-    if not todo:
+    # each rung again with every quantized KV cache type of the profile (``RUNG@kv=TYPE``, -ctk/-ctv, flash
+    # attention on for a quantized V cache), judged against the reference's f16-cache outputs on this phone
+    kv_todo = [(a, t, BenchVariant(0, t)) for t in settings.cache_types if t != "f16" for a in artifacts
+               if (only is None or a.quant in only) and a.quant not in skipped
+               and BenchVariant(0, t).name(a.quant) not in done]
+    if not todo and not kv_todo:
         return {}
     key = (ctx.device_id, run_id, ref_art.sha256, suite.sha256, prompting)
     with _CACHE_LOCK:
@@ -378,9 +400,10 @@ def quality_rungs_on_device(store, run_id: str, model_id: str, model_hash: str, 
     try:
         if "plan" not in state:
             try:
-                state["plan"] = _plan(suite, ref_art, ctx, threads, repack, prompting, settings.timeout, reporter)
+                state["plan"] = _plan(suite, ref_art, ctx, threads, repack, prompting, settings.timeout, reporter,
+                                      settings)
             except EvalError as exc:
-                for art in todo:
+                for art in todo + [replace(a, quant=v.name(a.quant), is_reference=False) for a, _, v in kv_todo]:
                     _failed(scope, art, ctx, device, runtime_version,
                             {"runner": "device", "stage": "quality", "where": "device"}, exc, statuses)
                 return statuses
@@ -390,21 +413,27 @@ def quality_rungs_on_device(store, run_id: str, model_id: str, model_hash: str, 
                   "threads": threads, "repack": repack if repack is not None else "default", "decoding": "greedy",
                   "n_cases": len(suite.cases), "token_level": TOKEN_LEVEL_NOTE,
                   "prompt_tokens_differ": len(plan.differ), **(extra_params or {})}
+        files = [("prompts.bin", plan.prompts)] + [(plan.script_name(t), text.encode("utf-8"))
+                                                     for t, text in plan.scripts.items()]
         with tempfile.TemporaryDirectory(prefix="edgequant-eval-") as tmp:
-            for name, data in (("prompts.bin", plan.prompts), ("quality.sh", plan.script.encode("utf-8"))):
+            for name, data in files:
                 (Path(tmp) / name).write_bytes(data)
             ctx.transport.shell(f"mkdir -p {quote(rundir)}", 60)
-            for name in ("prompts.bin", "quality.sh"):
+            for name, _ in files:
                 ctx.transport.push(Path(tmp) / name, posixpath.join(rundir, name), timeout=600)
         need_ref = "reference" not in state and ref_art.quant not in skipped
-        order = ([ref_art] if need_ref or ref_art in todo else []) + [a for a in todo if not a.is_reference]
-        for art in order:
-            mine = art in todo
-            doing = f"pushing {art.quant}"
-            pushed = ctx.pusher.push(art.path, art.sha256, name=f"{art.quant}.gguf")
+        order = ([(ref_art, None)] if need_ref or ref_art in todo else []) + \
+            [(a, None) for a in todo if not a.is_reference] + [(a, v) for a, _, v in kv_todo]
+        for base, variant in order:
+            # a KV-cache variant: the rung's own file, stored under its variant's name and parameters
+            art = base if variant is None else replace(base, quant=variant.name(base.quant), is_reference=False)
+            mine = art in todo or variant is not None
+            doing = f"pushing {base.quant}"
+            pushed = ctx.pusher.push(base.path, base.sha256, name=f"{base.quant}.gguf")
             doing = f"evaluating {art.quant}"
             row_key = scope.key(art, device_id=ctx.device_id, device=device, runtime="llama.cpp",
-                                runtime_version=runtime_version, params=params)
+                                runtime_version=runtime_version,
+                                params=params if variant is None else variant.params(params, settings))
             reporter.rung_started(art.quant)
             reporter.rung_phase(art.quant, f"eval: {len(plan.order)} cases on {ctx.serial}")
             try:
@@ -415,12 +444,13 @@ def quality_rungs_on_device(store, run_id: str, model_id: str, model_hash: str, 
                                                   f"{ctx.serial} earlier in this run")
                     results, gen_tokens, gen_seconds = ref.cases, ref.gen_tokens, ref.gen_seconds
                 else:
-                    results, gen_tokens, gen_seconds = _run_rung(ctx, plan, rundir, pushed.remote, art.quant, suite)
+                    results, gen_tokens, gen_seconds = _run_rung(ctx, plan, rundir, pushed.remote, art.quant, suite,
+                                                                 variant.cache_type if variant else "f16")
             except EvalError as exc:
                 if art is ref_art:
                     state["reference"] = None     # the rungs are compared with nothing
                 if mine:
-                    _failed(scope, art, ctx, device, runtime_version, params, exc, statuses)
+                    _failed(scope, art, ctx, device, runtime_version, row_key.params, exc, statuses)
                 continue
             if art is ref_art:
                 state["reference"] = Reference(quant=art.quant, sha256=art.sha256, path=art.path, cases=results,

@@ -319,7 +319,9 @@ def bench_rungs_on_device(store: Store, run_id: str, model_id: str, model_hash: 
     ``done``: quants already stored for this device (a resumed run) are not measured again.
     A profile's depths and cache types (``pipeline.bench_variants``; ``suite`` resolves a ``"suite"`` depth)
     are measured by the on-device llama-bench itself: one invocation per cache type with every depth in
-    its ``-d`` (one model load each), each variant stored as a rung of its own (``Q4_K_M@d512``).
+    its ``-d`` (one model load each), each variant stored as a rung of its own (``Q4_K_M@d512``); with
+    ``device.energy`` sampling the battery, one invocation per variant, so that the run's last tg test,
+    over which the energy is read, is the variant's own.
     """
     from edgequant.pipeline.host import bench_variants
 
@@ -350,20 +352,27 @@ def bench_rungs_on_device(store: Store, run_id: str, model_id: str, model_hash: 
                         is_reference=art.is_reference and i == 0) for i, v in enumerate(variants)]
 
     def measure_variants(art: Artifact, pushed) -> dict[str, tuple[RowKey, list[Measurement | None]]]:
-        """One llama-bench per cache type, with every depth in it (its own -d); rows per variant."""
+        """One llama-bench per cache type, with every depth in it (its own -d); rows per variant.  With
+        energy sampled (``device.energy``, the phone on battery), one llama-bench per variant instead: the
+        power samples are read over the run's last tg test, which must then be the variant's own."""
         keys = dict(zip(variants, variant_keys(art)))
+        energy = profile.device.energy
+        charging = _charging(ctx) if energy else None
+        power_dir = profile.device.power_supply if energy and not charging else None
         out: dict[str, tuple[RowKey, list[Measurement | None]]] = {}
-        for i, cache_type in enumerate(dict.fromkeys(v.cache_type for v in variants)):
-            mine = [v for v in variants if v.cache_type == cache_type]
+        for i, group in enumerate(_variant_invocations(variants, per_variant=power_dir is not None)):
+            cache_type = group[0].cache_type
             res = run_device_bench(ctx.transport, ctx.remote, pushed.remote, settings, workdir=rundir,
                                    threads=threads, repack=repack, with_load_time=i == 0,
-                                   depths=tuple(v.depth for v in mine), cache_type=cache_type,
+                                   depths=tuple(v.depth for v in group), cache_type=cache_type,
                                    on_progress=lambda ph, q=art.quant, t=cache_type:
-                                   reporter.rung_phase(q, f"{ph} {t}"))
-            for v in mine:
+                                   reporter.rung_phase(q, f"{ph} {t}"), power_dir=power_dir)
+            for v in group:
                 pp, tg, ttft = res.by_depth[v.depth]
-                out[keys[v].quant] = (keys[v], _device_rows(replace(res, pp=pp, tg=tg, ttft_ms=ttft,
-                                                                    load_s=res.load_s if v is variants[0] else None)))
+                rows = _device_rows(replace(res, pp=pp, tg=tg, ttft_ms=ttft,
+                                            load_s=res.load_s if v is variants[0] else None))
+                out[keys[v].quant] = (keys[v], rows + (_energy_rows(res, charging, profile.device.power_supply)
+                                                       if energy else []))
         return out
 
     def measure(art: Artifact, pushed) -> list[Measurement | None]:
@@ -503,12 +512,17 @@ def sustained_on_device(store: Store, run_id: str, model_id: str, model_hash: st
         pushed = ctx.pusher.push(art.path, art.sha256, name=f"{art.quant}.gguf")   # already there: not sent
         ctx.transport.shell(f"mkdir -p {quote(rundir)}", 60)
         before = reading()
+        energy = profile.device.energy
+        charging = _charging(ctx) if energy else None     # read once: the series runs without a pause
         out = []
         for i in range(runs):
             on_progress(f"sustained {i + 1}/{runs}")
+            # each run is one tg test: the power samples of its whole tail are its own
             res = run_device_bench(ctx.transport, ctx.remote, pushed.remote, one, workdir=rundir, threads=threads,
-                                   repack=repack, with_load_time=False)
-            out.append(SustainedRun(run=i + 1, tg_tps=res.tg.mean, **reading()))
+                                   repack=repack, with_load_time=False,
+                                   power_dir=profile.device.power_supply if energy and not charging else None)
+            spent = energy_figures(_energy_rows(res, charging, profile.device.power_supply)) if energy else None
+            out.append(SustainedRun(run=i + 1, tg_tps=res.tg.mean, **reading(), energy=spent))
         return out, before
 
     try:
@@ -552,6 +566,28 @@ def _energy_rows(res, charging: str | None, power_dir: str) -> list[Measurement]
     detail = {"samples": n, "seconds": res.tg_seconds, "tokens": res.tg_tokens, "source": power_dir}
     return [Measurement("avg_power", watts, "W", None, n, detail),
             Measurement("energy_per_token", joules / res.tg_tokens, "J/token", None, n, detail)]
+
+
+def _variant_invocations(variants: list, per_variant: bool) -> list[list]:
+    """How the on-device llama-bench runs a rung's variants: one invocation per cache type with every depth
+    in its ``-d`` (one model load each), or, ``per_variant`` (energy sampled), one invocation per variant."""
+    if per_variant:
+        return [[v] for v in variants]
+    groups: dict[str, list] = {}
+    for v in variants:
+        groups.setdefault(v.cache_type, []).append(v)
+    return list(groups.values())
+
+
+def energy_figures(rows: list[Measurement]) -> dict:
+    """``_energy_rows``' figures as one dict (a sustained run's ``energy``): ``j_per_token``, ``watts`` and
+    the samples' detail, or ``not_measured`` with the reason."""
+    by = {m.metric: m for m in rows}
+    e = by["energy_per_token"]
+    reason = (e.detail or {}).get("not_measured")
+    if reason:
+        return {"not_measured": reason}
+    return {"j_per_token": e.value, "watts": by["avg_power"].value, **(e.detail or {})}
 
 
 def _device_rows(res) -> list[Measurement | None]:

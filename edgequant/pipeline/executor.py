@@ -123,7 +123,7 @@ def _phone_job(scope: RunScope, inputs: RunInputs):
         outcome = BenchOutcome(scope.run_id)
         for group in groups:
             for c in group.cells:
-                if Stored.read(mine.store, mine.run_id).holds(c):     # stored before a reconnect
+                if Stored.read(mine.store, mine.run_id).holds(c, inputs.profile):  # stored before a reconnect
                     continue
                 for o in run_cells(mine, inputs, [c], place):
                     if c.stage == "bench":

@@ -300,10 +300,25 @@ def sustained_rung(store: Store, run_id: str, model_id: str, model_hash: str, ar
                                                     {"error": str(exc), "status": exc.status})], status=None)
         reporter.rung_done(label, exc.status)
         return exc.status
-    store.record_rung(run_id, key, [Measurement("sustained_runs", float(len(runs)), "runs")]
-                      + sustained_measurements(runs, before), status=None)
+    # a phone's energy per run (device.energy): rows of their own, the run's number in their parameters
+    store.record_rungs(run_id, [(key, [Measurement("sustained_runs", float(len(runs)), "runs")]
+                                 + sustained_measurements(runs, before), None, None)]
+                       + [(replace(key, params={**params, "run": r.run}), sustained_energy_rows(r), None, None)
+                          for r in runs if r.energy is not None])
     reporter.rung_done(label, "ok")
     return "ok"
+
+
+def sustained_energy_rows(run) -> list[Measurement]:
+    """One sustained run's energy (``bench.sustained.SustainedRun.energy``) as the plain rungs' rows:
+    ``avg_power`` and ``energy_per_token``, or ``energy_per_token`` = 0 with the reason not measured."""
+    e = run.energy
+    if e.get("not_measured"):
+        return [Measurement("energy_per_token", 0.0, "J/token", None, None, {"not_measured": e["not_measured"]})]
+    detail = {k: v for k, v in e.items() if k not in ("j_per_token", "watts")}
+    n = detail.get("samples")
+    return [Measurement("avg_power", e["watts"], "W", None, n, detail),
+            Measurement("energy_per_token", e["j_per_token"], "J/token", None, n, detail)]
 
 
 def process_age_seconds() -> float:
@@ -338,11 +353,12 @@ VERDICT_VALUES = {"PASS": 1.0, "INCONCLUSIVE": 0.5, "FAIL": 0.0}
 def quality_rungs(store: Store, run_id: str, model_id: str, model_hash: str, artifacts: list[Artifact],
                   profile: Profile, suite, cache_root: Path, reporter: Reporter,
                   prompting: str = "auto", only: set[str] | None = None,
-                  extra_params: dict | None = None) -> dict[str, str]:
+                  extra_params: dict | None = None, stored: set[str] = frozenset()) -> dict[str, str]:
     """Run the eval suite on every rung (reference first) and store its figures and per-case detail.
 
-    ``only``: evaluate just these quants (a resumed run); the reference's outputs are always used.
-    Returns quant -> status ("ok" or how the eval failed).
+    ``only``: evaluate just these quants and their KV-cache variants (a resumed run); the reference's outputs
+    are always used.  ``stored``: names (``Q4_K_M``, ``Q4_K_M@kv=q8_0``) whose quality is already stored
+    (a resumed run), not evaluated again.  Returns quant -> status ("ok" or how the eval failed).
     """
     from importlib import metadata
 
@@ -379,13 +395,13 @@ def quality_rungs(store: Store, run_id: str, model_id: str, model_hash: str, art
         statuses[art.quant] = stored or "ok"
         reporter.rung_done(art.quant, stored or "ok")
 
-    selected = [a for a in artifacts if only is None or a.quant in only]
+    selected = [a for a in artifacts if (only is None or a.quant in only) and a.quant not in stored]
     # a quantized KV cache changes outputs too: each rung (the reference included) again with every other
     # cache type of the profile, as the variant ``RUNG@kv=TYPE`` (judged against the f16 reference)
     kv_types = [t for t in settings.cache_types if t != "f16"]
     kv_names = {(a.quant, t): BenchVariant(0, t).name(a.quant) for a in artifacts for t in kv_types}
-    if only is not None:
-        kv_names = {k: n for k, n in kv_names.items() if k[0] in only or n in only}
+    kv_names = {k: n for k, n in kv_names.items()
+                if (only is None or k[0] in only or n in only) and n not in stored}
     units: list[tuple[Artifact, str | None]] = [(a, None) for a in selected] + \
         [(a, t) for t in kv_types for a in artifacts if (a.quant, t) in kv_names]
     # 1. every rung's own outputs, one process per rung

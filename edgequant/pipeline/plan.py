@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
 from edgequant.pipeline.registry import Runtime, artifact_format, runtimes
-from edgequant.profiles.variants import base_quant
+from edgequant.profiles.variants import BenchVariant, base_quant
 
 STAGES = ("bench", "sustained", "quality")
 
@@ -91,15 +91,26 @@ class Stored:
                    quality_host={q for q, _ in store.measured(run_id, "quality", "host")},
                    quality_device=store.measured(run_id, "quality", "device"))
 
-    def holds(self, cell: Cell) -> bool:
+    def holds(self, cell: Cell, profile=None) -> bool:
+        """Whether the store holds ``cell``; a GGUF rung's quality cell only when the quality of each of its
+        names is stored (``profile``: its quantized KV cache types add ``RUNG@kv=TYPE`` names)."""
         dev = cell.place.device_id
         if cell.stage == "bench":
             return (cell.quant, dev) in self.benched
         if cell.stage == "sustained":
             return dev in self.sustained
+        names = quality_names(profile, cell.quant, cell.format)
         if cell.place.kind == "host":
-            return cell.quant in self.quality_host
-        return (cell.quant, dev) in self.quality_device
+            return all(n in self.quality_host for n in names)
+        return all((n, dev) in self.quality_device for n in names)
+
+
+def quality_names(profile, quant: str, fmt: str = "gguf") -> list[str]:
+    """The names a rung's quality is stored under: its own and, for a GGUF rung, ``RUNG@kv=TYPE`` for each
+    quantized KV cache type of ``profile`` (None: its own only)."""
+    if profile is None or fmt != "gguf":
+        return [quant]
+    return [quant] + [BenchVariant(0, t).name(quant) for t in profile.bench.cache_types if t != "f16"]
 
 
 @dataclass
@@ -199,4 +210,4 @@ def build(profile, rungs: list[Rung], places: list[PlaceSpec], suite=None, *, qu
     for rt, rs in by_runtime:
         if quality_on_host(rt):
             cells += [cell(rt, r.quant, host_spec, "quality") for r in rs]
-    return Plan([c for c in cells if not stored.holds(c)], [c for c in cells if stored.holds(c)])
+    return Plan([c for c in cells if not stored.holds(c, profile)], [c for c in cells if stored.holds(c, profile)])

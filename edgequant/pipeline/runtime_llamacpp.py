@@ -52,7 +52,8 @@ class LlamaCpp(Runtime, format="gguf"):
 
             statuses = quality_rungs(scope.store, scope.run_id, scope.model_id, scope.model_hash, ladder,
                                      inputs.profile, inputs.suite, inputs.cache_root, scope.reporter,
-                                     inputs.prompting, only=only, extra_params=inputs.quality_params)
+                                     inputs.prompting, only=only, extra_params=inputs.quality_params,
+                                     stored={q for q, _ in scope.store.measured(scope.run_id, "quality", "host")})
         else:
             from edgequant.pipeline.device_quality import quality_rungs_on_device
 
