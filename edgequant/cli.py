@@ -236,14 +236,16 @@ class RichReporter:
         self._last_done = 0.0
         self.progress = Progress(SpinnerColumn(), TextColumn("{task.description:<34}"), BarColumn(),
                                  DownloadColumn(binary_units=True), TimeElapsedColumn(),
-                                 console=console, transient=False)
+                                 TextColumn("{task.fields[run_left]}"), console=console, transient=False)
         self.bench_progress = Progress(SpinnerColumn(), TextColumn("{task.description:<34}"), BarColumn(),
                                        TextColumn("{task.completed:.0f}/{task.total:.0f} rungs"),
                                        TextColumn("{task.fields[phase]}"), TimeElapsedColumn(),
                                        TextColumn("left"), TimeRemainingColumn(),
-                                       console=console, transient=False)
+                                       TextColumn("{task.fields[run_left]}"), console=console, transient=False)
         self._tasks: dict[str, int] = {}
         self._bench_task = None
+        self.countdown = None     # edgequant.estimate.Countdown: the run's time left, once its plan is known
+        self._mark = time.monotonic()
 
     def __enter__(self):
         self.progress.start()
@@ -257,15 +259,42 @@ class RichReporter:
     def step(self, message: str) -> None:
         self.console.print(f"[cyan]•[/cyan] {message}")
 
+    def expect(self, countdown) -> None:
+        """Show the run's time left (``edgequant.estimate.Countdown``) as its stages finish."""
+        self.countdown, self._mark = countdown, time.monotonic()
+
     def bytes_progress(self, task: str, done: float, total: float | None) -> None:
         tid = self._tasks.get(task)
         if tid is None:
-            tid = self._tasks[task] = self.progress.add_task(task, total=total)
+            tid = self._tasks[task] = self.progress.add_task(task, total=total, run_left="")
             self._task_started[task] = time.monotonic()
         self.progress.update(tid, completed=done, total=total)
         if self._plain and total and done >= total and task in self._task_started:
             took = time.monotonic() - self._task_started.pop(task)
-            self.console.print(f"• {task}: done in {took:.1f} s", highlight=False)
+            self.console.print(f"• {task}: done in {took:.1f} s{self._left(task)}", highlight=False)
+        elif total and done >= total and task in self._task_started:
+            self._task_started.pop(task)
+            self._left(task)
+
+    def _left(self, task: str, label: str | None = None) -> str:
+        """"; run: about X left" once a stage of the plan finished (the estimate, corrected by the time taken
+        since the previous one finished)."""
+        from edgequant.estimate import countdown_event, duration
+
+        if self.countdown is None:
+            return ""
+        event = countdown_event(task, label)
+        if event is None:
+            return ""
+        now = time.monotonic()
+        self.countdown.finish(event[0], event[1], now - self._mark)
+        self._mark = now
+        left = duration(self.countdown.remaining())
+        for tid in self._tasks.values():
+            self.progress.update(tid, run_left=f"run: ~{left} left")
+        if self._bench_task is not None:
+            self.bench_progress.update(self._bench_task, run_left=f"run: ~{left} left")
+        return f"; run: about {left} left"
 
     def start_bench(self, n_rungs: int, label: str = "benchmarking") -> None:
         self.progress.stop()
@@ -273,7 +302,7 @@ class RichReporter:
             self.bench_progress.update(self._bench_task, visible=True)
         self.bench_progress.start()     # (again, after pause())
         self._label = label
-        self._bench_task = self.bench_progress.add_task(label, total=n_rungs, phase="")
+        self._bench_task = self.bench_progress.add_task(label, total=n_rungs, phase="", run_left="")
         self._rungs_total, self._rungs_done, self._bench_started = n_rungs, 0, time.monotonic()
         self._last_done = 0.0
 
@@ -308,9 +337,11 @@ class RichReporter:
                     per = (time.monotonic() - self._bench_started) / self._rungs_done
                     line += f", about {_duration(per * left)} left"
                 line += ")"
-            self.console.print(line, highlight=False)
-        elif status != "ok":
-            self.console.print(f"[red]•[/red] {quant}: {status}")
+            self.console.print(line + self._left(quant, getattr(self, "_label", None)), highlight=False)
+        else:
+            self._left(quant, getattr(self, "_label", None))
+            if status != "ok":
+                self.console.print(f"[red]•[/red] {quant}: {status}")
 
 
 def _duration(seconds: float) -> str:
@@ -402,12 +433,15 @@ def cli():
 @cache_option
 @click.option("--format", "fmt", type=click.Choice(FORMATS), default="table", show_default=True,
               help="How to print the comparison at the end.")
+@click.option("--dry-run", is_flag=True,
+              help="Print the plan (each stage's rungs and estimated time, the disk and memory it needs) and exit "
+                   "without building, measuring or storing anything.")
 @no_wait_option
 @force_option
 @click.pass_context
 def run(ctx, model, profile_name, threads, n_prompt, n_gen, repetitions, warmup, suite_name, prompting, no_quality,
         device_specs, device_dir, runner_dir, cooldown_max_wait, resume_id, lease_wait, db, cache_dir, fmt,
-        quality_on_device, onnx_perf_test, no_wait, force):
+        quality_on_device, onnx_perf_test, no_wait, force, dry_run):
     """Quantize, benchmark and compare: the whole job, on the host or on phones.
 
     Converts the checkpoint to the profile's reference GGUF (BF16) once, makes
@@ -431,7 +465,7 @@ def run(ctx, model, profile_name, threads, n_prompt, n_gen, repetitions, warmup,
     return _run(model, profile_name, threads, n_prompt, n_gen, repetitions, warmup, suite_name, prompting,
                 no_quality, device_specs, device_dir, runner_dir, cooldown_max_wait, None, db, cache_dir, fmt,
                 lease_wait=lease_wait, quality_on_device=quality_on_device, onnx_perf_test=onnx_perf_test,
-                no_wait=no_wait)
+                no_wait=no_wait, dry_run=dry_run)
 
 
 # columns of a table written to a file or a pipe (rich's tables are only as wide as their content)
@@ -521,10 +555,10 @@ def _has_sustained(store, run_id: str, device_id: str) -> bool:
 
 def _run(model, profile_name, threads, n_prompt, n_gen, repetitions, warmup, suite_name, prompting, no_quality,
          device_specs, device_dir, runner_dir, cooldown_max_wait, resume_id, db, cache_dir, fmt, lease_wait=300,
-         quality_on_device=False, onnx_perf_test=None, no_wait=False, force=False):
+         quality_on_device=False, onnx_perf_test=None, no_wait=False, force=False, dry_run=False):
     from dataclasses import replace
 
-    from edgequant import calibrate, device_quality, device_run, farm, onnx_pipeline, pipeline
+    from edgequant import calibrate, device_quality, device_run, estimate, farm, onnx_pipeline, pipeline
     from edgequant.devices.host import host_device_id
     from edgequant.devices.select import device_dir as resolve_device_dir
     from edgequant.devices.transport import DeviceError
@@ -536,6 +570,8 @@ def _run(model, profile_name, threads, n_prompt, n_gen, repetitions, warmup, sui
         profile = replace(profile, device=replace(profile.device, cooldown_max_wait=cooldown_max_wait))
     suite = None if no_quality else _load_suite(suite_name, profile)
     cache = _cache_root(cache_dir)
+    if dry_run:
+        return _dry_run(model, profile, suite, cache, db)
     store = _open_store(db)
     console = _stderr_console()
     on_host, phones, pool_entries = (True, [], {}) if not device_specs else farm.resolve_farm(device_specs)
@@ -558,6 +594,11 @@ def _run(model, profile_name, threads, n_prompt, n_gen, repetitions, warmup, sui
                     perf_test.require(phone.ctx.os_name, f"device {phone.serial}")
             resolved = pipeline.resolve_model(model, cache, reporter)
             ckpt = resolved.checkpoint
+            plan = estimate.plan_run(resolved, profile, suite, cache, store)
+            estimate.check_resources(plan)            # disk and memory: refused before anything is written
+            for line in estimate.format_plan(plan):
+                reporter.step(f"estimate: {line}")
+            reporter.expect(estimate.Countdown(plan))
             run_id = _start_or_resume(store, resume_id, profile, resolved, force)
             for phone in opened:
                 phone.lease.run = run_id        # written into the lease at its next renewal
@@ -568,6 +609,7 @@ def _run(model, profile_name, threads, n_prompt, n_gen, repetitions, warmup, sui
                 imatrix, suite, qparams = calibrate.for_profile(profile, suite, suite_name, prompting,
                                                                 resolved.model_hash, cache, store, reporter.step)
                 artifacts = pipeline.build_ladder(resolved, profile, cache, reporter, imatrix=imatrix)
+                pipeline.record_build_stages(store, run_id, artifacts)
                 onnx_artifacts = onnx_pipeline.build_onnx(resolved, profile, cache, reporter)
                 if not resume_id:
                     store.set_prep_seconds(run_id, pipeline.process_age_seconds())
@@ -669,6 +711,23 @@ def _run(model, profile_name, threads, n_prompt, n_gen, repetitions, warmup, sui
         raise EdgequantError(f"{len(failed)} rung stage(s) did not finish: " + "; ".join(failed), 1)
 
 
+def _dry_run(model, profile, suite, cache: Path, db: str | None) -> None:
+    """``run --dry-run``: the plan on stdout (a store that does not exist yet is not made)."""
+    from edgequant import estimate, pipeline
+    from edgequant.paths import default_db
+
+    path = db or default_db()
+    store = _open_store(db) if "://" in str(path) or Path(path).exists() else None
+    with RichReporter(_stderr_console()) as reporter:
+        resolved = pipeline.resolve_model(model, cache, reporter)
+    plan = estimate.plan_run(resolved, profile, suite, cache, store)
+    click.echo(f"plan: {resolved.checkpoint.model_id}, profile {profile.name}"
+               + (f", eval suite {suite.name}" if suite is not None else ", no eval"))
+    for line in estimate.format_plan(plan):
+        click.echo(line)
+    estimate.check_resources(plan)
+
+
 @cli.command()
 @model_options
 @db_option
@@ -695,7 +754,7 @@ def quantize(model, profile_name, db, cache_dir, as_json, suite_name, verify):
     from rich.console import Console
     from rich.table import Table
 
-    from edgequant import calibrate, onnx_pipeline, pipeline
+    from edgequant import calibrate, estimate, onnx_pipeline, pipeline
 
     if verify:
         return _verify_cache(_cache_root(cache_dir), as_json)
@@ -704,6 +763,7 @@ def quantize(model, profile_name, db, cache_dir, as_json, suite_name, verify):
     store = _open_store(db)
     with RichReporter(_stderr_console()) as reporter:
         resolved = pipeline.resolve_model(model, cache, reporter)
+        estimate.check_resources(estimate.plan_run(resolved, profile, None, cache, None, build_only=True))
         imatrix, _, _ = calibrate.for_profile(profile, None, suite_name, "auto", resolved.model_hash, cache, store,
                                               reporter.step)
         try:

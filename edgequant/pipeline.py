@@ -92,6 +92,33 @@ def cached_ladder(resolved: ResolvedModel, profile: Profile, cache_root: Path,
     return ladder.build(reporter.bytes_progress)
 
 
+def record_build_stages(store: Store, run_id: str, artifacts: list[Artifact], device_id: str | None = None) -> None:
+    """The conversion and quantization behind each artifact as ``stage_resources`` rows of the run that
+    built or reused it (a reused artifact's row carries the time and peak RSS recorded in its manifest when
+    it was built, ``reused`` set)."""
+    from edgequant.estimate import stage_row
+
+    device_id = device_id or host_device_id()
+    have = {(r["stage"], r["quant"]) for r in store.stage_resources(run_id)}     # a resumed run has them
+    rows = []
+    for art in artifacts:
+        build = getattr(art, "build", None) or {}
+        stage = build.get("stage") or ("convert" if art.is_reference else "quantize")
+        if (stage, art.quant) in have:
+            continue
+        rows.append(stage_row(stage, art.quant, device_id, art.n_params, build.get("seconds"),
+                              build.get("peak_rss_bytes"), "ok", art.reused))
+    store.record_stages(run_id, rows)
+
+
+def _stage(store: Store, run_id: str, stage: str, quant: str, n_params: int | None, seconds: float | None,
+           peak: float | None, status: str = "ok", detail: str | None = None, device_id: str | None = None) -> None:
+    from edgequant.estimate import stage_row
+
+    store.record_stages(run_id, [stage_row(stage, quant, device_id or host_device_id(), n_params, seconds, peak,
+                                           status, False, detail)])
+
+
 @dataclass
 class RungOutcome:
     artifact: Artifact
@@ -196,6 +223,7 @@ def bench_rungs(store: Store, run_id: str, model_id: str, model_hash: str, artif
         keys = [replace(key, quant=v.name(art.quant), params=v.params(params, settings),
                         is_reference=art.is_reference and i == 0) for i, v in enumerate(variants)]
         reporter.rung_started(art.quant)
+        t0 = time.perf_counter()
         try:
             art.verify()
             quiet = measure_until_quiet(measure, art.path, settings,
@@ -205,6 +233,8 @@ def bench_rungs(store: Store, run_id: str, model_id: str, model_hash: str, artif
                                         **({"variants": variants} if variants else {}))
         except RunFailed as exc:     # a BenchError, or an artifact changed on disk: this rung's failure
             status = getattr(exc, "status", "failed")
+            _stage(store, run_id, "bench", art.quant, art.n_params, time.perf_counter() - t0, None, status,
+                   str(exc), device_id)
             if keys:
                 store.record_rungs(run_id, [(k, _artifact_measurements(art), status, str(exc)) for k in keys])
             else:
@@ -213,6 +243,8 @@ def bench_rungs(store: Store, run_id: str, model_id: str, model_hash: str, artif
             reporter.rung_done(art.quant, status)
             continue
         res = quiet.result
+        _stage(store, run_id, "bench", art.quant, art.n_params, time.perf_counter() - t0,
+               float(res.peak_rss_bytes) if runtime == "llama.cpp" else None, device_id=device_id)
         contention = [m for m in (quiet.measurement(),) if m is not None]
         status, detail = ("noisy", quiet.detail()) if quiet.noisy else ("ok", None)
         if keys and len(res.variants) != len(keys):
@@ -351,9 +383,18 @@ def quality_rungs(store: Store, run_id: str, model_id: str, model_hash: str, art
     statuses: dict[str, str] = {}
     reporter.rung_started(f"{ref_art.quant} reference outputs")
     ref_art.verify()
-    ref = quality.reference_outputs(ref_art.path, ref_art.sha256, ref_art.quant, suite, cache_root, threads,
-                                    repack, prompting, settings.timeout,
-                                    lambda p: reporter.rung_phase(ref_art.quant, p))
+    t0 = time.perf_counter()
+    try:
+        ref = quality.reference_outputs(ref_art.path, ref_art.sha256, ref_art.quant, suite, cache_root, threads,
+                                        repack, prompting, settings.timeout,
+                                        lambda p: reporter.rung_phase(ref_art.quant, p))
+    except quality.EvalError as exc:    # nothing to judge the rungs against: the stage is stored, the eval stops
+        _stage(store, run_id, "eval-reference", ref_art.quant, ref_art.n_params, time.perf_counter() - t0, None,
+               exc.status, str(exc), device_id)
+        raise
+    if ref.peak_rss_bytes is not None:      # made now, not read from the cache
+        _stage(store, run_id, "eval-reference", ref_art.quant, ref_art.n_params, time.perf_counter() - t0,
+               ref.peak_rss_bytes, device_id=device_id)
     params = {"runner": "host", "stage": "quality", "suite": suite.name, "suite_sha256": suite.sha256,
               "prompting": ref.prompting, "threads": threads, "repack": repack, "decoding": "greedy",
               "n_cases": len(suite.cases), **(extra_params or {})}
@@ -392,13 +433,18 @@ def quality_rungs(store: Store, run_id: str, model_id: str, model_hash: str, art
         if art.is_reference:
             store_quality(art, quality.reference_quality(suite, ref))
             continue
+        t0 = time.perf_counter()
         try:
             art.verify()
             outputs.append((art, quality.generate_rung(art.path, suite, ref, threads, repack, settings.timeout,
                                                        lambda p, quant=art.quant: reporter.rung_phase(quant, p),
                                                        cache_type=ct)))
+            _stage(store, run_id, "eval-generate", art.quant, art.n_params, time.perf_counter() - t0,
+                   outputs[-1][1].get("process_peak_rss_bytes"), device_id=device_id)
         except RunFailed as exc:     # an EvalError, or an artifact changed on disk: this rung's failure
             status = getattr(exc, "status", "failed")
+            _stage(store, run_id, "eval-generate", art.quant, art.n_params, time.perf_counter() - t0, None,
+                   status, str(exc), device_id)
             store.record_rung(run_id, key(art), [], status=status, detail=f"quality: {exc}")
             statuses[art.quant] = status
             reporter.rung_done(art.quant, status)
@@ -408,10 +454,16 @@ def quality_rungs(store: Store, run_id: str, model_id: str, model_hash: str, art
     for group in groups:
         label = f"KLD vs {ref_art.quant}: " + ", ".join(by_path[p][0].quant for p in group)
         reporter.rung_started(label)
+        t0 = time.perf_counter()
+        used: dict = {}
         try:
             scores = quality.teacher_scores(ref, group, suite, threads, repack, settings.timeout,
-                                            lambda p, label=label: reporter.rung_phase(label, p))
+                                            lambda p, label=label: reporter.rung_phase(label, p), resources=used)
+            _stage(store, run_id, "eval-teacher", label, ref_art.n_params, time.perf_counter() - t0,
+                   used.get("peak_rss_bytes"), device_id=device_id)
         except quality.EvalError as exc:
+            _stage(store, run_id, "eval-teacher", label, ref_art.n_params, time.perf_counter() - t0, None,
+                   exc.status, str(exc), device_id)
             if len(group) > 1:      # several rungs beside the reference may be too many: one at a time
                 groups.extend([p] for p in group)
                 continue

@@ -20,7 +20,7 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Callable
@@ -32,6 +32,8 @@ from edgequant.quantize.checkpoint import Checkpoint
 from edgequant.quantize.gguf_info import (BadGGUF, add_metadata, estimated_bits_per_weight, file_sha256,
                                           read_gguf_info)
 from edgequant.children import die_with_parent
+from edgequant.meter import StageMeter
+from edgequant.status import RungStatus, classify_exit
 from edgequant.quantize.overrides import RungSpec, parse_rung, tensor_types
 
 # report(task, done, total): task names the step, done/total in bytes (total None = unknown)
@@ -69,6 +71,8 @@ class Artifact:
     seconds: float = 0.0
     # (size, mtime_ns, ctime_ns) of the file when its sha256 was last checked; None: never checked here
     checked: tuple[int, int, int] | None = None
+    # how it was made: {"stage": "convert"|"quantize", "seconds", "peak_rss_bytes"} (kept in its manifest)
+    build: dict = field(default_factory=dict)
 
     def verify(self) -> None:
         """Before a benchmark or a push: the file still holds the bytes whose sha256 is recorded.  Hashed
@@ -161,6 +165,7 @@ class Ladder:
         self.notice = notice
         self.rebuilt: list[str] = []
         self._fresh: dict[Path, tuple] = {}      # final path -> (info, sha256) of a file just made
+        self._built: dict[Path, dict] = {}      # final path -> its build stage's time and peak RSS
         self.ckpt = ckpt
         self.model_hash = model_hash
         self.profile = profile
@@ -299,7 +304,8 @@ class Ladder:
         art = Artifact(quant=rung.quant, is_reference=rung.is_reference, path=rung.path,
                        cache_key=rung.cache_key, model_hash=self.model_hash, sha256=digest,
                        size_bytes=st.st_size, n_params=info.n_params, bits_per_weight=info.bits_per_weight,
-                       tensor_types=info.tensor_types, architecture=info.architecture)
+                       tensor_types=info.tensor_types, architecture=info.architecture,
+                       build=self._built.pop(rung.path, {}))
         self._write_manifest(art, st)
         return art
 
@@ -333,18 +339,24 @@ class Ladder:
                                     stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
                                     preexec_fn=die_with_parent())
             try:
-                while proc.poll() is None:
-                    time.sleep(0.2)
-                    if tmp.exists():
-                        report(task, min(tmp.stat().st_size, expected), expected)
+                with StageMeter(proc.pid) as meter:     # the converter's time and peak RSS, stored with the run
+                    while proc.poll() is None:
+                        time.sleep(0.2)
+                        if tmp.exists():
+                            report(task, min(tmp.stat().st_size, expected), expected)
             except BaseException:
                 proc.kill()
                 proc.wait()
                 raise
+            self._built[rung.path] = {"stage": "convert", **meter.record()}
             if proc.returncode != 0 or not tmp.is_file():
                 full = _disk_note(self.folder, expected)     # checked while the partial file still holds its space
                 if full:   # the log, on the same disk, may be empty: say what happened instead of "no output"
                     raise RunFailed(f"converting {self.ckpt.path} to GGUF failed (exit {proc.returncode})" + full)
+                if classify_exit(proc.returncode) is RungStatus.OOM:
+                    raise RunFailed(f"converting {self.ckpt.path} to GGUF was killed (SIGKILL, most likely by the "
+                                    f"kernel's OOM killer) at a peak of {meter.peak_rss_bytes / 2**30:.2f} GiB; "
+                                    f"close other programs or use a machine with more memory; log: {log_path}")
                 tail = _last_line(log_path)
                 raise RunFailed(f"converting {self.ckpt.path} to GGUF failed (exit {proc.returncode}): {tail}; "
                                 f"full log: {log_path}")
@@ -376,11 +388,13 @@ class Ladder:
             # a daemon thread, so Ctrl-C is handled here at once; the partial file is
             # removed by atomic_path and the interrupted quantization dies with the process
             worker = threading.Thread(target=work, name=f"quantize-{rung.quant}", daemon=True)
-            worker.start()
-            while worker.is_alive():
-                worker.join(0.2)
-                if tmp.exists():
-                    report(task, min(tmp.stat().st_size, estimate), estimate)
+            with StageMeter() as meter:     # in this process: its time and this process's peak RSS
+                worker.start()
+                while worker.is_alive():
+                    worker.join(0.2)
+                    if tmp.exists():
+                        report(task, min(tmp.stat().st_size, estimate), estimate)
+            self._built[rung.path] = {"stage": "quantize", **meter.record()}
             if result.get("rc") != 0 or not tmp.is_file():
                 said = last_llama_error()
                 raise RunFailed(f"quantizing {src.name} to {rung.quant} failed in llama.cpp "
