@@ -257,7 +257,7 @@ class RichReporter:
         return False
 
     def step(self, message: str) -> None:
-        self.console.print(f"[cyan]•[/cyan] {message}")
+        self.console.print(f"[cyan]•[/cyan] {message}", soft_wrap=self._plain)   # a log: one line each
 
     def expect(self, countdown) -> None:
         """Show the run's time left (``edgequant.estimate.Countdown``) as its stages finish."""
