@@ -148,7 +148,7 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tiny_checkpoint, tmp_path):
                   str(tiny_profile(tmp_path, types=["Q8_0", "Q4_0"])), env=env)
     assert res.returncode == 0, res.stderr
     out = res.stdout
-    assert "convert:" in out and "quantize:" in out and "bench:" in out and "eval" not in out
+    assert "convert:" in out and "quantize:" in out and "bench:" in out and "eval-" not in out
     assert "Q8_0" in out and "Q4_0" in out and "disk:" in out and "memory:" in out and "time: about" in out
     assert not (tmp_path / "results.db").exists()
     assert not list((tmp_path / "cache").rglob("*.gguf"))
