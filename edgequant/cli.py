@@ -608,12 +608,14 @@ def _run(model, profile_name, threads, n_prompt, n_gen, repetitions, warmup, sui
                                    f"`edgequant run --resume {run_id}` finishes it") as stage:
                 imatrix, suite, qparams = calibrate.for_profile(profile, suite, suite_name, prompting,
                                                                 resolved.model_hash, cache, store, reporter.step)
-                artifacts = pipeline.build_ladder(resolved, profile, cache, reporter, imatrix=imatrix)
+                killed: list = []      # rungs whose quantization was killed (OOM): stored, the others go on
+                artifacts = pipeline.build_ladder(resolved, profile, cache, reporter, imatrix=imatrix, failed=killed)
                 pipeline.record_build_stages(store, run_id, artifacts)
                 onnx_artifacts = onnx_pipeline.build_onnx(resolved, profile, cache, reporter)
                 if not resume_id:
                     store.set_prep_seconds(run_id, pipeline.process_age_seconds())
-                failed: list[str] = []
+                failed: list[str] = pipeline.record_build_failures(store, run_id, ckpt.model_id, resolved.model_hash,
+                                                                   ckpt.n_params_estimate, killed)
                 if on_host:
                     stage.now = "benchmarking"
                     host_id = host_device_id()

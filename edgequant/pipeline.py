@@ -73,11 +73,39 @@ def resolve_model(model: str | None, cache_root: Path, reporter: Reporter) -> Re
 
 
 def build_ladder(resolved: ResolvedModel, profile: Profile, cache_root: Path,
-                 reporter: Reporter, imatrix=None) -> list[Artifact]:
-    """``imatrix``: an ImatrixProvider (edgequant.calibrate.SuiteImatrix) for ``+imatrix`` rungs."""
+                 reporter: Reporter, imatrix=None, failed: list | None = None) -> list[Artifact]:
+    """``imatrix``: an ImatrixProvider (edgequant.calibrate.SuiteImatrix) for ``+imatrix`` rungs.  A rung
+    whose quantization was killed (OOM) is left out and, with ``failed`` (a list), added to it as
+    (rung, status, detail, its stage's time and peak RSS); without it, the first such rung is raised."""
     ladder = Ladder(resolved.checkpoint, resolved.model_hash, profile, cache_root, imatrix=imatrix,
                     notice=reporter.step)
-    return ladder.build(reporter.bytes_progress)
+    out = ladder.build(reporter.bytes_progress)
+    if failed is None and ladder.failed:
+        raise RunFailed(ladder.failed[0][2])
+    if failed is not None:
+        failed.extend(ladder.failed)
+    return out
+
+
+def record_build_failures(store: Store, run_id: str, model_id: str, model_hash: str, n_params: int,
+                          failures: list) -> list[str]:
+    """Rungs whose quantization was killed (``build_ladder``'s ``failed``): each stored with its status and
+    the stage in the detail, and as a ``stage_resources`` row; returns "RUNG STATUS" for each."""
+    from importlib import metadata
+
+    from edgequant.estimate import stage_row
+
+    device, device_id = host_device(), host_device_id()
+    out = []
+    for quant, status, detail, built in failures:
+        key = RowKey(model_id=model_id, model_hash=model_hash, quant=quant, artifact_sha256="",
+                     is_reference=False, device_id=device_id, device=device, runtime="llama.cpp",
+                     runtime_version=metadata.version("llama-cpp-python"), params={"runner": "host"})
+        store.record_rung(run_id, key, [], status=status, detail=detail)
+        store.record_stages(run_id, [stage_row("quantize", quant, device_id, n_params, built.get("seconds"),
+                                               built.get("peak_rss_bytes"), status, False, detail)])
+        out.append(f"{quant} {status}")
+    return out
 
 
 def cached_ladder(resolved: ResolvedModel, profile: Profile, cache_root: Path,

@@ -16,9 +16,9 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
-import threading
 import time
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
@@ -33,7 +33,7 @@ from edgequant.quantize.gguf_info import (BadGGUF, add_metadata, estimated_bits_
                                           read_gguf_info)
 from edgequant.children import die_with_parent
 from edgequant.meter import StageMeter
-from edgequant.status import RungStatus, classify_exit
+from edgequant.status import RungStatus, classify_exit, exit_signal, signal_name
 from edgequant.quantize.overrides import RungSpec, parse_rung, tensor_types
 
 # report(task, done, total): task names the step, done/total in bytes (total None = unknown)
@@ -119,6 +119,65 @@ class PlannedRung:
         return self.path.with_name(self.path.name + ".json")
 
 
+class BuildFailed(RunFailed):
+    """A rung's quantization that ended without a file because its process was killed (``status``: ``oom``
+    or ``crashed``): that rung is left out, the ladder goes on with the others."""
+
+    def __init__(self, status: str, message: str):
+        super().__init__(message)
+        self.status = str(status)
+
+
+def run_forked(work: Callable[[], tuple[int, str]], tick: Callable[[], None]) -> tuple[int, str, StageMeter]:
+    """Run ``work`` (returning a return code and a message) in a forked child, which shares this process's
+    memory as it is (parameters and buffers already set up), calling ``tick`` every 0.2 s meanwhile.
+
+    Returns (the child's exit code, Popen-style: -N when killed by signal N; "RC\\nMESSAGE" as ``work``
+    returned them, or "" if it did not; its time and peak RSS: sampled, and its ``ru_maxrss``).  The child
+    dies with this process; on any exception here (Ctrl-C) it is killed before the exception goes on."""
+    arm = die_with_parent()
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:                                   # the child: never returns into edgequant
+        code = 4
+        try:
+            os.close(read_fd)
+            arm()
+            rc, said = work()
+            os.write(write_fd, f"{rc}\n{said}".encode("utf-8", "replace")[:60000])
+            code = 0
+        except BaseException as exc:  # noqa: BLE001 - reported through the pipe, the exit code says it failed
+            try:
+                os.write(write_fd, f"exception\n{type(exc).__name__}: {exc}".encode()[:60000])
+            except OSError:
+                pass
+        finally:
+            os._exit(code)
+    os.close(write_fd)
+    try:
+        with StageMeter(pid) as meter:
+            while True:
+                got, status, usage = os.wait4(pid, os.WNOHANG)
+                if got:
+                    break
+                time.sleep(0.2)
+                tick()
+        meter.peak_rss_bytes = max(meter.peak_rss_bytes, usage.ru_maxrss * 1024)
+        chunks = []
+        while chunk := os.read(read_fd, 65536):
+            chunks.append(chunk)
+    except BaseException:
+        try:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        except (ProcessLookupError, ChildProcessError):
+            pass
+        raise
+    finally:
+        os.close(read_fd)
+    return os.waitstatus_to_exitcode(status), b"".join(chunks).decode("utf-8", "replace"), meter
+
+
 class ArtifactChanged(RunFailed):
     """An artifact's file no longer holds the bytes its recorded sha256 names."""
 
@@ -164,6 +223,7 @@ class Ladder:
         ``notice`` gets one line for each cached artifact found damaged (and rebuilt)."""
         self.notice = notice
         self.rebuilt: list[str] = []
+        self.failed: list[tuple[str, str, str, dict]] = []   # (rung, status, detail, its stage's time and peak)
         self._fresh: dict[Path, tuple] = {}      # final path -> (info, sha256) of a file just made
         self._built: dict[Path, dict] = {}      # final path -> its build stage's time and peak RSS
         self.ckpt = ckpt
@@ -234,7 +294,11 @@ class Ladder:
         out = [self._ensure(ref_plan, lambda: self._convert(ref_plan, report), report)]
         self._reference = out[0]
         for rung in plan[1:]:
-            out.append(self._ensure(rung, lambda r=rung: self._quantize(out[0].path, r, report), report))
+            try:
+                out.append(self._ensure(rung, lambda r=rung: self._quantize(out[0].path, r, report), report))
+            except BuildFailed as exc:        # killed (OOM): this rung is left out, the others are made
+                self.failed.append((rung.quant, exc.status, str(exc), self._built.pop(rung.path, {})))
+                self.notice(f"{rung.quant}: {exc.status}: {exc}")
         return out
 
     def _ensure(self, rung: PlannedRung, make: Callable[[], None], report: Progress) -> Artifact:
@@ -378,27 +442,30 @@ class Ladder:
         task = f"quantizing {rung.quant}"
         estimate = int(self.ckpt.n_params_estimate * estimated_bits_per_weight(spec.base) / 8)
         report(task, 0, estimate)
-        result: dict[str, int] = {}
         with atomic_path(rung.path) as tmp:
-            def work() -> None:
-                result["rc"] = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(),
-                                                              ctypes.byref(params))
+            def work() -> tuple[int, str]:
+                rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
+                return rc, last_llama_error()
+
+            def tick() -> None:
+                if tmp.exists():
+                    report(task, min(tmp.stat().st_size, estimate), estimate)
 
             silence_llama_logs()
-            # a daemon thread, so Ctrl-C is handled here at once; the partial file is
-            # removed by atomic_path and the interrupted quantization dies with the process
-            worker = threading.Thread(target=work, name=f"quantize-{rung.quant}", daemon=True)
-            with StageMeter() as meter:     # in this process: its time and this process's peak RSS
-                worker.start()
-                while worker.is_alive():
-                    worker.join(0.2)
-                    if tmp.exists():
-                        report(task, min(tmp.stat().st_size, estimate), estimate)
+            # in a process of its own, so that an OOM kill takes this rung and not edgequant (the run goes on),
+            # and its peak RSS is its own; Ctrl-C stops it at once and atomic_path removes the partial file
+            code, said, meter = run_forked(work, tick)
+            rc, _, said = said.partition("\n")
             self._built[rung.path] = {"stage": "quantize", **meter.record()}
-            if result.get("rc") != 0 or not tmp.is_file():
-                said = last_llama_error()
+            status = classify_exit(code)
+            if status in (RungStatus.OOM, RungStatus.CRASHED):
+                how = "killed (SIGKILL), most likely by the kernel's OOM killer" if status is RungStatus.OOM \
+                    else f"crashed ({signal_name(exit_signal(code))})"
+                raise BuildFailed(status, f"quantize: {src.name} to {rung.quant} was {how} at a peak of "
+                                          f"{meter.peak_rss_bytes / 2**20:,.0f} MiB")
+            if code != 0 or rc != "0" or not tmp.is_file():
                 raise RunFailed(f"quantizing {src.name} to {rung.quant} failed in llama.cpp "
-                                f"(return code {result.get('rc')})"
+                                f"(return code {rc})"
                                 + (f": {said}" if said else "") + _disk_note(self.folder, estimate))
             del keep
             if imatrix is not None:   # the provenance llama-quantize writes, so the file says how it was made

@@ -262,9 +262,10 @@ def test_a_disk_too_small_refuses_quantize_before_writing(tiny_checkpoint, tmp_p
 
 class OomKiller:
     """A test-side watchdog standing in for the kernel's OOM killer: SIGKILLs the first child process of this
-    test running ``module`` (once it has run ``after`` seconds)."""
+    test running ``module`` (``None``: a fork of this process itself, same command line) once it has run
+    ``after`` seconds."""
 
-    def __init__(self, module: str, after: float = 0.0):
+    def __init__(self, module: str | None, after: float = 0.0):
         self.module, self.after = module, after
         self.killed: list[int] = []
         self._stop = threading.Event()
@@ -272,10 +273,13 @@ class OomKiller:
 
     def _watch(self) -> None:
         me = psutil.Process()
-        while not self._stop.wait(0.05) and not self.killed:
+        mine = me.cmdline()
+        while not self._stop.wait(0.02) and not self.killed:
             for child in me.children(recursive=True):
                 try:
-                    if self.module in " ".join(child.cmdline()) and time.time() - child.create_time() > self.after:
+                    cmd = child.cmdline()
+                    ours = cmd == mine if self.module is None else self.module in " ".join(cmd)
+                    if ours and time.time() - child.create_time() > self.after:
                         child.send_signal(signal.SIGKILL)
                         self.killed.append(child.pid)
                         return
@@ -345,3 +349,33 @@ def test_an_eval_worker_killed_by_the_oom_killer_is_stored_oom_with_its_stage(ti
     assert detail.startswith("quality:") and "SIGKILL" in detail and "OOM killer" in detail
     stages = [(r["stage"], r["quant"], r["status"]) for r in store.stage_resources(run)]
     assert ("eval-generate", "Q8_0", "oom") in stages and ("eval-generate", "Q4_0", "ok") in stages
+
+
+def test_a_quantization_killed_by_the_oom_killer_leaves_that_rung_out_and_the_ladder_goes_on(tiny_ladder,
+                                                                                               tmp_path):
+    """Each quantization runs in a forked process of its own: the watchdog's SIGKILL takes that rung (stored
+    with its status and stage), not edgequant, and the next rung is made."""
+    import shutil
+
+    from edgequant.quantize.ladder import Ladder
+
+    ref = tiny_ladder["artifacts"][0]
+    resolved = tiny_ladder["resolved"]
+    cache = tmp_path / "cache"
+    folder = cache / "artifacts" / resolved.model_hash[:16]
+    folder.mkdir(parents=True)
+    shutil.copy2(ref.path, folder / ref.path.name)                 # the reference is built: only quantizations
+    shutil.copy2(ref.path.with_name(ref.path.name + ".json"), folder / (ref.path.name + ".json"))
+    ladder = Ladder(resolved.checkpoint, resolved.model_hash, tiny_ladder["profile"], cache)
+    with OomKiller(None) as killer:
+        arts = ladder.build()
+    assert len(killer.killed) == 1
+    assert [a.quant for a in arts] == ["BF16", "Q4_0"]             # Q8_0, the first quantization, was killed
+    ((quant, status, detail, built),) = ladder.failed
+    assert (quant, status) == ("Q8_0", "oom")
+    assert detail.startswith("quantize:") and "SIGKILL" in detail and "OOM killer" in detail
+    assert not list(folder.glob("*Q8_0*")) and not list(folder.glob(".*partial*"))
+    # the rung made after it: its own process's time and peak RSS (llama.cpp loaded: tens of MiB at least)
+    q4 = arts[1]
+    assert q4.build["stage"] == "quantize" and q4.build["seconds"] > 0
+    assert 20 * 2**20 < q4.build["peak_rss_bytes"] < psutil.virtual_memory().total
