@@ -105,7 +105,12 @@ def test_a_suite_adds_the_eval_stages_with_the_teacher_beside_each_rung():
     # the ladder's one bit of headroom) of 268M, and a process
     teacher = by(est, "eval-teacher", "Q8_0")
     assert teacher.memory_bytes == pytest.approx(512 * 2**20 + 268e6 * 2 + 268e6 * 9.5 / 8, rel=0.01)
-    assert est.largest is teacher
+    # nothing built yet: the converter is the largest (1.5 GiB for torch and half the 536 MB of weights)
+    assert by(est, "convert", "BF16").memory_bytes == 1.5 * 2**30 + 268e6
+    assert est.largest.stage == "convert"
+    built = estimate.estimate_run(facts(268_000_000), profile, suite, place="host:test", missing=[],
+                                  memory_available=64 << 30)
+    assert built.largest.stage == "eval-teacher" and built.largest.quant == "Q8_0"   # Q8_0: the largest rung
 
 
 def test_disk_or_memory_short_is_one_line_naming_both_figures_and_the_folder(tmp_path):
