@@ -174,6 +174,7 @@ def measured(tiny_checkpoint, tmp_path_factory):
     return {"tmp": tmp, "env": env, "res": res, "wall": wall, "run_id": run["run_id"], "db": tmp / "results.db"}
 
 
+@pytest.mark.slow
 def test_every_stage_of_a_run_is_a_row_with_its_peak_rss_and_time(measured):
     rows = db_rows(measured["db"], "SELECT * FROM stage_resources WHERE run_id = ? ORDER BY id",
                    measured["run_id"])
@@ -197,6 +198,7 @@ def test_every_stage_of_a_run_is_a_row_with_its_peak_rss_and_time(measured):
             assert r["peak_rss_bytes"] == hwm[r["quant"]]
 
 
+@pytest.mark.slow
 def test_the_plan_is_printed_first_and_every_stage_line_says_the_time_left(measured):
     err = measured["res"].stderr
     lines = err.splitlines()
@@ -209,6 +211,7 @@ def test_the_plan_is_printed_first_and_every_stage_line_says_the_time_left(measu
         assert "; run: about" in line and line.endswith("left"), line
 
 
+@pytest.mark.slow
 def test_report_shows_the_resources_table(measured):
     from rich.console import Console
 
@@ -225,6 +228,7 @@ def test_report_shows_the_resources_table(measured):
     assert json.loads(report.render_json(rep))["resources"][0]["stage"] == "convert"
 
 
+@pytest.mark.slow
 def test_a_second_run_stores_the_reused_builds_with_the_time_they_took(measured, tiny_checkpoint):
     tmp = measured["tmp"]
     res = run_cli("run", "--no-quality", "--model", str(tiny_checkpoint), "--profile", str(tmp / "tiny.toml"),
@@ -314,6 +318,7 @@ def tiny_ladder(tiny_checkpoint, tmp_path_factory):
             "artifacts": build_ladder(resolved, profile, tmp / "cache", NullReporter())}
 
 
+@pytest.mark.slow
 def test_a_benchmark_killed_by_the_oom_killer_is_stored_oom_and_the_run_goes_on(tiny_ladder, tmp_path):
     from edgequant import pipeline
 
@@ -333,6 +338,7 @@ def test_a_benchmark_killed_by_the_oom_killer_is_stored_oom_and_the_run_goes_on(
     assert stages[("bench", "Q4_0")]["status"] == "ok" and stages[("bench", "Q4_0")]["peak_rss_bytes"] > 0
 
 
+@pytest.mark.slow
 def test_an_eval_worker_killed_by_the_oom_killer_is_stored_oom_with_its_stage(tiny_ladder, tmp_path):
     from edgequant import pipeline
     from edgequant.profiles.suites import load_suite
@@ -356,6 +362,7 @@ def test_an_eval_worker_killed_by_the_oom_killer_is_stored_oom_with_its_stage(ti
     assert ("eval-generate", "Q8_0", "oom") in stages and ("eval-generate", "Q4_0", "ok") in stages
 
 
+@pytest.mark.slow
 def test_a_quantization_killed_by_the_oom_killer_leaves_that_rung_out_and_the_ladder_goes_on(tiny_ladder,
                                                                                                tmp_path):
     """Each quantization runs in a forked process of its own: the watchdog's SIGKILL takes that rung (stored
