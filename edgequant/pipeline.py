@@ -242,6 +242,7 @@ def bench_rungs(store: Store, run_id: str, model_id: str, model_hash: str, artif
     device, device_id = host_device(), host_device_id()
     runtime_version = metadata.version("llama-cpp-python" if runtime == "llama.cpp" else runtime)
     variants = bench_variants(profile, artifacts, suite) if runtime == "llama.cpp" else []
+    stage_name = "bench" if runtime == "llama.cpp" else "bench-onnx"      # its stage_resources rows
     outcome = BenchOutcome(run_id)
     for art in artifacts:
         store.record_artifact(art.record())
@@ -261,7 +262,7 @@ def bench_rungs(store: Store, run_id: str, model_id: str, model_hash: str, artif
                                         **({"variants": variants} if variants else {}))
         except RunFailed as exc:     # a BenchError, or an artifact changed on disk: this rung's failure
             status = getattr(exc, "status", "failed")
-            _stage(store, run_id, "bench", art.quant, art.n_params, time.perf_counter() - t0, None, status,
+            _stage(store, run_id, stage_name, art.quant, art.n_params, time.perf_counter() - t0, None, status,
                    str(exc), device_id)
             if keys:
                 store.record_rungs(run_id, [(k, _artifact_measurements(art), status, str(exc)) for k in keys])
@@ -271,8 +272,9 @@ def bench_rungs(store: Store, run_id: str, model_id: str, model_hash: str, artif
             reporter.rung_done(art.quant, status)
             continue
         res = quiet.result
-        _stage(store, run_id, "bench", art.quant, art.n_params, time.perf_counter() - t0,
-               float(res.peak_rss_bytes) if runtime == "llama.cpp" else None, device_id=device_id)
+        peak = getattr(res, "peak_rss_bytes", None)
+        _stage(store, run_id, stage_name, art.quant, art.n_params, time.perf_counter() - t0,
+               None if peak is None else float(peak), device_id=device_id)
         contention = [m for m in (quiet.measurement(),) if m is not None]
         status, detail = ("noisy", quiet.detail()) if quiet.noisy else ("ok", None)
         if keys and len(res.variants) != len(keys):
