@@ -571,7 +571,7 @@ def _run(model, profile_name, threads, n_prompt, n_gen, repetitions, warmup, sui
     suite = None if no_quality else _load_suite(suite_name, profile)
     cache = _cache_root(cache_dir)
     if dry_run:
-        return _dry_run(model, profile, suite, cache, db)
+        return _dry_run(model, profile, suite, cache, db, device_specs)
     store = _open_store(db)
     console = _stderr_console()
     on_host, phones, pool_entries = (True, [], {}) if not device_specs else farm.resolve_farm(device_specs)
@@ -713,8 +713,9 @@ def _run(model, profile_name, threads, n_prompt, n_gen, repetitions, warmup, sui
         raise EdgequantError(f"{len(failed)} rung stage(s) did not finish: " + "; ".join(failed), 1)
 
 
-def _dry_run(model, profile, suite, cache: Path, db: str | None) -> None:
-    """``run --dry-run``: the plan on stdout (a store that does not exist yet is not made)."""
+def _dry_run(model, profile, suite, cache: Path, db: str | None, device_specs=()) -> None:
+    """``run --dry-run``: the plan on stdout (a store that does not exist yet is not made; no phone is
+    reached: their benchmarks are estimated at this host's speed)."""
     from edgequant import estimate, pipeline
     from edgequant.paths import default_db
 
@@ -725,6 +726,8 @@ def _dry_run(model, profile, suite, cache: Path, db: str | None) -> None:
     plan = estimate.plan_run(resolved, profile, suite, cache, store)
     click.echo(f"plan: {resolved.checkpoint.model_id}, profile {profile.name}"
                + (f", eval suite {suite.name}" if suite is not None else ", no eval"))
+    places = f"{', '.join(device_specs)} (estimated at this host's speed)" if device_specs else plan.place
+    click.echo(f"places: {places}")
     for line in estimate.format_plan(plan):
         click.echo(line)
     estimate.check_resources(plan)
