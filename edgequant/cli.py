@@ -245,7 +245,6 @@ class RichReporter:
         self._tasks: dict[str, int] = {}
         self._bench_task = None
         self.countdown = None     # edgequant.estimate.Countdown: the run's time left, once its plan is known
-        self._mark = time.monotonic()
 
     def __enter__(self):
         self.progress.start()
@@ -261,7 +260,7 @@ class RichReporter:
 
     def expect(self, countdown) -> None:
         """Show the run's time left (``edgequant.estimate.Countdown``) as its stages finish."""
-        self.countdown, self._mark = countdown, time.monotonic()
+        self.countdown = countdown
 
     def bytes_progress(self, task: str, done: float, total: float | None) -> None:
         tid = self._tasks.get(task)
@@ -277,19 +276,10 @@ class RichReporter:
             self._left(task)
 
     def _left(self, task: str, label: str | None = None) -> str:
-        """"; run: about X left" once a stage of the plan finished (the estimate, corrected by the time taken
-        since the previous one finished)."""
-        from edgequant.estimate import countdown_event, duration
-
-        if self.countdown is None:
+        """"; run: about X left" once a stage of the plan finished (``edgequant.estimate.Countdown``)."""
+        left = self.countdown.event(task, label) if self.countdown is not None else None
+        if left is None:
             return ""
-        event = countdown_event(task, label)
-        if event is None:
-            return ""
-        now = time.monotonic()
-        self.countdown.finish(event[0], event[1], now - self._mark)
-        self._mark = now
-        left = duration(self.countdown.remaining())
         for tid in self._tasks.values():
             self.progress.update(tid, run_left=f"run: ~{left} left")
         if self._bench_task is not None:

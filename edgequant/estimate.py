@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import statistics
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
@@ -380,6 +381,7 @@ class Countdown:
         self._left = [s for s in estimate.stages if s.seconds > 0]
         self._estimated_done = 0.0
         self._actual_done = 0.0
+        self._mark = time.monotonic()     # when the previous event came (the plan was made: the start)
 
     def finish(self, stages: tuple[str, ...] | str, quant: str | None, seconds: float) -> None:
         """Stages of one rung finished in ``seconds`` together: their estimates for that rung go (or, when none
@@ -395,6 +397,17 @@ class Countdown:
         if estimated:
             self._estimated_done += estimated
             self._actual_done += seconds
+
+    def event(self, task: str, label: str | None = None) -> str | None:
+        """A progress event (``countdown_event``): the stages it finishes go, timed since the previous event;
+        returns the time left as text ("3 min 10 s"), or None for an event no estimate covers."""
+        found = countdown_event(task, label)
+        if found is None:
+            return None
+        now = time.monotonic()
+        self.finish(found[0], found[1], now - self._mark)
+        self._mark = now
+        return duration(self.remaining())
 
     def remaining(self) -> float:
         left = sum(s.seconds for s in self._left)

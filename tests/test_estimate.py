@@ -141,6 +141,12 @@ def test_the_time_left_follows_how_the_finished_stages_compared_with_their_estim
     assert estimate.countdown_event("quantizing Q4_K_M") == (("quantize",), "Q4_K_M")
     assert estimate.countdown_event("hashing Q4_K_M") is None
     assert estimate.countdown_event("Q8_0", "eval triage")[0] == estimate.EVAL_STAGES
+    # the reporter's view of it: a finished stage gives the time left as text, an event without an estimate none
+    cd = estimate.Countdown(estimate.RunEstimate(
+        [estimate.StageEstimate("quantize", "Q8_0", 100.0, 0, "default"),
+         estimate.StageEstimate("bench", "Q8_0", 3600.0, 0, "default")], [], 0, "h"))
+    assert cd.event("hashing Q8_0") is None
+    assert cd.event("quantizing Q8_0") == "15 min 00 s"     # done at once: 0.25 x the hour left (the floor)
 
 
 # ---------------------------------------------------------------------------
