@@ -76,12 +76,11 @@ def build_ladder(resolved: ResolvedModel, profile: Profile, cache_root: Path,
                  reporter: Reporter, imatrix=None, failed: list | None = None) -> list[Artifact]:
     """``imatrix``: an ImatrixProvider (edgequant.calibrate.SuiteImatrix) for ``+imatrix`` rungs.  A rung
     whose quantization was killed (OOM) is left out and, with ``failed`` (a list), added to it as
-    (rung, status, detail, its stage's time and peak RSS); without it, the first such rung is raised."""
+    (rung, status, detail, its stage's time and peak RSS); without it, the first such rung is raised
+    (``quantize.ladder.BuildFailed``)."""
     ladder = Ladder(resolved.checkpoint, resolved.model_hash, profile, cache_root, imatrix=imatrix,
                     notice=reporter.step)
-    out = ladder.build(reporter.bytes_progress)
-    if failed is None and ladder.failed:
-        raise RunFailed(ladder.failed[0][2])
+    out = ladder.build(reporter.bytes_progress, keep_going=failed is not None)
     if failed is not None:
         failed.extend(ladder.failed)
     return out

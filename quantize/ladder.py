@@ -284,8 +284,10 @@ class Ladder:
 
     # -- building -----------------------------------------------------------
 
-    def build(self, report: Progress = lambda *a: None) -> list[Artifact]:
-        """Make every rung that is not in the cache; return all rungs, reference first."""
+    def build(self, report: Progress = lambda *a: None, keep_going: bool = False) -> list[Artifact]:
+        """Make every rung that is not in the cache; return all rungs, reference first.  With ``keep_going``
+        a rung whose quantization was killed (OOM) is left out and listed in ``failed``; without, it is raised
+        (``BuildFailed``)."""
         self.folder.mkdir(parents=True, exist_ok=True)
         clean_stale_partials(self.folder)
         self.check_disk()
@@ -297,6 +299,8 @@ class Ladder:
             try:
                 out.append(self._ensure(rung, lambda r=rung: self._quantize(out[0].path, r, report), report))
             except BuildFailed as exc:        # killed (OOM): this rung is left out, the others are made
+                if not keep_going:
+                    raise
                 self.failed.append((rung.quant, exc.status, str(exc), self._built.pop(rung.path, {})))
                 self.notice(f"{rung.quant}: {exc.status}: {exc}")
         return out
