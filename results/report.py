@@ -717,7 +717,8 @@ def render_table(rep: RunReport, console) -> None:
         console.print(st)
     if rep.resources:
         rt = Table(title="resources: peak RSS and time of each stage", caption_justify="left",
-                   caption="peak RSS of the stage's process tree (quantization runs inside edgequant's own process)")
+                   caption="peak RSS of the stage's own process (tree); (cached): the build a reused artifact "
+                           "came from")
         for i, col in enumerate(RESOURCE_COLUMNS):
             rt.add_column(col, justify="left" if i in (0, 1, 4) else "right")
         for r in rep.resources:
