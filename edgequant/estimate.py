@@ -2,17 +2,20 @@
 
 A run is stages (conversion, one quantization per rung, one benchmark process per rung, the eval's
 reference, generation and teacher processes).  This module estimates each from the checkpoint's
-parameter count, the profile, the suite and this place's stored speed, and measures each as it runs
-(``StageMeter``: wall time and peak RSS, sampled with psutil over a process tree, or the process's own
-``ru_maxrss``).  The measured stages are stored as ``stage_resources`` rows
+parameter count, the profile, the suite and this place's stored speed.  Each stage is measured as it runs
+(``edgequant.meter.StageMeter``: wall time and peak RSS, sampled with psutil over a process tree, or its
+``ru_maxrss``; ``pipeline`` and ``quantize.ladder``) and stored as ``stage_resources`` rows
 (``Store.record_stages``), which are the history the next estimate is scaled from.
 
 The estimator is a function of (model facts, profile, suite, place, store): ``estimate_run``; a plan of
 cells can call it as it is.  Disk and memory are checked with ``check_resources``, before anything is
 written, and refused with one line (``BadInput``, exit 2).
 
-Without history, the per-parameter defaults below are used; they were measured on the 268M default model
-on a 2-core x86-64 machine (README "Time and resources") and scale linearly with the parameter count.
+Without history, the per-parameter defaults below are used, scaled linearly with the parameter count: the
+build and benchmark figures were measured on the 268M default model on a 2-core x86-64 machine (field
+notes); the eval's factors were set so that the built-in suite over the 270M's ladder comes to the measured
+"about 1 min per rung for the outputs and 1 min for the KLD pass" (README).  A 4B model is slower per
+parameter than that (memory-bound): the first run there is estimated low, the next from its history.
 """
 
 from __future__ import annotations
@@ -25,7 +28,6 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from edgequant.errors import BadInput
-from edgequant.meter import StageMeter  # noqa: F401 (measuring a stage: ground code, re-exported here)
 
 GiB = 1024 ** 3
 MiB = 1024 ** 2
@@ -38,9 +40,9 @@ PP_TPS_PARAMS = 950.0 * 268e6               # prompt processing: 950 t/s at 268M
 TG_TPS_PARAMS = 100.0 * 268e6               # generation: 100 t/s at 268M
 BENCH_OVERHEAD_S = 4.0                      # a benchmark process: start, load, warm-up bookkeeping
 EVAL_OVERHEAD_S = 4.0                       # an eval worker: start and load
-EVAL_TOKENS_FRACTION = 0.5                  # of max_tokens, generated on average before a stop
-EVAL_SLOT_SPEEDUP = 2.0                     # continuous batching of 8 slots against single-stream tg
-TEACHER_TPS_FACTOR = 0.5                    # teacher-forced tokens/s against pp (full-vocabulary logits)
+EVAL_TOKENS_FRACTION = 0.5                  # of max_tokens, generated on average before a stop (set, see above)
+EVAL_SLOT_SPEEDUP = 2.0                     # 8 slots side by side against single-stream tg (README: 44 -> 80-120)
+TEACHER_TPS_FACTOR = 0.5                    # teacher-forced tokens/s against pp, full-vocabulary logits (set)
 # memory
 PROCESS_BASE = 512 * MiB                    # an interpreter with llama.cpp loaded, its buffers, a context
 CONVERT_BASE = 3 * GiB // 2                 # torch + transformers imported (1.7 GiB peak on the 270M)
