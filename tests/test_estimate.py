@@ -397,3 +397,21 @@ def test_a_quantization_killed_by_the_oom_killer_leaves_that_rung_out_and_the_la
     q4 = arts[1]
     assert q4.build["stage"] == "quantize" and q4.build["seconds"] > 0
     assert 20 * 2**20 < q4.build["peak_rss_bytes"] < psutil.virtual_memory().total
+
+
+def test_a_killed_quantization_is_stored_as_that_rungs_status_and_a_stage_row(tmp_path):
+    """What `run` stores for a rung ``build_ladder(failed=...)`` left out: its status with the stage, and the
+    stage's row with the time and peak its process reached."""
+    from edgequant import pipeline
+
+    store = Store(tmp_path / "r.db")
+    run = store.start_run("edgequant run", "tiny", "m", "h")
+    detail = "quantize: BF16.gguf to Q8_0 was killed (SIGKILL), most likely by the kernel's OOM killer"
+    said = pipeline.record_build_failures(store, run, "m", "h", 1000, [("Q8_0", "oom", detail,
+                                                                         {"seconds": 2.5, "peak_rss_bytes": 3e9})])
+    assert said == ["Q8_0 oom"]
+    ((status,),) = [[s for s in store.rung_statuses(run)]]
+    assert (status["quant"], status["status"], status["detail"]) == ("Q8_0", "oom", detail)
+    ((row,),) = [store.stage_resources(run)]
+    assert (row["stage"], row["quant"], row["status"], row["seconds"], row["peak_rss_bytes"]) == \
+        ("quantize", "Q8_0", "oom", 2.5, 3e9)
