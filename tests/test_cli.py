@@ -136,7 +136,8 @@ def test_report_formats_rerender_the_stored_run(tiny_run):
     assert float(rows[3]["pp_tps"]) == pytest.approx(stored[(rows[3]["quant"], "pp_tps")])
 
     md = run_cli("report", "--format", "md", env=env)
-    table_rows = [ln for ln in md.stdout.splitlines() if ln.startswith("| ") and "rung" not in ln]
+    speed_table = md.stdout.split("\n\n**resources", 1)[0]      # the stages' resources table follows it
+    table_rows = [ln for ln in speed_table.splitlines() if ln.startswith("| ") and "rung" not in ln]
     assert len(table_rows) == 1 + len(LADDER)
 
     out_file = tiny_run["tmp"] / "report.md"
