@@ -66,8 +66,14 @@ def _key(quant: str, device_id: str) -> RowKey:
                   params={"runner": "host", "n_prompt": 64})
 
 
-def test_this_places_stored_speed_scales_to_another_model(tmp_path):
-    store = Store(tmp_path / "r.db")
+@pytest.fixture(params=["sqlite", "postgresql"])
+def target(request, tmp_path) -> str:
+    """A new SQLite file, or a fresh database on the session's throwaway PostgreSQL server."""
+    return str(tmp_path / "r.db") if request.param == "sqlite" else request.getfixturevalue("pg_url")
+
+
+def test_this_places_stored_speed_scales_to_another_model(target):
+    store = Store(target)
     run = store.start_run("edgequant run", "p", "m", "h")
     # a 100M model measured here at pp 500 t/s and tg 50 t/s (Q8_0), converted in 20 s and quantized in 3 s
     store.record_rung(run, _key("Q8_0", "host:a"), [Measurement("pp_tps", 500, "t/s"),
