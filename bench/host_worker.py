@@ -691,6 +691,10 @@ def serve(handle: Callable[[Any, Callable[[str], None]], dict]) -> int:
     try:
         result = handle(json.loads(sys.stdin.read() or "null"), progress)
         code = 0
+        if isinstance(result, dict):   # the whole process's peak RSS (KiB on Linux), for its stage's row
+            import resource
+
+            result.setdefault("process_peak_rss_bytes", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     except WorkerError as exc:
         result, code = {"error": str(exc)}, 1
     except json.JSONDecodeError as exc:

