@@ -404,16 +404,65 @@ def teacher_scores(ref: Reference, paths: list[Path], suite: Suite, threads: int
     through all of them in one process (the reference decodes every position once for the whole group).
     ``paths`` may hold ``(path, cache_type)`` pairs: that rung runs with the KV cache type (the result is
     keyed by the same pair)."""
+    return teacher_pass(ref, paths, suite, threads, repack, timeout, on_progress)[0]
+
+
+def teacher_pass(ref: Reference, paths: list, suite: Suite, threads: int, repack: bool | None, timeout: float,
+                 on_progress: Callable[[str], None], generate: bool = False, tie_margin: float | None = None,
+                 margins: bool = False) -> tuple[dict, dict]:
+    """(scores, outputs) of the teacher pass (``teacher_scores``).  With ``generate`` the same pass also
+    gives every rung's greedy outputs (speculative verification with the reference's outputs as the
+    draft, ``bench.eval_spec``): ``outputs`` maps each of ``paths`` to a result shaped like
+    ``generate_rung``'s; ``margins`` adds every position's top-2 logit margin (for ``--generation check``)."""
     from edgequant.bench.eval_worker import rung_key
 
     if not paths:
-        return {}
+        return {}, {}
     entries = [(p, None) if not isinstance(p, tuple) else p for p in paths]
     req = _base_request(ref.path, suite, threads, repack, ref.prompting)
     req.update(op="teacher", reference=str(ref.path), tokens=ref.tokens,
                rungs=[{"path": str(p), **_kv(ct)} if _kv(ct) else str(p) for p, ct in entries])
+    if generate:
+        req.update(generate=True, margins=margins, **({} if tie_margin is None else {"tie_margin": tie_margin}))
     data = _call_worker(req, timeout * len(paths), on_progress)
-    return {orig: data["scores"][rung_key(str(p), _kv(ct).get("cache_type"))] for orig, (p, ct) in zip(paths, entries)}
+    keys = {orig: rung_key(str(p), _kv(ct).get("cache_type")) for orig, (p, ct) in zip(paths, entries)}
+    outputs = data.get("outputs", {})
+    return ({orig: data["scores"][k] for orig, k in keys.items()},
+            {orig: outputs[k] for orig, k in keys.items() if k in outputs})
+
+
+@dataclass
+class GenerationDiff:
+    """A case whose speculative output differs from plain generation, and where."""
+    case_id: str
+    position: int            # first output token that differs
+    plain: int | None        # plain generation's token there (None: it had stopped)
+    speculative: int | None
+    how: str                 # how the speculative path got that token: "batched pass" or "decoded"
+    margin: float | None     # the rung's top-2 logit margin there in the batched pass, where it has one
+
+    def line(self) -> str:
+        why = f"{self.how}, top-2 margin {self.margin:.4g}" if self.margin is not None else self.how
+        return f"{self.case_id} at token {self.position} ({why})"
+
+
+def compare_generations(spec: dict, plain: dict) -> list[GenerationDiff]:
+    """The cases whose speculative output (``teacher_pass``) is not plain generation's (``generate_rung``)."""
+    plain_cases = {c["id"]: c for c in plain["cases"]}
+    diffs = []
+    for case in spec["cases"]:
+        a, b = case["tokens"], plain_cases[case["id"]]["tokens"]
+        if a == b and case["output_b64"] == plain_cases[case["id"]]["output_b64"]:
+            continue
+        pos = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        info = case.get("spec", {})
+        from_pass = info.get("agreed", 0) + (info.get("how") == "departs")
+        margins = info.get("margins") or []
+        diffs.append(GenerationDiff(case["id"], pos, b[pos] if pos < len(b) else None,
+                                    a[pos] if pos < len(a) else None,
+                                    "batched pass" if pos < from_pass else "decoded",
+                                    margins[pos] if pos < len(margins) and pos < from_pass else None))
+    return diffs
 
 
 def rung_quality(quant: str, suite: Suite, ref: Reference, data: dict,
@@ -423,6 +472,12 @@ def rung_quality(quant: str, suite: Suite, ref: Reference, data: dict,
     for cid, sc in (scores or {}).items():
         results[cid].kld, results[cid].top1, results[cid].dp = sc["kld"], sc["top1"], sc.get("dp", [])
     metrics = compute_metrics(suite, results, ref, False, data["gen_tokens"], data["gen_seconds"])
+    for m in metrics:
+        if m.metric == "eval_tg_tps":
+            # how the outputs were made: plain greedy generation, or from the teacher pass (eval_spec)
+            m.detail.update(method="speculative" if "speculative" in data else "plain",
+                            **({"speculative": data["speculative"]} if "speculative" in data else {}),
+                            **({"check": data["check"]} if "check" in data else {}))
     return RungQuality(quant, list(results.values()), metrics, ref.prompting, evaluate_gates(suite, metrics))
 
 

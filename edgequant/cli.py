@@ -820,8 +820,13 @@ def bench(model, profile_name, threads, n_prompt, n_gen, repetitions, warmup, db
 @click.option("--limit", type=click.IntRange(min=1), default=None, metavar="N",
               help="Evaluate only the first N cases of each format (a quick look at a large model; "
                    "the figures then describe that subset).")
+@click.option("--generation", type=click.Choice(["speculative", "plain", "check"]), default="speculative",
+              show_default=True, help="How each rung's greedy outputs are made: from the KLD pass with the "
+              "reference's outputs as the draft (speculative), one plain generation per rung (plain), or both, "
+              "reporting the cases that differ and storing plain generation's outputs (check).")
 @no_wait_option
-def eval_(model, profile_name, suite_name, prompting, artifacts, threads, db, cache_dir, fmt, limit, no_wait):
+def eval_(model, profile_name, suite_name, prompting, artifacts, threads, db, cache_dir, fmt, limit, generation,
+          no_wait):
     """Run an eval suite on every rung and compare it with the reference.
 
     Greedy decoding with the same prompts for every rung; the shared prompt
@@ -870,7 +875,7 @@ def eval_(model, profile_name, suite_name, prompting, artifacts, threads, db, ca
                 store.record_artifact(art.record())
             reporter.start_bench(len(arts), f"eval {suite.name}")
             statuses = pipeline.quality_rungs(store, run_id, model_id, model_hash, arts, profile, suite, cache,
-                                              reporter, prompting, extra_params=qparams)
+                                              reporter, prompting, extra_params=qparams, generation=generation)
             failed = [f"{q} {st}" for q, st in statuses.items() if st != "ok"]
             failed += _onnx_quality_on_host(store, run_id, resolved, arts, onnx_arts, profile, suite, cache,
                                             reporter, prompting, qparams) if onnx_arts else []
