@@ -25,7 +25,8 @@ other the batched pass cannot say what plain generation would pick.  At the
 first such position (before or at the departure) the pass is trusted no
 further: the KV cache is cut one token earlier, that token is decoded again
 alone, and the case goes on token by token from there, so plain (single-token)
-decoding decides the tie.  ``edgequant eval --generation check`` also
+decoding decides the tie; a near tie on the first output token decodes the
+case's prompt again in one batch, as plain generation does.  ``edgequant eval --generation check`` also
 generates every rung plainly and reports, per rung, the cases whose outputs
 differ and where.
 """
@@ -126,6 +127,20 @@ class SpecRung:
         slot.margin = float(margin[u]) if u < len(margin) else None
         if self.keep_margins:
             slot.margins = [round(float(m), 5) for m in margin]
+        if slot.how == "near_tie" and u == 0:
+            # plain generation takes the first token from the case's prompt decoded in one batch: do the same
+            t0 = time.perf_counter()
+            self.sess.L.llama_memory_seq_rm(self.sess.mem, seq, gen.n_prefix, -1)
+            self.sess.decode(tokens, seq=seq)
+            slot.single += 1
+            going = gen._step(slot, self.sess.logits(-1))
+            self.seconds += time.perf_counter() - t0
+            if not going:
+                self._done(slot)
+                return
+            slot.feed, slot.pos = slot.toks[-1], slot.base
+            self.running.append(slot)
+            return
         known = draft[:u] + ([int(top[u])] if slot.how == "departs" else [])
         going = True
         for tok in known:
@@ -135,9 +150,8 @@ class SpecRung:
         if not going:
             self._done(slot)
             return
-        # go on from the last known token (or, at a near tie on the first output token, the prompt's last):
-        # cut the cache before it and decode it again, alone
-        slot.feed = slot.toks[-1] if slot.toks else tokens[-1]
+        # go on from the last known token; at a near tie, cut the cache before it and decode it again, alone
+        slot.feed = slot.toks[-1]
         slot.pos = slot.base + len(slot.toks) - 1
         self.sess.L.llama_memory_seq_rm(self.sess.mem, seq, slot.pos, -1)
         self.running.append(slot)
