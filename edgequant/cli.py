@@ -234,6 +234,7 @@ class RichReporter:
         self._rungs_done = 0
         self._bench_started = 0.0
         self._last_done = 0.0
+        self._last_phase_line = time.monotonic()
         self.progress = Progress(SpinnerColumn(), TextColumn("{task.description:<34}"), BarColumn(),
                                  DownloadColumn(binary_units=True), TimeElapsedColumn(),
                                  console=console, transient=False)
@@ -290,6 +291,13 @@ class RichReporter:
     def rung_phase(self, quant: str, phase: str) -> None:
         if self._bench_task is not None:
             self.bench_progress.update(self._bench_task, phase=phase)
+        now = time.monotonic()
+        if self._plain and phase and now - self._last_phase_line >= PLAIN_PHASE_EVERY:
+            # a long stage (the eval's teacher pass over several rungs) still shows it is moving
+            self._last_phase_line = now
+            started = self._rung_started.get(quant)
+            self.console.print(f"• {quant}: {phase}" + (f" ({_duration(now - started)} so far)" if started else ""),
+                               highlight=False)
 
     def rung_done(self, quant: str, status: str) -> None:
         if self._bench_task is not None:
@@ -311,6 +319,9 @@ class RichReporter:
             self.console.print(line, highlight=False)
         elif status != "ok":
             self.console.print(f"[red]•[/red] {quant}: {status}")
+
+
+PLAIN_PHASE_EVERY = 60.0     # seconds between progress lines of one long stage when stderr is not a terminal
 
 
 def _duration(seconds: float) -> str:

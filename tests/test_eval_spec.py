@@ -89,14 +89,14 @@ def models(tmp_path_factory):
     (tmp / "spec.jsonl").write_text("\n".join(json.dumps(c) for c in CASES) + "\n")
     (tmp / "spec.toml").write_text(SUITE)
     return {"tmp": tmp, "BF16": ref["BF16"], "Q4_0": ref["Q4_0"], "other": other["BF16"],
-            "suite": tmp / "spec.toml"}
+            "other_q8": other["Q8_0"], "suite": tmp / "spec.toml"}
 
 
 def _plain_greedy(path: str, suite) -> dict[str, dict]:
     """Greedy generation with llama-cpp-python's ``Llama`` (its own context, sampler and detokenizer), with
     the eval's prompt (completion prompting: system, blank line, the few-shot block around the case; the
-    prefix tokenized with BOS and decoded first, the case without) and its stop rules (end-of-generation token, stop string:
-    output cut before it, max_tokens)."""
+    prefix tokenized with BOS and decoded first, the case without) and its stop rules (end-of-generation
+    token, stop string: output cut before it, max_tokens)."""
     import llama_cpp
     from llama_cpp import Llama
 
@@ -190,3 +190,39 @@ def test_departure_finds_the_first_departure_or_near_tie():
     # a margin below the tie margin stops the fast path even where the argmax agrees
     assert departure([1, 2, 0], top.tolist(), margin.tolist(), 0.02) == (1, "near_tie")
     assert departure([2, 2, 0], top.tolist(), margin.tolist(), 0.02) == (0, "departs")
+
+
+@pytest.mark.slow
+def test_eval_check_mode_compares_with_plain_generation_and_logs_each_rung(models, tmp_path):
+    """``eval --generation check`` generates every rung both ways, says per rung how many cases differ, stores
+    plain generation's outputs with the comparison; with stderr not a terminal every rung and the reference
+    pass get one plain line with a time."""
+    import re
+
+    from conftest import db_rows
+
+    env = cli_env(tmp_path)
+    res = run_cli("eval", "--artifact", models["BF16"], "--artifact", models["Q4_0"],
+                  "--artifact", models["other_q8"], "--suite", str(models["suite"]), "--prompting", "completion",
+                  "--generation", "check", env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert re.search(r"BF16 reference outputs: ready in \d+\.\d s", res.stderr)
+    n = len(CASES)
+    lines = re.findall(r"(\S+): speculative outputs equal plain generation on (\d+)/(\d+) cases", res.stderr)
+    assert len(lines) == 2 and all(int(a) == int(b) == n for _, a, b in lines), res.stderr[-3000:]
+    for quant in ("Q4_0", "Q8_0"):
+        assert re.search(rf"• eval spec {quant}: ok in \d+\.\d s", res.stderr), res.stderr[-3000:]
+    rows = db_rows(tmp_path / "results.db", "SELECT quant, detail FROM measurements WHERE metric = 'eval_tg_tps'")
+    checked = {r["quant"]: json.loads(r["detail"]) for r in rows}
+    rungs = [q for q in checked if q != "BF16"]
+    assert len(rungs) == 2
+    for q in rungs:
+        assert checked[q]["method"] == "plain"
+        assert checked[q]["check"]["cases"] == n and checked[q]["check"]["differ"] == 0
+        assert checked[q]["check"]["diffs"] == []
+    # the other model's outputs are its own (not the reference's), as stored
+    cases = db_rows(tmp_path / "results.db", "SELECT quant, case_id, output FROM eval_cases")
+    by = {}
+    for c in cases:
+        by.setdefault(c["quant"], {})[c["case_id"]] = c["output"]
+    assert by["Q8_0"] != by["BF16"]
