@@ -378,6 +378,29 @@ def generate_rung(path: Path, suite: Suite, ref: Reference, threads: int, repack
                         timeout, on_progress)
 
 
+def generating_context_bytes(path: Path, suite: Suite) -> int:
+    """An upper estimate of the KV cache a rung's context holds when the teacher pass also generates its
+    outputs (``teacher_pass(generate=True)``): EVAL_SLOTS whole cases (prompt and ``max_tokens``) beside the
+    shared prefix, counting a token per character of text (a token covers at least one), with f16 K and V in
+    every layer (the sliding-window layers keep full size).  0 when the GGUF does not say its shape."""
+    from edgequant.quantize.gguf_info import read_gguf_layout
+
+    meta = read_gguf_layout(path).meta
+    arch = meta.get("general.architecture")
+    n_layer, n_kv = meta.get(f"{arch}.block_count"), meta.get(f"{arch}.attention.head_count_kv")
+    k_len = meta.get(f"{arch}.attention.key_length")
+    if not all(isinstance(x, int) for x in (n_layer, n_kv, k_len)):
+        return 0
+    v_len = meta.get(f"{arch}.attention.value_length")
+    per_cell = n_layer * n_kv * (k_len + (v_len if isinstance(v_len, int) else k_len)) * 2
+    cells = 0
+    for group in _groups(suite):
+        head = len(group["system"]) + len(group["few_shot"]) + 64     # + the chat template's own tokens
+        case = max(len(c["prompt"]) + c["max_tokens"] for c in group["cases"]) + 8
+        cells = max(cells, head + EVAL_SLOTS * case)
+    return per_cell * cells
+
+
 def teacher_groups(ref_size: int, rungs: list[tuple[Path, int]], available: int | None = None) -> list[list[Path]]:
     """Split rungs (path, file size) into groups the teacher pass loads beside the reference at once:
     the reference plus a group stay within 60 % of the memory available now (at least one rung each)."""

@@ -419,7 +419,9 @@ def quality_rungs(store: Store, run_id: str, model_id: str, model_hash: str, art
             failed(art, exc)
     # 2. token-level scores: the reference's outputs teacher-forced through as many rungs at once as fit;
     # the same pass gives the rungs' outputs (speculative verification, bench.eval_spec) unless plain
-    groups = quality.teacher_groups(ref_art.size_bytes, [(unit_key[a.quant], a.size_bytes) for a, _ in outputs])
+    kv = {a.path: quality.generating_context_bytes(a.path, suite) if generation != "plain" else 0 for a, _ in outputs}
+    groups = quality.teacher_groups(ref_art.size_bytes, [(unit_key[a.quant], a.size_bytes + kv[a.path])
+                                                         for a, _ in outputs])
     by_path = {unit_key[a.quant]: (a, data) for a, data in outputs}
     for group in groups:
         label = f"KLD vs {ref_art.quant}: " + ", ".join(by_path[p][0].quant for p in group)

@@ -226,3 +226,26 @@ def test_eval_check_mode_compares_with_plain_generation_and_logs_each_rung(model
     for c in cases:
         by.setdefault(c["quant"], {})[c["case_id"]] = c["output"]
     assert by["Q8_0"] != by["BF16"]
+
+
+def test_a_generating_teacher_counts_each_rungs_kv_cache(tiny_bf16_gguf, tmp_path):
+    """With generation in the teacher pass, each rung's context holds up to 8 whole cases: its KV cache is
+    counted beside the file size when rungs are grouped under the 60 % rule."""
+    from edgequant.bench.quality import EVAL_SLOTS, generating_context_bytes, teacher_groups
+    from edgequant.profiles.suites import load_suite
+    from tiny_model import TINY_DIMS
+
+    (tmp_path / "spec.jsonl").write_text("\n".join(json.dumps(c) for c in CASES) + "\n")
+    (tmp_path / "spec.toml").write_text(SUITE)
+    suite = load_suite(str(tmp_path / "spec.toml"))
+    kv = generating_context_bytes(tiny_bf16_gguf, suite)
+    # f16 K and V of every layer: layers x kv heads x (key + value length) x 2 bytes per cell
+    head_dim = TINY_DIMS["head_dim"]
+    per_cell = TINY_DIMS["num_hidden_layers"] * TINY_DIMS["num_key_value_heads"] * 2 * head_dim * 2
+    assert per_cell == 1024 and kv % per_cell == 0
+    assert kv >= per_cell * EVAL_SLOTS * (24 + max(len(c["prompt"]) for c in CASES))
+    # two rungs whose files fit beside the reference, but not with their caches: two groups
+    size = 1000
+    assert teacher_groups(size, [("a", size), ("b", size)], available=int((3 * size + kv) / 0.6)) == [["a", "b"]]
+    assert teacher_groups(size, [("a", size + kv), ("b", size + kv)],
+                          available=int((3 * size + kv) / 0.6)) == [["a"], ["b"]]
