@@ -21,6 +21,9 @@ generated: ``{"op": "teacher", "reference": str, "rungs": [str | {"path": str,
 through every rung against the reference, and the result is
 ``{"scores": {rung_path: {case_id: {"kld": [...], "top1": [...], "dp": [...]}}}}`` (dp: the
 rung's probability of the reference's next token minus the reference's, llama-perplexity's delta-p).
+With ``"generate": true`` the same pass also makes every rung's greedy outputs (``bench.eval_spec``:
+speculative verification with the reference's output as the draft; ``"tie_margin"``, ``"margins"``),
+returned as ``{"outputs": {rung_key: <a plain run's result, plus "speculative" counts>}}``.
 
 With ``"prefix_lengths": true`` only the vocabulary is loaded and nothing is
 decoded: the result is the model's training context (``n_ctx_train``) and the
