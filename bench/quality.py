@@ -1,7 +1,8 @@
 """Quality of every rung against the bf16 reference, on an eval suite.
 
-For each rung the suite's prompts are decoded greedily (``eval_worker``, one
-process per rung), the outputs parsed by the format's parser, and compared
+For each rung the suite's prompts are decoded greedily (by default taken from
+the teacher pass with the reference's outputs as the draft, ``eval_spec``; or
+``eval_worker``, one process per rung), the outputs parsed by the format's parser, and compared
 with the reference rung's outputs on the same case and with the suite's gold
 labels.  The reference's outputs are cached, keyed by the reference
 artifact's sha256 and the suite's hash, so a re-run (or a new rung) does not
