@@ -57,7 +57,11 @@ def _spread(values: list[float]) -> str:
             f"(min {min(values):.1f}, max {max(values):.1f}, n={len(values)})")
 
 
-def one_repetition(artifacts, suite, threads: int, prompting: str, check: bool, plain: bool, timeout: float):
+MARGINS = (0.02, 0.05, 0.1, 0.25, 0.5)
+
+
+def one_repetition(artifacts, suite, threads: int, prompting: str, check: bool, plain: bool, timeout: float,
+                   tie_margin: float | None):
     """Times of one eval of ``artifacts`` (reference first) both ways, and the per-rung comparison."""
     from edgequant.bench import quality
 
@@ -83,13 +87,16 @@ def one_repetition(artifacts, suite, threads: int, prompting: str, check: bool, 
     t0 = time.perf_counter()
     for group in groups:
         _, made = quality.teacher_pass(ref, group, suite, threads, None, timeout, lambda p: None,
-                                       generate=True, margins=check)
+                                       generate=True, margins=check, tie_margin=tie_margin)
         for path, data in made.items():
             row = out["rungs"].setdefault(by_path[path].quant, {})
             row["spec_decode"] = data["gen_seconds"]
             row["fast"] = data["speculative"]
             if check:
                 row["diffs"] = quality.compare_generations(data, plain_data[path])
+                # the batched pass's top-2 margins at the positions it decided (up to the departure)
+                row["margins"] = [m for c in data["cases"]
+                                  for m in c["spec"]["margins"][:c["spec"]["agreed"] + 1]]
     out["spec_teacher"] = time.perf_counter() - t0
     return out
 
@@ -107,6 +114,8 @@ def main() -> int:
     ap.add_argument("--no-check", action="store_true", help="do not compare with plain generation")
     ap.add_argument("--no-plain", action="store_true", help="time the speculative path only (implies --no-check)")
     ap.add_argument("--timeout", type=float, default=7200.0)
+    ap.add_argument("--tie-margin", type=float, default=None,
+                    help="top-2 logit margin under which plain decoding decides (default: bench.eval_spec's)")
     args = ap.parse_args()
 
     from edgequant import pipeline
@@ -131,7 +140,8 @@ def main() -> int:
     print(f"model {resolved.checkpoint.model_id}, rungs {', '.join(a.quant for a in artifacts)} "
           f"(reference {artifacts[0].quant}), suite {suite.name}: {len(suite.cases)} cases, "
           f"{args.threads} threads, load average before {os.getloadavg()[0]:.2f}")
-    reps = [one_repetition(artifacts, suite, args.threads, args.prompting, check, plain, args.timeout)
+    reps = [one_repetition(artifacts, suite, args.threads, args.prompting, check, plain, args.timeout,
+                           args.tie_margin)
             for _ in range(args.repeat)]
 
     print(f"\n{'rung':<10} {'plain gen':>18} {'spec decode':>18} {'fast':>6} {'departed':>9} {'near tie':>9} "
@@ -147,6 +157,10 @@ def main() -> int:
               f"{differ:>7}")
         for d in rows[-1].get("diffs", [])[:10]:
             print(f"    differs: {d.line()}: plain token {d.plain}, speculative {d.speculative}")
+        if rows[-1].get("margins"):
+            m = rows[-1]["margins"]
+            print("    positions of the batched pass with a top-2 margin under " +
+                  ", ".join(f"{t:g}: {sum(x < t for x in m)}" for t in MARGINS) + f" (of {len(m)})")
     ref_t = [r["reference"] for r in reps]
     print(f"\nreference outputs ({artifacts[0].quant}): {_spread(ref_t)}")
     if plain:
