@@ -21,6 +21,9 @@ generated: ``{"op": "teacher", "reference": str, "rungs": [str | {"path": str,
 through every rung against the reference, and the result is
 ``{"scores": {rung_path: {case_id: {"kld": [...], "top1": [...], "dp": [...]}}}}`` (dp: the
 rung's probability of the reference's next token minus the reference's, llama-perplexity's delta-p).
+With ``"generate": true`` the same pass also makes every rung's greedy outputs (``bench.eval_spec``:
+speculative verification with the reference's output as the draft; ``"tie_margin"``, ``"margins"``),
+returned as ``{"outputs": {rung_key: <a plain run's result, plus "speculative" counts>}}``.
 
 With ``"prefix_lengths": true`` only the vocabulary is loaded and nothing is
 decoded: the result is the model's training context (``n_ctx_train``) and the
@@ -316,8 +319,12 @@ class _Generator:
 
     def _step(self, slot: _Slot, z: np.ndarray) -> bool:
         """Take the argmax token; True while the case goes on."""
+        return self.take(slot, int(np.argmax(z)))
+
+    def take(self, slot: _Slot, tok: int) -> bool:
+        """Take ``tok`` as the case's next token (end of generation, stop strings, the token limit);
+        True while the case goes on."""
         L, sess = self.sess.L, self.sess
-        tok = int(np.argmax(z))
         slot.toks.append(tok)
         if L.llama_vocab_is_eog(sess.vocab, tok):
             slot.stopped = "eog"
@@ -397,7 +404,8 @@ def rung_key(path: str, cache_type: str | None) -> str:
 
 
 def teacher(req: dict, progress) -> dict:
-    """KLD and top-1 of every rung against the reference at each of the reference's output positions."""
+    """KLD and top-1 of every rung against the reference at each of the reference's output positions;
+    with ``"generate": true`` also every rung's greedy outputs (``bench.eval_spec``)."""
     import llama_cpp as L
 
     log = _Log(L, echo=bool(req.get("verbose")))
@@ -405,6 +413,7 @@ def teacher(req: dict, progress) -> dict:
     rungs: list[Session] = []
     entries = [e if isinstance(e, dict) else {"path": e} for e in req["rungs"]]
     keys = [rung_key(e["path"], e.get("cache_type")) for e in entries]
+    generate = bool(req.get("generate"))
     try:
         for entry in entries:
             path = entry["path"]
@@ -416,6 +425,13 @@ def teacher(req: dict, progress) -> dict:
         mode, template = _prompting(ref, req)
         ref_tokens: dict[str, list[int]] = req["tokens"]
         scores: dict[str, dict[str, dict[str, list]]] = {key: {} for key in keys}
+        specs = []
+        if generate:
+            from edgequant.bench.eval_spec import TIE_MARGIN, SpecRung
+
+            slots = max(1, int(req.get("slots") or DEFAULT_SLOTS))
+            specs = [SpecRung(r, slots, float(req.get("tie_margin", TIE_MARGIN)), bool(req.get("margins")))
+                     for r in rungs]
         total = sum(1 for g in req["groups"] for c in g["cases"] if c["id"] in ref_tokens)
         done = 0
         models = [ref] + rungs
@@ -427,39 +443,78 @@ def teacher(req: dict, progress) -> dict:
             if not encoded:
                 continue
             longest = max(len(t) + len(ref_tokens[c["id"]]) for c, t in encoded)
+            ref.ensure_context(len(prefix) + longest + 8, 2)
+            if specs:       # as the plain path's context: every slot may hold a whole case
+                n_slots = min(specs[0].slots, len(encoded))
+                longest_gen = max(len(t) + max(int(c["max_tokens"]), len(ref_tokens[c["id"]])) for c, t in encoded)
+                for r in rungs:
+                    r.ensure_context(len(prefix) + n_slots * (longest_gen + 8) + 8, n_slots + 1)
+            else:
+                for r in rungs:
+                    r.ensure_context(len(prefix) + longest + 8, 2)
             for m in models:
-                m.ensure_context(len(prefix) + longest + 8, 2)
                 m.start_prefix(prefix)
+            for spec in specs:
+                spec.start_group([s.encode("utf-8") for s in group.get("stop", []) if s], len(prefix), n_slots)
             cap = min(m.batch_cap for m in models)
             for case, tokens in encoded:
                 out = ref_tokens[case["id"]]
                 per_rung = [([], [], []) for _ in rungs]
+                drafts = [([], []) for _ in specs]      # per generating rung: argmax and top-2 margin per row
                 scored = 0          # logit row j predicts out[j]
                 if out:
-                    for m in models:
-                        m.fork_prefix(1)
+                    ref.fork_prefix(1)
+                    seqs = [spec.acquire() for spec in specs]
+                    for r in rungs[len(specs):]:
+                        r.fork_prefix(1)
                     for batch in _teacher_batches(tokens, out, len(prefix), cap):
-                        for m in models:
-                            m.decode_entries(batch)
+                        ref.decode_entries(batch)
+                        for i, r in enumerate(rungs):
+                            if specs:
+                                specs[i].decode(batch, seqs[i])
+                            else:
+                                r.decode_entries(batch)
                         rows = [i for i, entry in enumerate(batch) if entry[3]]
                         if not rows:
                             continue
                         targets = out[scored:scored + len(rows)]
                         scored += len(rows)
                         block = RefRows(np.stack([ref.logits(i) for i in rows]))
-                        for r, (klds, same, dps) in zip(rungs, per_rung):
-                            d, t, p = block.compare(np.stack([r.logits(i) for i in rows]), targets)
+                        for k, (r, (klds, same, dps)) in enumerate(zip(rungs, per_rung)):
+                            z = np.stack([r.logits(i) for i in rows])
+                            d, t, p = block.compare(z, targets)
                             klds += d.tolist()
                             same += t.tolist()
                             dps += p.tolist()
+                            if specs:
+                                top, margin = _top2(z)
+                                drafts[k][0].extend(top.tolist())
+                                drafts[k][1].extend(margin.tolist())
+                    for spec, seq, (top, margin) in zip(specs, seqs, drafts):
+                        spec.finish_case(case, tokens, seq, out, top, margin)
+                else:
+                    for spec in specs:
+                        spec.empty_case(case, len(prefix) + len(tokens))
                 for key, (klds, same, dps) in zip(keys, per_rung):
                     scores[key][case["id"]] = {"kld": klds, "top1": same, "dp": dps}
                 done += 1
                 progress(f"kld {done}/{total}")
-        return {"scores": scores, "prompting": mode, "runtime_version": L.__version__}
+            for spec in specs:
+                spec.drain()
+        result = {"scores": scores, "prompting": mode, "runtime_version": L.__version__}
+        if specs:
+            ids = [c["id"] for g in req["groups"] for c in g["cases"]]
+            result["outputs"] = {key: spec.result(ids, mode, L.__version__) for key, spec in zip(keys, specs)}
+        return result
     finally:
         for m in rungs + [ref]:
             m.close()
+
+
+def _top2(rows: np.ndarray):
+    from edgequant.bench.eval_spec import top2
+
+    return top2(rows)
 
 
 def _prompting(sess: Session, req: dict) -> tuple[str, str | None]:

@@ -1,7 +1,8 @@
 """Quality of every rung against the bf16 reference, on an eval suite.
 
-For each rung the suite's prompts are decoded greedily (``eval_worker``, one
-process per rung), the outputs parsed by the format's parser, and compared
+For each rung the suite's prompts are decoded greedily (by default taken from
+the teacher pass with the reference's outputs as the draft, ``eval_spec``; or
+``eval_worker``, one process per rung), the outputs parsed by the format's parser, and compared
 with the reference rung's outputs on the same case and with the suite's gold
 labels.  The reference's outputs are cached, keyed by the reference
 artifact's sha256 and the suite's hash, so a re-run (or a new rung) does not
@@ -385,6 +386,29 @@ def generate_rung(path: Path, suite: Suite, ref: Reference, threads: int, repack
                         timeout, on_progress)
 
 
+def generating_context_bytes(path: Path, suite: Suite) -> int:
+    """An upper estimate of the KV cache a rung's context holds when the teacher pass also generates its
+    outputs (``teacher_pass(generate=True)``): EVAL_SLOTS whole cases (prompt and ``max_tokens``) beside the
+    shared prefix, counting a token per character of text (a token covers at least one), with f16 K and V in
+    every layer (the sliding-window layers keep full size).  0 when the GGUF does not say its shape."""
+    from edgequant.quantize.gguf_info import read_gguf_layout
+
+    meta = read_gguf_layout(path).meta
+    arch = meta.get("general.architecture")
+    n_layer, n_kv = meta.get(f"{arch}.block_count"), meta.get(f"{arch}.attention.head_count_kv")
+    k_len = meta.get(f"{arch}.attention.key_length")
+    if not all(isinstance(x, int) for x in (n_layer, n_kv, k_len)):
+        return 0
+    v_len = meta.get(f"{arch}.attention.value_length")
+    per_cell = n_layer * n_kv * (k_len + (v_len if isinstance(v_len, int) else k_len)) * 2
+    cells = 0
+    for group in _groups(suite):
+        head = len(group["system"]) + len(group["few_shot"]) + 64     # + the chat template's own tokens
+        case = max(len(c["prompt"]) + c["max_tokens"] for c in group["cases"]) + 8
+        cells = max(cells, head + EVAL_SLOTS * case)
+    return per_cell * cells
+
+
 def teacher_groups(ref_size: int, rungs: list[tuple[Path, int]], available: int | None = None) -> list[list[Path]]:
     """Split rungs (path, file size) into groups the teacher pass loads beside the reference at once:
     the reference plus a group stay within 60 % of the memory available now (at least one rung each)."""
@@ -412,18 +436,68 @@ def teacher_scores(ref: Reference, paths: list[Path], suite: Suite, threads: int
     through all of them in one process (the reference decodes every position once for the whole group).
     ``paths`` may hold ``(path, cache_type)`` pairs: that rung runs with the KV cache type (the result is
     keyed by the same pair).  ``resources`` (a dict) gets the worker's ``peak_rss_bytes``."""
+    return teacher_pass(ref, paths, suite, threads, repack, timeout, on_progress, resources=resources)[0]
+
+
+def teacher_pass(ref: Reference, paths: list, suite: Suite, threads: int, repack: bool | None, timeout: float,
+                 on_progress: Callable[[str], None], generate: bool = False, tie_margin: float | None = None,
+                 margins: bool = False, resources: dict | None = None) -> tuple[dict, dict]:
+    """(scores, outputs) of the teacher pass (``teacher_scores``).  With ``generate`` the same pass also
+    gives every rung's greedy outputs (speculative verification with the reference's outputs as the
+    draft, ``bench.eval_spec``): ``outputs`` maps each of ``paths`` to a result shaped like
+    ``generate_rung``'s; ``margins`` adds every position's top-2 logit margin (for ``--generation check``).
+    ``resources`` (a dict) gets the worker's ``peak_rss_bytes``."""
     from edgequant.bench.eval_worker import rung_key
 
     if not paths:
-        return {}
+        return {}, {}
     entries = [(p, None) if not isinstance(p, tuple) else p for p in paths]
     req = _base_request(ref.path, suite, threads, repack, ref.prompting)
     req.update(op="teacher", reference=str(ref.path), tokens=ref.tokens,
                rungs=[{"path": str(p), **_kv(ct)} if _kv(ct) else str(p) for p, ct in entries])
+    if generate:
+        req.update(generate=True, margins=margins, **({} if tie_margin is None else {"tie_margin": tie_margin}))
     data = _call_worker(req, timeout * len(paths), on_progress)
     if resources is not None:
         resources["peak_rss_bytes"] = data.get("process_peak_rss_bytes")
-    return {orig: data["scores"][rung_key(str(p), _kv(ct).get("cache_type"))] for orig, (p, ct) in zip(paths, entries)}
+    keys = {orig: rung_key(str(p), _kv(ct).get("cache_type")) for orig, (p, ct) in zip(paths, entries)}
+    outputs = data.get("outputs", {})
+    return ({orig: data["scores"][k] for orig, k in keys.items()},
+            {orig: outputs[k] for orig, k in keys.items() if k in outputs})
+
+
+@dataclass
+class GenerationDiff:
+    """A case whose speculative output differs from plain generation, and where."""
+    case_id: str
+    position: int            # first output token that differs
+    plain: int | None        # plain generation's token there (None: it had stopped)
+    speculative: int | None
+    how: str                 # how the speculative path got that token: "batched pass" or "decoded"
+    margin: float | None     # the rung's top-2 logit margin there in the batched pass, where it has one
+
+    def line(self) -> str:
+        why = f"{self.how}, top-2 margin {self.margin:.4g}" if self.margin is not None else self.how
+        return f"{self.case_id} at token {self.position} ({why})"
+
+
+def compare_generations(spec: dict, plain: dict) -> list[GenerationDiff]:
+    """The cases whose speculative output (``teacher_pass``) is not plain generation's (``generate_rung``)."""
+    plain_cases = {c["id"]: c for c in plain["cases"]}
+    diffs = []
+    for case in spec["cases"]:
+        a, b = case["tokens"], plain_cases[case["id"]]["tokens"]
+        if a == b and case["output_b64"] == plain_cases[case["id"]]["output_b64"]:
+            continue
+        pos = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        info = case.get("spec", {})
+        from_pass = info.get("agreed", 0) + (info.get("how") == "departs")
+        margins = info.get("margins") or []
+        diffs.append(GenerationDiff(case["id"], pos, b[pos] if pos < len(b) else None,
+                                    a[pos] if pos < len(a) else None,
+                                    "batched pass" if pos < from_pass else "decoded",
+                                    margins[pos] if pos < len(margins) and pos < from_pass else None))
+    return diffs
 
 
 def rung_quality(quant: str, suite: Suite, ref: Reference, data: dict,
@@ -433,6 +507,12 @@ def rung_quality(quant: str, suite: Suite, ref: Reference, data: dict,
     for cid, sc in (scores or {}).items():
         results[cid].kld, results[cid].top1, results[cid].dp = sc["kld"], sc["top1"], sc.get("dp", [])
     metrics = compute_metrics(suite, results, ref, False, data["gen_tokens"], data["gen_seconds"])
+    for m in metrics:
+        if m.metric == "eval_tg_tps":
+            # how the outputs were made: plain greedy generation, or from the teacher pass (eval_spec)
+            m.detail.update(method="speculative" if "speculative" in data else "plain",
+                            **({"speculative": data["speculative"]} if "speculative" in data else {}),
+                            **({"check": data["check"]} if "check" in data else {}))
     return RungQuality(quant, list(results.values()), metrics, ref.prompting, evaluate_gates(suite, metrics))
 
 

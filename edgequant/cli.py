@@ -234,6 +234,7 @@ class RichReporter:
         self._rungs_done = 0
         self._bench_started = 0.0
         self._last_done = 0.0
+        self._last_phase_line = time.monotonic()
         self.progress = Progress(SpinnerColumn(), TextColumn("{task.description:<34}"), BarColumn(),
                                  DownloadColumn(binary_units=True), TimeElapsedColumn(),
                                  TextColumn("{task.fields[run_left]}"), console=console, transient=False)
@@ -309,6 +310,13 @@ class RichReporter:
     def rung_phase(self, quant: str, phase: str) -> None:
         if self._bench_task is not None:
             self.bench_progress.update(self._bench_task, phase=phase)
+        now = time.monotonic()
+        if self._plain and phase and now - self._last_phase_line >= PLAIN_PHASE_EVERY:
+            # a long stage (the eval's teacher pass over several rungs) still shows it is moving
+            self._last_phase_line = now
+            started = self._rung_started.get(quant)
+            self.console.print(f"• {quant}: {phase}" + (f" ({_duration(now - started)} so far)" if started else ""),
+                               highlight=False)
 
     def rung_done(self, quant: str, status: str) -> None:
         if self._bench_task is not None:
@@ -332,6 +340,9 @@ class RichReporter:
             self._left(quant, getattr(self, "_label", None))
             if status != "ok":
                 self.console.print(f"[red]•[/red] {quant}: {status}")
+
+
+PLAIN_PHASE_EVERY = 60.0     # seconds between progress lines of one long stage when stderr is not a terminal
 
 
 def _duration(seconds: float) -> str:
@@ -813,8 +824,13 @@ def bench(model, profile_name, threads, n_prompt, n_gen, repetitions, warmup, db
 @click.option("--limit", type=click.IntRange(min=1), default=None, metavar="N",
               help="Evaluate only the first N cases of each format (a quick look at a large model; "
                    "the figures then describe that subset).")
+@click.option("--generation", type=click.Choice(["plain", "speculative", "check"]), default="plain",
+              show_default=True, help="How each rung's greedy outputs are made: from the KLD pass with the "
+              "reference's outputs as the draft (speculative), one plain generation per rung (plain), or both, "
+              "reporting the cases that differ and storing plain generation's outputs (check).")
 @no_wait_option
-def eval_(model, profile_name, suite_name, prompting, artifacts, threads, db, cache_dir, fmt, limit, no_wait):
+def eval_(model, profile_name, suite_name, prompting, artifacts, threads, db, cache_dir, fmt, limit, generation,
+          no_wait):
     """Run an eval suite on every rung and compare it with the reference.
 
     Greedy decoding with the same prompts for every rung; the shared prompt
@@ -865,7 +881,7 @@ def eval_(model, profile_name, suite_name, prompting, artifacts, threads, db, ca
                 store.record_artifact(art.record())
             reporter.start_bench(len(arts), f"eval {suite.name}")
             statuses = pipeline.quality_rungs(store, run_id, model_id, model_hash, arts, profile, suite, cache,
-                                              reporter, prompting, extra_params=qparams)
+                                              reporter, prompting, extra_params=qparams, generation=generation)
             failed = [f"{q} {st}" for q, st in statuses.items() if st != "ok"]
             failed += _onnx_quality_on_host(store, run_id, resolved, arts, onnx_arts, profile, suite, cache,
                                             reporter, prompting, qparams) if onnx_arts else []

@@ -414,12 +414,16 @@ VERDICT_VALUES = {"PASS": 1.0, "INCONCLUSIVE": 0.5, "FAIL": 0.0}
 def quality_rungs(store: Store, run_id: str, model_id: str, model_hash: str, artifacts: list[Artifact],
                   profile: Profile, suite, cache_root: Path, reporter: Reporter,
                   prompting: str = "auto", only: set[str] | None = None,
-                  extra_params: dict | None = None, stored: set[str] = frozenset()) -> dict[str, str]:
+                  extra_params: dict | None = None, stored: set[str] = frozenset(),
+                  generation: str = "plain") -> dict[str, str]:
     """Run the eval suite on every rung (reference first) and store its figures and per-case detail.
 
     ``only``: evaluate just these quants and their KV-cache variants (a resumed run); the reference's outputs
     are always used.  ``stored``: names (``Q4_K_M``, ``Q4_K_M@kv=q8_0``) whose quality is already stored
-    (a resumed run), not evaluated again.  Returns quant -> status ("ok" or how the eval failed).
+    (a resumed run), not evaluated again.  ``generation``: how a rung's greedy outputs are made
+    (``GENERATION_MODES``): ``plain`` generates each rung in a process of its own, ``speculative`` takes them
+    from the teacher pass (``bench.eval_spec``), ``check`` does both, reports the cases that differ and
+    stores plain generation's outputs.  Returns quant -> status ("ok" or how the eval failed).
     """
     from importlib import metadata
 
@@ -434,6 +438,8 @@ def quality_rungs(store: Store, run_id: str, model_id: str, model_hash: str, art
     scope = RunScope(store, run_id, model_id, model_hash, reporter)
     ref_art = next(a for a in artifacts if a.is_reference)
     statuses: dict[str, str] = {}
+    if generation not in GENERATION_MODES:
+        raise BadInput(f"generation {generation!r}: use one of {', '.join(GENERATION_MODES)}")
     reporter.rung_started(f"{ref_art.quant} reference outputs")
     ref_art.verify()
     t0 = time.perf_counter()
@@ -448,6 +454,7 @@ def quality_rungs(store: Store, run_id: str, model_id: str, model_hash: str, art
     if ref.peak_rss_bytes is not None:      # made now, not read from the cache
         _stage(store, run_id, "eval-reference", ref_art.quant, ref_art.n_params, time.perf_counter() - t0,
                ref.peak_rss_bytes, device_id=device_id)
+    reporter.step(f"{ref_art.quant} reference outputs: ready in {time.perf_counter() - t0:.1f} s")
     params = {"runner": "host", "stage": "quality", "suite": suite.name, "suite_sha256": suite.sha256,
               "prompting": ref.prompting, "threads": threads, "repack": repack, "decoding": "greedy",
               "n_cases": len(suite.cases), **(extra_params or {})}
@@ -464,6 +471,23 @@ def quality_rungs(store: Store, run_id: str, model_id: str, model_hash: str, art
                                    detail=detail, cases=[c.record() for c in q.cases], suite=suite.name)
         statuses[art.quant] = stored or "ok"
         reporter.rung_done(art.quant, stored or "ok")
+
+    def failed(art: Artifact, exc: RunFailed, t0: float) -> None:
+        status = getattr(exc, "status", "failed")
+        _stage(store, run_id, "eval-generate", art.quant, art.n_params, time.perf_counter() - t0, None,
+               status, str(exc), device_id)
+        store.record_rung(run_id, key(art), [], status=status, detail=f"quality: {exc}")
+        statuses[art.quant] = status
+        reporter.rung_done(art.quant, status)
+
+    def plain(art: Artifact, ct: str | None) -> dict:
+        t0 = time.perf_counter()
+        data = quality.generate_rung(art.path, suite, ref, threads, repack, settings.timeout,
+                                     lambda p, quant=art.quant: reporter.rung_phase(quant, p), cache_type=ct)
+        _stage(store, run_id, "eval-generate", art.quant, art.n_params, time.perf_counter() - t0,
+               data.get("process_peak_rss_bytes"), device_id=device_id)
+        reporter.step(f"{art.quant}: generated in {time.perf_counter() - t0:.1f} s")
+        return data
 
     selected = [a for a in artifacts if (only is None or a.quant in only) and a.quant not in stored]
     # a quantized KV cache changes outputs too: each rung (the reference included) again with every other
@@ -488,20 +512,14 @@ def quality_rungs(store: Store, run_id: str, model_id: str, model_hash: str, art
         t0 = time.perf_counter()
         try:
             art.verify()
-            outputs.append((art, quality.generate_rung(art.path, suite, ref, threads, repack, settings.timeout,
-                                                       lambda p, quant=art.quant: reporter.rung_phase(quant, p),
-                                                       cache_type=ct)))
-            _stage(store, run_id, "eval-generate", art.quant, art.n_params, time.perf_counter() - t0,
-                   outputs[-1][1].get("process_peak_rss_bytes"), device_id=device_id)
+            outputs.append((art, None if generation == "speculative" else plain(art, ct)))
         except RunFailed as exc:     # an EvalError, or an artifact changed on disk: this rung's failure
-            status = getattr(exc, "status", "failed")
-            _stage(store, run_id, "eval-generate", art.quant, art.n_params, time.perf_counter() - t0, None,
-                   status, str(exc), device_id)
-            store.record_rung(run_id, key(art), [], status=status, detail=f"quality: {exc}")
-            statuses[art.quant] = status
-            reporter.rung_done(art.quant, status)
-    # 2. token-level scores: the reference's outputs teacher-forced through as many rungs at once as fit
-    groups = quality.teacher_groups(ref_art.size_bytes, [(unit_key[a.quant], a.size_bytes) for a, _ in outputs])
+            failed(art, exc, t0)
+    # 2. token-level scores: the reference's outputs teacher-forced through as many rungs at once as fit;
+    # the same pass gives the rungs' outputs (speculative verification, bench.eval_spec) unless plain
+    kv = {a.path: quality.generating_context_bytes(a.path, suite) if generation != "plain" else 0 for a, _ in outputs}
+    groups = quality.teacher_groups(ref_art.size_bytes, [(unit_key[a.quant], a.size_bytes + kv[a.path])
+                                                         for a, _ in outputs])
     by_path = {unit_key[a.quant]: (a, data) for a, data in outputs}
     for group in groups:
         label = f"KLD vs {ref_art.quant}: " + ", ".join(by_path[p][0].quant for p in group)
@@ -509,8 +527,10 @@ def quality_rungs(store: Store, run_id: str, model_id: str, model_hash: str, art
         t0 = time.perf_counter()
         used: dict = {}
         try:
-            scores = quality.teacher_scores(ref, group, suite, threads, repack, settings.timeout,
-                                            lambda p, label=label: reporter.rung_phase(label, p), resources=used)
+            scores, made = quality.teacher_pass(ref, group, suite, threads, repack, settings.timeout,
+                                                lambda p, label=label: reporter.rung_phase(label, p),
+                                                generate=generation != "plain", margins=generation == "check",
+                                                resources=used)
             _stage(store, run_id, "eval-teacher", label, ref_art.n_params, time.perf_counter() - t0,
                    used.get("peak_rss_bytes"), device_id=device_id)
         except quality.EvalError as exc:
@@ -520,13 +540,50 @@ def quality_rungs(store: Store, run_id: str, model_id: str, model_hash: str, art
                 groups.extend([p] for p in group)
                 continue
             art, data = by_path[group[0]]
+            if data is None:        # its outputs were to come from this pass: generate them plainly
+                try:
+                    data = plain(art, group[0][1] if isinstance(group[0], tuple) else None)
+                except RunFailed as exc2:
+                    failed(art, exc2, time.perf_counter())
+                    continue
             store_quality(art, quality.rung_quality(art.quant, suite, ref, data, None), status=exc.status,
                           detail=f"quality: outputs judged, token-level scores failed: {exc}")
             continue
+        reporter.step(f"{label}: done in {time.perf_counter() - t0:.1f} s")
         for path in group:
             art, data = by_path[path]
+            if path in made:
+                data = _generation_outcome(art.quant, made[path], data, reporter)
             store_quality(art, quality.rung_quality(art.quant, suite, ref, data, scores[path]))
     return statuses
+
+
+# how the eval makes a rung's greedy outputs (quality_rungs): plain generation is the default (speculative
+# outputs can differ from it after a near tie; see bench.eval_spec)
+GENERATION_MODES = ("speculative", "plain", "check")
+
+
+def _generation_outcome(quant: str, spec: dict, plain: dict | None, reporter: Reporter) -> dict:
+    """The outputs stored for a rung the teacher pass generated (``spec``): those, or with ``--generation
+    check`` plain generation's (``plain``), which decides where the two differ, with the differences."""
+    from dataclasses import asdict
+
+    from edgequant.bench import quality
+
+    fast = spec["speculative"]
+    how = (f"{fast['agrees']}/{fast['cases']} cases on the fast path, {fast['departs']} departed, "
+           f"{fast['near_tie']} near ties, {fast['single_tokens']} tokens decoded one by one")
+    if plain is None:
+        reporter.step(f"{quant}: outputs from the teacher pass ({how}; {spec['gen_seconds']:.1f} s of decoding)")
+        return spec
+    diffs = quality.compare_generations(spec, plain)
+    line = f"{quant}: speculative outputs equal plain generation on {fast['cases'] - len(diffs)}/{fast['cases']} cases"
+    if diffs:
+        line += f"; {len(diffs)} differ (plain generation stored): " + "; ".join(d.line() for d in diffs[:5])
+        line += " ..." if len(diffs) > 5 else ""
+    reporter.step(f"{line} ({how})")
+    return {**plain, "check": {"cases": fast["cases"], "differ": len(diffs), "diffs": [asdict(d) for d in diffs],
+                               "speculative": fast, "speculative_seconds": spec["gen_seconds"]}}
 
 
 def artifacts_from_files(paths: list[Path], reporter: Reporter) -> list[Artifact]:
