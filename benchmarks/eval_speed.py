@@ -118,7 +118,7 @@ def main() -> int:
                     help="top-2 logit margin under which plain decoding decides (default: bench.eval_spec's)")
     args = ap.parse_args()
 
-    from edgequant import pipeline
+    from edgequant.pipeline import host as pipeline
     from edgequant.paths import cache_dir
     from edgequant.profiles import load_profile
     from edgequant.profiles.suites import load_suite
