@@ -61,7 +61,7 @@ from edgequant.bench.host import BenchError
 from edgequant.bench.stats import Summary
 from edgequant.devices.facts import Cluster, big_core_count
 from edgequant.devices.transport import DeviceError, Transport, quote
-from edgequant.errors import RunFailed
+from edgequant.core.errors import RunFailed
 from edgequant.profiles import BenchSettings
 from edgequant.status import RungStatus, classify_exit, exit_signal, signal_name
 

@@ -20,7 +20,7 @@ from edgequant.bench import worker
 from edgequant.bench.contention import Contention
 from edgequant.bench.stats import Summary
 from edgequant.bench.worker import WorkerExit
-from edgequant.errors import RunFailed
+from edgequant.core.errors import RunFailed
 from edgequant.profiles import BenchSettings
 from edgequant.status import FAILURES, RungStatus, signal_name
 

@@ -41,7 +41,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
-from edgequant.errors import BadInput, RunFailed
+from edgequant.core.errors import BadInput, RunFailed
 from edgequant.paths import cache_dir
 
 DIST_NAME = "llama-cpp-python"

@@ -45,7 +45,7 @@ from edgequant.bench.device_bench import DEFAULT_TIME, DeviceOutputError, failur
 from edgequant.bench.host import BenchError
 from edgequant.bench.stats import Summary
 from edgequant.devices.transport import Transport, quote
-from edgequant.errors import BadInput
+from edgequant.core.errors import BadInput
 from edgequant.profiles import BenchSettings
 
 PERF_TEST = "onnxruntime_perf_test"

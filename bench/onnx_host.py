@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from edgequant.bench.host import BenchError, HostBenchResult, result_from, run_worker
-from edgequant.errors import BadInput
+from edgequant.core.errors import BadInput
 from edgequant.profiles import BenchSettings
 
 WORKER_MODULE = "edgequant.bench.onnx_host"

@@ -48,7 +48,7 @@ from edgequant.bench import worker
 from edgequant.bench.parsers import ParseResult, parse
 from edgequant.bench.quality_stats import (LLAMA_PERPLEXITY_NAMES, jaccard, kld_statistics, non_inferiority_table,
                                            paired_degradation, paired_table, wilson_interval)
-from edgequant.errors import RunFailed
+from edgequant.core.errors import RunFailed
 from edgequant.profiles.suites import LOWER_IS_BETTER, Case, Suite
 from edgequant.status import RungStatus, signal_name
 

@@ -27,7 +27,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from edgequant.errors import BadInput
+from edgequant.core.errors import BadInput
 from edgequant.profiles import NEEDS_IMATRIX
 from edgequant.profiles.suites import Gate
 from edgequant.quantize.overrides import RungSpec, parse_rung

@@ -36,7 +36,7 @@ from rich.table import Table
 
 from edgequant.bench.host import BenchError, measure_gguf
 from edgequant.bench.llamacpp_tools import build_llama_tool
-from edgequant.errors import EdgequantError
+from edgequant.core.errors import EdgequantError
 from edgequant.profiles import FLASH_ATTN, REPACK, BenchSettings
 
 TOLERANCE = {"pp": 0.10, "tg": 0.05}

@@ -37,7 +37,7 @@ from edgequant.bench.device_bench import RemoteRunner, run_device_bench
 from edgequant.bench.host import BenchError, measure_gguf
 from edgequant.bench.runner import build_runner
 from edgequant.devices.transport import DeviceError, ShellResult
-from edgequant.errors import EdgequantError
+from edgequant.core.errors import EdgequantError
 from edgequant.profiles import FLASH_ATTN, REPACK, BenchSettings
 
 TOLERANCE = 0.05

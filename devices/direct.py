@@ -58,7 +58,7 @@ from adb_shell.transport.tcp_transport import TcpTransport
 from edgequant.devices import exitcode
 from edgequant.devices.keys import UNAUTHORIZED_HINT, load_signers
 from edgequant.devices.transport import DeviceError, ProgressFn, ShellResult
-from edgequant.errors import one_line
+from edgequant.core.errors import one_line
 
 DEFAULT_PORT = 5555
 CONNECT_TIMEOUT_S = 10.0
@@ -535,7 +535,7 @@ def parse_address(address: str) -> tuple[str, int]:
     else:
         host, port = address, str(DEFAULT_PORT)
     if not host or not port.isdigit() or not 0 < int(port) < 65536:
-        from edgequant.errors import BadInput
+        from edgequant.core.errors import BadInput
 
         raise BadInput(f"device address {address!r} is not HOST:PORT (e.g. 192.168.1.20:5555)")
     return host, int(port)

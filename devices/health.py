@@ -24,7 +24,7 @@ from typing import Callable
 
 from edgequant.devices.facts import HEALTH_SECTIONS, DeviceFacts, collect_facts
 from edgequant.devices.transport import Transport
-from edgequant.errors import BadInput
+from edgequant.core.errors import BadInput
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from edgequant.devices import select
 from edgequant.devices.facts import DeviceFacts, collect_facts, recommended_threads
 from edgequant.devices.transport import DeviceError
-from edgequant.errors import EdgequantError, one_line
+from edgequant.core.errors import EdgequantError, one_line
 
 
 def unusable_reason(facts: DeviceFacts) -> str | None:

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from edgequant.devices.transport import DeviceError, Transport
-from edgequant.errors import BadInput
+from edgequant.core.errors import BadInput
 
 DEFAULT_DEVICE_DIR = "/data/local/tmp/edgequant"
 

@@ -37,7 +37,7 @@ def server_address(env: dict[str, str] | None = None) -> tuple[str, int]:
     host = env.get("ANDROID_ADB_SERVER_HOST") or "127.0.0.1"
     port = env.get("ANDROID_ADB_SERVER_PORT") or "5037"
     if not port.isdigit():
-        from edgequant.errors import BadInput
+        from edgequant.core.errors import BadInput
 
         raise BadInput(f"ANDROID_ADB_SERVER_PORT={port!r} is not a port number")
     return host, int(port)

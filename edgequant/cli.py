@@ -16,7 +16,7 @@ from pathlib import Path
 import click
 
 from edgequant import __version__
-from edgequant.errors import BadInput, EdgequantError, Terminated, one_line
+from edgequant.core.errors import BadInput, EdgequantError, Terminated, one_line
 
 FORMATS = ("table", "json", "csv", "md")
 

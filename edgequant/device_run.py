@@ -47,7 +47,7 @@ from edgequant.devices.facts import DeviceFacts, collect_facts, recommended_thre
 from edgequant.devices.health import CoolDown, read_health, throttled, wait_cool
 from edgequant.devices.push import Pusher
 from edgequant.devices.transport import DeviceError, Transport, quote
-from edgequant.errors import BadInput, EdgequantError
+from edgequant.core.errors import BadInput, EdgequantError
 from edgequant.noise import measure_until_quiet, sample_detail
 from edgequant.profiles import BenchSettings, Profile
 from edgequant.quantize.ladder import Artifact, ArtifactChanged

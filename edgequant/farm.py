@@ -62,7 +62,7 @@ import psutil
 
 from edgequant.devices import select
 from edgequant.devices.transport import DeviceError, Transport, quote
-from edgequant.errors import BadInput, EdgequantError
+from edgequant.core.errors import BadInput, EdgequantError
 
 LEASE_DIR = "lease"
 LEASE_STALE_S = 30 * 60.0       # a lease not renewed for this long (device clock) is stale

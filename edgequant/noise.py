@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from edgequant.bench.contention import Contention, host_top, wait_for_quiet
-from edgequant.errors import BadInput, RunFailed
+from edgequant.core.errors import BadInput, RunFailed
 from edgequant.profiles import BenchSettings
 from edgequant.results.store import Measurement
 

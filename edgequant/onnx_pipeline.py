@@ -9,7 +9,7 @@ from importlib import metadata
 from pathlib import Path
 
 from edgequant.devices.host import host_device, host_device_id
-from edgequant.errors import BadInput
+from edgequant.core.errors import BadInput
 from edgequant.pipeline import (BenchOutcome, Reporter, ResolvedModel, RungOutcome, _artifact_measurements,
                                 quality_measurements)
 from edgequant.profiles import Profile

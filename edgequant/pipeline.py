@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Callable, Protocol
 
 from edgequant.devices.host import host_device, host_device_id
-from edgequant.errors import BadInput, RunFailed
+from edgequant.core.errors import BadInput, RunFailed
 from edgequant.profiles import Profile
 from edgequant.quantize.checkpoint import (Checkpoint, checkpoint_hash, download_from_hub, looks_like_hub_id,
                                            open_checkpoint)

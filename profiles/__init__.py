@@ -14,7 +14,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from edgequant.errors import BadInput
+from edgequant.core.errors import BadInput
 from edgequant.profiles.onnx_variants import OnnxSpec, OnnxVariant, parse_onnx  # noqa: F401 - re-exported
 
 # Types llama.cpp refuses to make without an importance matrix

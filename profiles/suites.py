@@ -81,7 +81,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from edgequant.errors import BadInput
+from edgequant.core.errors import BadInput
 
 # ---------------------------------------------------------------------------
 # formats and their settings

@@ -37,7 +37,7 @@ def write_error(path: Path, exc: OSError, need: int | None = None):
     place, a read-only or forbidden place (bad input, 2), a full disk (1, with what is free and needed)."""
     import errno
 
-    from edgequant.errors import BadInput, RunFailed
+    from edgequant.core.errors import BadInput, RunFailed
 
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         probe = Path(path).parent

@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from edgequant.errors import BadInput
+from edgequant.core.errors import BadInput
 from edgequant.hashing import file_sha256
 from edgequant.quantize.atomic import atomic_write_text
 

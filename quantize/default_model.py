@@ -20,7 +20,7 @@ import shutil
 from pathlib import Path
 from typing import Callable
 
-from edgequant.errors import BadInput, RunFailed
+from edgequant.core.errors import BadInput, RunFailed
 from edgequant.quantize.atomic import atomic_path, clean_stale_partials
 
 DEFAULT_MODEL_ID = "gemma-3-270m (edgequant default)"

@@ -7,7 +7,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from edgequant.errors import RunFailed
+from edgequant.core.errors import RunFailed
 from edgequant.hashing import file_sha256  # noqa: F401  (artifact code imports it from here)
 
 GGUF_MAGIC = b"GGUF"

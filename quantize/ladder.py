@@ -25,7 +25,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Callable
 
-from edgequant.errors import BadInput, RunFailed
+from edgequant.core.errors import BadInput, RunFailed
 from edgequant.profiles import Profile, quant_types
 from edgequant.quantize.atomic import atomic_path, atomic_write_text, clean_stale_partials
 from edgequant.quantize.checkpoint import Checkpoint

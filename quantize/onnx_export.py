@@ -44,7 +44,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable
 
-from edgequant.errors import BadInput, RunFailed
+from edgequant.core.errors import BadInput, RunFailed
 from edgequant.profiles import OnnxSpec, OnnxVariant, Profile
 from edgequant.quantize.atomic import atomic_path, atomic_write_text, clean_stale_partials
 from edgequant.quantize.checkpoint import Checkpoint

@@ -30,7 +30,7 @@ from xml.etree import ElementTree as ET
 
 from edgequant.bench.quality_stats import non_inferiority, paired_degradation
 from edgequant.bench.stats import mann_whitney_greater
-from edgequant.errors import BadInput
+from edgequant.core.errors import BadInput
 from edgequant.results.gates import Gates
 from edgequant.results.store import Store
 

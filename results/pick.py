@@ -18,7 +18,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from edgequant.errors import BadInput
+from edgequant.core.errors import BadInput
 from edgequant.profiles.suites import Gate, parse_gate
 from edgequant.results.report import (LOWER_IS_BETTER_RATES, QUALITY_HEADERS, QUALITY_RATES, RunReport, RungSummary,
                                       per_device, summarize)

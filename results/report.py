@@ -778,7 +778,7 @@ def flipped_cases(store: Store, run_id: str, quant: str) -> dict[str, Any]:
     outputs: ``{"run_id", "reference": ref quant, "rung": quant, "cases": [{"case_id", "format",
     "flips": [{"metric", "direction"}], "reference": case record, "rung": case record}]}``, cases in
     suite order.  Direction: ``right_to_wrong`` or ``wrong_to_right``."""
-    from edgequant.errors import BadInput
+    from edgequant.core.errors import BadInput
 
     run = store.run(run_id)
     rows = [r for r in store.measurements(run["run_id"]) if r["params"].get("stage") == "quality"]

@@ -30,7 +30,7 @@ from typing import Any, Iterable, Iterator
 
 import psutil
 
-from edgequant.errors import BadInput, RunFailed
+from edgequant.core.errors import BadInput, RunFailed
 
 # Named, append-only: never edit or reorder an entry, only add new ones.
 MIGRATIONS: list[tuple[str, str]] = [

@@ -18,7 +18,7 @@ import pytest
 
 from edgequant.bench.host import BenchError, HostBenchResult, measure_gguf
 from edgequant.bench.stats import Summary
-from edgequant.errors import RunFailed
+from edgequant.core.errors import RunFailed
 from edgequant.profiles import BenchSettings
 
 SMALL = BenchSettings(n_prompt=32, n_gen=8, repetitions=3, warmup=1, timeout=600.0)

@@ -30,7 +30,7 @@ from edgequant.devices.direct import DirectTransport, byte_sum
 from edgequant.devices.facts import collect_facts, recommended_threads
 from edgequant.devices.server import ServerTransport
 from edgequant.devices.transport import DeviceError
-from edgequant.errors import BadInput
+from edgequant.core.errors import BadInput
 
 TRANSPORTS = ("direct", "server")
 PERSONALITIES = ("modern", "legacy")
@@ -564,7 +564,7 @@ def test_cli_refused_shell_is_one_clean_line(adb_peer_factory, device_env, tmp_p
 
 
 def test_one_line_flattens_and_shortens_quoted_text():
-    from edgequant.errors import one_line
+    from edgequant.core.errors import one_line
 
     assert one_line("a\nb\r\n\tc") == "a b c"
     assert one_line("bell\x07 esc\x1b[31m del\x7f zw\u200b ls\u2028") == "bell? esc?[31m del? zw? ls"

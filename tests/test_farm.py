@@ -20,7 +20,7 @@ from conftest import assert_one_line_error, cli_env, db_rows, run_cli, start_cli
 from edgequant import farm
 from edgequant.devices import select
 from edgequant.devices.push import Pusher
-from edgequant.errors import BadInput
+from edgequant.core.errors import BadInput
 
 # two rungs of the tiny model, small llama-bench tests, no warm-up, no cool-down wait
 PROFILE = """

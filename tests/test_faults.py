@@ -175,7 +175,7 @@ import json, os, sys
 sys.path.insert(0, {str(Path(__file__).parent)!r})
 from test_faults import row_key
 from edgequant.cli import recording_partial
-from edgequant.errors import EdgequantError
+from edgequant.core.errors import EdgequantError
 from edgequant.results.store import Measurement, Store
 db = os.path.join(os.environ["EQ_MNT"], "results.db")
 store = Store(db)
@@ -638,7 +638,7 @@ def test_resume_force_takes_over_a_run_that_still_looks_alive(tmp_path):
     conn.close()
     with Store(db) as s:
         assert s.run(run)["status"] == "running"                 # another host, fresh heartbeat
-        from edgequant.errors import BadInput
+        from edgequant.core.errors import BadInput
 
         with pytest.raises(BadInput, match="still running .*--force"):
             s.resume_run(run)
@@ -713,7 +713,7 @@ def test_a_type_llama_cpp_cannot_make_is_refused_when_the_profile_loads(tmp_path
 
 def test_when_llama_cpp_refuses_a_type_the_error_says_why(built, tmp_path):
     """Past the profile's checks (a tune candidate is not one), llama.cpp's own reason reaches the message."""
-    from edgequant.errors import RunFailed
+    from edgequant.core.errors import RunFailed
     from edgequant.profiles import load_profile
     from edgequant.quantize.checkpoint import checkpoint_hash, open_checkpoint
     from edgequant.quantize.ladder import Ladder

@@ -18,7 +18,7 @@ import pytest
 
 from conftest import assert_one_line_error, cli_env, db_rows, run_cli
 
-from edgequant.errors import BadInput
+from edgequant.core.errors import BadInput
 from edgequant.paths import cache_dir
 from edgequant.profiles import load_profile
 from edgequant.profiles.suites import load_suite

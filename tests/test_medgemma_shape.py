@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, cli_env, run_cli
-from edgequant.errors import BadInput
+from edgequant.core.errors import BadInput
 from edgequant.profiles.suites import load_suite
 from edgequant.quantize.checkpoint import open_checkpoint
 

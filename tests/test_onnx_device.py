@@ -18,7 +18,7 @@ from edgequant.bench.onnx_device import (RemoteTool, make_input_sets, parse_perf
                                          perf_test_args, read_input_set, read_model_inputs, run_onnx_device_bench,
                                          run_set_on_host, stage_sets)
 from edgequant.bench.onnx_host import KVModel
-from edgequant.errors import BadInput
+from edgequant.core.errors import BadInput
 from edgequant.profiles import BenchSettings
 
 STANDIN = Path(__file__).with_name("onnx_perf_standin.py")

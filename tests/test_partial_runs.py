@@ -13,7 +13,7 @@ from test_cli import tiny_profile
 from edgequant.cli import recording_partial
 from edgequant.device_run import DeviceLost
 from edgequant.devices.transport import DeviceError
-from edgequant.errors import BadInput, EdgequantError
+from edgequant.core.errors import BadInput, EdgequantError
 from edgequant.results.store import Store
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from edgequant.errors import BadInput
+from edgequant.core.errors import BadInput
 from edgequant.profiles import builtin_profiles
 from edgequant.profiles.suites import GATE_METRICS, builtin_suites, load_suite
 
