@@ -149,7 +149,7 @@ def default_files(types: list[str]) -> tuple[Path, list[Path]]:
     """The embedded default model's reference and ``types`` rungs, built (or found) in the shared cache."""
     from dataclasses import replace
 
-    from edgequant.paths import cache_dir
+    from edgequant.core.paths import cache_dir
     from edgequant.pipeline import NullReporter, build_ladder, resolve_model
     from edgequant.profiles import load_profile
 

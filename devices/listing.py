@@ -47,7 +47,7 @@ def _host_facts() -> DeviceFacts:
     import shutil
 
     from edgequant.devices.host import host_device
-    from edgequant.paths import cache_dir
+    from edgequant.core.paths import cache_dir
 
     import psutil
 

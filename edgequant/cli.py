@@ -75,7 +75,7 @@ def _cache_root(cache_dir: str | None, writable: bool = True) -> Path:
     """The cache folder, made if missing and checked writable: a read-only one is refused before any work."""
     import tempfile
 
-    from edgequant.paths import cache_dir as default_cache
+    from edgequant.core.paths import cache_dir as default_cache
 
     root = Path(cache_dir).expanduser() if cache_dir else default_cache()
     if not writable:
@@ -91,7 +91,7 @@ def _cache_root(cache_dir: str | None, writable: bool = True) -> Path:
 
 
 def _open_store(db: str | None):
-    from edgequant.paths import default_db
+    from edgequant.core.paths import default_db
     from edgequant.results.store import Store
 
     return Store(db or default_db())

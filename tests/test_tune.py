@@ -12,7 +12,7 @@ from test_imatrix import CASES, write_suite
 
 from edgequant.bench import tune
 from edgequant.core.errors import BadInput
-from edgequant.paths import cache_dir
+from edgequant.core.paths import cache_dir
 from edgequant.profiles.suites import parse_gate
 
 # bytes per base type and the bonus of each modifier, for the fake builder
