@@ -49,7 +49,7 @@ from edgequant.bench.llamacpp_tools import (CMAKE_CONFIGURE_FLAGS, BuildTree, Sa
                                             installed_version, is_on, llama_cpp_source, locked, merge_defines,
                                             tools_root)
 from edgequant.core.errors import BadInput, RunFailed
-from edgequant.hashing import file_sha256
+from edgequant.core.hashing import file_sha256
 from edgequant.quantize.atomic import atomic_write_text, clean_stale_partials, partial_name
 
 MANIFEST = "manifest.json"

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edgequant.core.errors import BadInput
-from edgequant.hashing import file_sha256
+from edgequant.core.hashing import file_sha256
 from edgequant.quantize.atomic import atomic_write_text
 
 # Architectures llama.cpp's converter turns into a runnable GGUF text model and

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edgequant.core.errors import RunFailed
-from edgequant.hashing import file_sha256  # noqa: F401  (artifact code imports it from here)
+from edgequant.core.hashing import file_sha256  # noqa: F401  (artifact code imports it from here)
 
 GGUF_MAGIC = b"GGUF"
 

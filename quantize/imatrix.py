@@ -38,7 +38,7 @@ from typing import Callable
 import numpy as np
 
 from edgequant.core.errors import BadInput, RunFailed
-from edgequant.hashing import file_sha256
+from edgequant.core.hashing import file_sha256
 from edgequant.profiles.suites import Suite
 from edgequant.children import die_with_parent
 from edgequant.quantize.atomic import atomic_write_text
