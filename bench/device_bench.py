@@ -63,7 +63,7 @@ from edgequant.devices.facts import Cluster, big_core_count
 from edgequant.devices.transport import DeviceError, Transport, quote
 from edgequant.core.errors import RunFailed
 from edgequant.profiles import BenchSettings
-from edgequant.status import RungStatus, classify_exit, exit_signal, signal_name
+from edgequant.core.status import RungStatus, classify_exit, exit_signal, signal_name
 
 BENCH_TOOL = "llama-bench"
 DEFAULT_TIME = ("toybox", "time", "-v")

@@ -22,7 +22,7 @@ from edgequant.bench.stats import Summary
 from edgequant.bench.worker import WorkerExit
 from edgequant.core.errors import RunFailed
 from edgequant.profiles import BenchSettings
-from edgequant.status import FAILURES, RungStatus, signal_name
+from edgequant.core.status import FAILURES, RungStatus, signal_name
 
 WORKER_MODULE = "edgequant.bench.host_worker"
 GGUF_MAGIC = b"GGUF"

@@ -50,7 +50,7 @@ from edgequant.bench.quality_stats import (LLAMA_PERPLEXITY_NAMES, jaccard, kld_
                                            paired_degradation, paired_table, wilson_interval)
 from edgequant.core.errors import RunFailed
 from edgequant.profiles.suites import LOWER_IS_BETTER, Case, Suite
-from edgequant.status import RungStatus, signal_name
+from edgequant.core.status import RungStatus, signal_name
 
 WORKER_MODULE = "edgequant.bench.eval_worker"
 EVAL_SLOTS = 8        # cases decoded side by side (continuous batching in the worker)

@@ -8,7 +8,7 @@ error message).
 The worker runs in its own session, so its process group is its own: a terminal's Ctrl-C reaches only us,
 and at the deadline (or on any exception here, KeyboardInterrupt included) the whole group is killed with
 SIGKILL, whether or not the worker is printing anything.  How it ended is classified once
-(``edgequant.status.classify_exit``) into ``WorkerExit.status``.
+(``edgequant.core.status.classify_exit``) into ``WorkerExit.status``.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from edgequant.children import die_with_parent
-from edgequant.status import RungStatus, classify_exit, exit_signal
+from edgequant.core.status import RungStatus, classify_exit, exit_signal
 
 STDERR_TAIL = 20
 

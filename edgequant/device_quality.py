@@ -52,7 +52,7 @@ from edgequant.devices.facts import recommended_threads
 from edgequant.devices.transport import DeviceError, quote
 from edgequant.pipeline import quality_measurements
 from edgequant.results.store import RowKey
-from edgequant.status import RungStatus, classify_exit
+from edgequant.core.status import RungStatus, classify_exit
 
 OUTPUT_LIMIT = 1 << 20          # bytes of one case's output read back; more is a failed parse
 LOG_TAIL = 8192                 # bytes of one case's log read back

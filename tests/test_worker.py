@@ -1,5 +1,5 @@
 """The one worker runner (bench/worker.py) of the host bench and eval workers, and the one exit-code classifier
-(edgequant/status.py): real child processes that hang, crash, are killed or answer; nothing is patched."""
+(edgequant/core/status.py): real child processes that hang, crash, are killed or answer; nothing is patched."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import pytest
 from edgequant.bench import worker
 from edgequant.bench.host import BenchError, run_worker as host_run_worker
 from edgequant.bench.quality import EvalError, _call_worker
-from edgequant.status import FAILURES, RungStatus, classify_exit, exit_signal
+from edgequant.core.status import FAILURES, RungStatus, classify_exit, exit_signal
 
 WORKERS = {
     # reads its request, then hangs without printing anything, with a child of its own that hangs too
@@ -227,12 +227,12 @@ def test_statuses_are_the_stored_strings():
 
 
 def test_the_status_module_is_ground_code():
-    """edgequant/status.py imports nothing of edgequant's: every layer can import it."""
+    """edgequant/core/status.py imports nothing of edgequant's: every layer can import it."""
     import ast
 
-    import edgequant.status
+    import edgequant.core.status
 
-    tree = ast.parse(Path(edgequant.status.__file__).read_text())
+    tree = ast.parse(Path(edgequant.core.status.__file__).read_text())
     names = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
     names += ["." * n.level + (n.module or "") for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
     assert names and not [n for n in names if n.split(".")[0] == "edgequant" or n.startswith(".")]
