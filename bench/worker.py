@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from edgequant.children import die_with_parent
+from edgequant.core.children import die_with_parent
 from edgequant.core.status import RungStatus, classify_exit, exit_signal
 
 STDERR_TAIL = 20

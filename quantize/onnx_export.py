@@ -48,7 +48,7 @@ from edgequant.core.errors import BadInput, RunFailed
 from edgequant.profiles import OnnxSpec, OnnxVariant, Profile
 from edgequant.quantize.atomic import atomic_path, atomic_write_text, clean_stale_partials
 from edgequant.quantize.checkpoint import Checkpoint
-from edgequant.children import die_with_parent
+from edgequant.core.children import die_with_parent
 from edgequant.quantize.ladder import Artifact, free_bytes
 
 Progress = Callable[[str, float, "float | None"], None]
