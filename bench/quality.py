@@ -202,7 +202,7 @@ def reference_outputs(ref_path: Path, ref_sha: str, ref_quant: str, suite: Suite
     else:
         folder.mkdir(parents=True, exist_ok=True)
         data = _call_worker(_base_request(ref_path, suite, threads, repack, prompting), timeout, on_progress)
-        from edgequant.quantize.atomic import atomic_write_text
+        from edgequant.core.atomic import atomic_write_text
 
         atomic_write_text(meta_path, json.dumps(data))
     cases = _case_results(suite, data)

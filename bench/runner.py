@@ -50,7 +50,7 @@ from edgequant.bench.llamacpp_tools import (CMAKE_CONFIGURE_FLAGS, BuildTree, Sa
                                             tools_root)
 from edgequant.core.errors import BadInput, RunFailed
 from edgequant.core.hashing import file_sha256
-from edgequant.quantize.atomic import atomic_write_text, clean_stale_partials, partial_name
+from edgequant.core.atomic import atomic_write_text, clean_stale_partials, partial_name
 
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1

@@ -684,7 +684,7 @@ class DirectTransport:
             self._set_deadline(None)
 
     def pull(self, remote: str, local: Path, timeout: float | None = None) -> None:
-        from edgequant.quantize.atomic import atomic_path
+        from edgequant.core.atomic import atomic_path
 
         local = Path(local)
         try:

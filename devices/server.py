@@ -227,7 +227,7 @@ class ServerTransport:
             raise self._error(exc, f"pushing {local.name}") from None
 
     def pull(self, remote: str, local: Path, timeout: float | None = None) -> None:
-        from edgequant.quantize.atomic import atomic_path
+        from edgequant.core.atomic import atomic_path
 
         try:
             with atomic_path(Path(local)) as tmp:

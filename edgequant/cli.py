@@ -333,7 +333,7 @@ def _stderr_console():
 def _render(store, run_id: str, fmt: str, output: str | None) -> None:
     from rich.console import Console
 
-    from edgequant.quantize.atomic import atomic_write_text
+    from edgequant.core.atomic import atomic_write_text
     from edgequant.results import report as rep
 
     summary = rep.summarize(store, run_id)
@@ -886,7 +886,7 @@ def _render_cases(store, run_id: str, quant: str | None, fmt: str, output: str |
     from rich.console import Console
     from rich.table import Table
 
-    from edgequant.quantize.atomic import atomic_write_text
+    from edgequant.core.atomic import atomic_write_text
 
     run = store.run(run_id)
     rows = store.eval_cases(run["run_id"], quant)
@@ -938,7 +938,7 @@ def _render_flips(store, run_id: str, quant: str, fmt: str, output: str | None) 
     from rich.table import Table
     from rich.text import Text
 
-    from edgequant.quantize.atomic import atomic_write_text
+    from edgequant.core.atomic import atomic_write_text
     from edgequant.results.report import flipped_cases
 
     found = flipped_cases(store, run_id, quant)
@@ -1554,7 +1554,7 @@ def compare(baseline, candidate, gates_name, junit_path, markdown_path, json_pat
     """
     from rich.console import Console
 
-    from edgequant.quantize.atomic import atomic_write_text
+    from edgequant.core.atomic import atomic_write_text
     from edgequant.results import compare as cmp
     from edgequant.results.gates import load_gates
 
@@ -1682,7 +1682,7 @@ def noise(model, profile_name, threads, n_prompt, n_gen, repetitions, warmup, ru
 @db_option
 def export(run_id, llama_bench, fmt, build_commit, output, db):
     """Export a stored run (RUN: id, `last`, `last-complete` or tag) for other tools."""
-    from edgequant.quantize.atomic import atomic_write_text
+    from edgequant.core.atomic import atomic_write_text
     from edgequant.results import export as ex
 
     if not llama_bench:

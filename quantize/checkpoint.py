@@ -17,7 +17,7 @@ from pathlib import Path
 
 from edgequant.core.errors import BadInput
 from edgequant.core.hashing import file_sha256
-from edgequant.quantize.atomic import atomic_write_text
+from edgequant.core.atomic import atomic_write_text
 
 # Architectures llama.cpp's converter turns into a runnable GGUF text model and
 # that edgequant is tested with.  For Gemma3ForConditionalGeneration (MedGemma)

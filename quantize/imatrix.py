@@ -41,7 +41,7 @@ from edgequant.core.errors import BadInput, RunFailed
 from edgequant.core.hashing import file_sha256
 from edgequant.profiles.suites import Suite
 from edgequant.core.children import die_with_parent
-from edgequant.quantize.atomic import atomic_write_text
+from edgequant.core.atomic import atomic_write_text
 
 # A split needs at least this many cases on each side, and every format of the
 # suite needs at least one case on each side (two in all).

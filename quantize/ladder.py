@@ -27,7 +27,7 @@ from typing import Callable
 
 from edgequant.core.errors import BadInput, RunFailed
 from edgequant.profiles import Profile, quant_types
-from edgequant.quantize.atomic import atomic_path, atomic_write_text, clean_stale_partials
+from edgequant.core.atomic import atomic_path, atomic_write_text, clean_stale_partials
 from edgequant.quantize.checkpoint import Checkpoint
 from edgequant.quantize.gguf_info import (BadGGUF, add_metadata, estimated_bits_per_weight, file_sha256,
                                           read_gguf_info)

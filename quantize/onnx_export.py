@@ -46,7 +46,7 @@ from typing import Any, Callable
 
 from edgequant.core.errors import BadInput, RunFailed
 from edgequant.profiles import OnnxSpec, OnnxVariant, Profile
-from edgequant.quantize.atomic import atomic_path, atomic_write_text, clean_stale_partials
+from edgequant.core.atomic import atomic_path, atomic_write_text, clean_stale_partials
 from edgequant.quantize.checkpoint import Checkpoint
 from edgequant.core.children import die_with_parent
 from edgequant.quantize.ladder import Artifact, free_bytes

@@ -384,7 +384,7 @@ def render_html(store: Store, run_id: str, quality: str = "quality", history_run
 
 
 def write_html(store: Store, run_id: str, path: Path, quality: str = "quality") -> Path:
-    from edgequant.quantize.atomic import atomic_write_text
+    from edgequant.core.atomic import atomic_write_text
 
     atomic_write_text(path, render_html(store, run_id, quality))
     return path
