@@ -30,7 +30,7 @@ from typing import Any, Callable
 from edgequant.core.errors import BadInput
 from edgequant.profiles import NEEDS_IMATRIX
 from edgequant.profiles.suites import Gate
-from edgequant.quantize.overrides import RungSpec, parse_rung
+from edgequant.profiles.rungs import RungSpec, parse_rung
 
 # High to low precision: the walk's levels.
 DEFAULT_TYPES = ("Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "IQ4_XS", "Q3_K_M", "Q2_K")

@@ -1282,7 +1282,7 @@ def _tune(device, device_dir, runner_dir, gate_texts, min_tg, max_size, types_cs
         if bad:
             raise BadInput(f"--types: unknown quant type {bad[0]!r}; valid types: {', '.join(sorted(known))}")
     if variants is not None:
-        from edgequant.quantize.overrides import parse_rung
+        from edgequant.profiles.rungs import parse_rung
 
         for v in variants:
             parse_rung("Q8_0" + v, f"--variants {v!r}")

@@ -16,6 +16,8 @@ from typing import Any
 
 from edgequant.core.errors import BadInput
 from edgequant.profiles.onnx_variants import OnnxSpec, OnnxVariant, parse_onnx  # noqa: F401 - re-exported
+from edgequant.profiles.rungs import parse_rung
+from edgequant.profiles.suites import MAX_GATES, parse_gate
 
 # Types llama.cpp refuses to make without an importance matrix
 # (mirrors the check in llama.cpp's tools/quantize).
@@ -233,8 +235,6 @@ class Profile:
     @property
     def needs_imatrix(self) -> bool:
         """Whether a rung asks for an importance matrix (``+imatrix``)."""
-        from edgequant.quantize.overrides import parse_rung
-
         return any(parse_rung(t).imatrix for t in self.quant.types)
 
 
@@ -272,11 +272,9 @@ class _Checker:
         return value
 
     def quant_type(self, value, where: str, reference: bool = False) -> str:
-        """A type name, upper-cased; for a quant rung the canonical rung name (edgequant.quantize.overrides)."""
+        """A type name, upper-cased; for a quant rung the canonical rung name (edgequant.profiles.rungs)."""
         known = quant_types()
         if not reference and isinstance(value, str) and "+" in value:
-            from edgequant.quantize.overrides import parse_rung
-
             spec = parse_rung(value, f"{self.label}: field '{where}'")
             if spec.base not in known:
                 raise self.fail(where, f"has unknown quant type {spec.base!r} in {value!r}; valid types: "
@@ -417,8 +415,6 @@ def parse_profile(data: dict, path: Path) -> Profile:
 
 def _quality_gates(c: _Checker, data: Any) -> tuple:
     """``[quality] gates``: absolute or relative gates, as in a suite file (``edgequant.profiles.suites``)."""
-    from edgequant.profiles.suites import MAX_GATES, parse_gate
-
     c.table(data, "quality", {"gates"})
     raw = data.get("gates", [])
     if not isinstance(raw, list) or len(raw) > MAX_GATES:

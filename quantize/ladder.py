@@ -32,7 +32,7 @@ from edgequant.quantize.checkpoint import Checkpoint
 from edgequant.quantize.gguf_info import (BadGGUF, add_metadata, estimated_bits_per_weight, file_sha256,
                                           read_gguf_info)
 from edgequant.core.children import die_with_parent
-from edgequant.quantize.overrides import RungSpec, parse_rung, tensor_types
+from edgequant.profiles.rungs import RungSpec, parse_rung, tensor_types
 
 # report(task, done, total): task names the step, done/total in bytes (total None = unknown)
 Progress = Callable[[str, float, "float | None"], None]

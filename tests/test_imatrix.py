@@ -23,7 +23,7 @@ from edgequant.core.paths import cache_dir
 from edgequant.profiles import load_profile
 from edgequant.profiles.suites import load_suite
 from edgequant.quantize.imatrix import split_suite, subset_suite
-from edgequant.quantize.overrides import parse_rung
+from edgequant.profiles.rungs import parse_rung
 
 SUITE_TOML = '''
 [suite]
