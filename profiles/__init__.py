@@ -182,6 +182,23 @@ def cpu_has_amx() -> bool:
 
 
 @dataclass(frozen=True)
+class CoolDown:
+    """When a phone is cool enough to start a rung (see edgequant.devices.health)."""
+    max_status: int = 0            # 0 = "none": no throttling requested by the thermal service
+    max_celsius: float = 40.0      # battery temperature (else the hottest sensor)
+    max_wait_s: float = 300.0
+    poll_s: float = 10.0
+
+    def __post_init__(self):
+        if not 0 <= self.max_status <= 6:
+            raise BadInput(f"cool-down thermal status {self.max_status} is not an Android thermal status (0-6)")
+        if not -20 < self.max_celsius < 120:
+            raise BadInput(f"cool-down temperature {self.max_celsius} °C is out of range (-20..120)")
+        if self.max_wait_s < 0 or self.poll_s <= 0:
+            raise BadInput("cool-down wait and poll interval must be positive")
+
+
+@dataclass(frozen=True)
 class DeviceSettings:
     """``[device]``: how runs on phones wait for a cool phone (see edgequant.devices.health)."""
 
@@ -193,9 +210,7 @@ class DeviceSettings:
     energy: bool = False
     power_supply: str = "/sys/class/power_supply/battery"
 
-    def cooldown(self):
-        from edgequant.devices.health import CoolDown
-
+    def cooldown(self) -> CoolDown:
         return CoolDown(self.cooldown_status, self.cooldown_celsius, self.cooldown_max_wait, self.cooldown_poll)
 
 
