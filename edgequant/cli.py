@@ -939,7 +939,7 @@ def _render_flips(store, run_id: str, quant: str, fmt: str, output: str | None) 
     from rich.text import Text
 
     from edgequant.core.atomic import atomic_write_text
-    from edgequant.results.report import flipped_cases
+    from edgequant.results.summary import flipped_cases
 
     found = flipped_cases(store, run_id, quant)
     rows, ref_quant = found["cases"], found["reference"]

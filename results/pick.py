@@ -20,9 +20,9 @@ from typing import Any, Callable
 
 from edgequant.core.errors import BadInput
 from edgequant.profiles.suites import Gate, parse_gate
-from edgequant.results.report import (LOWER_IS_BETTER_RATES, QUALITY_HEADERS, QUALITY_RATES, RunReport, RungSummary,
-                                      per_device, summarize)
 from edgequant.results.store import Store
+from edgequant.results.summary import (LOWER_IS_BETTER_RATES, QUALITY_HEADERS, QUALITY_RATES, RunReport, RungSummary,
+                                       per_device, summarize)
 
 # ---------------------------------------------------------------------------
 # quality as one number per rung
