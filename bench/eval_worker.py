@@ -74,7 +74,7 @@ from typing import Any
 
 import numpy as np
 
-from edgequant.bench.host_worker import Bench, WorkerError, _cache_type, _flash_attn_type, _Log, serve
+from edgequant.bench.host_worker import Bench, WorkerError, cache_type_id, flash_attn_id, WorkerLog, serve
 
 # Where the case goes in a rendered chat template.  No NUL in it: llama_chat_apply_template takes C
 # strings, so a NUL ended the user turn there and the case landed after the model's turn had begun.
@@ -129,7 +129,7 @@ class RefRows:
 class Session:
     """A loaded model with one context: the shared prefix in sequence 0, cases in 1..slots."""
 
-    def __init__(self, L, req: dict, log: _Log):
+    def __init__(self, L, req: dict, log: WorkerLog):
         self.L = L
         self.req = req
         self.log = log
@@ -215,9 +215,9 @@ class Session:
         cp.n_ubatch = 512
         cp.n_seq_max = n_seq
         cp.kv_unified = True
-        cp.flash_attn_type = _flash_attn_type(L, self.req.get("flash_attn", "auto"))
+        cp.flash_attn_type = flash_attn_id(L, self.req.get("flash_attn", "auto"))
         if self.req.get("cache_type"):      # a rung evaluated with a quantized KV cache (bench.cache_types)
-            cp.type_k = cp.type_v = _cache_type(self.req["cache_type"])
+            cp.type_k = cp.type_v = cache_type_id(self.req["cache_type"])
         cp.swa_full = True
         cp.n_threads = cp.n_threads_batch = self.req["threads"]
         self.ctx = L.llama_init_from_model(self.model, cp)
@@ -278,7 +278,7 @@ class Session:
         self.decode(tokens, seq=0)
 
 
-def _prompt_parts(sess: Session, group: dict, mode: str, template: str | None) -> tuple[str, str]:
+def prompt_parts(sess: Session, group: dict, mode: str, template: str | None) -> tuple[str, str]:
     """(prefix, suffix): a case's text is prefix + prompt + suffix."""
     if mode == "chat":
         rendered = sess.render_chat(template, group.get("system", ""), CASE_MARK)
@@ -400,7 +400,7 @@ def teacher(req: dict, progress) -> dict:
     """KLD and top-1 of every rung against the reference at each of the reference's output positions."""
     import llama_cpp as L
 
-    log = _Log(L, echo=bool(req.get("verbose")))
+    log = WorkerLog(L, echo=bool(req.get("verbose")))
     ref = Session(L, dict(req, path=req["reference"]), log)
     rungs: list[Session] = []
     entries = [e if isinstance(e, dict) else {"path": e} for e in req["rungs"]]
@@ -420,7 +420,7 @@ def teacher(req: dict, progress) -> dict:
         done = 0
         models = [ref] + rungs
         for group in req["groups"]:
-            prefix_text, suffix = _prompt_parts(ref, group, mode, template)
+            prefix_text, suffix = prompt_parts(ref, group, mode, template)
             prefix = ref.tokenize(prefix_text, add_special=True)
             encoded = [(c, ref.tokenize(c["prompt"] + suffix, add_special=False))
                        for c in group["cases"] if c["id"] in ref_tokens]
@@ -483,7 +483,7 @@ def prompts(sess: Session, req: dict) -> dict:
     mode, template = _prompting(sess, req)
     out = []
     for group in req["groups"]:
-        prefix_text, suffix = _prompt_parts(sess, group, mode, template)
+        prefix_text, suffix = prompt_parts(sess, group, mode, template)
         prefix = sess.tokenize(prefix_text, add_special=True)
         for c in group["cases"]:
             text = prefix_text + c["prompt"] + suffix
@@ -496,7 +496,7 @@ def prompts(sess: Session, req: dict) -> dict:
 def prefix_lengths(sess: Session, req: dict) -> dict:
     """The training context and each format's shared prefix length in tokens (see the module doc)."""
     mode, template = _prompting(sess, req)
-    lengths = {g["format"]: len(sess.tokenize(_prompt_parts(sess, g, mode, template)[0], add_special=True))
+    lengths = {g["format"]: len(sess.tokenize(prompt_parts(sess, g, mode, template)[0], add_special=True))
                for g in req["groups"]}
     return {"prompting": mode, "prefix_tokens": lengths, "n_ctx_train": _context_length(sess)}
 
@@ -523,7 +523,7 @@ def run(req: dict, progress) -> dict:
         return teacher(req, progress)
     import llama_cpp as L
 
-    log = _Log(L, echo=bool(req.get("verbose")))
+    log = WorkerLog(L, echo=bool(req.get("verbose")))
     sess = Session(L, req, log)
     if req.get("prefix_lengths"):
         try:
@@ -546,7 +546,7 @@ def run(req: dict, progress) -> dict:
 
     try:
         for group in req["groups"]:
-            prefix_text, suffix = _prompt_parts(sess, group, mode, template)
+            prefix_text, suffix = prompt_parts(sess, group, mode, template)
             prefix = sess.tokenize(prefix_text, add_special=True)
             stops = [s.encode("utf-8") for s in group.get("stop", []) if s]
             encoded = [(c, sess.tokenize(c["prompt"] + suffix, add_special=False)) for c in group["cases"]]

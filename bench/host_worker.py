@@ -203,7 +203,7 @@ class RssSampler:
 # llama.cpp
 
 
-class _Log:
+class WorkerLog:
     """Receives llama.cpp's log: keeps the last warnings/errors, optionally echoes to stderr."""
 
     def __init__(self, llama_cpp, echo: bool):
@@ -272,7 +272,7 @@ def resolve_repack(llama_cpp, requested: bool | None) -> tuple[bool, str]:
     return default, "auto: llama.cpp default"
 
 
-def _cache_type(name: str) -> int:
+def cache_type_id(name: str) -> int:
     """A KV cache type by ggml's name (``f16``, ``q8_0``) -> its ggml_type value (gguf mirrors ggml's enum)."""
     import gguf
 
@@ -282,7 +282,7 @@ def _cache_type(name: str) -> int:
         raise WorkerError(f"unknown KV cache type {name!r}") from None
 
 
-def _flash_attn_type(llama_cpp, name: str) -> int:
+def flash_attn_id(llama_cpp, name: str) -> int:
     table = {"auto": llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO,
              "on": llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED,
              "off": llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED}
@@ -295,7 +295,7 @@ def _flash_attn_type(llama_cpp, name: str) -> int:
 class Bench:
     """One loaded model and the llama-bench tests run on it."""
 
-    def __init__(self, llama_cpp, req: dict, log: _Log, progress: Callable[[str], None]):
+    def __init__(self, llama_cpp, req: dict, log: WorkerLog, progress: Callable[[str], None]):
         self.L = llama_cpp
         self.req = req
         self.log = log
@@ -331,9 +331,9 @@ class Bench:
         cp.n_ctx = n_ctx
         cp.n_batch = req["n_batch"]
         cp.n_ubatch = req["n_ubatch"]
-        cp.type_k = cp.type_v = _cache_type(variant.get("cache_type", "f16"))
+        cp.type_k = cp.type_v = cache_type_id(variant.get("cache_type", "f16"))
         cp.offload_kqv = True
-        cp.flash_attn_type = _flash_attn_type(L, variant.get("flash_attn", req["flash_attn"]))
+        cp.flash_attn_type = flash_attn_id(L, variant.get("flash_attn", req["flash_attn"]))
         cp.embeddings = False
         cp.op_offload = True
         cp.swa_full = False
@@ -499,7 +499,7 @@ def measure(req: dict, progress: Callable[[str], None]) -> dict:
     baseline = read_status(("VmRSS",)).get("VmRSS", 0)
     import llama_cpp as L  # loaded after stdout was redirected, so its output cannot pollute it
 
-    log = _Log(L, echo=bool(req.get("verbose", False)))
+    log = WorkerLog(L, echo=bool(req.get("verbose", False)))
     L.llama_backend_init()
     bench = Bench(L, req, log, progress)
     sys.stderr.write(f"config repack={int(bench.repack)} ({bench.repack_reason})\n")
@@ -634,7 +634,7 @@ def measure_sustained(req: dict, progress: Callable[[str], None]) -> dict:
 
     spec = req["sustained"]
     runs, n_gen = int(spec["runs"]), int(spec["n_gen"])
-    log = _Log(L, echo=bool(req.get("verbose", False)))
+    log = WorkerLog(L, echo=bool(req.get("verbose", False)))
     L.llama_backend_init()
     bench = Bench(L, req, log, progress)
     ctx = None

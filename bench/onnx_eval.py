@@ -8,7 +8,7 @@ GGUF, so an ONNX row and a GGUF row of one run are directly comparable.
 So that nothing but the runtime differs, the worker loads the reference GGUF
 with llama.cpp beside the ONNX model and takes from it everything that is not
 the model's arithmetic: the prompt text (chat template or few-shot block,
-``eval_worker._prompt_parts``), the token ids of every prompt, the bytes of
+``eval_worker.prompt_parts``), the token ids of every prompt, the bytes of
 every generated token and the end-of-generation test.  The ONNX model decodes
 greedily with its KV cache: the shared prefix of a format once, then each case
 from a copy of that cache (onnxruntime returns new ``present`` arrays, so the
@@ -38,11 +38,11 @@ WORKER_MODULE = "edgequant.bench.onnx_eval"
 def evaluate_onnx_rung(path: Path, quant: str, suite, ref, threads: int, timeout: float,
                        on_progress: Callable[[str], None]):
     """A ``quality.RungQuality`` for the ONNX model ``path`` against the reference ``ref``."""
-    from edgequant.bench.quality import _base_request, _call_worker
+    from edgequant.bench.quality import base_request, call_worker
 
-    req = _base_request(path, suite, threads, None, ref.prompting)
+    req = base_request(path, suite, threads, None, ref.prompting)
     req.update(generate=True, reference=str(ref.path), teacher={"tokens": ref.tokens, "reference": str(ref.path)})
-    data = _call_worker(req, timeout, on_progress, module=WORKER_MODULE)
+    data = call_worker(req, timeout, on_progress, module=WORKER_MODULE)
     return _scored(quant, suite, ref, data)
 
 
@@ -50,17 +50,17 @@ def checkpoint_outputs(folder: Path, suite, ref, threads: int, timeout: float, o
     """The suite decoded by the checkpoint itself in transformers (float32, ``checkpoint_model``), with the
     ONNX rungs' prompts, token ids and greedy loop: the reference the fp32 export must reproduce.  A
     ``quality.RungQuality`` named ``checkpoint`` (no KLD: that is measured against the GGUF reference)."""
-    from edgequant.bench.quality import _base_request, _call_worker
+    from edgequant.bench.quality import base_request, call_worker
 
-    req = _base_request(folder, suite, threads, None, ref.prompting)
+    req = base_request(folder, suite, threads, None, ref.prompting)
     req.update(backend="checkpoint", reference=str(ref.path))
-    return _scored("checkpoint", suite, ref, _call_worker(req, timeout, on_progress, module=WORKER_MODULE))
+    return _scored("checkpoint", suite, ref, call_worker(req, timeout, on_progress, module=WORKER_MODULE))
 
 
 def _scored(quant: str, suite, ref, data: dict):
-    from edgequant.bench.quality import RungQuality, _case_results, compute_metrics, evaluate_gates
+    from edgequant.bench.quality import RungQuality, case_results, compute_metrics, evaluate_gates
 
-    results = _case_results(suite, data)
+    results = case_results(suite, data)
     for cid, s in data["scores"].items():
         results[cid].kld, results[cid].top1 = s["kld"], s["top1"]
     metrics = compute_metrics(suite, results, ref, False, data["gen_tokens"], data["gen_seconds"])
@@ -90,11 +90,11 @@ def run(req: dict, progress) -> dict:
     import llama_cpp as L
     import onnxruntime as ort
 
-    from edgequant.bench.eval_worker import Session, _prompt_parts, kld_rows
-    from edgequant.bench.host_worker import WorkerError, _Log
+    from edgequant.bench.eval_worker import Session, prompt_parts, kld_rows
+    from edgequant.bench.host_worker import WorkerError, WorkerLog
     from edgequant.bench.onnx_host import KVModel
 
-    log = _Log(L, echo=bool(req.get("verbose")))
+    log = WorkerLog(L, echo=bool(req.get("verbose")))
     ref = Session(L, dict(req, path=req["reference"], mmap=True), log)
     checkpoint = req.get("backend") == "checkpoint"
     try:
@@ -124,7 +124,7 @@ def run(req: dict, progress) -> dict:
     total = sum(len(g["cases"]) for g in req["groups"])
     done = 0
     for group in req["groups"]:
-        prefix_text, suffix = _prompt_parts(ref, group, mode, template)
+        prefix_text, suffix = prompt_parts(ref, group, mode, template)
         prefix = ref.tokenize(prefix_text, add_special=True)
         stops = [s.encode("utf-8") for s in group.get("stop", []) if s]
         encoded = [(c, ref.tokenize(c["prompt"] + suffix, add_special=False)) for c in group["cases"]]

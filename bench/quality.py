@@ -119,7 +119,7 @@ def _jsonable(value):
 # running the worker
 
 
-def _groups(suite: Suite) -> list[dict[str, Any]]:
+def case_groups(suite: Suite) -> list[dict[str, Any]]:
     groups = []
     for fmt in FORMATS_ORDER + tuple(sorted(set(suite.formats) - set(FORMATS_ORDER))):
         cases = [c for c in suite.cases if c.format == fmt]
@@ -131,7 +131,7 @@ def _groups(suite: Suite) -> list[dict[str, Any]]:
     return groups
 
 
-def _call_worker(request: dict, timeout: float, on_progress: Callable[[str], None],
+def call_worker(request: dict, timeout: float, on_progress: Callable[[str], None],
                  module: str = WORKER_MODULE) -> dict:
     name = Path(request["path"]).name
     run = worker.run_worker(module, request, timeout, on_progress)
@@ -148,17 +148,17 @@ def _call_worker(request: dict, timeout: float, on_progress: Callable[[str], Non
     return run.data
 
 
-def _base_request(path: Path, suite: Suite, threads: int, repack: bool | None, prompting: str) -> dict:
+def base_request(path: Path, suite: Suite, threads: int, repack: bool | None, prompting: str) -> dict:
     return {"path": str(path), "threads": threads, "repack": repack, "mmap": True, "seed": 0,
-            "prompting": prompting, "slots": EVAL_SLOTS, "groups": _groups(suite)}
+            "prompting": prompting, "slots": EVAL_SLOTS, "groups": case_groups(suite)}
 
 
 def prompt_facts(path: Path, suite: Suite, prompting: str = "auto", timeout: float = 300.0) -> dict:
     """The GGUF's training context (``n_ctx_train``), the prompting used (``prompting``) and the token
     length of each format's prompt prefix (``prefix_tokens``: system prompt or few-shot block, BOS
     included), read with the vocabulary alone."""
-    request = {**_base_request(path, suite, 1, None, prompting), "prefix_lengths": True}
-    return _call_worker(request, timeout, lambda _p: None)
+    request = {**base_request(path, suite, 1, None, prompting), "prefix_lengths": True}
+    return call_worker(request, timeout, lambda _p: None)
 
 
 # ---------------------------------------------------------------------------
@@ -177,17 +177,17 @@ class Reference:
     gen_seconds: float
 
 
-def _parse_case(case: Case, output: bytes, suite: Suite) -> ParseResult:
+def parse_case(case: Case, output: bytes, suite: Suite) -> ParseResult:
     return parse(case.format, output, suite.formats[case.format])
 
 
-def _case_results(suite: Suite, data: dict) -> dict[str, CaseResult]:
+def case_results(suite: Suite, data: dict) -> dict[str, CaseResult]:
     by_id = {c.id: c for c in suite.cases}
     out = {}
     for item in data["cases"]:
         case = by_id[item["id"]]
         output = base64.b64decode(item["output_b64"])
-        out[case.id] = CaseResult(case, output, item["tokens"], item["stopped"], _parse_case(case, output, suite))
+        out[case.id] = CaseResult(case, output, item["tokens"], item["stopped"], parse_case(case, output, suite))
     return out
 
 
@@ -201,11 +201,11 @@ def reference_outputs(ref_path: Path, ref_sha: str, ref_quant: str, suite: Suite
         data = json.loads(meta_path.read_text())
     else:
         folder.mkdir(parents=True, exist_ok=True)
-        data = _call_worker(_base_request(ref_path, suite, threads, repack, prompting), timeout, on_progress)
+        data = call_worker(base_request(ref_path, suite, threads, repack, prompting), timeout, on_progress)
         from edgequant.core.atomic import atomic_write_text
 
         atomic_write_text(meta_path, json.dumps(data))
-    cases = _case_results(suite, data)
+    cases = case_results(suite, data)
     return Reference(quant=ref_quant, sha256=ref_sha, path=ref_path, cases=cases,
                      tokens={cid: c.tokens for cid, c in cases.items()},
                      prompting=data["prompting"], gen_tokens=data["gen_tokens"], gen_seconds=data["gen_seconds"])
@@ -374,7 +374,7 @@ def generate_rung(path: Path, suite: Suite, ref: Reference, threads: int, repack
                   on_progress: Callable[[str], None], cache_type: str | None = None) -> dict:
     """One rung's greedy outputs on every case (the worker's result), in a process of its own;
     ``cache_type`` runs it with that KV cache type (``bench.cache_types``)."""
-    return _call_worker({**_base_request(path, suite, threads, repack, ref.prompting), **_kv(cache_type)},
+    return call_worker({**base_request(path, suite, threads, repack, ref.prompting), **_kv(cache_type)},
                         timeout, on_progress)
 
 
@@ -409,17 +409,17 @@ def teacher_scores(ref: Reference, paths: list[Path], suite: Suite, threads: int
     if not paths:
         return {}
     entries = [(p, None) if not isinstance(p, tuple) else p for p in paths]
-    req = _base_request(ref.path, suite, threads, repack, ref.prompting)
+    req = base_request(ref.path, suite, threads, repack, ref.prompting)
     req.update(op="teacher", reference=str(ref.path), tokens=ref.tokens,
                rungs=[{"path": str(p), **_kv(ct)} if _kv(ct) else str(p) for p, ct in entries])
-    data = _call_worker(req, timeout * len(paths), on_progress)
+    data = call_worker(req, timeout * len(paths), on_progress)
     return {orig: data["scores"][rung_key(str(p), _kv(ct).get("cache_type"))] for orig, (p, ct) in zip(paths, entries)}
 
 
 def rung_quality(quant: str, suite: Suite, ref: Reference, data: dict,
                  scores: dict[str, dict] | None) -> RungQuality:
     """A rung's figures from its outputs (``generate_rung``) and its token-level scores (``teacher_scores``)."""
-    results = _case_results(suite, data)
+    results = case_results(suite, data)
     for cid, sc in (scores or {}).items():
         results[cid].kld, results[cid].top1, results[cid].dp = sc["kld"], sc["top1"], sc.get("dp", [])
     metrics = compute_metrics(suite, results, ref, False, data["gen_tokens"], data["gen_seconds"])

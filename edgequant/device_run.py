@@ -187,16 +187,16 @@ def bench_on_device(store: Store, run_id: str, artifacts: list[Artifact], ctx: D
     """Every artifact on one device, one rung at a time (steps 1-6 of the module doc), whatever measures it;
     returns the pipeline's BenchOutcome.  ``done``: quants already stored (a resumed run) are not measured
     again.  A transport failure is :class:`DeviceLost`."""
-    from edgequant.pipeline import BenchOutcome, RungOutcome, _artifact_measurements
+    from edgequant.pipeline import BenchOutcome, RungOutcome, artifact_measurements
 
     outcome = BenchOutcome(run_id)
 
     def not_measured(art: Artifact, key: RowKey, status: str, detail: str) -> None:
         keys = steps.variant_keys(art) if steps.variant_keys else []
         if keys:
-            store.record_rungs(run_id, [(k, _artifact_measurements(art), status, detail) for k in keys])
+            store.record_rungs(run_id, [(k, artifact_measurements(art), status, detail) for k in keys])
         else:
-            store.record_rung(run_id, key, _artifact_measurements(art), status=status, detail=detail)
+            store.record_rung(run_id, key, artifact_measurements(art), status=status, detail=detail)
         outcome.outcomes.append(RungOutcome(art, status, detail))
         reporter.rung_done(art.quant, status)
 
@@ -253,7 +253,7 @@ def bench_on_device(store: Store, run_id: str, artifacts: list[Artifact], ctx: D
             hot = throttled(cool, after)
             health = {"before": cool.health.to_dict(), "after": after.to_dict(), "cooled": cool.cooled,
                       "cooldown_wait_s": round(cool.waited_s, 1)}
-            rows = _artifact_measurements(art) + [
+            rows = artifact_measurements(art) + [
                 Measurement("throttled", 1.0 if hot else 0.0, "bool", None, None, health),
                 Measurement("cooldown_wait", cool.waited_s, "s"),
             ]

@@ -110,7 +110,7 @@ class BenchOutcome:
         return [o for o in self.outcomes if o.status not in ("ok", "noisy")]
 
 
-def _artifact_measurements(art: Artifact) -> list[Measurement]:
+def artifact_measurements(art: Artifact) -> list[Measurement]:
     return [Measurement("size", art.size_bytes, "bytes"),
             Measurement("bpw", art.bits_per_weight, "bits/weight"),
             Measurement("n_params", art.n_params, "count")]
@@ -153,7 +153,7 @@ def _variant_rows(art: Artifact, res, v, first: bool) -> list[Measurement]:
     the same figures); the load time belongs to the first (one model load serves every variant)."""
     from edgequant.noise import sample_detail
 
-    rows = _artifact_measurements(art)
+    rows = artifact_measurements(art)
     if first:
         rows.append(Measurement("load_time", res.load_s, "s", None, 1))
     return rows + [
@@ -206,9 +206,9 @@ def bench_rungs(store: Store, run_id: str, model_id: str, model_hash: str, artif
         except RunFailed as exc:     # a BenchError, or an artifact changed on disk: this rung's failure
             status = getattr(exc, "status", "failed")
             if keys:
-                store.record_rungs(run_id, [(k, _artifact_measurements(art), status, str(exc)) for k in keys])
+                store.record_rungs(run_id, [(k, artifact_measurements(art), status, str(exc)) for k in keys])
             else:
-                store.record_rung(run_id, key, _artifact_measurements(art), status=status, detail=str(exc))
+                store.record_rung(run_id, key, artifact_measurements(art), status=status, detail=str(exc))
             outcome.outcomes.append(RungOutcome(art, status, str(exc)))
             reporter.rung_done(art.quant, status)
             continue
@@ -218,7 +218,7 @@ def bench_rungs(store: Store, run_id: str, model_id: str, model_hash: str, artif
         if keys and len(res.variants) != len(keys):
             exc = BenchError("failed", f"{art.path.name}: the benchmark worker returned {len(res.variants)} "
                                        f"variants, expected {len(keys)}")
-            store.record_rungs(run_id, [(k, _artifact_measurements(art), exc.status, str(exc)) for k in keys])
+            store.record_rungs(run_id, [(k, artifact_measurements(art), exc.status, str(exc)) for k in keys])
             outcome.outcomes.append(RungOutcome(art, exc.status, str(exc)))
             reporter.rung_done(art.quant, exc.status)
             continue

@@ -14,7 +14,7 @@ import pytest
 
 from edgequant.bench import worker
 from edgequant.bench.host import BenchError, run_worker as host_run_worker
-from edgequant.bench.quality import EvalError, _call_worker
+from edgequant.bench.quality import EvalError, call_worker
 from edgequant.core.status import FAILURES, RungStatus, classify_exit, exit_signal
 
 WORKERS = {
@@ -182,7 +182,7 @@ def test_the_eval_stops_a_silent_worker_at_its_deadline(workers, tmp_path):
 
     def call():
         try:
-            _call_worker({"path": str(tmp_path / "m.gguf"), "pidfile": str(tmp_path / "p")}, 1.5, lambda p: None,
+            call_worker({"path": str(tmp_path / "m.gguf"), "pidfile": str(tmp_path / "p")}, 1.5, lambda p: None,
                          module="eqw_silent")
         except BaseException as exc:   # noqa: BLE001 - handed to the test's thread
             outcome.append(exc)
@@ -193,10 +193,10 @@ def test_the_eval_stops_a_silent_worker_at_its_deadline(workers, tmp_path):
     assert not thread.is_alive(), "the eval's worker was not stopped at its deadline"
     assert len(outcome) == 1 and isinstance(outcome[0], EvalError) and outcome[0].status == "timeout"
     with pytest.raises(EvalError) as err:
-        _call_worker({"path": "m.gguf"}, 120, lambda p: None, module="eqw_sigkill")
+        call_worker({"path": "m.gguf"}, 120, lambda p: None, module="eqw_sigkill")
     assert err.value.status == "oom" and type(err.value.status) is str and "SIGKILL" in str(err.value)
     with pytest.raises(EvalError) as err:
-        _call_worker({"path": "m.gguf"}, 120, lambda p: None, module="eqw_exit3")
+        call_worker({"path": "m.gguf"}, 120, lambda p: None, module="eqw_exit3")
     assert err.value.status == "failed" and "last words" in str(err.value)
 
 
