@@ -57,13 +57,15 @@ import signal
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from edgequant.bench.contention import CpuTimes, contention_between, top_processes
 from edgequant.bench.host import BenchError
 from edgequant.bench.stats import Summary
+from edgequant.core.errors import RunFailed
+from edgequant.core.status import RungStatus, classify_exit, exit_signal, signal_name
 from edgequant.devices.facts import Cluster, big_core_count
 from edgequant.devices.transport import DeviceError, Transport, quote
-from edgequant.core.errors import RunFailed
 from edgequant.profiles import BenchSettings
-from edgequant.core.status import RungStatus, classify_exit, exit_signal, signal_name
+from edgequant.profiles.variants import BenchVariant
 
 BENCH_TOOL = "llama-bench"
 DEFAULT_TIME = ("toybox", "time", "-v")
@@ -123,8 +125,6 @@ def llama_bench_args(model: str, settings: BenchSettings, threads: int, repack: 
     attention on for a quantized V cache, which llama.cpp requires) measure
     variants of the rung (``edgequant.profiles.variants``).
     """
-    from edgequant.profiles.variants import BenchVariant
-
     flash_attn = BenchVariant(0, cache_type).flash_attn(settings)
     args = ["-m", model, "-p", str(settings.n_prompt), "-n", str(settings.n_gen), "-t", str(threads),
             "-r", str(settings.repetitions), "-b", str(settings.n_batch), "-ub", str(settings.n_ubatch),
@@ -306,8 +306,6 @@ DEVICE_HZ = 100   # USER_HZ: 100 on Linux and Android whatever the kernel's tick
 def parse_status_contention(text: str, hz: int = DEVICE_HZ):
     """The other load during the run from the poller's ``stat0= stat1= up0= up1= ptime_ticks= ncpu=`` words
     (``edgequant.bench.contention.Contention``); None when the device did not give them (no /proc/stat)."""
-    from edgequant.bench.contention import CpuTimes, contention_between
-
     words = dict(w.partition("=")[::2] for w in _bounded(text, 4096, "the poller's status").split() if "=" in w)
     stats = [words.get("stat0", ""), words.get("stat1", "")]
     if not all(_STAT_WORD.match(x) for x in stats):
@@ -325,8 +323,6 @@ def parse_status_contention(text: str, hz: int = DEVICE_HZ):
 
 def device_load(transport: Transport, interval_s: float, timeout: float = 60.0):
     """The device's whole load over ``interval_s`` seconds (our shell only sleeps meanwhile), as a Contention."""
-    from edgequant.bench.contention import CpuTimes, contention_between
-
     gap = f"{max(0.05, min(interval_s, 30.0)):.2f}"
     result = transport.shell(f"head -n 1 /proc/stat; cat /proc/uptime; sleep {quote(gap)}; "
                              "head -n 1 /proc/stat; cat /proc/uptime", timeout)
@@ -341,8 +337,6 @@ def device_load(transport: Transport, interval_s: float, timeout: float = 60.0):
 
 def device_top(transport: Transport, interval_s: float = 1.0, n: int = 5, timeout: float = 60.0) -> list[dict]:
     """The device's busiest processes over ``interval_s`` seconds: every /proc/<pid>/stat read twice."""
-    from edgequant.bench.contention import top_processes
-
     gap = f"{max(0.1, min(interval_s, 10.0)):.2f}"
     result = transport.shell(f"cat /proc/[0-9]*/stat 2>/dev/null; echo; echo ==top==; sleep {quote(gap)}; "
                              "cat /proc/[0-9]*/stat 2>/dev/null", timeout)

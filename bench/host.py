@@ -19,10 +19,11 @@ from typing import Any, Callable
 from edgequant.bench import worker
 from edgequant.bench.contention import Contention
 from edgequant.bench.stats import Summary
+from edgequant.bench.sustained import SustainedRun
 from edgequant.bench.worker import WorkerExit
 from edgequant.core.errors import RunFailed
-from edgequant.profiles import BenchSettings
 from edgequant.core.status import FAILURES, RungStatus, signal_name
+from edgequant.profiles import BenchSettings
 
 WORKER_MODULE = "edgequant.bench.host_worker"
 GGUF_MAGIC = b"GGUF"
@@ -216,8 +217,6 @@ def measure_sustained(path: Path, settings: BenchSettings, runs: int, n_gen: int
     """``runs`` back-to-back generation runs of ``n_gen`` tokens on this host, in one worker process
     (``host_worker.measure_sustained``); returns the runs (``bench.sustained.SustainedRun``) and the
     thermal reading taken before the first.  Raises ``BenchError``."""
-    from edgequant.bench.sustained import SustainedRun
-
     path = Path(path)
     check_gguf_file(path)
     request = {**build_request(path, settings), "sustained": {"runs": runs, "n_gen": n_gen}}

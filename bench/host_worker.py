@@ -90,6 +90,7 @@ from __future__ import annotations
 
 import collections
 import ctypes
+import glob
 import json
 import os
 import random
@@ -586,7 +587,6 @@ def host_thermal() -> dict[str, Any]:
     """The hottest readable temperature (``/sys/class/thermal/thermal_zone*/temp`` in millidegrees, and
     psutil's sensors) with its sensor, and the current clock of the fastest CPU cluster in kHz
     (``cpufreq/policy*``; else psutil's highest per-CPU figure).  ``None`` where nothing is readable."""
-    import glob
 
     import psutil
 

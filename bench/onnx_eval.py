@@ -32,14 +32,19 @@ from typing import Any, Callable
 
 import numpy as np
 
+from edgequant.bench.checkpoint_model import CheckpointModel
+from edgequant.bench.eval_worker import KLD_CHUNK, Session, kld_rows, prompt_parts
+from edgequant.bench.host_worker import WorkerError, WorkerLog, serve
+from edgequant.bench.onnx_host import KVModel
+from edgequant.bench.quality import (RungQuality, base_request, call_worker, case_results, compute_metrics,
+                                     evaluate_gates)
+
 WORKER_MODULE = "edgequant.bench.onnx_eval"
 
 
 def evaluate_onnx_rung(path: Path, quant: str, suite, ref, threads: int, timeout: float,
                        on_progress: Callable[[str], None]):
     """A ``quality.RungQuality`` for the ONNX model ``path`` against the reference ``ref``."""
-    from edgequant.bench.quality import base_request, call_worker
-
     req = base_request(path, suite, threads, None, ref.prompting)
     req.update(generate=True, reference=str(ref.path), teacher={"tokens": ref.tokens, "reference": str(ref.path)})
     data = call_worker(req, timeout, on_progress, module=WORKER_MODULE)
@@ -50,16 +55,12 @@ def checkpoint_outputs(folder: Path, suite, ref, threads: int, timeout: float, o
     """The suite decoded by the checkpoint itself in transformers (float32, ``checkpoint_model``), with the
     ONNX rungs' prompts, token ids and greedy loop: the reference the fp32 export must reproduce.  A
     ``quality.RungQuality`` named ``checkpoint`` (no KLD: that is measured against the GGUF reference)."""
-    from edgequant.bench.quality import base_request, call_worker
-
     req = base_request(folder, suite, threads, None, ref.prompting)
     req.update(backend="checkpoint", reference=str(ref.path))
     return _scored("checkpoint", suite, ref, call_worker(req, timeout, on_progress, module=WORKER_MODULE))
 
 
 def _scored(quant: str, suite, ref, data: dict):
-    from edgequant.bench.quality import RungQuality, case_results, compute_metrics, evaluate_gates
-
     results = case_results(suite, data)
     for cid, s in data["scores"].items():
         results[cid].kld, results[cid].top1 = s["kld"], s["top1"]
@@ -73,8 +74,6 @@ def _scored(quant: str, suite, ref, data: dict):
 
 def _reference_rows(ref, tokens: list[int], ref_tokens: list[int]) -> np.ndarray:
     """The reference's logits at each position of its own output, after the case's prompt."""
-    from edgequant.bench.eval_worker import KLD_CHUNK
-
     ref.fork_prefix(1)
     ref.decode(tokens, seq=1)
     rows = [ref.logits(-1).copy()]
@@ -90,17 +89,11 @@ def run(req: dict, progress) -> dict:
     import llama_cpp as L
     import onnxruntime as ort
 
-    from edgequant.bench.eval_worker import Session, prompt_parts, kld_rows
-    from edgequant.bench.host_worker import WorkerError, WorkerLog
-    from edgequant.bench.onnx_host import KVModel
-
     log = WorkerLog(L, echo=bool(req.get("verbose")))
     ref = Session(L, dict(req, path=req["reference"], mmap=True), log)
     checkpoint = req.get("backend") == "checkpoint"
     try:
         if checkpoint:
-            from edgequant.bench.checkpoint_model import CheckpointModel
-
             model = CheckpointModel(req["path"], int(req["threads"]))
         else:
             model = KVModel(req["path"], int(req["threads"]))
@@ -185,8 +178,6 @@ def run(req: dict, progress) -> dict:
 
 
 def main() -> int:
-    from edgequant.bench.host_worker import serve
-
     return serve(run)
 
 

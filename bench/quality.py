@@ -48,9 +48,12 @@ from edgequant.bench import worker
 from edgequant.bench.parsers import ParseResult, parse
 from edgequant.bench.quality_stats import (LLAMA_PERPLEXITY_NAMES, jaccard, kld_statistics, non_inferiority_table,
                                            paired_degradation, paired_table, wilson_interval)
+from edgequant.bench.eval_worker import rung_key
+from edgequant.core.atomic import atomic_write_text
 from edgequant.core.errors import RunFailed
-from edgequant.profiles.suites import LOWER_IS_BETTER, Case, Suite
 from edgequant.core.status import RungStatus, signal_name
+from edgequant.profiles import FLOAT_CACHE_TYPES
+from edgequant.profiles.suites import LOWER_IS_BETTER, Case, Suite
 
 WORKER_MODULE = "edgequant.bench.eval_worker"
 EVAL_SLOTS = 8        # cases decoded side by side (continuous batching in the worker)
@@ -202,7 +205,6 @@ def reference_outputs(ref_path: Path, ref_sha: str, ref_quant: str, suite: Suite
     else:
         folder.mkdir(parents=True, exist_ok=True)
         data = call_worker(base_request(ref_path, suite, threads, repack, prompting), timeout, on_progress)
-        from edgequant.core.atomic import atomic_write_text
 
         atomic_write_text(meta_path, json.dumps(data))
     cases = case_results(suite, data)
@@ -363,8 +365,6 @@ def evaluate_gates(suite: Suite, metrics: list[QualityMetric]) -> list[dict[str,
 def _kv(cache_type: str | None) -> dict:
     """Request fields running a rung with K and V of ``cache_type``; flash attention on for a quantized
     V cache, which llama.cpp needs."""
-    from edgequant.profiles import FLOAT_CACHE_TYPES
-
     if not cache_type or cache_type == "f16":
         return {}
     return {"cache_type": cache_type, **({} if cache_type in FLOAT_CACHE_TYPES else {"flash_attn": "on"})}
@@ -404,8 +404,6 @@ def teacher_scores(ref: Reference, paths: list[Path], suite: Suite, threads: int
     through all of them in one process (the reference decodes every position once for the whole group).
     ``paths`` may hold ``(path, cache_type)`` pairs: that rung runs with the KV cache type (the result is
     keyed by the same pair)."""
-    from edgequant.bench.eval_worker import rung_key
-
     if not paths:
         return {}
     entries = [(p, None) if not isinstance(p, tuple) else p for p in paths]

@@ -55,10 +55,12 @@ from adb_shell.adb_device import AdbDevice
 from adb_shell.adb_message import AdbMessage
 from adb_shell.transport.tcp_transport import TcpTransport
 
+from edgequant.core.atomic import atomic_path
+from edgequant.core.errors import one_line
+from edgequant.core.errors import BadInput
 from edgequant.devices import exitcode
 from edgequant.devices.keys import UNAUTHORIZED_HINT, load_signers
 from edgequant.devices.transport import DeviceError, ProgressFn, ShellResult
-from edgequant.core.errors import one_line
 
 DEFAULT_PORT = 5555
 CONNECT_TIMEOUT_S = 10.0
@@ -535,8 +537,6 @@ def parse_address(address: str) -> tuple[str, int]:
     else:
         host, port = address, str(DEFAULT_PORT)
     if not host or not port.isdigit() or not 0 < int(port) < 65536:
-        from edgequant.core.errors import BadInput
-
         raise BadInput(f"device address {address!r} is not HOST:PORT (e.g. 192.168.1.20:5555)")
     return host, int(port)
 
@@ -684,8 +684,6 @@ class DirectTransport:
             self._set_deadline(None)
 
     def pull(self, remote: str, local: Path, timeout: float | None = None) -> None:
-        from edgequant.core.atomic import atomic_path
-
         local = Path(local)
         try:
             device = self._connected()

@@ -52,6 +52,7 @@ import threading
 import time
 import tomllib
 import uuid
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib import resources
@@ -60,9 +61,10 @@ from typing import Any, Callable, Iterator
 
 import psutil
 
+from edgequant import device_run
+from edgequant.core.errors import BadInput, EdgequantError
 from edgequant.devices import select
 from edgequant.devices.transport import DeviceError, Transport, quote
-from edgequant.core.errors import BadInput, EdgequantError
 
 LEASE_DIR = "lease"
 LEASE_STALE_S = 30 * 60.0       # a lease not renewed for this long (device clock) is stale
@@ -514,8 +516,6 @@ def open_phones(targets: list[select.Target], workdir: str, runner_dir: str | No
     other failure releases every phone and is raised (one line), before the run starts.
 
     ``entries``: pool entries by serial (a label, a work directory other than ``workdir``)."""
-    from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
-
     entries = entries or {}
     phones = []
     for t in targets:
@@ -524,8 +524,6 @@ def open_phones(targets: list[select.Target], workdir: str, runner_dir: str | No
     stop = threading.Event()
 
     def open_one(phone: Phone) -> None:
-        from edgequant import device_run
-
         for attempt in range(len(retry_delays) + 1):
             transport = select.open_transport(phone.target)
             try:
@@ -739,8 +737,6 @@ def run_farm(phones: list[Phone], todo: dict[str, list], job: Job, *, runner_dir
 
 def _phone_worker(phone: Phone, queue: list, job: Job, view: FarmView, stop: threading.Event,
                   runner_dir: str | None, cache_root: Path, retry_delays: tuple[float, ...]) -> None:
-    from edgequant import device_run
-
     reporter = PhoneReporter(phone, view)
     phone.started = time.monotonic()
     attempt = 0

@@ -20,8 +20,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 from edgequant.bench.contention import Contention, host_top, wait_for_quiet
+from edgequant.bench.host import measure_gguf
 from edgequant.core.errors import BadInput, RunFailed
+from edgequant.devices.host import host_device_id
 from edgequant.profiles import BenchSettings
+from edgequant.results.compare import judge_speed
 from edgequant.results.store import Measurement
 
 NOISY = "noisy"
@@ -129,9 +132,6 @@ class NoiseFloor:
 def measure_noise_floor(art, settings: BenchSettings, repeat: int, measure: Callable[..., Any] | None = None,
                         on_phase: Callable[[str], None] | None = None, repack: bool | None = None) -> NoiseFloor:
     """Measure ``art`` (an Artifact) ``repeat`` times on this host, each quiet (see ``measure_until_quiet``)."""
-    from edgequant.bench.host import measure_gguf
-    from edgequant.devices.host import host_device_id
-
     if repeat < 2:
         raise BadInput(f"--repeat {repeat}: a noise floor needs at least 2 measurements of the rung (5 is a "
                        f"good start)")
@@ -196,10 +196,6 @@ def recheck(store, cmp, rounds: int, contention: BenchSettings,
     host, and judge every speed gate metric on the pooled samples (``edgequant.results.compare.judge_speed``).
 
     BadInput (before anything is measured) for fewer than 2 rounds or an artifact no longer on disk."""
-    from edgequant.bench.host import measure_gguf
-    from edgequant.devices.host import host_device_id
-    from edgequant.results.compare import judge_speed
-
     if rounds < 2:
         raise BadInput(f"--rounds {rounds}: a re-check alternates baseline and candidate at least twice "
                        f"(A, B, A, B); pass --rounds 2 or more")

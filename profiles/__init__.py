@@ -7,6 +7,8 @@ the field and the allowed values.  Loading never changes process state.
 
 from __future__ import annotations
 
+import math
+import os
 import tomllib
 from dataclasses import dataclass, field, fields, replace
 from functools import lru_cache
@@ -154,9 +156,6 @@ CONTENTION_ENV = "EDGEQUANT_CONTENTION_THRESHOLD"
 
 def default_contention_threshold() -> float:
     """0.10 of one core, or $EDGEQUANT_CONTENTION_THRESHOLD (cores)."""
-    import math
-    import os
-
     text = os.environ.get(CONTENTION_ENV, "").strip()
     if not text:
         return 0.10
@@ -473,8 +472,6 @@ def load_profile(name_or_path: str | Path) -> Profile:
 
 def with_bench_overrides(profile: Profile, **overrides: Any) -> Profile:
     """Apply command-line overrides (None = keep) to a profile's bench settings, validated."""
-    from dataclasses import replace
-
     given = {k: v for k, v in overrides.items() if v is not None}
     if not given:
         return profile

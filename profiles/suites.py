@@ -289,8 +289,6 @@ class Suite:
 
     def with_gates(self, extra: tuple[Gate, ...]) -> "Suite":
         """The suite with a profile's gates added: those it can measure and does not already have."""
-        from dataclasses import replace
-
         have = {str(g) for g in self.gates}
         add = tuple(g for g in extra if str(g) not in have and gate_need(g, self.cases) is None)
         return replace(self, gates=self.gates + add) if add else self

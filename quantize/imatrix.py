@@ -237,7 +237,7 @@ def count_tokens(model: Path, text: str) -> int:
     """Tokens of ``text`` with the model's own tokenizer (vocab-only load: no weights are read)."""
     import llama_cpp
 
-    from edgequant.quantize.ladder import silence_llama_logs
+    from edgequant.quantize.ladder import silence_llama_logs  # function-level: ladder imports this module (a cycle)
 
     silence_llama_logs()
     llm = llama_cpp.Llama(str(model), vocab_only=True, verbose=False)

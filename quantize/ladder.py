@@ -15,6 +15,7 @@ import ctypes
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -25,9 +26,9 @@ from importlib import metadata
 from pathlib import Path
 from typing import Callable
 
+from edgequant.core.atomic import atomic_path, atomic_write_text, clean_stale_partials
 from edgequant.core.errors import BadInput, RunFailed
 from edgequant.profiles import Profile, quant_types
-from edgequant.core.atomic import atomic_path, atomic_write_text, clean_stale_partials
 from edgequant.quantize.checkpoint import Checkpoint
 from edgequant.quantize.gguf_info import (BadGGUF, add_metadata, estimated_bits_per_weight, file_sha256,
                                           read_gguf_info)
@@ -147,8 +148,6 @@ class ImatrixProvider:
 
 
 def _file_stem(name: str) -> str:
-    import re
-
     return re.sub(r"[^A-Za-z0-9_.=+-]", "_", name)
 
 
@@ -416,7 +415,7 @@ class Ladder:
             keep.append(arr)
             params.tt_overrides = ctypes.cast(arr, ctypes.POINTER(llama_cpp.llama_model_tensor_override))
         if spec.imatrix:
-            from edgequant.quantize.imatrix import ImatrixArray, load_imatrix
+            from edgequant.quantize.imatrix import ImatrixArray, load_imatrix  # numpy; imatrix imports ladder (a cycle)
 
             reference = self._reference
             imx = self.imatrix.get(reference, report)

@@ -38,17 +38,18 @@ import os
 import subprocess
 import sys
 import time
+import traceback
 from collections import Counter
 from dataclasses import asdict, dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable
 
+from edgequant.core.atomic import atomic_path, atomic_write_text, clean_stale_partials
+from edgequant.core.children import die_with_parent
 from edgequant.core.errors import BadInput, RunFailed
 from edgequant.profiles import OnnxSpec, OnnxVariant, Profile
-from edgequant.core.atomic import atomic_path, atomic_write_text, clean_stale_partials
 from edgequant.quantize.checkpoint import Checkpoint
-from edgequant.core.children import die_with_parent
 from edgequant.quantize.ladder import Artifact, free_bytes
 
 Progress = Callable[[str, float, "float | None"], None]
@@ -542,7 +543,6 @@ def _worker(argv: list[str]) -> int:
     except MemoryError:
         result, code = {"error": "out of memory"}, 1
     except Exception as exc:  # noqa: BLE001 - reported as one line; the traceback goes to the log
-        import traceback
 
         traceback.print_exc()
         result, code = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"}, 1

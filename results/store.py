@@ -19,18 +19,23 @@ import json
 import math
 import os
 import re
+import shutil
 import socket
 import sqlite3
+import threading
 import time
 import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 import psutil
 
+from edgequant import __version__
 from edgequant.core.errors import BadInput, RunFailed
+from edgequant.results.pg import PgConnection, is_postgres_url
 
 # Named, append-only: never edit or reorder an entry, only add new ones.
 MIGRATIONS: list[tuple[str, str]] = [
@@ -191,8 +196,6 @@ class RowKey:
 def _finite_only(measurements: Iterable[Measurement]) -> tuple[list[Measurement], list[str]]:
     """(the measurements whose value is a finite number, with a non-finite stddev dropped; "METRIC=VALUE"
     of the others)."""
-    from dataclasses import replace
-
     good, bad = [], []
     for m in measurements:
         if not math.isfinite(float(m.value)):     # None is a bug, not a figure: TypeError
@@ -222,8 +225,6 @@ def sqlite_problem(path: str, exc: sqlite3.Error) -> str:
     if "full" in low:
         free = ""
         try:
-            import shutil
-
             free = f" ({shutil.disk_usage(where.parent).free / 2**20:,.1f} MiB free)"
         except OSError:
             pass
@@ -241,8 +242,6 @@ def sqlite_problem(path: str, exc: sqlite3.Error) -> str:
 
 class Store:
     def __init__(self, path: str | os.PathLike):
-        from edgequant.results.pg import PgConnection, is_postgres_url
-
         self.path = str(path)
         self._target = self.path            # what opens it again (the heartbeat's own connection)
         self._pg: PgConnection | None = None
@@ -430,8 +429,6 @@ class Store:
     # -- runs ---------------------------------------------------------------
 
     def start_run(self, command: str, profile: str | None, model_id: str | None, model_hash: str | None) -> str:
-        from edgequant import __version__
-
         run_id = time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:6]
         now = time.time()
         with self.transaction() as conn:
@@ -455,7 +452,6 @@ class Store:
         if self._target == ":memory:":
             yield
             return
-        import threading
 
         stop = threading.Event()
 
