@@ -111,16 +111,16 @@ def no_wait_option(f):
 
 
 def _host_measuring(cache: Path, no_wait: bool, console, needed: bool = True):
-    """The host's measuring lock (``farm.measuring_on_host``) for this command; a no-op when ``needed`` is
+    """The host's measuring lock (``leases.measuring_on_host``) for this command; a no-op when ``needed`` is
     false (only phones measure)."""
     from contextlib import nullcontext
 
-    from edgequant import farm
+    from edgequant.devices import leases
 
     if not needed:
         return nullcontext()
-    return farm.measuring_on_host(cache, _command_line(), no_wait,
-                                  on_wait=lambda m: console.print(f"[yellow]•[/yellow] {m}"))
+    return leases.measuring_on_host(cache, _command_line(), no_wait,
+                                    on_wait=lambda m: console.print(f"[yellow]•[/yellow] {m}"))
 
 
 def _check_host_threads(profile, option: str = "--threads") -> None:
