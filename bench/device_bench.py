@@ -57,7 +57,7 @@ import signal
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from edgequant.bench.contention import CpuTimes, contention_between, top_processes
+from edgequant.devices.contention import CpuTimes, contention_between, top_processes
 from edgequant.bench.host import BenchError
 from edgequant.bench.stats import Summary
 from edgequant.core.errors import RunFailed
@@ -159,7 +159,7 @@ def load_probe_args(model: str, settings: BenchSettings, threads: int, repack: b
 # Once the program runs (at normal priority), the shell lowers its own priority to nice 19 so its
 # samples take CPU time from the measurement only where a core is idle (where renice is missing
 # it keeps sampling at normal priority).  For the other load during the run
-# (edgequant.bench.contention) it keeps the aggregate cpu line of /proc/stat and /proc/uptime at the
+# (edgequant.devices.contention) it keeps the aggregate cpu line of /proc/stat and /proc/uptime at the
 # start and at the end, and the program's utime + stime (/proc/<pid>/stat) at its last poll.
 POLLER = r"""interval=$1 max_polls=$2
 shift 2
@@ -305,7 +305,7 @@ DEVICE_HZ = 100   # USER_HZ: 100 on Linux and Android whatever the kernel's tick
 
 def parse_status_contention(text: str, hz: int = DEVICE_HZ):
     """The other load during the run from the poller's ``stat0= stat1= up0= up1= ptime_ticks= ncpu=`` words
-    (``edgequant.bench.contention.Contention``); None when the device did not give them (no /proc/stat)."""
+    (``edgequant.devices.contention.Contention``); None when the device did not give them (no /proc/stat)."""
     words = dict(w.partition("=")[::2] for w in _bounded(text, 4096, "the poller's status").split() if "=" in w)
     stats = [words.get("stat0", ""), words.get("stat1", "")]
     if not all(_STAT_WORD.match(x) for x in stats):
@@ -577,7 +577,7 @@ class MeasuredRun:
     polls: int
     deadline_s: float
     power: list[tuple[float, float]] | None = None   # (uptime s, watts) samples when power was sampled
-    contention: Any = None         # edgequant.bench.contention.Contention of the run (None: not readable)
+    contention: Any = None         # edgequant.devices.contention.Contention of the run (None: not readable)
 
     @property
     def signal(self) -> int | None:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from edgequant.bench import worker
-from edgequant.bench.contention import Contention
+from edgequant.devices.contention import Contention
 from edgequant.bench.stats import Summary
 from edgequant.bench.sustained import SustainedRun
 from edgequant.bench.worker import WorkerExit

@@ -61,7 +61,7 @@ What each number in the result is:
   returned): the time to first token for an ``n_prompt``-token prompt,
   excluding tokenization and sampling.  It is the same clock as ``pp_tps``.
 * ``contention``: the other load on the machine from the first pp warm-up to
-  the last tg repetition (``edgequant.bench.contention``): /proc/stat's busy
+  the last tg repetition (``edgequant.devices.contention``): /proc/stat's busy
   time (steal included) minus this process's own CPU time, in cores.
 * ``peak_rss_bytes``: ``VmHWM`` from ``/proc/self/status`` read at the end, the
   kernel's exact high-water mark of this process's resident set (anonymous +
@@ -102,7 +102,7 @@ import traceback
 from dataclasses import dataclass
 from typing import Any, Callable, TextIO
 
-from edgequant.bench.contention import Window
+from edgequant.devices.contention import Window
 
 # ggml's log levels (ggml.h enum ggml_log_level)
 _LOG_WARN, _LOG_ERROR, _LOG_CONT = 3, 4, 5

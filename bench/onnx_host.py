@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from edgequant.bench.contention import Window
+from edgequant.devices.contention import Window
 from edgequant.bench.host import BenchError, HostBenchResult, result_from, run_worker
 from edgequant.bench.host_worker import RssSampler, WorkerError, read_status, serve
 from edgequant.core.errors import BadInput

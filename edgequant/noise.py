@@ -1,7 +1,7 @@
 """Speed figures that say when they cannot be trusted.
 
 * ``measure_until_quiet``: measure a rung, and while the other load on the
-  machine during its measurement (``edgequant.bench.contention``) is above the
+  machine during its measurement (``edgequant.devices.contention``) is above the
   profile's ``contention_threshold``, wait for quiet and measure it again, up to
   ``contention_retries`` times; a rung still contended is ``noisy``.
 * ``noise_floor``: the A/A noise floor of a place: one rung measured several
@@ -19,7 +19,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
-from edgequant.bench.contention import Contention, host_top, wait_for_quiet
+from edgequant.devices.contention import Contention, host_top, wait_for_quiet
 from edgequant.bench.host import measure_gguf
 from edgequant.core.errors import BadInput, RunFailed
 from edgequant.devices.host import host_device_id

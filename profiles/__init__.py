@@ -117,7 +117,7 @@ class BenchSettings:
     # eval suite's prompt prefix per format); -ctk/-ctv: the K and V cache type of each variant
     depths: tuple = (0,)
     cache_types: tuple = ("f16",)
-    # Other load on the machine while a rung is measured (edgequant.bench.contention), in cores: above
+    # Other load on the machine while a rung is measured (edgequant.devices.contention), in cores: above
     # contention_threshold the rung is measured again, up to contention_retries times, each after waiting
     # at most contention_wait seconds for the machine to be quiet; still above it, it is stored `noisy`.
     # How a rung is judged, not what is measured: not in as_params().  $EDGEQUANT_CONTENTION_THRESHOLD
