@@ -58,7 +58,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from edgequant.devices.contention import CpuTimes, contention_between, top_processes
-from edgequant.bench.host import BenchError
+from edgequant.core.status import BenchError
 from edgequant.bench.stats import Summary
 from edgequant.core.errors import RunFailed
 from edgequant.core.status import RungStatus, classify_exit, exit_signal, signal_name

@@ -21,23 +21,11 @@ from edgequant.devices.contention import Contention
 from edgequant.bench.stats import Summary
 from edgequant.bench.sustained import SustainedRun
 from edgequant.bench.worker import WorkerExit
-from edgequant.core.errors import RunFailed
-from edgequant.core.status import FAILURES, RungStatus, signal_name
+from edgequant.core.status import BenchError, RungStatus, signal_name
 from edgequant.profiles import BenchSettings
 
 WORKER_MODULE = "edgequant.bench.host_worker"
 GGUF_MAGIC = b"GGUF"
-BENCH_STATUSES = tuple(str(s) for s in FAILURES)   # failed, crashed, oom, timeout
-
-
-class BenchError(RunFailed):
-    """A benchmark that did not produce a result; ``status`` says how it ended."""
-
-    def __init__(self, status: str, message: str):
-        if status not in BENCH_STATUSES:
-            raise ValueError(f"unknown bench status {status!r}; allowed: {', '.join(BENCH_STATUSES)}")
-        super().__init__(" ".join(message.split()))  # always one line
-        self.status = status
 
 
 @dataclass(frozen=True)

@@ -46,7 +46,7 @@ from typing import Any, Callable
 from edgequant.bench.device_bench import DEFAULT_TIME, DeviceOutputError, failure, run_measured
 from edgequant.bench.device_bench import big_cores
 from edgequant.bench.elf import NotElf, read_elf
-from edgequant.bench.host import BenchError
+from edgequant.core.status import BenchError
 from edgequant.bench.stats import Summary
 from edgequant.core.errors import BadInput
 from edgequant.devices.push import Pusher

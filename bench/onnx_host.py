@@ -37,7 +37,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from edgequant.devices.contention import Window
-from edgequant.bench.host import BenchError, HostBenchResult, result_from, run_worker
+from edgequant.bench.host import HostBenchResult, result_from, run_worker
+from edgequant.core.status import BenchError
 from edgequant.bench.host_worker import RssSampler, WorkerError, read_status, serve
 from edgequant.core.errors import BadInput
 from edgequant.profiles import BenchSettings

@@ -178,7 +178,8 @@ def bench_rungs(store: Store, run_id: str, model_id: str, model_hash: str, artif
     (``Q4_K_M@d512,kv=q8_0``), all of them in one transaction."""
     from importlib import metadata
 
-    from edgequant.bench.host import BenchError, measure_gguf
+    from edgequant.bench.host import measure_gguf
+    from edgequant.core.status import BenchError
     from edgequant.noise import measure_until_quiet
 
     measure = measure or measure_gguf
@@ -263,7 +264,8 @@ def sustained_rung(store: Store, run_id: str, model_id: str, model_hash: str, ar
     rung's ``sustained_runs = 0`` row with the reason, and returned ("ok" or the failure's status)."""
     from importlib import metadata
 
-    from edgequant.bench.host import BenchError, measure_sustained
+    from edgequant.bench.host import measure_sustained
+    from edgequant.core.status import BenchError
 
     spec = profile.sustained
     if spec is None:

@@ -16,7 +16,8 @@ import llama_cpp
 import psutil
 import pytest
 
-from edgequant.bench.host import BenchError, HostBenchResult, measure_gguf
+from edgequant.bench.host import HostBenchResult, measure_gguf
+from edgequant.core.status import BenchError
 from edgequant.bench.stats import Summary
 from edgequant.core.errors import RunFailed
 from edgequant.profiles import BenchSettings

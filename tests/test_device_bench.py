@@ -19,7 +19,7 @@ from edgequant.bench.device_bench import (CPU_TOPOLOGY_COMMAND, DeviceOutputErro
                                           measured_command, parse_cpu_topology, parse_llama_bench_json,
                                           parse_load_ms, parse_proc_status, parse_status_line, parse_time_report,
                                           run_measured)
-from edgequant.bench.host import BenchError
+from edgequant.core.status import BenchError
 from edgequant.devices.transport import DeviceError, ShellResult
 from edgequant.profiles import BenchSettings
 
