@@ -43,8 +43,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from edgequant.bench.device_bench import DEFAULT_TIME, DeviceOutputError, failure, run_measured
-from edgequant.bench.device_bench import big_cores
+from edgequant.bench.device_bench import failure
+from edgequant.devices.facts import big_cores
+from edgequant.devices.measured import DEFAULT_TIME, DeviceOutputError, run_measured
 from edgequant.bench.elf import NotElf, read_elf
 from edgequant.core.status import BenchError
 from edgequant.bench.stats import Summary

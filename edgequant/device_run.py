@@ -39,8 +39,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable
 
-from edgequant.bench.device_bench import (RemoteRunner, device_load, device_repack, device_top,
-                                         run_device_bench)
+from edgequant.bench.device_bench import RemoteRunner, device_repack, run_device_bench
+from edgequant.devices.measured import device_load, device_top
 from edgequant.core.status import BenchError
 from edgequant.devices import select
 from edgequant.devices.facts import DeviceFacts, collect_facts, recommended_threads
@@ -453,7 +453,7 @@ def _charging(ctx: DeviceContext) -> str | None:
 def _energy_rows(res, charging: str | None, power_dir: str) -> list[Measurement]:
     """Average power and joules per generated token over the run's last tg test (the tail of the power
     samples as long as its timed repetitions); ``energy_per_token`` = 0 with the reason when not measured."""
-    from edgequant.bench.device_bench import window_energy
+    from edgequant.devices.measured import window_energy
 
     def not_measured(reason: str) -> list[Measurement]:
         return [Measurement("energy_per_token", 0.0, "J/token", None, None, {"not_measured": reason})]

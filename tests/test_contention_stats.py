@@ -163,7 +163,7 @@ def test_large_samples_use_the_normal_approximation():
 def test_the_measuring_shell_reports_what_the_other_load_is_computed_from(shell, tmp_path):
     import shutil
 
-    from edgequant.bench.device_bench import POLLER, parse_status_contention, parse_status_line
+    from edgequant.devices.measured import POLLER, parse_status_contention, parse_status_line
 
     if shutil.which(shell) is None:
         pytest.fail(f"{shell} is needed (apt: mksh, busybox)")
@@ -182,7 +182,7 @@ def test_the_measuring_shell_reports_what_the_other_load_is_computed_from(shell,
 
 
 def test_status_words_from_an_old_device_without_proc_stat_mean_unknown():
-    from edgequant.bench.device_bench import parse_status_contention
+    from edgequant.devices.measured import parse_status_contention
 
     old = "rc=0 timedout=0 polls=3 vmhwm_kb=1 rss_anon_kb=1 rss_file_kb=1"
     assert parse_status_contention(old) is None
