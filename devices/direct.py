@@ -56,8 +56,7 @@ from adb_shell.adb_message import AdbMessage
 from adb_shell.transport.tcp_transport import TcpTransport
 
 from edgequant.core.atomic import atomic_path
-from edgequant.core.errors import one_line
-from edgequant.core.errors import BadInput
+from edgequant.core.errors import BadInput, one_line
 from edgequant.devices import exitcode
 from edgequant.devices.keys import UNAUTHORIZED_HINT, load_signers
 from edgequant.devices.transport import DeviceError, ProgressFn, ShellResult
