@@ -174,7 +174,7 @@ def test_the_database_disk_filling_mid_run_is_one_line_and_the_run_ends_partial(
 import json, os, sys
 sys.path.insert(0, {str(Path(__file__).parent)!r})
 from test_faults import row_key
-from edgequant.cli import recording_partial
+from edgequant.results.lifecycle import recording_partial
 from edgequant.core.errors import EdgequantError
 from edgequant.results.store import Measurement, Store
 db = os.path.join(os.environ["EQ_MNT"], "results.db")
