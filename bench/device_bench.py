@@ -42,7 +42,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from edgequant.bench.stats import Summary
-from edgequant.core.status import BenchError, RungStatus, classify_exit, signal_name
+from edgequant.core.errors import BenchError
+from edgequant.core.status import RungStatus, classify_exit, signal_name
 from edgequant.devices.facts import big_cores
 from edgequant.devices.measured import (DEFAULT_TIME, MAX_JSON_CHARS, MAX_TEXT_CHARS, DeviceOutputError, MeasuredRun,
                                         bounded, run_measured)

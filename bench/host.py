@@ -21,7 +21,8 @@ from edgequant.devices.contention import Contention
 from edgequant.bench.stats import Summary
 from edgequant.bench.sustained import SustainedRun
 from edgequant.bench.worker import WorkerExit
-from edgequant.core.status import BenchError, RungStatus, signal_name
+from edgequant.core.errors import BenchError
+from edgequant.core.status import RungStatus, signal_name
 from edgequant.profiles import BenchSettings
 
 WORKER_MODULE = "edgequant.bench.host_worker"

@@ -47,7 +47,7 @@ from edgequant.bench.device_bench import failure
 from edgequant.devices.facts import big_cores
 from edgequant.devices.measured import DEFAULT_TIME, DeviceOutputError, run_measured
 from edgequant.bench.elf import NotElf, read_elf
-from edgequant.core.status import BenchError
+from edgequant.core.errors import BenchError
 from edgequant.bench.stats import Summary
 from edgequant.core.errors import BadInput
 from edgequant.devices.push import Pusher

@@ -35,7 +35,7 @@ from rich.console import Console
 from rich.table import Table
 
 from edgequant.bench.host import measure_gguf
-from edgequant.core.status import BenchError
+from edgequant.core.errors import BenchError
 from edgequant.bench.llamacpp_tools import build_llama_tool
 from edgequant.core.errors import EdgequantError
 from edgequant.profiles import FLASH_ATTN, REPACK, BenchSettings

@@ -36,7 +36,7 @@ from rich.table import Table
 
 from bench_vs_llama_bench import timed_with_contention  # this folder is on sys.path when run as a script
 from edgequant.bench.host import measure_gguf
-from edgequant.core.status import BenchError
+from edgequant.core.errors import BenchError
 from edgequant.core.errors import EdgequantError
 from edgequant.profiles import BenchSettings
 from edgequant.profiles.variants import BenchVariant

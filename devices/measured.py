@@ -29,23 +29,16 @@ from dataclasses import dataclass
 from typing import Any
 
 from edgequant.core.errors import RunFailed
-from edgequant.core.status import BenchError, exit_signal
+from edgequant.core.errors import BenchError
+from edgequant.core.status import exit_signal
 from edgequant.devices.contention import CpuTimes, contention_between, top_processes
 from edgequant.devices.transport import DeviceError, Transport, quote
 
 
 DEFAULT_TIME = ("toybox", "time", "-v")
-
-
 MAX_JSON_CHARS = 4 << 20
-
-
 MAX_TEXT_CHARS = 64 << 10
-
-
 MAX_STDERR_CHARS = 8 << 10
-
-
 _MAX_KIB = 1 << 40
 
 
@@ -105,11 +98,7 @@ echo "rc=$rc timedout=$timedout polls=$n vmhwm_kb=$hwm rss_anon_kb=$anon rss_fil
   "stat0=$stat0 stat1=$stat1 up0=$up0 up1=$up1 ptime_ticks=$ptime ncpu=$ncpu" > status.txt
 exit "$rc"
 """
-
-
 _FILES = ("bench.out", "bench.err", "time.txt", "status.txt")
-
-
 # Energy: while the program runs, a second loop appends "uptime current_now voltage_now" (s, uA, uV)
 # of a power-supply folder to power.txt every $2 seconds, until the measuring command touches power.stop.
 POWER_SAMPLER = r"""dir=$1 interval=$2 n=0
@@ -195,11 +184,7 @@ def parse_status_line(text: str) -> dict[str, int]:
 
 
 _STAT_WORD = re.compile(r"^\d{1,18}(?:,\d{1,18}){3,7}$")
-
-
 _UPTIME_WORD = re.compile(r"^\d{1,12}(?:\.\d{1,6})?$")
-
-
 DEVICE_HZ = 100   # USER_HZ: 100 on Linux and Android whatever the kernel's tick
 
 
@@ -251,15 +236,9 @@ class TimeReport:
 
 
 _MAX_RSS = re.compile(r"^\s*(?:Max RSS \(KiB\)|Maximum resident set size \(kbytes\)):\s*(\d{1,15})\s*$", re.M)
-
-
 _REAL = re.compile(r"^\s*(?:Real time \(s\)|real):?\s*([0-9]+(?:\.[0-9]+)?)\s*$", re.M)
-
-
 # busybox writes the wall time as "0m 1.23s" (GNU time: "0:01.23") ...
 _BUSYBOX_ELAPSED = re.compile(r"^\s*Elapsed \(wall clock\) time \([^)]*\):\s*(?:\d+h )?\d+m \d+\.\d+s\s*$", re.M)
-
-
 _PAGE_SIZE = re.compile(r"^\s*Page size \(bytes\):\s*(\d{3,9})\s*$", re.M)
 
 

@@ -41,7 +41,7 @@ from typing import Any, Callable
 
 from edgequant.bench.device_bench import RemoteRunner, device_repack, run_device_bench
 from edgequant.devices.measured import device_load, device_top
-from edgequant.core.status import BenchError
+from edgequant.core.errors import BenchError
 from edgequant.devices import select
 from edgequant.devices.facts import DeviceFacts, collect_facts, recommended_threads
 from edgequant.devices.health import CoolDown, read_health, throttled, wait_cool

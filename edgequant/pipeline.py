@@ -179,7 +179,7 @@ def bench_rungs(store: Store, run_id: str, model_id: str, model_hash: str, artif
     from importlib import metadata
 
     from edgequant.bench.host import measure_gguf
-    from edgequant.core.status import BenchError
+    from edgequant.core.errors import BenchError
     from edgequant.noise import measure_until_quiet
 
     measure = measure or measure_gguf
@@ -265,7 +265,7 @@ def sustained_rung(store: Store, run_id: str, model_id: str, model_hash: str, ar
     from importlib import metadata
 
     from edgequant.bench.host import measure_sustained
-    from edgequant.core.status import BenchError
+    from edgequant.core.errors import BenchError
 
     spec = profile.sustained
     if spec is None:

@@ -17,7 +17,7 @@ import psutil
 import pytest
 
 from edgequant.bench.host import HostBenchResult, measure_gguf
-from edgequant.core.status import BenchError
+from edgequant.core.errors import BenchError
 from edgequant.bench.stats import Summary
 from edgequant.core.errors import RunFailed
 from edgequant.profiles import BenchSettings

@@ -19,7 +19,7 @@ from edgequant.bench.device_bench import failure, llama_bench_args, parse_llama_
 from edgequant.devices.facts import CPU_TOPOLOGY_COMMAND, parse_cpu_topology
 from edgequant.devices.measured import (DeviceOutputError, measured_command, parse_proc_status, parse_status_line,
                                         parse_time_report, run_measured)
-from edgequant.core.status import BenchError
+from edgequant.core.errors import BenchError
 from edgequant.devices.transport import DeviceError, ShellResult
 from edgequant.profiles import BenchSettings
 

@@ -126,7 +126,7 @@ def test_device_run_through_the_adb_peer_with_a_standin_tool(tiny_onnx, adb_peer
 @pytest.mark.slow
 def test_missing_inputs_on_the_device_are_a_failed_rung(tiny_onnx, adb_peer, peer_transport, tmp_path):
     from edgequant.devices.measured import run_measured
-    from edgequant.core.status import BenchError
+    from edgequant.core.errors import BenchError
     from edgequant.bench.onnx_device import tool_failure
 
     arts, _, _ = tiny_onnx

@@ -25,7 +25,7 @@ from test_device_bench import SHELLS, LocalShell
 
 from edgequant.bench.device_bench import RemoteRunner, run_device_bench
 from edgequant.bench.elf import read_elf
-from edgequant.core.status import BenchError
+from edgequant.core.errors import BenchError
 from edgequant.bench.llamacpp_tools import build_llama_tool, llama_cpp_source
 from edgequant.bench.runner import TARGETS, build_runner, open_runner_dir, plan_runner
 from edgequant.core.errors import BadInput, RunFailed

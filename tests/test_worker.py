@@ -14,7 +14,7 @@ import pytest
 
 from edgequant.bench import worker
 from edgequant.bench.host import run_worker as host_run_worker
-from edgequant.core.status import BenchError
+from edgequant.core.errors import BenchError
 from edgequant.bench.quality import EvalError, call_worker
 from edgequant.core.status import FAILURES, RungStatus, classify_exit, exit_signal
 

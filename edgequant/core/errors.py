@@ -1,5 +1,7 @@
 """The one exception type the CLI turns into a clean one-line error."""
 
+from edgequant.core.status import FAILURES
+
 
 class EdgequantError(Exception):
     """A user-facing failure: the message names the thing and what to do.
@@ -21,6 +23,20 @@ class BadInput(EdgequantError):
 class RunFailed(EdgequantError):
     def __init__(self, message: str):
         super().__init__(message, exit_code=1)
+
+
+BENCH_STATUSES = tuple(str(s) for s in FAILURES)   # failed, crashed, oom, timeout
+
+
+class BenchError(RunFailed):
+    """A measurement that did not produce a result; ``status`` (a failure status) says how it ended.  Raised by
+    the host bench, the measured command on a phone and the eval alike."""
+
+    def __init__(self, status: str, message: str):
+        if status not in BENCH_STATUSES:
+            raise ValueError(f"unknown bench status {status!r}; allowed: {', '.join(BENCH_STATUSES)}")
+        super().__init__(" ".join(message.split()))  # always one line
+        self.status = status
 
 
 def one_line(text: object, limit: int | None = None) -> str:

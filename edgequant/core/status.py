@@ -1,15 +1,13 @@
 """How a rung ended (``RungStatus``) and the one reading of a process's exit code as such a status.
 
-Ground code: imports nothing of edgequant's outside ``edgequant.core``.  The statuses are stored as their plain
-strings (``"ok"``, ``"oom"``, ...): a ``RungStatus`` *is* a ``str``, so rows and comparisons are unchanged.
+Ground code: imports nothing of edgequant's.  The statuses are stored as their plain strings
+(``"ok"``, ``"oom"``, ...): a ``RungStatus`` *is* a ``str``, so rows and comparisons are unchanged.
 """
 
 from __future__ import annotations
 
 import signal
 from enum import StrEnum
-
-from edgequant.core.errors import RunFailed
 
 
 class RungStatus(StrEnum):
@@ -22,20 +20,6 @@ class RungStatus(StrEnum):
 
 
 FAILURES = (RungStatus.FAILED, RungStatus.CRASHED, RungStatus.OOM, RungStatus.TIMEOUT)
-BENCH_STATUSES = tuple(str(s) for s in FAILURES)   # failed, crashed, oom, timeout
-
-
-class BenchError(RunFailed):
-    """A measurement that did not produce a result; ``status`` (a failure status) says how it ended.  Raised by
-    the host bench, the measured command on a phone and the eval alike."""
-
-    def __init__(self, status: str, message: str):
-        if status not in BENCH_STATUSES:
-            raise ValueError(f"unknown bench status {status!r}; allowed: {', '.join(BENCH_STATUSES)}")
-        super().__init__(" ".join(message.split()))  # always one line
-        self.status = status
-
-
 def exit_signal(code: int, *, shell: bool = False) -> int | None:
     """The signal that ended a process, from its exit code: Python's ``-N`` (``Popen.returncode``), or, with
     ``shell=True``, a POSIX shell's ``128 + N`` (``$?`` of a killed program, as a device reports it)."""
