@@ -74,7 +74,8 @@ from typing import Any
 
 import numpy as np
 
-from edgequant.bench.host_worker import Bench, WorkerError, cache_type_id, flash_attn_id, WorkerLog, serve
+from edgequant.bench.host_worker import Bench, WorkerLog, cache_type_id, flash_attn_id
+from edgequant.bench.worker import WorkerError, serve
 
 # Where the case goes in a rendered chat template.  No NUL in it: llama_chat_apply_template takes C
 # strings, so a NUL ended the user turn there and the case landed after the model's turn had begun.

@@ -91,17 +91,15 @@ from __future__ import annotations
 import collections
 import ctypes
 import glob
-import json
 import os
 import random
-import signal
 import sys
-import threading
 import time
-import traceback
 from dataclasses import dataclass
-from typing import Any, Callable, TextIO
+from typing import Any, Callable
 
+from edgequant.bench.memory import RssSampler, read_status
+from edgequant.bench.worker import WorkerError, serve
 from edgequant.devices.contention import Window
 
 # ggml's log levels (ggml.h enum ggml_log_level)
@@ -109,95 +107,6 @@ _LOG_WARN, _LOG_ERROR, _LOG_CONT = 3, 4, 5
 
 _REQUIRED = {"path": str, "threads": int, "n_prompt": int, "n_gen": int, "repetitions": int,
              "warmup": int, "n_batch": int, "n_ubatch": int, "flash_attn": str, "mmap": bool}
-
-
-class WorkerError(Exception):
-    """A failure reported to the parent as ``{"error": message}``."""
-
-
-# ---------------------------------------------------------------------------
-# memory
-
-
-_STATUS = "/proc/self/status"
-
-
-def _status_fields(text: bytes, fields: tuple[str, ...]) -> dict[str, int]:
-    """Pick ``Name:   123 kB`` fields out of a /proc status text, in bytes."""
-    out: dict[str, int] = {}
-    for name in fields:
-        at = text.find(b"\n" + name.encode() + b":")
-        if at >= 0:
-            out[name] = int(text[at + len(name) + 2:text.index(b"kB", at)]) * 1024
-    return out
-
-
-def read_status(fields: tuple[str, ...] = ("VmHWM", "VmRSS", "RssAnon", "RssFile")) -> dict[str, int]:
-    """Fields of /proc/self/status in bytes (the kernel reports kB)."""
-    with open(_STATUS, "rb") as fh:
-        return _status_fields(fh.read(), fields)
-
-
-class RssSampler:
-    """Keeps the largest RssAnon and RssFile of this process seen so far.
-
-    Each sample is one ``pread`` of /proc/self/status on a descriptor kept
-    open (about 4 us) by a thread scheduled SCHED_IDLE, so it does not take
-    CPU time from the decode threads it shares the cores with.
-    """
-
-    _FIELDS = ("RssAnon", "RssFile")
-
-    def __init__(self, interval_s: float):
-        self.interval_s = interval_s
-        self.peak_anon = 0
-        self.peak_file = 0
-        self.samples = 0
-        self._fd = -1
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="rss-sampler", daemon=True)
-
-    def sample(self) -> None:
-        status = _status_fields(os.pread(self._fd, 16384, 0), self._FIELDS)
-        with self._lock:
-            anon, file = status.get("RssAnon", 0), status.get("RssFile", 0)
-            self.peak_anon = max(self.peak_anon, anon)
-            self.peak_file = max(self.peak_file, file)
-            self.window_anon = max(self.window_anon, anon)
-            self.window_file = max(self.window_file, file)
-            self.samples += 1
-
-    window_anon = 0
-    window_file = 0
-
-    def start_window(self) -> None:
-        """Start a new pair of window maxima (one variant's), beginning with a sample now."""
-        with self._lock:
-            self.window_anon = self.window_file = 0
-        self.sample()
-
-    def _loop(self) -> None:
-        # SCHED_IDLE (this thread only): the sampler never preempts a decode thread;
-        # it runs in the gaps, so it cannot slow the measurement it observes
-        try:
-            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-        except (AttributeError, OSError):
-            pass
-        while not self._stop.wait(self.interval_s):
-            self.sample()
-
-    def __enter__(self) -> "RssSampler":
-        self._fd = os.open(_STATUS, os.O_RDONLY)
-        self.sample()
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.sample()
-        os.close(self._fd)
 
 
 # ---------------------------------------------------------------------------
@@ -658,49 +567,6 @@ def measure_sustained(req: dict, progress: Callable[[str], None]) -> dict:
     progress("done")
     return {"sustained": out, "before": start, "n_gen": n_gen, "threads": req["threads"],
             "runtime_version": L.__version__}
-
-
-def _die_with_parent() -> None:
-    """Ask Linux to SIGKILL this process if the parent dies first (best effort)."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        PR_SET_PDEATHSIG = 1
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    except (OSError, AttributeError):
-        pass
-
-
-def _private_stdout() -> TextIO:
-    """A duplicate of stdout for the result; fd 1 then points at stderr."""
-    sys.stdout.flush()
-    fd = os.dup(1)
-    os.dup2(2, 1)
-    sys.stdout = sys.stderr
-    return os.fdopen(fd, "w", encoding="utf-8")
-
-
-def serve(handle: Callable[[Any, Callable[[str], None]], dict]) -> int:
-    """The worker protocol: a JSON request on stdin, one JSON line on stdout, progress on stderr."""
-    _die_with_parent()
-    out = _private_stdout()
-
-    def progress(text: str) -> None:
-        sys.stderr.write(f"progress {text}\n")
-        sys.stderr.flush()
-
-    try:
-        result = handle(json.loads(sys.stdin.read() or "null"), progress)
-        code = 0
-    except WorkerError as exc:
-        result, code = {"error": str(exc)}, 1
-    except json.JSONDecodeError as exc:
-        result, code = {"error": f"the request is not valid JSON: {exc}"}, 1
-    except Exception as exc:  # report anything else as one line too; traceback to stderr
-        traceback.print_exc()
-        result, code = {"error": f"{type(exc).__name__}: {exc}"}, 1
-    out.write(json.dumps(result) + "\n")
-    out.flush()
-    return code
 
 
 def main() -> int:

@@ -34,7 +34,8 @@ import numpy as np
 
 from edgequant.bench.checkpoint_model import CheckpointModel
 from edgequant.bench.eval_worker import KLD_CHUNK, Session, kld_rows, prompt_parts
-from edgequant.bench.host_worker import WorkerError, WorkerLog, serve
+from edgequant.bench.host_worker import WorkerLog
+from edgequant.bench.worker import WorkerError, serve
 from edgequant.bench.onnx_host import KVModel
 from edgequant.bench.quality import (RungQuality, base_request, call_worker, case_results, compute_metrics,
                                      evaluate_gates)

@@ -38,8 +38,9 @@ from typing import Any, Callable
 
 from edgequant.devices.contention import Window
 from edgequant.bench.host import HostBenchResult, result_from, run_worker
-from edgequant.core.status import BenchError
-from edgequant.bench.host_worker import RssSampler, WorkerError, read_status, serve
+from edgequant.core.errors import BenchError
+from edgequant.bench.memory import RssSampler, read_status
+from edgequant.bench.worker import WorkerError, serve
 from edgequant.core.errors import BadInput
 from edgequant.profiles import BenchSettings
 from edgequant.quantize.onnx_export import check_onnx_model
