@@ -26,7 +26,8 @@ from adbpeer import Temperature
 from conftest import assert_one_line_error, cli_env, run_cli
 from edgequant.devices import push as P
 from edgequant.devices import select
-from edgequant.devices.direct import DirectTransport, byte_sum
+from edgequant.devices.adb_wire import byte_sum
+from edgequant.devices.direct import DirectTransport
 from edgequant.devices.facts import collect_facts, recommended_threads
 from edgequant.devices.server import ServerTransport
 from edgequant.devices.transport import DeviceError
@@ -160,7 +161,7 @@ def test_direct_push_sends_each_packet_in_one_write(adb_peer_factory, device_env
     daemon's protocol version needs them (we announce A_VERSION_SKIP_CHECKSUM, adb-shell 0x01000000)."""
     import struct
 
-    from edgequant.devices.direct import FixedTcpTransport
+    from edgequant.devices.adb_wire import FixedTcpTransport
 
     writes: list[bytes] = []
 
@@ -269,7 +270,7 @@ def test_bulk_write_sends_every_byte():
 
     from adb_shell.transport.tcp_transport import TcpTransport
 
-    from edgequant.devices.direct import FixedTcpTransport
+    from edgequant.devices.adb_wire import FixedTcpTransport
 
     payload = os.urandom(4 << 20)
 
