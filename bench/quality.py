@@ -53,7 +53,7 @@ from edgequant.core.atomic import atomic_write_text
 from edgequant.core.errors import RunFailed
 from edgequant.core.status import RungStatus, signal_name
 from edgequant.profiles import FLOAT_CACHE_TYPES
-from edgequant.profiles.suites import LOWER_IS_BETTER, Case, Suite
+from edgequant.profiles.suite_records import Case, LOWER_IS_BETTER, Suite
 
 WORKER_MODULE = "edgequant.bench.eval_worker"
 EVAL_SLOTS = 8        # cases decoded side by side (continuous batching in the worker)

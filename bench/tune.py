@@ -31,7 +31,7 @@ from edgequant.bench.quality_stats import non_inferiority_table
 from edgequant.core.errors import BadInput
 from edgequant.profiles import NEEDS_IMATRIX
 from edgequant.profiles.rungs import RungSpec, parse_rung
-from edgequant.profiles.suites import Gate
+from edgequant.profiles.suite_records import Gate
 
 # High to low precision: the walk's levels.
 DEFAULT_TYPES = ("Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "IQ4_XS", "Q3_K_M", "Q2_K")

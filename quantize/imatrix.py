@@ -39,7 +39,7 @@ import numpy as np
 
 from edgequant.core.errors import BadInput, RunFailed
 from edgequant.core.hashing import file_sha256
-from edgequant.profiles.suites import Suite
+from edgequant.profiles.suite_records import Suite
 from edgequant.core.children import die_with_parent
 from edgequant.core.atomic import atomic_write_text
 

@@ -32,7 +32,8 @@ from edgequant.bench.quality import case_outcomes as one_case
 from edgequant.bench.quality_stats import non_inferiority, paired_degradation
 from edgequant.bench.stats import mann_whitney_greater
 from edgequant.core.errors import BadInput
-from edgequant.profiles.suites import LOWER_IS_BETTER, load_suite
+from edgequant.profiles.suite_records import LOWER_IS_BETTER
+from edgequant.profiles.suites import load_suite
 from edgequant.results.gates import Gates
 from edgequant.results.store import Store
 

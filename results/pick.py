@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from edgequant.core.errors import BadInput
-from edgequant.profiles.suites import Gate, parse_gate
+from edgequant.profiles.suite_records import Gate
+from edgequant.profiles.suites import parse_gate
 from edgequant.results.store import Store
 from edgequant.results.summary import (LOWER_IS_BETTER_RATES, QUALITY_HEADERS, QUALITY_RATES, RunReport, RungSummary,
                                        per_device, summarize)
