@@ -35,17 +35,9 @@ from edgequant.devices.transport import DeviceError, Transport, quote
 
 
 LEASE_DIR = "lease"
-
-
 LEASE_STALE_S = 30 * 60.0       # a lease not renewed for this long (device clock) is stale
-
-
 LEASE_WAIT_S = 300.0            # --lease-wait default
-
-
 LEASE_POLL_S = 2.0
-
-
 SHELL_TIMEOUT = 30.0
 
 

@@ -17,18 +17,12 @@ from edgequant.results.store import Store
 
 
 MiB = 1024 * 1024
-
-
 # Shown under any table of the embedded default model (see README).
 DEFAULT_MODEL_FOOTNOTE = (
     "Embedded default: its bf16 weights were dequantized from a Q4_K_M GGUF, so Q4_K rungs "
     "re-quantize them almost losslessly; do not read this model's ranking as a general one.")
-
-
 # a speed figure whose repetitions vary more than this (coefficient of variation) is marked "~" in tables
 UNSTABLE_CV = 0.05
-
-
 UNSTABLE_NOTE = ("~ after a speed figure: its repetitions vary by more than 5 % (coefficient of variation); "
                  "CV, min and max of every rung are in the JSON and the HTML report")
 
@@ -312,17 +306,11 @@ QUALITY_RATES = ("xml_parse_rate", "xml_valid_but_wrong", "array_parse_rate", "a
                  "prose_parse_rate", "prose_valid_but_wrong", "esi_parse_rate", "esi_valid_but_wrong",
                  "refusal_compliance", "over_refusal", "esi_exact", "esi_adjacent", "referral_accuracy",
                  "referral_agreement", "esi_agreement")
-
-
 # rates where higher is worse (their change is read the other way round)
 LOWER_IS_BETTER_RATES = frozenset({"over_refusal", "xml_valid_but_wrong", "array_valid_but_wrong",
                                    "prose_valid_but_wrong", "esi_valid_but_wrong"})
-
-
 # token-level figures beside mean KLD, as llama-perplexity --kl-divergence names them (JSON and HTML)
 KLD_DETAIL = ("median_kld", "p90_kld", "p95_kld", "p99_kld", "p999_kld", "max_kld", "rms_dp")
-
-
 QUALITY_HEADERS = {"xml_parse_rate": "xml %", "array_parse_rate": "array %", "prose_parse_rate": "prose %",
                    "esi_parse_rate": "esi %", "xml_valid_but_wrong": "xml wrong %",
                    "array_valid_but_wrong": "array wrong %", "prose_valid_but_wrong": "prose wrong %",
