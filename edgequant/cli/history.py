@@ -34,7 +34,12 @@ from edgequant.core.errors import BadInput, EdgequantError
                    "such as xml_parse_rate, esi_exact or mean_kld.")
 @db_option
 def report(run_id, fmt, output, list_runs, cases_quant, flips, html_path, quality, db):
-    """Re-render a stored run (RUN_ID, or `last`), or list the runs with --list."""
+    """Re-render a stored run (RUN_ID, `last`, `last-complete` or a tag), or list the runs with --list.
+
+    Prints the run's speed and quality tables as a table, JSON, CSV or Markdown; --cases shows each eval
+    case's output and parse result, --flips only the cases that changed against the reference, and
+    --html writes a self-contained page with the tables, plots and cases.
+    """
     if flips and cases_quant in (None, "*"):
         raise BadInput("--flips needs a rung: write `edgequant report --cases RUNG --flips` (e.g. --cases Q4_0)")
     store = open_store(db)
@@ -229,7 +234,11 @@ def compare(baseline, candidate, gates_name, junit_path, markdown_path, json_pat
 @click.option("--output", "-o", metavar="FILE", default=None, help="Write to FILE instead of standard output.")
 @db_option
 def export(run_id, llama_bench, fmt, build_commit, output, db):
-    """Export a stored run (RUN: id, `last`, `last-complete` or tag) for other tools."""
+    """Export a stored run (RUN: id, `last`, `last-complete` or tag) for other tools.
+
+    The one format so far, --llama-bench (required): the run's pp/tg rows in llama-bench's own JSON or
+    SQL output, readable by llama.cpp's scripts/compare-llama-bench.py.
+    """
     from edgequant.core.atomic import atomic_write_text
     from edgequant.results import export as ex
 

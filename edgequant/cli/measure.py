@@ -59,12 +59,15 @@ def run(ctx, model, profile_name, threads, n_prompt, n_gen, repetitions, warmup,
     every quant type of the profile, benchmarks each rung in its own process
     (load time, pp and tg tokens/s, TTFT, peak memory), runs the eval suite on
     every rung (parse rates, agreement and KLD against the reference; skip with
-    --no-quality) and prints the table.  Artifacts are cached: a re-run
-    converts and quantizes nothing.
+    --no-quality) and prints the table.  The profile's [onnx] variants are
+    exported, benchmarked with onnxruntime and evaluated the same way.
+    Artifacts are cached: a re-run converts and quantizes nothing.
 
     With --device, the rungs are pushed to the phone(s) and measured there by
     llama.cpp's llama-bench (built from the same llama.cpp revision), after a
-    cool-down, with thermal and battery readings stored beside the figures.
+    cool-down, with thermal and battery readings stored beside the figures;
+    several phones (or a device pool) run in parallel, each under a lease.
+    An interrupted run is stored as partial; --resume RUN_ID finishes it.
     """
     if force and not resume_id:
         raise BadInput("--force takes over a run being resumed: use it with --resume RUN_ID")
