@@ -12,7 +12,9 @@ compare, export) and ``devices``.  Each command parses its options, calls the li
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import threading
 
 import click
 
@@ -32,9 +34,6 @@ def _terminated(signum, frame) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import signal
-    import threading
-
     previous = None
     if threading.current_thread() is threading.main_thread():
         # SIGTERM (a CI job cancelled, `kill`) unwinds like Ctrl-C: partial files removed, the run marked partial

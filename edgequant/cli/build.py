@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+from dataclasses import replace
 from pathlib import Path
 
 import click
@@ -34,7 +36,6 @@ def quantize(model, profile_name, db, cache_dir, as_json, suite_name, verify):
     the recorded sha256 (checked again whenever the file changed on disk); a
     damaged one is rebuilt.
     """
-    import json
 
     from rich.console import Console
     from rich.table import Table
@@ -75,8 +76,6 @@ def quantize(model, profile_name, db, cache_dir, as_json, suite_name, verify):
 
 
 def _verify_cache(cache: Path, as_json: bool) -> None:
-    import json
-
     from rich.console import Console
     from rich.table import Table
 
@@ -117,7 +116,6 @@ def imatrix(model, profile_name, suite_name, prompting, db, cache_dir):
     reference's sha256, the suite's hash and the split; +imatrix rungs of a
     profile use it, and quality is then judged on the evaluation half only.
     """
-    from dataclasses import replace
 
     from edgequant import calibrate, pipeline
 
@@ -195,7 +193,6 @@ def runner_build(target, flags, jobs, cache_dir):
 @cache_option
 def runner_info(runner_dir, as_json, cache_dir):
     """Check a runner folder (executables, ELF machine, checksums) or list the cached runners."""
-    import json
 
     from edgequant.bench.runner import cached_runners, open_runner_dir
 

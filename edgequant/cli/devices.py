@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import click
 
 from edgequant.cli.app import cli
@@ -28,7 +30,6 @@ def devices(ctx, device_specs, as_json, device_dir):
     """
     if ctx.invoked_subcommand is not None:
         return
-    import json
 
     from edgequant.devices import listing
     from edgequant.devices.select import device_dir as resolve_device_dir

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import time as _time
 from pathlib import Path
 
 import click
@@ -10,6 +12,7 @@ import click
 from edgequant.cli.app import cli
 from edgequant.cli.options import FORMATS, db_option, open_store, profile_for
 from edgequant.cli.views import render_cases, render_flips, render_run, stderr_console
+from edgequant.core.atomic import atomic_write_text
 from edgequant.core.errors import BadInput, EdgequantError
 
 
@@ -62,7 +65,6 @@ def report(run_id, fmt, output, list_runs, cases_quant, flips, html_path, qualit
         table = Table(title=f"runs in {store.path}")
         for col in ("run", "tags", "status", "model", "profile", "started", "command"):
             table.add_column(col)
-        import time as _time
 
         tags: dict[str, list[str]] = {}
         for t in store.tags():
@@ -105,7 +107,6 @@ def pick(run_id, device, min_tg, min_pp, max_ttft, max_rss, max_size, gates, qua
     qualifies, names the closest one and the constraint it misses (relative
     distance) and exits with 1.
     """
-    import json
 
     from edgequant.results import pick as picking
 
@@ -174,7 +175,6 @@ def compare(baseline, candidate, gates_name, junit_path, markdown_path, json_pat
     """
     from rich.console import Console
 
-    from edgequant.core.atomic import atomic_write_text
     from edgequant.results import compare as cmp
     from edgequant.results.gates import load_gates
 
@@ -239,7 +239,6 @@ def export(run_id, llama_bench, fmt, build_commit, output, db):
     The one format so far, --llama-bench (required): the run's pp/tg rows in llama-bench's own JSON or
     SQL output, readable by llama.cpp's scripts/compare-llama-bench.py.
     """
-    from edgequant.core.atomic import atomic_write_text
     from edgequant.results import export as ex
 
     if not llama_bench:

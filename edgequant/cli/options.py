@@ -5,11 +5,14 @@ from __future__ import annotations
 import os
 import shlex
 import sys
+import tempfile
+from contextlib import nullcontext
 from pathlib import Path
 
 import click
 
 from edgequant.core.errors import BadInput
+from edgequant.core.paths import cache_dir as default_cache, default_db
 
 
 FORMATS = ("table", "json", "csv", "md")
@@ -63,9 +66,6 @@ def bench_overrides(f):
 
 def cache_root(cache_dir: str | None, writable: bool = True) -> Path:
     """The cache folder, made if missing and checked writable: a read-only one is refused before any work."""
-    import tempfile
-
-    from edgequant.core.paths import cache_dir as default_cache
 
     root = Path(cache_dir).expanduser() if cache_dir else default_cache()
     if not writable:
@@ -81,7 +81,6 @@ def cache_root(cache_dir: str | None, writable: bool = True) -> Path:
 
 
 def open_store(db: str | None):
-    from edgequant.core.paths import default_db
     from edgequant.results.store import Store
 
     return Store(db or default_db())
@@ -103,7 +102,6 @@ def no_wait_option(f):
 def host_measuring(cache: Path, no_wait: bool, console, needed: bool = True):
     """The host's measuring lock (``leases.measuring_on_host``) for this command; a no-op when ``needed`` is
     false (only phones measure)."""
-    from contextlib import nullcontext
 
     from edgequant.devices import leases
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import click
@@ -161,7 +162,6 @@ def noise(model, profile_name, threads, n_prompt, n_gen, repetitions, warmup, ru
     contention rules; a measurement still contended stops the command (exit 1)
     without storing a floor.  Build the rung first with `edgequant quantize`.
     """
-    from dataclasses import replace
 
     from edgequant import calibrate, pipeline
     from edgequant.devices.host import host_device_id

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time as _time
+
 import click
 
 from edgequant.cli.app import cli
@@ -88,8 +90,6 @@ def tune(ctx, device, device_dir, runner_dir, gate_texts, min_tg, max_size, type
 
 def _tune(device, device_dir, runner_dir, gate_texts, min_tg, max_size, types_csv, variants_csv, model,
           profile_name, suite_name, prompting, resume_id, db, cache_dir, no_wait=False, force=False):
-    import time as _time
-
     from edgequant import calibrate, device_run, farm, pipeline
     from edgequant.bench import tune as tuning
     from edgequant.devices.select import device_dir as resolve_device_dir

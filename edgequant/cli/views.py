@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import csv as _csv
+import io
+import json as _json
 import os
 import time
 from pathlib import Path
 
 import click
 
+from edgequant.core.atomic import atomic_write_text
 from edgequant.core.errors import BadInput
 
 
@@ -127,7 +131,6 @@ def stderr_console():
 def render_run(store, run_id: str, fmt: str, output: str | None) -> None:
     from rich.console import Console
 
-    from edgequant.core.atomic import atomic_write_text
     from edgequant.results import report as rep
 
     summary = rep.summarize(store, run_id)
@@ -154,12 +157,8 @@ REPORT_WIDTH = 260
 
 
 def render_cases(store, run_id: str, quant: str | None, fmt: str, output: str | None) -> None:
-    import json as _json
-
     from rich.console import Console
     from rich.table import Table
-
-    from edgequant.core.atomic import atomic_write_text
 
     run = store.run(run_id)
     rows = store.eval_cases(run["run_id"], quant)
@@ -169,9 +168,6 @@ def render_cases(store, run_id: str, quant: str | None, fmt: str, output: str | 
     if fmt == "json":
         text = _json.dumps(rows, indent=2)
     elif fmt in ("csv", "md"):
-        import csv as _csv
-        import io
-
         buf = io.StringIO()
         cols = ["quant", "case_id", "format", "ok", "refusal", "reason", "output"]
         if fmt == "csv":
@@ -205,13 +201,11 @@ def render_cases(store, run_id: str, quant: str | None, fmt: str, output: str | 
 
 def render_flips(store, run_id: str, quant: str, fmt: str, output: str | None) -> None:
     """``report --cases RUNG --flips``: the flipped cases, the reference's output beside the rung's."""
-    import json as _json
 
     from rich.console import Console
     from rich.table import Table
     from rich.text import Text
 
-    from edgequant.core.atomic import atomic_write_text
     from edgequant.results.summary import flipped_cases
 
     found = flipped_cases(store, run_id, quant)
@@ -229,9 +223,6 @@ def render_flips(store, run_id: str, quant: str, fmt: str, output: str | None) -
     if fmt == "json":
         text = _json.dumps(found, indent=2)
     elif fmt in ("csv", "md"):
-        import csv as _csv
-        import io
-
         flat = [{"case_id": r["case_id"], "format": r["format"], "flips": what(r),
                  "reference_parse": verdict(r["reference"]), "rung_parse": verdict(r["rung"]),
                  "reference_output": (r["reference"] or {}).get("output", ""), "rung_output": r["rung"]["output"]}
