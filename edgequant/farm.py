@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import threading
 import time
-from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -149,6 +148,10 @@ def open_phones(targets: list[select.Target], workdir: str, runner_dir: str | No
     other failure releases every phone and is raised (one line), before the run starts.
 
     ``entries``: pool entries by serial (a label, a work directory other than ``workdir``)."""
+    # imported here, not at the top: concurrent.futures imports logging, whose at-fork hooks swallow a SIGTERM
+    # that arrives while a host run forks a worker (the exception is "ignored" there; test_faults)
+    from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+
     entries = entries or {}
     phones = []
     for t in targets:

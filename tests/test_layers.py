@@ -11,6 +11,8 @@ tree with known violations too, so a broken checker cannot pass the real tree by
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -147,3 +149,13 @@ def test_the_checker_finds_each_kind_of_violation(tmp_path, monkeypatch):
         "edgequant.profiles.rungs:2 imports edgequant.quantize.ladder (profiles may not import quantize)",
         "edgequant.results.store has 602 lines, over its limit of 600",
     ])
+
+
+def test_a_host_run_does_not_load_logging():
+    """``logging`` registers at-fork hooks; a SIGTERM that arrives while a run forks a worker is raised inside
+    one of them and ignored there, so the run would not stop (test_faults' SIGTERM test).  What a host run
+    imports must leave it out (concurrent.futures, which imports it, is imported only for phones)."""
+    code = ("import sys, edgequant.cli, edgequant.farm, edgequant.pipeline, edgequant.calibrate; "
+            "print('logging' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
