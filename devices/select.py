@@ -27,8 +27,9 @@ import re
 from dataclasses import dataclass
 from typing import Callable
 
-from edgequant.devices.transport import DeviceError, Transport
 from edgequant.core.errors import BadInput
+from edgequant.devices.keys import UNAUTHORIZED_HINT
+from edgequant.devices.transport import DeviceError, Transport
 
 DEFAULT_DEVICE_DIR = "/data/local/tmp/edgequant"
 
@@ -54,6 +55,7 @@ class Target:
 
 
 def _open_direct(target: Target) -> Transport:
+    # each transport module loads its adb library (adb_shell, adbutils) when it is imported: only when used
     from edgequant.devices.direct import DirectTransport
 
     return DirectTransport(target.serial, usb=target.usb)
@@ -147,8 +149,6 @@ def _describe(known: list[Known]) -> str:
 
 def check_state(k: Known) -> None:
     if k.state == "unauthorized":
-        from edgequant.devices.keys import UNAUTHORIZED_HINT
-
         raise DeviceError("unauthorized", f"device {k.serial} is unauthorized: {UNAUTHORIZED_HINT}")
     if k.state != "device":
         raise DeviceError("offline", f"device {k.serial} is {k.state}: reconnect it (or restart adb) and retry")

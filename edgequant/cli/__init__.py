@@ -6,7 +6,9 @@ Every user-facing failure is one line on stderr and a non-zero exit code:
 The package: ``options`` (option builders shared by the commands), ``views`` (progress and rendering),
 ``app`` (the root group), then the commands grouped by job: ``measure`` (run), ``stages`` (bench, eval,
 noise), ``build`` (quantize, imatrix, setup-onnx, runner), ``tune``, ``history`` (report, pick, tag,
-compare, export) and ``devices``.  Each command parses its options, calls the library and renders.
+compare, export) and ``devices``.  Each command parses its options, calls the library and renders.  The
+library's modules are imported inside the commands, so that ``edgequant --help`` loads neither numpy nor the
+pipeline.
 """
 
 from __future__ import annotations

@@ -1,5 +1,8 @@
 """The one exception type the CLI turns into a clean one-line error."""
 
+import re
+import unicodedata
+
 from edgequant.core.status import FAILURES
 
 
@@ -44,9 +47,6 @@ def one_line(text: object, limit: int | None = None) -> str:
     included) becomes one space, any other control character becomes ``?``, and past
     ``limit`` characters it is cut with ``…``.  For command excerpts, device messages and
     file names, which come from users and devices."""
-    import re
-    import unicodedata
-
     flat = re.sub(r"\s+", " ", str(text)).strip()
     flat = "".join("?" if unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp") else ch for ch in flat)
     if limit is not None and len(flat) > limit:
