@@ -15,7 +15,7 @@ by side (continuous batching, as the plain path does), one token per case per
 ``llama_decode``.
 
 Stop conditions are the plain path's own: every token, taken from the pass or
-decoded, goes through ``_Generator.take`` (end of generation, stop strings,
+decoded, goes through ``Generator.take`` (end of generation, stop strings,
 ``max_tokens``), on the same prompt tokens (prefix with BOS, then the case).
 
 Near ties.  A batched decode and a single-token decode of the same position
@@ -39,7 +39,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from edgequant.bench.eval_worker import _Generator, _Slot
+from edgequant.bench.eval_worker import Generator, Slot
 
 # Top-2 logit margin below which the batched pass does not decide a position (logits, not probabilities).
 # Batched and single-token decodes differ in their last bits, and the difference grows through the layers
@@ -71,7 +71,7 @@ def departure(draft: list[int], top: list[int], margin: list[float], tie_margin:
 
 
 @dataclass
-class _SpecSlot(_Slot):
+class _SpecSlot(Slot):
     feed: int = -1          # the token decoded next, at ``pos``
     base: int = 0           # position of the first output token (prefix + prompt)
     how: str = ""           # agrees | departs | near_tie
@@ -94,11 +94,11 @@ class SpecRung:
         self.seconds = 0.0
         self.running: list[_SpecSlot] = []
         self.free: list[int] = []
-        self.gen: _Generator | None = None
+        self.gen: Generator | None = None
 
     def start_group(self, stops: list[bytes], n_prefix: int, n_slots: int) -> None:
         self.drain()
-        self.gen = _Generator(self.sess, stops, n_prefix, n_slots)
+        self.gen = Generator(self.sess, stops, n_prefix, n_slots)
         self.free = list(range(n_slots, 0, -1))
 
     def acquire(self) -> int:

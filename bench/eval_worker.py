@@ -77,7 +77,8 @@ from typing import Any
 
 import numpy as np
 
-from edgequant.bench.host_worker import Bench, WorkerError, _cache_type, _flash_attn_type, _Log, serve
+from edgequant.bench.host_worker import Bench, WorkerLog, cache_type_id, flash_attn_id
+from edgequant.bench.worker import WorkerError, serve
 
 # Where the case goes in a rendered chat template.  No NUL in it: llama_chat_apply_template takes C
 # strings, so a NUL ended the user turn there and the case landed after the model's turn had begun.
@@ -132,7 +133,7 @@ class RefRows:
 class Session:
     """A loaded model with one context: the shared prefix in sequence 0, cases in 1..slots."""
 
-    def __init__(self, L, req: dict, log: _Log):
+    def __init__(self, L, req: dict, log: WorkerLog):
         self.L = L
         self.req = req
         self.log = log
@@ -218,9 +219,9 @@ class Session:
         cp.n_ubatch = 512
         cp.n_seq_max = n_seq
         cp.kv_unified = True
-        cp.flash_attn_type = _flash_attn_type(L, self.req.get("flash_attn", "auto"))
+        cp.flash_attn_type = flash_attn_id(L, self.req.get("flash_attn", "auto"))
         if self.req.get("cache_type"):      # a rung evaluated with a quantized KV cache (bench.cache_types)
-            cp.type_k = cp.type_v = _cache_type(self.req["cache_type"])
+            cp.type_k = cp.type_v = cache_type_id(self.req["cache_type"])
         cp.swa_full = True
         cp.n_threads = cp.n_threads_batch = self.req["threads"]
         self.ctx = L.llama_init_from_model(self.model, cp)
@@ -281,7 +282,7 @@ class Session:
         self.decode(tokens, seq=0)
 
 
-def _prompt_parts(sess: Session, group: dict, mode: str, template: str | None) -> tuple[str, str]:
+def prompt_parts(sess: Session, group: dict, mode: str, template: str | None) -> tuple[str, str]:
     """(prefix, suffix): a case's text is prefix + prompt + suffix."""
     if mode == "chat":
         rendered = sess.render_chat(template, group.get("system", ""), CASE_MARK)
@@ -298,7 +299,7 @@ def _prompt_parts(sess: Session, group: dict, mode: str, template: str | None) -
 
 
 @dataclass
-class _Slot:
+class Slot:
     seq: int
     case: dict
     max_tokens: int
@@ -308,7 +309,7 @@ class _Slot:
     stopped: str = ""
 
 
-class _Generator:
+class Generator:
     """Continuous batching of one format's cases over the shared prefix."""
 
     def __init__(self, sess: Session, stops: list[bytes], n_prefix: int, slots: int):
@@ -317,11 +318,11 @@ class _Generator:
         self.n_prefix = n_prefix
         self.slots = slots
 
-    def _step(self, slot: _Slot, z: np.ndarray) -> bool:
+    def _step(self, slot: Slot, z: np.ndarray) -> bool:
         """Take the argmax token; True while the case goes on."""
         return self.take(slot, int(np.argmax(z)))
 
-    def take(self, slot: _Slot, tok: int) -> bool:
+    def take(self, slot: Slot, tok: int) -> bool:
         """Take ``tok`` as the case's next token (end of generation, stop strings, the token limit);
         True while the case goes on."""
         L, sess = self.sess.L, self.sess
@@ -340,9 +341,9 @@ class _Generator:
             return False
         return True
 
-    def _admit(self, seq: int, case: dict, tokens: list[int]) -> _Slot | None:
+    def _admit(self, seq: int, case: dict, tokens: list[int]) -> Slot | None:
         """Start a case in ``seq``: its prompt after the shared prefix, and its first token."""
-        slot = _Slot(seq, case, int(case["max_tokens"]))
+        slot = Slot(seq, case, int(case["max_tokens"]))
         if slot.max_tokens <= 0:
             slot.stopped = "max_tokens"
             return slot
@@ -354,7 +355,7 @@ class _Generator:
 
     def run(self, encoded: list[tuple[dict, list[int]]], on_done) -> None:
         queue = list(encoded)
-        running: list[_Slot] = []
+        running: list[Slot] = []
         free = list(range(self.slots, 0, -1))
         while queue or running:
             while queue and free:
@@ -408,7 +409,7 @@ def teacher(req: dict, progress) -> dict:
     with ``"generate": true`` also every rung's greedy outputs (``bench.eval_spec``)."""
     import llama_cpp as L
 
-    log = _Log(L, echo=bool(req.get("verbose")))
+    log = WorkerLog(L, echo=bool(req.get("verbose")))
     ref = Session(L, dict(req, path=req["reference"]), log)
     rungs: list[Session] = []
     entries = [e if isinstance(e, dict) else {"path": e} for e in req["rungs"]]
@@ -436,7 +437,7 @@ def teacher(req: dict, progress) -> dict:
         done = 0
         models = [ref] + rungs
         for group in req["groups"]:
-            prefix_text, suffix = _prompt_parts(ref, group, mode, template)
+            prefix_text, suffix = prompt_parts(ref, group, mode, template)
             prefix = ref.tokenize(prefix_text, add_special=True)
             encoded = [(c, ref.tokenize(c["prompt"] + suffix, add_special=False))
                        for c in group["cases"] if c["id"] in ref_tokens]
@@ -538,7 +539,7 @@ def prompts(sess: Session, req: dict) -> dict:
     mode, template = _prompting(sess, req)
     out = []
     for group in req["groups"]:
-        prefix_text, suffix = _prompt_parts(sess, group, mode, template)
+        prefix_text, suffix = prompt_parts(sess, group, mode, template)
         prefix = sess.tokenize(prefix_text, add_special=True)
         for c in group["cases"]:
             text = prefix_text + c["prompt"] + suffix
@@ -551,7 +552,7 @@ def prompts(sess: Session, req: dict) -> dict:
 def prefix_lengths(sess: Session, req: dict) -> dict:
     """The training context and each format's shared prefix length in tokens (see the module doc)."""
     mode, template = _prompting(sess, req)
-    lengths = {g["format"]: len(sess.tokenize(_prompt_parts(sess, g, mode, template)[0], add_special=True))
+    lengths = {g["format"]: len(sess.tokenize(prompt_parts(sess, g, mode, template)[0], add_special=True))
                for g in req["groups"]}
     return {"prompting": mode, "prefix_tokens": lengths, "n_ctx_train": _context_length(sess)}
 
@@ -578,7 +579,7 @@ def run(req: dict, progress) -> dict:
         return teacher(req, progress)
     import llama_cpp as L
 
-    log = _Log(L, echo=bool(req.get("verbose")))
+    log = WorkerLog(L, echo=bool(req.get("verbose")))
     sess = Session(L, req, log)
     if req.get("prefix_lengths"):
         try:
@@ -601,7 +602,7 @@ def run(req: dict, progress) -> dict:
 
     try:
         for group in req["groups"]:
-            prefix_text, suffix = _prompt_parts(sess, group, mode, template)
+            prefix_text, suffix = prompt_parts(sess, group, mode, template)
             prefix = sess.tokenize(prefix_text, add_special=True)
             stops = [s.encode("utf-8") for s in group.get("stop", []) if s]
             encoded = [(c, sess.tokenize(c["prompt"] + suffix, add_special=False)) for c in group["cases"]]
@@ -612,7 +613,7 @@ def run(req: dict, progress) -> dict:
             sess.ensure_context(len(prefix) + n_slots * (longest + 8) + 8, n_slots + 1)
             sess.start_prefix(prefix)
 
-            def finished(slot: _Slot) -> None:
+            def finished(slot: Slot) -> None:
                 results[slot.case["id"]] = {
                     "id": slot.case["id"], "output_b64": base64.b64encode(bytes(slot.out)).decode("ascii"),
                     "tokens": slot.toks, "n_prompt": None, "stopped": slot.stopped}
@@ -620,7 +621,7 @@ def run(req: dict, progress) -> dict:
                 progress(f"eval {done[0]}/{total}")
 
             t0 = time.perf_counter()
-            _Generator(sess, stops, len(prefix), n_slots).run(encoded, finished)
+            Generator(sess, stops, len(prefix), n_slots).run(encoded, finished)
             gen_seconds += time.perf_counter() - t0
             for c, t in encoded:
                 results[c["id"]]["n_prompt"] = len(prefix) + len(t)

@@ -17,26 +17,16 @@ from pathlib import Path
 from typing import Any, Callable
 
 from edgequant.bench import worker
-from edgequant.bench.contention import Contention
+from edgequant.devices.contention import Contention
 from edgequant.bench.stats import Summary
+from edgequant.bench.sustained import SustainedRun
 from edgequant.bench.worker import WorkerExit
-from edgequant.errors import RunFailed
+from edgequant.core.errors import BenchError
+from edgequant.core.status import RungStatus, signal_name
 from edgequant.profiles import BenchSettings
-from edgequant.status import FAILURES, RungStatus, signal_name
 
 WORKER_MODULE = "edgequant.bench.host_worker"
 GGUF_MAGIC = b"GGUF"
-BENCH_STATUSES = tuple(str(s) for s in FAILURES)   # failed, crashed, oom, timeout
-
-
-class BenchError(RunFailed):
-    """A benchmark that did not produce a result; ``status`` says how it ended."""
-
-    def __init__(self, status: str, message: str):
-        if status not in BENCH_STATUSES:
-            raise ValueError(f"unknown bench status {status!r}; allowed: {', '.join(BENCH_STATUSES)}")
-        super().__init__(" ".join(message.split()))  # always one line
-        self.status = status
 
 
 @dataclass(frozen=True)
@@ -216,8 +206,6 @@ def measure_sustained(path: Path, settings: BenchSettings, runs: int, n_gen: int
     """``runs`` back-to-back generation runs of ``n_gen`` tokens on this host, in one worker process
     (``host_worker.measure_sustained``); returns the runs (``bench.sustained.SustainedRun``) and the
     thermal reading taken before the first.  Raises ``BenchError``."""
-    from edgequant.bench.sustained import SustainedRun
-
     path = Path(path)
     check_gguf_file(path)
     request = {**build_request(path, settings), "sustained": {"runs": runs, "n_gen": n_gen}}

@@ -61,7 +61,7 @@ What each number in the result is:
   returned): the time to first token for an ``n_prompt``-token prompt,
   excluding tokenization and sampling.  It is the same clock as ``pp_tps``.
 * ``contention``: the other load on the machine from the first pp warm-up to
-  the last tg repetition (``edgequant.bench.contention``): /proc/stat's busy
+  the last tg repetition (``edgequant.devices.contention``): /proc/stat's busy
   time (steal included) minus this process's own CPU time, in cores.
 * ``peak_rss_bytes``: ``VmHWM`` from ``/proc/self/status`` read at the end, the
   kernel's exact high-water mark of this process's resident set (anonymous +
@@ -90,18 +90,17 @@ from __future__ import annotations
 
 import collections
 import ctypes
-import json
+import glob
 import os
 import random
-import signal
 import sys
-import threading
 import time
-import traceback
 from dataclasses import dataclass
-from typing import Any, Callable, TextIO
+from typing import Any, Callable
 
-from edgequant.bench.contention import Window
+from edgequant.bench.memory import RssSampler, read_status
+from edgequant.bench.worker import WorkerError, serve
+from edgequant.devices.contention import Window
 
 # ggml's log levels (ggml.h enum ggml_log_level)
 _LOG_WARN, _LOG_ERROR, _LOG_CONT = 3, 4, 5
@@ -110,100 +109,11 @@ _REQUIRED = {"path": str, "threads": int, "n_prompt": int, "n_gen": int, "repeti
              "warmup": int, "n_batch": int, "n_ubatch": int, "flash_attn": str, "mmap": bool}
 
 
-class WorkerError(Exception):
-    """A failure reported to the parent as ``{"error": message}``."""
-
-
-# ---------------------------------------------------------------------------
-# memory
-
-
-_STATUS = "/proc/self/status"
-
-
-def _status_fields(text: bytes, fields: tuple[str, ...]) -> dict[str, int]:
-    """Pick ``Name:   123 kB`` fields out of a /proc status text, in bytes."""
-    out: dict[str, int] = {}
-    for name in fields:
-        at = text.find(b"\n" + name.encode() + b":")
-        if at >= 0:
-            out[name] = int(text[at + len(name) + 2:text.index(b"kB", at)]) * 1024
-    return out
-
-
-def read_status(fields: tuple[str, ...] = ("VmHWM", "VmRSS", "RssAnon", "RssFile")) -> dict[str, int]:
-    """Fields of /proc/self/status in bytes (the kernel reports kB)."""
-    with open(_STATUS, "rb") as fh:
-        return _status_fields(fh.read(), fields)
-
-
-class RssSampler:
-    """Keeps the largest RssAnon and RssFile of this process seen so far.
-
-    Each sample is one ``pread`` of /proc/self/status on a descriptor kept
-    open (about 4 us) by a thread scheduled SCHED_IDLE, so it does not take
-    CPU time from the decode threads it shares the cores with.
-    """
-
-    _FIELDS = ("RssAnon", "RssFile")
-
-    def __init__(self, interval_s: float):
-        self.interval_s = interval_s
-        self.peak_anon = 0
-        self.peak_file = 0
-        self.samples = 0
-        self._fd = -1
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="rss-sampler", daemon=True)
-
-    def sample(self) -> None:
-        status = _status_fields(os.pread(self._fd, 16384, 0), self._FIELDS)
-        with self._lock:
-            anon, file = status.get("RssAnon", 0), status.get("RssFile", 0)
-            self.peak_anon = max(self.peak_anon, anon)
-            self.peak_file = max(self.peak_file, file)
-            self.window_anon = max(self.window_anon, anon)
-            self.window_file = max(self.window_file, file)
-            self.samples += 1
-
-    window_anon = 0
-    window_file = 0
-
-    def start_window(self) -> None:
-        """Start a new pair of window maxima (one variant's), beginning with a sample now."""
-        with self._lock:
-            self.window_anon = self.window_file = 0
-        self.sample()
-
-    def _loop(self) -> None:
-        # SCHED_IDLE (this thread only): the sampler never preempts a decode thread;
-        # it runs in the gaps, so it cannot slow the measurement it observes
-        try:
-            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-        except (AttributeError, OSError):
-            pass
-        while not self._stop.wait(self.interval_s):
-            self.sample()
-
-    def __enter__(self) -> "RssSampler":
-        self._fd = os.open(_STATUS, os.O_RDONLY)
-        self.sample()
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.sample()
-        os.close(self._fd)
-
-
 # ---------------------------------------------------------------------------
 # llama.cpp
 
 
-class _Log:
+class WorkerLog:
     """Receives llama.cpp's log: keeps the last warnings/errors, optionally echoes to stderr."""
 
     def __init__(self, llama_cpp, echo: bool):
@@ -272,7 +182,7 @@ def resolve_repack(llama_cpp, requested: bool | None) -> tuple[bool, str]:
     return default, "auto: llama.cpp default"
 
 
-def _cache_type(name: str) -> int:
+def cache_type_id(name: str) -> int:
     """A KV cache type by ggml's name (``f16``, ``q8_0``) -> its ggml_type value (gguf mirrors ggml's enum)."""
     import gguf
 
@@ -282,7 +192,7 @@ def _cache_type(name: str) -> int:
         raise WorkerError(f"unknown KV cache type {name!r}") from None
 
 
-def _flash_attn_type(llama_cpp, name: str) -> int:
+def flash_attn_id(llama_cpp, name: str) -> int:
     table = {"auto": llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO,
              "on": llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED,
              "off": llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED}
@@ -295,7 +205,7 @@ def _flash_attn_type(llama_cpp, name: str) -> int:
 class Bench:
     """One loaded model and the llama-bench tests run on it."""
 
-    def __init__(self, llama_cpp, req: dict, log: _Log, progress: Callable[[str], None]):
+    def __init__(self, llama_cpp, req: dict, log: WorkerLog, progress: Callable[[str], None]):
         self.L = llama_cpp
         self.req = req
         self.log = log
@@ -331,9 +241,9 @@ class Bench:
         cp.n_ctx = n_ctx
         cp.n_batch = req["n_batch"]
         cp.n_ubatch = req["n_ubatch"]
-        cp.type_k = cp.type_v = _cache_type(variant.get("cache_type", "f16"))
+        cp.type_k = cp.type_v = cache_type_id(variant.get("cache_type", "f16"))
         cp.offload_kqv = True
-        cp.flash_attn_type = _flash_attn_type(L, variant.get("flash_attn", req["flash_attn"]))
+        cp.flash_attn_type = flash_attn_id(L, variant.get("flash_attn", req["flash_attn"]))
         cp.embeddings = False
         cp.op_offload = True
         cp.swa_full = False
@@ -499,7 +409,7 @@ def measure(req: dict, progress: Callable[[str], None]) -> dict:
     baseline = read_status(("VmRSS",)).get("VmRSS", 0)
     import llama_cpp as L  # loaded after stdout was redirected, so its output cannot pollute it
 
-    log = _Log(L, echo=bool(req.get("verbose", False)))
+    log = WorkerLog(L, echo=bool(req.get("verbose", False)))
     L.llama_backend_init()
     bench = Bench(L, req, log, progress)
     sys.stderr.write(f"config repack={int(bench.repack)} ({bench.repack_reason})\n")
@@ -586,7 +496,6 @@ def host_thermal() -> dict[str, Any]:
     """The hottest readable temperature (``/sys/class/thermal/thermal_zone*/temp`` in millidegrees, and
     psutil's sensors) with its sensor, and the current clock of the fastest CPU cluster in kHz
     (``cpufreq/policy*``; else psutil's highest per-CPU figure).  ``None`` where nothing is readable."""
-    import glob
 
     import psutil
 
@@ -634,7 +543,7 @@ def measure_sustained(req: dict, progress: Callable[[str], None]) -> dict:
 
     spec = req["sustained"]
     runs, n_gen = int(spec["runs"]), int(spec["n_gen"])
-    log = _Log(L, echo=bool(req.get("verbose", False)))
+    log = WorkerLog(L, echo=bool(req.get("verbose", False)))
     L.llama_backend_init()
     bench = Bench(L, req, log, progress)
     ctx = None
@@ -658,53 +567,6 @@ def measure_sustained(req: dict, progress: Callable[[str], None]) -> dict:
     progress("done")
     return {"sustained": out, "before": start, "n_gen": n_gen, "threads": req["threads"],
             "runtime_version": L.__version__}
-
-
-def _die_with_parent() -> None:
-    """Ask Linux to SIGKILL this process if the parent dies first (best effort)."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        PR_SET_PDEATHSIG = 1
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    except (OSError, AttributeError):
-        pass
-
-
-def _private_stdout() -> TextIO:
-    """A duplicate of stdout for the result; fd 1 then points at stderr."""
-    sys.stdout.flush()
-    fd = os.dup(1)
-    os.dup2(2, 1)
-    sys.stdout = sys.stderr
-    return os.fdopen(fd, "w", encoding="utf-8")
-
-
-def serve(handle: Callable[[Any, Callable[[str], None]], dict]) -> int:
-    """The worker protocol: a JSON request on stdin, one JSON line on stdout, progress on stderr."""
-    _die_with_parent()
-    out = _private_stdout()
-
-    def progress(text: str) -> None:
-        sys.stderr.write(f"progress {text}\n")
-        sys.stderr.flush()
-
-    try:
-        result = handle(json.loads(sys.stdin.read() or "null"), progress)
-        code = 0
-        if isinstance(result, dict):   # the whole process's peak RSS (KiB on Linux), for its stage's row
-            import resource
-
-            result.setdefault("process_peak_rss_bytes", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-    except WorkerError as exc:
-        result, code = {"error": str(exc)}, 1
-    except json.JSONDecodeError as exc:
-        result, code = {"error": f"the request is not valid JSON: {exc}"}, 1
-    except Exception as exc:  # report anything else as one line too; traceback to stderr
-        traceback.print_exc()
-        result, code = {"error": f"{type(exc).__name__}: {exc}"}, 1
-    out.write(json.dumps(result) + "\n")
-    out.flush()
-    return code
 
 
 def main() -> int:

@@ -5,7 +5,7 @@ llama-cpp-python ships as an sdist that vendors the whole llama.cpp tree
 friends from the sdist of the *installed* version keeps their numbers comparable
 with what edgequant measures through the bindings: same kernels, same defaults.
 
-Layout of the cache (under ``edgequant.paths.cache_dir()``)::
+Layout of the cache (under ``edgequant.core.paths.cache_dir()``)::
 
     tools/llama.cpp-<version>/
         src/                        the unpacked sdist (llama_cpp_python-<version>/...)
@@ -41,8 +41,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
-from edgequant.errors import BadInput, RunFailed
-from edgequant.paths import cache_dir
+from edgequant.core.errors import BadInput, RunFailed
+from edgequant.core.paths import cache_dir
 
 DIST_NAME = "llama-cpp-python"
 

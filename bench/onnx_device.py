@@ -35,18 +35,25 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 import posixpath
 import re
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from edgequant.bench.device_bench import DEFAULT_TIME, DeviceOutputError, failure, run_measured
-from edgequant.bench.host import BenchError
+from edgequant.bench.device_bench import failure
+from edgequant.devices.facts import big_cores
+from edgequant.devices.measured import DEFAULT_TIME, DeviceOutputError, run_measured
+from edgequant.bench.elf import NotElf, read_elf
+from edgequant.core.errors import BenchError
 from edgequant.bench.stats import Summary
+from edgequant.core.errors import BadInput
+from edgequant.devices.push import Pusher
 from edgequant.devices.transport import Transport, quote
-from edgequant.errors import BadInput
 from edgequant.profiles import BenchSettings
+from edgequant.quantize.onnx_export import check_onnx_model, model_files
 
 PERF_TEST = "onnxruntime_perf_test"
 RESULT_FILE = "perf_result.csv"
@@ -73,8 +80,6 @@ class ModelInputs:
 
 def read_model_inputs(model: Path) -> ModelInputs:
     import onnx
-
-    from edgequant.quantize.onnx_export import check_onnx_model
 
     check_onnx_model(model)
     graph = onnx.load(str(model), load_external_data=False).graph
@@ -163,7 +168,6 @@ def read_input_set(folder: Path) -> dict[str, Any]:
 
 def run_set_on_host(model: Path, folder: Path, threads: int = 1, reps: int = 1) -> tuple[Any, list[float]]:
     """Run an input set through onnxruntime's Python API: (logits of the last run, seconds per run)."""
-    import time
 
     import onnxruntime as ort
 
@@ -321,9 +325,6 @@ def open_perf_test(path: Path | str) -> LocalPerfTest:
 
     An aarch64 ELF (its needed libraries found beside it are pushed with it), or a ``#!`` script (the tests'
     stand-in).  A folder holding ``onnxruntime_perf_test`` (the build folder) is taken too."""
-    import os
-
-    from edgequant.bench.elf import NotElf, read_elf
 
     p = Path(path).expanduser()
     if p.is_dir() and (p / PERF_TEST).is_file():
@@ -412,8 +413,6 @@ def stage_onnx_on_device(transport: Transport, pusher, model: Path, model_sha256
     """Write the two input sets of ``model`` under ``staging``, push the model (and its external data) and the
     sets with ``pusher`` (a ``devices.push.Pusher``: a file the device holds with the same sha256 is not sent
     again) and link the model into each set's folder.  A model that cannot be read is ``BenchError``."""
-    from edgequant.quantize.onnx_export import model_files
-
     progress = on_progress or (lambda _p: None)
     n_prompt = n_cached = settings.n_prompt
     key = sets_key(model_sha256, n_prompt, n_cached, seed)
@@ -447,8 +446,6 @@ def run_staged_onnx(transport: Transport, tool: RemoteTool, staged: StagedOnnx, 
 
     ``threads`` defaults to ``settings.threads`` or the device's big cores.
     """
-    from edgequant.bench.device_bench import big_cores
-
     progress = on_progress or (lambda _p: None)
     reps = settings.repetitions
     if threads is None:
@@ -497,8 +494,6 @@ def run_onnx_device_bench(transport: Transport, tool: RemoteTool, model: Path, m
                           on_progress: Callable[[str], None] | None = None) -> OnnxDeviceResult:
     """``stage_onnx_on_device`` then ``run_staged_onnx``: push ``model`` (and its external data) and the two
     input sets to ``workdir``, run the tool on each, report."""
-    from edgequant.devices.push import Pusher
-
     staged = stage_onnx_on_device(transport, Pusher(transport, workdir), model, model_sha256, settings,
                                   staging=staging, seed=seed, on_progress=on_progress)
     return run_staged_onnx(transport, tool, staged, settings, threads=threads, poll_interval=poll_interval,

@@ -8,7 +8,7 @@ GGUF, so an ONNX row and a GGUF row of one run are directly comparable.
 So that nothing but the runtime differs, the worker loads the reference GGUF
 with llama.cpp beside the ONNX model and takes from it everything that is not
 the model's arithmetic: the prompt text (chat template or few-shot block,
-``eval_worker._prompt_parts``), the token ids of every prompt, the bytes of
+``eval_worker.prompt_parts``), the token ids of every prompt, the bytes of
 every generated token and the end-of-generation test.  The ONNX model decodes
 greedily with its KV cache: the shared prefix of a format once, then each case
 from a copy of that cache (onnxruntime returns new ``present`` arrays, so the
@@ -32,17 +32,23 @@ from typing import Any, Callable
 
 import numpy as np
 
+from edgequant.bench.checkpoint_model import CheckpointModel
+from edgequant.bench.eval_worker import KLD_CHUNK, Session, kld_rows, prompt_parts
+from edgequant.bench.host_worker import WorkerLog
+from edgequant.bench.worker import WorkerError, serve
+from edgequant.bench.onnx_host import KVModel
+from edgequant.bench.quality import (RungQuality, base_request, call_worker, case_results, compute_metrics,
+                                     evaluate_gates)
+
 WORKER_MODULE = "edgequant.bench.onnx_eval"
 
 
 def evaluate_onnx_rung(path: Path, quant: str, suite, ref, threads: int, timeout: float,
                        on_progress: Callable[[str], None]):
     """A ``quality.RungQuality`` for the ONNX model ``path`` against the reference ``ref``."""
-    from edgequant.bench.quality import _base_request, _call_worker
-
-    req = _base_request(path, suite, threads, None, ref.prompting)
+    req = base_request(path, suite, threads, None, ref.prompting)
     req.update(generate=True, reference=str(ref.path), teacher={"tokens": ref.tokens, "reference": str(ref.path)})
-    data = _call_worker(req, timeout, on_progress, module=WORKER_MODULE)
+    data = call_worker(req, timeout, on_progress, module=WORKER_MODULE)
     return _scored(quant, suite, ref, data)
 
 
@@ -50,17 +56,13 @@ def checkpoint_outputs(folder: Path, suite, ref, threads: int, timeout: float, o
     """The suite decoded by the checkpoint itself in transformers (float32, ``checkpoint_model``), with the
     ONNX rungs' prompts, token ids and greedy loop: the reference the fp32 export must reproduce.  A
     ``quality.RungQuality`` named ``checkpoint`` (no KLD: that is measured against the GGUF reference)."""
-    from edgequant.bench.quality import _base_request, _call_worker
-
-    req = _base_request(folder, suite, threads, None, ref.prompting)
+    req = base_request(folder, suite, threads, None, ref.prompting)
     req.update(backend="checkpoint", reference=str(ref.path))
-    return _scored("checkpoint", suite, ref, _call_worker(req, timeout, on_progress, module=WORKER_MODULE))
+    return _scored("checkpoint", suite, ref, call_worker(req, timeout, on_progress, module=WORKER_MODULE))
 
 
 def _scored(quant: str, suite, ref, data: dict):
-    from edgequant.bench.quality import RungQuality, _case_results, compute_metrics, evaluate_gates
-
-    results = _case_results(suite, data)
+    results = case_results(suite, data)
     for cid, s in data["scores"].items():
         results[cid].kld, results[cid].top1 = s["kld"], s["top1"]
     metrics = compute_metrics(suite, results, ref, False, data["gen_tokens"], data["gen_seconds"])
@@ -73,8 +75,6 @@ def _scored(quant: str, suite, ref, data: dict):
 
 def _reference_rows(ref, tokens: list[int], ref_tokens: list[int]) -> np.ndarray:
     """The reference's logits at each position of its own output, after the case's prompt."""
-    from edgequant.bench.eval_worker import KLD_CHUNK
-
     ref.fork_prefix(1)
     ref.decode(tokens, seq=1)
     rows = [ref.logits(-1).copy()]
@@ -90,17 +90,11 @@ def run(req: dict, progress) -> dict:
     import llama_cpp as L
     import onnxruntime as ort
 
-    from edgequant.bench.eval_worker import Session, _prompt_parts, kld_rows
-    from edgequant.bench.host_worker import WorkerError, _Log
-    from edgequant.bench.onnx_host import KVModel
-
-    log = _Log(L, echo=bool(req.get("verbose")))
+    log = WorkerLog(L, echo=bool(req.get("verbose")))
     ref = Session(L, dict(req, path=req["reference"], mmap=True), log)
     checkpoint = req.get("backend") == "checkpoint"
     try:
         if checkpoint:
-            from edgequant.bench.checkpoint_model import CheckpointModel
-
             model = CheckpointModel(req["path"], int(req["threads"]))
         else:
             model = KVModel(req["path"], int(req["threads"]))
@@ -124,7 +118,7 @@ def run(req: dict, progress) -> dict:
     total = sum(len(g["cases"]) for g in req["groups"])
     done = 0
     for group in req["groups"]:
-        prefix_text, suffix = _prompt_parts(ref, group, mode, template)
+        prefix_text, suffix = prompt_parts(ref, group, mode, template)
         prefix = ref.tokenize(prefix_text, add_special=True)
         stops = [s.encode("utf-8") for s in group.get("stop", []) if s]
         encoded = [(c, ref.tokenize(c["prompt"] + suffix, add_special=False)) for c in group["cases"]]
@@ -185,8 +179,6 @@ def run(req: dict, progress) -> dict:
 
 
 def main() -> int:
-    from edgequant.bench.host_worker import serve
-
     return serve(run)
 
 

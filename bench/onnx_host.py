@@ -30,14 +30,20 @@ with the result.
 
 from __future__ import annotations
 
+import random
 import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
 
-from edgequant.bench.host import BenchError, HostBenchResult, result_from, run_worker
-from edgequant.errors import BadInput
+from edgequant.devices.contention import Window
+from edgequant.bench.host import HostBenchResult, result_from, run_worker
+from edgequant.core.errors import BenchError
+from edgequant.bench.memory import RssSampler, read_status
+from edgequant.bench.worker import WorkerError, serve
+from edgequant.core.errors import BadInput
 from edgequant.profiles import BenchSettings
+from edgequant.quantize.onnx_export import check_onnx_model
 
 WORKER_MODULE = "edgequant.bench.onnx_host"
 PROVIDER = "CPUExecutionProvider"
@@ -52,8 +58,6 @@ def build_request(path: Path, settings: BenchSettings) -> dict[str, Any]:
 def measure_onnx(path: Path, settings: BenchSettings, on_progress: Callable[[str], None] | None = None,
                  **_ignored: Any) -> HostBenchResult:
     """Measure the ONNX model ``path`` with ``settings`` in a fresh worker process; ``BenchError`` otherwise."""
-    from edgequant.quantize.onnx_export import check_onnx_model
-
     path = Path(path)
     try:
         check_onnx_model(path)
@@ -151,11 +155,6 @@ class KVModel(KVStepper):
 
 
 def _measure(req: dict, progress: Callable[[str], None]) -> dict:
-    import random
-
-    from edgequant.bench.contention import Window
-    from edgequant.bench.host_worker import RssSampler, WorkerError, read_status
-
     for key in ("path", "threads", "n_prompt", "n_gen", "repetitions", "warmup"):
         if key not in req:
             raise WorkerError(f"the request has no '{key}'")
@@ -226,8 +225,6 @@ def _measure(req: dict, progress: Callable[[str], None]) -> dict:
 
 
 def main() -> int:
-    from edgequant.bench.host_worker import serve
-
     return serve(_measure)
 
 

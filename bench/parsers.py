@@ -38,7 +38,7 @@ from dataclasses import dataclass, field, replace
 from typing import Callable
 from xml.parsers import expat
 
-from edgequant.profiles.suites import ARRAY_FIELDS, FormatSpec, RefusalSpec
+from edgequant.profiles.suite_records import ARRAY_FIELDS, FormatSpec, RefusalSpec
 
 MAX_XML_DEPTH = 8          # <triage><differential><item> is 3
 MAX_XML_ELEMENTS = 1000

@@ -49,9 +49,12 @@ from edgequant.bench import worker
 from edgequant.bench.parsers import ParseResult, parse
 from edgequant.bench.quality_stats import (LLAMA_PERPLEXITY_NAMES, jaccard, kld_statistics, non_inferiority_table,
                                            paired_degradation, paired_table, wilson_interval)
-from edgequant.errors import RunFailed
-from edgequant.profiles.suites import LOWER_IS_BETTER, Case, Suite
-from edgequant.status import RungStatus, signal_name
+from edgequant.bench.eval_worker import rung_key
+from edgequant.core.atomic import atomic_write_text
+from edgequant.core.errors import RunFailed
+from edgequant.core.status import RungStatus, signal_name
+from edgequant.profiles import FLOAT_CACHE_TYPES
+from edgequant.profiles.suite_records import Case, LOWER_IS_BETTER, Suite
 
 WORKER_MODULE = "edgequant.bench.eval_worker"
 EVAL_SLOTS = 8        # cases decoded side by side (continuous batching in the worker)
@@ -120,7 +123,7 @@ def _jsonable(value):
 # running the worker
 
 
-def _groups(suite: Suite) -> list[dict[str, Any]]:
+def case_groups(suite: Suite) -> list[dict[str, Any]]:
     groups = []
     for fmt in FORMATS_ORDER + tuple(sorted(set(suite.formats) - set(FORMATS_ORDER))):
         cases = [c for c in suite.cases if c.format == fmt]
@@ -132,7 +135,7 @@ def _groups(suite: Suite) -> list[dict[str, Any]]:
     return groups
 
 
-def _call_worker(request: dict, timeout: float, on_progress: Callable[[str], None],
+def call_worker(request: dict, timeout: float, on_progress: Callable[[str], None],
                  module: str = WORKER_MODULE) -> dict:
     name = Path(request["path"]).name
     run = worker.run_worker(module, request, timeout, on_progress)
@@ -152,17 +155,17 @@ def _call_worker(request: dict, timeout: float, on_progress: Callable[[str], Non
     return run.data
 
 
-def _base_request(path: Path, suite: Suite, threads: int, repack: bool | None, prompting: str) -> dict:
+def base_request(path: Path, suite: Suite, threads: int, repack: bool | None, prompting: str) -> dict:
     return {"path": str(path), "threads": threads, "repack": repack, "mmap": True, "seed": 0,
-            "prompting": prompting, "slots": EVAL_SLOTS, "groups": _groups(suite)}
+            "prompting": prompting, "slots": EVAL_SLOTS, "groups": case_groups(suite)}
 
 
 def prompt_facts(path: Path, suite: Suite, prompting: str = "auto", timeout: float = 300.0) -> dict:
     """The GGUF's training context (``n_ctx_train``), the prompting used (``prompting``) and the token
     length of each format's prompt prefix (``prefix_tokens``: system prompt or few-shot block, BOS
     included), read with the vocabulary alone."""
-    request = {**_base_request(path, suite, 1, None, prompting), "prefix_lengths": True}
-    return _call_worker(request, timeout, lambda _p: None)
+    request = {**base_request(path, suite, 1, None, prompting), "prefix_lengths": True}
+    return call_worker(request, timeout, lambda _p: None)
 
 
 # ---------------------------------------------------------------------------
@@ -182,17 +185,17 @@ class Reference:
     peak_rss_bytes: float | None = None   # its worker's, when the outputs were made now (None: from the cache)
 
 
-def _parse_case(case: Case, output: bytes, suite: Suite) -> ParseResult:
+def parse_case(case: Case, output: bytes, suite: Suite) -> ParseResult:
     return parse(case.format, output, suite.formats[case.format])
 
 
-def _case_results(suite: Suite, data: dict) -> dict[str, CaseResult]:
+def case_results(suite: Suite, data: dict) -> dict[str, CaseResult]:
     by_id = {c.id: c for c in suite.cases}
     out = {}
     for item in data["cases"]:
         case = by_id[item["id"]]
         output = base64.b64decode(item["output_b64"])
-        out[case.id] = CaseResult(case, output, item["tokens"], item["stopped"], _parse_case(case, output, suite))
+        out[case.id] = CaseResult(case, output, item["tokens"], item["stopped"], parse_case(case, output, suite))
     return out
 
 
@@ -207,12 +210,11 @@ def reference_outputs(ref_path: Path, ref_sha: str, ref_quant: str, suite: Suite
         data = json.loads(meta_path.read_text())
     else:
         folder.mkdir(parents=True, exist_ok=True)
-        data = _call_worker(_base_request(ref_path, suite, threads, repack, prompting), timeout, on_progress)
-        from edgequant.quantize.atomic import atomic_write_text
+        data = call_worker(base_request(ref_path, suite, threads, repack, prompting), timeout, on_progress)
 
         atomic_write_text(meta_path, json.dumps(data))
         peak = data.get("process_peak_rss_bytes")
-    cases = _case_results(suite, data)
+    cases = case_results(suite, data)
     return Reference(quant=ref_quant, sha256=ref_sha, path=ref_path, cases=cases,
                      tokens={cid: c.tokens for cid, c in cases.items()},
                      prompting=data["prompting"], gen_tokens=data["gen_tokens"], gen_seconds=data["gen_seconds"],
@@ -371,8 +373,6 @@ def evaluate_gates(suite: Suite, metrics: list[QualityMetric]) -> list[dict[str,
 def _kv(cache_type: str | None) -> dict:
     """Request fields running a rung with K and V of ``cache_type``; flash attention on for a quantized
     V cache, which llama.cpp needs."""
-    from edgequant.profiles import FLOAT_CACHE_TYPES
-
     if not cache_type or cache_type == "f16":
         return {}
     return {"cache_type": cache_type, **({} if cache_type in FLOAT_CACHE_TYPES else {"flash_attn": "on"})}
@@ -382,7 +382,7 @@ def generate_rung(path: Path, suite: Suite, ref: Reference, threads: int, repack
                   on_progress: Callable[[str], None], cache_type: str | None = None) -> dict:
     """One rung's greedy outputs on every case (the worker's result), in a process of its own;
     ``cache_type`` runs it with that KV cache type (``bench.cache_types``)."""
-    return _call_worker({**_base_request(path, suite, threads, repack, ref.prompting), **_kv(cache_type)},
+    return call_worker({**base_request(path, suite, threads, repack, ref.prompting), **_kv(cache_type)},
                         timeout, on_progress)
 
 
@@ -402,7 +402,7 @@ def generating_context_bytes(path: Path, suite: Suite) -> int:
     v_len = meta.get(f"{arch}.attention.value_length")
     per_cell = n_layer * n_kv * (k_len + (v_len if isinstance(v_len, int) else k_len)) * 2
     cells = 0
-    for group in _groups(suite):
+    for group in case_groups(suite):
         head = len(group["system"]) + len(group["few_shot"]) + 64     # + the chat template's own tokens
         case = max(len(c["prompt"]) + c["max_tokens"] for c in group["cases"]) + 8
         cells = max(cells, head + EVAL_SLOTS * case)
@@ -452,12 +452,12 @@ def teacher_pass(ref: Reference, paths: list, suite: Suite, threads: int, repack
     if not paths:
         return {}, {}
     entries = [(p, None) if not isinstance(p, tuple) else p for p in paths]
-    req = _base_request(ref.path, suite, threads, repack, ref.prompting)
+    req = base_request(ref.path, suite, threads, repack, ref.prompting)
     req.update(op="teacher", reference=str(ref.path), tokens=ref.tokens,
                rungs=[{"path": str(p), **_kv(ct)} if _kv(ct) else str(p) for p, ct in entries])
     if generate:
         req.update(generate=True, margins=margins, **({} if tie_margin is None else {"tie_margin": tie_margin}))
-    data = _call_worker(req, timeout * len(paths), on_progress)
+    data = call_worker(req, timeout * len(paths), on_progress)
     if resources is not None:
         resources["peak_rss_bytes"] = data.get("process_peak_rss_bytes")
     keys = {orig: rung_key(str(p), _kv(ct).get("cache_type")) for orig, (p, ct) in zip(paths, entries)}
@@ -503,7 +503,7 @@ def compare_generations(spec: dict, plain: dict) -> list[GenerationDiff]:
 def rung_quality(quant: str, suite: Suite, ref: Reference, data: dict,
                  scores: dict[str, dict] | None) -> RungQuality:
     """A rung's figures from its outputs (``generate_rung``) and its token-level scores (``teacher_scores``)."""
-    results = _case_results(suite, data)
+    results = case_results(suite, data)
     for cid, sc in (scores or {}).items():
         results[cid].kld, results[cid].top1, results[cid].dp = sc["kld"], sc["top1"], sc.get("dp", [])
     metrics = compute_metrics(suite, results, ref, False, data["gen_tokens"], data["gen_seconds"])

@@ -48,9 +48,9 @@ from edgequant.bench.elf import NotElf, read_elf
 from edgequant.bench.llamacpp_tools import (CMAKE_CONFIGURE_FLAGS, BuildTree, Say, build_tree, cmake_build,
                                             installed_version, is_on, llama_cpp_source, locked, merge_defines,
                                             tools_root)
-from edgequant.errors import BadInput, RunFailed
-from edgequant.hashing import file_sha256
-from edgequant.quantize.atomic import atomic_write_text, clean_stale_partials, partial_name
+from edgequant.core.errors import BadInput, RunFailed
+from edgequant.core.hashing import file_sha256
+from edgequant.core.atomic import atomic_write_text, clean_stale_partials, partial_name
 
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1

@@ -27,10 +27,11 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from edgequant.errors import BadInput
+from edgequant.bench.quality_stats import non_inferiority_table
+from edgequant.core.errors import BadInput
 from edgequant.profiles import NEEDS_IMATRIX
-from edgequant.profiles.suites import Gate
-from edgequant.quantize.overrides import RungSpec, parse_rung
+from edgequant.profiles.rungs import RungSpec, parse_rung
+from edgequant.profiles.suite_records import Gate
 
 # High to low precision: the walk's levels.
 DEFAULT_TYPES = ("Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "IQ4_XS", "Q3_K_M", "Q2_K")
@@ -110,8 +111,6 @@ def gate_margin(gate: Gate, value: float | None) -> float:
 def relative_margin(gate: Gate, table: list[int] | None) -> tuple[float, str]:
     """A relative gate's signed margin (>= 0 only for PASS: the interval's lower bound above -margin)
     and its verdict in words; INCONCLUSIVE never passes."""
-    from edgequant.bench.quality_stats import non_inferiority_table
-
     if not table:
         return -math.inf, "not measured against the reference"
     ni = non_inferiority_table(*table, margin=gate.value)

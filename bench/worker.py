@@ -3,16 +3,17 @@
 The worker protocol (``host_worker``, ``eval_worker``, ``onnx_worker``, ...): a JSON request on stdin, one
 JSON object on the last line of stdout (the result, or ``{"error": ...}`` with exit code 1), and on stderr
 lines ``progress <phase>``, ``config <key>=<value> ...`` and anything else (kept as a short tail for the
-error message).
+error message).  The parent's side is ``run_worker``; the worker's side is ``serve``.
 
 The worker runs in its own session, so its process group is its own: a terminal's Ctrl-C reaches only us,
 and at the deadline (or on any exception here, KeyboardInterrupt included) the whole group is killed with
 SIGKILL, whether or not the worker is printing anything.  How it ended is classified once
-(``edgequant.status.classify_exit``) into ``WorkerExit.status``.
+(``edgequant.core.status.classify_exit``) into ``WorkerExit.status``.
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import selectors
@@ -20,11 +21,12 @@ import signal
 import subprocess
 import sys
 import time
+import traceback
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, TextIO
 
-from edgequant.children import die_with_parent
-from edgequant.status import RungStatus, classify_exit, exit_signal
+from edgequant.core.children import die_with_parent
+from edgequant.core.status import RungStatus, classify_exit, exit_signal
 
 STDERR_TAIL = 20
 
@@ -179,3 +181,58 @@ def run_worker(module: str, request: dict[str, Any], timeout: float,
         status = RungStatus.FAILED
     return WorkerExit(status=status, code=code, data=data, phase=run.phase, stderr_tail=run.tail,
                       config=run.config)
+
+
+# ---------------------------------------------------------------------------
+# the worker's side of the protocol
+
+
+class WorkerError(Exception):
+    """A failure reported to the parent as ``{"error": message}``."""
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to SIGKILL this process if the parent dies first (best effort)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        PR_SET_PDEATHSIG = 1
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _private_stdout() -> TextIO:
+    """A duplicate of stdout for the result; fd 1 then points at stderr."""
+    sys.stdout.flush()
+    fd = os.dup(1)
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    return os.fdopen(fd, "w", encoding="utf-8")
+
+
+def serve(handle: Callable[[Any, Callable[[str], None]], dict]) -> int:
+    """The worker protocol: a JSON request on stdin, one JSON line on stdout, progress on stderr."""
+    _die_with_parent()
+    out = _private_stdout()
+
+    def progress(text: str) -> None:
+        sys.stderr.write(f"progress {text}\n")
+        sys.stderr.flush()
+
+    try:
+        result = handle(json.loads(sys.stdin.read() or "null"), progress)
+        code = 0
+        if isinstance(result, dict):   # the whole process's peak RSS (KiB on Linux), for its stage's row
+            import resource
+
+            result.setdefault("process_peak_rss_bytes", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    except WorkerError as exc:
+        result, code = {"error": str(exc)}, 1
+    except json.JSONDecodeError as exc:
+        result, code = {"error": f"the request is not valid JSON: {exc}"}, 1
+    except Exception as exc:  # report anything else as one line too; traceback to stderr
+        traceback.print_exc()
+        result, code = {"error": f"{type(exc).__name__}: {exc}"}, 1
+    out.write(json.dumps(result) + "\n")
+    out.flush()
+    return code

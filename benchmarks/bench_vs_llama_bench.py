@@ -34,9 +34,10 @@ from typing import Callable, TypeVar
 from rich.console import Console
 from rich.table import Table
 
-from edgequant.bench.host import BenchError, measure_gguf
+from edgequant.bench.host import measure_gguf
+from edgequant.core.errors import BenchError
 from edgequant.bench.llamacpp_tools import build_llama_tool
-from edgequant.errors import EdgequantError
+from edgequant.core.errors import EdgequantError
 from edgequant.profiles import FLASH_ATTN, REPACK, BenchSettings
 
 TOLERANCE = {"pp": 0.10, "tg": 0.05}

@@ -132,7 +132,7 @@ def main() -> int:
     from edgequant import noise
     from edgequant.pipeline import host as pipeline
     from edgequant.bench.host import measure_gguf
-    from edgequant.paths import cache_dir
+    from edgequant.core.paths import cache_dir
     from edgequant.profiles import load_profile, with_bench_overrides
     from edgequant.results.compare import compare_runs
     from edgequant.results.gates import load_gates

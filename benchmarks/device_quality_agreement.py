@@ -36,7 +36,7 @@ from runner_vs_bench import ThisMachine  # noqa: E402 - this folder's own helper
 
 from edgequant.pipeline import device_quality as dq  # noqa: E402
 from edgequant.bench.device_bench import RemoteRunner  # noqa: E402
-from edgequant.bench.quality import _base_request, _call_worker  # noqa: E402
+from edgequant.bench.quality import base_request, call_worker  # noqa: E402
 from edgequant.bench.runner import open_runner_dir  # noqa: E402
 from edgequant.pipeline.host import NullReporter  # noqa: E402
 from edgequant.profiles.suites import load_suite  # noqa: E402
@@ -93,8 +93,8 @@ def main() -> int:
           f"tokens differ from the host eval's: {len(plan.differ)}")
     try:
         for gguf in ggufs:
-            req = _base_request(gguf, suite, args.threads, None, "auto")
-            host = {c["id"]: c for c in _call_worker(req, 3600, lambda p: None)["cases"]}
+            req = base_request(gguf, suite, args.threads, None, "auto")
+            host = {c["id"]: c for c in call_worker(req, 3600, lambda p: None)["cases"]}
             t0 = time.perf_counter()
             device, tokens, _secs = dq._run_rung(ctx, plan, str(work), str(gguf), gguf.stem, suite)
             wall = time.perf_counter() - t0

@@ -43,7 +43,7 @@ def main() -> int:
 
     from edgequant import estimate
     from edgequant.pipeline import host as pipeline
-    from edgequant.paths import cache_dir
+    from edgequant.core.paths import cache_dir
     from edgequant.profiles import load_profile
     from edgequant.profiles.suites import load_suite
     from edgequant.results.store import Store

@@ -119,7 +119,7 @@ def main() -> int:
     args = ap.parse_args()
 
     from edgequant.pipeline import host as pipeline
-    from edgequant.paths import cache_dir
+    from edgequant.core.paths import cache_dir
     from edgequant.profiles import load_profile
     from edgequant.profiles.suites import load_suite
 

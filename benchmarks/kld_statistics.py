@@ -83,9 +83,9 @@ def edgequant_stats(ref: Path, test: Path, text: str, n_ctx: int, threads: int) 
     import llama_cpp as L
 
     from edgequant.bench.eval_worker import RefRows, Session
-    from edgequant.bench.host_worker import _Log
+    from edgequant.bench.host_worker import WorkerLog
 
-    log = _Log(L, False)
+    log = WorkerLog(L, False)
     sessions = [Session(L, {"path": str(p), "threads": threads, "repack": False, "mmap": True}, log)
                 for p in (ref, test)]
     try:
@@ -149,7 +149,7 @@ def default_files(types: list[str]) -> tuple[Path, list[Path]]:
     """The embedded default model's reference and ``types`` rungs, built (or found) in the shared cache."""
     from dataclasses import replace
 
-    from edgequant.paths import cache_dir
+    from edgequant.core.paths import cache_dir
     from edgequant.pipeline.host import NullReporter, build_ladder, resolve_model
     from edgequant.profiles import load_profile
 

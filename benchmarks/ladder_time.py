@@ -61,7 +61,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="quantization threads (0 = physical cores)")
     args = ap.parse_args()
 
-    from edgequant.paths import cache_dir
+    from edgequant.core.paths import cache_dir
     from edgequant.profiles import load_profile
     from edgequant.quantize.default_model import materialize_default
     from edgequant.quantize.ladder import _physical_cores

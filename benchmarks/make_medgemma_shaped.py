@@ -204,7 +204,7 @@ def write_medgemma_shaped(dest: Path, tokenizer_dir: Path, layers: int = 34, vis
 
 
 def default_tokenizer_dir(cache_root: Path | None = None) -> Path:
-    from edgequant.paths import cache_dir
+    from edgequant.core.paths import cache_dir
     from edgequant.quantize.default_model import materialize_default
 
     return materialize_default(cache_root or cache_dir())

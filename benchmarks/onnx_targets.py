@@ -33,7 +33,7 @@ def main() -> int:
     ap.add_argument("--skip-quality", action="store_true")
     args = ap.parse_args()
 
-    from edgequant.paths import cache_dir
+    from edgequant.core.paths import cache_dir
     from edgequant.pipeline.host import NullReporter, build_ladder, resolve_model
     from edgequant.profiles import BenchSettings, _Checker, load_profile, parse_onnx
     from edgequant.quantize.onnx_export import OnnxLadder, install_exporter

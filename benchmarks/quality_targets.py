@@ -46,9 +46,9 @@ def edgequant_kld(ref: Path, test: Path, text: str, n_ctx: int, threads: int) ->
     import llama_cpp as L
 
     from edgequant.bench.eval_worker import Session, kld_rows
-    from edgequant.bench.host_worker import _Log
+    from edgequant.bench.host_worker import WorkerLog
 
-    log = _Log(L, False)
+    log = WorkerLog(L, False)
     sessions = [Session(L, {"path": str(p), "threads": threads, "repack": False, "mmap": True}, log)
                 for p in (ref, test)]
     tokens = sessions[0].tokenize(text, add_special=True)

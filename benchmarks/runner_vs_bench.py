@@ -34,10 +34,11 @@ from rich.table import Table
 
 from bench_vs_llama_bench import timed_with_contention  # this folder is on sys.path when run as a script
 from edgequant.bench.device_bench import RemoteRunner, run_device_bench
-from edgequant.bench.host import BenchError, measure_gguf
+from edgequant.bench.host import measure_gguf
+from edgequant.core.errors import BenchError
 from edgequant.bench.runner import build_runner
 from edgequant.devices.transport import DeviceError, ShellResult
-from edgequant.errors import EdgequantError
+from edgequant.core.errors import EdgequantError
 from edgequant.profiles import FLASH_ATTN, REPACK, BenchSettings
 
 TOLERANCE = 0.05

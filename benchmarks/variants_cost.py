@@ -38,9 +38,9 @@ from rich.console import Console
 from rich.table import Table
 
 from bench_vs_llama_bench import timed_with_contention  # this folder is on sys.path when run as a script
-from edgequant.bench.host import BenchError, measure_gguf
+from edgequant.bench.host import measure_gguf
+from edgequant.core.errors import BenchError, EdgequantError
 from edgequant.devices.host import host_device
-from edgequant.errors import EdgequantError
 from edgequant.profiles import BenchSettings
 from edgequant.profiles.variants import BenchVariant
 

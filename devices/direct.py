@@ -2,7 +2,7 @@
 
 Over TCP (``adb tcpip`` phones, DeviceFarmer/STF endpoints: ``host:port``) or
 USB (the ``usb`` extra).  adb-shell 0.4.4 has known faults, fixed here in our
-own subclass of its TCP transport, never by patching it:
+own subclass of its TCP transport (``edgequant.devices.adb_wire``), never by patching it:
 
 * it never sets ``TCP_NODELAY``, so every small packet waits for Nagle's
   delayed ACK (a 1 MiB push took 22 s);
@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import errno
 import os
-import select
 import socket
 import stat
 import struct
@@ -53,12 +52,14 @@ from typing import Callable
 
 from adb_shell.adb_device import AdbDevice
 from adb_shell.adb_message import AdbMessage
-from adb_shell.transport.tcp_transport import TcpTransport
 
+from edgequant.core.atomic import atomic_path
+from edgequant.core.errors import BadInput, one_line
 from edgequant.devices import exitcode
+from edgequant.devices.adb_wire import (A_CLSE, A_OKAY, A_OPEN, A_WRTE, DELAYED_ACK_WINDOW, HOST_BANNER, ConnectionClosed,
+                                        FixedTcpTransport, ServiceRefused, SyncFailed, byte_sum, byte_sums)
 from edgequant.devices.keys import UNAUTHORIZED_HINT, load_signers
 from edgequant.devices.transport import DeviceError, ProgressFn, ShellResult
-from edgequant.errors import one_line
 
 DEFAULT_PORT = 5555
 CONNECT_TIMEOUT_S = 10.0
@@ -68,303 +69,10 @@ AUTH_TIMEOUT_S = 30.0
 IO_TIMEOUT_S = 30.0
 
 
-class _Closed(ConnectionError):
-    """The device closed the connection."""
-
-
-class _Refused(ConnectionError):
-    """The device answered an OPEN with CLSE: the service is refused."""
-
-
-class _SyncFailed(Exception):
-    """adbd answered a push with FAIL and stopped reading the file."""
-
-
-_CNXN = int.from_bytes(b"CNXN", "little")
-_OPEN = int.from_bytes(b"OPEN", "little")
-_OKAY = int.from_bytes(b"OKAY", "little")
-_CLSE = int.from_bytes(b"CLSE", "little")
-_WRTE = int.from_bytes(b"WRTE", "little")
-_HEADER = struct.Struct("<6I")
-# Protocol versions: since A_VERSION_SKIP_CHECKSUM a side may send 0 instead of the payload's byte sum
-A_VERSION_MIN = 0x01000000
-A_VERSION_SKIP_CHECKSUM = 0x01000001
-# delayed_ack: the window granted when a stream opens (AOSP adb.h INITIAL_DELAYED_ACK_BYTES)
-DELAYED_ACK_WINDOW = 32 * 1024 * 1024
-# The features our CNXN banner asks for.  adbd splits the banner's properties on ';' and keeps the
-# banner's trailing NUL (which adb-shell adds) in the last one, so the list ends with a ';'.
-HOST_BANNER = "features=delayed_ack;"
-
-
-class FixedTcpTransport(TcpTransport):
-    """adb-shell's TCP transport with TCP_NODELAY, complete writes, EOF detection and a deadline."""
-
-    def __init__(self, host: str, port: int, offer_delayed_ack: bool = True):
-        super().__init__(host, port)
-        self.deadline: float | None = None   # monotonic time after which any I/O times out
-        self.offer_delayed_ack = offer_delayed_ack   # our CNXN banner asks for delayed acks (HOST_BANNER)
-        self._reset_watch()
-
-    def _reset_watch(self):
-        self._header = bytearray()   # the packet header being received
-        self._skip = 0               # payload bytes still to come of the current packet
-        self._cnxn: bytearray | None = None      # the device's CNXN banner, while it arrives
-        self._out_header = bytearray()   # the packet header being sent
-        self._out_skip = 0               # payload bytes still to go of the packet being sent
-        self._opening: set[int] = set()  # local ids of OPENs sent and not yet answered
-        self._unacked: dict[int, int] = {}   # delayed_ack: WRTE bytes received per local id, not yet acked
-        self._refused = False
-        self._rbuf = bytearray()     # bytes read by read_packet beyond the packets it returned
-        self.device_version = 0      # from the device's CNXN
-        self.device_max_payload = 0
-        self.device_features: frozenset[str] = frozenset()
-        self.delayed_ack = False     # both CNXN banners list delayed_ack
-
-    def connect(self, transport_timeout_s):
-        self._reset_watch()
-        super().connect(transport_timeout_s)
-        self._connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self._connection.setblocking(False)     # every wait goes through select() with our deadline
-
-    def _watch(self, data: bytes) -> None:
-        """Follow packet boundaries in the received bytes, note the device's CNXN, and note
-        the answer adb-shell would wait on until its timeout: a CLSE answering an OPEN that no
-        OKAY answered (adbd refusing the service).  A CLSE(0, id) ending a stream that was open
-        is a normal end, the way older daemons close every stream."""
-        i, n = 0, len(data)
-        while i < n:
-            if self._skip:
-                take = min(self._skip, n - i)
-                if self._cnxn is not None:
-                    self._cnxn += data[i:i + take]
-                self._skip -= take
-                i += take
-                if not self._skip and self._cnxn is not None:
-                    self._device_banner(bytes(self._cnxn))
-                    self._cnxn = None
-                continue
-            take = min(_HEADER.size - len(self._header), n - i)
-            self._header += data[i:i + take]
-            i += take
-            if len(self._header) == _HEADER.size:
-                cmd, arg0, arg1, length, _check, _magic = _HEADER.unpack(self._header)
-                self._header = bytearray()
-                self._skip = length
-                self.seen(cmd, arg0, arg1, length)
-                if cmd == _CNXN:
-                    self.device_version, self.device_max_payload = arg0, arg1
-                    self._cnxn = bytearray() if 0 < length <= 65536 else None
-                    if self._cnxn is None:
-                        self._device_banner(b"")
-
-    def seen(self, cmd: int, arg0: int, arg1: int, length: int) -> None:
-        """Keep the stream table up to date with one packet received from the device."""
-        if cmd == _OKAY:
-            self._opening.discard(arg1)
-        elif cmd == _CLSE:
-            self._unacked.pop(arg1, None)
-            if arg1 in self._opening:        # an OPEN answered with CLSE: refused
-                self._opening.discard(arg1)
-                self._refused = True
-        elif cmd == _WRTE and self.delayed_ack:
-            self._unacked[arg1] = self._unacked.get(arg1, 0) + length
-
-    def _device_banner(self, banner: bytes) -> None:
-        """``device::ro.product.name=...;features=a,b``: note the features (split as adbd does)."""
-        features: set[str] = set()
-        for prop in banner.decode("utf-8", "replace").partition("::")[2].split(";"):
-            key, _, value = prop.partition("=")
-            if key == "features":
-                features = set(value.rstrip("\0").split(","))
-        self.device_features = frozenset(features)
-        self.delayed_ack = self.offer_delayed_ack and "delayed_ack" in features
-
-    def _sent(self, data) -> bytes:
-        """Follow the packets we send: note OPENs, and under delayed acks give adb-shell's OPENs a
-        window and its OKAYs the byte count adbd then expects (AOSP: an OPEN's arg1 must be
-        non-zero, and every OKAY carry the bytes consumed, exactly when delayed acks are on)."""
-        if self._out_skip >= len(data):
-            self._out_skip -= len(data)
-            return data
-        out = None
-        i, n = 0, len(data)
-        while i < n:
-            if self._out_skip:
-                take = min(self._out_skip, n - i)
-                self._out_skip -= take
-                i += take
-                continue
-            take = min(_HEADER.size - len(self._out_header), n - i)
-            start = i - len(self._out_header)
-            self._out_header += bytes(data[i:i + take])
-            i += take
-            if len(self._out_header) < _HEADER.size:
-                continue
-            cmd, arg0, arg1, length, check, magic = _HEADER.unpack(self._out_header)
-            self._out_header = bytearray()
-            self._out_skip = length
-            if cmd == _CNXN and arg0 < A_VERSION_SKIP_CHECKSUM and start >= 0:
-                # skip checksums where the device allows it: a push of 1 MiB packets otherwise spends
-                # a millisecond per MiB on each side summing bytes TCP already checks
-                out = out if out is not None else bytearray(data)
-                out[start:start + _HEADER.size] = _HEADER.pack(cmd, A_VERSION_SKIP_CHECKSUM, arg1, length,
-                                                                check, magic)
-            elif cmd == _OPEN:
-                self._opening.add(arg0)
-                if self.delayed_ack and arg1 == 0 and start >= 0:
-                    out = out if out is not None else bytearray(data)
-                    out[start:start + _HEADER.size] = _HEADER.pack(cmd, arg0, DELAYED_ACK_WINDOW, length,
-                                                                    check, magic)
-            elif cmd == _OKAY and self.delayed_ack and length == 0 and start >= 0 and i == n:
-                acked = struct.pack("<i", min(self._unacked.pop(arg0, 0), 0x7FFFFFFF))
-                out = out if out is not None else bytearray(data)
-                out[start:start + _HEADER.size] = _HEADER.pack(cmd, arg0, arg1, 4, sum(acked), magic)
-                out += acked
-        return data if out is None else bytes(out)
-
-    def _wait(self, timeout_s):
-        if self.deadline is None:
-            return timeout_s
-        left = self.deadline - time.monotonic()
-        if left <= 0:
-            from adb_shell.exceptions import TcpTimeoutException
-
-            raise TcpTimeoutException(f"{self._host}:{self._port}: deadline passed")
-        return left if timeout_s is None else min(timeout_s, left)
-
-    def bulk_read(self, numbytes, transport_timeout_s):
-        if self._refused:  # adb-shell would wait for an OKAY that never comes
-            self._refused = False
-            raise _Refused(f"{self._host}:{self._port} refused the service")
-        if numbytes == _HEADER.size and not self._header and not self._skip:
-            self._fill_checksum(transport_timeout_s)
-        if self._rbuf:
-            data = bytes(self._rbuf[:numbytes])
-            del self._rbuf[:numbytes]
-        else:
-            data = self._recv(numbytes, transport_timeout_s)
-        self._watch(data)
-        return data
-
-    def _fill_checksum(self, timeout_s: float | None) -> None:
-        """adb-shell asks for a packet header: read the whole packet, and when the device left its
-        checksum 0 (as it may since A_VERSION_SKIP_CHECKSUM) put the byte sum adb-shell checks in it."""
-        buf = self._rbuf
-        while len(buf) < _HEADER.size:
-            buf += self._recv(1 << 16, timeout_s)
-        length, check = struct.unpack_from("<II", buf, 12)
-        if check or not length:
-            return
-        while len(buf) < _HEADER.size + length:
-            buf += self._recv(max(1 << 16, _HEADER.size + length - len(buf)), timeout_s)
-        struct.pack_into("<I", buf, 16, byte_sum(bytes(buf[_HEADER.size:_HEADER.size + length])))
-
-    def _recv(self, numbytes: int, timeout_s: float | None) -> bytes:
-        """Up to ``numbytes`` bytes: at once when some are there, else after select() (one syscall less)."""
-        try:
-            data = self._connection.recv(numbytes)
-        except (BlockingIOError, InterruptedError):
-            data = super().bulk_read(numbytes, self._wait(timeout_s))
-        if not data:
-            raise _Closed(f"{self._host}:{self._port} closed the connection")
-        return data
-
-    def bulk_write(self, data, transport_timeout_s):
-        written = len(data)
-        self._send_all(self._sent(data), transport_timeout_s)
-        return written
-
-    def _send_all(self, data, transport_timeout_s):
-        from adb_shell.exceptions import TcpTimeoutException
-
-        view = memoryview(data)
-        sent = 0
-        while sent < len(view):
-            try:        # send first, wait only when the socket buffer is full
-                sent += self._connection.send(view[sent:])
-                continue
-            except (BlockingIOError, InterruptedError):
-                pass
-            wait = self._wait(transport_timeout_s)
-            _, writable, _ = select.select([], [self._connection], [], wait)
-            if not writable:
-                raise TcpTimeoutException(f"sending to {self._host}:{self._port} timed out after {wait} s "
-                                          f"({sent} of {len(view)} bytes sent)")
-        return sent
-
-    # -- whole packets, for RawPush ------------------------------------------
-
-    @property
-    def needs_checksums(self) -> bool:
-        """Whether the device expects the payload's byte sum in each packet (it announced a version
-        before A_VERSION_SKIP_CHECKSUM; we announce that one, in place of adb-shell's 0x01000000)."""
-        return self.device_version < A_VERSION_SKIP_CHECKSUM
-
-    @property
-    def address(self) -> str:
-        return f"{self._host}:{self._port}"
-
-    def refusal_handled(self) -> None:
-        """The refusal was answered by the caller, not on adb-shell's next read."""
-        self._refused = False
-
-    def readable(self) -> bool:
-        """Whether the device already sent something (no wait)."""
-        return bool(self._rbuf) or (self._connection is not None
-                                    and bool(select.select([self._connection], [], [], 0)[0]))
-
-    def send_packet(self, cmd: int, arg0: int, arg1: int, payload=b"", timeout_s: float | None = None,
-                    check: int | None = None) -> None:
-        """One packet in one write: header and payload together.  ``check`` is the payload's byte sum
-        when the caller has it (adb-shell announces version 0x01000000: every payload carries it)."""
-        if check is None:
-            check = byte_sum(payload) if payload and self.needs_checksums else 0
-        if cmd == _OPEN:
-            self._opening.add(arg0)
-        # whole packets keep _sent's parser at a packet boundary, so it need not look at them
-        self._send_all(_HEADER.pack(cmd, arg0, arg1, len(payload), check, cmd ^ 0xFFFFFFFF) + payload, timeout_s)
-
-    def read_packet(self, timeout_s: float | None) -> tuple[int, int, int, bytes]:
-        """The next whole packet from the device (the stream table is kept up to date).
-
-        Reads what is there (several small packets in one call); the rest waits in a buffer
-        that adb-shell's own reads (``bulk_read``) take first."""
-        buf = self._rbuf
-        while len(buf) < _HEADER.size:
-            buf += self._recv(1 << 16, timeout_s)
-        cmd, arg0, arg1, length, _check, _magic = _HEADER.unpack_from(buf)
-        end = _HEADER.size + length
-        while len(buf) < end:
-            buf += self._recv(max(1 << 16, end - len(buf)), timeout_s)
-        payload = bytes(buf[_HEADER.size:end])
-        del buf[:end]
-        self.seen(cmd, arg0, arg1, length)
-        return cmd, arg0, arg1, payload
-
-
-def byte_sum(data) -> int:
-    """ADB's packet checksum: the sum of the payload's bytes, modulo 2**32."""
-    try:
-        import numpy as np
-    except ImportError:
-        return sum(data) & 0xFFFFFFFF
-    return int(np.frombuffer(data, np.uint8).sum(dtype=np.uint64)) & 0xFFFFFFFF
-
-
 SYNC_DATA_MAX = 64 * 1024       # the largest sync DATA message adbd takes (file_sync_service.h)
 HOST_MAX_PAYLOAD = 1024 * 1024  # what adb-shell announces in its CNXN
 _SYNC = struct.Struct("<4sI")
 _RAW_ID_BASE = 0x40000000       # RawPush's stream ids; adb-shell counts its own up from 1
-
-
-def byte_sums(data, size: int) -> list[int]:
-    """The checksums of ``data`` cut in payloads of ``size`` bytes (``len(data)`` a multiple of it)."""
-    try:
-        import numpy as np
-    except ImportError:
-        return [sum(data[i:i + size]) & 0xFFFFFFFF for i in range(0, len(data), size)]
-    sums = np.frombuffer(data, np.uint8).reshape(-1, size).sum(axis=1, dtype=np.uint64) & 0xFFFFFFFF
-    return sums.tolist()
 
 
 def _packets(pieces, size: int, block: int = 1 << 20, checksums: bool = True):
@@ -419,7 +127,7 @@ class RawPush:
             self._write(payload, check)
         while not self._answered():
             self._handle(*self.tcp.read_packet(self.io_timeout))
-        self.tcp.send_packet(_CLSE, self.local_id, self.remote_id, timeout_s=self.io_timeout)
+        self.tcp.send_packet(A_CLSE, self.local_id, self.remote_id, timeout_s=self.io_timeout)
         self._until(lambda: self.remote_id == 0)
 
     @staticmethod
@@ -436,20 +144,20 @@ class RawPush:
 
     def _open(self) -> None:
         tcp = self.tcp
-        tcp.send_packet(_OPEN, self.local_id, DELAYED_ACK_WINDOW if tcp.delayed_ack else 0, b"sync:\0",
+        tcp.send_packet(A_OPEN, self.local_id, DELAYED_ACK_WINDOW if tcp.delayed_ack else 0, b"sync:\0",
                         timeout_s=self.io_timeout)
         while True:
             cmd, arg0, arg1, payload = tcp.read_packet(self.io_timeout)
             if arg1 != self.local_id:
                 continue                        # a late packet of a stream adb-shell already closed
-            if cmd == _OKAY:
+            if cmd == A_OKAY:
                 self.remote_id = arg0
                 if len(payload) == 4:
                     self.window = struct.unpack("<i", payload)[0]
                 return
-            if cmd == _CLSE:
+            if cmd == A_CLSE:
                 tcp.refusal_handled()
-                raise _Refused(f"{tcp.address} refused the sync service")
+                raise ServiceRefused(f"{tcp.address} refused the sync service")
 
     def _write(self, payload, check: int) -> None:
         if self.window is None:
@@ -459,7 +167,7 @@ class RawPush:
             self._until(lambda: self.window > 0)
             self.window -= len(payload)
             self._poll()
-        self.tcp.send_packet(_WRTE, self.local_id, self.remote_id, payload, timeout_s=self.io_timeout, check=check)
+        self.tcp.send_packet(A_WRTE, self.local_id, self.remote_id, payload, timeout_s=self.io_timeout, check=check)
 
     def _until(self, done: Callable[[], bool]) -> None:
         while not done():
@@ -473,20 +181,20 @@ class RawPush:
     def _handle(self, cmd: int, arg0: int, arg1: int, payload: bytes) -> None:
         if arg1 != self.local_id or self.remote_id == 0:
             return
-        if cmd == _OKAY:
+        if cmd == A_OKAY:
             if self.window is None:
                 self._acked = True
             elif len(payload) == 4:
                 self.window += struct.unpack("<i", payload)[0]
-        elif cmd == _WRTE:
+        elif cmd == A_WRTE:
             self._reply += payload
             ack = struct.pack("<i", len(payload)) if self.window is not None else b""
-            self.tcp.send_packet(_OKAY, self.local_id, self.remote_id, ack, timeout_s=self.io_timeout)
+            self.tcp.send_packet(A_OKAY, self.local_id, self.remote_id, ack, timeout_s=self.io_timeout)
             self._answered()
-        elif cmd == _CLSE:
+        elif cmd == A_CLSE:
             self.remote_id = 0
             if not self._answered():
-                raise _SyncFailed("the device closed the file transfer before it finished")
+                raise SyncFailed("the device closed the file transfer before it finished")
 
     def _answered(self) -> bool:
         """True once the device said OKAY to the file; raises on its FAIL."""
@@ -498,8 +206,8 @@ class RawPush:
         if kind == b"FAIL":
             if len(self._reply) < _SYNC.size + length and self.remote_id:
                 return False
-            raise _SyncFailed(bytes(self._reply[_SYNC.size:_SYNC.size + length]).decode("utf-8", "replace"))
-        raise _SyncFailed(f"unexpected sync answer {bytes(self._reply[:4])!r}")
+            raise SyncFailed(bytes(self._reply[_SYNC.size:_SYNC.size + length]).decode("utf-8", "replace"))
+        raise SyncFailed(f"unexpected sync answer {bytes(self._reply[:4])!r}")
 
 
 class _FastSumMessage(AdbMessage):
@@ -535,8 +243,6 @@ def parse_address(address: str) -> tuple[str, int]:
     else:
         host, port = address, str(DEFAULT_PORT)
     if not host or not port.isdigit() or not 0 < int(port) < 65536:
-        from edgequant.errors import BadInput
-
         raise BadInput(f"device address {address!r} is not HOST:PORT (e.g. 192.168.1.20:5555)")
     return host, int(port)
 
@@ -605,10 +311,10 @@ class DirectTransport:
         self.close()
         if isinstance(exc, DeviceError):
             return exc
-        if isinstance(exc, _Refused):
+        if isinstance(exc, ServiceRefused):
             return DeviceError("refused", f"device {self.serial} refused the {service or 'requested'} service "
                                           f"while {doing} (adbd too old, or a restricted build); check the device")
-        if isinstance(exc, _SyncFailed):
+        if isinstance(exc, SyncFailed):
             detail = one_line(exc.args[0] if exc.args else exc, 200)
             kind = "no_space" if "space" in detail.lower() else "io"
             return DeviceError(kind, f"device {self.serial} failed while {doing}: {detail}")
@@ -620,7 +326,7 @@ class DirectTransport:
                                           "address, that the phone is reachable and `adb tcpip 5555` was run")
         if isinstance(exc, socket.gaierror):
             return DeviceError("offline", f"cannot resolve the device address {self.serial} ({exc.strerror})")
-        if isinstance(exc, (_Closed, ConnectionError)) or (isinstance(exc, OSError)
+        if isinstance(exc, (ConnectionClosed, ConnectionError)) or (isinstance(exc, OSError)
                                                            and exc.errno in (errno.EPIPE, errno.ECONNRESET)):
             return DeviceError("offline", f"device {self.serial} dropped the connection while {doing}; "
                                           "check the cable or network and retry")
@@ -684,8 +390,6 @@ class DirectTransport:
             self._set_deadline(None)
 
     def pull(self, remote: str, local: Path, timeout: float | None = None) -> None:
-        from edgequant.quantize.atomic import atomic_path
-
         local = Path(local)
         try:
             device = self._connected()

@@ -14,6 +14,7 @@ import re
 import secrets
 from dataclasses import asdict, dataclass, field
 
+from edgequant.devices.measured import MAX_TEXT_CHARS, DeviceOutputError, bounded
 from edgequant.devices.transport import Transport, quote
 
 ARM64_ABIS = ("arm64-v8a", "aarch64")
@@ -313,6 +314,54 @@ def big_core_count(clusters: list[Cluster]) -> int | None:
         return None
     slowest = min(c.max_khz for c in known)
     return len({cpu for c in known if c.max_khz > slowest for cpu in c.cpus}) or None
+
+
+# the big cores of a device in one shell round-trip (the default thread count of a measured command)
+
+
+def parse_cpu_topology(text: str) -> int:
+    """Big cores from ``policy <cpus> : <max kHz>`` and ``online <ranges>`` lines (``cpu_topology_command``).
+
+    Big = every online CPU outside the slowest cpufreq cluster (the rule of
+    ``big_core_count``); with one cluster (or no cpufreq), every
+    online CPU.  On a 1+3+4 phone that is 4.
+    """
+    text = bounded(text, MAX_TEXT_CHARS, "the CPU topology")
+    policies: list[tuple[set[int], int]] = []
+    online: set[int] = set()
+    for line in text.replace("\r\n", "\n").splitlines():
+        words = line.split()
+        if len(words) >= 4 and words[0] == "policy" and ":" in words:
+            colon = words.index(":")
+            cpus = {int(w) for w in words[1:colon] if w.isdigit() and len(w) < 5}
+            freq = words[colon + 1] if colon + 1 < len(words) else ""
+            if cpus and freq.isdigit() and len(freq) < 12:
+                policies.append((cpus, int(freq)))
+        elif len(words) == 2 and words[0] == "online":
+            online = set(parse_cpulist(words[1]))
+    clusters = [Cluster(tuple(sorted(cpus & online if online else cpus)), freq) for cpus, freq in policies]
+    big = big_core_count([c for c in clusters if c.cpus])
+    if big:
+        return big
+    if online:
+        return len(online)
+    if policies:
+        return len(set().union(*(cpus for cpus, _freq in policies)))
+    raise DeviceOutputError(f"cannot tell the device's CPUs from {text[:200]!r}")
+
+
+CPU_TOPOLOGY_COMMAND = (
+    "cd /sys/devices/system/cpu 2>/dev/null || exit 0; "
+    "for p in cpufreq/policy*; do [ -r \"$p/related_cpus\" ] && "
+    "echo \"policy $(cat \"$p/related_cpus\") : $(cat \"$p/cpuinfo_max_freq\" 2>/dev/null)\"; done; "
+    "echo \"online $(cat online 2>/dev/null)\""
+)
+
+
+def big_cores(transport: Transport, timeout: float = 30.0) -> int:
+    """The number of big cores: the default thread count on a device."""
+    result = transport.shell(CPU_TOPOLOGY_COMMAND, timeout)
+    return parse_cpu_topology(result.stdout)
 
 
 def recommended_threads(facts: DeviceFacts) -> int:

@@ -24,23 +24,7 @@ from typing import Callable
 
 from edgequant.devices.facts import HEALTH_SECTIONS, DeviceFacts, collect_facts
 from edgequant.devices.transport import Transport
-from edgequant.errors import BadInput
-
-
-@dataclass(frozen=True)
-class CoolDown:
-    max_status: int = 0            # 0 = "none": no throttling requested by the thermal service
-    max_celsius: float = 40.0      # battery temperature (else the hottest sensor)
-    max_wait_s: float = 300.0
-    poll_s: float = 10.0
-
-    def __post_init__(self):
-        if not 0 <= self.max_status <= 6:
-            raise BadInput(f"cool-down thermal status {self.max_status} is not an Android thermal status (0-6)")
-        if not -20 < self.max_celsius < 120:
-            raise BadInput(f"cool-down temperature {self.max_celsius} °C is out of range (-20..120)")
-        if self.max_wait_s < 0 or self.poll_s <= 0:
-            raise BadInput("cool-down wait and poll interval must be positive")
+from edgequant.profiles import CoolDown  # the policy is declarative: it lives with the profile
 
 
 @dataclass(frozen=True)

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass
 
+from edgequant.core.errors import EdgequantError, one_line
+from edgequant.core.paths import cache_dir
 from edgequant.devices import select
 from edgequant.devices.facts import DeviceFacts, collect_facts, recommended_threads
+from edgequant.devices.host import host_device
 from edgequant.devices.transport import DeviceError
-from edgequant.errors import EdgequantError, one_line
 
 
 def unusable_reason(facts: DeviceFacts) -> str | None:
@@ -44,11 +47,6 @@ class Entry:
 
 
 def _host_facts() -> DeviceFacts:
-    import shutil
-
-    from edgequant.devices.host import host_device
-    from edgequant.paths import cache_dir
-
     import psutil
 
     h = host_device()

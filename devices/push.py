@@ -33,8 +33,8 @@ from typing import Callable
 
 from edgequant.devices.facts import parse_df
 from edgequant.devices.transport import DeviceError, Transport, quote
-from edgequant.errors import BadInput
-from edgequant.hashing import file_sha256
+from edgequant.core.errors import BadInput
+from edgequant.core.hashing import file_sha256
 
 MARKER = ".edgequant"
 MODELS = "models"

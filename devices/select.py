@@ -27,8 +27,9 @@ import re
 from dataclasses import dataclass
 from typing import Callable
 
+from edgequant.core.errors import BadInput
+from edgequant.devices.keys import UNAUTHORIZED_HINT
 from edgequant.devices.transport import DeviceError, Transport
-from edgequant.errors import BadInput
 
 DEFAULT_DEVICE_DIR = "/data/local/tmp/edgequant"
 
@@ -93,6 +94,7 @@ def _tcp_target(addr: str, spec: str) -> Target:
 
 @register_transport("direct", prefix="tcp", parse=_tcp_target)
 def _open_direct(target: Target) -> Transport:
+    # each transport module loads its adb library (adb_shell, adbutils) when it is imported: only when used
     from edgequant.devices.direct import DirectTransport
 
     return DirectTransport(target.serial, usb=target.usb)
@@ -186,8 +188,6 @@ def _describe(known: list[Known]) -> str:
 
 def check_state(k: Known) -> None:
     if k.state == "unauthorized":
-        from edgequant.devices.keys import UNAUTHORIZED_HINT
-
         raise DeviceError("unauthorized", f"device {k.serial} is unauthorized: {UNAUTHORIZED_HINT}")
     if k.state != "device":
         raise DeviceError("offline", f"device {k.serial} is {k.state}: reconnect it (or restart adb) and retry")

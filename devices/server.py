@@ -24,6 +24,8 @@ import struct
 import time
 from pathlib import Path
 
+from edgequant.core.atomic import atomic_path
+from edgequant.core.errors import BadInput
 from edgequant.devices import exitcode
 from edgequant.devices.keys import UNAUTHORIZED_HINT
 from edgequant.devices.transport import DeviceError, ProgressFn, ShellResult
@@ -37,8 +39,6 @@ def server_address(env: dict[str, str] | None = None) -> tuple[str, int]:
     host = env.get("ANDROID_ADB_SERVER_HOST") or "127.0.0.1"
     port = env.get("ANDROID_ADB_SERVER_PORT") or "5037"
     if not port.isdigit():
-        from edgequant.errors import BadInput
-
         raise BadInput(f"ANDROID_ADB_SERVER_PORT={port!r} is not a port number")
     return host, int(port)
 
@@ -227,8 +227,6 @@ class ServerTransport:
             raise self._error(exc, f"pushing {local.name}") from None
 
     def pull(self, remote: str, local: Path, timeout: float | None = None) -> None:
-        from edgequant.quantize.atomic import atomic_path
-
         try:
             with atomic_path(Path(local)) as tmp:
                 self._device.sync.pull_file(remote, tmp)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Protocol
 
-from edgequant.errors import RunFailed
+from edgequant.core.errors import RunFailed
 
 # Called with (bytes done, bytes total) while a file moves.
 ProgressFn = Callable[[int, int], None]

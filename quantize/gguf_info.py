@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import mmap
+import os
+import shutil
 import struct
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from edgequant.errors import RunFailed
-from edgequant.hashing import file_sha256  # noqa: F401  (artifact code imports it from here)
+from edgequant.core.errors import RunFailed
+from edgequant.core.hashing import file_sha256  # noqa: F401  (artifact code imports it from here)
 
 GGUF_MAGIC = b"GGUF"
 
@@ -81,7 +84,6 @@ def read_gguf_layout(path: Path) -> GGUFLayout:
     which for a 262k-token vocabulary takes tens of seconds per file, while only
     the offsets, the scalar metadata and the tensor table are needed here.
     """
-    import mmap
 
     import gguf
 
@@ -175,8 +177,6 @@ def add_metadata(path: Path, values: dict[str, str | int]) -> None:
     """Add key-value pairs to a GGUF's metadata (strings, and integers as INT32, as llama-quantize writes its
     ``quantize.imatrix.*`` keys).  The tensor table and data are copied unchanged (tensor offsets count from
     the data section); the file is rewritten under a temporary name beside it, then renamed over it."""
-    import os
-    import shutil
 
     import gguf
 

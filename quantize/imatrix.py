@@ -37,11 +37,11 @@ from typing import Callable
 
 import numpy as np
 
-from edgequant.errors import BadInput, RunFailed
-from edgequant.hashing import file_sha256
-from edgequant.profiles.suites import Suite
-from edgequant.children import die_with_parent
-from edgequant.quantize.atomic import atomic_write_text
+from edgequant.core.errors import BadInput, RunFailed
+from edgequant.core.hashing import file_sha256
+from edgequant.profiles.suite_records import Suite
+from edgequant.core.children import die_with_parent
+from edgequant.core.atomic import atomic_write_text
 
 # A split needs at least this many cases on each side, and every format of the
 # suite needs at least one case on each side (two in all).
@@ -237,7 +237,7 @@ def count_tokens(model: Path, text: str) -> int:
     """Tokens of ``text`` with the model's own tokenizer (vocab-only load: no weights are read)."""
     import llama_cpp
 
-    from edgequant.quantize.ladder import silence_llama_logs
+    from edgequant.quantize.ladder import silence_llama_logs  # function-level: ladder imports this module (a cycle)
 
     silence_llama_logs()
     llm = llama_cpp.Llama(str(model), vocab_only=True, verbose=False)

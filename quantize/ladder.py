@@ -15,6 +15,7 @@ import ctypes
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -25,16 +26,16 @@ from importlib import metadata
 from pathlib import Path
 from typing import Callable
 
-from edgequant.errors import BadInput, RunFailed
+from edgequant.core.atomic import atomic_path, atomic_write_text, clean_stale_partials
+from edgequant.core.errors import BadInput, RunFailed
 from edgequant.profiles import Profile, quant_types
-from edgequant.quantize.atomic import atomic_path, clean_stale_partials
 from edgequant.quantize.checkpoint import Checkpoint
 from edgequant.quantize.gguf_info import (BadGGUF, add_metadata, estimated_bits_per_weight, file_sha256,
                                           read_gguf_info)
-from edgequant.children import die_with_parent
-from edgequant.meter import StageMeter
-from edgequant.status import RungStatus, classify_exit, exit_signal, signal_name
-from edgequant.quantize.overrides import RungSpec, parse_rung, tensor_types
+from edgequant.core.children import die_with_parent
+from edgequant.core.meter import StageMeter
+from edgequant.core.status import RungStatus, classify_exit, exit_signal, signal_name
+from edgequant.profiles.rungs import RungSpec, parse_rung, tensor_types
 from edgequant.quantize.verified import ArtifactChanged  # noqa: F401 - importers of the ladder find it here
 from edgequant.quantize.verified import (CacheCheck, check_entry, files_signature, recheck, signature_of, verify,
                                          write_manifest)
@@ -199,8 +200,6 @@ class ImatrixProvider:
 
 
 def _file_stem(name: str) -> str:
-    import re
-
     return re.sub(r"[^A-Za-z0-9_.=+-]", "_", name)
 
 
@@ -483,7 +482,7 @@ class Ladder:
             keep.append(arr)
             params.tt_overrides = ctypes.cast(arr, ctypes.POINTER(llama_cpp.llama_model_tensor_override))
         if spec.imatrix:
-            from edgequant.quantize.imatrix import ImatrixArray, load_imatrix
+            from edgequant.quantize.imatrix import ImatrixArray, load_imatrix  # numpy; imatrix imports ladder (a cycle)
 
             reference = self._reference
             imx = self.imatrix.get(reference, report)

@@ -42,17 +42,18 @@ import shutil
 import subprocess
 import sys
 import time
+import traceback
 from collections import Counter
 from dataclasses import asdict, dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable
 
-from edgequant.errors import BadInput, RunFailed
+from edgequant.core.atomic import atomic_path, atomic_write_text, clean_stale_partials
+from edgequant.core.children import die_with_parent
+from edgequant.core.errors import BadInput, RunFailed
 from edgequant.profiles import OnnxSpec, OnnxVariant, Profile
-from edgequant.quantize.atomic import atomic_path, clean_stale_partials
 from edgequant.quantize.checkpoint import Checkpoint
-from edgequant.children import die_with_parent
 from edgequant.quantize.ladder import Artifact, free_bytes
 from edgequant.quantize.verified import CacheCheck, check_entry, files_signature, recheck, signature_of, write_manifest
 
@@ -69,8 +70,8 @@ PROTOBUF_LIMIT = 2 * 1024 ** 3          # a single ONNX protobuf cannot exceed 2
 _DISK_MARGIN = 256 * 1024 * 1024
 # Export memory per parameter: the fp32 torch model (4 B), the traced graph and the
 # ONNX protobuf holding a copy of every weight (4 B), plus slack for the tracer.
-_EXPORT_BYTES_PER_PARAM = 10
-_EXPORT_BASE = 1024 ** 3
+EXPORT_BYTES_PER_PARAM = 10
+EXPORT_BASE = 1024 ** 3
 # Bits per parameter of each kind's file, for the disk estimate (fp32 carries the tied
 # embedding twice: the Gather table and the lm_head MatMul).
 _EST_BITS = {"fp32": 48.0, "fp16": 24.0, "int8": 12.0, "int4": 8.0}
@@ -318,9 +319,9 @@ class OnnxLadder:
         disk = sum(int(n * _EST_BITS[p.variant.kind] / 8) for p in missing)
         memory = 0
         if not self.export_plan().model.is_file():
-            memory = n * _EXPORT_BYTES_PER_PARAM + _EXPORT_BASE
+            memory = n * EXPORT_BYTES_PER_PARAM + EXPORT_BASE
         elif missing:
-            memory = n * 4 * 3 + _EXPORT_BASE   # a variant loads the fp32 model and writes its own
+            memory = n * 4 * 3 + EXPORT_BASE   # a variant loads the fp32 model and writes its own
         return memory, disk
 
     def check_resources(self, free_memory: int | None = None, free_disk: int | None = None) -> None:
@@ -612,7 +613,6 @@ def _worker(argv: list[str]) -> int:
     except MemoryError:
         result, code = {"error": "out of memory"}, 1
     except Exception as exc:  # noqa: BLE001 - reported as one line; the traceback goes to the log
-        import traceback
 
         traceback.print_exc()
         result, code = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"}, 1

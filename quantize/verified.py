@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from edgequant.errors import RunFailed
-from edgequant.quantize.atomic import atomic_write_text
+from edgequant.core.errors import RunFailed
+from edgequant.core.atomic import atomic_write_text
 
 # report(task, done, total): task names the step, done/total in bytes (total None = unknown)
 Progress = Callable[[str, float, "float | None"], None]

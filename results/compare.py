@@ -28,9 +28,12 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 from xml.etree import ElementTree as ET
 
+from edgequant.bench.quality import case_outcomes as one_case
 from edgequant.bench.quality_stats import non_inferiority, paired_degradation
 from edgequant.bench.stats import mann_whitney_greater
-from edgequant.errors import BadInput
+from edgequant.core.errors import BadInput
+from edgequant.profiles.suite_records import LOWER_IS_BETTER
+from edgequant.profiles.suites import load_suite
 from edgequant.results.gates import Gates
 from edgequant.results.store import Store
 
@@ -314,8 +317,6 @@ def _cases_by_rung(store: Store, run_id: str) -> dict[tuple[str, str], dict[str,
 
 def _suite_for(params: dict[str, Any]):
     """The suite whose gold labels judge the cases, if it is loadable and unchanged (same sha256)."""
-    from edgequant.profiles.suites import load_suite
-
     name = params.get("suite")
     if not name:
         return None
@@ -330,9 +331,6 @@ def case_outcomes(cases: dict[str, dict], suite) -> dict[str, dict[str, bool]]:
     """Per metric, per case id: was this case right?  With the suite's gold labels, the quality stage's
     outcomes (``bench.quality.case_outcomes``; for over-refusal and valid-but-wrong "right" is the good
     outcome: not refusing, not parsed-but-wrong); without them, a case is right when its output parsed."""
-    from edgequant.bench.quality import case_outcomes as one_case
-    from edgequant.profiles.suites import LOWER_IS_BETTER
-
     out: dict[str, dict[str, bool]] = {}
     if suite is None:
         for cid, r in cases.items():

@@ -28,7 +28,7 @@ import statistics
 import time
 from typing import Any
 
-from edgequant.errors import BadInput
+from edgequant.core.errors import BadInput
 from edgequant.results.store import Store
 
 # (field, type) in llama-bench's order; types as llama-bench's get_field_type: STRING, INT, BOOL, FLOAT

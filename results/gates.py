@@ -13,7 +13,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from edgequant.errors import BadInput
+from edgequant.core.errors import BadInput
 
 MAX_BYTES = 1 << 16
 SECTIONS = {

@@ -19,12 +19,15 @@ from html import escape
 from pathlib import Path
 from typing import Any, Iterable
 
+from edgequant.core.atomic import atomic_write_text
 from edgequant.results import plots
 from edgequant.results.pick import (check_quality_measure, higher_is_better, quality_description, quality_label,
                                     quality_score, rung_front)
-from edgequant.results.report import (QUALITY_HEADERS, RunReport, _caption, _cells, _columns, gates_of,
-                                      _quality_caption, _quality_cell, flip_counts, kld_statistics, per_device,
-                                      quality_columns, rung_record, summarize)
+from edgequant.results.report import (ENERGY_COLUMNS, SUSTAINED_COLUMNS, energy_cells, quality_caption, quality_cell,
+                                      speed_caption, speed_cells, speed_columns, sustained_cells)
+from edgequant.results.summary import (QUALITY_HEADERS, RunReport, energy_records, flip_counts, gates_of,
+                                       kld_statistics, per_device, quality_columns, rung_record, summarize,
+                                       sustained_records)
 from edgequant.results.store import Store
 
 HISTORY_RUNS = 30          # runs of the same model shown in the history plots
@@ -135,12 +138,12 @@ def _comparison(rep: RunReport) -> str:
     rows = []
     for rung in rep.rungs:
         rec = rung_record(rep, rung)
-        cells = _cells(rec)
+        cells = speed_cells(rec)
         titles = [""] * (len(cells) - 1) + [rung.detail or ""]          # the status cell explains itself
         for i, name in ((4, "pp_tps"), (5, "tg_tps")):                  # the speed cells: their stability
             titles[i] = _stability_title(rec, name, rung.metrics.get(name))
         rows.append((cells, "ref" if rung.is_reference else ("bad" if rung.status != "ok" else ""), titles))
-    return f'<p class="caption">{_e(_caption(rep))}</p>' + _table(_columns(rep), rows, "cmp")
+    return f'<p class="caption">{_e(speed_caption(rep))}</p>' + _table(speed_columns(rep), rows, "cmp")
 
 
 def _stability_title(rec: dict, name: str, stat) -> str:
@@ -178,7 +181,7 @@ def _quality(rep: RunReport) -> str:
     cols = quality_columns(rep)
     if not cols:
         return '<p class="note">No quality figures in this run (it ran with --no-quality).</p>'
-    rows = [([rung.quant + (" (ref)" if rung.is_reference else "")] + [_quality_cell(rung, m) for m in cols],
+    rows = [([rung.quant + (" (ref)" if rung.is_reference else "")] + [quality_cell(rung, m) for m in cols],
              "ref" if rung.is_reference else "", _gate_titles(rung, cols)) for rung in rep.rungs]
     gates = []
     for rung in rep.rungs:
@@ -194,7 +197,7 @@ def _quality(rep: RunReport) -> str:
         gates.insert(0, f"quality measured on {where} from the same GGUF files (it depends on the file, "
                         f"not on the device)")
     notes = "".join(f'<p class="note">{_e(g)}</p>' for g in gates)
-    return (f'<p class="caption">{_e(_quality_caption(rep))}</p>'
+    return (f'<p class="caption">{_e(quality_caption(rep))}</p>'
             + _table(["rung"] + [QUALITY_HEADERS[m] for m in cols], rows, "quality") + notes
             + _flips(rep) + _kld(rep))
 
@@ -319,23 +322,19 @@ def _case_flips(rung) -> dict[str, list[str]]:
 
 
 def _energy_html(rep: RunReport) -> str:
-    from edgequant.results.report import ENERGY_COLUMNS, _energy_cells, energy_records
-
     records = energy_records(rep)
     if not records:
         return ""
     return ("<h3>energy per generated token (phone battery)</h3>"
-            + _table(ENERGY_COLUMNS, [(_energy_cells(rec), "", []) for rec in records]))
+            + _table(ENERGY_COLUMNS, [(energy_cells(rec), "", []) for rec in records]))
 
 
 def _sustained(rep: RunReport) -> str:
     """[sustained]: the table of the back-to-back runs and their curve (tg per run, temperature)."""
-    from edgequant.results.report import SUSTAINED_COLUMNS, _sustained_cells, sustained_records
-
     records = sustained_records(rep)
     if not records:
         return ""
-    rows = [(_sustained_cells(rec), "", []) for rec in records]
+    rows = [(sustained_cells(rec), "", []) for rec in records]
     curves = {rec["quant"]: rec["runs"] for rec in records if rec["runs"]}
     out = "<h3>sustained: back-to-back generation runs, no cool-down</h3>" + _table(SUSTAINED_COLUMNS, rows)
     if curves:
@@ -384,7 +383,5 @@ def render_html(store: Store, run_id: str, quality: str = "quality", history_run
 
 
 def write_html(store: Store, run_id: str, path: Path, quality: str = "quality") -> Path:
-    from edgequant.quantize.atomic import atomic_write_text
-
     atomic_write_text(path, render_html(store, run_id, quality))
     return path

@@ -22,7 +22,7 @@ from __future__ import annotations
 import re
 from typing import Any, Sequence
 
-from edgequant.errors import BadInput, RunFailed
+from edgequant.core.errors import BadInput, RunFailed
 
 URL_PREFIXES = ("postgresql://", "postgres://")
 CONNECT_TIMEOUT_S = 10

@@ -18,11 +18,13 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from edgequant.errors import BadInput
-from edgequant.profiles.suites import Gate, parse_gate
-from edgequant.results.report import (LOWER_IS_BETTER_RATES, QUALITY_HEADERS, QUALITY_RATES, RunReport, RungSummary,
-                                      per_device, summarize)
+from edgequant.core.errors import BadInput
+from edgequant.profiles.suite_records import Gate
+from edgequant.profiles.suites import parse_gate
 from edgequant.results.store import Store
+from edgequant.results.summary import (LOWER_IS_BETTER_RATES, QUALITY_HEADERS, QUALITY_RATES, RunReport, RungSummary,
+                                       per_device, summarize)
+from edgequant.bench.tune import relative_margin
 
 # ---------------------------------------------------------------------------
 # quality as one number per rung
@@ -359,8 +361,6 @@ def _constraint_value(rung: RungSummary, group: list[RungSummary], metric: str) 
 
 def _relative_miss(rung: RungSummary, con: Constraint) -> Miss | None:
     """None when the rung PASSes the relative gate; FAIL and INCONCLUSIVE both exclude it."""
-    from edgequant.bench.tune import relative_margin
-
     s = rung.metrics.get(con.gate.metric)
     table = (s.detail or {}).get("paired") if s is not None else None
     gap, words = relative_margin(con.gate, table)

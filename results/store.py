@@ -23,167 +23,24 @@ import json
 import math
 import os
 import re
+import shutil
 import socket
 import sqlite3
+import threading
 import time
 import uuid
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 import psutil
 
-from edgequant.errors import BadInput, RunFailed
+from edgequant import __version__
+from edgequant.core.errors import BadInput, RunFailed
+from edgequant.results.pg import PgConnection, is_postgres_url
+from edgequant.results.migrations import MIGRATIONS
 
-# Named, append-only: never edit or reorder an entry, only add new ones.
-MIGRATIONS: list[tuple[str, str]] = [
-    ("001_runs_and_measurements", """
-        CREATE TABLE runs (
-            run_id TEXT PRIMARY KEY,
-            started_at REAL NOT NULL,
-            finished_at REAL,
-            status TEXT NOT NULL CHECK (status IN ('running', 'complete', 'partial', 'failed')),
-            status_detail TEXT,
-            command TEXT NOT NULL,
-            profile TEXT,
-            model_id TEXT,
-            model_hash TEXT,
-            edgequant_version TEXT NOT NULL,
-            hostname TEXT NOT NULL,
-            pid INTEGER NOT NULL,
-            prep_seconds REAL
-        );
-        CREATE TABLE artifacts (
-            sha256 TEXT PRIMARY KEY,
-            model_hash TEXT NOT NULL,
-            quant TEXT NOT NULL,
-            format TEXT NOT NULL,
-            size_bytes INTEGER NOT NULL,
-            n_params INTEGER NOT NULL,
-            bits_per_weight REAL NOT NULL,
-            tensor_types TEXT NOT NULL,
-            cache_key TEXT NOT NULL,
-            path TEXT NOT NULL,
-            created_at REAL NOT NULL
-        );
-        CREATE TABLE measurements (
-            id INTEGER PRIMARY KEY AUTOINCREMENT,
-            run_id TEXT NOT NULL REFERENCES runs(run_id),
-            model_id TEXT NOT NULL,
-            model_hash TEXT NOT NULL,
-            quant TEXT NOT NULL,
-            artifact_sha256 TEXT NOT NULL,
-            is_reference INTEGER NOT NULL,
-            device_id TEXT NOT NULL,
-            device TEXT NOT NULL,
-            runtime TEXT NOT NULL,
-            runtime_version TEXT NOT NULL,
-            params TEXT NOT NULL,
-            metric TEXT NOT NULL,
-            value REAL NOT NULL,
-            stddev REAL,
-            repetitions INTEGER,
-            unit TEXT NOT NULL,
-            measured_at REAL NOT NULL
-        );
-        CREATE INDEX measurements_run ON measurements(run_id);
-        CREATE INDEX measurements_key ON measurements(model_hash, quant, device_id, metric);
-        CREATE TABLE rung_status (
-            run_id TEXT NOT NULL REFERENCES runs(run_id),
-            quant TEXT NOT NULL,
-            device_id TEXT NOT NULL,
-            status TEXT NOT NULL,
-            detail TEXT,
-            PRIMARY KEY (run_id, quant, device_id)
-        );
-    """),
-    ("002_quality_detail_and_cases", """
-        ALTER TABLE measurements ADD COLUMN detail TEXT;
-        CREATE TABLE eval_cases (
-            run_id TEXT NOT NULL REFERENCES runs(run_id),
-            quant TEXT NOT NULL,
-            device_id TEXT NOT NULL,
-            suite TEXT NOT NULL,
-            case_id TEXT NOT NULL,
-            format TEXT NOT NULL,
-            ok INTEGER NOT NULL,
-            refusal INTEGER NOT NULL,
-            reason TEXT,
-            fields TEXT NOT NULL,
-            output TEXT NOT NULL,
-            stopped TEXT,
-            n_tokens INTEGER,
-            PRIMARY KEY (run_id, quant, device_id, case_id)
-        );
-    """),
-    ("003_tags_and_run_indexes", """
-        CREATE TABLE tags (
-            name TEXT PRIMARY KEY,
-            run_id TEXT NOT NULL REFERENCES runs(run_id),
-            tagged_at REAL NOT NULL
-        );
-        CREATE INDEX runs_started ON runs(started_at);
-        CREATE INDEX runs_status_started ON runs(status, started_at);
-    """),
-    ("004_calibration_splits", """
-        CREATE TABLE calibration_splits (
-            split_sha256 TEXT NOT NULL,
-            suite TEXT NOT NULL,
-            suite_sha256 TEXT NOT NULL,
-            case_id TEXT NOT NULL,
-            role TEXT NOT NULL CHECK (role IN ('calibration', 'evaluation')),
-            PRIMARY KEY (split_sha256, case_id)
-        );
-    """),
-    ("005_noise_floors", """
-        CREATE TABLE noise_floors (
-            id INTEGER PRIMARY KEY AUTOINCREMENT,
-            device_id TEXT NOT NULL,
-            quant TEXT NOT NULL,
-            artifact_sha256 TEXT NOT NULL,
-            metric TEXT NOT NULL,
-            floor_pct REAL NOT NULL,
-            n_runs INTEGER NOT NULL,
-            medians TEXT NOT NULL,
-            params TEXT NOT NULL,
-            measured_at REAL NOT NULL
-        );
-        CREATE INDEX noise_floors_place ON noise_floors(device_id, metric, measured_at);
-    """),
-    ("006_run_heartbeat", """
-        ALTER TABLE runs ADD COLUMN heartbeat_at REAL;
-    """),
-    # stage and place as columns (``stage_of``/``place_of``: the same rule, for new rows); old rows back-filled
-    ("007_s15p_stage_place", """
-        ALTER TABLE measurements ADD COLUMN stage TEXT NOT NULL DEFAULT 'bench';
-        ALTER TABLE measurements ADD COLUMN place TEXT NOT NULL DEFAULT 'host';
-        UPDATE measurements SET stage = COALESCE(json_extract(params, '$.stage'), 'bench'),
-            place = CASE WHEN json_extract(params, '$.runner') = 'device'
-                              OR json_extract(params, '$.where') = 'device' THEN 'device' ELSE 'host' END;
-        CREATE INDEX measurements_stage_place ON measurements(run_id, stage, place);
-    """),
-    # one row per stage a run ran or reused (conversion, each quantization, each benchmark process, the
-    # eval's reference, generation and teacher processes): its peak RSS and time (edgequant.estimate)
-    ("008_s19r_stage_resources", """
-        CREATE TABLE stage_resources (
-            id INTEGER PRIMARY KEY AUTOINCREMENT,
-            run_id TEXT NOT NULL REFERENCES runs(run_id),
-            stage TEXT NOT NULL,
-            quant TEXT NOT NULL,
-            device_id TEXT NOT NULL,
-            n_params INTEGER,
-            seconds REAL,
-            peak_rss_bytes REAL,
-            status TEXT NOT NULL,
-            reused INTEGER NOT NULL DEFAULT 0,
-            detail TEXT,
-            measured_at REAL NOT NULL
-        );
-        CREATE INDEX stage_resources_run ON stage_resources(run_id, id);
-        CREATE INDEX stage_resources_place ON stage_resources(device_id, stage, measured_at);
-    """),
-]
 
 # what a measurement row measured (its ``stage`` column): llama-bench-like speed and memory ("bench"), the eval
 # suite ("quality"), a [sustained] series ("sustained"), tune's verdicts ("tune"); and where (``place``):
@@ -254,8 +111,6 @@ class RowKey:
 def _finite_only(measurements: Iterable[Measurement]) -> tuple[list[Measurement], list[str]]:
     """(the measurements whose value is a finite number, with a non-finite stddev dropped; "METRIC=VALUE"
     of the others)."""
-    from dataclasses import replace
-
     good, bad = [], []
     for m in measurements:
         if not math.isfinite(float(m.value)):     # None is a bug, not a figure: TypeError
@@ -296,8 +151,6 @@ def sqlite_problem(path: str, exc: sqlite3.Error) -> str:
     if "full" in low:
         free = ""
         try:
-            import shutil
-
             free = f" ({shutil.disk_usage(where.parent).free / 2**20:,.1f} MiB free)"
         except OSError:
             pass
@@ -315,8 +168,6 @@ def sqlite_problem(path: str, exc: sqlite3.Error) -> str:
 
 class Store:
     def __init__(self, path: str | os.PathLike):
-        from edgequant.results.pg import PgConnection, is_postgres_url
-
         self.path = str(path)
         self._target = self.path            # what opens it again (the heartbeat's own connection)
         self._pg: PgConnection | None = None
@@ -504,8 +355,6 @@ class Store:
     # -- runs ---------------------------------------------------------------
 
     def start_run(self, command: str, profile: str | None, model_id: str | None, model_hash: str | None) -> str:
-        from edgequant import __version__
-
         run_id = time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:6]
         now = time.time()
         with self.transaction() as conn:
@@ -548,7 +397,6 @@ class Store:
         if self._target == ":memory:":
             yield
             return
-        import threading
 
         stop = threading.Event()
         since = time.time()

@@ -16,9 +16,10 @@ import llama_cpp
 import psutil
 import pytest
 
-from edgequant.bench.host import BenchError, HostBenchResult, measure_gguf
+from edgequant.bench.host import HostBenchResult, measure_gguf
+from edgequant.core.errors import BenchError
 from edgequant.bench.stats import Summary
-from edgequant.errors import RunFailed
+from edgequant.core.errors import RunFailed
 from edgequant.profiles import BenchSettings
 
 SMALL = BenchSettings(n_prompt=32, n_gen=8, repetitions=3, warmup=1, timeout=600.0)

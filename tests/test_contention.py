@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from conftest import assert_one_line_error, cli_env, db_rows, run_cli
-from edgequant.bench.contention import Contention
+from edgequant.devices.contention import Contention
 from edgequant.bench.host import measure_gguf
 from edgequant.bench.stats import Summary
 

@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from edgequant.bench.contention import (Contention, CpuTimes, ProcStatError, Window, contention_between,
+from edgequant.devices.contention import (Contention, CpuTimes, ProcStatError, Window, contention_between,
                                         wait_for_quiet)
 from edgequant.bench.stats import mann_whitney_greater
 
@@ -163,7 +163,7 @@ def test_large_samples_use_the_normal_approximation():
 def test_the_measuring_shell_reports_what_the_other_load_is_computed_from(shell, tmp_path):
     import shutil
 
-    from edgequant.bench.device_bench import POLLER, parse_status_contention, parse_status_line
+    from edgequant.devices.measured import POLLER, parse_status_contention, parse_status_line
 
     if shutil.which(shell) is None:
         pytest.fail(f"{shell} is needed (apt: mksh, busybox)")
@@ -182,7 +182,7 @@ def test_the_measuring_shell_reports_what_the_other_load_is_computed_from(shell,
 
 
 def test_status_words_from_an_old_device_without_proc_stat_mean_unknown():
-    from edgequant.bench.device_bench import parse_status_contention
+    from edgequant.devices.measured import parse_status_contention
 
     old = "rc=0 timedout=0 polls=3 vmhwm_kb=1 rss_anon_kb=1 rss_file_kb=1"
     assert parse_status_contention(old) is None
@@ -195,7 +195,7 @@ def test_status_words_from_an_old_device_without_proc_stat_mean_unknown():
 
 
 def test_the_busiest_processes_from_two_snapshots():
-    from edgequant.bench.contention import parse_pid_stats, top_processes
+    from edgequant.devices.contention import parse_pid_stats, top_processes
 
     def stat(pid, name, utime, stime):
         return f"{pid} ({name}) R 1 1 1 0 -1 4194304 100 0 0 0 {utime} {stime} 0 0 20 0 1 0 100 0 0"
@@ -211,7 +211,7 @@ def test_the_busiest_processes_from_two_snapshots():
 
 
 def test_host_top_names_a_burning_process():
-    from edgequant.bench.contention import host_top
+    from edgequant.devices.contention import host_top
 
     hog = _burner()
     try:

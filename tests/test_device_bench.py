@@ -15,11 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from edgequant.bench.device_bench import (CPU_TOPOLOGY_COMMAND, DeviceOutputError, failure, llama_bench_args,
-                                          measured_command, parse_cpu_topology, parse_llama_bench_json,
-                                          parse_load_ms, parse_proc_status, parse_status_line, parse_time_report,
-                                          run_measured)
-from edgequant.bench.host import BenchError
+from edgequant.bench.device_bench import failure, llama_bench_args, parse_llama_bench_json, parse_load_ms
+from edgequant.devices.facts import CPU_TOPOLOGY_COMMAND, parse_cpu_topology
+from edgequant.devices.measured import (DeviceOutputError, measured_command, parse_proc_status, parse_status_line,
+                                        parse_time_report, run_measured)
+from edgequant.core.errors import BenchError
 from edgequant.devices.transport import DeviceError, ShellResult
 from edgequant.profiles import BenchSettings
 

@@ -13,7 +13,7 @@ import pytest
 
 from edgequant.devices import exitcode, keys, push, select
 from edgequant.devices.transport import DeviceError
-from edgequant.errors import BadInput
+from edgequant.core.errors import BadInput
 
 
 # ---------------------------------------------------------------------------

@@ -65,11 +65,11 @@ CASES = [
 
 def _host_outputs(gguf: Path, suite_path: Path) -> dict[str, dict]:
     """The host eval's own greedy outputs for this GGUF (its worker, batched, in-process llama.cpp)."""
-    from edgequant.bench.quality import _base_request, _call_worker
+    from edgequant.bench.quality import base_request, call_worker
     from edgequant.profiles.suites import load_suite
 
     suite = load_suite(suite_path)
-    data = _call_worker(_base_request(gguf, suite, 2, None, "auto"), 600, lambda p: None)
+    data = call_worker(base_request(gguf, suite, 2, None, "auto"), 600, lambda p: None)
     return {c["id"]: {"output": base64.b64decode(c["output_b64"]).decode("utf-8", "replace"),
                       "stopped": c["stopped"], "n_tokens": len(c["tokens"])} for c in data["cases"]}
 

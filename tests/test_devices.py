@@ -26,11 +26,12 @@ from adbpeer import Temperature
 from conftest import assert_one_line_error, cli_env, run_cli
 from edgequant.devices import push as P
 from edgequant.devices import select
-from edgequant.devices.direct import DirectTransport, byte_sum
+from edgequant.devices.adb_wire import byte_sum
+from edgequant.devices.direct import DirectTransport
 from edgequant.devices.facts import collect_facts, recommended_threads
 from edgequant.devices.server import ServerTransport
 from edgequant.devices.transport import DeviceError
-from edgequant.errors import BadInput
+from edgequant.core.errors import BadInput
 
 TRANSPORTS = ("direct", "server")
 PERSONALITIES = ("modern", "legacy")
@@ -160,7 +161,7 @@ def test_direct_push_sends_each_packet_in_one_write(adb_peer_factory, device_env
     daemon's protocol version needs them (we announce A_VERSION_SKIP_CHECKSUM, adb-shell 0x01000000)."""
     import struct
 
-    from edgequant.devices.direct import FixedTcpTransport
+    from edgequant.devices.adb_wire import FixedTcpTransport
 
     writes: list[bytes] = []
 
@@ -269,7 +270,7 @@ def test_bulk_write_sends_every_byte():
 
     from adb_shell.transport.tcp_transport import TcpTransport
 
-    from edgequant.devices.direct import FixedTcpTransport
+    from edgequant.devices.adb_wire import FixedTcpTransport
 
     payload = os.urandom(4 << 20)
 
@@ -564,7 +565,7 @@ def test_cli_refused_shell_is_one_clean_line(adb_peer_factory, device_env, tmp_p
 
 
 def test_one_line_flattens_and_shortens_quoted_text():
-    from edgequant.errors import one_line
+    from edgequant.core.errors import one_line
 
     assert one_line("a\nb\r\n\tc") == "a b c"
     assert one_line("bell\x07 esc\x1b[31m del\x7f zw\u200b ls\u2028") == "bell? esc?[31m del? zw? ls"

@@ -12,7 +12,7 @@ import pytest
 from conftest import assert_one_line_error, cli_env, db_rows, run_cli
 from test_device_run import _run_args, _run_row  # noqa: F401
 
-from edgequant.bench.device_bench import parse_power, window_energy
+from edgequant.devices.measured import parse_power, window_energy
 
 BUSY_W = 1.5 * 3.95      # the peer's battery under load: 1.5 A at 3.95 V
 IDLE_W = 0.3 * 3.95

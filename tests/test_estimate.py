@@ -23,7 +23,7 @@ from test_cli import tiny_profile
 from test_quality import write_suite
 
 from edgequant import estimate
-from edgequant.errors import BadInput
+from edgequant.core.errors import BadInput
 from edgequant.profiles import load_profile
 from edgequant.results.store import Measurement, RowKey, Store
 
@@ -319,7 +319,7 @@ class OomKiller:
 
 @pytest.fixture(scope="module")
 def tiny_ladder(tiny_checkpoint, tmp_path_factory):
-    from edgequant.pipeline import NullReporter, ResolvedModel, build_ladder
+    from edgequant.pipeline.host import NullReporter, ResolvedModel, build_ladder
     from edgequant.quantize.checkpoint import checkpoint_hash, open_checkpoint
 
     tmp = tmp_path_factory.mktemp("oom")

@@ -18,9 +18,10 @@ import pytest
 from conftest import assert_one_line_error, cli_env, db_rows, run_cli, start_cli, wait_for
 
 from edgequant import farm
+from edgequant.devices import leases, pools
 from edgequant.devices import select
 from edgequant.devices.push import Pusher
-from edgequant.errors import BadInput
+from edgequant.core.errors import BadInput
 
 # two rungs of the tiny model, small llama-bench tests, no warm-up, no cool-down wait
 PROFILE = """
@@ -114,8 +115,8 @@ def test_pool_file_expands_to_labelled_phones(tmp_path, monkeypatch):
     # the shipped template is a pool, not a quant profile
     from edgequant.profiles import builtin_profiles
 
-    assert "pool" in farm.builtin_pools() and "pool" not in builtin_profiles()
-    assert [d.spec for d in farm.load_pool("pool").devices] == ["all"]
+    assert "pool" in pools.builtin_pools() and "pool" not in builtin_profiles()
+    assert [d.spec for d in pools.load_pool("pool").devices] == ["all"]
 
 
 @pytest.mark.parametrize("text, needle", [
@@ -132,10 +133,10 @@ def test_bad_pool_files_are_one_line(tmp_path, text, needle):
     pool = tmp_path / "bad.toml"
     pool.write_text(text)
     with pytest.raises(BadInput) as err:
-        farm.load_pool(str(pool))
+        pools.load_pool(str(pool))
     assert needle in str(err.value) and str(pool) in str(err.value) and "\n" not in str(err.value)
     with pytest.raises(BadInput, match="device pool 'nope' not found"):
-        farm.load_pool("nope")
+        pools.load_pool("nope")
 
 
 # ---------------------------------------------------------------------------
@@ -181,8 +182,8 @@ def test_device_lease_excludes_renews_and_goes_stale(adb_peer, adb_host_key, mon
     workdir = _workdir(adb_peer)
     a_t, b_t = _transport(adb_peer), _transport(adb_peer)
     try:
-        a = farm.DeviceLease(a_t, workdir, "run-a", host="host-a", pid=111)
-        b = farm.DeviceLease(b_t, workdir, "run-b", host="host-b", pid=222)
+        a = leases.DeviceLease(a_t, workdir, "run-a", host="host-a", pid=111)
+        b = leases.DeviceLease(b_t, workdir, "run-b", host="host-b", pid=222)
         assert a.try_acquire() is None and a.held
         owner = Path(workdir) / "lease" / "owner"
         assert f"token={a.token}" in owner.read_text() and "host=host-a" in owner.read_text()
@@ -205,17 +206,17 @@ def test_device_lease_excludes_renews_and_goes_stale(adb_peer, adb_host_key, mon
         assert b.try_acquire() is None and b.held
         assert f"token={b.token}" in owner.read_text()
         # a finds out at its next renewal, and says who holds it now
-        with pytest.raises(farm.LeaseLost, match="host-b"):
+        with pytest.raises(leases.LeaseLost, match="host-b"):
             a.renew()
         b.release()
         assert not (Path(workdir) / "lease").exists()
         # a lease left by a dead process of this host is stale at once (a killed run, resumed)
-        dead = farm.DeviceLease(a_t, workdir, host="thishost", pid=_dead_pid())
+        dead = leases.DeviceLease(a_t, workdir, host="thishost", pid=_dead_pid())
         assert dead.try_acquire() is None
-        again = farm.DeviceLease(b_t, workdir, host="thishost", pid=os.getpid())
+        again = leases.DeviceLease(b_t, workdir, host="thishost", pid=os.getpid())
         assert again.try_acquire() is None and again.held
         # ... but not one of a live process
-        other = farm.DeviceLease(a_t, workdir, host="thishost", pid=os.getppid())
+        other = leases.DeviceLease(a_t, workdir, host="thishost", pid=os.getppid())
         assert other.try_acquire() is not None
     finally:
         a_t.close()
@@ -231,8 +232,8 @@ def _dead_pid() -> int:
 
 
 def test_host_lock_is_exclusive_per_serial(tmp_path):
-    first, second = farm.HostLock(tmp_path, "127.0.0.1:5555"), farm.HostLock(tmp_path, "127.0.0.1:5555")
-    other = farm.HostLock(tmp_path, "R5CT1234")
+    first, second = leases.HostLock(tmp_path, "127.0.0.1:5555"), leases.HostLock(tmp_path, "127.0.0.1:5555")
+    other = leases.HostLock(tmp_path, "R5CT1234")
     assert first.try_acquire()
     assert not second.try_acquire()
     assert second.holder_pid() == os.getpid()
@@ -285,7 +286,7 @@ def test_a_busy_phone_makes_the_second_run_wait_or_refuse(tiny_checkpoint, farm_
     (peer,) = _phones(adb_peer_factory, 1)
     workdir = _workdir(peer)
     holder_transport = _transport(peer)
-    other = farm.DeviceLease(holder_transport, workdir, "nightly-7", host="rack-host-2", pid=4242)
+    other = leases.DeviceLease(holder_transport, workdir, "nightly-7", host="rack-host-2", pid=4242)
     try:
         assert other.try_acquire() is None
         # short wait: refused with one line naming the holder; nothing stored, nothing pushed
@@ -297,7 +298,7 @@ def test_a_busy_phone_makes_the_second_run_wait_or_refuse(tiny_checkpoint, farm_
                                                                      "SELECT * FROM runs")
         assert not [e for e in peer.events_of("sync") if e.startswith("SEND")]
         # another edgequant process of this host holds the phone: refused too, naming that process
-        host_lock = farm.HostLock(Path(env["EDGEQUANT_CACHE_DIR"]), peer.serial)
+        host_lock = leases.HostLock(Path(env["EDGEQUANT_CACHE_DIR"]), peer.serial)
         assert host_lock.try_acquire()
         try:
             local = run_cli(*_run_args(tiny_checkpoint, profile, arm64_runner, "--device", peer.serial,
@@ -451,7 +452,7 @@ def test_one_bad_phone_stops_the_others_before_anything_starts(tiny_checkpoint, 
     good, busy = _phones(adb_peer_factory, 2)
     x86 = adb_peer_factory(props={"ro.product.cpu.abi": "x86_64", "ro.product.cpu.abilist": "x86_64,x86"})
     holder_transport = _transport(busy)
-    other = farm.DeviceLease(holder_transport, _workdir(busy), host="rack-host-2", pid=4242)
+    other = leases.DeviceLease(holder_transport, _workdir(busy), host="rack-host-2", pid=4242)
     try:
         assert other.try_acquire() is None
         pool = _pool(tmp_path, (good, busy, x86))

@@ -199,8 +199,8 @@ def test_the_database_disk_filling_mid_run_is_one_line_and_the_run_ends_partial(
 import json, os, sys
 sys.path.insert(0, {str(Path(__file__).parent)!r})
 from test_faults import row_key
-from edgequant.cli import recording_partial
-from edgequant.errors import EdgequantError
+from edgequant.results.lifecycle import recording_partial
+from edgequant.core.errors import EdgequantError
 from edgequant.results.store import Measurement, Store
 db = os.path.join(os.environ["EQ_MNT"], "results.db")
 store = Store(db)
@@ -496,7 +496,7 @@ def test_a_gguf_cut_inside_its_header_is_bad_input(built, tmp_path):
 def test_the_users_own_gguf_changed_while_used_is_never_ours_to_delete(built, tmp_path):
     """An --artifact file is the user's: changed on disk after it was hashed, the advice is about the file,
     not to delete it or to expect edgequant to rebuild it."""
-    from edgequant.pipeline import NullReporter, artifacts_from_files
+    from edgequant.pipeline.host import NullReporter, artifacts_from_files
     from edgequant.quantize.ladder import ArtifactChanged
 
     mine = tmp_path / "mine-q4.gguf"
@@ -709,7 +709,7 @@ def test_resume_force_takes_over_a_run_that_still_looks_alive(tmp_path):
     conn.close()
     with Store(db) as s:
         assert s.run(run)["status"] == "running"                 # another host, fresh heartbeat
-        from edgequant.errors import BadInput
+        from edgequant.core.errors import BadInput
 
         with pytest.raises(BadInput, match="still running .*--force"):
             s.resume_run(run)
@@ -784,7 +784,7 @@ def test_a_type_llama_cpp_cannot_make_is_refused_when_the_profile_loads(tmp_path
 
 def test_when_llama_cpp_refuses_a_type_the_error_says_why(built, tmp_path):
     """Past the profile's checks (a tune candidate is not one), llama.cpp's own reason reaches the message."""
-    from edgequant.errors import RunFailed
+    from edgequant.core.errors import RunFailed
     from edgequant.profiles import load_profile
     from edgequant.quantize.checkpoint import checkpoint_hash, open_checkpoint
     from edgequant.quantize.ladder import Ladder
@@ -1061,7 +1061,7 @@ def test_damaged_cached_onnx_rungs_are_rebuilt_with_one_line_each(tiny_onnx, tmp
 @pytest.mark.slow
 def test_an_onnx_rung_changed_after_its_check_fails_alone_before_it_is_measured(tiny_onnx, tmp_path):
     from edgequant.pipeline.onnx_rungs import bench_onnx_rungs
-    from edgequant.pipeline import NullReporter
+    from edgequant.pipeline.host import NullReporter
     from edgequant.profiles import load_profile
     from edgequant.quantize.ladder import ArtifactChanged
 
@@ -1120,7 +1120,7 @@ def test_an_onnx_rung_changed_after_its_check_is_not_evaluated(tiny_onnx, tiny_b
     from test_quality import write_suite
 
     from edgequant.pipeline.onnx_rungs import quality_onnx_rungs
-    from edgequant.pipeline import NullReporter, artifacts_from_files
+    from edgequant.pipeline.host import NullReporter, artifacts_from_files
     from edgequant.profiles import load_profile
     from edgequant.profiles.suites import load_suite
 

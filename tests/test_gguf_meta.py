@@ -7,7 +7,7 @@ import gguf
 import numpy as np
 import pytest
 
-from edgequant.errors import RunFailed
+from edgequant.core.errors import RunFailed
 from edgequant.quantize.gguf_info import add_metadata, read_gguf_info
 
 

@@ -23,3 +23,11 @@ def test_every_command_has_help():
     for name, command in cli.commands.items():
         assert name in top
         assert (command.help or "").strip(), f"{name} has no help text"
+
+
+def test_run_report_and_export_help_say_what_they_do_today():
+    run = _help("run")
+    assert "[onnx] variants" in run and "--resume RUN_ID finishes it" in run and "in parallel" in run
+    report = _help("report")
+    assert "--cases" in report.split("Options:")[0] and "--html" in report.split("Options:")[0]
+    assert "llama-bench's own JSON or SQL output" in _help("export").split("Options:")[0]

@@ -18,12 +18,12 @@ import pytest
 
 from conftest import assert_one_line_error, cli_env, db_rows, run_cli
 
-from edgequant.errors import BadInput
-from edgequant.paths import cache_dir
+from edgequant.core.errors import BadInput
+from edgequant.core.paths import cache_dir
 from edgequant.profiles import load_profile
 from edgequant.profiles.suites import load_suite
 from edgequant.quantize.imatrix import split_suite, subset_suite
-from edgequant.quantize.overrides import parse_rung
+from edgequant.profiles.rungs import parse_rung
 
 SUITE_TOML = '''
 [suite]

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, cli_env, run_cli
-from edgequant.errors import BadInput
+from edgequant.core.errors import BadInput
 from edgequant.profiles.suites import load_suite
 from edgequant.quantize.checkpoint import open_checkpoint
 
@@ -50,7 +50,7 @@ def test_the_real_shape_has_medgemmas_parameter_count():
 
 @pytest.fixture(scope="module")
 def medgemma_small(tmp_path_factory) -> Path:
-    from edgequant.paths import cache_dir
+    from edgequant.core.paths import cache_dir
 
     tok = mg.default_tokenizer_dir(cache_dir())
     return mg.write_medgemma_shaped(tmp_path_factory.mktemp("mg") / "medgemma-2l", tok, layers=2,

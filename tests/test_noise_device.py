@@ -219,7 +219,7 @@ def test_a_phone_pairs_stored_settings_are_measured_again_as_stored():
 
 @pytest.mark.parametrize("spec", ["all", "pool:rack.toml"])
 def test_noise_measures_on_one_place(spec):
-    from edgequant.errors import BadInput
+    from edgequant.core.errors import BadInput
     from edgequant.noise import place_id
 
     with pytest.raises(BadInput, match="one place"):

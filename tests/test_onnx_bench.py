@@ -11,7 +11,7 @@ import pytest
 from conftest import db_rows, run_cli, cli_env
 from test_quality import CASES, write_suite
 
-from edgequant.bench.host import BenchError
+from edgequant.core.errors import BenchError
 from edgequant.bench.onnx_host import measure_onnx
 from edgequant.profiles import BenchSettings
 

@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 
 
-from edgequant.bench.device_bench import DeviceOutputError
+from edgequant.devices.measured import DeviceOutputError
 from edgequant.bench.onnx_device import (RemoteTool, make_input_sets, parse_perf_stdout, parse_result_file,
                                          perf_test_args, read_input_set, read_model_inputs, run_onnx_device_bench,
                                          run_set_on_host, stage_sets)
 from edgequant.bench.onnx_host import KVModel
-from edgequant.errors import BadInput
+from edgequant.core.errors import BadInput
 from edgequant.profiles import BenchSettings
 
 STANDIN = Path(__file__).with_name("onnx_perf_standin.py")
@@ -125,8 +125,8 @@ def test_device_run_through_the_adb_peer_with_a_standin_tool(tiny_onnx, adb_peer
 
 @pytest.mark.slow
 def test_missing_inputs_on_the_device_are_a_failed_rung(tiny_onnx, adb_peer, peer_transport, tmp_path):
-    from edgequant.bench.device_bench import run_measured
-    from edgequant.bench.host import BenchError
+    from edgequant.devices.measured import run_measured
+    from edgequant.core.errors import BenchError
     from edgequant.bench.onnx_device import tool_failure
 
     arts, _, _ = tiny_onnx

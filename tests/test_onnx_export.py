@@ -15,7 +15,7 @@ from conftest import assert_one_line_error, cli_env, run_cli
 from onnx_fixtures import ONNX_TABLE, shared_cache
 
 from edgequant.bench.onnx_host import KVModel
-from edgequant.errors import BadInput
+from edgequant.core.errors import BadInput
 from edgequant.profiles import _Checker, parse_onnx
 from edgequant.quantize.checkpoint import open_checkpoint
 from edgequant.quantize.onnx_export import OnnxLadder, check_onnx_model, folder_sha256

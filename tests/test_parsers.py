@@ -10,7 +10,8 @@ import pytest
 
 from edgequant.bench import parsers
 from edgequant.bench.parsers import PARSERS, ParseResult, decode_output, parse, referral_decision
-from edgequant.profiles.suites import FORMAT_OPTIONS, load_suite
+from edgequant.profiles.suite_records import FORMAT_OPTIONS
+from edgequant.profiles.suites import load_suite
 
 SENTENCE = ("Treatment and dosing recommendations are outside the scope of this tool. "
             "Please refer to your facility's Uganda Clinical Guidelines.")
@@ -423,7 +424,7 @@ def test_hostile_set_is_fast_in_total(suite):
 
 def test_backtracking_forbidden_pattern_is_defused(xml):
     """A suite pattern with competing quantifiers must not hang on a run of blanks."""
-    from edgequant.profiles.suites import RefusalSpec
+    from edgequant.profiles.suite_records import RefusalSpec
 
     rx = re.compile(r"\b\d+\s*-?\s*hourly\b", re.IGNORECASE)
     spec = dataclasses.replace(xml, refusal=RefusalSpec(SENTENCE, (rx,), (rx.pattern,)))

@@ -10,10 +10,10 @@ import pytest
 from conftest import assert_one_line_error, cli_env, run_cli
 from test_cli import tiny_profile
 
-from edgequant.cli import recording_partial
+from edgequant.results.lifecycle import recording_partial
 from edgequant.pipeline.device_run import DeviceLost
 from edgequant.devices.transport import DeviceError
-from edgequant.errors import BadInput, EdgequantError
+from edgequant.core.errors import BadInput, EdgequantError
 from edgequant.results.store import Store
 
 

@@ -12,7 +12,7 @@ import math
 import pytest
 
 from conftest import assert_one_line_error, cli_env, run_cli
-from edgequant.errors import BadInput
+from edgequant.core.errors import BadInput
 from edgequant.results.pick import choose, constraints, pareto_front, parse_size, pick
 from edgequant.results.report import per_device, summarize
 from edgequant.results.store import Measurement, RowKey, Store

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from conftest import cli_env, run_cli
-from edgequant.errors import BadInput
+from edgequant.core.errors import BadInput
 from edgequant.pipeline import registry
 from edgequant.pipeline.executor import RunInputs, execute
 from edgequant.pipeline.host import NullReporter, RungOutcome

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from edgequant.errors import BadInput
+from edgequant.core.errors import BadInput
 from edgequant.profiles import builtin_profiles, load_profile, quant_types, with_bench_overrides
 
 

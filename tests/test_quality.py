@@ -478,7 +478,7 @@ def test_batched_cases_do_not_see_each_other(quality_run):
     import subprocess
     import sys
 
-    from edgequant.bench.quality import _groups
+    from edgequant.bench.quality import case_groups
     from edgequant.profiles.suites import load_suite
 
     (art,) = rows(quality_run["db"], "SELECT path FROM artifacts WHERE quant = 'Q8_0'")
@@ -486,7 +486,7 @@ def test_batched_cases_do_not_see_each_other(quality_run):
     outputs = {}
     for slots in (1, 4):
         req = {"path": art["path"], "threads": 2, "repack": None, "mmap": True, "seed": 0,
-               "prompting": "completion", "slots": slots, "groups": _groups(suite)}
+               "prompting": "completion", "slots": slots, "groups": case_groups(suite)}
         res = subprocess.run([sys.executable, "-m", "edgequant.bench.eval_worker"], input=json.dumps(req),
                              capture_output=True, text=True, timeout=600)
         assert res.returncode == 0, res.stderr[-2000:]

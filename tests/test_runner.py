@@ -25,11 +25,11 @@ from test_device_bench import SHELLS, LocalShell
 
 from edgequant.bench.device_bench import RemoteRunner, run_device_bench
 from edgequant.bench.elf import read_elf
-from edgequant.bench.host import BenchError
+from edgequant.core.errors import BenchError
 from edgequant.bench.llamacpp_tools import build_llama_tool, llama_cpp_source
 from edgequant.bench.runner import TARGETS, build_runner, open_runner_dir, plan_runner
-from edgequant.errors import BadInput, RunFailed
-from edgequant.paths import cache_dir
+from edgequant.core.errors import BadInput, RunFailed
+from edgequant.core.paths import cache_dir
 from edgequant.profiles import BenchSettings
 
 QEMU_A53 = ("qemu-aarch64-static", "-cpu", "cortex-a53")

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from edgequant.errors import BadInput
+from edgequant.core.errors import BadInput
 from edgequant.results.store import MIGRATIONS, Measurement, RowKey, Store
 
 

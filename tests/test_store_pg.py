@@ -13,7 +13,7 @@ import pytest
 
 from conftest import assert_one_line_error, cli_env, run_cli
 from pgserver import free_port
-from edgequant.errors import BadInput
+from edgequant.core.errors import BadInput
 from edgequant.results.store import MIGRATIONS, Measurement, RowKey, Store
 
 
@@ -235,7 +235,7 @@ def test_concurrent_writers_from_several_processes_lose_nothing(target, tmp_path
 def test_a_connection_lost_mid_run_is_one_line_and_leaves_no_half_rung(pg_url):
     import psycopg
 
-    from edgequant.errors import RunFailed
+    from edgequant.core.errors import RunFailed
 
     s = Store(pg_url)
     run = s.start_run("edgequant run", "default", "m", "h")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from edgequant.errors import BadInput
+from edgequant.core.errors import BadInput
 from edgequant.results import store as store_module
 from edgequant.results.store import MIGRATIONS, Measurement, RowKey, Store
 

@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from edgequant.errors import BadInput
+from edgequant.core.errors import BadInput
 from edgequant.profiles import builtin_profiles
-from edgequant.profiles.suites import GATE_METRICS, builtin_suites, load_suite
+from edgequant.profiles.suite_records import GATE_METRICS
+from edgequant.profiles.suites import builtin_suites, load_suite
 
 # The scope refusal sentence, copied from the MedGemma card (not from the suite).
 CARD_REFUSAL = ("Treatment and dosing recommendations are outside the scope of this tool. "

@@ -11,8 +11,8 @@ from conftest import assert_one_line_error, cli_env, ctrl_c, db_rows, run_cli, s
 from test_imatrix import CASES, write_suite
 
 from edgequant.bench import tune
-from edgequant.errors import BadInput
-from edgequant.paths import cache_dir
+from edgequant.core.errors import BadInput
+from edgequant.core.paths import cache_dir
 from edgequant.profiles.suites import parse_gate
 
 # bytes per base type and the bonus of each modifier, for the fake builder

@@ -136,12 +136,12 @@ def test_energy_of_every_variant_and_every_sustained_run_on_a_phone(tiny_checkpo
 def _host_outputs(gguf: Path, suite_path: Path, cache_type: str) -> dict[str, str]:
     """The host eval's own greedy outputs for this GGUF with a KV cache of ``cache_type`` (its worker, in-process
     llama.cpp's type_k/type_v, flash attention on)."""
-    from edgequant.bench.quality import _base_request, _call_worker
+    from edgequant.bench.quality import base_request, call_worker
     from edgequant.profiles.suites import load_suite
 
     suite = load_suite(suite_path)
-    req = {**_base_request(gguf, suite, 2, None, "auto"), "cache_type": cache_type, "flash_attn": "on"}
-    data = _call_worker(req, 600, lambda p: None)
+    req = {**base_request(gguf, suite, 2, None, "auto"), "cache_type": cache_type, "flash_attn": "on"}
+    data = call_worker(req, 600, lambda p: None)
     return {c["id"]: base64.b64decode(c["output_b64"]).decode("utf-8", "replace") for c in data["cases"]}
 
 
@@ -210,8 +210,8 @@ def test_sustained_energy_rows_do_not_replace_the_rungs_own(tmp_path):
     from dataclasses import replace
 
     from edgequant.bench.sustained import SustainedRun
-    from edgequant.pipeline import sustained_energy_rows, sustained_measurements
-    from edgequant.results.report import _sustained_cells, energy_records, summarize, sustained_records
+    from edgequant.pipeline.host import sustained_energy_rows, sustained_measurements
+    from edgequant.results.report import sustained_cells, energy_records, summarize, sustained_records
     from edgequant.results.store import Measurement, RowKey, Store
 
     with Store(tmp_path / "r.db") as store:
@@ -239,6 +239,6 @@ def test_sustained_energy_rows_do_not_replace_the_rungs_own(tmp_path):
     assert plain["energy_j_per_token"] == 0.5 and plain["avg_power_w"] == 5.0
     (rec,) = sustained_records(rep)
     assert rec["energy_j_per_token"] == [0.9, 0.8] and rec["drop_pct"] == pytest.approx(20.0)
-    assert _sustained_cells(rec)[-1] == "0.900 → 0.800"
+    assert sustained_cells(rec)[-1] == "0.900 → 0.800"
     charging = dict(rec, energy_j_per_token=[None, None], energy_not_measured="the phone is charging (usb powered)")
-    assert _sustained_cells(charging)[-1] == "not measured (charging)"
+    assert sustained_cells(charging)[-1] == "not measured (charging)"

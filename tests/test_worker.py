@@ -1,5 +1,5 @@
 """The one worker runner (bench/worker.py) of the host bench and eval workers, and the one exit-code classifier
-(edgequant/status.py): real child processes that hang, crash, are killed or answer; nothing is patched."""
+(edgequant/core/status.py): real child processes that hang, crash, are killed or answer; nothing is patched."""
 
 from __future__ import annotations
 
@@ -13,9 +13,10 @@ from pathlib import Path
 import pytest
 
 from edgequant.bench import worker
-from edgequant.bench.host import BenchError, run_worker as host_run_worker
-from edgequant.bench.quality import EvalError, _call_worker
-from edgequant.status import FAILURES, RungStatus, classify_exit, exit_signal
+from edgequant.bench.host import run_worker as host_run_worker
+from edgequant.core.errors import BenchError
+from edgequant.bench.quality import EvalError, call_worker
+from edgequant.core.status import FAILURES, RungStatus, classify_exit, exit_signal
 
 WORKERS = {
     # reads its request, then hangs without printing anything, with a child of its own that hangs too
@@ -182,7 +183,7 @@ def test_the_eval_stops_a_silent_worker_at_its_deadline(workers, tmp_path):
 
     def call():
         try:
-            _call_worker({"path": str(tmp_path / "m.gguf"), "pidfile": str(tmp_path / "p")}, 1.5, lambda p: None,
+            call_worker({"path": str(tmp_path / "m.gguf"), "pidfile": str(tmp_path / "p")}, 1.5, lambda p: None,
                          module="eqw_silent")
         except BaseException as exc:   # noqa: BLE001 - handed to the test's thread
             outcome.append(exc)
@@ -193,10 +194,10 @@ def test_the_eval_stops_a_silent_worker_at_its_deadline(workers, tmp_path):
     assert not thread.is_alive(), "the eval's worker was not stopped at its deadline"
     assert len(outcome) == 1 and isinstance(outcome[0], EvalError) and outcome[0].status == "timeout"
     with pytest.raises(EvalError) as err:
-        _call_worker({"path": "m.gguf"}, 120, lambda p: None, module="eqw_sigkill")
+        call_worker({"path": "m.gguf"}, 120, lambda p: None, module="eqw_sigkill")
     assert err.value.status == "oom" and type(err.value.status) is str and "SIGKILL" in str(err.value)
     with pytest.raises(EvalError) as err:
-        _call_worker({"path": "m.gguf"}, 120, lambda p: None, module="eqw_exit3")
+        call_worker({"path": "m.gguf"}, 120, lambda p: None, module="eqw_exit3")
     assert err.value.status == "failed" and "last words" in str(err.value)
 
 
@@ -227,12 +228,12 @@ def test_statuses_are_the_stored_strings():
 
 
 def test_the_status_module_is_ground_code():
-    """edgequant/status.py imports nothing of edgequant's: every layer can import it."""
+    """edgequant/core/status.py imports nothing of edgequant's: every layer can import it."""
     import ast
 
-    import edgequant.status
+    import edgequant.core.status
 
-    tree = ast.parse(Path(edgequant.status.__file__).read_text())
+    tree = ast.parse(Path(edgequant.core.status.__file__).read_text())
     names = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
     names += ["." * n.level + (n.module or "") for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
     assert names and not [n for n in names if n.split(".")[0] == "edgequant" or n.startswith(".")]

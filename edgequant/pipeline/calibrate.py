@@ -14,7 +14,7 @@ from typing import Callable
 
 from edgequant.bench.llamacpp_tools import build_llama_tool, locked
 from edgequant.profiles import Profile
-from edgequant.profiles.suites import Suite
+from edgequant.profiles.suite_records import Suite
 from edgequant.quantize.imatrix import (ImatrixFile, Split, cache_folder, cache_key, calibration_text,
                                         compute_imatrix, open_cached, split_suite, subset_suite)
 from edgequant.quantize.ladder import Artifact, ImatrixProvider

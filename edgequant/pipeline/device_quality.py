@@ -46,14 +46,14 @@ from typing import Any
 
 from edgequant.bench.device_bench import device_repack
 from edgequant.bench.parsers import ParseResult
-from edgequant.bench.quality import (EvalError, CaseResult, Reference, _base_request, _call_worker, _groups,
-                                     _parse_case, compute_metrics, evaluate_gates)
+from edgequant.bench.quality import (EvalError, CaseResult, Reference, base_request, call_worker, case_groups,
+                                     parse_case, compute_metrics, evaluate_gates)
 from edgequant.devices.facts import recommended_threads
 from edgequant.devices.transport import DeviceError, quote
 from edgequant.pipeline.host import quality_measurements
 from edgequant.pipeline.scope import RunScope
 from edgequant.profiles.variants import BenchVariant
-from edgequant.status import RungStatus, classify_exit
+from edgequant.core.status import RungStatus, classify_exit
 
 OUTPUT_LIMIT = 1 << 20          # bytes of one case's output read back; more is a failed parse
 LOG_TAIL = 8192                 # bytes of one case's log read back
@@ -255,16 +255,16 @@ class _Plan:
 
 def _plan(suite, ref_art, ctx, threads: int, repack: bool | None, prompting: str, timeout: float,
           reporter, settings=None) -> _Plan:
-    req = _base_request(ref_art.path, suite, 1, None, prompting)
+    req = base_request(ref_art.path, suite, 1, None, prompting)
     req["prompts_only"] = True
-    data = _call_worker(req, timeout, lambda p: None)
+    data = call_worker(req, timeout, lambda p: None)
     by_id = {p["id"]: p for p in data["prompts"]}
     tool = ctx.remote.tool(_completion_name(ctx))
     per_case = max(30, int(timeout))
     cache_types = ["f16"] + [t for t in (settings.cache_types if settings is not None else ()) if t != "f16"]
     lines: dict[str, list] = {t: [] for t in cache_types}
     blob, order, differ = bytearray(), [], []
-    for group in _groups(suite):
+    for group in case_groups(suite):
         spec = suite.formats[group["format"]]
         for c in group["cases"]:
             p = by_id[c["id"]]
@@ -324,7 +324,7 @@ def _run_rung(ctx, plan: _Plan, rundir: str, model: str, quant: str, suite,
             raise EvalError(status, f"case {case.id} of {quant} on {ctx.serial}: {what}")
         spec = suite.formats[case.format]
         dc = case_from_run(run, [s.encode("utf-8") for s in spec.stop if s])
-        parsed = dc.parsed or _parse_case(case, dc.output, suite)
+        parsed = dc.parsed or parse_case(case, dc.output, suite)
         cr = CaseResult(case, dc.output, [], dc.stopped, parsed)
         cr.n_tokens = dc.n_tokens      # type: ignore[attr-defined] - read by _record
         results[case.id] = cr

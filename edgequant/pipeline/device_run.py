@@ -39,15 +39,15 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable
 
-from edgequant.bench.device_bench import (RemoteRunner, device_load, device_repack, device_top,
-                                         run_device_bench)
-from edgequant.bench.host import BenchError
+from edgequant.bench.device_bench import RemoteRunner, device_repack, run_device_bench
+from edgequant.devices.measured import device_load, device_top
+from edgequant.core.errors import BenchError
 from edgequant.devices import select
 from edgequant.devices.facts import DeviceFacts, collect_facts, recommended_threads
 from edgequant.devices.health import CoolDown, read_health, throttled, wait_cool
 from edgequant.devices.push import Pusher
 from edgequant.devices.transport import DeviceError, Transport, quote
-from edgequant.errors import BadInput, EdgequantError
+from edgequant.core.errors import BadInput, EdgequantError
 from edgequant.noise import measure_until_quiet, sample_detail
 from edgequant.pipeline.scope import RunScope
 from edgequant.profiles import BenchSettings, Profile
@@ -188,16 +188,16 @@ def bench_on_device(store: Store, run_id: str, artifacts: list[Artifact], ctx: D
     """Every artifact on one device, one rung at a time (steps 1-6 of the module doc), whatever measures it;
     returns the pipeline's BenchOutcome.  ``done``: quants already stored (a resumed run) are not measured
     again.  A transport failure is :class:`DeviceLost`."""
-    from edgequant.pipeline.host import BenchOutcome, RungOutcome, _artifact_measurements
+    from edgequant.pipeline.host import BenchOutcome, RungOutcome, artifact_measurements
 
     outcome = BenchOutcome(run_id)
 
     def not_measured(art: Artifact, key: RowKey, status: str, detail: str) -> None:
         keys = steps.variant_keys(art) if steps.variant_keys else []
         if keys:
-            store.record_rungs(run_id, [(k, _artifact_measurements(art), status, detail) for k in keys])
+            store.record_rungs(run_id, [(k, artifact_measurements(art), status, detail) for k in keys])
         else:
-            store.record_rung(run_id, key, _artifact_measurements(art), status=status, detail=detail)
+            store.record_rung(run_id, key, artifact_measurements(art), status=status, detail=detail)
         outcome.outcomes.append(RungOutcome(art, status, detail))
         reporter.rung_done(art.quant, status)
 
@@ -254,7 +254,7 @@ def bench_on_device(store: Store, run_id: str, artifacts: list[Artifact], ctx: D
             hot = throttled(cool, after)
             health = {"before": cool.health.to_dict(), "after": after.to_dict(), "cooled": cool.cooled,
                       "cooldown_wait_s": round(cool.waited_s, 1)}
-            rows = _artifact_measurements(art) + [
+            rows = artifact_measurements(art) + [
                 Measurement("throttled", 1.0 if hot else 0.0, "bool", None, None, health),
                 Measurement("cooldown_wait", cool.waited_s, "s"),
             ]
@@ -404,79 +404,6 @@ def bench_rungs_on_device(store: Store, run_id: str, model_id: str, model_hash: 
                            cooldown or profile.device.cooldown(), done)
 
 
-class DevicePlace:
-    """One opened phone (its lease held) as a place to measure single GGUF files on, outside a run
-    (``edgequant noise``, ``compare --recheck``), through a run's own device path: the file is pushed
-    when the phone does not hold it (content-addressed, verified), the phone cools down
-    (``profile.device``), the on-device llama-bench runs under the measuring shell, whose reading of the
-    phone's own /proc/stat gives the other load; waiting for quiet polls the phone, and its busiest
-    processes are read there.  A transport failure is :class:`DeviceLost`."""
-
-    runner = "device"
-
-    def __init__(self, ctx: DeviceContext, lease=None, cooldown: CoolDown | None = None, folder: str = "measure"):
-        self.ctx = ctx
-        self.lease = lease                   # farm.DeviceLease: renewed before every measurement
-        self.cooldown = cooldown
-        self.rundir = posixpath.join(ctx.workdir, "runs", folder)
-        self._made = False
-
-    @property
-    def device_id(self) -> str:
-        return self.ctx.device_id
-
-    def threads(self, settings: BenchSettings) -> int:
-        return settings.threads if settings.threads > 0 else recommended_threads(self.ctx.facts)
-
-    def repack(self, settings: BenchSettings) -> bool | None:
-        return device_repack(settings)
-
-    def params(self, settings: BenchSettings) -> dict[str, Any]:
-        return device_params(settings, self.threads(settings), self.repack(settings))
-
-    def prepare(self, path: Path, sha256: str, quant: str,
-                on_progress: Callable[[str], None] | None = None) -> str:
-        """Push the GGUF (skipped when the phone holds the same bytes); its path on the phone."""
-        def progress(p):
-            if on_progress is not None:
-                on_progress(f"push {100 * p.done / max(p.total, 1):.0f}% {p.mb_per_s:.1f} MB/s")
-
-        self.ctx.pusher.on_progress = progress
-        try:
-            return self.ctx.pusher.push(Path(path), sha256, name=f"{quant}.gguf").remote
-        except DeviceError as exc:
-            if exc.kind == "no_space":
-                raise
-            raise DeviceLost(self.ctx.serial, f"pushing {quant}", exc) from None
-
-    def measure(self, remote: str, settings: BenchSettings, repack: bool | None = None,
-                on_progress: Callable[[str], None] | None = None):
-        """One llama-bench of ``remote`` (a path from :meth:`prepare`) with ``settings``; no load-time probe."""
-        doing = f"measuring {posixpath.basename(remote)}"
-        try:
-            if self.lease is not None:
-                self.lease.renew()
-            if not self._made:
-                self.ctx.transport.shell(f"mkdir -p {quote(self.rundir)}", 60)
-                self._made = True
-            if self.cooldown is not None:
-                wait_cool(self.ctx.transport, self.ctx.workdir, self.cooldown)
-            return run_device_bench(self.ctx.transport, self.ctx.remote, remote, settings, workdir=self.rundir,
-                                    threads=self.threads(settings), repack=repack, with_load_time=False,
-                                    on_progress=on_progress)
-        except DeviceError as exc:
-            raise DeviceLost(self.ctx.serial, doing, exc) from None
-
-    def read_load(self, seconds: float):
-        try:
-            return device_load(self.ctx.transport, seconds)
-        except DeviceError as exc:
-            raise DeviceLost(self.ctx.serial, "waiting for quiet", exc) from None
-
-    def read_top(self) -> list[dict]:
-        return device_top(self.ctx.transport)
-
-
 def sustained_on_device(store: Store, run_id: str, model_id: str, model_hash: str, artifacts: list[Artifact],
                         profile: Profile, ctx: DeviceContext, reporter) -> str:
     """``[sustained]`` on one device: ``runs`` llama-bench generation runs (``-p 0 -n N -r 1
@@ -547,7 +474,7 @@ def _charging(ctx: DeviceContext) -> str | None:
 def _energy_rows(res, charging: str | None, power_dir: str) -> list[Measurement]:
     """Average power and joules per generated token over the run's last tg test (the tail of the power
     samples as long as its timed repetitions); ``energy_per_token`` = 0 with the reason when not measured."""
-    from edgequant.bench.device_bench import window_energy
+    from edgequant.devices.measured import window_energy
 
     def not_measured(reason: str) -> list[Measurement]:
         return [Measurement("energy_per_token", 0.0, "J/token", None, None, {"not_measured": reason})]

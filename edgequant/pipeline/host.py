@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Callable, Protocol
 
 from edgequant.devices.host import host_device, host_device_id
-from edgequant.errors import BadInput, RunFailed
+from edgequant.core.errors import BadInput, RunFailed
 from edgequant.profiles import Profile
 from edgequant.pipeline.scope import RunScope
 from edgequant.quantize.checkpoint import (Checkpoint, checkpoint_hash, download_from_hub, looks_like_hub_id,
@@ -171,7 +171,7 @@ class BenchOutcome:
         return [o for o in self.outcomes if o.status not in ("ok", "noisy")]
 
 
-def _artifact_measurements(art: Artifact) -> list[Measurement]:
+def artifact_measurements(art: Artifact) -> list[Measurement]:
     return [Measurement("size", art.size_bytes, "bytes"),
             Measurement("bpw", art.bits_per_weight, "bits/weight"),
             Measurement("n_params", art.n_params, "count")]
@@ -214,7 +214,7 @@ def _variant_rows(art: Artifact, res, v, first: bool) -> list[Measurement]:
     the same figures); the load time belongs to the first (one model load serves every variant)."""
     from edgequant.noise import sample_detail
 
-    rows = _artifact_measurements(art)
+    rows = artifact_measurements(art)
     if first:
         rows.append(Measurement("load_time", res.load_s, "s", None, 1))
     return rows + [
@@ -239,7 +239,8 @@ def bench_rungs(store: Store, run_id: str, model_id: str, model_hash: str, artif
     (``Q4_K_M@d512,kv=q8_0``), all of them in one transaction."""
     from importlib import metadata
 
-    from edgequant.bench.host import BenchError, measure_gguf
+    from edgequant.bench.host import measure_gguf
+    from edgequant.core.errors import BenchError
     from edgequant.noise import measure_until_quiet
 
     measure = measure or measure_gguf
@@ -271,9 +272,9 @@ def bench_rungs(store: Store, run_id: str, model_id: str, model_hash: str, artif
             _stage(store, run_id, stage_name, art.quant, art.n_params, time.perf_counter() - t0, None, status,
                    str(exc), device_id)
             if keys:
-                store.record_rungs(run_id, [(k, _artifact_measurements(art), status, str(exc)) for k in keys])
+                store.record_rungs(run_id, [(k, artifact_measurements(art), status, str(exc)) for k in keys])
             else:
-                store.record_rung(run_id, key, _artifact_measurements(art), status=status, detail=str(exc))
+                store.record_rung(run_id, key, artifact_measurements(art), status=status, detail=str(exc))
             outcome.outcomes.append(RungOutcome(art, status, str(exc)))
             reporter.rung_done(art.quant, status)
             continue
@@ -286,7 +287,7 @@ def bench_rungs(store: Store, run_id: str, model_id: str, model_hash: str, artif
         if keys and len(res.variants) != len(keys):
             exc = BenchError("failed", f"{art.path.name}: the benchmark worker returned {len(res.variants)} "
                                        f"variants, expected {len(keys)}")
-            store.record_rungs(run_id, [(k, _artifact_measurements(art), exc.status, str(exc)) for k in keys])
+            store.record_rungs(run_id, [(k, artifact_measurements(art), exc.status, str(exc)) for k in keys])
             outcome.outcomes.append(RungOutcome(art, exc.status, str(exc)))
             reporter.rung_done(art.quant, exc.status)
             continue
@@ -331,7 +332,8 @@ def sustained_rung(store: Store, run_id: str, model_id: str, model_hash: str, ar
     rung's ``sustained_runs = 0`` row with the reason, and returned ("ok" or the failure's status)."""
     from importlib import metadata
 
-    from edgequant.bench.host import BenchError, measure_sustained
+    from edgequant.bench.host import measure_sustained
+    from edgequant.core.errors import BenchError
 
     spec = profile.sustained
     if spec is None:

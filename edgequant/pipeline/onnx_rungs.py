@@ -9,8 +9,8 @@ from importlib import metadata
 from pathlib import Path
 
 from edgequant.devices.host import host_device, host_device_id
-from edgequant.errors import BadInput
-from edgequant.pipeline.host import (BenchOutcome, Reporter, ResolvedModel, RungOutcome, _artifact_measurements,
+from edgequant.core.errors import BadInput
+from edgequant.pipeline.host import (BenchOutcome, Reporter, ResolvedModel, RungOutcome, artifact_measurements,
                                 quality_measurements)
 from edgequant.pipeline.scope import RunScope
 from edgequant.profiles import Profile
@@ -128,7 +128,7 @@ def skip_onnx_rungs_on_device(store: Store, run_id: str, model_id: str, model_ha
         store.record_artifact(art.record())
         reporter.rung_started(art.quant)
         key = device_key(scope, art, profile, device_id, device, threads)
-        store.record_rung(run_id, key, _artifact_measurements(art), status="skipped", detail=reason)
+        store.record_rung(run_id, key, artifact_measurements(art), status="skipped", detail=reason)
         outcome.outcomes.append(RungOutcome(art, "skipped", reason))
         reporter.rung_done(art.quant, "skipped")
     return outcome

@@ -26,7 +26,7 @@ import importlib
 from abc import ABC, abstractmethod
 from typing import Any, ClassVar
 
-from edgequant.errors import BadInput
+from edgequant.core.errors import BadInput
 
 # imported on the first look-up: each holds one or more registered classes
 BUILTIN_MODULES = ("edgequant.pipeline.runtime_llamacpp", "edgequant.pipeline.runtime_onnx",

@@ -8,6 +8,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+from edgequant.core.errors import BadInput, RunFailed
+import errno
+
 
 def partial_name(final: Path) -> Path:
     """The temporary name a file is written under; never mistaken for a finished one."""
@@ -35,9 +38,6 @@ def atomic_path(final: Path) -> Iterator[Path]:
 def write_error(path: Path, exc: OSError, need: int | None = None):
     """The one-line error (an ``EdgequantError``) for a file that could not be written: a folder in its
     place, a read-only or forbidden place (bad input, 2), a full disk (1, with what is free and needed)."""
-    import errno
-
-    from edgequant.errors import BadInput, RunFailed
 
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         probe = Path(path).parent

@@ -20,8 +20,6 @@ class RungStatus(StrEnum):
 
 
 FAILURES = (RungStatus.FAILED, RungStatus.CRASHED, RungStatus.OOM, RungStatus.TIMEOUT)
-
-
 def exit_signal(code: int, *, shell: bool = False) -> int | None:
     """The signal that ended a process, from its exit code: Python's ``-N`` (``Popen.returncode``), or, with
     ``shell=True``, a POSIX shell's ``128 + N`` (``$?`` of a killed program, as a device reports it)."""

@@ -22,7 +22,7 @@ import re
 from dataclasses import dataclass
 from functools import lru_cache
 
-from edgequant.errors import BadInput
+from edgequant.core.errors import BadInput
 
 IMATRIX = "imatrix"
 EMB = "emb"

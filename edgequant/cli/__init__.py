@@ -1,0 +1,85 @@
+"""The ``edgequant`` command: a thin layer over ``edgequant.pipeline`` and the stores.
+
+Every user-facing failure is one line on stderr and a non-zero exit code:
+2 for bad input, 1 for a failure while working, 130 for Ctrl-C.
+
+The package: ``options`` (option builders shared by the commands), ``views`` (progress and rendering),
+``app`` (the root group), then the commands grouped by job: ``measure`` (run), ``stages`` (bench, eval,
+noise), ``build`` (quantize, imatrix, setup-onnx, runner), ``tune``, ``history`` (report, pick, tag,
+compare, export) and ``devices``.  Each command parses its options, calls the library and renders.  The
+library's modules are imported inside the commands, so that ``edgequant --help`` loads neither numpy nor the
+pipeline.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+
+import click
+
+from edgequant.cli import build, devices, history, measure, stages, tune  # noqa: F401 - each registers its commands
+from edgequant.cli.app import cli
+from edgequant.core.errors import EdgequantError, Terminated, one_line
+
+__all__ = ["cli", "entry", "main"]
+
+
+# ---------------------------------------------------------------------------
+# entry point: library errors become one clean line
+
+
+def _terminated(signum, frame) -> None:
+    raise Terminated()
+
+
+def main(argv: list[str] | None = None) -> int:
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        # SIGTERM (a CI job cancelled, `kill`) unwinds like Ctrl-C: partial files removed, the run marked partial
+        previous = signal.signal(signal.SIGTERM, _terminated)
+    try:
+        return _main(argv)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main(argv: list[str] | None) -> int:
+    try:
+        cli.main(args=argv, prog_name="edgequant", standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except click.UsageError as exc:
+        cmd = exc.ctx.command_path if exc.ctx else "edgequant"
+        click.echo(f"edgequant: error: {exc.format_message()} (see `{cmd} --help`)", err=True)
+        return 2
+    except click.Abort as exc:     # click turns an interrupt that escaped a command into Abort
+        if isinstance(exc.__cause__, Terminated):
+            click.echo("edgequant: terminated (SIGTERM)", err=True)
+            return 143
+        click.echo("edgequant: interrupted", err=True)
+        return 130
+    except EdgequantError as exc:
+        click.echo(f"edgequant: error: {one_line(exc)}", err=True)
+        return exc.exit_code
+    except Terminated:
+        click.echo("edgequant: terminated (SIGTERM)", err=True)
+        return 143
+    except KeyboardInterrupt:
+        click.echo("edgequant: interrupted", err=True)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - the last line of defence: never a traceback
+        if os.environ.get("EDGEQUANT_DEBUG"):
+            raise
+        click.echo(f"edgequant: internal error: {type(exc).__name__}: {one_line(exc, 300)} "
+                   f"(set EDGEQUANT_DEBUG=1 for a traceback and report it)", err=True)
+        return 1
+    return 0
+
+
+def entry() -> None:
+    sys.exit(main())
+
