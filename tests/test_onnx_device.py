@@ -165,6 +165,8 @@ def test_device_rows_are_stored_like_host_rows(tiny_onnx, adb_peer, peer_transpo
     broken.mkdir()
     (broken / "model.onnx").write_bytes(arts["int8"].path.read_bytes()[:4000])
     bad = type(arts["int8"])(**{**arts["int8"].__dict__, "path": broken / "model.onnx", "quant": "ONNX-BROKEN"})
+    # built broken (its record names these bytes), not damaged later: the tool on the phone must reject it
+    bad.sha256, bad.checked = bad.content_sha256(), bad.signature()
     profile = Profile("p", tmp_path / "p.toml", "", QuantSpec(), BenchSettings(n_prompt=8, repetitions=3,
                                                                                  threads=1, timeout=300.0))
     db = tmp_path / "r.db"
