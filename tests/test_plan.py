@@ -270,13 +270,13 @@ def test_run_dry_run_of_a_resumed_run_shows_what_is_left(tmp_path, tiny_checkpoi
 
     db = tmp_path / "r.db"
     with Store(db) as s:
-        run_id = s.start_run("edgequant run --profile quick --no-quality", "quick", "m", "h")
+        run_id = s.start_run(f"edgequant run --model {tiny_checkpoint} --profile quick --no-quality", "quick", "m",
+                             "h")
         key = RowKey("m", "h", "Q8_0", "a", False, host_device_id(), {}, "llama.cpp", "0", {"runner": "host"})
         s.record_rung(run_id, key, [Measurement("tg_tps", 1.0, "t/s")])
         s.finish_run(run_id, "partial", "interrupted")
         before = s.measurements(run_id)
-    r = run_cli("run", "--resume", run_id, "--dry-run", "--model", str(tiny_checkpoint), "--db", str(db),
-                env=cli_env(tmp_path), timeout=120)
+    r = run_cli("run", "--resume", run_id, "--dry-run", "--db", str(db), env=cli_env(tmp_path), timeout=120)
     assert r.returncode == 0, r.stderr
     cells = [ln.split()[:2] for ln in _cell_lines(r.stdout) if not ln.strip().startswith("(")]
     assert cells == [["bench", "BF16"], ["bench", "Q4_K_M"], ["bench", "Q4_0"]]
