@@ -13,6 +13,7 @@ import click
 
 from edgequant.core.atomic import atomic_write_text
 from edgequant.core.errors import BadInput
+from edgequant.estimate import duration
 
 
 class RichReporter:
@@ -143,17 +144,6 @@ class RichReporter:
 PLAIN_PHASE_EVERY = 60.0     # seconds between progress lines of one long stage when stderr is not a terminal
 
 
-def duration(seconds: float) -> str:
-    seconds = max(0, int(round(seconds)))
-    if seconds < 60:
-        return f"{seconds} s"
-    minutes, seconds = divmod(seconds, 60)
-    if minutes < 60:
-        return f"{minutes} min {seconds:02d} s"
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours} h {minutes:02d} min"
-
-
 def stderr_console():
     from rich.console import Console
 
@@ -178,10 +168,7 @@ def render_run(store, run_id: str, fmt: str, output: str | None) -> None:
             rep.render_table(summary, console)
         return
     text = {"json": rep.render_json, "csv": rep.render_csv, "md": rep.render_markdown}[fmt](summary)
-    if output:
-        atomic_write_text(Path(output), text)
-    else:
-        click.echo(text, nl=not text.endswith("\n"))
+    _emit(text, output)
 
 
 # columns of a table written to a file or a pipe (rich's tables are only as wide as their content)
@@ -225,10 +212,7 @@ def render_cases(store, run_id: str, quant: str | None, fmt: str, output: str | 
         if output:
             atomic_write_text(Path(output), console.export_text())
         return
-    if output:
-        atomic_write_text(Path(output), text)
-    else:
-        click.echo(text, nl=not text.endswith("\n"))
+    _emit(text, output)
 
 
 def render_flips(store, run_id: str, quant: str, fmt: str, output: str | None) -> None:
@@ -286,10 +270,7 @@ def render_flips(store, run_id: str, quant: str, fmt: str, output: str | None) -
         if output:
             atomic_write_text(Path(output), console.export_text())
         return
-    if output:
-        atomic_write_text(Path(output), text)
-    else:
-        click.echo(text, nl=not text.endswith("\n"))
+    _emit(text, output)
 
 
 def tune_table(result, gates, speed_on: str) -> None:
@@ -352,3 +333,11 @@ def print_runner(r) -> None:
         console = Console(width=max(console.width, 200))
     console.print(table)
     console.print()
+
+
+def _emit(text: str, output: str | None) -> None:
+    """A rendered report to ``output`` (written whole under a temporary name) or to stdout."""
+    if output:
+        atomic_write_text(Path(output), text)
+    else:
+        click.echo(text, nl=not text.endswith("\n"))
