@@ -5,11 +5,16 @@
   profile's ``contention_threshold``, wait for quiet and measure it again, up to
   ``contention_retries`` times; a rung still contended is ``noisy``.
 * ``noise_floor``: the A/A noise floor of a place: one rung measured several
-  times in a row; the spread of the measurements' medians is stored per place
-  and metric and ``edgequant compare`` uses it as the practical threshold.
+  times in a row, each time in a fresh process; from the spread of the
+  measurements' medians, the drop two runs of the same artifact can show by
+  chance (``floor_pct``) is stored per place, rung and metric, and ``edgequant
+  compare`` needs a drop beyond it before it calls one run against another a
+  regression.
 * ``recheck``: a flagged speed change measured again, baseline and candidate
   artifacts alternately (A, B, A, B ...) on the same place, which cancels drift
-  such as heat; the verdict comes from the pooled samples of both sides.
+  such as heat; the verdict comes from the per-round medians of both sides (each
+  round a fresh load, so the test sees the run-to-run spread, not only the
+  repetitions within one run).
 
 A *place* is this host (``HostPlace``) or a phone (``pipeline.phone_place.DevicePlace``,
 opened by ``Places`` like ``edgequant run --device`` opens it: lease, facts,
@@ -18,6 +23,7 @@ runner); both measure a GGUF the way a run measures a rung there.
 
 from __future__ import annotations
 
+import math
 import statistics
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -250,10 +256,24 @@ def place_id(spec: str | None) -> str:
 # the A/A noise floor of a place
 
 
+# one-sided chance that two runs of the same artifact differ by more than the floor, were their medians
+# normally distributed with the spread the A/A measurements show: 1 in 1000 per rung and metric
+FLOOR_FALSE_ALARM = 0.001
+
+
 def floor_pct(medians: list[float]) -> float:
-    """The run-to-run spread of repeated measurements: (largest - smallest median) / their median, in %."""
+    """The drop between two single runs of the same artifact that run-to-run noise alone explains, in % of
+    the median: the larger of the measurements' range ((largest - smallest) / median) and
+    z * sqrt(2) * their relative standard deviation, z the normal quantile of ``FLOOR_FALSE_ALARM``
+    (the difference of two runs' medians spreads sqrt(2) times as wide as one run's median)."""
     mid = statistics.median(medians)
-    return 100.0 * (max(medians) - min(medians)) / mid if mid else 0.0
+    if not mid:
+        return 0.0
+    spread = 100.0 * (max(medians) - min(medians)) / mid
+    if len(medians) < 2:
+        return spread
+    z = statistics.NormalDist().inv_cdf(1.0 - FLOOR_FALSE_ALARM)
+    return max(spread, z * math.sqrt(2.0) * 100.0 * statistics.stdev(medians) / mid)
 
 
 @dataclass
@@ -308,6 +328,15 @@ def measure_noise_floor(art, settings: BenchSettings, repeat: int, measure: Call
 # re-checking a flagged speed change: A, B, A, B ... on one place
 
 
+# a rank test on the rounds' medians needs 3 against 3 to reach p <= 0.05 (1 / C(6, 3) = 0.05)
+MIN_ROUNDS = 3
+
+
+def rounds_too_few(rounds: int) -> str:
+    return (f"--rounds {rounds}: a re-check judges the medians of alternated rounds (A, B, A, B, A, B) with a rank "
+            f"test, which needs at least {MIN_ROUNDS} rounds to reach p ≤ 0.05; pass --rounds {MIN_ROUNDS} or more")
+
+
 @dataclass
 class Recheck:
     quant: str
@@ -328,9 +357,10 @@ def _settings_from(params: dict[str, Any], contention: BenchSettings) -> BenchSe
 
 
 def flagged_pairs(cmp) -> list:
-    """The bench pairs of a comparison worth re-checking: a speed regression, or a side stored noisy."""
+    """The bench pairs of a comparison worth re-checking: a speed regression, a speed drop within the noise
+    floor (inconclusive), or a side stored noisy."""
     failed = {(r.model_id, r.quant, r.device_id) for r in cmp.results
-              if r.gate.startswith("speed:") and r.status == "fail"}
+              if r.gate.startswith("speed:") and r.status in ("fail", "inconclusive")}
     return [p for p in cmp.pairs if p.stage == "bench" and ((p.model_id, p.quant, p.device_id) in failed or p.noisy)]
 
 
@@ -345,9 +375,8 @@ def recheck(store, cmp, rounds: int, contention: BenchSettings,
 
     BadInput (before anything is measured) for fewer than 2 rounds, an artifact no longer on disk or a phone
     that cannot be reached."""
-    if rounds < 2:
-        raise BadInput(f"--rounds {rounds}: a re-check alternates baseline and candidate at least twice "
-                       f"(A, B, A, B); pass --rounds 2 or more")
+    if rounds < MIN_ROUNDS:
+        raise BadInput(rounds_too_few(rounds))
     pairs = flagged_pairs(cmp) if pairs is None else pairs
     own = places is None
     places = places or Places(Path("."))
@@ -388,14 +417,12 @@ def _measure_alternately(store, cmp, rounds, contention, todo, places, measure_b
     for p, _ in todo:       # every place first: a phone that cannot be reached stops nothing half-measured
         places.get(p.device_id, f"re-check of {p.quant}")
     out: list[Recheck] = []
-    floors = store.noise_floors()
     for p, local in todo:
         place = places.get(p.device_id, f"re-check of {p.quant}")
         measures = (measure_baseline or place.measure, measure_candidate or place.measure)
         paths = [place.prepare(path, sha, p.quant, on_progress=lambda t, q=p.quant: on_phase and on_phase(q, t))
                  for path, sha in local]
         settings = _settings_from(p.params, contention)
-        samples: dict[str, tuple[list[float], list[float]]] = {m: ([], []) for m in SPEED_METRICS}
         rounds_by_metric: dict[str, list[tuple[float, float]]] = {m: [] for m in SPEED_METRICS}
         noisy = []
         for i in range(rounds):
@@ -412,27 +439,25 @@ def _measure_alternately(store, cmp, rounds, contention, todo, places, measure_b
                                         read_top=place.read_top)
                 if q.noisy:
                     noisy.append(f"round {i + 1} {label} ({q.contention.other_cores:.2f} other cores)")
-                for m, attr in (("pp_tps", "pp"), ("tg_tps", "tg")):
-                    samples[m][side].extend(getattr(q.result, attr).samples)
                 medians.append({m: getattr(q.result, a).median for m, a in (("pp_tps", "pp"), ("tg_tps", "tg"))})
             for m in SPEED_METRICS:
                 rounds_by_metric[m].append((medians[0][m], medians[1][m]))
         for m in cmp.gates.speed_metrics:
-            if m not in samples:
+            if m not in rounds_by_metric:
                 continue
             ratios = ", ".join(f"{100.0 * (c - b) / b:+.1f} %" if b else "—" for b, c in rounds_by_metric[m])
             if noisy:
                 out.append(Recheck(p.quant, p.device_id, m, "skip", f"re-check noisy: {'; '.join(noisy)}; not "
                                                                     f"judged", rounds_by_metric[m]))
                 continue
-            floor = floors.get((p.device_id, m))
-            threshold, source = ((floor["floor_pct"], f"A/A noise floor of {p.device_id}") if floor
-                                 else (cmp.gates.max_drop_pct, "gates"))
-            base, cand = samples[m]
-            v = judge_speed(m, "t/s", base, cand, threshold, source, cmp.gates.speed_alpha)
+            # each round is a fresh load of each side, so the rounds' medians carry the run-to-run spread into
+            # the test; alternating cancels the slow drift a noise floor allows for: the gates' percentage judges
+            base = [b for b, _ in rounds_by_metric[m]]
+            cand = [c for _, c in rounds_by_metric[m]]
+            v = judge_speed(m, "t/s", base, cand, cmp.gates.max_drop_pct, "gates", cmp.gates.speed_alpha)
             out.append(Recheck(p.quant, p.device_id, m, v.status,
-                               f"re-check, {rounds} alternated rounds (candidate vs baseline per round: {ratios}): "
-                               f"{v.message}", rounds_by_metric[m]))
+                               f"re-check, {rounds} alternated rounds (candidate vs baseline per round: {ratios}), "
+                               f"judged on the rounds' medians: {v.message}", rounds_by_metric[m]))
     return out
 
 

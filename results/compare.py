@@ -9,24 +9,24 @@ and a metric only when its value changed in at least one pair.
 
 Gates (``edgequant.results.gates``): a speed drop that a one-sided Mann-Whitney
 U test on both runs' raw samples calls significant and whose median drop is
-beyond the practical threshold (the place's stored A/A noise floor, else a
-percentage); a rung stored ``noisy`` is never judged, and samples too few for
-the test are reported as such.  Memory rise beyond a percentage and an
+beyond the practical threshold (the gates' percentage, raised to the place's
+stored A/A noise floor where that is wider: a drop between the two is
+inconclusive, for ``compare --recheck`` to decide); a rung stored ``noisy`` is
+never judged, and samples too few for the test are reported as such.  Memory rise beyond a percentage and an
 absolute amount, quality per-case outcomes judged by non-inferiority against
 the baseline on the same cases (PASS, FAIL = regression, INCONCLUSIVE = the
 suite cannot tell: shown, never a pass), an absolute suite gate going
 PASS -> FAIL, and a baseline rung
-or device missing (or failed) in the candidate.  Rendering (rich, Markdown, JSON, JUnit XML) is
-separate from the records.
+or device missing (or failed) in the candidate.  Rendering (rich, Markdown, JSON, JUnit XML) lives in
+``edgequant.results.compare_views``.
 """
 
 from __future__ import annotations
 
 import json
 import statistics
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
-from xml.etree import ElementTree as ET
 
 from edgequant.bench.quality import case_outcomes as one_case
 from edgequant.bench.quality_stats import non_inferiority, paired_degradation
@@ -238,7 +238,8 @@ def samples_of(f: Figure) -> list[float] | None:
 
 @dataclass(frozen=True)
 class SpeedVerdict:
-    """A speed figure judged on raw samples: ``status`` pass | fail | skip (too few samples)."""
+    """A speed figure judged on raw samples: ``status`` pass | fail | inconclusive (within a noise floor) | skip
+    (too few samples)."""
 
     status: str
     message: str
@@ -246,10 +247,35 @@ class SpeedVerdict:
     p: float | None
 
 
+def floor_for(floors: dict, device_id: str, quant: str, metric: str) -> dict | None:
+    """The A/A noise floor that judges ``quant`` on ``device_id``: the rung's own latest floor, else the widest
+    of the place's latest floors of other rungs (``edgequant noise --rung``), else None."""
+    own = floors.get((device_id, quant, metric))
+    if own is not None:
+        return own
+    others = [f for (dev, _q, m), f in floors.items() if dev == device_id and m == metric]
+    return max(others, key=lambda f: f["floor_pct"]) if others else None
+
+
+def speed_threshold(floor: dict | None, gates: Gates, device_id: str) -> tuple[float, str]:
+    """The drop a speed figure must exceed to be called a regression, and where it comes from: the gates'
+    percentage (what is worth a regression), raised to the place's A/A noise floor when that is wider (what
+    one run against another cannot tell from chance)."""
+    if floor is None:
+        return gates.max_drop_pct, (f"gates; no A/A noise floor stored for {device_id}: `edgequant noise` "
+                                    f"measures it")
+    rung = f" ({floor['quant']})" if floor.get("quant") else ""
+    if floor["floor_pct"] > gates.max_drop_pct:
+        return floor["floor_pct"], f"A/A noise floor of {device_id}{rung}"
+    return gates.max_drop_pct, f"gates; A/A noise floor of {device_id}{rung} {floor['floor_pct']:.3g} %"
+
+
 def judge_speed(metric: str, unit: str, base: list[float], cand: list[float], threshold_pct: float,
-                threshold_source: str, alpha: float) -> SpeedVerdict:
+                threshold_source: str, alpha: float, gate_pct: float | None = None) -> SpeedVerdict:
     """Regression when a one-sided Mann-Whitney U test says the candidate's samples are lower (p <= alpha)
-    AND the median dropped by more than ``threshold_pct``; too few samples for the test to reach alpha: skip."""
+    AND the median dropped by more than ``threshold_pct``; too few samples for the test to reach alpha: skip.
+    A significant drop beyond ``gate_pct`` (the gates' percentage) but within a wider ``threshold_pct`` (a
+    noise floor) is inconclusive: two runs cannot tell it from run-to-run noise, a re-check can."""
     mb, mc = statistics.median(base), statistics.median(cand)
     pct = 100.0 * (mb - mc) / mb if mb else 0.0
     head = f"{metric} median {mb:,.2f} → {mc:,.2f} {unit} ({-pct:+.1f} %)"
@@ -257,10 +283,15 @@ def judge_speed(metric: str, unit: str, base: list[float], cand: list[float], th
     if test.min_p > alpha:
         return SpeedVerdict("skip", f"{head}: too few samples to judge ({len(base)} vs {len(cand)}: a rank test "
                                     f"cannot reach p ≤ {alpha:g}); measure with more repetitions", pct, None)
-    failed = test.p <= alpha and pct > threshold_pct
-    return SpeedVerdict("fail" if failed else "pass",
-                        f"{head}, Mann-Whitney p = {test.p:.3g} on {len(base)} vs {len(cand)} samples; limit "
-                        f"−{threshold_pct:.3g} % ({threshold_source}) and p ≤ {alpha:g}", pct, test.p)
+    tail = (f"Mann-Whitney p = {test.p:.3g} on {len(base)} vs {len(cand)} samples; limit −{threshold_pct:.3g} % "
+            f"({threshold_source}) and p ≤ {alpha:g}")
+    if test.p <= alpha and pct > threshold_pct:
+        return SpeedVerdict("fail", f"{head}, {tail}", pct, test.p)
+    if test.p <= alpha and gate_pct is not None and gate_pct < pct <= threshold_pct:
+        return SpeedVerdict("inconclusive", f"{head}, {tail}: beyond the gates' −{gate_pct:.3g} % but within the "
+                                            f"noise of two single runs; `compare --recheck` measures both "
+                                            f"alternately and decides", pct, test.p)
+    return SpeedVerdict("pass", f"{head}, {tail}", pct, test.p)
 
 
 def _speed_memory_gates(p: Pair, g: Gates, floors: dict | None = None) -> list[GateResult]:
@@ -276,12 +307,10 @@ def _speed_memory_gates(p: Pair, g: Gates, floors: dict | None = None) -> list[G
                                   f"{' and the '.join(p.noisy)} measured it while other work loaded the machine "
                                   f"(status noisy)", b.value, c.value))
             continue
-        floor = (floors or {}).get((p.device_id, metric))
-        threshold, source = ((floor["floor_pct"], f"A/A noise floor of {p.device_id}") if floor
-                             else (g.max_drop_pct, "gates"))
+        threshold, source = speed_threshold(floor_for(floors or {}, p.device_id, p.quant, metric), g, p.device_id)
         bs, cs = samples_of(b), samples_of(c)
         if bs is not None and cs is not None:
-            v = judge_speed(metric, b.unit, bs, cs, threshold, source, g.speed_alpha)
+            v = judge_speed(metric, b.unit, bs, cs, threshold, source, g.speed_alpha, gate_pct=g.max_drop_pct)
             out.append(GateResult(p.model_id, p.quant, p.device_id, gate, v.status, v.message, b.value, c.value))
             continue
         # rows without raw samples (older runs, phones before samples were stored): the means and stddevs
@@ -379,197 +408,3 @@ def _quality_gates(p: Pair, g: Gates, b_cases: dict[str, dict], c_cases: dict[st
                 out.append(GateResult(p.model_id, p.quant, p.device_id, f"suite:{gate['gate']}",
                                       "fail" if failed else "pass", msg, gate["value"], other["value"]))
     return out
-
-
-# ---------------------------------------------------------------------------
-# the table: only the columns that differ
-
-
-def _metric_order(names) -> list[str]:
-    rank = {m: i for i, m in enumerate(METRIC_ORDER)}
-    return sorted(names, key=lambda m: (rank.get(m, len(rank)), m))
-
-
-def _fmt(v: float, unit: str) -> str:
-    if unit == "bytes":
-        return f"{v / MiB:,.1f} MiB"
-    if unit == "ratio":
-        return f"{100 * v:.1f} %"
-    if unit == "bool":
-        return "PASS" if v >= 1 else "FAIL"
-    if abs(v) >= 100:
-        return f"{v:,.1f}"
-    return f"{v:.4g}"
-
-
-def _delta(b: Figure, c: Figure) -> str:
-    if b.unit == "ratio":
-        return f"{100 * (c.value - b.value):+.1f} pp"
-    if b.unit == "bool":
-        return ""
-    if b.value:
-        return f"{100 * (c.value - b.value) / b.value:+.1f} %"
-    return f"{c.value - b.value:+.3g}"
-
-
-def changed_metrics(cmp: Comparison) -> list[str]:
-    names = set()
-    for p in cmp.pairs:
-        for m in set(p.baseline) & set(p.candidate):
-            if p.baseline[m].value != p.candidate[m].value:
-                names.add(m)
-    return _metric_order(names)
-
-
-def table_rows(cmp: Comparison) -> tuple[list[str], list[list[str]], list[str]]:
-    """Headers, cells and each row's verdict for the pair table (shared by the renderers)."""
-    models = {p.model_id for p in cmp.pairs}
-    devices = {p.device_id for p in cmp.pairs}
-    stages = {p.stage for p in cmp.pairs}
-    param_keys = sorted({k for p in cmp.pairs for k in p.params
-                         if k not in UNPAIRED_PARAMS and k != "stage"
-                         and len({json.dumps(q.params.get(k), sort_keys=True) for q in cmp.pairs
-                                  if q.stage == p.stage}) > 1})
-    identity_cols = sorted({k for p in cmp.pairs for k in p.identity})
-    metrics = changed_metrics(cmp)
-    headers = (["model"] if len(models) > 1 else []) + ["rung"] + (["device"] if len(devices) > 1 else []) \
-        + (["stage"] if len(stages) > 1 else []) + param_keys + identity_cols + metrics + ["verdict"]
-    by_pair: dict[tuple, list[GateResult]] = {}
-    for r in cmp.results:
-        by_pair.setdefault((r.model_id, r.quant, r.device_id), []).append(r)
-    rows, verdicts = [], []
-    for p in cmp.pairs:
-        cells = ([p.model_id] if len(models) > 1 else []) + [p.quant] \
-            + ([p.device_id] if len(devices) > 1 else []) + ([p.stage] if len(stages) > 1 else [])
-        cells += [str(p.params.get(k, "—")) for k in param_keys]
-        cells += [f"{p.identity[k][0]} → {p.identity[k][1]}" if k in p.identity else "=" for k in identity_cols]
-        for m in metrics:
-            b, c = p.baseline.get(m), p.candidate.get(m)
-            if b is None or c is None:
-                cells.append("—")
-            elif b.value == c.value:
-                cells.append("=")
-            else:
-                d = _delta(b, c)
-                cells.append(f"{_fmt(b.value, b.unit)} → {_fmt(c.value, c.unit)}" + (f" ({d})" if d else ""))
-        stage_gates = [r for r in by_pair.get((p.model_id, p.quant, p.device_id), [])
-                       if r.status == "fail" and _gate_stage(r.gate) == p.stage]
-        unsure = [r for r in by_pair.get((p.model_id, p.quant, p.device_id), [])
-                  if r.status == "inconclusive" and _gate_stage(r.gate) == p.stage]
-        if stage_gates:
-            verdict = "REGRESSION: " + ", ".join(r.gate for r in stage_gates)
-        elif p.noisy:
-            verdict = f"noisy ({' and '.join(p.noisy)}): speed not judged"
-        elif unsure:
-            verdict = "INCONCLUSIVE: " + ", ".join(r.gate for r in unsure)
-        else:
-            verdict = "ok"
-        cells.append(verdict)
-        rows.append(cells)
-        verdicts.append(verdict)
-    return headers, rows, verdicts
-
-
-def _gate_stage(gate: str) -> str:
-    return "quality" if gate.startswith(("quality:", "suite:")) else "bench"
-
-
-def _title(cmp: Comparison) -> str:
-    b, c = cmp.baseline, cmp.candidate
-    return f"compare baseline {b['run_id']} ({b['status']}) → candidate {c['run_id']} ({c['status']})"
-
-
-def _summary_line(cmp: Comparison) -> str:
-    n = len(cmp.regressions)
-    checked = sum(1 for r in cmp.results if r.status != "skip")
-    unsure = len(cmp.inconclusive)
-    tail = (f"; {unsure} inconclusive (the suite is too small to tell; not a pass)" if unsure else "")
-    return (f"{n} regression(s) in {checked} gate checks (gates: {cmp.gates.name}){tail}" if n
-            else f"no regression in {checked} gate checks (gates: {cmp.gates.name}){tail}")
-
-
-def render_table(cmp: Comparison, console) -> None:
-    from rich.table import Table
-
-    headers, rows, verdicts = table_rows(cmp)
-    console.print(_title(cmp), highlight=False, soft_wrap=True)
-    table = Table(caption="only the columns that differ; baseline → candidate (delta)", caption_justify="left")
-    for h in headers:
-        table.add_column(h, justify="left" if h in ("model", "rung", "device", "stage", "verdict") else "right")
-    for cells, verdict in zip(rows, verdicts):
-        table.add_row(*cells, style="red" if verdict.startswith("REGRESSION") else
-                      "yellow" if verdict != "ok" else None)
-    console.print(table)
-    for r in cmp.results:
-        if r.status in ("fail", "skip", "inconclusive"):
-            style = "red" if r.status == "fail" else "yellow"
-            console.print(f"[{style}]{r.status.upper()}[/{style}] {r.quant} on {r.device_id} · {r.gate}: "
-                          f"{r.message}", soft_wrap=True, markup=True, highlight=False)
-    console.print(("[red]" if cmp.regressions else "[green]") + _summary_line(cmp)
-                  + ("[/red]" if cmp.regressions else "[/green]"))
-
-
-def _md_cell(text: str) -> str:
-    return text.replace("|", "\\|").replace("\n", " ")
-
-
-def render_markdown(cmp: Comparison) -> str:
-    headers, rows, _ = table_rows(cmp)
-    icon = "❌" if cmp.regressions else "✅"
-    lines = [f"### {icon} edgequant: {_summary_line(cmp)}", "", f"{_title(cmp)}", "",
-             "| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
-    lines += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in rows]
-    fails = [r for r in cmp.results if r.status == "fail"]
-    if fails:
-        lines += ["", "**Regressions**", ""]
-        lines += [f"- `{r.quant}` on `{r.device_id}` · {r.gate}: {_md_cell(r.message)}" for r in fails]
-    unsure = cmp.inconclusive
-    if unsure:
-        lines += ["", "**Inconclusive** (the suite is too small to tell; not a pass)", ""]
-        lines += [f"- `{r.quant}` on `{r.device_id}` · {r.gate}: {_md_cell(r.message)}" for r in unsure]
-    skipped = [r for r in cmp.results if r.status == "skip"]
-    if skipped:
-        lines += ["", "**Not compared**", ""]
-        lines += [f"- `{r.quant}` on `{r.device_id}` · {r.gate}: {_md_cell(r.message)}" for r in skipped]
-    return "\n".join(lines) + "\n"
-
-
-def render_json(cmp: Comparison) -> str:
-    return json.dumps({
-        "baseline": cmp.baseline, "candidate": cmp.candidate,
-        "gates_profile": asdict(cmp.gates),
-        "regression": bool(cmp.regressions),
-        "inconclusive": len(cmp.inconclusive),
-        "pairs": [{"model_id": p.model_id, "model_hash": p.model_hash, "quant": p.quant, "device_id": p.device_id,
-                   "stage": p.stage, "params": p.params, "identity": p.identity,
-                   "status": {"baseline": p.status[0], "candidate": p.status[1]}, "noisy": p.noisy,
-                   "metrics": {m: {"baseline": asdict(p.baseline[m]), "candidate": asdict(p.candidate[m])}
-                               for m in _metric_order(set(p.baseline) & set(p.candidate))}}
-                  for p in cmp.pairs],
-        "gates": [asdict(r) for r in cmp.results],
-        "not_compared": cmp.unpaired,
-    }, indent=2)
-
-
-def render_junit(cmp: Comparison) -> str:
-    """One test case per rung × device × gate; a regression is a <failure>, a gate not checked <skipped>."""
-    suite = ET.Element("testsuite", name="edgequant compare", tests=str(len(cmp.results)),
-                       failures=str(len(cmp.regressions)),
-                       skipped=str(sum(1 for r in cmp.results if r.status in ("skip", "inconclusive"))),
-                       errors="0")
-    props = ET.SubElement(suite, "properties")
-    for name, value in (("baseline", cmp.baseline["run_id"]), ("candidate", cmp.candidate["run_id"]),
-                        ("gates", cmp.gates.name)):
-        ET.SubElement(props, "property", name=name, value=str(value))
-    for r in cmp.results:
-        case = ET.SubElement(suite, "testcase", classname=f"{r.model_id}.{r.quant}.{r.device_id}", name=r.gate)
-        if r.status == "fail":
-            ET.SubElement(case, "failure", message=r.message, type="regression").text = r.message
-        elif r.status == "skip":
-            ET.SubElement(case, "skipped", message=r.message)
-        elif r.status == "inconclusive":      # not a pass: reported as skipped, with why
-            ET.SubElement(case, "skipped", message=f"INCONCLUSIVE: {r.message}")
-        else:
-            ET.SubElement(case, "system-out").text = r.message
-    ET.indent(suite)
-    return ET.tostring(suite, encoding="unicode", xml_declaration=True) + "\n"

@@ -757,12 +757,12 @@ class Store:
                              (device_id, quant, artifact_sha256, metric, float(floor_pct), len(medians),
                               json.dumps(medians), json.dumps(params, sort_keys=True), now))
 
-    def noise_floors(self) -> dict[tuple[str, str], dict[str, Any]]:
-        """The latest stored floor of every (device_id, metric)."""
+    def noise_floors(self) -> dict[tuple[str, str, str], dict[str, Any]]:
+        """The latest stored floor of every (device_id, quant, metric)."""
         out: dict[tuple[str, str], dict[str, Any]] = {}
         for r in self.conn.execute("SELECT device_id, quant, artifact_sha256, metric, floor_pct, n_runs, medians,"
                                    " params, measured_at FROM noise_floors ORDER BY measured_at, id"):
             d = dict(r)
             d["medians"], d["params"] = json.loads(d["medians"]), json.loads(d["params"])
-            out[(d["device_id"], d["metric"])] = d
+            out[(d["device_id"], d["quant"], d["metric"])] = d
         return out

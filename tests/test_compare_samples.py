@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 import statistics
 
+import pytest
+
 from conftest import cli_env, run_cli
 from edgequant.results.store import Measurement, RowKey, Store
 
@@ -81,21 +83,74 @@ def test_a_noisy_rung_is_never_a_regression_and_never_missing(tmp_path):
     assert r.returncode == 0 and g["speed:tg_tps"]["status"] == "skip" and g["present"]["status"] == "pass"
 
 
-def test_a_stored_noise_floor_is_the_practical_threshold(tmp_path):
+def test_without_a_noise_floor_the_gates_judge_and_say_so(tmp_path):
     db = tmp_path / "r.db"
     a = store_run(db, [50.0, 51.0, 49.0])
     b = store_run(db, [47.0, 47.5, 46.5])            # -6 %, p = 0.05: under the gates' 10 %
     r, g = gates(tmp_path, a, b)
-    assert r.returncode == 0 and "(gates)" in g["speed:tg_tps"]["message"]
-    with Store(db) as s:                             # this place's A/A spread: 4 %
-        s.record_noise_floor("host:a", "Q8_0", "x" * 64, BENCH, {"tg_tps": (4.0, [50.0, 52.0, 51.0])})
-    r, g = gates(tmp_path, a, b)
-    assert r.returncode == 1 and g["speed:tg_tps"]["status"] == "fail"
-    assert "A/A noise floor of host:a" in g["speed:tg_tps"]["message"]
-    with Store(db) as s:                             # a later, wider floor replaces it
-        s.record_noise_floor("host:a", "Q8_0", "x" * 64, BENCH, {"tg_tps": (8.0, [50.0, 54.0, 51.0])})
+    assert r.returncode == 0 and g["speed:tg_tps"]["status"] == "pass"
+    assert "no A/A noise floor stored for host:a" in g["speed:tg_tps"]["message"]
+    assert "`edgequant noise`" in g["speed:tg_tps"]["message"]
+
+
+def test_a_noise_floor_narrower_than_the_gates_does_not_lower_them(tmp_path):
+    db = tmp_path / "r.db"
+    a = store_run(db, [50.0, 51.0, 49.0])
+    b = store_run(db, [47.0, 47.5, 46.5])            # -6 %: beyond a 4 % floor, but not worth a regression
+    with Store(db) as s:
+        s.record_noise_floor("host:a", "Q4_0", "x" * 64, BENCH, {"tg_tps": (4.0, [50.0, 52.0, 51.0])})
     r, g = gates(tmp_path, a, b)
     assert r.returncode == 0 and g["speed:tg_tps"]["status"] == "pass"
+    assert "A/A noise floor of host:a (Q4_0) 4 %" in g["speed:tg_tps"]["message"]
+
+
+def test_a_drop_within_a_wider_noise_floor_is_inconclusive_not_a_regression(tmp_path):
+    db = tmp_path / "r.db"
+    a = store_run(db, [50.0, 51.0, 49.0])
+    b = store_run(db, [40.0, 41.0, 39.0])            # -20 %, p = 0.05: beyond the gates' 10 %
+    with Store(db) as s:                             # two runs of this rung here differ by up to 25 % by chance
+        s.record_noise_floor("host:a", "Q4_0", "x" * 64, BENCH, {"tg_tps": (25.0, [50.0, 40.0, 45.0])})
+    r, g = gates(tmp_path, a, b)
+    assert r.returncode == 0, r.stderr
+    assert g["speed:tg_tps"]["status"] == "inconclusive"
+    assert "A/A noise floor of host:a (Q4_0)" in g["speed:tg_tps"]["message"]
+    assert "`compare --recheck`" in g["speed:tg_tps"]["message"]
+    assert "1 inconclusive (speed within the noise of two single runs" in r.stdout
+    with Store(db) as s:                             # a later, narrower floor of the same rung replaces it
+        s.record_noise_floor("host:a", "Q4_0", "x" * 64, BENCH, {"tg_tps": (15.0, [50.0, 44.0, 47.0])})
+    r, g = gates(tmp_path, a, b)
+    assert r.returncode == 1 and g["speed:tg_tps"]["status"] == "fail"
+
+
+def test_the_rungs_own_floor_first_else_the_widest_of_the_place(tmp_path):
+    db = tmp_path / "r.db"
+    a = store_run(db, [50.0, 51.0, 49.0])
+    b = store_run(db, [40.0, 41.0, 39.0])            # Q4_0, -20 %
+    with Store(db) as s:                             # other rungs' floors: the widest (30 %) stands in
+        s.record_noise_floor("host:a", "BF16", "x" * 64, BENCH, {"tg_tps": (12.0, [50.0, 45.0, 48.0])})
+        s.record_noise_floor("host:a", "Q8_0", "y" * 64, BENCH, {"tg_tps": (30.0, [50.0, 38.0, 45.0])})
+        s.record_noise_floor("host:b", "Q4_0", "z" * 64, BENCH, {"tg_tps": (5.0, [50.0, 48.0, 49.0])})
+    r, g = gates(tmp_path, a, b)
+    assert g["speed:tg_tps"]["status"] == "inconclusive"
+    assert "A/A noise floor of host:a (Q8_0)" in g["speed:tg_tps"]["message"]
+    with Store(db) as s:                             # the rung's own floor, narrower, wins
+        s.record_noise_floor("host:a", "Q4_0", "q" * 64, BENCH, {"tg_tps": (15.0, [50.0, 44.0, 47.0])})
+    r, g = gates(tmp_path, a, b)
+    assert r.returncode == 1 and g["speed:tg_tps"]["status"] == "fail"
+    assert "A/A noise floor of host:a (Q4_0)" in g["speed:tg_tps"]["message"]
+
+
+def test_the_floor_is_the_chance_drop_between_two_runs():
+    from edgequant.noise import floor_pct
+
+    # medians 100, 104, 96, 102, 98: median 100, range 8 %; sample sd sqrt((0 + 16 + 16 + 4 + 4) / 4) = 3.1623;
+    # the normal quantile of 0.999 is 3.0902, so z * sqrt(2) * sd = 3.0902 * 1.4142 * 3.1623 = 13.82 %
+    assert floor_pct([100.0, 104.0, 96.0, 102.0, 98.0]) == pytest.approx(13.82, abs=0.01)
+    # two medians 100 and 110: range 100 * 10 / 105 = 9.52 %; sd 7.071, z * sqrt(2) * sd / 105 = 29.43 %
+    assert floor_pct([100.0, 110.0]) == pytest.approx(29.43, abs=0.01)
+    # 18 medians of 100 and one each of 90 and 110: sd sqrt(200 / 19) = 3.244, bound 14.18 %; the range, 20 %,
+    # is wider and is the floor
+    assert floor_pct([100.0] * 18 + [90.0, 110.0]) == pytest.approx(20.0)
 
 
 def test_an_unstable_figure_is_marked_in_the_table(tmp_path):

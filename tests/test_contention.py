@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 from dataclasses import replace
@@ -177,11 +178,11 @@ def test_recheck_measures_the_flagged_rungs_again_alternately(built, noisy_run, 
     runs = [r["run_id"] for r in db_rows(db, "SELECT run_id FROM runs ORDER BY started_at")]
     loose = tmp_path / "loose.toml"
     loose.write_text('[gates]\nname = "loose"\n[speed]\nmax_drop_pct = 60\n')   # same files: far from -60 %
-    res = run_cli("compare", runs[0], runs[1], "--db", str(db), "--recheck", "--rounds", "2",
+    res = run_cli("compare", runs[0], runs[1], "--db", str(db), "--recheck", "--rounds", "3",
                   "--profile", str(built["quiet"]), "--gates", str(loose), env=built["env"])
     assert res.returncode == 0, res.stdout + res.stderr
-    lines = [ln for ln in res.stdout.splitlines() if "re-check, 2 alternated rounds" in ln]
-    # two flagged rungs (both noisy in the candidate) × pp and tg, each judged on the pooled samples
+    lines = [ln for ln in res.stdout.splitlines() if "re-check, 3 alternated rounds" in ln]
+    # two flagged rungs (both noisy in the candidate) × pp and tg, each judged on the rounds' medians
     assert len(lines) == 4 and all(ln.startswith("NOT CONFIRMED") for ln in lines), res.stdout
     assert "re-checking 2 flagged rung(s)" in res.stderr
 
@@ -193,7 +194,9 @@ def test_recheck_and_noise_bad_input_is_one_line_exit_2(built, quiet_run, tmp_pa
     r = run_cli("compare", first, "no-such-run", "--db", str(db), "--recheck", env=env)
     assert r.returncode == 2 and assert_one_line_error(r.stderr, "no-such-run")
     r = run_cli("compare", first, first, "--db", str(db), "--recheck", "--rounds", "1", env=env)
-    assert r.returncode == 2 and assert_one_line_error(r.stderr, "--rounds 1", "at least twice")
+    assert r.returncode == 2 and assert_one_line_error(r.stderr, "--rounds 1", "at least 3 rounds")
+    r = run_cli("compare", first, first, "--db", str(db), "--recheck", "--rounds", "2", env=env)
+    assert r.returncode == 2 and assert_one_line_error(r.stderr, "--rounds 2", "--rounds 3 or more")
     m = ["--model", built["model"], "--profile", str(built["quiet"]), "--db", str(tmp_path / "n.db")]
     r = run_cli("noise", *m, "--repeat", "1", env=env)
     assert r.returncode == 2 and assert_one_line_error(r.stderr, "--repeat 1", "at least 2")
@@ -233,19 +236,23 @@ def test_recheck_with_an_artifact_gone_names_it(built, tmp_path):
     assert_one_line_error(r.stderr, "Q8_0", str(gone), "edgequant quantize")
 
 
-def test_noise_stores_the_spread_of_the_medians(built, tmp_path):
+def test_noise_stores_each_rungs_chance_drop_between_two_runs(built, tmp_path):
     db = tmp_path / "noise.db"
     r = run_cli("noise", "--model", built["model"], "--profile", str(built["quiet"]), "--rung", "q8_0",
-                "--repeat", "3", "--db", str(db), env=built["env"])
+                "--rung", "bf16", "--repeat", "3", "--db", str(db), env=built["env"])
     assert r.returncode == 0, r.stderr
-    rows = {x["metric"]: x for x in db_rows(db, "SELECT * FROM noise_floors")}
-    assert set(rows) == {"pp_tps", "tg_tps"}
-    for metric, row in rows.items():
+    rows = {(x["quant"], x["metric"]): x for x in db_rows(db, "SELECT * FROM noise_floors")}
+    assert set(rows) == {(q, m) for q in ("Q8_0", "BF16") for m in ("pp_tps", "tg_tps")}
+    for (quant, metric), row in rows.items():
         medians = json.loads(row["medians"])
-        assert row["quant"] == "Q8_0" and row["n_runs"] == 3 and len(medians) == 3
+        assert row["n_runs"] == 3 and len(medians) == 3
         mid = sorted(medians)[1]
-        assert row["floor_pct"] == pytest.approx(100 * (max(medians) - min(medians)) / mid)
+        spread = 100 * (max(medians) - min(medians)) / mid
+        # the normal quantile of 0.999 is 3.0902; two runs' medians differ with sqrt(2) times one's sd
+        bound = 3.0902 * 2 ** 0.5 * 100 * statistics.stdev(medians) / mid
+        assert row["floor_pct"] == pytest.approx(max(spread, bound), rel=1e-4)
         assert f"{metric}: {row['floor_pct']:.2f} %" in r.stdout
+    assert r.stdout.count("A/A noise floor of ") == 2
 
 
 # ---------------------------------------------------------------------------

@@ -154,11 +154,12 @@ def tag(run_id, name, db):
               help="Also write a Markdown summary (e.g. $GITHUB_STEP_SUMMARY).")
 @click.option("--json", "json_path", metavar="FILE", default=None, help="Also write every figure and gate as JSON.")
 @click.option("--recheck", is_flag=True,
-              help="Measure the artifacts of every flagged rung again where the runs measured it (this host or "
-                   "the phone), baseline and candidate alternately (A, B, A, B ...), and let that paired "
-                   "verdict decide its speed gates.")
+              help="Measure the artifacts of every flagged rung (a speed regression, a drop within the noise "
+                   "floor, a noisy side) again where the runs measured it (this host or the phone), baseline and "
+                   "candidate alternately (A, B, A, B ...), and let a rank test on the rounds' medians decide "
+                   "its speed gates.")
 @click.option("--rounds", type=int, default=3, show_default=True, metavar="N",
-              help="With --recheck: how many times each side is measured (at least 2).")
+              help="With --recheck: how many times each side is measured (at least 3).")
 @click.option("--profile", "profile_name", default="default", show_default=True, metavar="NAME|PATH",
               help="With --recheck: the profile whose [bench] contention settings the re-measurements follow.")
 @device_dir_option
@@ -172,9 +173,12 @@ def compare(baseline, candidate, gates_name, junit_path, markdown_path, json_pat
     Runs are given by id, `last`, `last-complete` or tag.  Rows pair on model,
     rung, device and parameters; the table shows only the columns that differ,
     with deltas.  A speed figure regresses when a Mann-Whitney U test on both
-    runs' raw samples says it dropped and its median dropped beyond the
-    place's A/A noise floor (`edgequant noise`), else the gates' percentage; a
-    rung stored `noisy` is never judged.  Exit code 0: no regression; 1: a
+    runs' raw samples says it dropped and its median dropped beyond the gates'
+    percentage and beyond the place's A/A noise floor (`edgequant noise`); a
+    significant drop beyond the gates' percentage but within the floor is
+    INCONCLUSIVE (two single runs cannot tell it from noise: --recheck
+    decides), and without a stored floor the line says so.  A rung stored
+    `noisy` is never judged.  Exit code 0: no regression; 1: a
     regression (speed, memory rise, significant quality drop by a paired
     McNemar test, suite gate PASS -> FAIL, or a rung or device missing); 2: bad
     input or no comparable rows.
@@ -182,12 +186,15 @@ def compare(baseline, candidate, gates_name, junit_path, markdown_path, json_pat
     from rich.console import Console
 
     from edgequant.results import compare as cmp
+    from edgequant.results import compare_views as views
     from edgequant.results.gates import load_gates
 
     gates = load_gates(gates_name)
-    if recheck and rounds < 2:
-        raise BadInput(f"--rounds {rounds}: a re-check alternates baseline and candidate at least twice "
-                       f"(A, B, A, B); pass --rounds 2 or more")
+    if recheck:
+        from edgequant.noise import MIN_ROUNDS, rounds_too_few
+
+        if rounds < MIN_ROUNDS:
+            raise BadInput(rounds_too_few(rounds))
     profile = profile_for(profile_name) if recheck else None
     store = open_store(db)
     result = cmp.compare_runs(store, baseline, candidate, gates)
@@ -209,8 +216,8 @@ def compare(baseline, candidate, gates_name, junit_path, markdown_path, json_pat
             rechecks = noise.recheck(store, result, rounds, profile.bench, pairs=flagged, on_phase=said,
                                      places=places)
         noise.apply_recheck(result, rechecks)
-    for path, render in ((junit_path, cmp.render_junit), (markdown_path, cmp.render_markdown),
-                         (json_path, cmp.render_json)):
+    for path, render in ((junit_path, views.render_junit), (markdown_path, views.render_markdown),
+                         (json_path, views.render_json)):
         if path:
             if path == os.environ.get("GITHUB_STEP_SUMMARY") and Path(path).exists():
                 with open(path, "a", encoding="utf-8") as fh:  # the job summary is appended to, never replaced
@@ -220,7 +227,7 @@ def compare(baseline, candidate, gates_name, junit_path, markdown_path, json_pat
     console = Console()
     if not console.is_terminal:
         console = Console(width=max(console.width, 200))
-    cmp.render_table(result, console)
+    views.render_table(result, console)
     for r in rechecks:
         word = {"fail": "[red]CONFIRMED[/red]", "pass": "[green]NOT CONFIRMED[/green]"}.get(r.status, "[yellow]SKIP[/yellow]")
         console.print(f"{word} {r.quant} on {r.device_id} · speed:{r.metric}: {r.message}", soft_wrap=True,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import statistics
 from dataclasses import replace
 from pathlib import Path
 
@@ -152,8 +153,9 @@ def eval_(model, profile_name, suite_name, prompting, artifacts, threads, db, ca
 @cli.command()
 @model_options
 @bench_overrides
-@click.option("--rung", default=None, metavar="QUANT",
-              help="The rung to measure (default: the profile's reference, e.g. BF16).")
+@click.option("--rung", "rung_names", multiple=True, metavar="QUANT",
+              help="The rung to measure, repeatable: each rung gets its own floor (default: the profile's "
+                   "reference, e.g. BF16).")
 @click.option("--repeat", type=int, default=5, show_default=True, metavar="N",
               help="How many times the rung is measured (at least 2).")
 @click.option("--device", "device_spec", default=None, metavar="SPEC",
@@ -164,18 +166,23 @@ def eval_(model, profile_name, suite_name, prompting, artifacts, threads, db, ca
 @db_option
 @cache_option
 @calibration_suite_option
-def noise(model, profile_name, threads, n_prompt, n_gen, repetitions, warmup, rung, repeat, device_spec, device_dir,
-          runner_dir, db, cache_dir, suite_name):
-    """Measure one rung several times in a row and store this place's A/A noise floor.
+def noise(model, profile_name, threads, n_prompt, n_gen, repetitions, warmup, rung_names, repeat, device_spec,
+          device_dir, runner_dir, db, cache_dir, suite_name):
+    """Measure a rung several times in a row and store this place's A/A noise floor.
 
-    The floor of a metric is the spread of the measurements' medians: (largest
-    - smallest) / median, in %.  `edgequant compare` then uses the place's
-    latest floor, instead of the gates' percentage, as the smallest speed drop
-    worth calling a regression.  Every measurement follows the profile's
-    contention rules; a measurement still contended stops the command (exit 1)
-    without storing a floor.  Build the rung first with `edgequant quantize`.
-    With --device SERIAL the phone is leased and the rung measured there as
-    `edgequant run --device` measures it; the floor is that phone's.
+    Each measurement loads the rung afresh, as a run does.  The floor of a
+    metric is the drop two single runs of the same artifact can show by
+    chance: the larger of the medians' range ((largest - smallest) / median)
+    and 3.09 x sqrt(2) x their relative standard deviation (a one-in-1000
+    chance, were the medians normal), in %.  `edgequant compare` calls a
+    speed drop a regression only beyond both the gates' percentage and the
+    floor of the rung (else the widest floor stored for the place); a drop in
+    between is inconclusive, for `compare --recheck` to decide.  Every
+    measurement follows the profile's contention rules; a measurement still
+    contended stops the command (exit 1) without storing a floor.  Build the
+    rungs first with `edgequant quantize`.  With --device SERIAL the phone is
+    leased and the rung measured there as `edgequant run --device` measures
+    it; the floor is that phone's.
     """
 
     from edgequant.pipeline import calibrate
@@ -189,37 +196,45 @@ def noise(model, profile_name, threads, n_prompt, n_gen, repetitions, warmup, ru
     profile = profile_for(profile_name, threads=threads, n_prompt=n_prompt, n_gen=n_gen,
                           repetitions=repetitions, warmup=warmup)
     rungs = profile.rungs()
-    wanted = rung or profile.quant.reference
-    match = [r for r in rungs if r.upper() == wanted.upper()]
-    if not match:
-        raise BadInput(f"--rung {wanted}: not a rung of profile {profile.name} ({', '.join(rungs)}); pick one of "
-                       f"them or pass another --profile")
-    wanted = match[0]
-    only = replace(profile, quant=replace(profile.quant, types=tuple(t for t in profile.quant.types if t == wanted)))
+    wanted = []
+    for name in rung_names or (profile.quant.reference,):
+        match = [r for r in rungs if r.upper() == name.upper()]
+        if not match:
+            raise BadInput(f"--rung {name}: not a rung of profile {profile.name} ({', '.join(rungs)}); pick one of "
+                           f"them or pass another --profile")
+        if match[0] not in wanted:
+            wanted.append(match[0])
+    only = replace(profile, quant=replace(profile.quant, types=tuple(t for t in profile.quant.types if t in wanted)))
     cache = cache_root(cache_dir)
     store = open_store(db)
     console = stderr_console()
+    floors = []
     with RichReporter(console) as reporter:
         resolved = pipeline.resolve_model(model, cache, reporter)
         imatrix, _, _ = calibrate.for_profile(only, None, suite_name, "auto", resolved.model_hash, cache, None,
                                               reporter.step)
-        art = next(a for a in pipeline.cached_ladder(resolved, only, cache, reporter, imatrix=imatrix)
-                   if a.quant == wanted)
+        arts = [a for a in pipeline.cached_ladder(resolved, only, cache, reporter, imatrix=imatrix)
+                if a.quant in wanted]
         with Places(cache, device_dir, runner_dir, say=reporter.step, cooldown=profile.device.cooldown(),
                     folder="noise") as places:
             place = places.get(where, f"--device {device_spec}")
-            reporter.start_bench(1, f"noise floor ({repeat}×)")
-            reporter.rung_started(art.quant)
-            floor = measure_noise_floor(art, profile.bench, repeat, place=place,
-                                        on_phase=lambda ph: reporter.rung_phase(art.quant, ph))
-            reporter.rung_done(art.quant, "ok")
-    store.record_artifact(art.record())
-    store.record_noise_floor(floor.device_id, art.quant, art.sha256, floor.params, floor.floors)
-    click.echo(f"A/A noise floor of {floor.device_id} ({art.quant}, {repeat} measurements, threads "
-               f"{floor.params.get('threads')}):")
-    for metric, (pct, medians) in floor.floors.items():
-        click.echo(f"  {metric}: {pct:.2f} %  (medians {', '.join(f'{m:,.1f}' for m in medians)} t/s)")
-    click.echo("`edgequant compare` uses it as the practical threshold for speed on this place")
+            reporter.start_bench(len(arts), f"noise floor ({repeat}×)")
+            for art in arts:
+                reporter.rung_started(art.quant)
+                floor = measure_noise_floor(art, profile.bench, repeat, place=place,
+                                            on_phase=lambda ph, q=art.quant: reporter.rung_phase(q, ph))
+                reporter.rung_done(art.quant, "ok")
+                store.record_artifact(art.record())     # each rung's floor stored as soon as it is measured
+                store.record_noise_floor(floor.device_id, art.quant, art.sha256, floor.params, floor.floors)
+                floors.append(floor)
+    for floor in floors:
+        click.echo(f"A/A noise floor of {floor.device_id} ({floor.quant}, {repeat} measurements, threads "
+                   f"{floor.params.get('threads')}):")
+        for metric, (pct, medians) in floor.floors.items():
+            spread = 100.0 * statistics.stdev(medians) / statistics.median(medians)
+            click.echo(f"  {metric}: {pct:.2f} %  (medians {', '.join(f'{m:,.1f}' for m in medians)} t/s; "
+                       f"CV {spread:.1f} %)")
+    click.echo("`edgequant compare` needs a speed drop beyond it (and beyond the gates' percentage) on this place")
 
 
 def onnx_on_host(store, run_id: str, resolved, onnx_artifacts: list, profile, reporter) -> list[str]:
