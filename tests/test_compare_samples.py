@@ -186,3 +186,22 @@ def test_pick_does_not_choose_a_rung_on_noisy_figures():
     q4 = next(c for c in result.candidates if c.rung.quant == "Q4_0")
     assert q4.failed is not None and "other work loaded the machine" in q4.failed
     assert result.best is not None and result.best.rung.quant != "Q4_0"
+
+
+def test_an_inconclusive_drop_is_flagged_for_the_recheck_and_its_verdict_decides(tmp_path):
+    from edgequant.noise import Recheck, apply_recheck, flagged_pairs
+    from edgequant.results.compare import compare_runs
+    from edgequant.results.gates import load_gates
+
+    db = tmp_path / "r.db"
+    a = store_run(db, [50.0, 51.0, 49.0])
+    b = store_run(db, [40.0, 41.0, 39.0])            # -20 %: within a 25 % floor
+    steady = store_run(db, [50.5, 50.0, 49.5])       # the same as a: nothing to re-check
+    with Store(db) as s:
+        s.record_noise_floor("host:a", "Q4_0", "x" * 64, BENCH, {"tg_tps": (25.0, [50.0, 40.0, 45.0])})
+        cmp = compare_runs(s, a, b, load_gates("gates"))
+        assert [(p.quant, p.device_id) for p in flagged_pairs(cmp)] == [("Q4_0", "host:a")]
+        assert flagged_pairs(compare_runs(s, a, steady, load_gates("gates"))) == []
+    assert [r.gate for r in cmp.inconclusive] == ["speed:tg_tps"]
+    apply_recheck(cmp, [Recheck("Q4_0", "host:a", "tg_tps", "fail", "re-check: -21 %")])
+    assert [r.gate for r in cmp.regressions] == ["speed:tg_tps"] and not cmp.inconclusive
