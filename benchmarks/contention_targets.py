@@ -135,6 +135,7 @@ def main() -> int:
                 reduced.append(f"--{name} {value} (full: {full})")
     args.aa = FULL_AA if args.aa is None else args.aa
     args.rounds = FULL_ROUNDS if args.rounds is None else args.rounds
+    from edgequant.core.errors import EdgequantError
     from edgequant.noise import MIN_ROUNDS, rounds_too_few
 
     if args.rounds < MIN_ROUNDS:
@@ -208,7 +209,11 @@ def main() -> int:
         print(f"\nA/A noise floor of {place.device_id} ({args.floor_repeat} measurements of each rung; the drop "
               f"two single runs show by chance: max(range, 3.09 * sqrt(2) * sd of the medians)):")
         for art in artifacts:
-            floor = noise.measure_noise_floor(art, profile.bench, args.floor_repeat, place=place)
+            try:
+                floor = noise.measure_noise_floor(art, profile.bench, args.floor_repeat, place=place)
+            except EdgequantError as exc:       # still contended after the retries: nothing to judge against
+                print(f"  {art.quant}: {exc}")
+                return 1
             store.record_artifact(art.record())
             store.record_noise_floor(floor.device_id, art.quant, art.sha256, floor.params, floor.floors)
             for metric, (pct, medians) in floor.floors.items():
