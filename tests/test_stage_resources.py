@@ -119,3 +119,112 @@ def test_a_quantizations_peak_is_its_own_memory_bounded_by_the_tensors(tiny_q8):
     rows = {r["stage"]: r for r in store.stage_resources(run)}
     assert rows["quantize"]["peak_rss_bytes"] == peak and rows["quantize"]["detail"] == OWN_MEMORY
     assert rows["convert"]["detail"] is None     # the converter's figure is its whole process tree's
+
+
+# ---------------------------------------------------------------------------
+# the ONNX export and variants
+
+
+@pytest.mark.slow
+def test_the_onnx_export_and_each_variant_are_stage_rows_of_their_worker(tiny_onnx, tiny_checkpoint, tmp_path):
+    from edgequant.pipeline.onnx_rungs import record_onnx_stages
+    from edgequant.quantize.onnx_export import WORKER_MEMORY, model_files
+
+    arts, ladder, _ = tiny_onnx
+    store = Store(tmp_path / "r.db")
+    run = store.start_run("edgequant run", "tiny", "m", "h")
+    record_onnx_stages(store, run, list(arts.values()))
+    rows = store.stage_resources(run)
+    # the export once (the fp32 and fp32-ext rungs' source), then every variant made from it
+    assert [(r["stage"], r["quant"]) for r in rows] == \
+        [("onnx-export", "ONNX")] + [("onnx-quantize", a.quant) for v, a in arts.items() if v != "fp32"]
+    fp32_bytes = sum(f.stat().st_size for f in model_files(arts["fp32"].path.parent))
+    weights = sum(f.stat().st_size for f in tiny_checkpoint.glob("*.safetensors"))
+    for r in rows:
+        assert r["status"] == "ok" and not r["reused"] and r["detail"] == WORKER_MEMORY
+        assert r["seconds"] > 0 and r["peak_rss_bytes"] < psutil.virtual_memory().total
+        # every worker holds the fp32 model it reads or writes: its file's bytes at least
+        assert r["peak_rss_bytes"] > fp32_bytes, r
+    # the exporter holds the checkpoint's weights in fp32 (twice their bf16 bytes) and torch: more than that
+    export = rows[0]
+    assert export["peak_rss_bytes"] > 2 * weights + 100 * MiB
+    # built again: every one reused, with the figures recorded in its manifest when it was built
+    again = ladder.build()
+    run2 = store.start_run("edgequant run", "tiny", "m", "h")
+    record_onnx_stages(store, run2, again)
+    rows2 = store.stage_resources(run2)
+    assert [(r["stage"], r["quant"], r["seconds"], r["peak_rss_bytes"]) for r in rows2] == \
+        [(r["stage"], r["quant"], r["seconds"], r["peak_rss_bytes"]) for r in rows]
+    assert all(r["reused"] for r in rows2)
+
+
+# ---------------------------------------------------------------------------
+# a phone's push and measuring step (the ADB peer running the real llama-bench under qemu)
+
+
+@pytest.mark.slow
+def test_a_phones_push_and_measuring_step_are_stage_rows_with_its_place(tiny_checkpoint, phone, arm64_runner,
+                                                                         tmp_path):
+    from rich.console import Console
+
+    from adbpeer.peer import LmkRule
+
+    from edgequant.devices import select
+    from edgequant.pipeline import device_run
+    from edgequant.pipeline import host as pipeline
+    from edgequant.pipeline.phone_stages import MEASURE_DETAIL, PUSH_DETAIL, PhoneStages
+    from edgequant.profiles import load_profile
+    from edgequant.results import report
+
+    peer, workdir, env, profile_path = phone
+    profile = load_profile(profile_path)
+    cache = tmp_path / "cache"
+    resolved = pipeline.resolve_model(str(tiny_checkpoint), cache, pipeline.NullReporter())
+    arts = [a for a in pipeline.build_ladder(resolved, profile, cache, pipeline.NullReporter())
+            if a.quant in ("Q8_0", "Q4_0")]
+    # the phone's low-memory killer takes Q8_0's llama-bench: its measuring step is a row with that status
+    peer.faults.lmk = [LmkRule(r"^\S*qemu-aarch64\S* .*llama-bench .*Q8_0\.gguf", delay=0.0)]
+    ctx = device_run.open_device(select.Target(peer.serial, "direct"), workdir, str(arm64_runner.path), cache,
+                                 pipeline.NullReporter())
+    store = Store(tmp_path / "r.db")
+    run = store.start_run("edgequant run", profile.name, "tiny", resolved.model_hash)
+    try:
+        t0 = time.monotonic()
+        device_run.bench_rungs_on_device(store, run, "tiny", resolved.model_hash, arts, profile, ctx,
+                                         pipeline.NullReporter())
+        wall = time.monotonic() - t0
+        # the same file pushed again: the phone holds its bytes, nothing is sent
+        q4 = arts[1]
+        again = PhoneStages(store, run, ctx.device_id)
+        again.push(q4, ctx.pusher, lambda: ctx.pusher.push(q4.path, q4.sha256, name=f"{q4.quant}.gguf"))
+    finally:
+        ctx.close()
+    rows = store.stage_resources(run)
+    assert [(r["stage"], r["quant"], r["status"]) for r in rows] == [
+        ("push", "Q8_0", "ok"), ("bench", "Q8_0", "oom"), ("push", "Q4_0", "ok"), ("bench", "Q4_0", "ok"),
+        ("push", "Q4_0", "ok")]
+    assert {r["device_id"] for r in rows} == {f"adb:{peer.serial}"}
+    push8, oom8, push4, bench4, again4 = rows
+    # the bytes sent are the files' bytes; the second push sent none
+    assert (push8["data_bytes"], push4["data_bytes"], again4["data_bytes"]) == \
+        (arts[0].path.stat().st_size, q4.path.stat().st_size, 0)
+    assert push4["detail"] == PUSH_DETAIL and push4["peak_rss_bytes"] is None
+    assert "low-memory killer" in oom8["detail"] and oom8["peak_rss_bytes"] is None
+    # the measuring step's peak is the one llama-bench's Max RSS row holds, read on the phone
+    m = {r["metric"]: r for r in store.conn.execute(
+        "SELECT metric, value, repetitions FROM measurements WHERE run_id = ? AND quant = 'Q4_0'", (run,))}
+    assert bench4["peak_rss_bytes"] == m["peak_rss"]["value"] and bench4["detail"] == MEASURE_DETAIL
+    # its time: at least the repetitions' own pp and tg time (tokens / the t/s the phone reported), at most
+    # the test's wall clock around the whole ladder
+    n = profile.bench
+    timed = n.repetitions * (n.n_prompt / m["pp_tps"]["value"] + n.n_gen / m["tg_tps"]["value"])
+    assert timed < bench4["seconds"] < wall
+    assert sum(r["seconds"] for r in rows[:4]) < wall
+    # report's resources table shows them with the phone as the place
+    console = Console(file=io.StringIO(), width=200, record=True)
+    report.render_table(report.summarize(store, run), console)
+    table = console.export_text().split("resources: peak RSS and time of each stage", 1)[1]
+    cells = [[c.strip() for c in ln.split("│")[1:-1]] for ln in table.splitlines() if "│" in ln]
+    push_rows = [c for c in cells if c[:2] == ["push", "Q4_0"]]
+    assert push_rows and push_rows[0][2] == f"adb:{peer.serial}"
+    assert push_rows[0][5] == f"{q4.path.stat().st_size / MiB:,.1f}" and push_rows[1][5] == "0.0"
