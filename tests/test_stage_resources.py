@@ -158,6 +158,22 @@ def test_the_onnx_export_and_each_variant_are_stage_rows_of_their_worker(tiny_on
     assert all(r["reused"] for r in rows2)
 
 
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_a_stage_rows_bytes_round_trip_on_both_backends(backend, request, tmp_path):
+    from edgequant.estimate import stage_row
+
+    url = str(tmp_path / "r.db") if backend == "sqlite" else request.getfixturevalue("pg_url")
+    with Store(url) as store:
+        run = store.start_run("edgequant run", "tiny", "m", "h")
+        sent = 8_600_000_123            # a 4B model's BF16 file: past what a 32-bit float holds exactly
+        store.record_stages(run, [stage_row("push", "BF16", "adb:X", 4_300_000_000, 61.5, None, "ok", False,
+                                            "bytes sent", sent),
+                                  stage_row("convert", "BF16", "host:a", 4_300_000_000, 300.0, 9.5e9)])
+        push, convert = store.stage_resources(run)
+    assert (push["stage"], push["data_bytes"], push["peak_rss_bytes"]) == ("push", sent, None)
+    assert (convert["stage"], convert["data_bytes"], convert["peak_rss_bytes"]) == ("convert", None, 9.5e9)
+
+
 # ---------------------------------------------------------------------------
 # a phone's push and measuring step (the ADB peer running the real llama-bench under qemu)
 
