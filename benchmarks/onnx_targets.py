@@ -36,7 +36,8 @@ def main() -> int:
     from edgequant.core.paths import cache_dir
     from edgequant.pipeline.host import NullReporter, build_ladder, resolve_model
     from edgequant.profiles import BenchSettings, _Checker, load_profile, parse_onnx
-    from edgequant.quantize.onnx_export import OnnxLadder, install_exporter
+    from edgequant.quantize.onnx_export import OnnxLadder
+    from edgequant.quantize.onnx_exporter import install_exporter
 
     cache = Path(args.cache_dir).expanduser() if args.cache_dir else cache_dir()
     reporter = NullReporter()

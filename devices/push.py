@@ -112,6 +112,7 @@ class Pusher:
         self.models = posixpath.join(self.workdir, MODELS)
         self.on_progress = on_progress
         self._verified: dict[str, str] = {}      # remote path -> sha256 checked on the device this run
+        self.sent_bytes = 0                      # bytes sent by every push so far (a file the device had: 0)
 
     def _shell(self, command: str, timeout: float = SHELL_TIMEOUT):
         return self.transport.shell(command, timeout=timeout)
@@ -184,6 +185,7 @@ class Pusher:
             raise DeviceError("io", f"could not move {local.name} into place on {serial} "
                                     f"(exit {check.exit_code}): {(check.stdout + check.stderr).strip()[:160]}")
         self._verified[remote] = sha256
+        self.sent_bytes += size
         return PushResult(remote, size, size, seconds, False)
 
     def _remove_quietly(self, path: str) -> None:

@@ -443,7 +443,8 @@ def countdown_event(task: str, label: str | None = None) -> tuple[tuple[str, ...
 
 def stage_row(stage: str, quant: str, device_id: str, n_params: int | None, seconds: float | None,
               peak_rss_bytes: float | None, status: str = "ok", reused: bool = False,
-              detail: str | None = None) -> dict[str, Any]:
-    """One ``stage_resources`` row (``Store.record_stages``)."""
+              detail: str | None = None, data_bytes: int | None = None) -> dict[str, Any]:
+    """One ``stage_resources`` row (``Store.record_stages``); ``data_bytes``: what the stage moved (a push)."""
     return {"stage": stage, "quant": quant, "device_id": device_id, "n_params": n_params, "seconds": seconds,
-            "peak_rss_bytes": peak_rss_bytes, "status": str(status), "reused": reused, "detail": detail}
+            "peak_rss_bytes": peak_rss_bytes, "status": str(status), "reused": reused, "detail": detail,
+            "data_bytes": data_bytes}

@@ -33,7 +33,7 @@ from edgequant.quantize.checkpoint import Checkpoint
 from edgequant.quantize.gguf_info import (BadGGUF, add_metadata, estimated_bits_per_weight, file_sha256,
                                           read_gguf_info)
 from edgequant.core.children import die_with_parent
-from edgequant.core.meter import StageMeter
+from edgequant.core.meter import StageMeter, status_bytes
 from edgequant.core.status import RungStatus, classify_exit, exit_signal, signal_name
 from edgequant.profiles.rungs import RungSpec, parse_rung, tensor_types
 from edgequant.quantize.verified import ArtifactChanged  # noqa: F401 - importers of the ladder find it here
@@ -85,7 +85,8 @@ class Artifact:
 
     def signature(self) -> tuple:
         return files_signature(self.files())
-    # how it was made: {"stage": "convert"|"quantize", "seconds", "peak_rss_bytes"} (kept in its manifest)
+    # how it was made: {"stage": "convert"|"quantize"|..., "seconds", "peak_rss_bytes", and "detail": what the
+    # peak is, where it is not the process's whole RSS} (kept in its manifest)
     build: dict = field(default_factory=dict)
 
     def verify(self) -> None:
@@ -128,13 +129,19 @@ class BuildFailed(RunFailed):
         self.status = str(status)
 
 
+OWN_MEMORY = "own memory: VmHWM above the resident size at fork"   # what a quantization's peak RSS is
+
+
 def run_forked(work: Callable[[], tuple[int, str]], tick: Callable[[], None]) -> tuple[int, str, StageMeter]:
     """Run ``work`` (returning a return code and a message) in a forked child, which shares this process's
     memory as it is (parameters and buffers already set up), calling ``tick`` every 0.2 s meanwhile.
 
     Returns (the child's exit code, Popen-style: -N when killed by signal N; "RC\\nMESSAGE" as ``work``
-    returned them, or "" if it did not; its time and peak RSS: sampled, and its ``ru_maxrss``).  The child
-    dies with this process; on any exception here (Ctrl-C) it is killed before the exception goes on."""
+    returned them, or "" if it did not; its time and peak RSS).  The peak is the child's own memory
+    (:data:`OWN_MEMORY`): its high-water mark (``ru_maxrss``, also when it was killed) less the resident size
+    it had as it started, which it reads from /proc/self/status and sends first; the pages it shares with
+    this process (torch, transformers, llama.cpp already loaded) are counted there, not in the stage.  The
+    child dies with this process; on any exception here (Ctrl-C) it is killed before the exception goes on."""
     arm = die_with_parent()
     read_fd, write_fd = os.pipe()
     pid = os.fork()
@@ -143,6 +150,7 @@ def run_forked(work: Callable[[], tuple[int, str]], tick: Callable[[], None]) ->
         try:
             os.close(read_fd)
             arm()
+            os.write(write_fd, f"{status_bytes('VmRSS')}\n".encode())
             rc, said = work()
             os.write(write_fd, f"{rc}\n{said}".encode("utf-8", "replace")[:60000])
             code = 0
@@ -162,7 +170,6 @@ def run_forked(work: Callable[[], tuple[int, str]], tick: Callable[[], None]) ->
                     break
                 time.sleep(0.2)
                 tick()
-        meter.peak_rss_bytes = max(meter.peak_rss_bytes, usage.ru_maxrss * 1024)
         chunks = []
         while chunk := os.read(read_fd, 65536):
             chunks.append(chunk)
@@ -175,7 +182,14 @@ def run_forked(work: Callable[[], tuple[int, str]], tick: Callable[[], None]) ->
         raise
     finally:
         os.close(read_fd)
-    return os.waitstatus_to_exitcode(status), b"".join(chunks).decode("utf-8", "replace"), meter
+    text = b"".join(chunks).decode("utf-8", "replace")
+    at_start, _, said = text.partition("\n")
+    hwm = max(meter.peak_rss_bytes, usage.ru_maxrss * 1024)
+    if at_start.isdigit():
+        meter.peak_rss_bytes = max(hwm - int(at_start), 0)
+    else:                  # it did not get as far as saying its size: the whole high-water mark
+        meter.peak_rss_bytes, said = hwm, text
+    return os.waitstatus_to_exitcode(status), said, meter
 
 
 def free_bytes(folder: Path) -> int:
@@ -441,7 +455,7 @@ class Ladder:
             # and its peak RSS is its own; Ctrl-C stops it at once and atomic_path removes the partial file
             code, said, meter = run_forked(work, tick)
             rc, _, said = said.partition("\n")
-            self._built[rung.path] = {"stage": "quantize", **meter.record()}
+            self._built[rung.path] = {"stage": "quantize", **meter.record(), "detail": OWN_MEMORY}
             status = classify_exit(code)
             if status in (RungStatus.OOM, RungStatus.CRASHED):
                 how = "killed (SIGKILL), most likely by the kernel's OOM killer" if status is RungStatus.OOM \

@@ -13,13 +13,13 @@
   block size of 32/64/128, symmetric or not, an accuracy level), and for both
   quantized kinds optionally the token-embedding ``Gather`` too.
 
-The exporter lives in its own package folder.  optimum-onnx 0.1.0 (the
-release on PyPI) requires ``transformers<4.58`` while edgequant runs on
-transformers 5, so the exporter and its pinned transformers are installed
-once, by ``edgequant setup-onnx`` (``make setup`` runs it), with ``pip install
---no-deps --target`` into the environment (``share/edgequant/onnx-exporter-<hash>``)
-and put first on ``PYTHONPATH`` of the export process only; nothing is
-downloaded during a run; torch, onnx and the rest come from edgequant's own environment.
+The exporter lives in its own package folder (``quantize.onnx_exporter``:
+optimum-onnx with its pinned transformers, installed once by ``edgequant
+setup-onnx``), put first on ``PYTHONPATH`` of the export process only; torch,
+onnx and the rest come from edgequant's own environment.  The export and each
+variant run in a worker process (``python -m edgequant.quantize.onnx_export``)
+whose time and peak RSS are the stage's (``Artifact.build``, kept in the
+manifest; ``pipeline.onnx_rungs.record_onnx_stages`` stores them as rows).
 
 Artifacts follow the GGUF ladder's rules: content-addressed folders
 (``onnx-<VARIANT>-<key>/model.onnx`` plus ``model.onnx_data`` when the model is
@@ -44,7 +44,7 @@ import sys
 import time
 import traceback
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable
@@ -52,17 +52,15 @@ from typing import Any, Callable
 from edgequant.core.atomic import atomic_path, atomic_write_text, clean_stale_partials
 from edgequant.core.children import die_with_parent
 from edgequant.core.errors import BadInput, RunFailed
+from edgequant.core.meter import StageMeter
 from edgequant.profiles import OnnxSpec, OnnxVariant, Profile
 from edgequant.quantize.checkpoint import Checkpoint
 from edgequant.quantize.ladder import Artifact, free_bytes
+from edgequant.quantize.onnx_exporter import EXPORTER_PINS, ensure_exporter, last_log_line
 from edgequant.quantize.verified import CacheCheck, check_entry, files_signature, recheck, signature_of, write_manifest
 
 Progress = Callable[[str, float, "float | None"], None]
 
-# optimum-onnx 0.1.0 and the versions pip resolves for it (its transformers pin: <4.58);
-# installed with --no-deps into a folder of their own (see the module doc).
-EXPORTER_PINS = ("optimum-onnx==0.1.0", "optimum==2.1.0", "transformers==4.57.6", "tokenizers==0.22.2",
-                 "huggingface_hub==0.36.2")
 TASK = "text-generation-with-past"
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx_data"
@@ -75,6 +73,8 @@ EXPORT_BASE = 1024 ** 3
 # Bits per parameter of each kind's file, for the disk estimate (fp32 carries the tied
 # embedding twice: the Gather table and the lm_head MatMul).
 _EST_BITS = {"fp32": 48.0, "fp16": 24.0, "int8": 12.0, "int4": 8.0}
+# what an ONNX stage's peak RSS is (its ``stage_resources`` row's detail)
+WORKER_MEMORY = "peak RSS of its worker process (tree), sampled"
 
 
 def _version(dist: str) -> str:
@@ -89,62 +89,6 @@ def onnx_versions() -> dict[str, str]:
 
 
 # ---------------------------------------------------------------------------
-# the exporter's package folder
-
-
-def exporter_dir(cache_root: Path | None = None) -> Path:
-    """Where ``edgequant setup-onnx`` puts the exporter: inside this Python environment, so it is
-    installed with the environment (``make setup``) and never fetched while a run is going on."""
-    digest = hashlib.sha256("\n".join(EXPORTER_PINS).encode()).hexdigest()[:12]
-    return Path(sys.prefix) / "share" / "edgequant" / f"onnx-exporter-{digest}"
-
-
-def _installed(folder: Path) -> bool:
-    return (folder / "optimum" / "exporters" / "onnx").is_dir()
-
-
-def install_exporter(report: Progress = lambda *a: None) -> Path:
-    """Install optimum-onnx and its pinned transformers (pip, --no-deps) into :func:`exporter_dir`.
-
-    The one network access of the ONNX path, made only when the user asks (``edgequant setup-onnx``)."""
-    folder = exporter_dir()
-    if _installed(folder):
-        return folder
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    clean_stale_partials(folder.parent)
-    log = folder.parent / (folder.name + ".log")
-    report("installing the ONNX exporter", 0, None)
-    with atomic_path(folder) as tmp, open(log, "w") as fh:
-        cmd = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-compile",
-               "--disable-pip-version-check", "--target", str(tmp), *EXPORTER_PINS]
-        proc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        if proc.returncode != 0 or not (tmp / "optimum").is_dir():
-            raise RunFailed(f"installing the ONNX exporter ({', '.join(EXPORTER_PINS)}) failed with exit "
-                            f"{proc.returncode}: {_last_line(log)}; full log: {log}")
-    report("installing the ONNX exporter", 1, 1)
-    return folder
-
-
-def ensure_exporter(cache_root: Path | None = None, report: Progress = lambda *a: None) -> Path:
-    """The folder holding optimum-onnx and its pinned transformers; BadInput when it is not installed."""
-    folder = exporter_dir()
-    if not _installed(folder):
-        raise BadInput("the ONNX exporter (optimum-onnx 0.1.0 with its own pinned transformers) is not "
-                       "installed in this environment; run `edgequant setup-onnx` once (pip fetches about "
-                       "140 MB from PyPI; `make setup` does it)")
-    return folder
-
-
-def _last_line(path: Path) -> str:
-    try:
-        lines = [ln.strip() for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
-    except OSError:
-        return "no log"
-    errors = [ln for ln in lines if "Error" in ln or "error" in ln]
-    return (errors or lines or ["no output"])[-1][:300]
-
-
-# ---------------------------------------------------------------------------
 # artifacts
 
 
@@ -154,6 +98,9 @@ class OnnxArtifact(Artifact):
 
     variant: str = ""
     external_data: bool = False
+    # the export it was made from: {"stage": "onnx-export", "seconds", "peak_rss_bytes", "detail", "reused"}
+    # (its own ``build`` is its variant's stage; the fp32 variant is the export itself)
+    export_build: dict = field(default_factory=dict)
 
     def files(self) -> list[Path]:
         """model.onnx and its external data: all are hashed and checked (``verified``)."""
@@ -263,6 +210,7 @@ class OnnxLadder:
         """``notice`` gets one line for each cached variant found damaged (and rebuilt)."""
         self.notice = notice
         self.rebuilt: list[str] = []
+        self._built: dict[Path, dict] = {}      # a folder just built -> its stage's time and peak RSS
         self.ckpt = ckpt
         self.model_hash = model_hash
         self.spec = spec
@@ -359,8 +307,11 @@ class OnnxLadder:
         exported_now = not export.model.is_file()
         if exported_now:
             self._export(export, report)
-            self._manifest(export, report)
+            export_art = self._manifest(export, report)
+        else:
+            export_art = self._cached(export, report)
         export_seconds = time.perf_counter() - t0
+        export_build = {**(export_art.build if export_art else {}), "reused": not exported_now}
         out = []
         for p in self.plan():
             t0 = time.perf_counter()
@@ -371,6 +322,7 @@ class OnnxLadder:
                 art = self._manifest(p, report)
             art.reused = reused
             art.seconds = export_seconds if p.folder == export.folder else time.perf_counter() - t0
+            art.export_build = export_build
             out.append(art)
         return out
 
@@ -398,7 +350,9 @@ class OnnxLadder:
         p.manifest.unlink(missing_ok=True)
         return None
 
-    def _run_worker(self, request: dict, log_path: Path, task: str, env_extra: dict[str, str]) -> None:
+    def _run_worker(self, request: dict, log_path: Path, task: str, env_extra: dict[str, str]) -> dict:
+        """Run one export or variant in a worker process; its wall time and peak RSS (sampled over its process
+        tree: a fresh Python, so all of it is the stage's own)."""
         env = dict(os.environ, TQDM_DISABLE="1", PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false",
                    HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", **env_extra)
         report_file = log_path.with_suffix(".result.json")
@@ -409,7 +363,8 @@ class OnnxLadder:
                                     stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
                                     preexec_fn=die_with_parent())
             try:
-                proc.wait()
+                with StageMeter(proc.pid) as meter:
+                    proc.wait()
             except BaseException:
                 proc.kill()
                 proc.wait()
@@ -423,8 +378,9 @@ class OnnxLadder:
         if result.get("bad_input"):
             raise BadInput(result["bad_input"])
         if proc.returncode != 0 or result.get("error"):
-            detail = result.get("error") or _last_line(log_path)
+            detail = result.get("error") or last_log_line(log_path)
             raise RunFailed(f"{task} failed (exit {proc.returncode}): {detail}; full log: {log_path}")
+        return meter.record()
 
     def _export(self, p: PlannedOnnx, report: Progress) -> None:
         exporter = ensure_exporter(self.cache_root, report)
@@ -432,12 +388,13 @@ class OnnxLadder:
         report(task, 0, None)
         log_path = self.folder / f"onnx-export-{p.cache_key[:16]}.log"
         with atomic_path(p.folder) as tmp:
-            self._run_worker({"op": "export", "checkpoint": str(self.ckpt.path), "output": str(tmp),
+            measured = self._run_worker({"op": "export", "checkpoint": str(self.ckpt.path), "output": str(tmp),
                               "architecture": self.ckpt.architecture}, log_path, task,
                              {"PYTHONPATH": os.pathsep.join([str(exporter)] + [x for x in os.environ.get(
                                  "PYTHONPATH", "").split(os.pathsep) if x])})
             if not (tmp / MODEL_FILE).is_file():
                 raise RunFailed(f"{task} wrote no {MODEL_FILE}; full log: {log_path}")
+        self._built[p.folder] = {"stage": "onnx-export", **measured, "detail": WORKER_MEMORY}
         report(task, 1, 1)
 
     def _variant(self, source: Path, p: PlannedOnnx, report: Progress) -> None:
@@ -448,9 +405,10 @@ class OnnxLadder:
         external = p.variant.external_data or est >= PROTOBUF_LIMIT * 0.9
         with atomic_path(p.folder) as tmp:
             tmp.mkdir(parents=True, exist_ok=True)
-            self._run_worker({"op": "variant", "source": str(source), "output": str(tmp / MODEL_FILE),
-                              "kind": p.variant.kind, "options": p.variant.key_options(),
-                              "external_data": external}, log_path, task, {})
+            measured = self._run_worker({"op": "variant", "source": str(source), "output": str(tmp / MODEL_FILE),
+                                         "kind": p.variant.kind, "options": p.variant.key_options(),
+                                         "external_data": external}, log_path, task, {})
+        self._built[p.folder] = {"stage": "onnx-quantize", **measured, "detail": WORKER_MEMORY}
         report(task, 1, 1)
 
     def _manifest(self, p: PlannedOnnx, report: Progress) -> OnnxArtifact:
@@ -470,7 +428,8 @@ class OnnxLadder:
                            model_hash=self.model_hash, sha256=folder_sha256(p.folder), size_bytes=size,
                            n_params=n_params, bits_per_weight=size * 8 / n_params if n_params else 0.0,
                            tensor_types=info["tensor_types"], architecture=self.ckpt.architecture,
-                           variant=p.variant.name, external_data=info["external_data"])
+                           variant=p.variant.name, external_data=info["external_data"],
+                           build=self._built.pop(p.folder, {}))
         report(f"hashing {name}", size, size)
         self._write_manifest(art, p)
         return art
@@ -481,7 +440,7 @@ class OnnxLadder:
         its name is the profile's, not part of the record (the fp32 export serves under two names)."""
         data = asdict(art)
         data.update(path=str(p.model))
-        for k in ("reused", "seconds", "checked", "quant", "variant", "is_reference"):
+        for k in ("reused", "seconds", "checked", "quant", "variant", "is_reference", "export_build"):
             data.pop(k)
         write_manifest(art, p.manifest, data)
 

@@ -150,4 +150,8 @@ MIGRATIONS: list[tuple[str, str]] = [
         CREATE INDEX stage_resources_run ON stage_resources(run_id, id);
         CREATE INDEX stage_resources_place ON stage_resources(device_id, stage, measured_at);
     """),
+    # the bytes a stage moved: a push to a phone, the bytes sent (0: the phone held them already)
+    ("009_s19r_stage_bytes", """
+        ALTER TABLE stage_resources ADD COLUMN data_bytes REAL;
+    """),
 ]

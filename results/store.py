@@ -701,9 +701,11 @@ class Store:
 
     def record_stages(self, run_id: str, stages: Iterable[dict[str, Any]]) -> None:
         """Rows of ``stage_resources`` in one transaction; each a dict with ``stage``, ``quant``, ``device_id``,
-        ``status`` and optionally ``n_params``, ``seconds``, ``peak_rss_bytes``, ``reused``, ``detail``."""
+        ``status`` and optionally ``n_params``, ``seconds``, ``peak_rss_bytes``, ``reused``, ``detail``,
+        ``data_bytes``."""
         now = time.time()
-        cols = ("stage", "quant", "device_id", "n_params", "seconds", "peak_rss_bytes", "status", "reused", "detail")
+        cols = ("stage", "quant", "device_id", "n_params", "seconds", "peak_rss_bytes", "status", "reused", "detail",
+                "data_bytes")
         with self.transaction() as conn:
             for st in stages:
                 values = [st.get(c) for c in cols]
@@ -715,7 +717,7 @@ class Store:
         """A run's stage rows, in the order they were stored."""
         rows = self.conn.execute(
             "SELECT run_id, stage, quant, device_id, n_params, seconds, peak_rss_bytes, status, reused, detail,"
-            " measured_at FROM stage_resources WHERE run_id = ? ORDER BY id", (run_id,))
+            " data_bytes, measured_at FROM stage_resources WHERE run_id = ? ORDER BY id", (run_id,))
         return [{**dict(r), "reused": bool(r["reused"])} for r in rows]
 
     def stage_history(self, device_id: str, limit: int = 500) -> list[dict[str, Any]]:

@@ -131,15 +131,17 @@ def summarize(store: Store, run_id: str) -> RunReport:
                      quality_params_by_device=quality_by_device, resources=store.stage_resources(run["run_id"]))
 
 
-RESOURCE_COLUMNS = ("stage", "rung", "peak RSS MiB", "time s", "status")
+RESOURCE_COLUMNS = ("stage", "rung", "place", "peak RSS MiB", "time s", "sent MiB", "status")
 
 
 def resource_cells(r: dict[str, Any]) -> list[str]:
-    """One stage row of the resources table: a reused artifact's build shows the time it was built in."""
+    """One stage row of the resources table: a reused artifact's build shows the time it was built in; a push
+    to a phone the MiB it sent."""
     rss = "-" if r["peak_rss_bytes"] is None else f"{r['peak_rss_bytes'] / 2**20:,.0f}"
     secs = "-" if r["seconds"] is None else f"{r['seconds']:,.1f}"
+    sent = "-" if r.get("data_bytes") is None else f"{r['data_bytes'] / 2**20:,.1f}"
     status = r["status"] + (" (cached)" if r["reused"] else "")
-    return [r["stage"], r["quant"], rss, secs, status]
+    return [r["stage"], r["quant"], r["device_id"], rss, secs, sent, status]
 
 
 VARIANT_MARK = "@"   # edgequant.profiles.variants.SEPARATOR (results does not import profiles)

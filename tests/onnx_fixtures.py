@@ -14,7 +14,8 @@ import pytest
 
 from edgequant.profiles import _Checker, parse_onnx
 from edgequant.quantize.checkpoint import checkpoint_hash, open_checkpoint
-from edgequant.quantize.onnx_export import OnnxLadder, ensure_exporter
+from edgequant.quantize.onnx_export import OnnxLadder
+from edgequant.quantize.onnx_exporter import ensure_exporter
 
 ONNX_TABLE = {
     "variants": ["fp32", "fp16", "int8", "int4", "int4-emb", "fp32-ext"],

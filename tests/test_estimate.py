@@ -200,8 +200,9 @@ def test_every_stage_of_a_run_is_a_row_with_its_peak_rss_and_time(measured):
     for r in rows:
         assert r["status"] == "ok" and not r["reused"]
         assert 0 < r["seconds"] < measured["wall"]
-        # every stage is a Python process with llama.cpp or torch loaded: tens of MiB at least, never the machine
-        assert 20 * 2**20 < r["peak_rss_bytes"] < total, r
+        # every stage is a Python process with llama.cpp or torch loaded: tens of MiB at least, never the machine;
+        # a quantization's is its own memory, above what its forked process shares (tests/test_stage_resources.py)
+        assert (0 if r["stage"] == "quantize" else 20 * 2**20) < r["peak_rss_bytes"] < total, r
     # the benchmark's own VmHWM and the stage row are the same figure
     hwm = {r["quant"]: r["value"] for r in db_rows(measured["db"], "SELECT quant, value FROM measurements"
                                                    " WHERE run_id = ? AND metric = 'peak_rss'", measured["run_id"])}
@@ -399,10 +400,11 @@ def test_a_quantization_killed_by_the_oom_killer_leaves_that_rung_out_and_the_la
     assert (quant, status) == ("Q8_0", "oom")
     assert detail.startswith("quantize:") and "SIGKILL" in detail and "OOM killer" in detail
     assert not list(folder.glob("*Q8_0*")) and not list(folder.glob(".*partial*"))
-    # the rung made after it: its own process's time and peak RSS (llama.cpp loaded: tens of MiB at least)
+    # the rung made after it: its own process's time and peak RSS (its own memory: what it allocated, not
+    # the pages shared with this process; tests/test_stage_resources.py checks the figure)
     q4 = arts[1]
     assert q4.build["stage"] == "quantize" and q4.build["seconds"] > 0
-    assert 20 * 2**20 < q4.build["peak_rss_bytes"] < psutil.virtual_memory().total
+    assert 0 < q4.build["peak_rss_bytes"] < psutil.Process().memory_info().rss
 
 
 def test_a_killed_quantization_is_stored_as_that_rungs_status_and_a_stage_row(tmp_path):

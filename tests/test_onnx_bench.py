@@ -179,6 +179,10 @@ def test_run_stores_onnxruntime_rows_beside_gguf_rows(tiny_checkpoint, tiny_onnx
     art = db_rows(tmp_path / "results.db", "SELECT format, quant FROM artifacts WHERE quant = 'ONNX-INT4'")
     assert art == [{"format": "onnx", "quant": "ONNX-INT4"}]
     assert "ONNX-INT4" in res.stdout and "onnxruntime" in res.stdout
+    # the export and the variant it reused are stage rows of the run, with the figures of their build
+    stages = {(r["stage"], r["quant"]): r for r in db_rows(tmp_path / "results.db", "SELECT * FROM stage_resources")}
+    for key in (("onnx-export", "ONNX"), ("onnx-quantize", "ONNX-INT4")):
+        assert stages[key]["reused"] == 1 and stages[key]["seconds"] > 0 and stages[key]["peak_rss_bytes"] > 0
 
 
 def test_the_checkpoint_decodes_the_suite_through_the_onnx_eval_worker(tiny_checkpoint, tiny_bf16_gguf, tmp_path):

@@ -116,6 +116,17 @@ def test_run_on_a_phone_measures_the_onnx_rung_with_perf_test(tiny_checkpoint, t
     assert installed.read_bytes() == tool.read_bytes() and installed.stat().st_mode & 0o111
     assert not list(Path(workdir).rglob("*.partial"))
     assert "ONNX-INT4" in res.stdout
+    # the phone's push and measuring step of each rung are stage rows with the phone as the place: the ONNX
+    # rung's push sent its model files (and its input sets), its peak is the one perf_test's run read there
+    phone_stages = {(r["stage"], r["quant"]): r for r in db_rows(db, "SELECT * FROM stage_resources"
+                                                                     " WHERE device_id = ?", device_id)}
+    assert set(phone_stages) == {("push", "BF16"), ("bench", "BF16"), ("push", "ONNX-INT4"),
+                                 ("bench-onnx", "ONNX-INT4")}
+    ((art,),) = [[r["path"] for r in db_rows(db, "SELECT path FROM artifacts WHERE quant = 'ONNX-INT4'")]]
+    model_bytes = sum(f.stat().st_size for f in Path(art).parent.iterdir())
+    assert phone_stages[("push", "ONNX-INT4")]["data_bytes"] > model_bytes
+    assert phone_stages[("bench-onnx", "ONNX-INT4")]["peak_rss_bytes"] == onnx["peak_rss"]["value"]
+    assert all(r["status"] == "ok" and r["seconds"] > 0 for r in phone_stages.values())
 
 
 @pytest.mark.slow

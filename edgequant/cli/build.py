@@ -156,7 +156,7 @@ def setup_onnx():
     folder of its own that only the export process sees.  pip fetches it from
     PyPI once (about 140 MB); `make setup` runs this.  ONNX rungs need it.
     """
-    from edgequant.quantize.onnx_export import install_exporter
+    from edgequant.quantize.onnx_exporter import install_exporter
 
     console = stderr_console()
     folder = install_exporter(lambda task, done, total: console.print(f"[cyan]•[/cyan] {task}")

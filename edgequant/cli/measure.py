@@ -163,7 +163,9 @@ def _run(model, profile_name, threads, n_prompt, n_gen, repetitions, warmup, sui
                 killed: list = []      # rungs whose quantization was killed (OOM): stored, the others go on
                 artifacts = pipeline.build_ladder(resolved, profile, cache, reporter, imatrix=imatrix, failed=killed)
                 pipeline.record_build_stages(store, run_id, artifacts)
-                artifacts += onnx_pipeline.build_onnx(resolved, profile, cache, reporter)
+                onnx_arts = onnx_pipeline.build_onnx(resolved, profile, cache, reporter)
+                onnx_pipeline.record_onnx_stages(store, run_id, onnx_arts)
+                artifacts += onnx_arts
                 if not resume_id:
                     store.set_prep_seconds(run_id, pipeline.process_age_seconds())
                 build_failed = pipeline.record_build_failures(store, run_id, ckpt.model_id, resolved.model_hash,

@@ -63,3 +63,16 @@ class StageMeter:
 
     def record(self) -> dict[str, float]:
         return {"seconds": self.seconds, "peak_rss_bytes": float(self.peak_rss_bytes) or None}
+
+
+def status_bytes(field_name: str) -> int:
+    """A ``kB`` figure of this process's /proc/self/status (``VmRSS``, ``VmHWM``) in bytes; 0 where there is
+    none (not Linux)."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith(field_name + ":"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0

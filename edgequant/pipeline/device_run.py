@@ -181,6 +181,7 @@ class RungSteps:
     push: Callable[[Artifact], Any]
     measure: Callable[[Artifact, Any], list[Measurement | None] | dict[str, tuple[RowKey, list]]]
     variant_keys: Callable[[Artifact], list[RowKey]] | None = None
+    stage: str = "bench"          # its measuring step's stage_resources rows (``pipeline.phone_stages``)
 
 
 def bench_on_device(store: Store, run_id: str, artifacts: list[Artifact], ctx: DeviceContext, reporter,
@@ -189,8 +190,10 @@ def bench_on_device(store: Store, run_id: str, artifacts: list[Artifact], ctx: D
     returns the pipeline's BenchOutcome.  ``done``: quants already stored (a resumed run) are not measured
     again.  A transport failure is :class:`DeviceLost`."""
     from edgequant.pipeline.host import BenchOutcome, RungOutcome, artifact_measurements
+    from edgequant.pipeline.phone_stages import PhoneStages
 
     outcome = BenchOutcome(run_id)
+    stages = PhoneStages(store, run_id, ctx.device_id, steps.stage)
 
     def not_measured(art: Artifact, key: RowKey, status: str, detail: str) -> None:
         keys = steps.variant_keys(art) if steps.variant_keys else []
@@ -228,7 +231,7 @@ def bench_on_device(store: Store, run_id: str, artifacts: list[Artifact], ctx: D
                 not_measured(art, key, "failed", str(exc))
                 continue
             try:
-                handle = steps.push(art)
+                handle = stages.push(art, ctx.pusher, lambda: steps.push(art))
             except DeviceError as exc:
                 if exc.kind != "no_space":
                     raise
@@ -245,7 +248,7 @@ def bench_on_device(store: Store, run_id: str, artifacts: list[Artifact], ctx: D
                                  q, f"cooling down: {h.describe()} ({w:.0f} s)"))
             doing = f"benchmarking {art.quant}"
             try:
-                measured = steps.measure(art, handle)
+                measured = stages.measure(art, lambda: steps.measure(art, handle))
             except BenchError as exc:
                 not_measured(art, key, exc.status, str(exc))
                 continue
@@ -582,8 +585,8 @@ def bench_onnx_rungs_on_device(store: Store, run_id: str, model_id: str, model_h
                               on_progress=lambda ph, q=art.quant: reporter.rung_phase(q, ph))
         return onnx_pipeline.device_measurements(res)
 
-    return bench_on_device(store, run_id, artifacts, ctx, reporter, RungSteps(key, push, measure),
-                           cooldown or profile.device.cooldown())
+    return bench_on_device(store, run_id, artifacts, ctx, reporter,
+                           RungSteps(key, push, measure, stage="bench-onnx"), cooldown or profile.device.cooldown())
 
 
 def resolve_devices(specs: tuple[str, ...]) -> tuple[bool, list[select.Target]]:

@@ -141,7 +141,7 @@ def record_build_stages(store: Store, run_id: str, artifacts: list[Artifact], de
         if (stage, art.quant) in have:
             continue
         rows.append(stage_row(stage, art.quant, device_id, art.n_params, build.get("seconds"),
-                              build.get("peak_rss_bytes"), "ok", art.reused))
+                              build.get("peak_rss_bytes"), "ok", art.reused, build.get("detail")))
     store.record_stages(run_id, rows)
 
 

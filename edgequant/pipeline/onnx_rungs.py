@@ -31,6 +31,30 @@ def build_onnx(resolved: ResolvedModel, profile: Profile, cache_root: Path, repo
     return ladder.build(reporter.bytes_progress)
 
 
+def record_onnx_stages(store: Store, run_id: str, artifacts: list, device_id: str | None = None) -> None:
+    """The ONNX export and the making of each variant as ``stage_resources`` rows of the run that built or
+    reused them (as ``host.record_build_stages`` for the GGUF ladder): the export once, as rung ``ONNX``
+    (stage ``onnx-export``; the fp32 variant is that export), then one ``onnx-quantize`` row per variant made
+    from it.  Each figure is its worker process's (``OnnxLadder``); a reused one's is from its manifest."""
+    from edgequant.estimate import stage_row
+
+    device_id = device_id or host_device_id()
+    have = {(r["stage"], r["quant"]) for r in store.stage_resources(run_id)}     # a resumed run has them
+    rows = []
+    export = next((a.export_build for a in artifacts if getattr(a, "export_build", None)), None)
+    if export and ("onnx-export", "ONNX") not in have:
+        n_params = next(a.n_params for a in artifacts)
+        rows.append(stage_row("onnx-export", "ONNX", device_id, n_params, export.get("seconds"),
+                              export.get("peak_rss_bytes"), "ok", export.get("reused", False), export.get("detail")))
+    for art in artifacts:
+        build = art.build or {}
+        if build.get("stage") != "onnx-quantize" or ("onnx-quantize", art.quant) in have:
+            continue
+        rows.append(stage_row("onnx-quantize", art.quant, device_id, art.n_params, build.get("seconds"),
+                              build.get("peak_rss_bytes"), "ok", art.reused, build.get("detail")))
+    store.record_stages(run_id, rows)
+
+
 def cached_onnx(resolved: ResolvedModel, profile: Profile, cache_root: Path, reporter: Reporter) -> list:
     """The profile's ONNX variants if all are already built (as ``host.cached_ladder`` for GGUF);
     BadInput naming the missing ones otherwise."""
