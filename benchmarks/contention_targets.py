@@ -136,6 +136,7 @@ def main() -> int:
     args.aa = FULL_AA if args.aa is None else args.aa
     args.rounds = FULL_ROUNDS if args.rounds is None else args.rounds
     from edgequant.core.errors import EdgequantError
+    from edgequant.pipeline.registry import place_class
     from edgequant.noise import MIN_ROUNDS, rounds_too_few
 
     if args.rounds < MIN_ROUNDS:
@@ -205,7 +206,7 @@ def main() -> int:
 
     # ---- this host's A/A noise floor of each rung, as `edgequant noise --rung Q --repeat N` stores it
     if args.floor_repeat:
-        place = noise.HostPlace()
+        place = place_class("host")()
         print(f"\nA/A noise floor of {place.device_id} ({args.floor_repeat} measurements of each rung; the drop "
               f"two single runs show by chance: max(range, 3.09 * sqrt(2) * sd of the medians)):")
         for art in artifacts:

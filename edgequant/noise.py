@@ -16,9 +16,9 @@
   round a fresh load, so the test sees the run-to-run spread, not only the
   repetitions within one run).
 
-A *place* is this host (``HostPlace``) or a phone (``pipeline.phone_place.DevicePlace``,
-opened by ``Places`` like ``edgequant run --device`` opens it: lease, facts,
-runner); both measure a GGUF the way a run measures a rung there.
+A *place* is this host or a phone, a ``pipeline.registry.Place`` opened through the
+registry by ``Places`` (a phone like ``edgequant run --device`` opens it: lease,
+facts, runner); both measure a GGUF the way a run measures a rung there.
 """
 
 from __future__ import annotations
@@ -30,9 +30,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 from edgequant.devices.contention import Contention, host_top, wait_for_quiet
-from edgequant.bench.host import measure_gguf
 from edgequant.core.errors import BadInput, RunFailed
 from edgequant.devices.host import host_device_id
+from edgequant.pipeline.registry import place_class
 from edgequant.profiles import BenchSettings
 from edgequant.results.compare import judge_speed
 from edgequant.results.store import Measurement
@@ -124,31 +124,6 @@ def sample_detail(summary) -> dict[str, Any]:
 # places: this host, or a phone
 
 
-class HostPlace:
-    """This host as a place to measure GGUF files on: the worker a host run uses (``bench.host``)."""
-
-    runner = "host"
-    read_load = None            # measure_until_quiet's defaults: this host's /proc/stat and processes
-    read_top = None
-
-    def __init__(self):
-        self.device_id = host_device_id()
-
-    def params(self, settings: BenchSettings) -> dict[str, Any]:
-        return {"runner": "host", **settings.as_params()}
-
-    def repack(self, settings: BenchSettings) -> bool:
-        return settings.resolved_repack()
-
-    def prepare(self, path: Path, sha256: str, quant: str, on_progress=None) -> Path:
-        return Path(path)
-
-    def measure(self, path: Path, settings: BenchSettings, repack: bool | None = None,
-                on_progress: Callable[[str], None] | None = None):
-
-        return measure_gguf(path, settings, on_progress=on_progress, repack=repack)
-
-
 class _Steps:
     """The reporter a phone's opening talks to (``farm.open_phones``): its steps only."""
 
@@ -171,7 +146,6 @@ class Places:
                  folder: str = "measure"):
         self.cache_root, self.workdir, self.runner_dir = cache_root, workdir, runner_dir
         self.say, self.cooldown, self.lease_wait, self.folder = say, cooldown, lease_wait, folder
-        self._host: HostPlace | None = None
         self._phones: dict[str, Any] = {}      # device id -> farm.Phone
         self._places: dict[str, Any] = {}
 
@@ -188,7 +162,7 @@ class Places:
         if device_id in self._places:
             return self._places[device_id]
         if device_id == self.host_id:
-            place = self._places[device_id] = HostPlace()
+            place = self._places[device_id] = place_class("host")()
             return place
         if not device_id.startswith("adb:"):
             raise BadInput(f"{why}: {device_id} is neither this host ({self.host_id}) nor a phone; measure it "
@@ -216,9 +190,7 @@ class Places:
                            f"lists the reachable ones) and run again") from None
         phone = opened[0]
         self._phones[serial] = phone
-        from edgequant.pipeline.phone_place import DevicePlace
-
-        return DevicePlace(phone.ctx, phone.lease, self.cooldown, self.folder)
+        return place_class("device")(phone.ctx, phone.lease, self.cooldown, self.folder)
 
     def close(self) -> None:
         from edgequant import farm
@@ -294,7 +266,7 @@ def measure_noise_floor(art, settings: BenchSettings, repeat: int, measure: Call
     if repeat < 2:
         raise BadInput(f"--repeat {repeat}: a noise floor needs at least 2 measurements of the rung (5 is a "
                        f"good start)")
-    place = place or HostPlace()
+    place = place or place_class("host")()
     measure = measure or place.measure
     handle = place.prepare(art.path, art.sha256, art.quant, on_progress=on_phase)
     kept, contention = [], []

@@ -141,40 +141,48 @@ def host_runner():
     return build_runner("host", on_progress=lambda m: print(m, file=sys.stderr))
 
 
-PHONE_PROFILE = """
-[profile]
-name = "phone-tiny"
-description = "three rungs of the tiny model, small llama-bench tests"
+def phone_profile_text(name: str = "phone-tiny", types: tuple[str, ...] = ("Q8_0", "Q4_0"), *,
+                       description: str | None = None, onnx: tuple[str, ...] = (), **bench) -> str:
+    """The TOML of a profile for the phone tests: the tiny model's BF16 reference and ``types`` (GGUF rungs),
+    ``onnx`` (ONNX variants), small llama-bench tests (2 threads, 16 prompt and 4 generated tokens, 3
+    repetitions, no warm-up; ``bench`` overrides or adds ``[bench]`` keys, e.g. ``contention_threshold``)
+    and no cool-down wait."""
+    import json
 
-[quantize]
-reference = "BF16"
-types = ["Q8_0", "Q4_0"]
+    settings = {"threads": 2, "n_prompt": 16, "n_gen": 4, "repetitions": 3, "warmup": 0, "timeout": 600, **bench}
+    text = f"[profile]\nname = {json.dumps(name)}\n"
+    if description is not None:
+        text += f"description = {json.dumps(description)}\n"
+    text += f"\n[quantize]\nreference = \"BF16\"\ntypes = {json.dumps(list(types))}\n"
+    if onnx:
+        text += f"\n[onnx]\nvariants = {json.dumps(list(onnx))}\n"
+    text += "\n[bench]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in settings.items())
+    return text + "\n[device]\ncooldown_max_wait = 0\n"
 
-[bench]
-threads = 2
-n_prompt = 16
-n_gen = 4
-repetitions = 3
-warmup = 0
-timeout = 600
 
-[device]
-cooldown_max_wait = 0
-"""
+PHONE_PROFILE = phone_profile_text(description="three rungs of the tiny model, small llama-bench tests")
 
 
 @pytest.fixture
-def phone(request, adb_peer_factory, adb_host_key, tmp_path, monkeypatch):
-    """A "phone": the ADB peer as an ARMv8.0 Cortex-A53 under qemu; (peer, its work dir, a CLI env, a profile
-    of three small rungs).  ``@pytest.mark.parametrize("phone", [...], indirect=True)`` picks the daemon
-    personality (default "classic")."""
-    peer = adb_peer_factory(qemu_cpu="cortex-a53", personality=getattr(request, "param", "classic"))
-    assert peer.qemu_enabled, "qemu-aarch64-static is needed: make test installs qemu-user-static (.ci/system-deps)"
-    workdir = str(peer.sandbox / "eq")
+def phone_env(adb_host_key, tmp_path, monkeypatch) -> dict[str, str]:
+    """A CLI environment (``cli_env``) that reaches the test's ADB peers with the test's adb key and names no
+    phone or device folder of its own; this process's own transports use the same key."""
     env = cli_env(tmp_path, ANDROID_USER_HOME=str(adb_host_key.home / ".android"), HOME=str(adb_host_key.home))
     for name in ("EDGEQUANT_DEVICES", "EDGEQUANT_DEVICE_DIR", "ADB_VENDOR_KEYS"):
         env.pop(name, None)
     monkeypatch.setenv("ANDROID_USER_HOME", env["ANDROID_USER_HOME"])  # this process's own transports
+    return env
+
+
+@pytest.fixture
+def phone(request, adb_peer_factory, phone_env, tmp_path):
+    """A "phone": the ADB peer as an ARMv8.0 Cortex-A53 under qemu; (peer, its work dir, a CLI env
+    (``phone_env``), a profile of three small rungs (``PHONE_PROFILE``; a module wanting other rungs or
+    settings writes ``phone_profile_text(...)`` beside it)).  ``@pytest.mark.parametrize("phone", [...],
+    indirect=True)`` picks the daemon personality (default "classic")."""
+    peer = adb_peer_factory(qemu_cpu="cortex-a53", personality=getattr(request, "param", "classic"))
+    assert peer.qemu_enabled, "qemu-aarch64-static is needed: make test installs qemu-user-static (.ci/system-deps)"
+    workdir = str(peer.sandbox / "eq")
     profile = tmp_path / "phone.toml"
     profile.write_text(PHONE_PROFILE)
-    return peer, workdir, env, profile
+    return peer, workdir, phone_env, profile

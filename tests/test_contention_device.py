@@ -13,36 +13,13 @@ from pathlib import Path
 
 import pytest
 
-from conftest import db_rows, run_cli
-
-PROFILE = """
-[profile]
-name = "phone-contention"
-
-[quantize]
-reference = "BF16"
-types = []
-
-[bench]
-threads = 2
-n_prompt = 16
-n_gen = 4
-repetitions = 3
-warmup = 0
-timeout = 600
-contention_threshold = {threshold}
-contention_retries = 1
-contention_wait = 0
-
-[device]
-cooldown_max_wait = 0
-"""
-
+from conftest import db_rows, phone_profile_text, run_cli
 
 def _run(tiny_checkpoint, phone, runner, tmp_path, threshold: float):
     peer, workdir, env, _ = phone          # conftest's phone; this module writes its own profile
     profile = tmp_path / f"p{threshold:g}.toml"
-    profile.write_text(PROFILE.format(threshold=threshold))
+    profile.write_text(phone_profile_text("phone-contention", (), contention_threshold=threshold,
+                                          contention_retries=1, contention_wait=0))
     res = run_cli("run", "--model", str(tiny_checkpoint), "--profile", str(profile), "--device", peer.serial,
                   "--device-dir", workdir, "--runner-dir", str(runner.path), "--no-quality", env=env, timeout=1500)
     assert res.returncode == 0, res.stderr[-3000:]

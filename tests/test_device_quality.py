@@ -12,30 +12,9 @@ from pathlib import Path
 import pytest
 
 from adbpeer.peer import LmkRule
-from conftest import assert_one_line_error, db_rows, run_cli
+from conftest import assert_one_line_error, db_rows, phone_profile_text, run_cli
 
 from edgequant.pipeline import device_quality as dq
-
-PROFILE = """
-[profile]
-name = "phone-eval"
-description = "the reference and two rungs, the smallest llama-bench run"
-
-[quantize]
-reference = "BF16"
-types = ["Q8_0", "Q4_0"]
-
-[bench]
-threads = 2
-n_prompt = 8
-n_gen = 2
-repetitions = 3
-warmup = 0
-timeout = 600
-
-[device]
-cooldown_max_wait = 0
-"""
 
 SUITE = '''
 [suite]
@@ -78,7 +57,8 @@ def _host_outputs(gguf: Path, suite_path: Path) -> dict[str, dict]:
 def device_eval(tiny_checkpoint, phone, arm64_runner, tmp_path):
     peer, workdir, env, _profile = phone
     profile = tmp_path / "phone-eval.toml"
-    profile.write_text(PROFILE)
+    profile.write_text(phone_profile_text("phone-eval", description="the reference and two rungs, the smallest "
+                                          "llama-bench run", n_prompt=8, n_gen=2))
     (tmp_path / "phone-mini.jsonl").write_text("\n".join(json.dumps(c) for c in CASES) + "\n")
     suite = tmp_path / "phone-mini.toml"
     suite.write_text(SUITE)

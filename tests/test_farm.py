@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import assert_one_line_error, cli_env, db_rows, run_cli, start_cli, wait_for
+from conftest import assert_one_line_error, db_rows, phone_profile_text, run_cli, start_cli, wait_for
 
 from edgequant import farm
 from edgequant.devices import leases, pools
@@ -23,39 +23,17 @@ from edgequant.devices import select
 from edgequant.devices.push import Pusher
 from edgequant.core.errors import BadInput
 
-# two rungs of the tiny model, small llama-bench tests, no warm-up, no cool-down wait
-PROFILE = """
-[profile]
-name = "farm-tiny"
-description = "two rungs of the tiny model"
-
-[quantize]
-reference = "BF16"
-types = ["Q4_0"]
-
-[bench]
-threads = 1
-n_prompt = 8
-n_gen = 2
-repetitions = 3
-warmup = 0
-timeout = 600
-
-[device]
-cooldown_max_wait = 0
-"""
 RUNGS = {"BF16", "Q4_0"}
 
 
 @pytest.fixture
-def farm_env(adb_host_key, tmp_path, monkeypatch):
-    env = cli_env(tmp_path, ANDROID_USER_HOME=str(adb_host_key.home / ".android"), HOME=str(adb_host_key.home))
-    for name in ("EDGEQUANT_DEVICES", "EDGEQUANT_DEVICE_DIR", "ADB_VENDOR_KEYS"):
-        env.pop(name, None)
-    monkeypatch.setenv("ANDROID_USER_HOME", env["ANDROID_USER_HOME"])  # this process's own transports
+def farm_env(phone_env, tmp_path):
+    """(conftest's phone env, a profile of two rungs of the tiny model: small llama-bench tests, no warm-up,
+    no cool-down wait)."""
     profile = tmp_path / "farm.toml"
-    profile.write_text(PROFILE)
-    return env, profile
+    profile.write_text(phone_profile_text("farm-tiny", ("Q4_0",), description="two rungs of the tiny model",
+                                          threads=1, n_prompt=8, n_gen=2))
+    return phone_env, profile
 
 
 def _phones(adb_peer_factory, n):

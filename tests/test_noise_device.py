@@ -17,31 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import assert_one_line_error, db_rows, run_cli
-
-PROFILE = """
-[profile]
-name = "phone-noise"
-
-[quantize]
-reference = "BF16"
-types = []
-
-[bench]
-threads = 2
-n_prompt = 16
-n_gen = 4
-repetitions = 3
-warmup = 0
-timeout = 600
-contention_threshold = {threshold}
-contention_retries = 0
-contention_wait = 0
-
-[device]
-cooldown_max_wait = 0
-"""
-
+from conftest import assert_one_line_error, db_rows, phone_profile_text, run_cli
 
 @pytest.fixture
 def noise_phone(phone, tiny_checkpoint, tmp_path):
@@ -49,8 +25,9 @@ def noise_phone(phone, tiny_checkpoint, tmp_path):
     of the tiny model built in the test's cache (nothing on the phone yet)."""
     peer, workdir, env, _ = phone
     quiet, noisy = tmp_path / "quiet.toml", tmp_path / "noisy.toml"
-    quiet.write_text(PROFILE.format(threshold=1024))      # never noisy
-    noisy.write_text(PROFILE.format(threshold=0.1))       # noisy beside a busy app (a CPU burner)
+    for path, threshold in ((quiet, 1024), (noisy, 0.1)):    # never noisy; noisy beside a busy app (a CPU burner)
+        path.write_text(phone_profile_text("phone-noise", (), contention_threshold=threshold, contention_retries=0,
+                                           contention_wait=0))
     res = run_cli("quantize", "--model", str(tiny_checkpoint), "--profile", str(quiet), env=env)
     assert res.returncode == 0, res.stderr[-2000:]
     return peer, workdir, env, quiet, noisy

@@ -17,37 +17,13 @@ from pathlib import Path
 
 import pytest
 
-from conftest import assert_one_line_error, cli_env, db_rows, run_cli
+from conftest import assert_one_line_error, cli_env, db_rows, phone_profile_text, run_cli
 from test_device_run import peer_battery_level
 from test_quality import write_suite
 
 STANDIN = Path(__file__).with_name("onnx_perf_standin.py")
 
 # the BF16 reference (the one GGUF rung) and one ONNX variant; small tests
-PROFILE = """
-[profile]
-name = "phone-onnx"
-
-[quantize]
-reference = "BF16"
-types = []
-
-[onnx]
-variants = ["int4"]
-
-[bench]
-threads = 1
-n_prompt = 16
-n_gen = 4
-repetitions = 3
-warmup = 0
-timeout = 600
-
-[device]
-cooldown_max_wait = 0
-"""
-
-
 def _standin(folder: Path) -> Path:
     """The stand-in as an executable named like the real tool (a `#!` script run by this Python)."""
     tool = folder / "onnxruntime_perf_test"
@@ -75,7 +51,7 @@ def _rows(db: Path, quant: str) -> dict[str, dict]:
 def onnx_phone(phone, tmp_path):
     peer, workdir, env, _ = phone
     profile = tmp_path / "phone-onnx.toml"
-    profile.write_text(PROFILE)
+    profile.write_text(phone_profile_text("phone-onnx", (), onnx=("int4",), threads=1))
     return peer, workdir, env, profile
 
 

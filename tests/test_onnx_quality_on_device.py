@@ -9,35 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from conftest import db_rows, run_cli
+from conftest import db_rows, phone_profile_text, run_cli
 from test_device_quality import CASES, SUITE
 
 from edgequant.devices.host import host_device_id
 
 pytestmark = pytest.mark.slow   # a phone run with quality on the emulated phone (qemu) and ONNX rungs, end to end
-
-PROFILE = """
-[profile]
-name = "phone-onnx-eval"
-
-[quantize]
-reference = "BF16"
-types = []
-
-[onnx]
-variants = ["int4"]
-
-[bench]
-threads = 1
-n_prompt = 8
-n_gen = 2
-repetitions = 3
-warmup = 0
-timeout = 600
-
-[device]
-cooldown_max_wait = 0
-"""
 
 NOTE = "ONNX rungs: quality computed on the host; onnxruntime_perf_test only times Run"
 
@@ -46,7 +23,7 @@ def test_onnx_rungs_get_host_quality_in_a_phone_only_quality_on_device_run(tiny_
                                                                            arm64_runner, tmp_path):
     peer, workdir, env, _ = phone
     profile = tmp_path / "phone-onnx-eval.toml"
-    profile.write_text(PROFILE)
+    profile.write_text(phone_profile_text("phone-onnx-eval", (), onnx=("int4",), threads=1, n_prompt=8, n_gen=2))
     (tmp_path / "phone-mini.jsonl").write_text("\n".join(json.dumps(c) for c in CASES) + "\n")
     suite = tmp_path / "phone-mini.toml"
     suite.write_text(SUITE)

@@ -279,14 +279,20 @@ def test_edgequant_run_stores_to_postgresql_end_to_end(tiny_checkpoint, pg_url, 
 
 
 def test_the_store_sql_stays_in_the_dialect_both_backends_share():
-    """SQLite-only SQL in results/store.py would break the PostgreSQL store: ON CONFLICT upserts, `?`
-    placeholders, `rowid` for insertion order are shared; these are not."""
+    """SQLite-only SQL in results/store.py (or the parts of its Store in runs.py and resources.py) would break
+    the PostgreSQL store: ON CONFLICT upserts, `?` placeholders, `rowid` for insertion order are shared; these
+    are not."""
     import re
 
+    import edgequant.results.resources as resources_module
+    import edgequant.results.runs as runs_module
     import edgequant.results.store as store_module
 
-    src = Path(store_module.__file__).read_text()
-    for pattern in (r"INSERT OR ", r"REPLACE INTO", r"last_insert_rowid", r"\.lastrowid", r"sqlite_master",
-                    r"executescript"):
-        hits = [ln.strip() for ln in src.splitlines() if re.search(pattern, ln) and not ln.lstrip().startswith("#")]
-        assert not hits, f"{pattern!r} in results/store.py: {hits}"
+    for module in (store_module, runs_module, resources_module):
+        src = Path(module.__file__).read_text()
+        name = Path(module.__file__).name
+        for pattern in (r"INSERT OR ", r"REPLACE INTO", r"last_insert_rowid", r"\.lastrowid", r"sqlite_master",
+                        r"executescript"):
+            hits = [ln.strip() for ln in src.splitlines()
+                    if re.search(pattern, ln) and not ln.lstrip().startswith("#")]
+            assert not hits, f"{pattern!r} in results/{name}: {hits}"

@@ -121,8 +121,8 @@ def tune(store, run_id: str, resolved, profile: Profile, suite: Suite, prompting
     from edgequant.pipeline import device_run
     from edgequant.pipeline import host as pipeline
     from edgequant.pipeline.executor import RunInputs, run_cells
-    from edgequant.pipeline.places import HostPlace, PhonePlace
     from edgequant.pipeline.plan import Cell, PlaceSpec
+    from edgequant.pipeline.registry import place_class
     from edgequant.pipeline.scope import RunScope
     from edgequant.quantize.ladder import Ladder
     from edgequant.results.store import Measurement
@@ -141,14 +141,14 @@ def tune(store, run_id: str, resolved, profile: Profile, suite: Suite, prompting
     # run's executor through the llama.cpp runtime; the reference and each candidate join the inputs when built
     scope = RunScope(store, run_id, model_id, model_hash, reporter)
     inputs = RunInputs(profile, [ref_art], cache_root, eval_suite, prompting, extra)
-    host = HostPlace()
+    host = place_class("host")()
 
     if phone is None:
         device, device_id, runner = host_device(), host_device_id(), "host"
         place, where_spec = host, PlaceSpec.host()
     else:
         device, device_id, runner = phone.ctx.device_record(), phone.ctx.device_id, "device"
-        place, where_spec = PhonePlace(phone.ctx), PlaceSpec.phone(phone.serial)
+        place, where_spec = place_class("device")(phone.ctx), PlaceSpec.phone(phone.serial)
 
     def cell(art: Artifact, stage: str, spec: PlaceSpec) -> Cell:
         return Cell(art.quant, "gguf", "llama.cpp", spec, stage)

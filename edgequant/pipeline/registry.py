@@ -18,13 +18,16 @@ What a new runtime implements (see the README, "The run as a plan of cells"):
   ``method(scope, inputs, place, artifacts) -> list[RungOutcome]`` with the artifacts of that place's cells:
   it measures them on ``place``, stores their rows through ``scope`` and says how each ended;
 * optionally ``label(stage, inputs)``: the progress bar's title for a stage on the host.
+
+What a new place implements is :class:`Place`'s list; its constructor takes what opens it (a phone: the
+opened ``DeviceContext``, its lease, its cool-down).
 """
 
 from __future__ import annotations
 
 import importlib
 from abc import ABC, abstractmethod
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 from edgequant.core.errors import BadInput
 
@@ -71,11 +74,22 @@ class Runtime:
 
 
 class Place(ABC):
-    """Where cells run: this host, a phone.  Subclass with ``kind=KIND`` to register.
+    """Where cells run and single GGUF files are measured: this host, a phone.  Subclass with ``kind=KIND``
+    to register; ``place_class(KIND)`` opens it, for a run's executor and for ``edgequant.noise.Places``
+    (``edgequant noise``, ``compare --recheck``) alike.
 
-    An opened place provides its identity (``name``, ``device_id``, ``device()`` for the rows), its facts,
-    pushing a file there (``push``, the path it has there) and running a measured command there
-    (``run_measured``: exit code, output, peak memory)."""
+    An opened place provides:
+
+    * its identity: ``name`` (what progress shows), ``device_id`` (what its rows and noise floors are keyed
+      by), ``device()`` (the device record stored with its rows) and ``facts()``;
+    * for a run's runtimes: ``push(local, sha256, name)`` (the path the file has there) and
+      ``run_measured(argv, timeout=)`` (exit code, output, peak memory);
+    * for measuring one GGUF the way a run measures a rung there: ``prepare(path, sha256, quant,
+      on_progress)`` (a handle to measure: the path there), ``measure(handle, settings, repack, on_progress)``
+      (a result with ``pp``, ``tg`` and ``contention``), ``repack(settings)`` and ``params(settings)`` (what
+      its rows record);
+    * the other load there: ``read_load(seconds)`` (a ``devices.contention.Contention``) and ``read_top()``
+      (its busiest processes), which ``noise.measure_until_quiet`` waits on."""
 
     kind: ClassVar[str]
     name: str
@@ -102,6 +116,31 @@ class Place(ABC):
 
     @abstractmethod
     def run_measured(self, argv: list[str], *, timeout: float):
+        ...
+
+    @abstractmethod
+    def repack(self, settings) -> bool | None:
+        ...
+
+    @abstractmethod
+    def params(self, settings) -> dict[str, Any]:
+        ...
+
+    @abstractmethod
+    def prepare(self, path, sha256: str, quant: str, on_progress: Callable[[str], None] | None = None) -> Any:
+        ...
+
+    @abstractmethod
+    def measure(self, handle, settings, repack: bool | None = None,
+                on_progress: Callable[[str], None] | None = None) -> Any:
+        ...
+
+    @abstractmethod
+    def read_load(self, seconds: float) -> Any:
+        ...
+
+    @abstractmethod
+    def read_top(self) -> list[dict]:
         ...
 
 
