@@ -271,7 +271,8 @@ def scripted(others: list[float], calls: list):
 
 
 def _bench_one(built, q8_path, tmp_path, others, retries):
-    from edgequant.pipeline.host import NullReporter, bench_rungs
+    from edgequant.pipeline.host import bench_rungs
+    from edgequant.pipeline.scope import NullReporter
     from edgequant.profiles import load_profile
     from edgequant.quantize.gguf_info import file_sha256
     from edgequant.quantize.ladder import Artifact

@@ -149,7 +149,7 @@ def test_device_rows_are_stored_like_host_rows(tiny_onnx, adb_peer, peer_transpo
     from edgequant.devices.facts import collect_facts
     from edgequant.devices.push import Pusher
     from edgequant.devices.select import Target
-    from edgequant.pipeline.host import NullReporter
+    from edgequant.pipeline.scope import NullReporter
     from edgequant.profiles import Profile, QuantSpec
     from edgequant.results.store import Store
 

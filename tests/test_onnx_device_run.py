@@ -267,7 +267,7 @@ def _device_bench(onnx_phone, runner, tmp_path):
     from edgequant.pipeline import device_run
     from edgequant.bench.onnx_device import open_perf_test
     from edgequant.devices import select
-    from edgequant.pipeline.host import NullReporter
+    from edgequant.pipeline.scope import NullReporter
     from edgequant.profiles import load_profile
     from edgequant.results.store import Store
 

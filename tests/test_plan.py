@@ -15,7 +15,8 @@ from conftest import cli_env, run_cli
 from edgequant.core.errors import BadInput
 from edgequant.pipeline import registry
 from edgequant.pipeline.executor import RunInputs, execute
-from edgequant.pipeline.host import NullReporter, RungOutcome
+from edgequant.pipeline.host import RungOutcome
+from edgequant.pipeline.scope import NullReporter
 from edgequant.pipeline.plan import PlaceSpec, Rung, Stored, build, rungs_of
 from edgequant.pipeline.registry import Runtime
 from edgequant.pipeline.scope import RunScope

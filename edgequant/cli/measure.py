@@ -129,7 +129,7 @@ def _dry_run(model, profile, suite, cache: Path, db: str | None, run_plan, phone
     materialized once), and phones are estimated at this host's speed."""
     from edgequant import estimate
     from edgequant.core.paths import default_db
-    from edgequant.pipeline import host as pipeline
+    from edgequant.pipeline import prepare
 
     click.echo(f"plan of profile {profile.name}: {len(run_plan.cells)} cell(s) (stage, rung, runtime, place)")
     for line in run_plan.lines():
@@ -137,7 +137,7 @@ def _dry_run(model, profile, suite, cache: Path, db: str | None, run_plan, phone
     path = db or default_db()
     store = open_store(db) if "://" in str(path) or Path(path).exists() else None
     with RichReporter(stderr_console()) as reporter:
-        resolved = pipeline.resolve_model(model, cache, reporter)
+        resolved = prepare.resolve_model(model, cache, reporter)
     estimated = estimate.plan_run(resolved, profile, suite, cache, store)
     click.echo(f"estimate for {resolved.checkpoint.model_id}"
                + (" (the phones' stages at this host's speed)" if phones else "") + ":")

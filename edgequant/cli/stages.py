@@ -39,6 +39,7 @@ def bench(model, profile_name, threads, n_prompt, n_gen, repetitions, warmup, db
     """
     from edgequant.pipeline import calibrate
     from edgequant.pipeline import host as pipeline
+    from edgequant.pipeline import prepare
     from edgequant.pipeline import onnx_rungs as onnx_pipeline
 
     profile = profile_for(profile_name, threads=threads, n_prompt=n_prompt, n_gen=n_gen,
@@ -48,14 +49,14 @@ def bench(model, profile_name, threads, n_prompt, n_gen, repetitions, warmup, db
     store = open_store(db)
     console = stderr_console()
     with RichReporter(console) as reporter, host_measuring(cache, no_wait, console):
-        resolved = pipeline.resolve_model(model, cache, reporter)
+        resolved = prepare.resolve_model(model, cache, reporter)
         imatrix, _, _ = calibrate.for_profile(profile, None, suite_name, "auto", resolved.model_hash, cache, None,
                                               reporter.step)
-        artifacts = pipeline.cached_ladder(resolved, profile, cache, reporter, imatrix=imatrix)
+        artifacts = prepare.cached_ladder(resolved, profile, cache, reporter, imatrix=imatrix)
         onnx_artifacts = onnx_pipeline.cached_onnx(resolved, profile, cache, reporter)
         ckpt = resolved.checkpoint
         run_id = store.start_run(command_line(), profile.name, ckpt.model_id, resolved.model_hash)
-        store.set_prep_seconds(run_id, pipeline.process_age_seconds())
+        store.set_prep_seconds(run_id, prepare.process_age_seconds())
         with recording_partial(store, run_id, "benchmarking"):
             reporter.start_bench(len(artifacts))
             outcome = pipeline.bench_rungs(store, run_id, ckpt.model_id, resolved.model_hash, artifacts,
@@ -105,6 +106,7 @@ def eval_(model, profile_name, suite_name, prompting, artifacts, threads, db, ca
     """
     from edgequant.pipeline import calibrate
     from edgequant.pipeline import host as pipeline
+    from edgequant.pipeline import prepare
     from edgequant.pipeline import onnx_rungs as onnx_pipeline
 
     profile = profile_for(profile_name, threads=threads)
@@ -120,13 +122,13 @@ def eval_(model, profile_name, suite_name, prompting, artifacts, threads, db, ca
             if profile.onnx:
                 reporter.step(f"--artifact takes GGUF files: the ONNX rungs of profile {profile.name} are not "
                               f"evaluated (drop --artifact to evaluate the profile's GGUF and ONNX rungs)")
-            arts = pipeline.artifacts_from_files([Path(a) for a in artifacts], reporter)
+            arts = prepare.artifacts_from_files([Path(a) for a in artifacts], reporter)
             model_id, model_hash = arts[0].path.name, "gguf:" + arts[0].sha256
         else:
-            resolved = pipeline.resolve_model(model, cache, reporter)
+            resolved = prepare.resolve_model(model, cache, reporter)
             imatrix, suite, qparams = calibrate.for_profile(profile, suite, suite_name, prompting,
                                                             resolved.model_hash, cache, store, reporter.step)
-            arts = pipeline.build_ladder(resolved, profile, cache, reporter, imatrix=imatrix)
+            arts = prepare.build_ladder(resolved, profile, cache, reporter, imatrix=imatrix)
             onnx_arts = onnx_pipeline.build_onnx(resolved, profile, cache, reporter)
             model_id, model_hash = resolved.checkpoint.model_id, resolved.model_hash
         if limit is not None:
@@ -179,7 +181,7 @@ def noise(model, profile_name, threads, n_prompt, n_gen, repetitions, warmup, ru
     """
 
     from edgequant.pipeline import calibrate
-    from edgequant.pipeline import host as pipeline
+    from edgequant.pipeline import prepare
     from edgequant.noise import Places, measure_noise_floor, place_id
 
     if repeat < 2:
@@ -200,10 +202,10 @@ def noise(model, profile_name, threads, n_prompt, n_gen, repetitions, warmup, ru
     store = open_store(db)
     console = stderr_console()
     with RichReporter(console) as reporter:
-        resolved = pipeline.resolve_model(model, cache, reporter)
+        resolved = prepare.resolve_model(model, cache, reporter)
         imatrix, _, _ = calibrate.for_profile(only, None, suite_name, "auto", resolved.model_hash, cache, None,
                                               reporter.step)
-        art = next(a for a in pipeline.cached_ladder(resolved, only, cache, reporter, imatrix=imatrix)
+        art = next(a for a in prepare.cached_ladder(resolved, only, cache, reporter, imatrix=imatrix)
                    if a.quant == wanted)
         with Places(cache, device_dir, runner_dir, say=reporter.step, cooldown=profile.device.cooldown(),
                     folder="noise") as places:

@@ -10,9 +10,9 @@ from pathlib import Path
 
 from edgequant.devices.host import host_device, host_device_id
 from edgequant.core.errors import BadInput
-from edgequant.pipeline.host import (BenchOutcome, Reporter, ResolvedModel, RungOutcome, artifact_measurements,
-                                quality_measurements)
-from edgequant.pipeline.scope import RunScope
+from edgequant.pipeline.host import BenchOutcome, RungOutcome, artifact_measurements, quality_measurements
+from edgequant.pipeline.prepare import ResolvedModel
+from edgequant.pipeline.scope import Reporter, RunScope
 from edgequant.profiles import Profile
 from edgequant.quantize.ladder import Artifact, ArtifactChanged
 from edgequant.results.store import Measurement, RowKey, Store

@@ -19,9 +19,7 @@ from typing import Any, Callable
 
 from edgequant import estimate, farm
 from edgequant.core.errors import BadInput, EdgequantError
-from edgequant.pipeline import calibrate, executor
-from edgequant.pipeline import host as pipeline
-from edgequant.pipeline import onnx_rungs
+from edgequant.pipeline import calibrate, executor, onnx_rungs, prepare
 from edgequant.pipeline import plan as planning
 from edgequant.pipeline.scope import RunScope
 from edgequant.results.lifecycle import recording_partial
@@ -164,7 +162,7 @@ def run(request: RunRequest, store, reporter, console, where: Places | None = No
             if perf_test is not None and profile.onnx:
                 for phone in opened:   # a build for another OS's linker than a phone's: refused before starting
                     perf_test.require(phone.ctx.os_name, f"device {phone.serial}")
-            resolved = pipeline.resolve_model(request.model, cache, reporter)
+            resolved = prepare.resolve_model(request.model, cache, reporter)
             estimated = estimate.plan_run(resolved, profile, suite, cache, store)
             estimate.check_resources(estimated)       # disk and memory: refused before anything is written
             for line in estimate.format_plan(estimated):
@@ -201,12 +199,12 @@ def _measure(request: RunRequest, scope: RunScope, resolved, where: Places, open
                                                         request.prompting, resolved.model_hash, cache, store,
                                                         reporter.step)
         killed: list = []      # rungs whose quantization was killed (OOM): stored, the others go on
-        artifacts = pipeline.build_ladder(resolved, profile, cache, reporter, imatrix=imatrix, failed=killed)
-        pipeline.record_build_stages(store, run_id, artifacts)
+        artifacts = prepare.build_ladder(resolved, profile, cache, reporter, imatrix=imatrix, failed=killed)
+        prepare.record_build_stages(store, run_id, artifacts)
         artifacts += onnx_rungs.build_onnx(resolved, profile, cache, reporter)
         if not request.resume_id:
-            store.set_prep_seconds(run_id, pipeline.process_age_seconds())
-        build_failed = pipeline.record_build_failures(store, run_id, resolved.checkpoint.model_id, resolved.model_hash,
+            store.set_prep_seconds(run_id, prepare.process_age_seconds())
+        build_failed = prepare.record_build_failures(store, run_id, resolved.checkpoint.model_id, resolved.model_hash,
                                                       resolved.checkpoint.n_params_estimate, killed)
         run_plan = planning.build(profile, planning.rungs_of(artifacts), where.specs(), suite,
                                   quality_on_device=request.quality_on_device, stored=stored)
