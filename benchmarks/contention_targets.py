@@ -132,7 +132,7 @@ def main() -> int:
     from edgequant import noise
     from edgequant.pipeline import host as pipeline
     from edgequant.pipeline import prepare
-    from edgequant.pipeline.scope import NullReporter
+    from edgequant.pipeline.scope import NullReporter, RunScope
     from edgequant.bench.host import measure_gguf
     from edgequant.core.paths import cache_dir
     from edgequant.profiles import load_profile, with_bench_overrides
@@ -172,7 +172,7 @@ def main() -> int:
 
     def ladder(label: str, reporter=quiet_reporter, measure=None) -> str:
         run = store.start_run(f"contention_targets {label}", profile.name, model_id, mh)
-        pipeline.bench_rungs(store, run, model_id, mh, artifacts, profile, reporter, measure=measure)
+        pipeline.bench_rungs(RunScope(store, run, model_id, mh, reporter), artifacts, profile, measure=measure)
         store.finish_run(run, "complete")
         return run
 

@@ -193,7 +193,7 @@ def test_unplugged_mid_run_is_partial_and_resumes(tiny_checkpoint, phone, arm64_
 def test_rungs_larger_than_available_ram_are_skipped(tiny_checkpoint, phone, arm64_runner, tmp_path):
     from edgequant.pipeline import device_run
     from edgequant.pipeline import prepare
-    from edgequant.pipeline.scope import NullReporter
+    from edgequant.pipeline.scope import NullReporter, RunScope
     from edgequant.profiles import load_profile
     from edgequant.results.store import Store
 
@@ -210,8 +210,8 @@ def test_rungs_larger_than_available_ram_are_skipped(tiny_checkpoint, phone, arm
         ctx.facts = replace(ctx.facts, ram_available_kib=smallest // 1024 - 1)
         store = Store(tmp_path / "r.db")
         run_id = store.start_run("test", profile.name, "tiny", resolved.model_hash)
-        out = device_run.bench_rungs_on_device(store, run_id, "tiny", resolved.model_hash, artifacts, profile, ctx,
-                                               NullReporter())
+        out = device_run.bench_rungs_on_device(RunScope(store, run_id, "tiny", resolved.model_hash, NullReporter()),
+                                               artifacts, profile, ctx)
     finally:
         ctx.close()
     assert {o.status for o in out.outcomes} == {"skipped"}
@@ -275,7 +275,7 @@ def test_a_full_disk_skips_the_rungs_that_do_not_fit_and_measures_the_rest(tiny_
                                                                           tmp_path):
     from edgequant.pipeline import device_run
     from edgequant.pipeline import prepare
-    from edgequant.pipeline.scope import NullReporter
+    from edgequant.pipeline.scope import NullReporter, RunScope
     from edgequant.profiles import load_profile
     from edgequant.results.store import Store
 
@@ -291,8 +291,8 @@ def test_a_full_disk_skips_the_rungs_that_do_not_fit_and_measures_the_rest(tiny_
         peer.faults.disk_free = smallest.size_bytes + 64 * 1024    # only the smallest rung fits
         store = Store(tmp_path / "r.db")
         run_id = store.start_run("test", profile.name, "tiny", resolved.model_hash)
-        out = device_run.bench_rungs_on_device(store, run_id, "tiny", resolved.model_hash, artifacts, profile, ctx,
-                                               NullReporter())
+        out = device_run.bench_rungs_on_device(RunScope(store, run_id, "tiny", resolved.model_hash, NullReporter()),
+                                               artifacts, profile, ctx)
     finally:
         ctx.close()
     statuses = {s["quant"]: s for s in store.rung_statuses(run_id)}

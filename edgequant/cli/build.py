@@ -42,8 +42,8 @@ def quantize(model, profile_name, db, cache_dir, as_json, suite_name, verify):
     from rich.table import Table
 
     from edgequant.pipeline import calibrate
-    from edgequant.pipeline import prepare
     from edgequant.pipeline import onnx_rungs as onnx_pipeline
+    from edgequant.pipeline import prepare
     from edgequant import estimate
 
     if verify:

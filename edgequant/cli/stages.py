@@ -39,8 +39,9 @@ def bench(model, profile_name, threads, n_prompt, n_gen, repetitions, warmup, db
     """
     from edgequant.pipeline import calibrate
     from edgequant.pipeline import host as pipeline
-    from edgequant.pipeline import prepare
     from edgequant.pipeline import onnx_rungs as onnx_pipeline
+    from edgequant.pipeline import prepare
+    from edgequant.pipeline.scope import RunScope
 
     profile = profile_for(profile_name, threads=threads, n_prompt=n_prompt, n_gen=n_gen,
                           repetitions=repetitions, warmup=warmup)
@@ -57,12 +58,13 @@ def bench(model, profile_name, threads, n_prompt, n_gen, repetitions, warmup, db
         ckpt = resolved.checkpoint
         run_id = store.start_run(command_line(), profile.name, ckpt.model_id, resolved.model_hash)
         store.set_prep_seconds(run_id, prepare.process_age_seconds())
+        scope = RunScope.of(store, run_id, resolved, reporter)
         with recording_partial(store, run_id, "benchmarking"):
             reporter.start_bench(len(artifacts))
-            outcome = pipeline.bench_rungs(store, run_id, ckpt.model_id, resolved.model_hash, artifacts,
-                                           profile, reporter, suite=suite_for(suite_name) if suite_name else None)
+            outcome = pipeline.bench_rungs(scope, artifacts, profile,
+                                           suite=suite_for(suite_name) if suite_name else None)
             failed = [f"{o.artifact.quant} {o.status}" for o in outcome.failed]
-            failed += onnx_on_host(store, run_id, resolved, onnx_artifacts, profile, reporter)
+            failed += onnx_on_host(scope, onnx_artifacts, profile)
     store.finish_run(run_id, "complete", f"{len(failed)} rung(s) failed" if failed else None)
     render_run(store, run_id, fmt, None)
     if failed:
@@ -106,8 +108,9 @@ def eval_(model, profile_name, suite_name, prompting, artifacts, threads, db, ca
     """
     from edgequant.pipeline import calibrate
     from edgequant.pipeline import host as pipeline
-    from edgequant.pipeline import prepare
     from edgequant.pipeline import onnx_rungs as onnx_pipeline
+    from edgequant.pipeline import prepare
+    from edgequant.pipeline.scope import RunScope
 
     profile = profile_for(profile_name, threads=threads)
     check_host_threads(profile)
@@ -140,11 +143,12 @@ def eval_(model, profile_name, suite_name, prompting, artifacts, threads, db, ca
             for art in arts:
                 store.record_artifact(art.record())
             reporter.start_bench(len(arts), f"eval {suite.name}")
-            statuses = pipeline.quality_rungs(store, run_id, model_id, model_hash, arts, profile, suite, cache,
-                                              reporter, prompting, extra_params=qparams, generation=generation)
+            scope = RunScope(store, run_id, model_id, model_hash, reporter)
+            statuses = pipeline.quality_rungs(scope, arts, profile, suite, cache, prompting, extra_params=qparams,
+                                              generation=generation)
             failed = [f"{q} {st}" for q, st in statuses.items() if st != "ok"]
-            failed += onnx_quality_on_host(store, run_id, resolved, arts, onnx_arts, profile, suite, cache,
-                                           reporter, prompting, qparams) if onnx_arts else []
+            failed += onnx_quality_on_host(scope, arts, onnx_arts, profile, suite, cache, prompting,
+                                           qparams) if onnx_arts else []
     store.finish_run(run_id, "complete", f"{len(failed)} rung(s) failed" if failed else None)
     render_run(store, run_id, fmt, None)
     if failed:
@@ -224,29 +228,27 @@ def noise(model, profile_name, threads, n_prompt, n_gen, repetitions, warmup, ru
     click.echo("`edgequant compare` uses it as the practical threshold for speed on this place")
 
 
-def onnx_on_host(store, run_id: str, resolved, onnx_artifacts: list, profile, reporter) -> list[str]:
+def onnx_on_host(scope, onnx_artifacts: list, profile) -> list[str]:
     """Measure ONNX rungs on the host as every command does (``onnx_pipeline.bench_onnx_rungs``);
     "RUNG STATUS" for each that did not finish."""
     from edgequant.pipeline import onnx_rungs as onnx_pipeline
 
     if not onnx_artifacts:
         return []
-    reporter.start_bench(len(onnx_artifacts), "benchmarking ONNX")
-    outcome = onnx_pipeline.bench_onnx_rungs(store, run_id, resolved.checkpoint.model_id, resolved.model_hash,
-                                             onnx_artifacts, profile, reporter)
+    scope.reporter.start_bench(len(onnx_artifacts), "benchmarking ONNX")
+    outcome = onnx_pipeline.bench_onnx_rungs(scope, onnx_artifacts, profile)
     return [f"{o.artifact.quant} {o.status}" for o in outcome.failed]
 
 
-def onnx_quality_on_host(store, run_id: str, resolved, gguf_artifacts: list, onnx_artifacts: list, profile, suite,
-                         cache: Path, reporter, prompting: str, qparams: dict) -> list[str]:
+def onnx_quality_on_host(scope, gguf_artifacts: list, onnx_artifacts: list, profile, suite, cache: Path,
+                         prompting: str, qparams: dict) -> list[str]:
     """The eval suite on ONNX rungs on the host, against the GGUF reference (``onnx_pipeline.quality_onnx_rungs``);
     "RUNG quality STATUS" for each that did not finish."""
     from edgequant.pipeline import onnx_rungs as onnx_pipeline
 
     if not onnx_artifacts:
         return []
-    reporter.start_bench(len(onnx_artifacts), f"eval {suite.name} (ONNX)")
-    statuses = onnx_pipeline.quality_onnx_rungs(store, run_id, resolved.checkpoint.model_id, resolved.model_hash,
-                                                gguf_artifacts, onnx_artifacts, profile, suite, cache, reporter,
+    scope.reporter.start_bench(len(onnx_artifacts), f"eval {suite.name} (ONNX)")
+    statuses = onnx_pipeline.quality_onnx_rungs(scope, gguf_artifacts, onnx_artifacts, profile, suite, cache,
                                                 prompting, qparams)
     return [f"{q} quality {st}" for q, st in statuses.items() if st != "ok"]

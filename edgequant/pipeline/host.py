@@ -101,8 +101,7 @@ def _variant_rows(art: Artifact, res, v, first: bool) -> list[Measurement]:
     ]
 
 
-def bench_rungs(store: Store, run_id: str, model_id: str, model_hash: str, artifacts: list[Artifact],
-                profile: Profile, reporter: Reporter, measure: Callable | None = None,
+def bench_rungs(scope: RunScope, artifacts: list[Artifact], profile: Profile, measure: Callable | None = None,
                 runtime: str = "llama.cpp", params: dict | None = None, suite=None) -> BenchOutcome:
     """Benchmark every artifact on the host, each in its own process; one transaction per rung.
 
@@ -117,13 +116,13 @@ def bench_rungs(store: Store, run_id: str, model_id: str, model_hash: str, artif
     from edgequant.core.errors import BenchError
     from edgequant.noise import measure_until_quiet
 
+    store, run_id, reporter = scope.store, scope.run_id, scope.reporter
     measure = measure or measure_gguf
     settings = profile.bench
     params = params or {"runner": "host", **settings.as_params()}
     device, device_id = host_device(), host_device_id()
     runtime_version = metadata.version("llama-cpp-python" if runtime == "llama.cpp" else runtime)
     variants = bench_variants(profile, artifacts, suite) if runtime == "llama.cpp" else []
-    scope = RunScope(store, run_id, model_id, model_hash, reporter)
     stage_name = "bench" if runtime == "llama.cpp" else "bench-onnx"      # its stage_resources rows
     outcome = BenchOutcome(run_id)
     for art in artifacts:
@@ -197,9 +196,8 @@ def sustained_measurements(runs, before: dict | None = None) -> list[Measurement
                         {"never": s.below_run is None, "threshold": THRESHOLD})]
 
 
-def sustained_rung(store: Store, run_id: str, model_id: str, model_hash: str, artifacts: list[Artifact],
-                   profile: Profile, reporter: Reporter, device: dict | None = None, device_id: str | None = None,
-                   measure: Callable | None = None, runner: str = "host") -> str:
+def sustained_rung(scope: RunScope, artifacts: list[Artifact], profile: Profile, device: dict | None = None,
+                   device_id: str | None = None, measure: Callable | None = None, runner: str = "host") -> str:
     """``[sustained]``: back-to-back generation runs of the profile's sustained rung, stored under that
     rung with ``stage = "sustained"`` (its status untouched).  ``measure(art, runs, n_gen, on_progress)``
     returns (runs, reading before); the default measures on this host.  A failure is stored as the
@@ -209,6 +207,7 @@ def sustained_rung(store: Store, run_id: str, model_id: str, model_hash: str, ar
     from edgequant.bench.host import measure_sustained
     from edgequant.core.errors import BenchError
 
+    store, run_id, reporter = scope.store, scope.run_id, scope.reporter
     spec = profile.sustained
     if spec is None:
         return "ok"
@@ -225,7 +224,7 @@ def sustained_rung(store: Store, run_id: str, model_id: str, model_hash: str, ar
     params = {"runner": runner, "stage": "sustained", "runs": spec.runs, "n_gen": n_gen,
               "threads": profile.bench.resolved_threads() if runner == "host" else profile.bench.threads,
               "repack": profile.bench.resolved_repack() if runner == "host" else profile.bench.repack}
-    key = RunScope(store, run_id, model_id, model_hash, reporter).key(
+    key = scope.key(
         art, device_id=device_id, device=device, runtime="llama.cpp",
         runtime_version=metadata.version("llama-cpp-python"), params=params)
     label = f"{art.quant} sustained ×{spec.runs}"
@@ -280,8 +279,7 @@ def quality_measurements(metrics, gates: list[dict]) -> list[Measurement]:
 VERDICT_VALUES = {"PASS": 1.0, "INCONCLUSIVE": 0.5, "FAIL": 0.0}
 
 
-def quality_rungs(store: Store, run_id: str, model_id: str, model_hash: str, artifacts: list[Artifact],
-                  profile: Profile, suite, cache_root: Path, reporter: Reporter,
+def quality_rungs(scope: RunScope, artifacts: list[Artifact], profile: Profile, suite, cache_root: Path,
                   prompting: str = "auto", only: set[str] | None = None,
                   extra_params: dict | None = None, stored: set[str] = frozenset(),
                   generation: str = "plain") -> dict[str, str]:
@@ -299,12 +297,12 @@ def quality_rungs(store: Store, run_id: str, model_id: str, model_hash: str, art
     from edgequant.bench import quality
     from edgequant.profiles.variants import BenchVariant, variant_suffix
 
+    store, run_id, reporter = scope.store, scope.run_id, scope.reporter
     settings = profile.bench
     threads = settings.resolved_threads()
     repack = settings.resolved_repack()
     device, device_id = host_device(), host_device_id()
     runtime_version = metadata.version("llama-cpp-python")
-    scope = RunScope(store, run_id, model_id, model_hash, reporter)
     ref_art = next(a for a in artifacts if a.is_reference)
     statuses: dict[str, str] = {}
     if generation not in GENERATION_MODES:

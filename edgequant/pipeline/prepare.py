@@ -1,6 +1,7 @@
-"""Preparing a run: its model and artifacts: the checkpoint resolved (the embedded default, a folder, a hub id) and
-fingerprinted, its GGUF ladder built or found in the cache (with the build's stage rows and the rungs whose
-quantization was killed), GGUF files given on the command line.  Nothing here prints: progress goes through a ``Reporter``.
+"""Preparing a run: its model and artifacts.  The checkpoint resolved (the embedded default, a folder, a hub
+id) and fingerprinted, its GGUF ladder built or found in the cache (with the build's stage rows and the rungs
+whose quantization was killed), GGUF files given on the command line.  Nothing here prints: progress goes
+through a ``Reporter``.
 """
 
 from __future__ import annotations
@@ -11,12 +12,12 @@ from pathlib import Path
 
 from edgequant.core.errors import BadInput
 from edgequant.devices.host import host_device, host_device_id
-from edgequant.pipeline.scope import Reporter
+from edgequant.pipeline.scope import Reporter, RunScope
 from edgequant.profiles import Profile
 from edgequant.quantize.checkpoint import (Checkpoint, checkpoint_hash, download_from_hub, looks_like_hub_id,
                                            open_checkpoint)
 from edgequant.quantize.ladder import Artifact, Ladder, files_signature
-from edgequant.results.store import RowKey, Store
+from edgequant.results.store import Store
 
 
 @dataclass
@@ -61,20 +62,20 @@ def build_ladder(resolved: ResolvedModel, profile: Profile, cache_root: Path,
     return out
 
 
-def record_build_failures(store: Store, run_id: str, model_id: str, model_hash: str, n_params: int,
-                          failures: list) -> list[str]:
+def record_build_failures(scope: RunScope, n_params: int, failures: list) -> list[str]:
     """Rungs whose quantization was killed (``build_ladder``'s ``failed``): each stored with its status and
     the stage in the detail, and as a ``stage_resources`` row; returns "RUNG STATUS" for each."""
     from importlib import metadata
 
     from edgequant.estimate import stage_row
 
+    store, run_id = scope.store, scope.run_id
     device, device_id = host_device(), host_device_id()
     out = []
     for quant, status, detail, built in failures:
-        key = RowKey(model_id=model_id, model_hash=model_hash, quant=quant, artifact_sha256="",
-                     is_reference=False, device_id=device_id, device=device, runtime="llama.cpp",
-                     runtime_version=metadata.version("llama-cpp-python"), params={"runner": "host"})
+        key = scope.key(None, quant=quant, is_reference=False, device_id=device_id, device=device,
+                        runtime="llama.cpp", runtime_version=metadata.version("llama-cpp-python"),
+                        params={"runner": "host"})
         store.record_rung(run_id, key, [], status=status, detail=detail)
         store.record_stages(run_id, [stage_row("quantize", quant, device_id, n_params, built.get("seconds"),
                                                built.get("peak_rss_bytes"), status, False, detail)])

@@ -204,8 +204,7 @@ def _measure(request: RunRequest, scope: RunScope, resolved, where: Places, open
         artifacts += onnx_rungs.build_onnx(resolved, profile, cache, reporter)
         if not request.resume_id:
             store.set_prep_seconds(run_id, prepare.process_age_seconds())
-        build_failed = prepare.record_build_failures(store, run_id, resolved.checkpoint.model_id, resolved.model_hash,
-                                                      resolved.checkpoint.n_params_estimate, killed)
+        build_failed = prepare.record_build_failures(scope, resolved.checkpoint.n_params_estimate, killed)
         run_plan = planning.build(profile, planning.rungs_of(artifacts), where.specs(), suite,
                                   quality_on_device=request.quality_on_device, stored=stored)
         inputs = executor.RunInputs(profile, artifacts, cache, suite, request.prompting, qparams, variant_suite=suite,
