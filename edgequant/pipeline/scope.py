@@ -55,7 +55,7 @@ class RunScope:
 
     @classmethod
     def of(cls, store, run_id: str, resolved, reporter) -> "RunScope":
-        """The scope of run ``run_id`` measuring ``resolved`` (``host.ResolvedModel``)."""
+        """The scope of run ``run_id`` measuring ``resolved`` (``prepare.ResolvedModel``)."""
         return cls(store, run_id, resolved.checkpoint.model_id, resolved.model_hash, reporter)
 
     def with_store(self, store) -> "RunScope":
