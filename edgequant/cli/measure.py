@@ -100,14 +100,15 @@ def _run(model, profile_name, threads, n_prompt, n_gen, repetitions, warmup, sui
     if cooldown_max_wait is not None:
         profile = replace(profile, device=replace(profile.device, cooldown_max_wait=cooldown_max_wait))
     suite = None if no_quality else suite_for(suite_name, profile)
-    request = runs.RunRequest(model, profile, suite, suite_name, prompting, None, command_line(),
-                              tuple(device_specs or ()), device_dir, runner_dir, resume_id, lease_wait,
-                              quality_on_device, onnx_perf_test, no_wait, force, takeover_notice)
+    request = runs.RunRequest(model, profile, suite, suite_name, prompting, cache_dir, command_line(),
+                              device_specs=tuple(device_specs or ()), device_dir=device_dir, runner_dir=runner_dir,
+                              resume_id=resume_id, lease_wait=lease_wait, quality_on_device=quality_on_device,
+                              onnx_perf_test=onnx_perf_test, no_wait=no_wait, force=force, notice=takeover_notice)
     if dry_run:     # a resumed run's plan leaves out what it holds (the store is only read)
         run_plan, where = runs.plan(request, open_store(db) if resume_id else None)
         return _dry_run(model, profile, suite, cache_root(cache_dir), db, run_plan, bool(where.phones))
     where = runs.places(request)
-    request = replace(request, cache_root=cache_root(cache_dir))
+    request = replace(request, cache_root=cache_root(cache_dir))     # made if missing, checked writable
     store, console = open_store(db), stderr_console()
     with RichReporter(console) as reporter:
         outcome = runs.run(request, store, reporter, console, where)

@@ -34,7 +34,7 @@ class RunRequest:
     suite: Any                         # the eval suite, or None (--no-quality)
     suite_name: str
     prompting: str
-    cache_root: Path
+    cache_root: Path | str | None      # the cache folder (the CLI's checked one before ``run``)
     command: str                       # the command line stored with a new run
     device_specs: tuple = ()           # --device; empty: this host alone
     device_dir: str | None = None
@@ -64,7 +64,6 @@ class Places:
 @dataclass
 class RunOutcome:
     run_id: str
-    store: Any
     failed: list[str]                  # "RUNG [STAGE ]STATUS" of every build or cell that did not end ok
     lost: list                         # farm.Phone given up (the run is stored partial)
 
@@ -147,13 +146,12 @@ def run(request: RunRequest, store, reporter, console, where: Places | None = No
     where = where or places(request)
     workdir = resolve_device_dir(request.device_dir) if where.phones else None
     perf_test = _perf_test(request.onnx_perf_test)
-    measuring = host_measures(request, where)
-    if measuring:
+    lock = nullcontext()       # the host's measuring lock, when this host measures (the eval runs here too)
+    if host_measures(request, where):
         check_host_threads(profile)
+        lock = leases.measuring_on_host(cache, request.command, request.no_wait,
+                                        on_wait=lambda m: console.print(f"[yellow]•[/yellow] {m}"))
     opened: list[farm.Phone] = []
-    lock = leases.measuring_on_host(cache, request.command, request.no_wait,
-                                    on_wait=lambda m: console.print(f"[yellow]•[/yellow] {m}")) if measuring \
-        else nullcontext()
     with lock:
         try:
             # fail fast: a busy (leased), unauthorized or wrong-ABI phone stops nothing half-done
@@ -178,7 +176,7 @@ def run(request: RunRequest, store, reporter, console, where: Places | None = No
             raise EdgequantError(str(exc), 1) from None
         finally:
             farm.close_phones(opened)
-    outcome = RunOutcome(run_id, store, failed + executed.failed, executed.lost)
+    outcome = RunOutcome(run_id, failed + executed.failed, executed.lost)
     if outcome.lost:
         store.finish_run(run_id, "partial", outcome.lost_detail())
     else:
