@@ -148,6 +148,8 @@ def main() -> int:
 
     from edgequant import noise
     from edgequant.pipeline import host as pipeline
+    from edgequant.pipeline import prepare
+    from edgequant.pipeline.scope import NullReporter, RunScope
     from edgequant.bench.host import measure_gguf
     from edgequant.core.paths import cache_dir
     from edgequant.profiles import load_profile, with_bench_overrides
@@ -161,9 +163,9 @@ def main() -> int:
     tmp = tempfile.mkdtemp(prefix="eq-contention-")
     store = Store(args.db or str(Path(tmp) / "results.db"))
     gates = load_gates("gates")
-    quiet_reporter = pipeline.NullReporter()
-    resolved = pipeline.resolve_model(args.model, cache, quiet_reporter)
-    artifacts = pipeline.build_ladder(resolved, profile, cache, quiet_reporter)
+    quiet_reporter = NullReporter()
+    resolved = prepare.resolve_model(args.model, cache, quiet_reporter)
+    artifacts = prepare.build_ladder(resolved, profile, cache, quiet_reporter)
     model_id, mh = resolved.checkpoint.model_id, resolved.model_hash
     if args.rungs:
         wanted = [q.strip().upper() for q in args.rungs.split(",") if q.strip()]
@@ -187,7 +189,7 @@ def main() -> int:
 
     def ladder(label: str, reporter=quiet_reporter, measure=None) -> str:
         run = store.start_run(f"contention_targets {label}", profile.name, model_id, mh)
-        pipeline.bench_rungs(store, run, model_id, mh, artifacts, profile, reporter, measure=measure)
+        pipeline.bench_rungs(RunScope(store, run, model_id, mh, reporter), artifacts, profile, measure=measure)
         store.finish_run(run, "complete")
         return run
 

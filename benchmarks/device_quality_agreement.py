@@ -38,7 +38,7 @@ from edgequant.pipeline import device_quality as dq  # noqa: E402
 from edgequant.bench.device_bench import RemoteRunner  # noqa: E402
 from edgequant.bench.quality import base_request, call_worker  # noqa: E402
 from edgequant.bench.runner import open_runner_dir  # noqa: E402
-from edgequant.pipeline.host import NullReporter  # noqa: E402
+from edgequant.pipeline.scope import NullReporter  # noqa: E402
 from edgequant.profiles.suites import load_suite  # noqa: E402
 
 

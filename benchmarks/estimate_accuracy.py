@@ -42,7 +42,8 @@ def main() -> int:
     args = ap.parse_args()
 
     from edgequant import estimate
-    from edgequant.pipeline import host as pipeline
+    from edgequant.pipeline import prepare
+    from edgequant.pipeline.scope import NullReporter
     from edgequant.core.paths import cache_dir
     from edgequant.profiles import load_profile
     from edgequant.profiles.suites import load_suite
@@ -58,7 +59,7 @@ def main() -> int:
             os.symlink(model, cache / "models" / model.name)
     profile = load_profile(args.profile)
     suite = None if args.no_quality else load_suite(args.suite or "triage")
-    resolved = pipeline.resolve_model(args.model, cache, pipeline.NullReporter())
+    resolved = prepare.resolve_model(args.model, cache, NullReporter())
     with Store(db) as store:
         plan = estimate.plan_run(resolved, profile, suite, cache, store)
     print(f"model {resolved.checkpoint.model_id} ({resolved.checkpoint.n_params_estimate / 1e6:,.0f} M parameters), "

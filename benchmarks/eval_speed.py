@@ -118,7 +118,7 @@ def main() -> int:
                     help="top-2 logit margin under which plain decoding decides (default: bench.eval_spec's)")
     args = ap.parse_args()
 
-    from edgequant.pipeline import host as pipeline
+    from edgequant.pipeline import prepare
     from edgequant.core.paths import cache_dir
     from edgequant.profiles import load_profile
     from edgequant.profiles.suites import load_suite
@@ -128,8 +128,8 @@ def main() -> int:
     cache = cache_dir()
     reporter = _Quiet()
     profile = load_profile(args.profile)
-    resolved = pipeline.resolve_model(args.model, cache, reporter)
-    artifacts = pipeline.build_ladder(resolved, profile, cache, reporter)
+    resolved = prepare.resolve_model(args.model, cache, reporter)
+    artifacts = prepare.build_ladder(resolved, profile, cache, reporter)
     if args.rungs:
         wanted = {q.strip() for q in args.rungs.split(",")}
         artifacts = [a for a in artifacts if a.is_reference or a.quant in wanted]

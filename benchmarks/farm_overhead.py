@@ -67,7 +67,8 @@ def main() -> int:
     from edgequant.bench.runner import cached_runners
     from edgequant.devices import select
     from edgequant.devices.push import file_sha256
-    from edgequant.pipeline.host import BenchOutcome, NullReporter, RungOutcome
+    from edgequant.pipeline.host import BenchOutcome, RungOutcome
+    from edgequant.pipeline.scope import NullReporter
     from edgequant.results.store import Measurement, RowKey, Store
 
     runners = [r for r in cached_runners() if r.runs_on("aarch64", "linux")]

@@ -150,7 +150,8 @@ def default_files(types: list[str]) -> tuple[Path, list[Path]]:
     from dataclasses import replace
 
     from edgequant.core.paths import cache_dir
-    from edgequant.pipeline.host import NullReporter, build_ladder, resolve_model
+    from edgequant.pipeline.prepare import build_ladder, resolve_model
+    from edgequant.pipeline.scope import NullReporter
     from edgequant.profiles import load_profile
 
     cache = cache_dir()

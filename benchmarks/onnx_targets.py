@@ -34,7 +34,8 @@ def main() -> int:
     args = ap.parse_args()
 
     from edgequant.core.paths import cache_dir
-    from edgequant.pipeline.host import NullReporter, build_ladder, resolve_model
+    from edgequant.pipeline.prepare import build_ladder, resolve_model
+    from edgequant.pipeline.scope import NullReporter
     from edgequant.profiles import BenchSettings, _Checker, load_profile, parse_onnx
     from edgequant.quantize.onnx_export import OnnxLadder
     from edgequant.quantize.onnx_exporter import install_exporter

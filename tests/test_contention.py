@@ -278,7 +278,8 @@ def scripted(others: list[float], calls: list):
 
 
 def _bench_one(built, q8_path, tmp_path, others, retries):
-    from edgequant.pipeline.host import NullReporter, bench_rungs
+    from edgequant.pipeline.host import bench_rungs
+    from edgequant.pipeline.scope import NullReporter, RunScope
     from edgequant.profiles import load_profile
     from edgequant.quantize.gguf_info import file_sha256
     from edgequant.quantize.ladder import Artifact
@@ -294,7 +295,8 @@ def _bench_one(built, q8_path, tmp_path, others, retries):
     calls: list = []
     store = Store(tmp_path / "s.db")
     run = store.start_run("test", "contended", "m", "h")
-    outcome = bench_rungs(store, run, "m", "h", [art], profile, NullReporter(), measure=scripted(others, calls))
+    outcome = bench_rungs(RunScope(store, run, "m", "h", NullReporter()), [art], profile,
+                          measure=scripted(others, calls))
     rows = {r["metric"]: r for r in store.measurements(run)}
     store.close()
     return outcome, rows, calls

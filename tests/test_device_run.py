@@ -192,25 +192,26 @@ def test_unplugged_mid_run_is_partial_and_resumes(tiny_checkpoint, phone, arm64_
 @pytest.mark.slow
 def test_rungs_larger_than_available_ram_are_skipped(tiny_checkpoint, phone, arm64_runner, tmp_path):
     from edgequant.pipeline import device_run
-    from edgequant.pipeline import host as pipeline
+    from edgequant.pipeline import prepare
+    from edgequant.pipeline.scope import NullReporter, RunScope
     from edgequant.profiles import load_profile
     from edgequant.results.store import Store
 
     peer, workdir, env, profile_path = phone
     profile = load_profile(profile_path)
     cache = tmp_path / "cache"
-    resolved = pipeline.resolve_model(str(tiny_checkpoint), cache, pipeline.NullReporter())
-    artifacts = pipeline.build_ladder(resolved, profile, cache, pipeline.NullReporter())
+    resolved = prepare.resolve_model(str(tiny_checkpoint), cache, NullReporter())
+    artifacts = prepare.build_ladder(resolved, profile, cache, NullReporter())
     ctx = device_run.open_device(select.Target(peer.serial, "direct"), workdir, str(arm64_runner.path), cache,
-                                 pipeline.NullReporter())
+                                 NullReporter())
     try:
         smallest = min(a.size_bytes for a in artifacts)
         # the phone says it has less RAM available than the smallest file
         ctx.facts = replace(ctx.facts, ram_available_kib=smallest // 1024 - 1)
         store = Store(tmp_path / "r.db")
         run_id = store.start_run("test", profile.name, "tiny", resolved.model_hash)
-        out = device_run.bench_rungs_on_device(store, run_id, "tiny", resolved.model_hash, artifacts, profile, ctx,
-                                               pipeline.NullReporter())
+        out = device_run.bench_rungs_on_device(RunScope(store, run_id, "tiny", resolved.model_hash, NullReporter()),
+                                               artifacts, profile, ctx)
     finally:
         ctx.close()
     assert {o.status for o in out.outcomes} == {"skipped"}
@@ -273,24 +274,25 @@ def test_device_run_errors_are_one_line(tiny_checkpoint, phone, arm64_runner, ad
 def test_a_full_disk_skips_the_rungs_that_do_not_fit_and_measures_the_rest(tiny_checkpoint, phone, arm64_runner,
                                                                           tmp_path):
     from edgequant.pipeline import device_run
-    from edgequant.pipeline import host as pipeline
+    from edgequant.pipeline import prepare
+    from edgequant.pipeline.scope import NullReporter, RunScope
     from edgequant.profiles import load_profile
     from edgequant.results.store import Store
 
     peer, workdir, env, profile_path = phone
     profile = load_profile(profile_path)
     cache = tmp_path / "cache"
-    resolved = pipeline.resolve_model(str(tiny_checkpoint), cache, pipeline.NullReporter())
-    artifacts = pipeline.build_ladder(resolved, profile, cache, pipeline.NullReporter())
+    resolved = prepare.resolve_model(str(tiny_checkpoint), cache, NullReporter())
+    artifacts = prepare.build_ladder(resolved, profile, cache, NullReporter())
     smallest = min(artifacts, key=lambda a: a.size_bytes)
     ctx = device_run.open_device(select.Target(peer.serial, "direct"), workdir, str(arm64_runner.path), cache,
-                                 pipeline.NullReporter())
+                                 NullReporter())
     try:
         peer.faults.disk_free = smallest.size_bytes + 64 * 1024    # only the smallest rung fits
         store = Store(tmp_path / "r.db")
         run_id = store.start_run("test", profile.name, "tiny", resolved.model_hash)
-        out = device_run.bench_rungs_on_device(store, run_id, "tiny", resolved.model_hash, artifacts, profile, ctx,
-                                               pipeline.NullReporter())
+        out = device_run.bench_rungs_on_device(RunScope(store, run_id, "tiny", resolved.model_hash, NullReporter()),
+                                               artifacts, profile, ctx)
     finally:
         ctx.close()
     statuses = {s["quant"]: s for s in store.rung_statuses(run_id)}

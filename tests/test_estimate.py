@@ -320,7 +320,8 @@ class OomKiller:
 
 @pytest.fixture(scope="module")
 def tiny_ladder(tiny_checkpoint, tmp_path_factory):
-    from edgequant.pipeline.host import NullReporter, ResolvedModel, build_ladder
+    from edgequant.pipeline.prepare import ResolvedModel, build_ladder
+    from edgequant.pipeline.scope import NullReporter
     from edgequant.quantize.checkpoint import checkpoint_hash, open_checkpoint
 
     tmp = tmp_path_factory.mktemp("oom")
@@ -334,12 +335,13 @@ def tiny_ladder(tiny_checkpoint, tmp_path_factory):
 @pytest.mark.slow
 def test_a_benchmark_killed_by_the_oom_killer_is_stored_oom_and_the_run_goes_on(tiny_ladder, tmp_path):
     from edgequant.pipeline import host as pipeline
+    from edgequant.pipeline.scope import NullReporter, RunScope
 
     store = Store(tmp_path / "r.db")
     run = store.start_run("edgequant run", "tiny", "m", "h")
     arts = tiny_ladder["artifacts"]
     with OomKiller("edgequant.bench.host_worker") as killer:
-        out = pipeline.bench_rungs(store, run, "m", "h", arts, tiny_ladder["profile"], pipeline.NullReporter())
+        out = pipeline.bench_rungs(RunScope(store, run, "m", "h", NullReporter()), arts, tiny_ladder["profile"])
     assert len(killer.killed) == 1
     statuses = {s["quant"]: s for s in store.rung_statuses(run)}
     assert statuses["BF16"]["status"] == "oom"                       # the first worker was the one killed
@@ -354,6 +356,7 @@ def test_a_benchmark_killed_by_the_oom_killer_is_stored_oom_and_the_run_goes_on(
 @pytest.mark.slow
 def test_an_eval_worker_killed_by_the_oom_killer_is_stored_oom_with_its_stage(tiny_ladder, tmp_path):
     from edgequant.pipeline import host as pipeline
+    from edgequant.pipeline.scope import NullReporter, RunScope
     from edgequant.profiles.suites import load_suite
 
     store = Store(tmp_path / "r.db")
@@ -361,12 +364,12 @@ def test_an_eval_worker_killed_by_the_oom_killer_is_stored_oom_with_its_stage(ti
     suite = load_suite(str(write_suite(tmp_path)))
     arts = tiny_ladder["artifacts"]
     # the reference's outputs first (not killed), then the watchdog takes the first rung's generation
-    ref = pipeline.quality_rungs(store, run, "m", "h", arts, tiny_ladder["profile"], suite, tmp_path / "cache",
-                                 pipeline.NullReporter(), only={"BF16"})
+    scope = RunScope(store, run, "m", "h", NullReporter())
+    ref = pipeline.quality_rungs(scope, arts, tiny_ladder["profile"], suite, tmp_path / "cache", only={"BF16"})
     assert ref == {"BF16": "ok"}
     with OomKiller("edgequant.bench.eval_worker") as killer:
-        statuses = pipeline.quality_rungs(store, run, "m", "h", arts, tiny_ladder["profile"], suite,
-                                          tmp_path / "cache", pipeline.NullReporter(), only={"Q8_0", "Q4_0"})
+        statuses = pipeline.quality_rungs(scope, arts, tiny_ladder["profile"], suite, tmp_path / "cache",
+                                          only={"Q8_0", "Q4_0"})
     assert len(killer.killed) == 1
     assert statuses == {"Q8_0": "oom", "Q4_0": "ok"}
     detail = {s["quant"]: s["detail"] for s in store.rung_statuses(run)}["Q8_0"]
@@ -410,13 +413,14 @@ def test_a_quantization_killed_by_the_oom_killer_leaves_that_rung_out_and_the_la
 def test_a_killed_quantization_is_stored_as_that_rungs_status_and_a_stage_row(tmp_path):
     """What `run` stores for a rung ``build_ladder(failed=...)`` left out: its status with the stage, and the
     stage's row with the time and peak its process reached."""
-    from edgequant.pipeline import host as pipeline
+    from edgequant.pipeline import prepare
+    from edgequant.pipeline.scope import NullReporter, RunScope
 
     store = Store(tmp_path / "r.db")
     run = store.start_run("edgequant run", "tiny", "m", "h")
     detail = "quantize: BF16.gguf to Q8_0 was killed (SIGKILL), most likely by the kernel's OOM killer"
-    said = pipeline.record_build_failures(store, run, "m", "h", 1000, [("Q8_0", "oom", detail,
-                                                                         {"seconds": 2.5, "peak_rss_bytes": 3e9})])
+    said = prepare.record_build_failures(RunScope(store, run, "m", "h", NullReporter()), 1000,
+                                         [("Q8_0", "oom", detail, {"seconds": 2.5, "peak_rss_bytes": 3e9})])
     assert said == ["Q8_0 oom"]
     ((status,),) = [[s for s in store.rung_statuses(run)]]
     assert (status["quant"], status["status"], status["detail"]) == ("Q8_0", "oom", detail)

@@ -496,7 +496,8 @@ def test_a_gguf_cut_inside_its_header_is_bad_input(built, tmp_path):
 def test_the_users_own_gguf_changed_while_used_is_never_ours_to_delete(built, tmp_path):
     """An --artifact file is the user's: changed on disk after it was hashed, the advice is about the file,
     not to delete it or to expect edgequant to rebuild it."""
-    from edgequant.pipeline.host import NullReporter, artifacts_from_files
+    from edgequant.pipeline.prepare import artifacts_from_files
+    from edgequant.pipeline.scope import NullReporter
     from edgequant.quantize.ladder import ArtifactChanged
 
     mine = tmp_path / "mine-q4.gguf"
@@ -1061,7 +1062,7 @@ def test_damaged_cached_onnx_rungs_are_rebuilt_with_one_line_each(tiny_onnx, tmp
 @pytest.mark.slow
 def test_an_onnx_rung_changed_after_its_check_fails_alone_before_it_is_measured(tiny_onnx, tmp_path):
     from edgequant.pipeline.onnx_rungs import bench_onnx_rungs
-    from edgequant.pipeline.host import NullReporter
+    from edgequant.pipeline.scope import NullReporter, RunScope
     from edgequant.profiles import load_profile
     from edgequant.quantize.ladder import ArtifactChanged
 
@@ -1079,7 +1080,8 @@ def test_an_onnx_rung_changed_after_its_check_fails_alone_before_it_is_measured(
                                             warmup=0)))
     with Store(tmp_path / "r.db") as s:
         run = s.start_run("edgequant bench", "p", "m", "h")
-        outcome = bench_onnx_rungs(s, run, "m", copy.model_hash, [ext, arts["int8"]], profile, NullReporter())
+        outcome = bench_onnx_rungs(RunScope(s, run, "m", copy.model_hash, NullReporter()), [ext, arts["int8"]],
+                                   profile)
         s.finish_run(run, "complete")
     assert {o.artifact.quant: o.status for o in outcome.outcomes} == {"ONNX-FP32-EXT": "failed", "ONNX-INT8": "ok"}
     status = {r["quant"]: r for r in db_rows(tmp_path / "r.db", "SELECT * FROM rung_status")}
@@ -1120,7 +1122,8 @@ def test_an_onnx_rung_changed_after_its_check_is_not_evaluated(tiny_onnx, tiny_b
     from test_quality import write_suite
 
     from edgequant.pipeline.onnx_rungs import quality_onnx_rungs
-    from edgequant.pipeline.host import NullReporter, artifacts_from_files
+    from edgequant.pipeline.prepare import artifacts_from_files
+    from edgequant.pipeline.scope import NullReporter, RunScope
     from edgequant.profiles import load_profile
     from edgequant.profiles.suites import load_suite
 
@@ -1132,8 +1135,8 @@ def test_an_onnx_rung_changed_after_its_check_is_not_evaluated(tiny_onnx, tiny_b
     suite = load_suite(str(write_suite(tmp_path)))
     with Store(tmp_path / "r.db") as s:
         run = s.start_run("edgequant eval", "p", "m", "h")
-        statuses = quality_onnx_rungs(s, run, "m", copy.model_hash, reference, [ext], profile, suite,
-                                      tmp_path / "cache", NullReporter())
+        statuses = quality_onnx_rungs(RunScope(s, run, "m", copy.model_hash, NullReporter()), reference, [ext],
+                                      profile, suite, tmp_path / "cache")
     assert statuses == {"ONNX-FP32-EXT": "failed"}
     (st,) = db_rows(tmp_path / "r.db", "SELECT * FROM rung_status")
     assert st["status"] == "failed" and "bytes changed on disk" in st["detail"] and st["detail"].startswith("quality:")

@@ -149,7 +149,7 @@ def test_device_rows_are_stored_like_host_rows(tiny_onnx, adb_peer, peer_transpo
     from edgequant.devices.facts import collect_facts
     from edgequant.devices.push import Pusher
     from edgequant.devices.select import Target
-    from edgequant.pipeline.host import NullReporter
+    from edgequant.pipeline.scope import NullReporter, RunScope
     from edgequant.profiles import Profile, QuantSpec
     from edgequant.results.store import Store
 
@@ -172,8 +172,8 @@ def test_device_rows_are_stored_like_host_rows(tiny_onnx, adb_peer, peer_transpo
     db = tmp_path / "r.db"
     store = Store(db)
     run_id = store.start_run("test", "p", "tiny", ladder.model_hash)
-    out = bench_onnx_rungs_on_device(store, run_id, "tiny", ladder.model_hash, [arts["int4"], bad], profile, ctx,
-                                     NullReporter(), tmp_path / "sets", open_perf_test(tool_local))
+    out = bench_onnx_rungs_on_device(RunScope(store, run_id, "tiny", ladder.model_hash, NullReporter()),
+                                     [arts["int4"], bad], profile, ctx, tmp_path / "sets", open_perf_test(tool_local))
     assert [o.status for o in out.outcomes] == ["ok", "failed"]
     rows = db_rows(db, "SELECT quant, runtime, device_id, metric, repetitions FROM measurements")
     int4 = {r["metric"]: r for r in rows if r["quant"] == "ONNX-INT4"}

@@ -254,7 +254,7 @@ def _device_bench(onnx_phone, runner, tmp_path):
     from edgequant.pipeline import device_run
     from edgequant.bench.onnx_device import open_perf_test
     from edgequant.devices import select
-    from edgequant.pipeline.host import NullReporter
+    from edgequant.pipeline.scope import NullReporter, RunScope
     from edgequant.profiles import load_profile
     from edgequant.results.store import Store
 
@@ -267,8 +267,9 @@ def _device_bench(onnx_phone, runner, tmp_path):
     run_id = store.start_run("test", profile.name, "tiny", "hash")
 
     def bench(artifacts, reporter=None, done=frozenset()):
-        return device_run.bench_onnx_rungs_on_device(store, run_id, "tiny", "hash", artifacts, profile, ctx,
-                                                     reporter or _Recorder(), tmp_path / "sets", tool, done=done)
+        scope = RunScope(store, run_id, "tiny", "hash", reporter or _Recorder())
+        return device_run.bench_onnx_rungs_on_device(scope, artifacts, profile, ctx, tmp_path / "sets", tool,
+                                                     done=done)
 
     try:
         yield ctx, store, run_id, bench

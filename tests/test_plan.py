@@ -15,10 +15,10 @@ from conftest import cli_env, run_cli
 from edgequant.core.errors import BadInput
 from edgequant.pipeline import registry
 from edgequant.pipeline.executor import RunInputs, execute
-from edgequant.pipeline.host import NullReporter, RungOutcome
+from edgequant.pipeline.host import RungOutcome
 from edgequant.pipeline.plan import PlaceSpec, Rung, Stored, build, rungs_of
 from edgequant.pipeline.registry import Runtime
-from edgequant.pipeline.scope import RunScope
+from edgequant.pipeline.scope import NullReporter, RunScope
 from edgequant.profiles import load_profile
 from edgequant.results.store import Measurement, Store
 
@@ -194,6 +194,31 @@ def test_stored_reads_the_run_from_the_store(tmp_path):
     # a variant (Q8_0@d512) counts for its rung; a rung stored as oom is done
     assert got == Stored(benched={("Q8_0", "host:x"), ("Q4_0", "adb:p")}, sustained={"adb:p"},
                          quality_host={"Q8_0"}, quality_device={("Q4_0", "adb:p")})
+
+
+def test_a_runs_plan_and_places_come_from_the_library_without_the_cli(tmp_path):
+    """``pipeline.run``: what ``run`` (and ``--dry-run``) would measure, from a ``RunRequest`` alone: the host by
+    default, resumed = minus what the store holds, and energy on the host refused before anything is written."""
+    from dataclasses import replace
+
+    from edgequant.pipeline import run as runs
+    from edgequant.results.store import RowKey
+
+    request = runs.RunRequest(None, _profile(tmp_path), None, "triage", "auto", tmp_path / "cache", "edgequant run")
+    run_plan, where = runs.plan(request)
+    assert (where.on_host, where.phones) == (True, [])
+    assert _cells(run_plan) == [("bench", "BF16", "host"), ("bench", "Q8_0", "host"), ("bench", "Q4_0", "host")]
+    host_id = PlaceSpec.host().device_id
+    with Store(tmp_path / "r.db") as s:
+        run_id = s.start_run("edgequant run", "p", "m", "h")
+        s.record_rung(run_id, RowKey("m", "h", "Q8_0", "a", False, host_id, {}, "llama.cpp", "0", {"runner": "host"}),
+                      [], status="oom")
+        resumed, _ = runs.plan(replace(request, resume_id=run_id), s)
+    assert _cells(resumed) == [("bench", "BF16", "host"), ("bench", "Q4_0", "host")]
+    energetic = replace(request, profile=_profile(tmp_path, "[device]\nenergy = true\n"))
+    with pytest.raises(BadInput, match="field 'device.energy' needs a phone's battery current"):
+        runs.plan(energetic)
+    assert not (tmp_path / "cache").exists()
 
 
 def _cell_lines(stdout: str) -> list[str]:

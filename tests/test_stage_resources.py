@@ -84,7 +84,8 @@ def test_a_killed_forked_stage_still_has_its_own_peak():
 
 @pytest.fixture(scope="module")
 def tiny_q8(tiny_checkpoint, tmp_path_factory):
-    from edgequant.pipeline.host import NullReporter, ResolvedModel, build_ladder
+    from edgequant.pipeline.prepare import ResolvedModel, build_ladder
+    from edgequant.pipeline.scope import NullReporter
     from edgequant.profiles import load_profile
     from edgequant.quantize.checkpoint import checkpoint_hash, open_checkpoint
 
@@ -100,7 +101,7 @@ def tiny_q8(tiny_checkpoint, tmp_path_factory):
 def test_a_quantizations_peak_is_its_own_memory_bounded_by_the_tensors(tiny_q8):
     import gguf
 
-    from edgequant.pipeline.host import record_build_stages
+    from edgequant.pipeline.prepare import record_build_stages
     from edgequant.quantize.ladder import OWN_MEMORY
 
     ref, q8 = tiny_q8["artifacts"]
@@ -187,27 +188,28 @@ def test_a_phones_push_and_measuring_step_are_stage_rows_with_its_place(tiny_che
 
     from edgequant.devices import select
     from edgequant.pipeline import device_run
-    from edgequant.pipeline import host as pipeline
+    from edgequant.pipeline import prepare as pipeline
     from edgequant.pipeline.phone_stages import MEASURE_DETAIL, PUSH_DETAIL, PhoneStages
+    from edgequant.pipeline.scope import NullReporter, RunScope
     from edgequant.profiles import load_profile
     from edgequant.results import report
 
     peer, workdir, env, profile_path = phone
     profile = load_profile(profile_path)
     cache = tmp_path / "cache"
-    resolved = pipeline.resolve_model(str(tiny_checkpoint), cache, pipeline.NullReporter())
-    arts = [a for a in pipeline.build_ladder(resolved, profile, cache, pipeline.NullReporter())
+    resolved = pipeline.resolve_model(str(tiny_checkpoint), cache, NullReporter())
+    arts = [a for a in pipeline.build_ladder(resolved, profile, cache, NullReporter())
             if a.quant in ("Q8_0", "Q4_0")]
     # the phone's low-memory killer takes Q8_0's llama-bench: its measuring step is a row with that status
     peer.faults.lmk = [LmkRule(r"^\S*qemu-aarch64\S* .*llama-bench .*Q8_0\.gguf", delay=0.0)]
     ctx = device_run.open_device(select.Target(peer.serial, "direct"), workdir, str(arm64_runner.path), cache,
-                                 pipeline.NullReporter())
+                                 NullReporter())
     store = Store(tmp_path / "r.db")
     run = store.start_run("edgequant run", profile.name, "tiny", resolved.model_hash)
     try:
         t0 = time.monotonic()
-        device_run.bench_rungs_on_device(store, run, "tiny", resolved.model_hash, arts, profile, ctx,
-                                         pipeline.NullReporter())
+        device_run.bench_rungs_on_device(RunScope(store, run, "tiny", resolved.model_hash, NullReporter()), arts,
+                                         profile, ctx)
         wall = time.monotonic() - t0
         # the same file pushed again: the phone holds its bytes, nothing is sent
         q4 = arts[1]

@@ -42,8 +42,8 @@ def quantize(model, profile_name, db, cache_dir, as_json, suite_name, verify):
     from rich.table import Table
 
     from edgequant.pipeline import calibrate
-    from edgequant.pipeline import host as pipeline
     from edgequant.pipeline import onnx_rungs as onnx_pipeline
+    from edgequant.pipeline import prepare
     from edgequant import estimate
 
     if verify:
@@ -52,12 +52,12 @@ def quantize(model, profile_name, db, cache_dir, as_json, suite_name, verify):
     cache = cache_root(cache_dir)
     store = open_store(db)
     with RichReporter(stderr_console()) as reporter:
-        resolved = pipeline.resolve_model(model, cache, reporter)
+        resolved = prepare.resolve_model(model, cache, reporter)
         estimate.check_resources(estimate.plan_run(resolved, profile, None, cache, None, build_only=True))
         imatrix, _, _ = calibrate.for_profile(profile, None, suite_name, "auto", resolved.model_hash, cache, store,
                                               reporter.step)
         try:
-            artifacts = pipeline.build_ladder(resolved, profile, cache, reporter, imatrix=imatrix)
+            artifacts = prepare.build_ladder(resolved, profile, cache, reporter, imatrix=imatrix)
             artifacts += onnx_pipeline.build_onnx(resolved, profile, cache, reporter)
         except KeyboardInterrupt as exc:
             how, code = ("interrupted (SIGTERM)", 143) if isinstance(exc, Terminated) else ("interrupted", 130)
@@ -124,7 +124,7 @@ def imatrix(model, profile_name, suite_name, prompting, db, cache_dir):
     """
 
     from edgequant.pipeline import calibrate
-    from edgequant.pipeline import host as pipeline
+    from edgequant.pipeline import prepare
 
     profile = profile_for(profile_name)
     suite = suite_for(suite_name)
@@ -133,10 +133,10 @@ def imatrix(model, profile_name, suite_name, prompting, db, cache_dir):
     store = open_store(db)
     console = stderr_console()
     with RichReporter(console) as reporter:
-        resolved = pipeline.resolve_model(model, cache, reporter)
+        resolved = prepare.resolve_model(model, cache, reporter)
         calibrate.record_split(store, cal)
         only_ref = replace(profile, quant=replace(profile.quant, types=()))
-        ref = pipeline.build_ladder(resolved, only_ref, cache, reporter)[0]
+        ref = prepare.build_ladder(resolved, only_ref, cache, reporter)[0]
         provider = calibrate.SuiteImatrix(cal, profile, resolved.model_hash, cache, reporter.step)
         imx = provider.get(ref)
     m = imx.manifest

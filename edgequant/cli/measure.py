@@ -7,13 +7,12 @@ from pathlib import Path
 import click
 
 from edgequant.cli.app import cli
-from edgequant.cli.options import (FORMATS, bench_overrides, cache_option, cache_root, check_host_threads, db_option,
-                                   device_dir_option, force_option, host_measuring, model_options, no_wait_option,
-                                   open_store, profile_for, quality_options, runner_dir_option, start_or_resume,
-                                   stored_options, suite_for)
+from edgequant.cli.options import (FORMATS, bench_overrides, cache_option, cache_root, command_line, db_option,
+                                   device_dir_option, force_option, model_options, no_wait_option, open_store,
+                                   profile_for, quality_options, runner_dir_option, stored_options, suite_for,
+                                   takeover_notice)
 from edgequant.cli.views import RichReporter, render_run, stderr_console
 from edgequant.core.errors import BadInput, EdgequantError
-from edgequant.results.lifecycle import recording_partial
 
 
 @cli.command()
@@ -87,114 +86,41 @@ def run(ctx, model, profile_name, threads, n_prompt, n_gen, repetitions, warmup,
                 no_wait=no_wait, dry_run=dry_run)
 
 
-# columns of a table written to a file or a pipe (rich's tables are only as wide as their content)
-
-
-def _onnx_perf_test(path: str | None):
-    """The checked ``--onnx-perf-test`` (``bench.onnx_device.LocalPerfTest``), or None without the option."""
-    if not path:
-        return None
-    from edgequant.bench.onnx_device import open_perf_test
-
-    return open_perf_test(path)
-
-
 def _run(model, profile_name, threads, n_prompt, n_gen, repetitions, warmup, suite_name, prompting, no_quality,
          device_specs, device_dir, runner_dir, cooldown_max_wait, resume_id, db, cache_dir, fmt, lease_wait=300,
          quality_on_device=False, onnx_perf_test=None, no_wait=False, force=False, dry_run=False):
+    """Parse the options into a ``pipeline.run.RunRequest``, run it inside the progress view, render the run
+    and turn its outcome into the exit."""
     from dataclasses import replace
 
-    from edgequant import estimate, farm
-    from edgequant.devices.select import device_dir as resolve_device_dir
-    from edgequant.devices.transport import DeviceError
-    from edgequant.pipeline import calibrate, executor
-    from edgequant.pipeline import host as pipeline
-    from edgequant.pipeline import onnx_rungs as onnx_pipeline
-    from edgequant.pipeline import plan as planning
-    from edgequant.pipeline.scope import RunScope
+    from edgequant.pipeline import run as runs
 
     profile = profile_for(profile_name, threads=threads, n_prompt=n_prompt, n_gen=n_gen,
-                            repetitions=repetitions, warmup=warmup)
+                          repetitions=repetitions, warmup=warmup)
     if cooldown_max_wait is not None:
         profile = replace(profile, device=replace(profile.device, cooldown_max_wait=cooldown_max_wait))
     suite = None if no_quality else suite_for(suite_name, profile)
-    on_host, phones, pool_entries = (True, [], {}) if not device_specs else farm.resolve_farm(device_specs)
-    if profile.device.energy and on_host:
-        raise BadInput(f"profile {profile.path}: field 'device.energy' needs a phone's battery current, which this "
-                       f"host cannot read; run with --device SERIAL, or set device.energy = false")
-    places = ([planning.PlaceSpec.host()] if on_host else []) + [planning.PlaceSpec.phone(t.serial) for t in phones]
+    request = runs.RunRequest(model, profile, suite, suite_name, prompting, cache_dir, command_line(),
+                              device_specs=tuple(device_specs or ()), device_dir=device_dir, runner_dir=runner_dir,
+                              resume_id=resume_id, lease_wait=lease_wait, quality_on_device=quality_on_device,
+                              onnx_perf_test=onnx_perf_test, no_wait=no_wait, force=force, notice=takeover_notice)
     if dry_run:     # a resumed run's plan leaves out what it holds (the store is only read)
-        stored = planning.Stored.read(open_store(db), resume_id) if resume_id else None
-        return _dry_run(model, profile, suite, cache_root(cache_dir), db,
-                        planning.build(profile, planning.rungs_of_profile(profile), places, suite,
-                                       quality_on_device=quality_on_device, stored=stored), bool(phones))
-    cache = cache_root(cache_dir)
-    store = open_store(db)
-    console = stderr_console()
-    workdir = resolve_device_dir(device_dir) if phones else None
-    perf_test = _onnx_perf_test(onnx_perf_test)
-    opened: list[farm.Phone] = []
-    executed = None
-    host_measures = on_host or (suite is not None and not quality_on_device)   # the eval runs here too
-    if host_measures:
-        check_host_threads(profile)
-    with RichReporter(console) as reporter, host_measuring(cache, no_wait, console, host_measures):
-        try:
-            # fail fast: a busy (leased), unauthorized or wrong-ABI phone stops nothing half-done
-            opened = farm.open_phones(phones, workdir, runner_dir, cache, reporter, lease_wait, pool_entries)
-            if perf_test is not None and profile.onnx:
-                for phone in opened:   # a build for another OS's linker than a phone's: refused before starting
-                    perf_test.require(phone.ctx.os_name, f"device {phone.serial}")
-            resolved = pipeline.resolve_model(model, cache, reporter)
-            ckpt = resolved.checkpoint
-            estimated = estimate.plan_run(resolved, profile, suite, cache, store)
-            estimate.check_resources(estimated)       # disk and memory: refused before anything is written
-            for line in estimate.format_plan(estimated):
-                reporter.step(f"estimate: {line}")
-            reporter.expect(estimate.Countdown(estimated))
-            run_id = start_or_resume(store, resume_id, profile, resolved, force)
-            for phone in opened:
-                phone.lease.run = run_id        # written into the lease at its next renewal
-            stored = planning.Stored.read(store, run_id)
-            with recording_partial(store, run_id, "quantizing",
-                                   f"`edgequant run --resume {run_id}` finishes it") as stage:
-                imatrix, suite, qparams = calibrate.for_profile(profile, suite, suite_name, prompting,
-                                                                resolved.model_hash, cache, store, reporter.step)
-                killed: list = []      # rungs whose quantization was killed (OOM): stored, the others go on
-                artifacts = pipeline.build_ladder(resolved, profile, cache, reporter, imatrix=imatrix, failed=killed)
-                pipeline.record_build_stages(store, run_id, artifacts)
-                onnx_arts = onnx_pipeline.build_onnx(resolved, profile, cache, reporter)
-                onnx_pipeline.record_onnx_stages(store, run_id, onnx_arts)
-                artifacts += onnx_arts
-                if not resume_id:
-                    store.set_prep_seconds(run_id, pipeline.process_age_seconds())
-                build_failed = pipeline.record_build_failures(store, run_id, ckpt.model_id, resolved.model_hash,
-                                                              ckpt.n_params_estimate, killed)
-                run_plan = planning.build(profile, planning.rungs_of(artifacts), places, suite,
-                                          quality_on_device=quality_on_device, stored=stored)
-                inputs = executor.RunInputs(profile, artifacts, cache, suite, prompting, qparams, variant_suite=suite,
-                                            quality_on_device=quality_on_device, on_host=on_host,
-                                            perf_test=perf_test)
-                executed = executor.execute(run_plan, RunScope.of(store, run_id, resolved, reporter), inputs,
-                                            phones=opened, runner_dir=runner_dir, console=console,
-                                            on_stage=lambda now: setattr(stage, "now", now))
-        except DeviceError as exc:
-            raise EdgequantError(str(exc), 1) from None
-        finally:
-            farm.close_phones(opened)
-    failed, lost = build_failed + executed.failed, executed.lost
-    if lost:
-        detail = "; ".join(f"{p.serial}: {p.failure}" for p in lost)
-        store.finish_run(run_id, "partial", detail)
-        render_run(store, run_id, fmt, None)
-        raise EdgequantError(f"{len(lost)} phone(s) failed ({detail}); the finished rungs are stored in run "
-                             f"{run_id}, marked partial; `edgequant run --resume {run_id}` measures the rest", 1)
-    store.finish_run(run_id, "complete", f"{len(failed)} rung(s) failed" if failed else None)
-    render_run(store, run_id, fmt, None)
-    console.print(f"[dim]stored as run {run_id} in {store.path}; "
-                  f"`edgequant report {run_id}` shows it again[/dim]")
-    if failed:
-        raise EdgequantError(f"{len(failed)} rung stage(s) did not finish: " + "; ".join(failed), 1)
+        run_plan, where = runs.plan(request, open_store(db) if resume_id else None)
+        return _dry_run(model, profile, suite, cache_root(cache_dir), db, run_plan, bool(where.phones))
+    where = runs.places(request)
+    request = replace(request, cache_root=cache_root(cache_dir))     # made if missing, checked writable
+    store, console = open_store(db), stderr_console()
+    with RichReporter(console) as reporter:
+        outcome = runs.run(request, store, reporter, console, where)
+    render_run(store, outcome.run_id, fmt, None)
+    if outcome.lost:
+        raise EdgequantError(f"{len(outcome.lost)} phone(s) failed ({outcome.lost_detail()}); the finished rungs "
+                             f"are stored in run {outcome.run_id}, marked partial; "
+                             f"`edgequant run --resume {outcome.run_id}` measures the rest", 1)
+    console.print(f"[dim]stored as run {outcome.run_id} in {store.path}; "
+                  f"`edgequant report {outcome.run_id}` shows it again[/dim]")
+    if outcome.failed:
+        raise EdgequantError(f"{len(outcome.failed)} rung stage(s) did not finish: " + "; ".join(outcome.failed), 1)
 
 
 def _dry_run(model, profile, suite, cache: Path, db: str | None, run_plan, phones: bool) -> None:
@@ -204,7 +130,7 @@ def _dry_run(model, profile, suite, cache: Path, db: str | None, run_plan, phone
     materialized once), and phones are estimated at this host's speed."""
     from edgequant import estimate
     from edgequant.core.paths import default_db
-    from edgequant.pipeline import host as pipeline
+    from edgequant.pipeline import prepare
 
     click.echo(f"plan of profile {profile.name}: {len(run_plan.cells)} cell(s) (stage, rung, runtime, place)")
     for line in run_plan.lines():
@@ -212,7 +138,7 @@ def _dry_run(model, profile, suite, cache: Path, db: str | None, run_plan, phone
     path = db or default_db()
     store = open_store(db) if "://" in str(path) or Path(path).exists() else None
     with RichReporter(stderr_console()) as reporter:
-        resolved = pipeline.resolve_model(model, cache, reporter)
+        resolved = prepare.resolve_model(model, cache, reporter)
     estimated = estimate.plan_run(resolved, profile, suite, cache, store)
     click.echo(f"estimate for {resolved.checkpoint.model_id}"
                + (" (the phones' stages at this host's speed)" if phones else "") + ":")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import shlex
 import sys
 import tempfile
@@ -113,10 +112,9 @@ def host_measuring(cache: Path, no_wait: bool, console, needed: bool = True):
 
 def check_host_threads(profile, option: str = "--threads") -> None:
     """More threads than this host has logical CPUs only measures the scheduler: refused."""
-    n, cpus = profile.bench.threads, os.cpu_count() or 1
-    if n > cpus:
-        raise BadInput(f"{option} {n}: this host has {cpus} logical CPUs; use at most {cpus} "
-                       f"(0 = one per physical core)")
+    from edgequant.pipeline.run import check_host_threads as check
+
+    check(profile, option)
 
 
 def quality_options(f):
@@ -175,14 +173,12 @@ def stored_options(ctx, command: click.Command, store, resume_id: str) -> tuple[
 
 
 def start_or_resume(store, resume_id: str | None, profile, resolved, force: bool = False) -> str:
-    """A new run's id, or ``resume_id`` marked running again once it is known to measure this checkpoint
-    (a run left running by a process that is gone is taken over, with one line saying so)."""
-    if not resume_id:
-        return store.start_run(command_line(), profile.name, resolved.checkpoint.model_id, resolved.model_hash)
-    stored = store.resume_run(resume_id, force=force)
-    if stored.get("takeover"):
-        click.echo(f"edgequant: {stored['takeover']}", err=True)
-    if stored.get("model_hash") and stored["model_hash"] != resolved.model_hash:
-        raise BadInput(f"run {resume_id} measured another checkpoint ({stored['model_hash'][:12]}…) than "
-                       f"{resolved.checkpoint.path} has now ({resolved.model_hash[:12]}…); start a new run")
-    return resume_id
+    """A new run's id, or ``resume_id`` marked running again (``pipeline.run.start_or_resume``; a takeover
+    is said in one line)."""
+    from edgequant.pipeline.run import start_or_resume as start
+
+    return start(store, resume_id, profile, resolved, command_line(), force, takeover_notice)
+
+
+def takeover_notice(message: str) -> None:
+    click.echo(f"edgequant: {message}", err=True)

@@ -41,6 +41,8 @@ def bench(model, profile_name, threads, n_prompt, n_gen, repetitions, warmup, db
     from edgequant.pipeline import calibrate
     from edgequant.pipeline import host as pipeline
     from edgequant.pipeline import onnx_rungs as onnx_pipeline
+    from edgequant.pipeline import prepare
+    from edgequant.pipeline.scope import RunScope
 
     profile = profile_for(profile_name, threads=threads, n_prompt=n_prompt, n_gen=n_gen,
                           repetitions=repetitions, warmup=warmup)
@@ -49,20 +51,21 @@ def bench(model, profile_name, threads, n_prompt, n_gen, repetitions, warmup, db
     store = open_store(db)
     console = stderr_console()
     with RichReporter(console) as reporter, host_measuring(cache, no_wait, console):
-        resolved = pipeline.resolve_model(model, cache, reporter)
+        resolved = prepare.resolve_model(model, cache, reporter)
         imatrix, _, _ = calibrate.for_profile(profile, None, suite_name, "auto", resolved.model_hash, cache, None,
                                               reporter.step)
-        artifacts = pipeline.cached_ladder(resolved, profile, cache, reporter, imatrix=imatrix)
+        artifacts = prepare.cached_ladder(resolved, profile, cache, reporter, imatrix=imatrix)
         onnx_artifacts = onnx_pipeline.cached_onnx(resolved, profile, cache, reporter)
         ckpt = resolved.checkpoint
         run_id = store.start_run(command_line(), profile.name, ckpt.model_id, resolved.model_hash)
-        store.set_prep_seconds(run_id, pipeline.process_age_seconds())
+        store.set_prep_seconds(run_id, prepare.process_age_seconds())
+        scope = RunScope.of(store, run_id, resolved, reporter)
         with recording_partial(store, run_id, "benchmarking"):
             reporter.start_bench(len(artifacts))
-            outcome = pipeline.bench_rungs(store, run_id, ckpt.model_id, resolved.model_hash, artifacts,
-                                           profile, reporter, suite=suite_for(suite_name) if suite_name else None)
+            outcome = pipeline.bench_rungs(scope, artifacts, profile,
+                                           suite=suite_for(suite_name) if suite_name else None)
             failed = [f"{o.artifact.quant} {o.status}" for o in outcome.failed]
-            failed += onnx_on_host(store, run_id, resolved, onnx_artifacts, profile, reporter)
+            failed += onnx_on_host(scope, onnx_artifacts, profile)
     store.finish_run(run_id, "complete", f"{len(failed)} rung(s) failed" if failed else None)
     render_run(store, run_id, fmt, None)
     if failed:
@@ -107,6 +110,8 @@ def eval_(model, profile_name, suite_name, prompting, artifacts, threads, db, ca
     from edgequant.pipeline import calibrate
     from edgequant.pipeline import host as pipeline
     from edgequant.pipeline import onnx_rungs as onnx_pipeline
+    from edgequant.pipeline import prepare
+    from edgequant.pipeline.scope import RunScope
 
     profile = profile_for(profile_name, threads=threads)
     check_host_threads(profile)
@@ -121,13 +126,13 @@ def eval_(model, profile_name, suite_name, prompting, artifacts, threads, db, ca
             if profile.onnx:
                 reporter.step(f"--artifact takes GGUF files: the ONNX rungs of profile {profile.name} are not "
                               f"evaluated (drop --artifact to evaluate the profile's GGUF and ONNX rungs)")
-            arts = pipeline.artifacts_from_files([Path(a) for a in artifacts], reporter)
+            arts = prepare.artifacts_from_files([Path(a) for a in artifacts], reporter)
             model_id, model_hash = arts[0].path.name, "gguf:" + arts[0].sha256
         else:
-            resolved = pipeline.resolve_model(model, cache, reporter)
+            resolved = prepare.resolve_model(model, cache, reporter)
             imatrix, suite, qparams = calibrate.for_profile(profile, suite, suite_name, prompting,
                                                             resolved.model_hash, cache, store, reporter.step)
-            arts = pipeline.build_ladder(resolved, profile, cache, reporter, imatrix=imatrix)
+            arts = prepare.build_ladder(resolved, profile, cache, reporter, imatrix=imatrix)
             onnx_arts = onnx_pipeline.build_onnx(resolved, profile, cache, reporter)
             model_id, model_hash = resolved.checkpoint.model_id, resolved.model_hash
         if limit is not None:
@@ -139,11 +144,12 @@ def eval_(model, profile_name, suite_name, prompting, artifacts, threads, db, ca
             for art in arts:
                 store.record_artifact(art.record())
             reporter.start_bench(len(arts), f"eval {suite.name}")
-            statuses = pipeline.quality_rungs(store, run_id, model_id, model_hash, arts, profile, suite, cache,
-                                              reporter, prompting, extra_params=qparams, generation=generation)
+            scope = RunScope(store, run_id, model_id, model_hash, reporter)
+            statuses = pipeline.quality_rungs(scope, arts, profile, suite, cache, prompting, extra_params=qparams,
+                                              generation=generation)
             failed = [f"{q} {st}" for q, st in statuses.items() if st != "ok"]
-            failed += onnx_quality_on_host(store, run_id, resolved, arts, onnx_arts, profile, suite, cache,
-                                           reporter, prompting, qparams) if onnx_arts else []
+            failed += onnx_quality_on_host(scope, arts, onnx_arts, profile, suite, cache, prompting,
+                                           qparams) if onnx_arts else []
     store.finish_run(run_id, "complete", f"{len(failed)} rung(s) failed" if failed else None)
     render_run(store, run_id, fmt, None)
     if failed:
@@ -186,7 +192,7 @@ def noise(model, profile_name, threads, n_prompt, n_gen, repetitions, warmup, ru
     """
 
     from edgequant.pipeline import calibrate
-    from edgequant.pipeline import host as pipeline
+    from edgequant.pipeline import prepare
     from edgequant.noise import Places, measure_noise_floor, place_id
 
     if repeat < 2:
@@ -210,10 +216,10 @@ def noise(model, profile_name, threads, n_prompt, n_gen, repetitions, warmup, ru
     console = stderr_console()
     floors = []
     with RichReporter(console) as reporter:
-        resolved = pipeline.resolve_model(model, cache, reporter)
+        resolved = prepare.resolve_model(model, cache, reporter)
         imatrix, _, _ = calibrate.for_profile(only, None, suite_name, "auto", resolved.model_hash, cache, None,
                                               reporter.step)
-        arts = [a for a in pipeline.cached_ladder(resolved, only, cache, reporter, imatrix=imatrix)
+        arts = [a for a in prepare.cached_ladder(resolved, only, cache, reporter, imatrix=imatrix)
                 if a.quant in wanted]
         with Places(cache, device_dir, runner_dir, say=reporter.step, cooldown=profile.device.cooldown(),
                     folder="noise") as places:
@@ -237,29 +243,27 @@ def noise(model, profile_name, threads, n_prompt, n_gen, repetitions, warmup, ru
     click.echo("`edgequant compare` needs a speed drop beyond it (and beyond the gates' percentage) on this place")
 
 
-def onnx_on_host(store, run_id: str, resolved, onnx_artifacts: list, profile, reporter) -> list[str]:
+def onnx_on_host(scope, onnx_artifacts: list, profile) -> list[str]:
     """Measure ONNX rungs on the host as every command does (``onnx_pipeline.bench_onnx_rungs``);
     "RUNG STATUS" for each that did not finish."""
     from edgequant.pipeline import onnx_rungs as onnx_pipeline
 
     if not onnx_artifacts:
         return []
-    reporter.start_bench(len(onnx_artifacts), "benchmarking ONNX")
-    outcome = onnx_pipeline.bench_onnx_rungs(store, run_id, resolved.checkpoint.model_id, resolved.model_hash,
-                                             onnx_artifacts, profile, reporter)
+    scope.reporter.start_bench(len(onnx_artifacts), "benchmarking ONNX")
+    outcome = onnx_pipeline.bench_onnx_rungs(scope, onnx_artifacts, profile)
     return [f"{o.artifact.quant} {o.status}" for o in outcome.failed]
 
 
-def onnx_quality_on_host(store, run_id: str, resolved, gguf_artifacts: list, onnx_artifacts: list, profile, suite,
-                         cache: Path, reporter, prompting: str, qparams: dict) -> list[str]:
+def onnx_quality_on_host(scope, gguf_artifacts: list, onnx_artifacts: list, profile, suite, cache: Path,
+                         prompting: str, qparams: dict) -> list[str]:
     """The eval suite on ONNX rungs on the host, against the GGUF reference (``onnx_pipeline.quality_onnx_rungs``);
     "RUNG quality STATUS" for each that did not finish."""
     from edgequant.pipeline import onnx_rungs as onnx_pipeline
 
     if not onnx_artifacts:
         return []
-    reporter.start_bench(len(onnx_artifacts), f"eval {suite.name} (ONNX)")
-    statuses = onnx_pipeline.quality_onnx_rungs(store, run_id, resolved.checkpoint.model_id, resolved.model_hash,
-                                                gguf_artifacts, onnx_artifacts, profile, suite, cache, reporter,
+    scope.reporter.start_bench(len(onnx_artifacts), f"eval {suite.name} (ONNX)")
+    statuses = onnx_pipeline.quality_onnx_rungs(scope, gguf_artifacts, onnx_artifacts, profile, suite, cache,
                                                 prompting, qparams)
     return [f"{q} quality {st}" for q, st in statuses.items() if st != "ok"]

@@ -92,7 +92,7 @@ def _tune(device, device_dir, runner_dir, gate_texts, min_tg, max_size, types_cs
           profile_name, suite_name, prompting, resume_id, db, cache_dir, no_wait=False, force=False):
     from edgequant import farm
     from edgequant.pipeline import calibrate, device_run
-    from edgequant.pipeline import host as pipeline
+    from edgequant.pipeline import prepare
     from edgequant.bench import tune as tuning
     from edgequant.devices.select import device_dir as resolve_device_dir
     from edgequant.devices.transport import DeviceError
@@ -133,7 +133,7 @@ def _tune(device, device_dir, runner_dir, gate_texts, min_tg, max_size, types_cs
             opened = farm.open_phones(phones, workdir, runner_dir, cache, reporter)
             phone = opened[0] if opened else None
             speed_on = phone.ctx.device_id if phone is not None else "this host"
-            resolved = pipeline.resolve_model(model, cache, reporter)
+            resolved = prepare.resolve_model(model, cache, reporter)
             run_id = start_or_resume(store, resume_id, profile, resolved, force)
             if phone is not None:
                 phone.lease.run = run_id

@@ -119,7 +119,7 @@ def tune(store, run_id: str, resolved, profile: Profile, suite: Suite, prompting
     from edgequant.devices.host import host_device, host_device_id
     from edgequant.devices.transport import DeviceError
     from edgequant.pipeline import device_run
-    from edgequant.pipeline import host as pipeline
+    from edgequant.pipeline import prepare
     from edgequant.pipeline.executor import RunInputs, run_cells
     from edgequant.pipeline.plan import Cell, PlaceSpec
     from edgequant.pipeline.registry import place_class
@@ -134,7 +134,7 @@ def tune(store, run_id: str, resolved, profile: Profile, suite: Suite, prompting
     provider = SuiteImatrix(cal, profile, resolved.model_hash, cache_root, reporter.step)
     model_id, model_hash = resolved.checkpoint.model_id, resolved.model_hash
     only_ref = replace(profile, quant=replace(profile.quant, types=()))
-    ref_art = pipeline.build_ladder(resolved, only_ref, cache_root, reporter)[0]
+    ref_art = prepare.build_ladder(resolved, only_ref, cache_root, reporter)[0]
     store.record_artifact(ref_art.record())
     built: dict[str, Artifact] = {}
     # every candidate is asked for as cells (its speed where it ships, its quality on the host), run by the

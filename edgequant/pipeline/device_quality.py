@@ -361,8 +361,8 @@ def _failed(scope: RunScope, art, ctx, device, runtime_version, params, exc, sta
     scope.reporter.rung_done(art.quant, exc.status)
 
 
-def quality_rungs_on_device(store, run_id: str, model_id: str, model_hash: str, artifacts, profile, suite,
-                            device_ctx, reporter, *, prompting: str = "auto", extra_params: dict | None = None,
+def quality_rungs_on_device(scope: RunScope, artifacts, profile, suite, device_ctx, *, prompting: str = "auto",
+                            extra_params: dict | None = None,
                             only: set[str] | None = None) -> dict[str, str]:
     """Run the eval suite on one phone for the rungs in ``only`` (default: every rung) and store the figures.
 
@@ -374,6 +374,7 @@ def quality_rungs_on_device(store, run_id: str, model_id: str, model_hash: str, 
     """
     from edgequant.pipeline.device_run import DeviceLost
 
+    store, run_id, reporter = scope.store, scope.run_id, scope.reporter
     ctx = device_ctx
     settings = profile.bench
     threads = settings.threads if settings.threads > 0 else recommended_threads(ctx.facts)
@@ -394,7 +395,6 @@ def quality_rungs_on_device(store, run_id: str, model_id: str, model_hash: str, 
     rundir = posixpath.join(ctx.workdir, "runs", run_id)
     device = ctx.device_record()
     runtime_version = metadata.version("llama-cpp-python")
-    scope = RunScope(store, run_id, model_id, model_hash, reporter)
     statuses: dict[str, str] = {}
     doing = "preparing the eval"
     try:

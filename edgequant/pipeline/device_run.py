@@ -313,9 +313,8 @@ def device_params(settings: BenchSettings, threads: int, repack: bool | None) ->
             "repack": repack if repack is not None else "default"}
 
 
-def bench_rungs_on_device(store: Store, run_id: str, model_id: str, model_hash: str, artifacts: list[Artifact],
-                          profile: Profile, ctx: DeviceContext, reporter, cooldown: CoolDown | None = None,
-                          done: set[str] = frozenset(), suite=None):
+def bench_rungs_on_device(scope: RunScope, artifacts: list[Artifact], profile: Profile, ctx: DeviceContext,
+                          cooldown: CoolDown | None = None, done: set[str] = frozenset(), suite=None):
     """Measure every GGUF artifact on one device with llama-bench (``bench_on_device``, see the module doc);
     returns the pipeline's BenchOutcome.
 
@@ -328,6 +327,7 @@ def bench_rungs_on_device(store: Store, run_id: str, model_id: str, model_hash: 
     """
     from edgequant.pipeline.host import bench_variants
 
+    store, run_id, reporter = scope.store, scope.run_id, scope.reporter
     settings = profile.bench
     variants = bench_variants(profile, artifacts, suite)
     threads = settings.threads if settings.threads > 0 else recommended_threads(ctx.facts)
@@ -340,8 +340,6 @@ def bench_rungs_on_device(store: Store, run_id: str, model_id: str, model_hash: 
         ctx.transport.shell(f"mkdir -p {quote(rundir)}", 60)
     except DeviceError as exc:
         raise DeviceLost(ctx.serial, "preparing the run folder", exc) from None
-
-    scope = RunScope(store, run_id, model_id, model_hash, reporter)
 
     def key(art: Artifact) -> RowKey:
         return scope.key(art, device_id=ctx.device_id, device=device, runtime="llama.cpp",
@@ -407,8 +405,7 @@ def bench_rungs_on_device(store: Store, run_id: str, model_id: str, model_hash: 
                            cooldown or profile.device.cooldown(), done)
 
 
-def sustained_on_device(store: Store, run_id: str, model_id: str, model_hash: str, artifacts: list[Artifact],
-                        profile: Profile, ctx: DeviceContext, reporter) -> str:
+def sustained_on_device(scope: RunScope, artifacts: list[Artifact], profile: Profile, ctx: DeviceContext) -> str:
     """``[sustained]`` on one device: ``runs`` llama-bench generation runs (``-p 0 -n N -r 1
     --no-warmup``, one process each) of the sustained rung, each started as soon as the previous one
     and the readings after it are done: no cool-down.  After each run: Android's thermal status, the
@@ -419,6 +416,7 @@ def sustained_on_device(store: Store, run_id: str, model_id: str, model_hash: st
     from edgequant.devices.facts import HEALTH_SECTIONS, collect_facts
     from edgequant.pipeline.host import sustained_rung
 
+    run_id = scope.run_id
     settings = profile.bench
     threads = settings.threads if settings.threads > 0 else recommended_threads(ctx.facts)
     repack = device_repack(settings)
@@ -456,9 +454,8 @@ def sustained_on_device(store: Store, run_id: str, model_id: str, model_hash: st
         return out, before
 
     try:
-        return sustained_rung(store, run_id, model_id, model_hash, artifacts, profile, reporter,
-                              device=ctx.device_record(), device_id=ctx.device_id, measure=measure,
-                              runner="device")
+        return sustained_rung(scope, artifacts, profile, device=ctx.device_record(), device_id=ctx.device_id,
+                              measure=measure, runner="device")
     except DeviceError as exc:
         raise DeviceLost(ctx.serial, "running the sustained mode", exc) from None
 
@@ -539,8 +536,7 @@ def _device_rows(res) -> list[Measurement | None]:
         ]
 
 
-def bench_onnx_rungs_on_device(store: Store, run_id: str, model_id: str, model_hash: str,
-                               artifacts: list[Artifact], profile: Profile, ctx: DeviceContext, reporter,
+def bench_onnx_rungs_on_device(scope: RunScope, artifacts: list[Artifact], profile: Profile, ctx: DeviceContext,
                                staging_root: Path, tool=None, skip_reason: str = "",
                                cooldown: CoolDown | None = None, done: set[str] = frozenset()):
     """The ONNX rungs on one device with onnxruntime_perf_test (``bench.onnx_device``), through the same
@@ -554,13 +550,13 @@ def bench_onnx_rungs_on_device(store: Store, run_id: str, model_id: str, model_h
     from edgequant.pipeline import onnx_rungs as onnx_pipeline
     from edgequant.bench.onnx_device import install_perf_test, run_staged_onnx, stage_onnx_on_device
 
+    store, run_id, reporter = scope.store, scope.run_id, scope.reporter
     settings = profile.bench
     threads = settings.threads if settings.threads > 0 else recommended_threads(ctx.facts)
     artifacts = [a for a in artifacts if a.quant not in done]
     if tool is None:
-        return onnx_pipeline.skip_onnx_rungs_on_device(store, run_id, model_id, model_hash, artifacts, profile,
-                                                       ctx.device_id, ctx.device_record(), skip_reason, reporter,
-                                                       threads)
+        return onnx_pipeline.skip_onnx_rungs_on_device(scope, artifacts, profile, ctx.device_id,
+                                                       ctx.device_record(), skip_reason, threads)
     if artifacts and ctx.onnx_tool is None:
         tool.require(ctx.os_name, f"device {ctx.serial}")
         ctx.pusher.on_progress = None
@@ -570,7 +566,6 @@ def bench_onnx_rungs_on_device(store: Store, run_id: str, model_id: str, model_h
         except DeviceError as exc:
             raise DeviceLost(ctx.serial, f"installing {tool.path.name}", exc) from None
     device = ctx.device_record()
-    scope = RunScope(store, run_id, model_id, model_hash, reporter)
     staging = staging_root / re.sub(r"[^A-Za-z0-9._-]", "_", ctx.serial)   # one folder per phone thread
 
     def key(art: Artifact) -> RowKey:

@@ -1,6 +1,7 @@
-"""The library API behind the CLI: resolve a model, build its ladder, benchmark
-every rung on the host, store the rows.  Each stage is a function; ``run``
-chains them.  Nothing here prints: progress goes through a ``Reporter``.
+"""The host's stages: benchmark every rung on this host (each in its own process), the ``[sustained]``
+series, the eval suite against the reference; each stores its rows and stage resources through the run's
+scope.  The model and its artifacts come from ``edgequant.pipeline.prepare``.  Nothing here prints:
+progress goes through a ``Reporter``.
 """
 
 from __future__ import annotations
@@ -8,141 +9,14 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Callable
 
-from edgequant.devices.host import host_device, host_device_id
 from edgequant.core.errors import BadInput, RunFailed
+from edgequant.devices.host import host_device, host_device_id
+from edgequant.pipeline.scope import Reporter, RunScope
 from edgequant.profiles import Profile
-from edgequant.pipeline.scope import RunScope
-from edgequant.quantize.checkpoint import (Checkpoint, checkpoint_hash, download_from_hub, looks_like_hub_id,
-                                           open_checkpoint)
-from edgequant.quantize.ladder import Artifact, Ladder, files_signature
+from edgequant.quantize.ladder import Artifact
 from edgequant.results.store import Measurement, RowKey, Store
-
-
-class Reporter(Protocol):
-    def step(self, message: str) -> None: ...
-    def bytes_progress(self, task: str, done: float, total: float | None) -> None: ...
-    def rung_started(self, quant: str) -> None: ...
-    def rung_phase(self, quant: str, phase: str) -> None: ...
-    def rung_done(self, quant: str, status: str) -> None: ...
-
-
-class NullReporter:
-    def step(self, message: str) -> None:
-        pass
-
-    def bytes_progress(self, task: str, done: float, total: float | None) -> None:
-        pass
-
-    def rung_started(self, quant: str) -> None:
-        pass
-
-    def rung_phase(self, quant: str, phase: str) -> None:
-        pass
-
-    def rung_done(self, quant: str, status: str) -> None:
-        pass
-
-    def start_bench(self, n_rungs: int, label: str = "") -> None:
-        pass
-
-    def pause(self) -> None:
-        pass
-
-
-@dataclass
-class ResolvedModel:
-    checkpoint: Checkpoint
-    model_hash: str
-
-
-def resolve_model(model: str | None, cache_root: Path, reporter: Reporter) -> ResolvedModel:
-    """``None`` is the embedded default; a folder is a local checkpoint; ``org/name`` is a hub id."""
-    from edgequant.quantize.default_model import DEFAULT_MODEL_ID, materialize_default
-
-    if model is None:
-        path = materialize_default(cache_root, step=reporter.step)
-        ckpt = open_checkpoint(path, model_id=DEFAULT_MODEL_ID)
-    elif Path(model).exists() or not looks_like_hub_id(model):
-        ckpt = open_checkpoint(model)
-    else:
-        reporter.step(f"downloading {model} from the Hugging Face hub")
-        ckpt = open_checkpoint(download_from_hub(model, cache_root), model_id=model)
-    outside = ckpt.n_params_outside_ladder
-    if outside:
-        reporter.step(f"{ckpt.architecture}: the ladder quantizes the language model "
-                      f"({ckpt.n_params_estimate / 1e9:.2f} B parameters); the vision tower and projector "
-                      f"({outside / 1e9:.2f} B) are not part of any rung")
-    reporter.step(f"fingerprinting {ckpt.path}")
-    digest = checkpoint_hash(ckpt, cache_root / "checkpoint-hashes.json")
-    return ResolvedModel(ckpt, digest)
-
-
-def build_ladder(resolved: ResolvedModel, profile: Profile, cache_root: Path,
-                 reporter: Reporter, imatrix=None, failed: list | None = None) -> list[Artifact]:
-    """``imatrix``: an ImatrixProvider (edgequant.pipeline.calibrate.SuiteImatrix) for ``+imatrix`` rungs.  A rung
-    whose quantization was killed (OOM) is left out and, with ``failed`` (a list), added to it as
-    (rung, status, detail, its stage's time and peak RSS); without it, the first such rung is raised
-    (``quantize.ladder.BuildFailed``)."""
-    ladder = Ladder(resolved.checkpoint, resolved.model_hash, profile, cache_root, imatrix=imatrix,
-                    notice=reporter.step)
-    out = ladder.build(reporter.bytes_progress, keep_going=failed is not None)
-    if failed is not None:
-        failed.extend(ladder.failed)
-    return out
-
-
-def record_build_failures(store: Store, run_id: str, model_id: str, model_hash: str, n_params: int,
-                          failures: list) -> list[str]:
-    """Rungs whose quantization was killed (``build_ladder``'s ``failed``): each stored with its status and
-    the stage in the detail, and as a ``stage_resources`` row; returns "RUNG STATUS" for each."""
-    from importlib import metadata
-
-    from edgequant.estimate import stage_row
-
-    device, device_id = host_device(), host_device_id()
-    out = []
-    for quant, status, detail, built in failures:
-        key = RowKey(model_id=model_id, model_hash=model_hash, quant=quant, artifact_sha256="",
-                     is_reference=False, device_id=device_id, device=device, runtime="llama.cpp",
-                     runtime_version=metadata.version("llama-cpp-python"), params={"runner": "host"})
-        store.record_rung(run_id, key, [], status=status, detail=detail)
-        store.record_stages(run_id, [stage_row("quantize", quant, device_id, n_params, built.get("seconds"),
-                                               built.get("peak_rss_bytes"), status, False, detail)])
-        out.append(f"{quant} {status}")
-    return out
-
-
-def cached_ladder(resolved: ResolvedModel, profile: Profile, cache_root: Path,
-                  reporter: Reporter, imatrix=None) -> list[Artifact]:
-    """The ladder's artifacts if all are already built; BadInput naming the missing ones otherwise."""
-    ladder = Ladder(resolved.checkpoint, resolved.model_hash, profile, cache_root, imatrix=imatrix,
-                    notice=reporter.step)
-    missing = ladder.missing()
-    if missing:
-        raise BadInput(f"{len(missing)} rung(s) of profile {profile.name} are not built yet "
-                       f"({', '.join(r.quant for r in missing)}); run `edgequant quantize` first")
-    return ladder.build(reporter.bytes_progress)
-
-
-def record_build_stages(store: Store, run_id: str, artifacts: list[Artifact], device_id: str | None = None) -> None:
-    """The conversion and quantization behind each artifact as ``stage_resources`` rows of the run that
-    built or reused it (a reused artifact's row carries the time and peak RSS recorded in its manifest when
-    it was built, ``reused`` set)."""
-    from edgequant.estimate import stage_row
-
-    device_id = device_id or host_device_id()
-    have = {(r["stage"], r["quant"]) for r in store.stage_resources(run_id)}     # a resumed run has them
-    rows = []
-    for art in artifacts:
-        build = getattr(art, "build", None) or {}
-        stage = build.get("stage") or ("convert" if art.is_reference else "quantize")
-        if (stage, art.quant) in have:
-            continue
-        rows.append(stage_row(stage, art.quant, device_id, art.n_params, build.get("seconds"),
-                              build.get("peak_rss_bytes"), "ok", art.reused, build.get("detail")))
-    store.record_stages(run_id, rows)
 
 
 def _stage(store: Store, run_id: str, stage: str, quant: str, n_params: int | None, seconds: float | None,
@@ -227,8 +101,7 @@ def _variant_rows(art: Artifact, res, v, first: bool) -> list[Measurement]:
     ]
 
 
-def bench_rungs(store: Store, run_id: str, model_id: str, model_hash: str, artifacts: list[Artifact],
-                profile: Profile, reporter: Reporter, measure: Callable | None = None,
+def bench_rungs(scope: RunScope, artifacts: list[Artifact], profile: Profile, measure: Callable | None = None,
                 runtime: str = "llama.cpp", params: dict | None = None, suite=None) -> BenchOutcome:
     """Benchmark every artifact on the host, each in its own process; one transaction per rung.
 
@@ -243,13 +116,13 @@ def bench_rungs(store: Store, run_id: str, model_id: str, model_hash: str, artif
     from edgequant.core.errors import BenchError
     from edgequant.noise import measure_until_quiet
 
+    store, run_id, reporter = scope.store, scope.run_id, scope.reporter
     measure = measure or measure_gguf
     settings = profile.bench
     params = params or {"runner": "host", **settings.as_params()}
     device, device_id = host_device(), host_device_id()
     runtime_version = metadata.version("llama-cpp-python" if runtime == "llama.cpp" else runtime)
     variants = bench_variants(profile, artifacts, suite) if runtime == "llama.cpp" else []
-    scope = RunScope(store, run_id, model_id, model_hash, reporter)
     stage_name = "bench" if runtime == "llama.cpp" else "bench-onnx"      # its stage_resources rows
     outcome = BenchOutcome(run_id)
     for art in artifacts:
@@ -323,9 +196,8 @@ def sustained_measurements(runs, before: dict | None = None) -> list[Measurement
                         {"never": s.below_run is None, "threshold": THRESHOLD})]
 
 
-def sustained_rung(store: Store, run_id: str, model_id: str, model_hash: str, artifacts: list[Artifact],
-                   profile: Profile, reporter: Reporter, device: dict | None = None, device_id: str | None = None,
-                   measure: Callable | None = None, runner: str = "host") -> str:
+def sustained_rung(scope: RunScope, artifacts: list[Artifact], profile: Profile, device: dict | None = None,
+                   device_id: str | None = None, measure: Callable | None = None, runner: str = "host") -> str:
     """``[sustained]``: back-to-back generation runs of the profile's sustained rung, stored under that
     rung with ``stage = "sustained"`` (its status untouched).  ``measure(art, runs, n_gen, on_progress)``
     returns (runs, reading before); the default measures on this host.  A failure is stored as the
@@ -335,6 +207,7 @@ def sustained_rung(store: Store, run_id: str, model_id: str, model_hash: str, ar
     from edgequant.bench.host import measure_sustained
     from edgequant.core.errors import BenchError
 
+    store, run_id, reporter = scope.store, scope.run_id, scope.reporter
     spec = profile.sustained
     if spec is None:
         return "ok"
@@ -351,7 +224,7 @@ def sustained_rung(store: Store, run_id: str, model_id: str, model_hash: str, ar
     params = {"runner": runner, "stage": "sustained", "runs": spec.runs, "n_gen": n_gen,
               "threads": profile.bench.resolved_threads() if runner == "host" else profile.bench.threads,
               "repack": profile.bench.resolved_repack() if runner == "host" else profile.bench.repack}
-    key = RunScope(store, run_id, model_id, model_hash, reporter).key(
+    key = scope.key(
         art, device_id=device_id, device=device, runtime="llama.cpp",
         runtime_version=metadata.version("llama-cpp-python"), params=params)
     label = f"{art.quant} sustained ×{spec.runs}"
@@ -384,13 +257,6 @@ def sustained_energy_rows(run) -> list[Measurement]:
             Measurement("energy_per_token", e["j_per_token"], "J/token", None, n, detail)]
 
 
-def process_age_seconds() -> float:
-    """Seconds since this process started (imports included)."""
-    import psutil
-
-    return time.time() - psutil.Process().create_time()
-
-
 def quality_measurements(metrics, gates: list[dict]) -> list[Measurement]:
     """The store rows of one rung's quality metrics, plus ``gates_pass`` (the absolute gates: 1 all pass,
     0 not) and ``relative_gates`` (the relative gates: 1 PASS, 0 FAIL, 0.5 INCONCLUSIVE) when it has them."""
@@ -413,8 +279,7 @@ def quality_measurements(metrics, gates: list[dict]) -> list[Measurement]:
 VERDICT_VALUES = {"PASS": 1.0, "INCONCLUSIVE": 0.5, "FAIL": 0.0}
 
 
-def quality_rungs(store: Store, run_id: str, model_id: str, model_hash: str, artifacts: list[Artifact],
-                  profile: Profile, suite, cache_root: Path, reporter: Reporter,
+def quality_rungs(scope: RunScope, artifacts: list[Artifact], profile: Profile, suite, cache_root: Path,
                   prompting: str = "auto", only: set[str] | None = None,
                   extra_params: dict | None = None, stored: set[str] = frozenset(),
                   generation: str = "plain") -> dict[str, str]:
@@ -432,12 +297,12 @@ def quality_rungs(store: Store, run_id: str, model_id: str, model_hash: str, art
     from edgequant.bench import quality
     from edgequant.profiles.variants import BenchVariant, variant_suffix
 
+    store, run_id, reporter = scope.store, scope.run_id, scope.reporter
     settings = profile.bench
     threads = settings.resolved_threads()
     repack = settings.resolved_repack()
     device, device_id = host_device(), host_device_id()
     runtime_version = metadata.version("llama-cpp-python")
-    scope = RunScope(store, run_id, model_id, model_hash, reporter)
     ref_art = next(a for a in artifacts if a.is_reference)
     statuses: dict[str, str] = {}
     if generation not in GENERATION_MODES:
@@ -586,41 +451,3 @@ def _generation_outcome(quant: str, spec: dict, plain: dict | None, reporter: Re
     reporter.step(f"{line} ({how})")
     return {**plain, "check": {"cases": fast["cases"], "differ": len(diffs), "diffs": [asdict(d) for d in diffs],
                                "speculative": fast, "speculative_seconds": spec["gen_seconds"]}}
-
-
-def artifacts_from_files(paths: list[Path], reporter: Reporter) -> list[Artifact]:
-    """Artifacts for GGUF files given on the command line; the first is the reference."""
-    import gguf
-
-    from edgequant.quantize.gguf_info import BadGGUF, file_sha256, read_gguf_info
-
-    out = []
-    for i, path in enumerate(paths):
-        if not path.is_file():
-            raise BadInput(f"artifact {path}: no such file")
-        with open(path, "rb") as fh:
-            if fh.read(4) != b"GGUF":
-                raise BadInput(f"artifact {path}: not a GGUF file (bad magic)")
-        try:
-            info = read_gguf_info(path)
-        except BadGGUF as exc:        # the user's own file: refused, never "delete it"
-            raise BadInput(f"artifact {exc}; pass a complete GGUF file") from None
-        quant = path.stem
-        if info.file_type is not None:
-            try:
-                quant = gguf.LlamaFileType(info.file_type).name.removeprefix("MOSTLY_")
-            except ValueError:
-                pass
-        reporter.step(f"hashing {path}")
-        digest = file_sha256(path)
-        st = path.stat()
-        out.append(Artifact(quant=quant, is_reference=i == 0, path=path.resolve(), cache_key="file:" + digest,
-                            model_hash="gguf:" + digest, sha256=digest, size_bytes=st.st_size,
-                            n_params=info.n_params, bits_per_weight=info.bits_per_weight,
-                            tensor_types=info.tensor_types, architecture=info.architecture,
-                            checked=files_signature([path.resolve()])))
-    names = [a.quant for a in out]
-    if len(set(names)) != len(names):
-        for a in out:
-            a.quant = f"{a.quant}:{a.path.stem}"
-    return out

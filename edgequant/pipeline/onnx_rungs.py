@@ -10,9 +10,9 @@ from pathlib import Path
 
 from edgequant.devices.host import host_device, host_device_id
 from edgequant.core.errors import BadInput
-from edgequant.pipeline.host import (BenchOutcome, Reporter, ResolvedModel, RungOutcome, artifact_measurements,
-                                quality_measurements)
-from edgequant.pipeline.scope import RunScope
+from edgequant.pipeline.host import BenchOutcome, RungOutcome, artifact_measurements, quality_measurements
+from edgequant.pipeline.prepare import ResolvedModel
+from edgequant.pipeline.scope import Reporter, RunScope
 from edgequant.profiles import Profile
 from edgequant.quantize.ladder import Artifact, ArtifactChanged
 from edgequant.results.store import Measurement, RowKey, Store
@@ -79,24 +79,23 @@ def _params(profile: Profile) -> dict:
             "inter_op_threads": 1}
 
 
-def bench_onnx_rungs(store: Store, run_id: str, model_id: str, model_hash: str, artifacts: list[Artifact],
-                     profile: Profile, reporter: Reporter) -> BenchOutcome:
+def bench_onnx_rungs(scope: RunScope, artifacts: list[Artifact], profile: Profile) -> BenchOutcome:
     """Measure every ONNX rung on the host (one process each, ``bench.onnx_host``), as ``pipeline.bench_rungs``
     measures the GGUF rungs: the same rows, one transaction per rung."""
     from edgequant.bench.onnx_host import measure_onnx
     from edgequant.pipeline.host import bench_rungs
 
-    return bench_rungs(store, run_id, model_id, model_hash, artifacts, profile, reporter, measure=measure_onnx,
-                       runtime=RUNTIME, params=_params(profile))
+    return bench_rungs(scope, artifacts, profile, measure=measure_onnx, runtime=RUNTIME, params=_params(profile))
 
 
-def quality_onnx_rungs(store: Store, run_id: str, model_id: str, model_hash: str, gguf_artifacts: list[Artifact],
-                       onnx_artifacts: list[Artifact], profile: Profile, suite, cache_root: Path,
-                       reporter: Reporter, prompting: str = "auto", extra_params: dict | None = None) -> dict[str, str]:
+def quality_onnx_rungs(scope: RunScope, gguf_artifacts: list[Artifact], onnx_artifacts: list[Artifact],
+                       profile: Profile, suite, cache_root: Path, prompting: str = "auto",
+                       extra_params: dict | None = None) -> dict[str, str]:
     """The eval suite on every ONNX rung, against the GGUF reference's cached outputs and logits."""
     from edgequant.bench.onnx_eval import evaluate_onnx_rung
     from edgequant.bench.quality import EvalError, reference_outputs
 
+    store, run_id, reporter = scope.store, scope.run_id, scope.reporter
     settings = profile.bench
     threads = settings.resolved_threads()
     repack = settings.resolved_repack()
@@ -107,7 +106,6 @@ def quality_onnx_rungs(store: Store, run_id: str, model_id: str, model_hash: str
               "prompting": ref.prompting, "threads": threads, "decoding": "greedy", "n_cases": len(suite.cases),
               "reference": ref_art.quant, "execution_provider": "CPUExecutionProvider", **(extra_params or {})}
     device, device_id = host_device(), host_device_id()
-    scope = RunScope(store, run_id, model_id, model_hash, reporter)
     statuses: dict[str, str] = {}
     for art in onnx_artifacts:
         key = scope.key(art, is_reference=False, device_id=device_id, device=device, runtime=RUNTIME,
@@ -141,13 +139,12 @@ def device_key(scope: RunScope, art: Artifact, profile: Profile, device_id: str,
                      runtime_version=metadata.version("onnxruntime"), params=params)
 
 
-def skip_onnx_rungs_on_device(store: Store, run_id: str, model_id: str, model_hash: str, artifacts: list[Artifact],
-                              profile: Profile, device_id: str, device: dict, reason: str, reporter: Reporter,
-                              threads: int) -> BenchOutcome:
+def skip_onnx_rungs_on_device(scope: RunScope, artifacts: list[Artifact], profile: Profile, device_id: str,
+                              device: dict, reason: str, threads: int) -> BenchOutcome:
     """Store every ONNX rung of one device as ``skipped`` with ``reason`` (e.g. no onnxruntime_perf_test for
     it), so the run says why those rows have no figures instead of leaving them out."""
+    store, run_id, reporter = scope.store, scope.run_id, scope.reporter
     outcome = BenchOutcome(run_id)
-    scope = RunScope(store, run_id, model_id, model_hash, reporter)
     for art in artifacts:
         store.record_artifact(art.record())
         reporter.rung_started(art.quant)

@@ -21,25 +21,21 @@ class LlamaCpp(Runtime, format="gguf"):
         if place.kind == "host":
             from edgequant.pipeline.host import bench_rungs
 
-            return bench_rungs(scope.store, scope.run_id, scope.model_id, scope.model_hash, arts, inputs.profile,
-                               scope.reporter, suite=inputs.variant_suite).outcomes
+            return bench_rungs(scope, arts, inputs.profile, suite=inputs.variant_suite).outcomes
         from edgequant.pipeline.device_run import bench_rungs_on_device
 
-        return bench_rungs_on_device(scope.store, scope.run_id, scope.model_id, scope.model_hash, arts,
-                                     inputs.profile, place.ctx, scope.reporter, suite=inputs.variant_suite).outcomes
+        return bench_rungs_on_device(scope, arts, inputs.profile, place.ctx, suite=inputs.variant_suite).outcomes
 
     def sustained(self, scope, inputs, place, arts) -> list[RungOutcome]:
         ladder = inputs.of_format(self.format)
         if place.kind == "host":
             from edgequant.pipeline.host import sustained_rung
 
-            status = sustained_rung(scope.store, scope.run_id, scope.model_id, scope.model_hash, ladder,
-                                    inputs.profile, scope.reporter)
+            status = sustained_rung(scope, ladder, inputs.profile)
         else:
             from edgequant.pipeline.device_run import sustained_on_device
 
-            status = sustained_on_device(scope.store, scope.run_id, scope.model_id, scope.model_hash, ladder,
-                                         inputs.profile, place.ctx, scope.reporter)
+            status = sustained_on_device(scope, ladder, inputs.profile, place.ctx)
         return [RungOutcome(a, status) for a in arts]
 
     def quality(self, scope, inputs, place, arts) -> list[RungOutcome]:
@@ -50,15 +46,13 @@ class LlamaCpp(Runtime, format="gguf"):
         if place.kind == "host":
             from edgequant.pipeline.host import quality_rungs
 
-            statuses = quality_rungs(scope.store, scope.run_id, scope.model_id, scope.model_hash, ladder,
-                                     inputs.profile, inputs.suite, inputs.cache_root, scope.reporter,
+            statuses = quality_rungs(scope, ladder, inputs.profile, inputs.suite, inputs.cache_root,
                                      inputs.prompting, only=only, extra_params=inputs.quality_params,
                                      stored={q for q, _ in scope.store.measured(scope.run_id, "quality", "host")})
         else:
             from edgequant.pipeline.device_quality import quality_rungs_on_device
 
-            statuses = quality_rungs_on_device(scope.store, scope.run_id, scope.model_id, scope.model_hash, ladder,
-                                               inputs.profile, inputs.suite, place.ctx, scope.reporter,
+            statuses = quality_rungs_on_device(scope, ladder, inputs.profile, inputs.suite, place.ctx,
                                                prompting=inputs.prompting, extra_params=inputs.quality_params,
                                                only=only)
         by_quant = {a.quant: a for a in ladder}

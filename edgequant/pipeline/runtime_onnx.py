@@ -22,12 +22,10 @@ class OnnxRuntime(Runtime, format="onnx"):
         if place.kind == "host":
             from edgequant.pipeline.onnx_rungs import bench_onnx_rungs
 
-            return bench_onnx_rungs(scope.store, scope.run_id, scope.model_id, scope.model_hash, arts,
-                                    inputs.profile, scope.reporter).outcomes
+            return bench_onnx_rungs(scope, arts, inputs.profile).outcomes
         from edgequant.pipeline.device_run import bench_onnx_rungs_on_device
 
-        return bench_onnx_rungs_on_device(scope.store, scope.run_id, scope.model_id, scope.model_hash, arts,
-                                          inputs.profile, place.ctx, scope.reporter,
+        return bench_onnx_rungs_on_device(scope, arts, inputs.profile, place.ctx,
                                           inputs.cache_root / "onnx-device-sets", inputs.perf_test,
                                           skip_reason=ONNX_NO_PERF_TEST).outcomes
 
@@ -36,8 +34,7 @@ class OnnxRuntime(Runtime, format="onnx"):
 
         if inputs.quality_on_device and not inputs.on_host:   # the phones' eval generates with llama.cpp
             scope.reporter.step("ONNX rungs: quality computed on the host; onnxruntime_perf_test only times Run")
-        statuses = quality_onnx_rungs(scope.store, scope.run_id, scope.model_id, scope.model_hash,
-                                      inputs.of_format("gguf"), arts, inputs.profile, inputs.suite, inputs.cache_root,
-                                      scope.reporter, inputs.prompting, inputs.quality_params)
+        statuses = quality_onnx_rungs(scope, inputs.of_format("gguf"), arts, inputs.profile, inputs.suite,
+                                      inputs.cache_root, inputs.prompting, inputs.quality_params)
         by_quant = {a.quant: a for a in arts}
         return [RungOutcome(by_quant[q], st) for q, st in statuses.items()]

@@ -1,4 +1,5 @@
-"""One run's scope: the store it writes to, its id, the model it measures and where progress goes.
+"""One run's scope: the store it writes to, its id, the model it measures and where progress goes (a
+``Reporter``; ``NullReporter`` drops it).
 
 Every cell of a run writes through its scope, which makes the rows' keys (``key``) and records them
 (``record``, ``record_many``), instead of passing ``(store, run_id, model_id, model_hash)`` and building
@@ -8,9 +9,40 @@ Every cell of a run writes through its scope, which makes the rows' keys (``key`
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Any, Iterable
+from typing import Any, Iterable, Protocol
 
 from edgequant.results.store import Measurement, RowKey
+
+
+class Reporter(Protocol):
+    def step(self, message: str) -> None: ...
+    def bytes_progress(self, task: str, done: float, total: float | None) -> None: ...
+    def rung_started(self, quant: str) -> None: ...
+    def rung_phase(self, quant: str, phase: str) -> None: ...
+    def rung_done(self, quant: str, status: str) -> None: ...
+
+
+class NullReporter:
+    def step(self, message: str) -> None:
+        pass
+
+    def bytes_progress(self, task: str, done: float, total: float | None) -> None:
+        pass
+
+    def rung_started(self, quant: str) -> None:
+        pass
+
+    def rung_phase(self, quant: str, phase: str) -> None:
+        pass
+
+    def rung_done(self, quant: str, status: str) -> None:
+        pass
+
+    def start_bench(self, n_rungs: int, label: str = "") -> None:
+        pass
+
+    def pause(self) -> None:
+        pass
 
 
 @dataclass(frozen=True)
@@ -23,7 +55,7 @@ class RunScope:
 
     @classmethod
     def of(cls, store, run_id: str, resolved, reporter) -> "RunScope":
-        """The scope of run ``run_id`` measuring ``resolved`` (``host.ResolvedModel``)."""
+        """The scope of run ``run_id`` measuring ``resolved`` (``prepare.ResolvedModel``)."""
         return cls(store, run_id, resolved.checkpoint.model_id, resolved.model_hash, reporter)
 
     def with_store(self, store) -> "RunScope":
