@@ -9,6 +9,7 @@ the tokens/s the phone reported.
 from __future__ import annotations
 
 import io
+import mmap
 import threading
 import time
 from pathlib import Path
@@ -23,8 +24,10 @@ from edgequant.results.store import Store
 MiB = 2 ** 20
 
 
-def _touch(n_bytes: int) -> bytearray:
-    buf = bytearray(n_bytes)
+def _touch(n_bytes: int) -> mmap.mmap:
+    # fresh anonymous pages, never memory malloc freed earlier in this process and still resident (a bytearray
+    # may reuse it, and then the child grows by less than it allocated)
+    buf = mmap.mmap(-1, n_bytes)
     for i in range(0, n_bytes, 4096):      # resident: every page written
         buf[i] = 1
     return buf
