@@ -8,8 +8,8 @@
 3. a second `edgequant run` with nothing changed: seconds from process start
    until benchmarking begins (stored by edgequant as runs.prep_seconds).
 
-Targets: (2) <= 1.15 x (1); (3) <= 5 s.  Usage:
-    .venv/bin/python benchmarks/ladder_time.py [--model CHECKPOINT] [--threads N]
+Targets: (2) <= 1.15 x (1) (issue 19 asks 1.3 x on the 4B-shaped model); (3) <= 5 s.  Usage:
+    .venv/bin/python benchmarks/ladder_time.py [--model CHECKPOINT] [--threads N] [--profile P] [--no-run]
 Without --model the embedded default (Gemma 3 270M) is used.
 """
 
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import json
 import os
 import shutil
 import sqlite3
@@ -59,6 +60,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", help="checkpoint folder (default: the embedded Gemma 3 270M)")
     ap.add_argument("--threads", type=int, default=0, help="quantization threads (0 = physical cores)")
+    ap.add_argument("--profile", default="default", help="the profile whose quant types are made (default: default)")
+    ap.add_argument("--no-run", action="store_true", help="skip (3), the second run's time to its first rung")
     args = ap.parse_args()
 
     from edgequant.core.paths import cache_dir
@@ -68,7 +71,7 @@ def main() -> None:
 
     threads = args.threads or _physical_cores()
     ckpt = Path(args.model) if args.model else materialize_default(cache_dir(), step=print)
-    types = list(load_profile("default").quant.types)
+    types = list(load_profile(args.profile).quant.types)
     with tempfile.TemporaryDirectory(prefix="eq-ladder-") as tmpd:
         tmp = Path(tmpd)
         (tmp / "direct").mkdir()
@@ -82,17 +85,26 @@ def main() -> None:
             os.symlink(ckpt, cache / "models" / ckpt.name)
         model_args = ["--model", str(ckpt)] if args.model else []
         t = time.perf_counter()
-        subprocess.run([str(BIN / "edgequant"), "quantize", *model_args], check=True, env=env,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        subprocess.run([str(BIN / "edgequant"), "quantize", *model_args, "--profile", args.profile], check=True,
+                       env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         e_total = time.perf_counter() - t
+        stages = []         # each artifact's manifest records its build: stage, seconds, peak RSS
+        for manifest in sorted((cache / "artifacts").rglob("*.gguf.json"), key=lambda p: p.stat().st_mtime):
+            art = json.loads(manifest.read_text())
+            build = art.get("build") or {}
+            stages.append((build.get("stage", "?"), art["quant"], build.get("seconds"), build.get("peak_rss_bytes")))
+        if args.no_run:
+            run_total = prep = None
 
-        t = time.perf_counter()
-        subprocess.run([str(BIN / "edgequant"), "run", *model_args, "--no-quality", "-p", "16", "-n", "4", "--warmup", "0"],
-                       check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        run_total = time.perf_counter() - t
-        conn = sqlite3.connect(tmp / "r.db")
-        (prep,) = conn.execute("SELECT prep_seconds FROM runs ORDER BY started_at DESC LIMIT 1").fetchone()
-        conn.close()
+        else:
+            t = time.perf_counter()
+            subprocess.run([str(BIN / "edgequant"), "run", *model_args, "--profile", args.profile, "--no-quality",
+                            "-p", "16", "-n", "4", "--warmup", "0"],
+                           check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            run_total = time.perf_counter() - t
+            conn = sqlite3.connect(tmp / "r.db")
+            (prep,) = conn.execute("SELECT prep_seconds FROM runs ORDER BY started_at DESC LIMIT 1").fetchone()
+            conn.close()
 
     print(f"model: {ckpt}")
     print(f"quant threads: {threads}; types: {', '.join(types)}")
@@ -101,8 +113,12 @@ def main() -> None:
     print(f"direct convert + {len(types)} quants : {d_total:7.1f} s")
     print(f"edgequant quantize (cold cache) : {e_total:7.1f} s   ratio {ratio:.3f}  "
           f"target <= 1.15  {'PASS' if ratio <= 1.15 else 'FAIL'}")
-    print(f"second edgequant run reached benchmarking after {prep:.2f} s (process start to first rung)  "
-          f"target <= 5 s  {'PASS' if prep <= 5 else 'FAIL'}; whole run with tiny bench {run_total:.1f} s")
+    for stage, quant, seconds, rss in stages:
+        print(f"  edgequant stage {stage:<10} {quant:<8} {seconds or 0:7.1f} s  peak RSS "
+              f"{(rss or 0) / 2 ** 30:5.2f} GiB (quantizations: the forked child's own growth)")
+    if prep is not None:
+        print(f"second edgequant run reached benchmarking after {prep:.2f} s (process start to first rung)  "
+              f"target <= 5 s  {'PASS' if prep <= 5 else 'FAIL'}; whole run with tiny bench {run_total:.1f} s")
 
 
 if __name__ == "__main__":
