@@ -379,11 +379,21 @@ def _kv(cache_type: str | None) -> dict:
 
 
 def generate_rung(path: Path, suite: Suite, ref: Reference, threads: int, repack: bool | None, timeout: float,
-                  on_progress: Callable[[str], None], cache_type: str | None = None) -> dict:
+                  on_progress: Callable[[str], None], cache_type: str | None = None, slots: int | None = None) -> dict:
     """One rung's greedy outputs on every case (the worker's result), in a process of its own;
-    ``cache_type`` runs it with that KV cache type (``bench.cache_types``)."""
-    return call_worker({**base_request(path, suite, threads, repack, ref.prompting), **_kv(cache_type)},
-                        timeout, on_progress)
+    ``cache_type`` runs it with that KV cache type (``bench.cache_types``); ``slots``: cases decoded side by
+    side (default EVAL_SLOTS; ``wide_slots`` for the wide route, whose outputs ``compare_generations`` checks)."""
+    req = {**base_request(path, suite, threads, repack, ref.prompting), **_kv(cache_type)}
+    if slots:
+        req["slots"] = slots
+    return call_worker(req, timeout, on_progress)
+
+
+def wide_slots(suite: Suite) -> int:
+    """Slots for the wide route: every case of the largest format side by side, so a format's cases all
+    start at once and decode in one step per output token (a CPU decode step streams the weights once,
+    whatever the number of rows, until it is compute-bound)."""
+    return max(len(g["cases"]) for g in case_groups(suite))
 
 
 def generating_context_bytes(path: Path, suite: Suite) -> int:

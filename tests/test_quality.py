@@ -534,3 +534,31 @@ def test_bad_relative_gate_is_one_line_exit_2(tmp_path, tiny_checkpoint, gate, n
     res = run_cli("eval", "--model", str(tiny_checkpoint), "--suite", str(suite), env=cli_env(tmp_path))
     assert res.returncode == 2
     assert_one_line_error(res.stderr, str(suite), "suite.gates[1]", gate, needle)
+
+
+def test_the_wide_route_gives_plain_generations_outputs_byte_for_byte(quality_run):
+    """Every case of a format side by side (``wide_slots``) gives each rung the same tokens and bytes as
+    decoding one case at a time, on a repacked 4-bit rung and on Q8_0; compare_generations counts a case
+    whose tokens differ."""
+    from edgequant.bench.quality import compare_generations, generate_rung, reference_outputs, wide_slots
+    from edgequant.profiles.suites import load_suite
+
+    suite = load_suite(str(quality_run["suite"]))
+    per_format = max(sum(c["format"] == f for c in CASES) for f in {c["format"] for c in CASES})
+    assert wide_slots(suite) == per_format == 3
+    paths = {r["quant"]: r["path"] for r in rows(quality_run["db"], "SELECT quant, path FROM artifacts")}
+    (ref_art,) = rows(quality_run["db"], "SELECT path, sha256 FROM artifacts WHERE quant = 'BF16'")
+    ref = reference_outputs(Path(ref_art["path"]), ref_art["sha256"], "BF16", suite,
+                            quality_run["tmp"] / "wide-cache", 2, None, "completion", 600, lambda p: None)
+    for quant in ("Q4_0", "Q8_0"):
+        one = generate_rung(Path(paths[quant]), suite, ref, 2, None, 600, lambda p: None, slots=1)
+        wide = generate_rung(Path(paths[quant]), suite, ref, 2, None, 600, lambda p: None, slots=wide_slots(suite))
+        assert (one["slots"], wide["slots"]) == (1, 3)
+        assert {c["id"] for c in wide["cases"]} == {c["id"] for c in CASES}
+        assert compare_generations(wide, one) == [], quant
+        assert sum(len(c["tokens"]) for c in one["cases"]) > len(CASES)    # something was generated
+    changed = {**one, "cases": [dict(c) for c in one["cases"]]}
+    case = next(c for c in changed["cases"] if len(c["tokens"]) > 1)
+    case["tokens"] = case["tokens"][:1] + [case["tokens"][1] + 1] + case["tokens"][2:]
+    (diff,) = compare_generations(changed, one)
+    assert (diff.case_id, diff.position) == (case["id"], 1)
