@@ -441,6 +441,42 @@ def test_reference_rows_give_delta_p_of_the_next_token():
         assert dp[row] == pytest.approx(p - p_ref, abs=1e-6)
 
 
+class _Logits:
+    """Our Session's logits interface over an array of rows (what llama.cpp's last decode left)."""
+
+    def __init__(self, rows: np.ndarray):
+        self.rows = rows.astype(np.float32)
+
+    def logits(self, i: int) -> np.ndarray:
+        return self.rows[i]
+
+
+def test_rows_scored_one_at_a_time_give_the_block_figures_bit_for_bit():
+    """The teacher scores rows one at a time (cache-sized temporaries): every figure equals the block
+    computation of all rows at once exactly, and the definition approximately; argmax and margin too."""
+    from edgequant.bench.eval_spec import top2
+    from edgequant.bench.eval_teacher import score_rows
+    from edgequant.bench.eval_worker import RefRows, kld_rows
+
+    rng = np.random.default_rng(3)
+    vocab = 70_000                  # past a SIMD loop's tail and a reduction's buffer, like a real vocabulary
+    z_ref = rng.normal(size=(9, vocab)) * 3
+    rungs = [z_ref + rng.normal(size=(9, vocab)) * 0.3, rng.normal(size=(9, vocab)) * 3]
+    rows, targets = [0, 2, 3, 5, 8], [11, 40_000, 7, 69_999, 123]
+    per_rung = [([], [], []) for _ in rungs]
+    drafts = [([], []) for _ in rungs]
+    score_rows(_Logits(z_ref), [_Logits(z) for z in rungs], rows, targets, per_rung, drafts)
+    block = RefRows(z_ref.astype(np.float32)[rows])
+    for z, (klds, same, dps), (top, margin) in zip(rungs, per_rung, drafts):
+        zr = z.astype(np.float32)[rows]
+        kld, agree, dp = block.compare(zr, targets)
+        assert klds == kld.tolist() and same == agree.tolist() and dps == dp.tolist()
+        want_top, want_margin = top2(zr)
+        assert top == want_top.tolist() and margin == want_margin.tolist()
+        assert klds == pytest.approx(kld_rows(z_ref[rows], z[rows])[0].tolist(), rel=1e-4, abs=1e-7)
+    assert min(per_rung[1][0]) > 10 * max(per_rung[0][0]) > 0     # the unrelated rung diverges far more
+
+
 def _teacher(quality_run, paths):
     from edgequant.bench.quality import reference_outputs, teacher_scores
     from edgequant.profiles.suites import load_suite
