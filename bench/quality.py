@@ -201,8 +201,8 @@ def case_results(suite: Suite, data: dict) -> dict[str, CaseResult]:
 
 def reference_outputs(ref_path: Path, ref_sha: str, ref_quant: str, suite: Suite, cache_root: Path,
                       threads: int, repack: bool | None, prompting: str, timeout: float,
-                      on_progress: Callable[[str], None]) -> Reference:
-    key = hashlib.sha256(f"{ref_sha}|{suite.sha256}|{prompting}|slots{EVAL_SLOTS}|v3".encode()).hexdigest()[:24]
+                      on_progress: Callable[[str], None], slots: int = EVAL_SLOTS) -> Reference:
+    key = hashlib.sha256(f"{ref_sha}|{suite.sha256}|{prompting}|slots{slots}|v3".encode()).hexdigest()[:24]
     folder = cache_root / "quality" / key
     meta_path = folder / "reference.json"
     peak = None
@@ -210,7 +210,8 @@ def reference_outputs(ref_path: Path, ref_sha: str, ref_quant: str, suite: Suite
         data = json.loads(meta_path.read_text())
     else:
         folder.mkdir(parents=True, exist_ok=True)
-        data = call_worker(base_request(ref_path, suite, threads, repack, prompting), timeout, on_progress)
+        data = call_worker({**base_request(ref_path, suite, threads, repack, prompting), "slots": slots}, timeout,
+                           on_progress)
 
         atomic_write_text(meta_path, json.dumps(data))
         peak = data.get("process_peak_rss_bytes")
