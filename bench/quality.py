@@ -522,6 +522,7 @@ def rung_quality(quant: str, suite: Suite, ref: Reference, data: dict,
         if m.metric == "eval_tg_tps":
             # how the outputs were made: plain greedy generation, or from the teacher pass (eval_spec)
             m.detail.update(method="speculative" if "speculative" in data else "plain",
+                            slots=data.get("slots", EVAL_SLOTS),
                             **({"speculative": data["speculative"]} if "speculative" in data else {}),
                             **({"check": data["check"]} if "check" in data else {}))
     return RungQuality(quant, list(results.values()), metrics, ref.prompting, evaluate_gates(suite, metrics))

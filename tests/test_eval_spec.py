@@ -234,6 +234,9 @@ def test_eval_wide_stores_plain_greedy_outputs(models, tmp_path):
     for quant in ("BF16", "Q4_0"):
         want = {cid: w["text"].decode("utf-8", "replace") for cid, w in _plain_greedy(models[quant], suite).items()}
         assert stored[quant] == want, quant
+    (row,) = db_rows(tmp_path / "results.db", "SELECT detail FROM measurements WHERE metric = 'eval_tg_tps' "
+                                              "AND quant = 'Q4_0'")
+    assert json.loads(row["detail"])["slots"] == 4      # the 4 ESI cases side by side
 
 
 @pytest.mark.slow
