@@ -393,7 +393,8 @@ def generate_rung(path: Path, suite: Suite, ref: Reference, threads: int, repack
 def wide_slots(suite: Suite) -> int:
     """Slots for the wide route: every case of the largest format side by side, so a format's cases all
     start at once and decode in one step per output token (a CPU decode step streams the weights once,
-    whatever the number of rows, until it is compute-bound)."""
+    whatever the number of rows, until it is compute-bound).  An experiment: on the 270M a case's logits
+    depend in their last bits on how many rows share its decode step, and some outputs differ from plain's."""
     return max(len(g["cases"]) for g in case_groups(suite))
 
 
