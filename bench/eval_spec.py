@@ -1,6 +1,6 @@
 """A rung's greedy outputs from the teacher pass: speculative verification with the reference's output as the draft.
 
-The teacher pass (``eval_worker.teacher``) already feeds each case's prompt
+The teacher pass (``eval_teacher.teacher``) already feeds each case's prompt
 plus the reference's output through every rung in batches: logit row j of a
 rung is its distribution for output token j given the reference's tokens
 before it.  Greedy decoding of the rung would produce exactly the reference's

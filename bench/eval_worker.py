@@ -14,16 +14,8 @@ progress lines ``progress eval i/n`` on stderr.  The request
 A ``"cache_type"`` (with ``"flash_attn"``) runs the rung with that K and V
 cache type (``bench.cache_types``: a quantized KV cache changes outputs too).
 
-With ``"op": "teacher"`` the request names several rungs and nothing is
-generated: ``{"op": "teacher", "reference": str, "rungs": [str | {"path": str,
-"cache_type": str, "flash_attn": str}, ...],
-"tokens": {case_id: [token, ...]}, ...}`` scores the reference's output tokens
-through every rung against the reference, and the result is
-``{"scores": {rung_path: {case_id: {"kld": [...], "top1": [...], "dp": [...]}}}}`` (dp: the
-rung's probability of the reference's next token minus the reference's, llama-perplexity's delta-p).
-With ``"generate": true`` the same pass also makes every rung's greedy outputs (``bench.eval_spec``:
-speculative verification with the reference's output as the draft; ``"tie_margin"``, ``"margins"``),
-returned as ``{"outputs": {rung_key: <a plain run's result, plus "speculative" counts>}}``.
+With ``"op": "teacher"`` the request names several rungs and the reference's
+outputs are teacher-forced through them (``edgequant.bench.eval_teacher``).
 
 With ``"prefix_lengths": true`` only the vocabulary is loaded and nothing is
 decoded: the result is the model's training context (``n_ctx_train``) and the
@@ -380,145 +372,12 @@ class Generator:
             running = still
 
 
-def _teacher_batches(tokens: list[int], ref_tokens: list[int], start: int, cap: int):
-    """The decodes that teacher-force ``ref_tokens`` after a case's prompt ``tokens`` (sequence 1 from
-    position ``start``): lists of (token, position, 1, wants logits), each with at most KLD_CHUNK rows
-    of logits and ``cap`` tokens.  Logit rows come out in order: row j predicts ``ref_tokens[j]``."""
-    seq = tokens + ref_tokens[:-1]
-    first = len(tokens) - 1
-    batch: list[tuple[int, int, int, bool]] = []
-    n_rows = 0
-    for i, tok in enumerate(seq):
-        want = i >= first
-        batch.append((tok, start + i, 1, want))
-        n_rows += want
-        if len(batch) == cap or n_rows == KLD_CHUNK:
-            yield batch
-            batch, n_rows = [], 0
-    if batch:
-        yield batch
-
-
 def rung_key(path: str, cache_type: str | None) -> str:
     """How the teacher's result names a rung: its path, and the KV cache type it ran with if not the default."""
     return path if not cache_type else f"{path} [kv={cache_type}]"
 
 
-def teacher(req: dict, progress) -> dict:
-    """KLD and top-1 of every rung against the reference at each of the reference's output positions;
-    with ``"generate": true`` also every rung's greedy outputs (``bench.eval_spec``)."""
-    import llama_cpp as L
-
-    log = WorkerLog(L, echo=bool(req.get("verbose")))
-    ref = Session(L, dict(req, path=req["reference"]), log)
-    rungs: list[Session] = []
-    entries = [e if isinstance(e, dict) else {"path": e} for e in req["rungs"]]
-    keys = [rung_key(e["path"], e.get("cache_type")) for e in entries]
-    generate = bool(req.get("generate"))
-    try:
-        for entry in entries:
-            path = entry["path"]
-            rungs.append(Session(L, dict(req, path=path, cache_type=entry.get("cache_type"),
-                                         flash_attn=entry.get("flash_attn", req.get("flash_attn", "auto"))), log))
-            if rungs[-1].n_vocab != ref.n_vocab:
-                raise WorkerError(f"{req['reference']} has a {ref.n_vocab}-token vocabulary and {path} "
-                                  f"{rungs[-1].n_vocab}: they are not the same model")
-        mode, template = _prompting(ref, req)
-        ref_tokens: dict[str, list[int]] = req["tokens"]
-        scores: dict[str, dict[str, dict[str, list]]] = {key: {} for key in keys}
-        specs = []
-        if generate:
-            from edgequant.bench.eval_spec import TIE_MARGIN, SpecRung
-
-            slots = max(1, int(req.get("slots") or DEFAULT_SLOTS))
-            specs = [SpecRung(r, slots, float(req.get("tie_margin", TIE_MARGIN)), bool(req.get("margins")))
-                     for r in rungs]
-        total = sum(1 for g in req["groups"] for c in g["cases"] if c["id"] in ref_tokens)
-        done = 0
-        models = [ref] + rungs
-        for group in req["groups"]:
-            prefix_text, suffix = prompt_parts(ref, group, mode, template)
-            prefix = ref.tokenize(prefix_text, add_special=True)
-            encoded = [(c, ref.tokenize(c["prompt"] + suffix, add_special=False))
-                       for c in group["cases"] if c["id"] in ref_tokens]
-            if not encoded:
-                continue
-            longest = max(len(t) + len(ref_tokens[c["id"]]) for c, t in encoded)
-            ref.ensure_context(len(prefix) + longest + 8, 2)
-            if specs:       # as the plain path's context: every slot may hold a whole case
-                n_slots = min(specs[0].slots, len(encoded))
-                longest_gen = max(len(t) + max(int(c["max_tokens"]), len(ref_tokens[c["id"]])) for c, t in encoded)
-                for r in rungs:
-                    r.ensure_context(len(prefix) + n_slots * (longest_gen + 8) + 8, n_slots + 1)
-            else:
-                for r in rungs:
-                    r.ensure_context(len(prefix) + longest + 8, 2)
-            for m in models:
-                m.start_prefix(prefix)
-            for spec in specs:
-                spec.start_group([s.encode("utf-8") for s in group.get("stop", []) if s], len(prefix), n_slots)
-            cap = min(m.batch_cap for m in models)
-            for case, tokens in encoded:
-                out = ref_tokens[case["id"]]
-                per_rung = [([], [], []) for _ in rungs]
-                drafts = [([], []) for _ in specs]      # per generating rung: argmax and top-2 margin per row
-                scored = 0          # logit row j predicts out[j]
-                if out:
-                    ref.fork_prefix(1)
-                    seqs = [spec.acquire() for spec in specs]
-                    for r in rungs[len(specs):]:
-                        r.fork_prefix(1)
-                    for batch in _teacher_batches(tokens, out, len(prefix), cap):
-                        ref.decode_entries(batch)
-                        for i, r in enumerate(rungs):
-                            if specs:
-                                specs[i].decode(batch, seqs[i])
-                            else:
-                                r.decode_entries(batch)
-                        rows = [i for i, entry in enumerate(batch) if entry[3]]
-                        if not rows:
-                            continue
-                        targets = out[scored:scored + len(rows)]
-                        scored += len(rows)
-                        block = RefRows(np.stack([ref.logits(i) for i in rows]))
-                        for k, (r, (klds, same, dps)) in enumerate(zip(rungs, per_rung)):
-                            z = np.stack([r.logits(i) for i in rows])
-                            d, t, p = block.compare(z, targets)
-                            klds += d.tolist()
-                            same += t.tolist()
-                            dps += p.tolist()
-                            if specs:
-                                top, margin = _top2(z)
-                                drafts[k][0].extend(top.tolist())
-                                drafts[k][1].extend(margin.tolist())
-                    for spec, seq, (top, margin) in zip(specs, seqs, drafts):
-                        spec.finish_case(case, tokens, seq, out, top, margin)
-                else:
-                    for spec in specs:
-                        spec.empty_case(case, len(prefix) + len(tokens))
-                for key, (klds, same, dps) in zip(keys, per_rung):
-                    scores[key][case["id"]] = {"kld": klds, "top1": same, "dp": dps}
-                done += 1
-                progress(f"kld {done}/{total}")
-            for spec in specs:
-                spec.drain()
-        result = {"scores": scores, "prompting": mode, "runtime_version": L.__version__}
-        if specs:
-            ids = [c["id"] for g in req["groups"] for c in g["cases"]]
-            result["outputs"] = {key: spec.result(ids, mode, L.__version__) for key, spec in zip(keys, specs)}
-        return result
-    finally:
-        for m in rungs + [ref]:
-            m.close()
-
-
-def _top2(rows: np.ndarray):
-    from edgequant.bench.eval_spec import top2
-
-    return top2(rows)
-
-
-def _prompting(sess: Session, req: dict) -> tuple[str, str | None]:
+def prompting_mode(sess: Session, req: dict) -> tuple[str, str | None]:
     """(the prompting mode, the model's chat template)."""
     template = sess.chat_template()
     mode = req.get("prompting", "auto")
@@ -536,7 +395,7 @@ def prompts(sess: Session, req: dict) -> dict:
     ``whole_tokens`` is the whole text tokenized at once (with BOS), as a
     program given the text (llama-completion) does.  Where the two differ, the
     join between prefix and case tokenizes differently."""
-    mode, template = _prompting(sess, req)
+    mode, template = prompting_mode(sess, req)
     out = []
     for group in req["groups"]:
         prefix_text, suffix = prompt_parts(sess, group, mode, template)
@@ -551,7 +410,7 @@ def prompts(sess: Session, req: dict) -> dict:
 
 def prefix_lengths(sess: Session, req: dict) -> dict:
     """The training context and each format's shared prefix length in tokens (see the module doc)."""
-    mode, template = _prompting(sess, req)
+    mode, template = prompting_mode(sess, req)
     lengths = {g["format"]: len(sess.tokenize(prompt_parts(sess, g, mode, template)[0], add_special=True))
                for g in req["groups"]}
     return {"prompting": mode, "prefix_tokens": lengths, "n_ctx_train": _context_length(sess)}
@@ -576,6 +435,8 @@ def _context_length(sess: Session) -> int:
 
 def run(req: dict, progress) -> dict:
     if req.get("op") == "teacher":
+        from edgequant.bench.eval_teacher import teacher
+
         return teacher(req, progress)
     import llama_cpp as L
 
@@ -591,7 +452,7 @@ def run(req: dict, progress) -> dict:
             return prompts(sess, req)
         finally:
             sess.close()
-    mode, template = _prompting(sess, req)
+    mode, template = prompting_mode(sess, req)
 
     slots = max(1, int(req.get("slots") or DEFAULT_SLOTS))
     results: dict[str, dict[str, Any]] = {}

@@ -201,8 +201,8 @@ def case_results(suite: Suite, data: dict) -> dict[str, CaseResult]:
 
 def reference_outputs(ref_path: Path, ref_sha: str, ref_quant: str, suite: Suite, cache_root: Path,
                       threads: int, repack: bool | None, prompting: str, timeout: float,
-                      on_progress: Callable[[str], None]) -> Reference:
-    key = hashlib.sha256(f"{ref_sha}|{suite.sha256}|{prompting}|slots{EVAL_SLOTS}|v3".encode()).hexdigest()[:24]
+                      on_progress: Callable[[str], None], slots: int = EVAL_SLOTS) -> Reference:
+    key = hashlib.sha256(f"{ref_sha}|{suite.sha256}|{prompting}|slots{slots}|v3".encode()).hexdigest()[:24]
     folder = cache_root / "quality" / key
     meta_path = folder / "reference.json"
     peak = None
@@ -210,7 +210,8 @@ def reference_outputs(ref_path: Path, ref_sha: str, ref_quant: str, suite: Suite
         data = json.loads(meta_path.read_text())
     else:
         folder.mkdir(parents=True, exist_ok=True)
-        data = call_worker(base_request(ref_path, suite, threads, repack, prompting), timeout, on_progress)
+        data = call_worker({**base_request(ref_path, suite, threads, repack, prompting), "slots": slots}, timeout,
+                           on_progress)
 
         atomic_write_text(meta_path, json.dumps(data))
         peak = data.get("process_peak_rss_bytes")
@@ -379,11 +380,22 @@ def _kv(cache_type: str | None) -> dict:
 
 
 def generate_rung(path: Path, suite: Suite, ref: Reference, threads: int, repack: bool | None, timeout: float,
-                  on_progress: Callable[[str], None], cache_type: str | None = None) -> dict:
+                  on_progress: Callable[[str], None], cache_type: str | None = None, slots: int | None = None) -> dict:
     """One rung's greedy outputs on every case (the worker's result), in a process of its own;
-    ``cache_type`` runs it with that KV cache type (``bench.cache_types``)."""
-    return call_worker({**base_request(path, suite, threads, repack, ref.prompting), **_kv(cache_type)},
-                        timeout, on_progress)
+    ``cache_type`` runs it with that KV cache type (``bench.cache_types``); ``slots``: cases decoded side by
+    side (default EVAL_SLOTS; ``wide_slots`` for the wide route, whose outputs ``compare_generations`` checks)."""
+    req = {**base_request(path, suite, threads, repack, ref.prompting), **_kv(cache_type)}
+    if slots:
+        req["slots"] = slots
+    return call_worker(req, timeout, on_progress)
+
+
+def wide_slots(suite: Suite) -> int:
+    """Slots for the wide route: every case of the largest format side by side, so a format's cases all
+    start at once and decode in one step per output token (a CPU decode step streams the weights once,
+    whatever the number of rows, until it is compute-bound).  An experiment: on the 270M a case's logits
+    depend in their last bits on how many rows share its decode step, and some outputs differ from plain's."""
+    return max(len(g["cases"]) for g in case_groups(suite))
 
 
 def generating_context_bytes(path: Path, suite: Suite) -> int:
@@ -511,6 +523,7 @@ def rung_quality(quant: str, suite: Suite, ref: Reference, data: dict,
         if m.metric == "eval_tg_tps":
             # how the outputs were made: plain greedy generation, or from the teacher pass (eval_spec)
             m.detail.update(method="speculative" if "speculative" in data else "plain",
+                            slots=data.get("slots", EVAL_SLOTS),
                             **({"speculative": data["speculative"]} if "speculative" in data else {}),
                             **({"check": data["check"]} if "check" in data else {}))
     return RungQuality(quant, list(results.values()), metrics, ref.prompting, evaluate_gates(suite, metrics))

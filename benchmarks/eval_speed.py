@@ -1,10 +1,14 @@
 #!/usr/bin/env python
-"""Eval time over a ladder: plain generation against speculative verification, printed (run by hand; not a test).
+"""Eval time over a ladder: plain generation against the wide route and speculative verification, printed
+(run by hand; not a test).
 
 The eval makes every rung's greedy outputs on the suite and scores its token-level divergence from the
 reference (the KLD teacher pass).  Plain: one generation per rung, then the teacher pass.  Speculative
 (``bench.eval_spec``): the teacher pass alone, taking each rung's output from it up to the first position
 where the rung departs from the reference's output, and decoding token by token only from there.
+Wide (``--route wide``, the default): plain generation with every case of a format side by side
+(``quality.wide_slots``, or ``--slots N``) instead of EVAL_SLOTS, the reference's outputs included; each
+output is compared with plain generation's, byte for byte, and the cases that differ are counted.
 Both start from the reference's own outputs (generated once, timed apart).  With ``--check`` (on by default)
 the speculative outputs are compared with the plain ones, case by case.
 
@@ -20,6 +24,7 @@ Usage:
     .venv/bin/python benchmarks/eval_speed.py                       # default model, default ladder, whole suite
     .venv/bin/python benchmarks/eval_speed.py --limit 2 --rungs Q8_0,Q4_0 --repeat 1   # a quick look
     .venv/bin/python benchmarks/eval_speed.py --model CHECKPOINT --profile quick --limit 3
+    .venv/bin/python benchmarks/eval_speed.py --route speculative   # the speculative route (as before)
 """
 
 from __future__ import annotations
@@ -58,6 +63,52 @@ def _spread(values: list[float]) -> str:
 
 
 MARGINS = (0.02, 0.05, 0.1, 0.25, 0.5)
+
+
+def wide_repetition(artifacts, suite, threads: int, prompting: str, timeout: float, slots: int, ref):
+    """Times of plain generation and of the wide route (``slots`` cases side by side) for the reference and
+    every rung, with the cases whose outputs differ (``quality.compare_generations``); the teacher pass is the
+    same in both routes and timed once."""
+    from edgequant.bench import quality
+
+    out: dict = {"rungs": {}}
+    for art in artifacts:
+        row = out["rungs"].setdefault(art.quant, {})
+        t0 = time.perf_counter()
+        plain_data = quality.generate_rung(art.path, suite, ref, threads, None, timeout, lambda p: None)
+        row["plain"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        wide_data = quality.generate_rung(art.path, suite, ref, threads, None, timeout, lambda p: None, slots=slots)
+        row["wide"] = time.perf_counter() - t0
+        row["diffs"] = quality.compare_generations(wide_data, plain_data)
+        row["gen_tokens"] = plain_data["gen_tokens"]
+        print(f"  {art.quant}: plain {row['plain']:.1f} s, wide {row['wide']:.1f} s, "
+              f"{len(row['diffs'])} cases differ", file=sys.stderr)
+    groups = quality.teacher_groups(artifacts[0].size_bytes, [(a.path, a.size_bytes) for a in artifacts[1:]])
+    t0 = time.perf_counter()
+    for group in groups:
+        quality.teacher_pass(ref, group, suite, threads, None, timeout, lambda p: None)
+    out["teacher"] = time.perf_counter() - t0
+    return out
+
+
+def print_wide(artifacts, suite, reps, slots: int) -> None:
+    print(f"\n{'rung':<10} {'gen tokens':>10} {'plain (8 slots)':>22} {f'wide ({slots} slots)':>22} {'differ':>7}")
+    for art in artifacts:
+        rows = [r["rungs"][art.quant] for r in reps]
+        print(f"{art.quant:<10} {rows[-1]['gen_tokens']:>10} {_spread([r['plain'] for r in rows]):>22} "
+              f"{_spread([r['wide'] for r in rows]):>22} {len(rows[-1]['diffs']):>7}")
+        for d in rows[-1]["diffs"][:10]:
+            print(f"    differs: {d.case_id} at token {d.position}: plain token {d.plain}, wide {d.speculative}")
+    teacher = [r["teacher"] for r in reps]
+    plain = [sum(x["plain"] for x in r["rungs"].values()) + r["teacher"] for r in reps]
+    wide = [sum(x["wide"] for x in r["rungs"].values()) + r["teacher"] for r in reps]
+    print(f"\nteacher pass (the same in both): {_spread(teacher)}")
+    print(f"plain: reference + rungs' generation + teacher pass, total {_spread(plain)}")
+    print(f"wide:  reference + rungs' generation + teacher pass, total {_spread(wide)}")
+    n_diff = sum(len(x["diffs"]) for x in reps[-1]["rungs"].values())
+    print(f"cases differing from plain generation: {n_diff} (of {len(suite.cases)} per rung, "
+          f"{len(artifacts)} rungs with the reference)")
 
 
 def one_repetition(artifacts, suite, threads: int, prompting: str, check: bool, plain: bool, timeout: float,
@@ -114,6 +165,10 @@ def main() -> int:
     ap.add_argument("--no-check", action="store_true", help="do not compare with plain generation")
     ap.add_argument("--no-plain", action="store_true", help="time the speculative path only (implies --no-check)")
     ap.add_argument("--timeout", type=float, default=7200.0)
+    ap.add_argument("--route", choices=("wide", "speculative"), default="wide",
+                    help="the route timed against plain generation (default: wide)")
+    ap.add_argument("--slots", type=int, default=None,
+                    help="cases side by side in the wide route (default: every case of the largest format)")
     ap.add_argument("--tie-margin", type=float, default=None,
                     help="top-2 logit margin under which plain decoding decides (default: bench.eval_spec's)")
     args = ap.parse_args()
@@ -140,6 +195,19 @@ def main() -> int:
     print(f"model {resolved.checkpoint.model_id}, rungs {', '.join(a.quant for a in artifacts)} "
           f"(reference {artifacts[0].quant}), suite {suite.name}: {len(suite.cases)} cases, "
           f"{args.threads} threads, load average before {os.getloadavg()[0]:.2f}")
+    if args.route == "wide":
+        from edgequant.bench import quality
+
+        slots = args.slots or quality.wide_slots(suite)
+        with tempfile.TemporaryDirectory() as tmp:     # the reference's outputs: the teacher pass's draft
+            ref_art = artifacts[0]
+            ref = quality.reference_outputs(ref_art.path, ref_art.sha256, ref_art.quant, suite, Path(tmp),
+                                            args.threads, None, args.prompting, args.timeout, lambda p: None)
+        reps = [wide_repetition(artifacts, suite, args.threads, args.prompting, args.timeout, slots, ref)
+                for _ in range(args.repeat)]
+        print_wide(artifacts, suite, reps, slots)
+        print(f"load average after {os.getloadavg()[0]:.2f} (figures need a quiet machine)")
+        return 0
     reps = [one_repetition(artifacts, suite, args.threads, args.prompting, check, plain, args.timeout,
                            args.tie_margin)
             for _ in range(args.repeat)]

@@ -193,6 +193,53 @@ def test_departure_finds_the_first_departure_or_near_tie():
 
 
 @pytest.mark.slow
+def test_the_wide_route_equals_plain_greedy_generation(models):
+    """Every case of a format side by side (the wide route: the 4 ESI cases in one batch) gives
+    llama-cpp-python's one-case greedy generation on every case, for a 4-bit rung and another model."""
+    import base64
+
+    from edgequant.bench.quality import generate_rung, wide_slots
+    from edgequant.profiles.suites import load_suite
+
+    suite = load_suite(str(models["suite"]))
+    assert wide_slots(suite) == 4
+    ref = _reference(models, suite)
+    for path in (models["Q4_0"], models["other"]):
+        got = {c["id"]: c for c in generate_rung(Path(path), suite, ref, 2, None, 900, lambda p: None,
+                                                  slots=wide_slots(suite))["cases"]}
+        expected = _plain_greedy(str(path), suite)
+        assert set(got) == set(expected) == {c["id"] for c in CASES}
+        for cid, want in expected.items():
+            assert got[cid]["tokens"] == want["tokens"], (path, cid)
+            assert base64.b64decode(got[cid]["output_b64"]) == want["text"], (path, cid)
+        esi = [len(expected[c["id"]]["tokens"]) for c in CASES if c["format"] == "esi"]
+        assert sum(esi) > 4
+
+
+@pytest.mark.slow
+def test_eval_wide_stores_plain_greedy_outputs(models, tmp_path):
+    """``eval --generation wide`` stores, for the reference and a rung, llama-cpp-python's one-case greedy
+    outputs on every case."""
+    from conftest import db_rows
+
+    from edgequant.profiles.suites import load_suite
+
+    suite = load_suite(str(models["suite"]))
+    res = run_cli("eval", "--artifact", models["BF16"], "--artifact", models["Q4_0"], "--suite", str(models["suite"]),
+                  "--prompting", "completion", "--generation", "wide", env=cli_env(tmp_path))
+    assert res.returncode == 0, res.stderr[-3000:]
+    stored = {}
+    for c in db_rows(tmp_path / "results.db", "SELECT quant, case_id, output FROM eval_cases"):
+        stored.setdefault(c["quant"], {})[c["case_id"]] = c["output"]
+    for quant in ("BF16", "Q4_0"):
+        want = {cid: w["text"].decode("utf-8", "replace") for cid, w in _plain_greedy(models[quant], suite).items()}
+        assert stored[quant] == want, quant
+    (row,) = db_rows(tmp_path / "results.db", "SELECT detail FROM measurements WHERE metric = 'eval_tg_tps' "
+                                              "AND quant = 'Q4_0'")
+    assert json.loads(row["detail"])["slots"] == 4      # the 4 ESI cases side by side
+
+
+@pytest.mark.slow
 def test_eval_check_mode_compares_with_plain_generation_and_logs_each_rung(models, tmp_path):
     """``eval --generation check`` generates every rung both ways, says per rung how many cases differ, stores
     plain generation's outputs with the comparison; with stderr not a terminal every rung and the reference

@@ -441,6 +441,42 @@ def test_reference_rows_give_delta_p_of_the_next_token():
         assert dp[row] == pytest.approx(p - p_ref, abs=1e-6)
 
 
+class _Logits:
+    """Our Session's logits interface over an array of rows (what llama.cpp's last decode left)."""
+
+    def __init__(self, rows: np.ndarray):
+        self.rows = rows.astype(np.float32)
+
+    def logits(self, i: int) -> np.ndarray:
+        return self.rows[i]
+
+
+def test_rows_scored_one_at_a_time_give_the_block_figures_bit_for_bit():
+    """The teacher scores rows one at a time (cache-sized temporaries): every figure equals the block
+    computation of all rows at once exactly, and the definition approximately; argmax and margin too."""
+    from edgequant.bench.eval_spec import top2
+    from edgequant.bench.eval_teacher import score_rows
+    from edgequant.bench.eval_worker import RefRows, kld_rows
+
+    rng = np.random.default_rng(3)
+    vocab = 70_000                  # past a SIMD loop's tail and a reduction's buffer, like a real vocabulary
+    z_ref = rng.normal(size=(9, vocab)) * 3
+    rungs = [z_ref + rng.normal(size=(9, vocab)) * 0.3, rng.normal(size=(9, vocab)) * 3]
+    rows, targets = [0, 2, 3, 5, 8], [11, 40_000, 7, 69_999, 123]
+    per_rung = [([], [], []) for _ in rungs]
+    drafts = [([], []) for _ in rungs]
+    score_rows(_Logits(z_ref), [_Logits(z) for z in rungs], rows, targets, per_rung, drafts)
+    block = RefRows(z_ref.astype(np.float32)[rows])
+    for z, (klds, same, dps), (top, margin) in zip(rungs, per_rung, drafts):
+        zr = z.astype(np.float32)[rows]
+        kld, agree, dp = block.compare(zr, targets)
+        assert klds == kld.tolist() and same == agree.tolist() and dps == dp.tolist()
+        want_top, want_margin = top2(zr)
+        assert top == want_top.tolist() and margin == want_margin.tolist()
+        assert klds == pytest.approx(kld_rows(z_ref[rows], z[rows])[0].tolist(), rel=1e-4, abs=1e-7)
+    assert min(per_rung[1][0]) > 10 * max(per_rung[0][0]) > 0     # the unrelated rung diverges far more
+
+
 def _teacher(quality_run, paths):
     from edgequant.bench.quality import reference_outputs, teacher_scores
     from edgequant.profiles.suites import load_suite
@@ -534,3 +570,31 @@ def test_bad_relative_gate_is_one_line_exit_2(tmp_path, tiny_checkpoint, gate, n
     res = run_cli("eval", "--model", str(tiny_checkpoint), "--suite", str(suite), env=cli_env(tmp_path))
     assert res.returncode == 2
     assert_one_line_error(res.stderr, str(suite), "suite.gates[1]", gate, needle)
+
+
+def test_the_wide_route_gives_plain_generations_outputs_byte_for_byte(quality_run):
+    """Every case of a format side by side (``wide_slots``) gives each rung the same tokens and bytes as
+    decoding one case at a time, on a repacked 4-bit rung and on Q8_0; compare_generations counts a case
+    whose tokens differ."""
+    from edgequant.bench.quality import compare_generations, generate_rung, reference_outputs, wide_slots
+    from edgequant.profiles.suites import load_suite
+
+    suite = load_suite(str(quality_run["suite"]))
+    per_format = max(sum(c["format"] == f for c in CASES) for f in {c["format"] for c in CASES})
+    assert wide_slots(suite) == per_format == 3
+    paths = {r["quant"]: r["path"] for r in rows(quality_run["db"], "SELECT quant, path FROM artifacts")}
+    (ref_art,) = rows(quality_run["db"], "SELECT path, sha256 FROM artifacts WHERE quant = 'BF16'")
+    ref = reference_outputs(Path(ref_art["path"]), ref_art["sha256"], "BF16", suite,
+                            quality_run["tmp"] / "wide-cache", 2, None, "completion", 600, lambda p: None)
+    for quant in ("Q4_0", "Q8_0"):
+        one = generate_rung(Path(paths[quant]), suite, ref, 2, None, 600, lambda p: None, slots=1)
+        wide = generate_rung(Path(paths[quant]), suite, ref, 2, None, 600, lambda p: None, slots=wide_slots(suite))
+        assert (one["slots"], wide["slots"]) == (1, 3)
+        assert {c["id"] for c in wide["cases"]} == {c["id"] for c in CASES}
+        assert compare_generations(wide, one) == [], quant
+        assert sum(len(c["tokens"]) for c in one["cases"]) > len(CASES)    # something was generated
+    changed = {**one, "cases": [dict(c) for c in one["cases"]]}
+    case = next(c for c in changed["cases"] if len(c["tokens"]) > 1)
+    case["tokens"] = case["tokens"][:1] + [case["tokens"][1] + 1] + case["tokens"][2:]
+    (diff,) = compare_generations(changed, one)
+    assert (diff.case_id, diff.position) == (case["id"], 1)

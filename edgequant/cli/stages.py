@@ -86,10 +86,11 @@ def bench(model, profile_name, threads, n_prompt, n_gen, repetitions, warmup, db
 @click.option("--limit", type=click.IntRange(min=1), default=None, metavar="N",
               help="Evaluate only the first N cases of each format (a quick look at a large model; "
                    "the figures then describe that subset).")
-@click.option("--generation", type=click.Choice(["plain", "speculative", "check"]), default="plain",
+@click.option("--generation", type=click.Choice(["plain", "speculative", "check", "wide"]), default="plain",
               show_default=True, help="How each rung's greedy outputs are made: from the KLD pass with the "
               "reference's outputs as the draft (speculative), one plain generation per rung (plain), or both, "
-              "reporting the cases that differ and storing plain generation's outputs (check).")
+              "reporting the cases that differ and storing plain generation's outputs (check), or plain generation "
+              "with every case of a format side by side (wide; an experiment: outputs can differ from plain's).")
 @no_wait_option
 def eval_(model, profile_name, suite_name, prompting, artifacts, threads, db, cache_dir, fmt, limit, generation,
           no_wait):

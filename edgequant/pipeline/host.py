@@ -290,7 +290,8 @@ def quality_rungs(scope: RunScope, artifacts: list[Artifact], profile: Profile, 
     (a resumed run), not evaluated again.  ``generation``: how a rung's greedy outputs are made
     (``GENERATION_MODES``): ``plain`` generates each rung in a process of its own, ``speculative`` takes them
     from the teacher pass (``bench.eval_spec``), ``check`` does both, reports the cases that differ and
-    stores plain generation's outputs.  Returns quant -> status ("ok" or how the eval failed).
+    stores plain generation's outputs; ``wide`` is plain generation with every case of a format side by side
+    (``quality.wide_slots``), the reference's outputs included.  Returns quant -> status ("ok" or how the eval failed).
     """
     from importlib import metadata
 
@@ -307,13 +308,14 @@ def quality_rungs(scope: RunScope, artifacts: list[Artifact], profile: Profile, 
     statuses: dict[str, str] = {}
     if generation not in GENERATION_MODES:
         raise BadInput(f"generation {generation!r}: use one of {', '.join(GENERATION_MODES)}")
+    slots = quality.wide_slots(suite) if generation == "wide" else quality.EVAL_SLOTS
     reporter.rung_started(f"{ref_art.quant} reference outputs")
     ref_art.verify()
     t0 = time.perf_counter()
     try:
         ref = quality.reference_outputs(ref_art.path, ref_art.sha256, ref_art.quant, suite, cache_root, threads,
                                         repack, prompting, settings.timeout,
-                                        lambda p: reporter.rung_phase(ref_art.quant, p))
+                                        lambda p: reporter.rung_phase(ref_art.quant, p), slots=slots)
     except quality.EvalError as exc:    # nothing to judge the rungs against: the stage is stored, the eval stops
         _stage(store, run_id, "eval-reference", ref_art.quant, ref_art.n_params, time.perf_counter() - t0, None,
                exc.status, str(exc), device_id)
@@ -350,7 +352,8 @@ def quality_rungs(scope: RunScope, artifacts: list[Artifact], profile: Profile, 
     def plain(art: Artifact, ct: str | None) -> dict:
         t0 = time.perf_counter()
         data = quality.generate_rung(art.path, suite, ref, threads, repack, settings.timeout,
-                                     lambda p, quant=art.quant: reporter.rung_phase(quant, p), cache_type=ct)
+                                     lambda p, quant=art.quant: reporter.rung_phase(quant, p), cache_type=ct,
+                                     slots=slots)
         _stage(store, run_id, "eval-generate", art.quant, art.n_params, time.perf_counter() - t0,
                data.get("process_peak_rss_bytes"), device_id=device_id)
         reporter.step(f"{art.quant}: generated in {time.perf_counter() - t0:.1f} s")
@@ -384,7 +387,8 @@ def quality_rungs(scope: RunScope, artifacts: list[Artifact], profile: Profile, 
             failed(art, exc, t0)
     # 2. token-level scores: the reference's outputs teacher-forced through as many rungs at once as fit;
     # the same pass gives the rungs' outputs (speculative verification, bench.eval_spec) unless plain
-    kv = {a.path: quality.generating_context_bytes(a.path, suite) if generation != "plain" else 0 for a, _ in outputs}
+    teacher_generates = generation in ("speculative", "check")
+    kv = {a.path: quality.generating_context_bytes(a.path, suite) if teacher_generates else 0 for a, _ in outputs}
     groups = quality.teacher_groups(ref_art.size_bytes, [(unit_key[a.quant], a.size_bytes + kv[a.path])
                                                          for a, _ in outputs])
     by_path = {unit_key[a.quant]: (a, data) for a, data in outputs}
@@ -396,7 +400,7 @@ def quality_rungs(scope: RunScope, artifacts: list[Artifact], profile: Profile, 
         try:
             scores, made = quality.teacher_pass(ref, group, suite, threads, repack, settings.timeout,
                                                 lambda p, label=label: reporter.rung_phase(label, p),
-                                                generate=generation != "plain", margins=generation == "check",
+                                                generate=teacher_generates, margins=generation == "check",
                                                 resources=used)
             _stage(store, run_id, "eval-teacher", label, ref_art.n_params, time.perf_counter() - t0,
                    used.get("peak_rss_bytes"), device_id=device_id)
@@ -427,7 +431,7 @@ def quality_rungs(scope: RunScope, artifacts: list[Artifact], profile: Profile, 
 
 # how the eval makes a rung's greedy outputs (quality_rungs): plain generation is the default (speculative
 # outputs can differ from it after a near tie; see bench.eval_spec)
-GENERATION_MODES = ("speculative", "plain", "check")
+GENERATION_MODES = ("speculative", "plain", "check", "wide")
 
 
 def _generation_outcome(quant: str, spec: dict, plain: dict | None, reporter: Reporter) -> dict:
