@@ -300,8 +300,8 @@ def render_table(rep: RunReport, console) -> None:
                    caption="peak RSS of the stage's own process (tree); a quantization's: its own memory above "
                            "what it shares with edgequant at fork; a phone's bench: read on the phone; push: "
                            "bytes sent; (cached): the build a reused artifact came from")
-        for i, col in enumerate(RESOURCE_COLUMNS):
-            rt.add_column(col, justify="left" if i in (0, 1, 2, 6) else "right")
+        for i, col in enumerate(RESOURCE_COLUMNS):     # folded on a narrow console, never cut short with "…"
+            rt.add_column(col, justify="left" if i in (0, 1, 2, 6) else "right", overflow="fold")
         for r in rep.resources:
             rt.add_row(*resource_cells(r), style=None if r["status"] == "ok" else "red")
         console.print(rt)
