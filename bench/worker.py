@@ -25,7 +25,7 @@ import traceback
 from dataclasses import dataclass, field
 from typing import Any, Callable, TextIO
 
-from edgequant.core.children import die_with_parent
+from edgequant.core.children import die_with_parent, raise_if_terminated
 from edgequant.core.status import RungStatus, classify_exit, exit_signal
 
 STDERR_TAIL = 20
@@ -162,6 +162,7 @@ def run_worker(module: str, request: dict[str, Any], timeout: float,
     deadline = time.monotonic() + timeout
     run = _Run(module, request, on_progress)
     try:
+        raise_if_terminated()      # a SIGTERM that arrived while it forked
         code: int | None = None
         if run.pump(deadline):
             try:

@@ -40,7 +40,7 @@ import numpy as np
 from edgequant.core.errors import BadInput, RunFailed
 from edgequant.core.hashing import file_sha256
 from edgequant.profiles.suite_records import Suite
-from edgequant.core.children import die_with_parent
+from edgequant.core.children import die_with_parent, raise_if_terminated
 from edgequant.core.atomic import atomic_write_text
 
 # A split needs at least this many cases on each side, and every format of the
@@ -219,6 +219,7 @@ def compute_imatrix(tool: Path, reference: Path, reference_sha256: str, model_ha
                                       timeout=timeout, check=False, preexec_fn=die_with_parent())
             except subprocess.TimeoutExpired:
                 raise RunFailed(f"llama-imatrix took longer than {timeout:.0f} s (log: {log})") from None
+        raise_if_terminated()      # a SIGTERM that arrived while it forked: late, but not lost
         if proc.returncode != 0 or not out.is_file():
             tail = [ln.strip() for ln in log.read_text(errors="replace").splitlines() if ln.strip()][-1:]
             raise RunFailed(f"llama-imatrix failed (exit {proc.returncode}): {' '.join(tail)[:300]} "

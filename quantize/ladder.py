@@ -32,7 +32,7 @@ from edgequant.profiles import Profile, quant_types
 from edgequant.quantize.checkpoint import Checkpoint
 from edgequant.quantize.gguf_info import (BadGGUF, add_metadata, estimated_bits_per_weight, file_sha256,
                                           read_gguf_info)
-from edgequant.core.children import die_with_parent
+from edgequant.core.children import die_with_parent, raise_if_terminated
 from edgequant.core.meter import StageMeter, status_bytes
 from edgequant.core.status import RungStatus, classify_exit, exit_signal, signal_name
 from edgequant.profiles.rungs import RungSpec, parse_rung, tensor_types
@@ -163,6 +163,7 @@ def run_forked(work: Callable[[], tuple[int, str]], tick: Callable[[], None]) ->
             os._exit(code)
     os.close(write_fd)
     try:
+        raise_if_terminated()      # a SIGTERM that arrived while it forked
         with StageMeter(pid) as meter:
             while True:
                 got, status, usage = os.wait4(pid, os.WNOHANG)
@@ -402,6 +403,7 @@ class Ladder:
                                     stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
                                     preexec_fn=die_with_parent())
             try:
+                raise_if_terminated()      # a SIGTERM that arrived while it forked
                 with StageMeter(proc.pid) as meter:     # the converter's time and peak RSS, stored with the run
                     while proc.poll() is None:
                         time.sleep(0.2)

@@ -50,7 +50,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from edgequant.core.atomic import atomic_path, atomic_write_text, clean_stale_partials
-from edgequant.core.children import die_with_parent
+from edgequant.core.children import die_with_parent, raise_if_terminated
 from edgequant.core.errors import BadInput, RunFailed
 from edgequant.core.meter import StageMeter
 from edgequant.profiles import OnnxSpec, OnnxVariant, Profile
@@ -363,6 +363,7 @@ class OnnxLadder:
                                     stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
                                     preexec_fn=die_with_parent())
             try:
+                raise_if_terminated()      # a SIGTERM that arrived while it forked
                 with StageMeter(proc.pid) as meter:
                     proc.wait()
             except BaseException:

@@ -720,6 +720,46 @@ def test_resume_force_takes_over_a_run_that_still_looks_alive(tmp_path):
     assert (row["pid"], row["status"]) == (os.getpid(), "running") and row["hostname"] != "elsewhere"
 
 
+FORK_SIGTERM = """
+import os, signal, sys
+from edgequant.cli import on_sigterm
+from edgequant.core.errors import Terminated
+from edgequant.bench.worker import run_worker
+from edgequant.quantize.ladder import run_forked
+
+signal.signal(signal.SIGTERM, on_sigterm)
+
+
+def hook():            # as logging's at-fork hooks: Python code that runs in the parent right after a fork
+    os.kill(os.getpid(), signal.SIGTERM)
+    for _ in range(1000):
+        pass
+
+
+os.register_at_fork(after_in_parent=hook)
+try:
+    if sys.argv[1] == "fork":
+        run_forked(lambda: (0, ""), lambda: None)
+    else:
+        run_worker("edgequant.bench.no_such_worker", {}, 30)
+except Terminated:
+    print("terminated")
+    sys.exit(0)
+print("went on")
+"""
+
+
+@pytest.mark.parametrize("how", ["fork", "worker"])
+def test_a_sigterm_swallowed_by_an_at_fork_hook_still_stops_the_command(tmp_path, how):
+    # Python runs the SIGTERM handler at the next bytecode; inside an at-fork hook its exception is printed
+    # as "ignored" and lost, so without the recorded signal the command went on to the end (exit 0)
+    script = tmp_path / "fork_sigterm.py"
+    script.write_text(FORK_SIGTERM)
+    res = subprocess.run([sys.executable, str(script), how], capture_output=True, text=True, timeout=60)
+    assert "Exception ignored" in res.stderr, res.stderr          # the hook did swallow it
+    assert res.stdout.strip() == "terminated", res.stdout + res.stderr
+
+
 def test_sigterm_mid_run_is_partial_and_resumes(built, tmp_path):
     env, args, proc, workers, db, err = _start_and_stop_mid_bench(built, tmp_path, signal.SIGTERM)
     assert proc.returncode == 143, err[-3000:]

@@ -22,16 +22,20 @@ import click
 
 from edgequant.cli import build, devices, history, measure, stages, tune  # noqa: F401 - each registers its commands
 from edgequant.cli.app import cli
+from edgequant.core.children import note_terminated
 from edgequant.core.errors import EdgequantError, Terminated, one_line
 
-__all__ = ["cli", "entry", "main"]
+__all__ = ["cli", "entry", "main", "on_sigterm"]
 
 
 # ---------------------------------------------------------------------------
 # entry point: library errors become one clean line
 
 
-def _terminated(signum, frame) -> None:
+def on_sigterm(signum, frame) -> None:
+    """SIGTERM unwinds like Ctrl-C; recorded as well, for a fork that swallows the exception
+    (``edgequant.core.children``)."""
+    note_terminated()
     raise Terminated()
 
 
@@ -39,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     previous = None
     if threading.current_thread() is threading.main_thread():
         # SIGTERM (a CI job cancelled, `kill`) unwinds like Ctrl-C: partial files removed, the run marked partial
-        previous = signal.signal(signal.SIGTERM, _terminated)
+        previous = signal.signal(signal.SIGTERM, on_sigterm)
     try:
         return _main(argv)
     finally:

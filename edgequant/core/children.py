@@ -6,6 +6,12 @@ started with :func:`die_with_parent` as its ``preexec_fn``: Linux's parent-death
 (``prctl(PR_SET_PDEATHSIG, SIGKILL)``) kills it when the thread that started it ends.  Children that
 should not see a terminal's Ctrl-C also get their own session (``start_new_session=True``); the parent
 then stops them itself.
+
+A SIGTERM can arrive while this process forks.  Python runs a signal's handler at the next bytecode, and if
+that is inside an at-fork hook (``logging`` registers some, and ``gguf`` imports logging) the exception the
+handler raises is printed as "ignored" there and lost: the command would go on to the end and exit 0.  The
+CLI's handler therefore also records the signal (:func:`note_terminated`), and every place that forks calls
+:func:`raise_if_terminated` right after.
 """
 
 from __future__ import annotations
@@ -15,7 +21,11 @@ import os
 import signal
 import sys
 
+from edgequant.core.errors import Terminated
+
 PR_SET_PDEATHSIG = 1          # <linux/prctl.h>
+
+_terminated = [False]         # set by the CLI's SIGTERM handler, never cleared: the command is ending
 
 _prctl = None
 if sys.platform.startswith("linux"):
@@ -39,3 +49,14 @@ def die_with_parent():
             os._exit(1)
 
     return arm
+
+
+def note_terminated() -> None:
+    """Called by the CLI's SIGTERM handler before it raises :class:`Terminated`."""
+    _terminated[0] = True
+
+
+def raise_if_terminated() -> None:
+    """After a fork: raise the :class:`Terminated` an at-fork hook may have swallowed (see the module doc)."""
+    if _terminated[0]:
+        raise Terminated()
