@@ -165,7 +165,7 @@ def test_noise_and_recheck_bad_input_on_a_phone_is_one_line_exit_2(tiny_checkpoi
     r = run_cli("compare", runs[0], "no-such-run", *args, env=env)
     assert r.returncode == 2 and assert_one_line_error(r.stderr, "no-such-run")
     r = run_cli("compare", *runs, *args, "--rounds", "1", env=env)
-    assert r.returncode == 2 and assert_one_line_error(r.stderr, "--rounds 1", "at least twice")
+    assert r.returncode == 2 and assert_one_line_error(r.stderr, "--rounds 1", "at least 3 rounds")
     # the artifact left the cache
     moved = _copy_db(db, tmp_path / "moved.db", ("UPDATE artifacts SET path = ?", str(tmp_path / "gone.gguf")))
     r = run_cli("compare", *runs, *args, "--db", str(moved), env=env)
