@@ -401,8 +401,15 @@ def wide_slots(suite: Suite) -> int:
 def generating_context_bytes(path: Path, suite: Suite) -> int:
     """An upper estimate of the KV cache a rung's context holds when the teacher pass also generates its
     outputs (``teacher_pass(generate=True)``): EVAL_SLOTS whole cases (prompt and ``max_tokens``) beside the
-    shared prefix, counting a token per character of text (a token covers at least one), with f16 K and V in
-    every layer (the sliding-window layers keep full size).  0 when the GGUF does not say its shape."""
+    shared prefix (``context_kv_bytes``)."""
+    return context_kv_bytes(path, suite, EVAL_SLOTS)
+
+
+def context_kv_bytes(path: Path, suite: Suite, slots: int) -> int:
+    """An upper estimate of the KV cache of a context holding ``slots`` whole cases (prompt and
+    ``max_tokens``) beside the shared prefix, counting a token per character of text (a token covers at least
+    one), with f16 K and V in every layer (the sliding-window layers keep full size).  0 when the GGUF does
+    not say its shape."""
     from edgequant.quantize.gguf_info import read_gguf_layout
 
     meta = read_gguf_layout(path).meta
@@ -417,13 +424,27 @@ def generating_context_bytes(path: Path, suite: Suite) -> int:
     for group in case_groups(suite):
         head = len(group["system"]) + len(group["few_shot"]) + 64     # + the chat template's own tokens
         case = max(len(c["prompt"]) + c["max_tokens"] for c in group["cases"]) + 8
-        cells = max(cells, head + EVAL_SLOTS * case)
+        cells = max(cells, head + slots * case)
     return per_cell * cells
 
 
+def teacher_context_bytes(path: Path, suite: Suite, generating: bool = False) -> int:
+    """What a model's context adds to the teacher process beside its file: the KV cache (one case, or
+    EVAL_SLOTS of them when the pass also generates) and two blocks of KLD_CHUNK full-vocabulary logit rows
+    in f32 (llama.cpp's output buffer and the graph's own logits tensor).  On the 4B-shaped model the teacher
+    with BF16, Q8_0 and Q4_K_M peaked at 15.99 GiB with 13.4 GiB of files: the contexts and the interpreter
+    are the other 2.6 GiB, which a grouping on file sizes alone did not see."""
+    from edgequant.bench.eval_worker import KLD_CHUNK
+    from edgequant.quantize.gguf_info import read_gguf_layout
+
+    n_vocab = read_gguf_layout(path).array_lengths.get("tokenizer.ggml.tokens", 0)
+    return context_kv_bytes(path, suite, EVAL_SLOTS if generating else 1) + 2 * KLD_CHUNK * n_vocab * 4
+
+
 def teacher_groups(ref_size: int, rungs: list[tuple[Path, int]], available: int | None = None) -> list[list[Path]]:
-    """Split rungs (path, file size) into groups the teacher pass loads beside the reference at once:
-    the reference plus a group stay within 60 % of the memory available now (at least one rung each)."""
+    """Split rungs (path, bytes) into groups the teacher pass loads beside the reference at once: the
+    reference plus a group stay within 60 % of the memory available now (at least one rung each).  The
+    bytes are a model's file and its context (``teacher_context_bytes``), the reference's too."""
     if available is None:
         import psutil
 

