@@ -156,7 +156,7 @@ def call_worker(request: dict, timeout: float, on_progress: Callable[[str], None
 
 
 def base_request(path: Path, suite: Suite, threads: int, repack: bool | None, prompting: str) -> dict:
-    return {"path": str(path), "threads": threads, "repack": repack, "mmap": True, "seed": 0,
+    return {"path": str(path), "threads": threads, "repack": repack, "mmap": None, "seed": 0,
             "prompting": prompting, "slots": EVAL_SLOTS, "groups": case_groups(suite)}
 
 

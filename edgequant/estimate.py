@@ -11,15 +11,13 @@ The estimator is a function of (model facts, profile, suite, place, store): ``es
 cells can call it as it is.  Disk and memory are checked with ``check_resources``, before anything is
 written, and refused with one line (``BadInput``, exit 2).
 
-Without history, the defaults below are used.  A build stage (conversion, a quantization) is a start-up
-plus a time per parameter, from figures measured on a 2-core x86-64 machine (field notes and the README's
-"MedGemma 1.5 4B"); benchmark and eval times are tokens over tokens/s, inversely with the parameter count;
-the eval's factors were set so that the built-in suite over the 270M's ladder comes to the measured "about
-1 min per rung for the outputs and 1 min for the KLD pass" (README).  With history, a stage of the same model
-takes the time it took (the median of the latest five), and another model's is scaled from this place's
-figures (``scaled_seconds``).  The K-quants do not scale linearly with the parameter count (Q4_K_M: 7 ns a
-parameter on the 268M, 30 on the 4B-shaped model): the first build of a much larger model is estimated low
-there, the next from its own history.
+Without history, the defaults below are used: a build stage (conversion, a quantization) on a line through
+two models measured on a 2-core x86-64 machine (the 268M default and the 3.88B MedGemma-shaped model);
+benchmark and eval times are tokens over tokens/s, inversely with the parameter count; the eval's factors
+were set so that the built-in suite over the 270M's ladder comes to the measured "about 1 min per rung for
+the outputs and 1 min for the KLD pass" (README).  With history, a stage of the same model takes the time it
+took (the median of the latest five), and another model's is scaled from this place's figures
+(``scaled_seconds``: a line through this place's sizes, or the defaults' line at this place's pace).
 """
 
 from __future__ import annotations
@@ -37,21 +35,26 @@ from edgequant.core.errors import BadInput
 GiB = 1024 ** 3
 MiB = 1024 ** 2
 
-# -- defaults, per parameter of the language model (2-core x86-64 machine) --------------------------------
-# A build stage is a start-up (imports, the tokenizer's 262k entries, the file's header), whatever the
-# model's size, plus a time per parameter: the converter took 15.4 s on the 268M default model and 39.1 s on
-# the 3.88B-parameter MedGemma-shaped one (README, "MedGemma 1.5 4B"), which puts its start-up at about 13.6 s
-# and 6.1 ns a parameter; scaled linearly from the 268M alone it would be 223 s on the 4B.
-CONVERT_STARTUP_S = 13.6
-CONVERT_S_PER_PARAM = (15.4 - CONVERT_STARTUP_S) / 268e6
-QUANTIZE_STARTUP_S = 0.3                    # load the BF16 file's header and tensor index
-# llama_model_quantize from the 268M's BF16 GGUF, 2 threads (field notes), less the start-up; a type not
-# listed takes its family's figure (IQ*: IQ4_XS; *_K*: Q4_K_M; others: Q8_0)
-QUANTIZE_S_268M = {"Q8_0": 1.2, "Q6_K": 1.7, "Q5_K_M": 1.8, "Q4_K_M": 1.9, "Q4_0": 1.1, "Q3_K_M": 2.0,
-                   "Q2_K": 1.3, "IQ4_XS": 9.4}
+# -- defaults (2-core x86-64 machine, 2 threads) -----------------------------------------------------------
+# A build stage is a start-up (imports, the tokenizer's 262k entries, the file's header) plus a time that
+# grows with the model.  Each is a line through two models measured here: the 268M default model and the
+# 3.88B-parameter MedGemma-shaped one (README, "MedGemma 1.5 4B"), each the mean of the runs measured on a
+# quiet machine (2026-12-06).  The converter: 15.3 s (15.4, 16.6, 13.8) and 48.4 s (39.1, 51.3, 54.9: its
+# reads depend on what the page cache holds), a start-up of about 12.8 s.
+SMALL_N, LARGE_N = 268_098_176, 3_880_263_168
+CONVERT_S = (15.3, 48.4)
+# edgequant's quantize stage (llama_model_quantize in a forked child, no importance matrix) per type
+# (benchmarks/ladder_time.py --profile default); a type not listed takes its family's figures (IQ*: IQ4_XS;
+# *_K*: Q4_K_M; others: Q8_0).  The K-quants take 3-4 x longer per parameter on the 4B than on the 268M
+# (whose embedding table is most of the model), so a line through both sizes, not a time per parameter, is
+# what carries one to the other.
+QUANTIZE_S = {"Q8_0": (1.6, 20.3), "Q6_K": (2.4, 65.0), "Q5_K_M": (2.8, 100.4), "Q4_K_M": (2.8, 115.8),
+              "Q4_0": (2.0, 19.1), "Q3_K_M": (3.0, 69.2), "Q2_K": (2.5, 84.9), "IQ4_XS": (10.6, 321.5)}
+QUANTIZE_STARTUP_S = 0.3                    # below the small model: the start-up, then in proportion
 PP_TPS_PARAMS = 950.0 * 268e6               # prompt processing: 950 t/s at 268M, inversely with size
 TG_TPS_PARAMS = 100.0 * 268e6               # generation: 100 t/s at 268M
-BENCH_OVERHEAD_S = 4.0                      # a benchmark process: start, load, warm-up bookkeeping
+BENCH_OVERHEAD_S = 2.5                      # a benchmark process: start, load, contention checks (measured
+#                                             2.0 s on the 268M, 1.7-4.6 s on the 4B, beyond its tokens)
 EVAL_OVERHEAD_S = 4.0                       # an eval worker: start and load
 EVAL_TOKENS_FRACTION = 0.5                  # of max_tokens, generated on average before a stop (set, see above)
 EVAL_SLOT_SPEEDUP = 2.0                     # 8 slots side by side against single-stream tg (README: 44 -> 80-120)
@@ -199,28 +202,36 @@ BUILD_STAGES = ("convert", "quantize", "onnx-export", "onnx-quantize")
 SAME_SIZE = 0.05            # history of a model within 5 % of this one's parameter count is this model's own
 
 
-def quantize_seconds_268m(quant: str) -> float:
-    """``llama_model_quantize``'s time for a rung's type on the 268M model (``QUANTIZE_S_268M``, by family for
-    a type not listed)."""
+def quantize_points(quant: str) -> tuple[float, float]:
+    """The quantize stage's default seconds for a rung's type on the two calibration models
+    (``QUANTIZE_S``, by family for a type not listed)."""
     from edgequant.profiles.rungs import parse_rung
     from edgequant.profiles.variants import base_quant
 
     base = parse_rung(base_quant(quant)).base.upper()
-    if base in QUANTIZE_S_268M:
-        return QUANTIZE_S_268M[base]
+    if base in QUANTIZE_S:
+        return QUANTIZE_S[base]
     if base.startswith("IQ"):
-        return QUANTIZE_S_268M["IQ4_XS"]
-    return QUANTIZE_S_268M["Q4_K_M" if "_K" in base else "Q8_0"]
+        return QUANTIZE_S["IQ4_XS"]
+    return QUANTIZE_S["Q4_K_M" if "_K" in base else "Q8_0"]
+
+
+def two_point_seconds(points: tuple[float, float], n_params: int, startup: float) -> float:
+    """The line through (SMALL_N, points[0]) and (LARGE_N, points[1]) at ``n_params``; below SMALL_N, from
+    ``startup`` at no parameters to points[0] at SMALL_N (the line may start below zero)."""
+    small, large = points
+    if n_params < SMALL_N:
+        return startup + (small - startup) * n_params / SMALL_N
+    return small + (large - small) * (n_params - SMALL_N) / (LARGE_N - SMALL_N)
 
 
 def default_stage_seconds(stage: str, quant: str, n_params: int) -> float | None:
-    """A build stage's time from the defaults above: start-up plus time per parameter; None for a stage the
-    defaults do not cover."""
+    """A build stage's time from the defaults above; None for a stage the defaults do not cover."""
     if stage == "convert":
-        return CONVERT_STARTUP_S + CONVERT_S_PER_PARAM * n_params
+        startup = CONVERT_S[0] - (CONVERT_S[1] - CONVERT_S[0]) * SMALL_N / (LARGE_N - SMALL_N)
+        return two_point_seconds(CONVERT_S, n_params, startup)
     if stage == "quantize":
-        per = max(quantize_seconds_268m(quant) - QUANTIZE_STARTUP_S, 0.1) / 268e6
-        return QUANTIZE_STARTUP_S + per * n_params
+        return two_point_seconds(quantize_points(quant), n_params, QUANTIZE_STARTUP_S)
     if stage == "onnx-export":
         return 45.0 / 268e6 * n_params
     return None
@@ -367,8 +378,8 @@ def estimate_run(facts: ModelFacts, profile, suite=None, place: str | None = Non
     for q in rungs:
         pp, basis_pp = speed.tps("pp", q, n)
         tg, basis_tg = speed.tps("tg", q, n)
-        runs = b.repetitions + b.warmup
-        per_variant = runs * (b.n_prompt / pp + b.n_gen / tg)
+        # as the benchmark worker runs them: a warm-up is one whole prompt and one generated token
+        per_variant = (b.repetitions + b.warmup) * b.n_prompt / pp + (b.repetitions * b.n_gen + b.warmup) / tg
         depth_fill = sum(d for d in b.depths if isinstance(d, int)) / pp * len(b.cache_types)
         stages.append(StageEstimate("bench", q, BENCH_OVERHEAD_S + n_variants * per_variant + depth_fill,
                                     PROCESS_BASE + sizes[q],

@@ -31,6 +31,14 @@ REPO = Path(__file__).resolve().parent.parent
 QUICK = REPO / "profiles" / "quick.toml"
 
 
+SMALL, LARGE = 268_098_176, 3_880_263_168       # the two models the build defaults were measured on
+
+
+def _line(small_s: float, large_s: float, n: float) -> float:
+    """The line through (SMALL, small_s) and (LARGE, large_s) at n."""
+    return small_s + (large_s - small_s) * (n - SMALL) / (LARGE - SMALL)
+
+
 def facts(n: int) -> estimate.ModelFacts:
     return estimate.ModelFacts("m", n, 0, 2 * n)
 
@@ -47,13 +55,19 @@ def test_without_history_the_documented_defaults_scale_with_the_parameter_count(
     profile = load_profile(str(QUICK))          # BF16, Q8_0, Q4_K_M, Q4_0; pp128 tg32, 3 reps + 1 warm-up
     n = 2 * 268_000_000
     est = estimate.estimate_run(facts(n), profile, None, place="host:test", store=None, memory_available=64 << 30)
-    # the converter: a 13.6 s start-up, then 15.4 s in all at 268M; a quantization: 0.3 s, then Q4_K_M's 1.9 s
-    # at 268M (field notes); pp 950 t/s, tg 100 t/s at 268M (README): twice the parameters, twice the rest
-    assert by(est, "convert", "BF16").seconds == pytest.approx(13.6 + 2 * 1.8)
-    assert by(est, "quantize", "Q4_K_M").seconds == pytest.approx(0.3 + 2 * 1.6)
-    assert by(est, "quantize", "Q4_0").seconds == pytest.approx(0.3 + 2 * 0.8)
+    # build stages: lines through the two models measured (README): 268,098,176 and 3,880,263,168 parameters;
+    # the converter 15.3 s and 48.4 s, Q4_K_M 2.8 s and 115.8 s, Q4_0 2.0 s and 19.1 s
+    assert by(est, "convert", "BF16").seconds == pytest.approx(_line(15.3, 48.4, n))
+    assert by(est, "quantize", "Q4_K_M").seconds == pytest.approx(_line(2.8, 115.8, n))
+    assert by(est, "quantize", "Q4_0").seconds == pytest.approx(_line(2.0, 19.1, n))
+    # below the small model: from the start-up (the converter's, where its line meets 0 parameters) in proportion
+    tiny = estimate.estimate_run(facts(10_000_000), profile, None, place="host:test", memory_available=64 << 30)
+    convert_start = 15.3 - (48.4 - 15.3) * SMALL / (LARGE - SMALL)
+    assert by(tiny, "convert", "BF16").seconds == pytest.approx(convert_start + (15.3 - convert_start) * 1e7 / SMALL)
+    assert by(tiny, "quantize", "Q4_0").seconds == pytest.approx(0.3 + 1.7 * 1e7 / SMALL)
     pp, tg = 950 / 2, 100 / 2
-    assert by(est, "bench", "Q8_0").seconds == pytest.approx(4.0 + 4 * (128 / pp + 32 / tg))
+    # 2.5 s of start-up, then 1 warm-up and 3 repetitions of the prompt; 3 of the 32 tokens and 1 warm-up token
+    assert by(est, "bench", "Q8_0").seconds == pytest.approx(2.5 + 4 * 128 / pp + (3 * 32 + 1) / tg)
     assert {s.basis for s in est.stages} == {"default"}
     assert not [s for s in est.stages if s.stage.startswith("eval")]      # no suite, no eval
     # built already: nothing to convert or quantize
@@ -88,15 +102,21 @@ def test_this_places_stored_speed_scales_to_another_model(target):
     profile = load_profile(str(QUICK))
     est = estimate.estimate_run(facts(200_000_000), profile, None, place="host:a", store=store,
                                 memory_available=64 << 30)
-    # one model size here: its time, scaled along the defaults' start-up and slope (start-up plus per parameter)
-    convert = 20.0 * (13.6 + 1.8 * 200 / 268) / (13.6 + 1.8 * 100 / 268)
-    assert by(est, "convert", "BF16").seconds == pytest.approx(convert) and by(est, "convert", "BF16").basis == "history"
-    q8 = 3.0 * (0.3 + 0.9 * 200 / 268) / (0.3 + 0.9 * 100 / 268)
+    # one model size here: its time, scaled along the defaults' curve (below the small model: the start-up, then
+    # in proportion to the parameters)
+    convert_start = 15.3 - (48.4 - 15.3) * SMALL / (LARGE - SMALL)
+
+    def convert_default(m: float) -> float:
+        return convert_start + (15.3 - convert_start) * m / SMALL
+
+    assert by(est, "convert", "BF16").seconds == pytest.approx(20.0 * convert_default(2e8) / convert_default(1e8))
+    assert by(est, "convert", "BF16").basis == "history"
+    q8 = 3.0 * (0.3 + 1.3 * 2e8 / SMALL) / (0.3 + 1.3 * 1e8 / SMALL)
     assert by(est, "quantize", "Q8_0").seconds == pytest.approx(q8)
     # Q4_0 was not built here (the oom row is not this place's speed): its default, at this place's pace for Q8_0
-    assert by(est, "quantize", "Q4_0").seconds == pytest.approx((0.3 + 0.8 * 200 / 268) * q8 / (0.3 + 0.9 * 200 / 268))
+    assert by(est, "quantize", "Q4_0").seconds == pytest.approx((0.3 + 1.7 * 2e8 / SMALL) * q8 / (0.3 + 1.3 * 2e8 / SMALL))
     # twice the parameters: half the tokens/s
-    assert by(est, "bench", "Q8_0").seconds == pytest.approx(4.0 + 4 * (128 / 250 + 32 / 25))
+    assert by(est, "bench", "Q8_0").seconds == pytest.approx(2.5 + 4 * 128 / 250 + (3 * 32 + 1) / 25)
     assert by(est, "bench", "Q8_0").basis == "history"
     # another place has no history: the defaults
     other = estimate.estimate_run(facts(200_000_000), profile, None, place="phone:b", store=store,
@@ -128,10 +148,10 @@ def test_a_models_own_history_is_its_time_and_two_sizes_give_this_places_own_lin
     mx, my = sum(xs) / 4, sum(ys) / 4
     slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
     assert secs(1_000_000_000, "convert", "BF16") == pytest.approx(my + slope * (1e9 - mx))
-    # two points on a line: Q4_K_M's own start-up and slope (not the defaults', which put 4B at 23 s)
+    # two points on a line: Q4_K_M's own start-up and slope at this place
     assert secs(2_000_000_000, "quantize", "Q4_K_M") == pytest.approx(2.0 + 114.0 * (2e9 - small) / (big - small))
     # below the smallest size that line would start below zero: the nearest size, along the defaults' curve
-    assert secs(100_000_000, "quantize", "Q4_K_M") == pytest.approx(2.0 * (0.3 + 1.6 * 100 / 268) / (0.3 + 1.6))
+    assert secs(100_000_000, "quantize", "Q4_K_M") == pytest.approx(2.0 * (0.3 + 2.5 * 1e8 / SMALL) / (0.3 + 2.5 * small / SMALL))
 
 
 def test_a_suite_adds_the_eval_stages_with_the_teacher_beside_each_rung():
