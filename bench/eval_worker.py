@@ -6,7 +6,7 @@ progress lines ``progress eval i/n`` on stderr.  The request
 (``edgequant.bench.quality`` builds it)::
 
     {"path": str, "threads": int, "repack": bool|null, "seed": int,
-     "mmap": bool|null,                # null: map the file, or read it when llama.cpp repacks the weights
+     "mmap": bool|null,                # null: read a quantized file when repacking is on, else map it
      "prompting": "auto"|"chat"|"completion",
      "slots": int,                     # cases decoded side by side (default 8)
      "groups": [{"format": str, "system": str, "few_shot": str, "stop": [str],
@@ -66,6 +66,7 @@ import ctypes
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -123,6 +124,24 @@ class RefRows:
         return np.maximum(kld, 0.0), self.top == np.argmax(logits, axis=1)
 
 
+FLOAT_FILE_TYPES = {0, 1, 32}      # llama.cpp's general.file_type: all F32, mostly F16, mostly BF16
+
+
+def float_weights(path: str) -> bool:
+    """Whether a GGUF's weights are floats (BF16, F16, F32), which llama.cpp never repacks.
+
+    An eval session maps such a file and reads a quantized one when repacking is on: llama.cpp copies repacked
+    weights out of the file, and a mapped file's pages stay resident beside the copy (a 4B Q4_0 loaded in
+    4.0 GiB mapped and 2.3 GiB read, in 3.8 s and 7.4 s).  A type this CPU does not repack (Q8_0 on x86) is
+    read too: the same memory, a slower load."""
+    from edgequant.quantize.gguf_info import BadGGUF, read_gguf_layout
+
+    try:
+        return read_gguf_layout(Path(path)).meta.get("general.file_type") in FLOAT_FILE_TYPES
+    except (BadGGUF, OSError):
+        return False            # llama.cpp's own load says what is wrong with it
+
+
 class Session:
     """A loaded model with one context: the shared prefix in sequence 0, cases in 1..slots."""
 
@@ -135,9 +154,7 @@ class Session:
                      "vocab_only": bool(req.get("prefix_lengths"))}
         self.bench = Bench(L, bench_req, log, lambda s: None)
         if bench_req["mmap"] is None:
-            # auto: llama.cpp copies repacked weights out of the file, and a mapped file's pages stay resident
-            # beside the copy (a 4B Q4_0 loaded in 4.0 GiB mapped, 2.3 GiB read), so read it when it repacks
-            bench_req["mmap"] = not self.bench.repack
+            bench_req["mmap"] = not self.bench.repack or float_weights(req["path"])
         self.bench.load_model()
         self.model = self.bench.model
         self.vocab = L.llama_model_get_vocab(self.model)

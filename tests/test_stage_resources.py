@@ -257,27 +257,29 @@ def test_a_phones_push_and_measuring_step_are_stage_rows_with_its_place(tiny_che
     assert push_rows[0][5] == f"{q4.path.stat().st_size / MiB:,.1f}" and push_rows[1][5] == "0.0"
 
 
-def test_an_eval_session_reads_a_repacked_rung_instead_of_mapping_it(tiny_bf16_gguf):
+def test_an_eval_session_reads_a_quantized_rung_that_may_be_repacked(tiny_q8, tiny_bf16_gguf):
     """llama.cpp copies repacked weights out of the file; mapped, the file's pages stayed resident beside the
-    copy (a 4B Q4_0 loaded in 4.0 GiB mapped, 2.3 GiB read).  So an eval session maps the file only when
-    the weights are not repacked, unless the request says; whether it did is read from /proc/self/maps."""
+    copy (a 4B Q4_0 loaded in 4.0 GiB mapped, 2.3 GiB read).  So with repacking on an eval session reads a
+    quantized file and maps a float one (never repacked); an explicit choice stands.  Whether the file was
+    mapped is read from /proc/self/maps."""
     import subprocess
     import sys
 
+    q8 = next(a.path for a in tiny_q8["artifacts"] if a.quant == "Q8_0")
     script = """
 import json, sys
 import llama_cpp as L
 from edgequant.bench.eval_worker import Session, WorkerLog
-path = sys.argv[1]
 seen = []
-for extra in ({"repack": True}, {"repack": False}, {"repack": True, "mmap": True}):
+for path, extra in ((sys.argv[1], {"repack": True}), (sys.argv[1], {"repack": False}),
+                    (sys.argv[1], {"repack": True, "mmap": True}), (sys.argv[2], {"repack": True})):
     s = Session(L, dict({"path": path, "threads": 1}, **extra), WorkerLog(L, echo=False))
     with open("/proc/self/maps") as fh:
         seen.append(path in fh.read())
     s.close()
 print(json.dumps(seen))
 """
-    out = subprocess.run([sys.executable, "-c", script, str(tiny_bf16_gguf)], capture_output=True, text=True,
-                         timeout=120)
+    out = subprocess.run([sys.executable, "-c", script, str(q8), str(tiny_bf16_gguf)], capture_output=True,
+                         text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert json.loads(out.stdout.strip().splitlines()[-1]) == [False, True, True]
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == [False, True, True, True]
