@@ -239,11 +239,14 @@ def default_stage_seconds(stage: str, quant: str, n_params: int) -> float | None
 
 def scaled_seconds(points: list[tuple[int, float]], n_params: int, default=None) -> float:
     """A stage's time for a model of ``n_params`` from the (parameters, seconds) it took here before, newest
-    first: the median of the same model's times when there are any; else a line through this place's points
-    when they span model sizes (its own start-up and time per parameter; the K-quants' grows with the model,
-    so its start-up can come out below zero, which is used only at or above the smallest size); else the nearest size's time scaled
-    along ``default`` (parameters -> seconds: the defaults' start-up and slope, at this place's pace), or in
-    proportion to the parameters without one."""
+    first.  In order:
+
+    * the median of the same model's times, when there are any;
+    * a least-squares line through this place's points, when they span model sizes: its own start-up and
+      slope.  A K-quant's time per parameter grows with the model, so the line can start below zero; it is
+      used then only at or above the smallest size;
+    * the nearest size's time, scaled along ``default`` (parameters -> seconds, the defaults' line) at this
+      place's pace, or in proportion to the parameters without one."""
     same = [sec for m, sec in points if abs(m - n_params) <= SAME_SIZE * n_params]
     if same:
         return statistics.median(same[:5])

@@ -114,7 +114,8 @@ def test_this_places_stored_speed_scales_to_another_model(target):
     q8 = 3.0 * (0.3 + 1.3 * 2e8 / SMALL) / (0.3 + 1.3 * 1e8 / SMALL)
     assert by(est, "quantize", "Q8_0").seconds == pytest.approx(q8)
     # Q4_0 was not built here (the oom row is not this place's speed): its default, at this place's pace for Q8_0
-    assert by(est, "quantize", "Q4_0").seconds == pytest.approx((0.3 + 1.7 * 2e8 / SMALL) * q8 / (0.3 + 1.3 * 2e8 / SMALL))
+    q4_default, q8_default = 0.3 + 1.7 * 2e8 / SMALL, 0.3 + 1.3 * 2e8 / SMALL
+    assert by(est, "quantize", "Q4_0").seconds == pytest.approx(q4_default * q8 / q8_default)
     # twice the parameters: half the tokens/s
     assert by(est, "bench", "Q8_0").seconds == pytest.approx(2.5 + 4 * 128 / 250 + (3 * 32 + 1) / 25)
     assert by(est, "bench", "Q8_0").basis == "history"
@@ -151,7 +152,8 @@ def test_a_models_own_history_is_its_time_and_two_sizes_give_this_places_own_lin
     # two points on a line: Q4_K_M's own start-up and slope at this place
     assert secs(2_000_000_000, "quantize", "Q4_K_M") == pytest.approx(2.0 + 114.0 * (2e9 - small) / (big - small))
     # below the smallest size that line would start below zero: the nearest size, along the defaults' curve
-    assert secs(100_000_000, "quantize", "Q4_K_M") == pytest.approx(2.0 * (0.3 + 2.5 * 1e8 / SMALL) / (0.3 + 2.5 * small / SMALL))
+    along = (0.3 + 2.5 * 1e8 / SMALL) / (0.3 + 2.5 * small / SMALL)
+    assert secs(100_000_000, "quantize", "Q4_K_M") == pytest.approx(2.0 * along)
 
 
 def test_a_suite_adds_the_eval_stages_with_the_teacher_beside_each_rung():
