@@ -398,21 +398,18 @@ def wide_slots(suite: Suite) -> int:
     return max(len(g["cases"]) for g in case_groups(suite))
 
 
-def generating_context_bytes(path: Path, suite: Suite) -> int:
-    """An upper estimate of the KV cache a rung's context holds when the teacher pass also generates its
-    outputs (``teacher_pass(generate=True)``): EVAL_SLOTS whole cases (prompt and ``max_tokens``) beside the
-    shared prefix (``context_kv_bytes``)."""
-    return context_kv_bytes(path, suite, EVAL_SLOTS)
-
-
 def context_kv_bytes(path: Path, suite: Suite, slots: int) -> int:
     """An upper estimate of the KV cache of a context holding ``slots`` whole cases (prompt and
     ``max_tokens``) beside the shared prefix, counting a token per character of text (a token covers at least
     one), with f16 K and V in every layer (the sliding-window layers keep full size).  0 when the GGUF does
-    not say its shape."""
+    not say its shape.  ``slots=EVAL_SLOTS``: a rung's context when the teacher pass also generates its
+    outputs (``teacher_pass(generate=True)``)."""
     from edgequant.quantize.gguf_info import read_gguf_layout
 
-    meta = read_gguf_layout(path).meta
+    return _kv_bytes(read_gguf_layout(path).meta, suite, slots)
+
+
+def _kv_bytes(meta: dict, suite: Suite, slots: int) -> int:
     arch = meta.get("general.architecture")
     n_layer, n_kv = meta.get(f"{arch}.block_count"), meta.get(f"{arch}.attention.head_count_kv")
     k_len = meta.get(f"{arch}.attention.key_length")
@@ -437,8 +434,20 @@ def teacher_context_bytes(path: Path, suite: Suite, generating: bool = False) ->
     from edgequant.bench.eval_worker import KLD_CHUNK
     from edgequant.quantize.gguf_info import read_gguf_layout
 
-    n_vocab = read_gguf_layout(path).array_lengths.get("tokenizer.ggml.tokens", 0)
-    return context_kv_bytes(path, suite, EVAL_SLOTS if generating else 1) + 2 * KLD_CHUNK * n_vocab * 4
+    layout = read_gguf_layout(path)
+    n_vocab = layout.array_lengths.get("tokenizer.ggml.tokens", 0)
+    return _kv_bytes(layout.meta, suite, EVAL_SLOTS if generating else 1) + 2 * KLD_CHUNK * n_vocab * 4
+
+
+def teacher_groups_for(reference: tuple[Path, int], rungs: list[tuple[Any, Path, int]], suite: Suite,
+                       generating: bool = False, available: int | None = None) -> list[list]:
+    """``teacher_groups`` for the reference (path, file size) and rungs (key, path, file size), each counted
+    with its context (``teacher_context_bytes``; the rungs' as generating ones with ``generating``); the
+    groups hold the rungs' keys."""
+    ref_path, ref_size = reference
+    return teacher_groups(ref_size + teacher_context_bytes(ref_path, suite),
+                          [(key, size + teacher_context_bytes(path, suite, generating)) for key, path, size in rungs],
+                          available)
 
 
 def teacher_groups(ref_size: int, rungs: list[tuple[Path, int]], available: int | None = None) -> list[list[Path]]:

@@ -84,9 +84,8 @@ def wide_repetition(artifacts, suite, threads: int, prompting: str, timeout: flo
         row["gen_tokens"] = plain_data["gen_tokens"]
         print(f"  {art.quant}: plain {row['plain']:.1f} s, wide {row['wide']:.1f} s, "
               f"{len(row['diffs'])} cases differ", file=sys.stderr)
-    groups = quality.teacher_groups(artifacts[0].size_bytes + quality.teacher_context_bytes(artifacts[0].path, suite),
-                                    [(a.path, a.size_bytes + quality.teacher_context_bytes(a.path, suite))
-                                     for a in artifacts[1:]])
+    groups = quality.teacher_groups_for((artifacts[0].path, artifacts[0].size_bytes),
+                                        [(a.path, a.path, a.size_bytes) for a in artifacts[1:]], suite)
     t0 = time.perf_counter()
     for group in groups:
         quality.teacher_pass(ref, group, suite, threads, None, timeout, lambda p: None)
@@ -125,9 +124,8 @@ def one_repetition(artifacts, suite, threads: int, prompting: str, check: bool, 
         ref = quality.reference_outputs(ref_art.path, ref_art.sha256, ref_art.quant, suite, Path(tmp), threads,
                                         None, prompting, timeout, lambda p: None)
         out["reference"] = time.perf_counter() - t0
-    groups = quality.teacher_groups(ref_art.size_bytes + quality.teacher_context_bytes(ref_art.path, suite),
-                                    [(a.path, a.size_bytes + quality.teacher_context_bytes(a.path, suite, True))
-                                     for a in rungs])
+    groups = quality.teacher_groups_for((ref_art.path, ref_art.size_bytes),
+                                        [(a.path, a.path, a.size_bytes) for a in rungs], suite, generating=True)
     by_path = {a.path: a for a in rungs}
     plain_data = {}
     if plain or check:

@@ -28,7 +28,7 @@ import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from edgequant.core.errors import BadInput
 
@@ -237,7 +237,8 @@ def default_stage_seconds(stage: str, quant: str, n_params: int) -> float | None
     return None
 
 
-def scaled_seconds(points: list[tuple[int, float]], n_params: int, default=None) -> float:
+def scaled_seconds(points: list[tuple[int, float]], n_params: int,
+                   default: Callable[[int], float | None] | None = None) -> float:
     """A stage's time for a model of ``n_params`` from the (parameters, seconds) it took here before, newest
     first.  In order:
 
@@ -246,7 +247,7 @@ def scaled_seconds(points: list[tuple[int, float]], n_params: int, default=None)
       slope.  A K-quant's time per parameter grows with the model, so the line can start below zero; it is
       used then only at or above the smallest size;
     * the nearest size's time, scaled along ``default`` (parameters -> seconds, the defaults' line) at this
-      place's pace, or in proportion to the parameters without one."""
+      place's pace, or in proportion to the parameters where it gives none."""
     same = [sec for m, sec in points if abs(m - n_params) <= SAME_SIZE * n_params]
     if same:
         return statistics.median(same[:5])
@@ -292,9 +293,7 @@ class Speed:
             return None
 
         def scaled(q: str) -> float:
-            curve = None if default_stage_seconds(stage, q, 1) is None else \
-                (lambda m: default_stage_seconds(stage, q, m))
-            return scaled_seconds(by_quant[q], n_params, curve)
+            return scaled_seconds(by_quant[q], n_params, lambda m: default_stage_seconds(stage, q, m))
 
         if quant in by_quant:
             return scaled(quant)

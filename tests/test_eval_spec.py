@@ -278,14 +278,14 @@ def test_eval_check_mode_compares_with_plain_generation_and_logs_each_rung(model
 def test_a_generating_teacher_counts_each_rungs_kv_cache(tiny_bf16_gguf, tmp_path):
     """With generation in the teacher pass, each rung's context holds up to 8 whole cases: its KV cache is
     counted beside the file size when rungs are grouped under the 60 % rule."""
-    from edgequant.bench.quality import EVAL_SLOTS, generating_context_bytes, teacher_groups
+    from edgequant.bench.quality import EVAL_SLOTS, context_kv_bytes, teacher_groups
     from edgequant.profiles.suites import load_suite
     from tiny_model import TINY_DIMS
 
     (tmp_path / "spec.jsonl").write_text("\n".join(json.dumps(c) for c in CASES) + "\n")
     (tmp_path / "spec.toml").write_text(SUITE)
     suite = load_suite(str(tmp_path / "spec.toml"))
-    kv = generating_context_bytes(tiny_bf16_gguf, suite)
+    kv = context_kv_bytes(tiny_bf16_gguf, suite, EVAL_SLOTS)
     # f16 K and V of every layer: layers x kv heads x (key + value length) x 2 bytes per cell
     head_dim = TINY_DIMS["head_dim"]
     per_cell = TINY_DIMS["num_hidden_layers"] * TINY_DIMS["num_key_value_heads"] * 2 * head_dim * 2
@@ -302,7 +302,7 @@ def test_the_teacher_counts_each_models_context_beside_its_file(tiny_bf16_gguf, 
     """The 60 % rule groups rungs by what each model costs the teacher process: its file, its KV cache and two
     blocks of 64 full-vocabulary logit rows in f32; on the 4B-shaped model the contexts were 2.6 GiB of a
     15.99 GiB peak that file sizes alone put at 13.4."""
-    from edgequant.bench.quality import EVAL_SLOTS, context_kv_bytes, teacher_context_bytes
+    from edgequant.bench.quality import EVAL_SLOTS, context_kv_bytes, teacher_context_bytes, teacher_groups_for
     from edgequant.profiles.suites import load_suite
     from tiny_model import TINY_DIMS
 
@@ -314,3 +314,10 @@ def test_the_teacher_counts_each_models_context_beside_its_file(tiny_bf16_gguf, 
     assert 0 < one < eight
     assert teacher_context_bytes(tiny_bf16_gguf, suite) == one + logits
     assert teacher_context_bytes(tiny_bf16_gguf, suite, generating=True) == eight + logits
+    # grouped with their contexts: two rungs whose files fit beside the reference in 60 %, but not with them
+    size = 1000
+    files_only = int(3 * size / 0.6) + 1
+    with_contexts = int((3 * size + 3 * (one + logits)) / 0.6) + 1
+    rungs = [("a", tiny_bf16_gguf, size), ("b", tiny_bf16_gguf, size)]
+    assert teacher_groups_for((tiny_bf16_gguf, size), rungs, suite, available=files_only) == [["a"], ["b"]]
+    assert teacher_groups_for((tiny_bf16_gguf, size), rungs, suite, available=with_contexts) == [["a", "b"]]

@@ -388,9 +388,9 @@ def quality_rungs(scope: RunScope, artifacts: list[Artifact], profile: Profile, 
     # 2. token-level scores: the reference's outputs teacher-forced through as many rungs at once as fit;
     # the same pass gives the rungs' outputs (speculative verification, bench.eval_spec) unless plain
     teacher_generates = generation in ("speculative", "check")
-    context = {a.path: quality.teacher_context_bytes(a.path, suite, teacher_generates) for a, _ in outputs}
-    groups = quality.teacher_groups(ref_art.size_bytes + quality.teacher_context_bytes(ref_art.path, suite),
-                                    [(unit_key[a.quant], a.size_bytes + context[a.path]) for a, _ in outputs])
+    groups = quality.teacher_groups_for((ref_art.path, ref_art.size_bytes),
+                                        [(unit_key[a.quant], a.path, a.size_bytes) for a, _ in outputs], suite,
+                                        teacher_generates)
     by_path = {unit_key[a.quant]: (a, data) for a, data in outputs}
     for group in groups:
         label = f"KLD vs {ref_art.quant}: " + ", ".join(by_path[p][0].quant for p in group)
