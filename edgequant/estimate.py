@@ -53,8 +53,12 @@ QUANTIZE_S = {"Q8_0": (1.6, 20.3), "Q6_K": (2.4, 65.0), "Q5_K_M": (2.8, 100.4), 
 QUANTIZE_STARTUP_S = 0.3                    # below the small model: the start-up, then in proportion
 PP_TPS_PARAMS = 950.0 * 268e6               # prompt processing: 950 t/s at 268M, inversely with size
 TG_TPS_PARAMS = 100.0 * 268e6               # generation: 100 t/s at 268M
-BENCH_OVERHEAD_S = 2.5                      # a benchmark process: start, load, contention checks (measured
-#                                             2.0 s on the 268M, 1.7-4.6 s on the 4B, beyond its tokens)
+BENCH_START_S = 0.6                         # a benchmark process beyond its model's load and its tokens: start,
+#                                             contention checks (measured 0.4-0.6 s on the 268M and the 4B)
+LOAD_FIXED_S = 0.7                          # a model's load: 0.75-0.85 s for every rung of the 268M, ...
+LOAD_S_PER_GIB = 1.2                        # ... then read and repacked at about this (4B: Q8_0 0.8 s/GiB, Q4_0 1.3,
+LOAD_S_PER_GIB_FLOAT = 0.05                 # Q4_K_M 1.5); a float file is mapped (4B BF16: 0.9 s for 7.2 GiB)
+FLOAT_TYPES = ("BF16", "F16", "F32")
 EVAL_OVERHEAD_S = 4.0                       # an eval worker: start and load
 EVAL_TOKENS_FRACTION = 0.5                  # of max_tokens, generated on average before a stop (set, see above)
 EVAL_SLOT_SPEEDUP = 2.0                     # 8 slots side by side against single-stream tg (README: 44 -> 80-120)
@@ -234,6 +238,11 @@ def default_stage_seconds(stage: str, quant: str, n_params: int) -> float | None
         return two_point_seconds(quantize_points(quant), n_params, QUANTIZE_STARTUP_S)
     if stage == "onnx-export":
         return 45.0 / 268e6 * n_params
+    if stage == "load":
+        from edgequant.profiles.variants import base_quant
+
+        per_gib = LOAD_S_PER_GIB_FLOAT if base_quant(quant).upper() in FLOAT_TYPES else LOAD_S_PER_GIB
+        return LOAD_FIXED_S + rung_bytes(n_params, quant) / GiB * per_gib
     return None
 
 
@@ -271,18 +280,29 @@ class Speed:
     """Tokens/s scaled to a model of ``n_params`` from this place's history (or the defaults), per rung, and
     the build stages' times here."""
 
-    pp: dict[str, float] = field(default_factory=dict)         # base quant -> pp t/s x parameters
-    tg: dict[str, float] = field(default_factory=dict)
+    pp: dict[str, list[tuple[int, float]]] = field(default_factory=dict)   # base quant -> (parameters, pp t/s),
+    tg: dict[str, list[tuple[int, float]]] = field(default_factory=dict)   # newest first
     stage_points: dict[str, dict[str, list[tuple[int, float]]]] = field(default_factory=dict)
     #  stage -> quant -> (parameters, seconds) of its stored rows here, newest first
 
     def tps(self, kind: str, quant: str, n_params: int) -> tuple[float, str]:
+        """A rung's tokens/s for a model of ``n_params``: the same model's own (the median of its latest
+        five), else the nearest size's, inversely with the parameter count; a rung not measured here takes
+        the median of this place's other rungs; without history, the defaults."""
         table = self.pp if kind == "pp" else self.tg
         default = PP_TPS_PARAMS if kind == "pp" else TG_TPS_PARAMS
+
+        def at(points: list[tuple[int, float]]) -> float:
+            same = [v for m, v in points if abs(m - n_params) <= SAME_SIZE * n_params]
+            if same:
+                return statistics.median(same[:5])
+            m, v = min(points, key=lambda p: abs(math.log(p[0] / n_params)))    # the newest of the nearest
+            return v * m / n_params
+
         if quant in table:
-            return table[quant] / n_params, "history"
-        if table:          # another rung measured here: this place's speed, the rungs' median
-            return statistics.median(table.values()) / n_params, "history"
+            return at(table[quant]), "history"
+        if table:
+            return statistics.median(at(points) for points in table.values()), "history"
         return default / n_params, "default"
 
     def stage_seconds(self, stage: str, quant: str, n_params: int) -> float | None:
@@ -305,16 +325,19 @@ class Speed:
 
 
 def place_speed(store, place: str) -> Speed:
-    """This place's stored speed: the latest pp/tg t/s of every rung it benchmarked (times the rung's
-    parameter count, so it scales to another model) and its build stages' times with the models' sizes."""
+    """This place's stored speed: the pp/tg t/s of every rung it benchmarked, its build stages' times and its
+    benchmarks' model loads (stage ``load``), each with the model's size, newest first."""
     speed = Speed()
     if store is None:
         return speed
-    for quant, metric, value, n_params in store.speed_history(place):
-        table = speed.pp if metric == "pp_tps" else speed.tg
-        from edgequant.profiles.variants import base_quant
+    from edgequant.profiles.variants import base_quant
 
-        table.setdefault(base_quant(quant), value * n_params)   # newest first: the first one seen wins
+    for quant, metric, value, n_params in store.speed_history(place):
+        if metric == "load_time":       # a benchmark's model load: a stage of its own, scaled like the builds
+            speed.stage_points.setdefault("load", {}).setdefault(base_quant(quant), []).append((n_params, value))
+            continue
+        table = speed.pp if metric == "pp_tps" else speed.tg
+        table.setdefault(base_quant(quant), []).append((n_params, value))
     for r in store.stage_history(place):
         if r["n_params"] and r["seconds"] is not None and r["stage"] in BUILD_STAGES:
             speed.stage_points.setdefault(r["stage"], {}).setdefault(r["quant"], []).append(
@@ -383,9 +406,10 @@ def estimate_run(facts: ModelFacts, profile, suite=None, place: str | None = Non
         # as the benchmark worker runs them: a warm-up is one whole prompt and one generated token
         per_variant = (b.repetitions + b.warmup) * b.n_prompt / pp + (b.repetitions * b.n_gen + b.warmup) / tg
         depth_fill = sum(d for d in b.depths if isinstance(d, int)) / pp * len(b.cache_types)
-        stages.append(StageEstimate("bench", q, BENCH_OVERHEAD_S + n_variants * per_variant + depth_fill,
+        load, basis_load = timed("load", q, default_stage_seconds("load", q, n))
+        stages.append(StageEstimate("bench", q, BENCH_START_S + load + n_variants * per_variant + depth_fill,
                                     PROCESS_BASE + sizes[q],
-                                    "history" if "history" in (basis_pp, basis_tg) else "default"))
+                                    "history" if "history" in (basis_pp, basis_tg, basis_load) else "default"))
     # the eval: the reference's outputs, each rung's outputs, then the teacher pass over the reference's tokens
     if suite is not None:
         cases = list(suite.cases)

@@ -49,13 +49,13 @@ class PlaceHistory:
         return [dict(r) for r in rows]
 
     def speed_history(self, device_id: str, limit: int = 2000) -> list[tuple[str, str, float, int]]:
-        """(quant, metric, value, n_params) of the latest benchmark rows (``pp_tps``, ``tg_tps``) of one place,
-        newest first, each with the parameter count its rung stored beside it."""
+        """(quant, metric, value, n_params) of the latest benchmark rows (``pp_tps``, ``tg_tps``, ``load_time``)
+        of one place, newest first, each with the parameter count its rung stored beside it."""
         rows = self.conn.execute(
             "SELECT m.quant, m.metric, m.value, m.params, p.value AS n_params FROM measurements m"
             " JOIN measurements p ON p.run_id = m.run_id AND p.quant = m.quant AND p.device_id = m.device_id"
             " AND p.metric = 'n_params' AND p.params = m.params"
-            " WHERE m.device_id = ? AND m.metric IN ('pp_tps', 'tg_tps')"
+            " WHERE m.device_id = ? AND m.metric IN ('pp_tps', 'tg_tps', 'load_time')"
             " ORDER BY m.measured_at DESC, m.id DESC LIMIT ?", (device_id, limit))
         out = []
         for r in rows:

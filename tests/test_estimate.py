@@ -66,8 +66,13 @@ def test_without_history_the_documented_defaults_scale_with_the_parameter_count(
     assert by(tiny, "convert", "BF16").seconds == pytest.approx(convert_start + (15.3 - convert_start) * 1e7 / SMALL)
     assert by(tiny, "quantize", "Q4_0").seconds == pytest.approx(0.3 + 1.7 * 1e7 / SMALL)
     pp, tg = 950 / 2, 100 / 2
-    # 2.5 s of start-up, then 1 warm-up and 3 repetitions of the prompt; 3 of the 32 tokens and 1 warm-up token
-    assert by(est, "bench", "Q8_0").seconds == pytest.approx(2.5 + 4 * 128 / pp + (3 * 32 + 1) / tg)
+    # 0.6 s of start-up and the model's load (0.7 s, then 1.2 s per GiB read: Q8_0 is 9.5 bits a weight); then
+    # 1 warm-up and 3 repetitions of the prompt; 3 of the 32 tokens and 1 warm-up token
+    load_q8 = 0.7 + n * 9.5 / 8 / 2**30 * 1.2
+    assert by(est, "bench", "Q8_0").seconds == pytest.approx(0.6 + load_q8 + 4 * 128 / pp + (3 * 32 + 1) / tg)
+    # a float file is mapped, not read: 0.05 s per GiB
+    assert by(est, "bench", "BF16").seconds == pytest.approx(0.6 + 0.7 + n * 2 / 2**30 * 0.05 + 4 * 128 / pp
+                                                             + (3 * 32 + 1) / tg)
     assert {s.basis for s in est.stages} == {"default"}
     assert not [s for s in est.stages if s.stage.startswith("eval")]      # no suite, no eval
     # built already: nothing to convert or quantize
@@ -94,6 +99,7 @@ def test_this_places_stored_speed_scales_to_another_model(target):
     # a 100M model measured here at pp 500 t/s and tg 50 t/s (Q8_0), converted in 20 s and quantized in 3 s
     store.record_rung(run, _key("Q8_0", "host:a"), [Measurement("pp_tps", 500, "t/s"),
                                                     Measurement("tg_tps", 50, "t/s"),
+                                                    Measurement("load_time", 1.5, "s"),
                                                     Measurement("n_params", 100e6, "count")])
     store.record_stages(run, [estimate.stage_row("convert", "BF16", "host:a", 100_000_000, 20.0, 1e9),
                               estimate.stage_row("quantize", "Q8_0", "host:a", 100_000_000, 3.0, 1e9),
@@ -116,9 +122,17 @@ def test_this_places_stored_speed_scales_to_another_model(target):
     # Q4_0 was not built here (the oom row is not this place's speed): its default, at this place's pace for Q8_0
     q4_default, q8_default = 0.3 + 1.7 * 2e8 / SMALL, 0.3 + 1.3 * 2e8 / SMALL
     assert by(est, "quantize", "Q4_0").seconds == pytest.approx(q4_default * q8 / q8_default)
-    # twice the parameters: half the tokens/s
-    assert by(est, "bench", "Q8_0").seconds == pytest.approx(2.5 + 4 * 128 / 250 + (3 * 32 + 1) / 25)
+    # twice the parameters: half the tokens/s, and the load (1.5 s here) scaled along the defaults' curve (0.7 s,
+    # then 1.2 s per GiB of a 9.5-bit Q8_0)
+    def load_default(m: float, bits: float) -> float:
+        return 0.7 + m * bits / 8 / 2**30 * 1.2
+
+    load_q8 = 1.5 * load_default(2e8, 9.5) / load_default(1e8, 9.5)
+    assert by(est, "bench", "Q8_0").seconds == pytest.approx(0.6 + load_q8 + 4 * 128 / 250 + (3 * 32 + 1) / 25)
     assert by(est, "bench", "Q8_0").basis == "history"
+    # Q4_0 (5.5 bits) was not benchmarked here: its default load at this place's pace for Q8_0's
+    load_q4 = load_default(2e8, 5.5) * load_q8 / load_default(2e8, 9.5)
+    assert by(est, "bench", "Q4_0").seconds == pytest.approx(0.6 + load_q4 + 4 * 128 / 250 + (3 * 32 + 1) / 25)
     # another place has no history: the defaults
     other = estimate.estimate_run(facts(200_000_000), profile, None, place="phone:b", store=store,
                                   memory_available=64 << 30)
@@ -154,6 +168,30 @@ def test_a_models_own_history_is_its_time_and_two_sizes_give_this_places_own_lin
     # below the smallest size that line would start below zero: the nearest size, along the defaults' curve
     along = (0.3 + 2.5 * 1e8 / SMALL) / (0.3 + 2.5 * small / SMALL)
     assert secs(100_000_000, "quantize", "Q4_K_M") == pytest.approx(2.0 * along)
+
+
+def test_a_models_own_speed_comes_before_a_newer_run_of_another_size(tmp_path):
+    store = Store(str(tmp_path / "r.db"))
+    small, big = 268_000_000, 3_880_000_000
+    for n, pp, tg, load in ((big, 40.0, 6.0, 4.0), (small, 800.0, 75.0, 0.8)):     # the small model measured last
+        run = store.start_run("edgequant run", "p", "m", "h")
+        store.record_rung(run, _key("Q8_0", "host:a"), [Measurement("pp_tps", pp, "t/s"),
+                                                        Measurement("tg_tps", tg, "t/s"),
+                                                        Measurement("load_time", load, "s"),
+                                                        Measurement("n_params", n, "count")])
+    profile = load_profile(str(QUICK))
+
+    def bench_s(n: int) -> float:
+        est = estimate.estimate_run(facts(n), profile, None, place="host:a", store=store, memory_available=64 << 30)
+        return by(est, "bench", "Q8_0").seconds
+
+    # the big model's own pp 40 t/s, tg 6 t/s and 4 s load, not the newer small model's scaled to its size
+    assert bench_s(big) == pytest.approx(0.6 + 4.0 + 4 * 128 / 40 + (3 * 32 + 1) / 6)
+    # 2B parameters: the nearest size's tokens/s (the big model's: 1.94 x away against 7.46 x), inversely with
+    # the parameters; the load along the line through both sizes' loads
+    pp, tg = 40 * big / 2e9, 6 * big / 2e9
+    load = 0.8 + (4.0 - 0.8) * (2e9 - small) / (big - small)
+    assert bench_s(2_000_000_000) == pytest.approx(0.6 + load + 4 * 128 / pp + (3 * 32 + 1) / tg)
 
 
 def test_a_suite_adds_the_eval_stages_with_the_teacher_beside_each_rung():
