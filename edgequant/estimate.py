@@ -63,6 +63,8 @@ EVAL_OVERHEAD_S = 4.0                       # an eval worker: start and load
 EVAL_TOKENS_FRACTION = 0.5                  # of max_tokens, generated on average before a stop (set, see above)
 EVAL_SLOT_SPEEDUP = 2.0                     # 8 slots side by side against single-stream tg (README: 44 -> 80-120)
 TEACHER_TPS_FACTOR = 0.5                    # teacher-forced tokens/s against pp, full-vocabulary logits (set)
+TEACHER_CONTEXT = 512 * MiB                 # a model's context in the teacher: KV cache and two blocks of logit
+#                                             rows (bench.quality.teacher_context_bytes: about 0.44 GiB on the 4B)
 # memory
 PROCESS_BASE = 512 * MiB                    # an interpreter with llama.cpp loaded, its buffers, a context
 CONVERT_BASE = 3 * GiB // 2                 # torch + transformers imported (1.7 GiB peak on the 270M)
@@ -421,16 +423,23 @@ def estimate_run(facts: ModelFacts, profile, suite=None, place: str | None = Non
             secs = EVAL_OVERHEAD_S + prompt_tokens / pp + gen_tokens / (tg * EVAL_SLOT_SPEEDUP)
             stages.append(StageEstimate("eval-reference" if i == 0 else "eval-generate", q, secs,
                                         PROCESS_BASE + sizes[q], basis))
-        # the teacher pass: the reference's tokens through the reference and each rung; one process per group
-        # of rungs (as many as fit), so each rung's share is its own pass plus the reference's and a start
+        # the teacher pass: the reference's tokens through the reference and each rung, in one process per group
+        # of rungs that fit beside the reference (bench.quality.teacher_groups, each model counted as its file
+        # and a context); the reference decodes every position once per group, so each rung's share is its own
+        # pass plus its part of the group's reference pass and start
+        from edgequant.bench.quality import teacher_groups
+
         teacher_tokens = prompt_tokens + gen_tokens
         pp_ref, _ = speed.tps("pp", ref, n)
-        for q in rungs[1:]:
-            pp, basis = speed.tps("pp", q, n)
-            secs = EVAL_OVERHEAD_S + teacher_tokens / (pp * TEACHER_TPS_FACTOR) \
-                + teacher_tokens / (pp_ref * TEACHER_TPS_FACTOR)
-            # the smallest group the teacher can run: the reference and this rung beside it
-            stages.append(StageEstimate("eval-teacher", q, secs, PROCESS_BASE + sizes[ref] + sizes[q], basis))
+        shared = EVAL_OVERHEAD_S + teacher_tokens / (pp_ref * TEACHER_TPS_FACTOR)
+        groups = teacher_groups(sizes[ref] + TEACHER_CONTEXT, [(q, sizes[q] + TEACHER_CONTEXT) for q in rungs[1:]],
+                                memory_available)
+        for group in groups:
+            for q in group:
+                pp, basis = speed.tps("pp", q, n)
+                secs = teacher_tokens / (pp * TEACHER_TPS_FACTOR) + shared / len(group)
+                # memory: the smallest group the teacher can run, the reference and this rung beside it
+                stages.append(StageEstimate("eval-teacher", q, secs, PROCESS_BASE + sizes[ref] + sizes[q], basis))
     return RunEstimate(stages, disk or [], memory_available, place)
 
 

@@ -215,6 +215,27 @@ def test_a_suite_adds_the_eval_stages_with_the_teacher_beside_each_rung():
     assert built.largest.stage == "eval-teacher" and built.largest.quant == "Q8_0"   # Q8_0: the largest rung
 
 
+def test_the_teacher_estimate_counts_the_reference_once_per_group_that_fits():
+    from edgequant.profiles.suites import load_suite
+
+    profile = load_profile(str(QUICK))
+    suite = load_suite("triage")
+
+    def teacher_s(memory: int) -> list[float]:
+        est = estimate.estimate_run(facts(268_000_000), profile, suite, place="host:test", memory_available=memory)
+        return [s.seconds for s in est.stages if s.stage == "eval-teacher"]
+
+    # 2 GiB: 60 % of it holds the reference (536 MB and a 512 MiB context) and no rung beside it, so each rung
+    # runs in a group of its own: a start (4 s) and two passes of the same tokens at the same default speed
+    alone = teacher_s(2 << 30)
+    assert len(alone) == 3 and alone[0] == pytest.approx(alone[1]) == pytest.approx(alone[2])
+    one_pass = (alone[0] - 4.0) / 2
+    # 64 GiB: all three in one group, which starts once and passes the reference once: a third of each per rung
+    together = teacher_s(64 << 30)
+    assert together == pytest.approx([one_pass + (4.0 + one_pass) / 3] * 3)
+    assert sum(together) == pytest.approx(4.0 + 4 * one_pass)
+
+
 def test_disk_or_memory_short_is_one_line_naming_both_figures_and_the_folder(tmp_path):
     disk = [estimate.DiskNeed(tmp_path / "artifacts", 3 << 30, 1 << 30)]
     est = estimate.RunEstimate([], disk, 64 << 30, "host:test")
