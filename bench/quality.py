@@ -202,7 +202,14 @@ def case_results(suite: Suite, data: dict) -> dict[str, CaseResult]:
 def reference_outputs(ref_path: Path, ref_sha: str, ref_quant: str, suite: Suite, cache_root: Path,
                       threads: int, repack: bool | None, prompting: str, timeout: float,
                       on_progress: Callable[[str], None], slots: int = EVAL_SLOTS) -> Reference:
-    key = hashlib.sha256(f"{ref_sha}|{suite.sha256}|{prompting}|slots{slots}|v3".encode()).hexdigest()[:24]
+    """The reference's greedy outputs on the suite, cached under everything that decides them: the file, the
+    suite, the prompting, the cases side by side, the threads and repacking (they choose llama.cpp's kernels,
+    whose last bits greedy outputs follow) and llama-cpp-python's version."""
+    from importlib import metadata
+
+    runtime = metadata.version("llama-cpp-python")
+    key = hashlib.sha256(f"{ref_sha}|{suite.sha256}|{prompting}|slots{slots}|threads{threads}|repack{repack}"
+                         f"|llama-cpp-python {runtime}|v4".encode()).hexdigest()[:24]
     folder = cache_root / "quality" / key
     meta_path = folder / "reference.json"
     peak = None

@@ -8,6 +8,7 @@ import math
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 
 from conftest import db_rows as rows, assert_one_line_error, cli_env, run_cli
@@ -192,6 +193,15 @@ def test_the_reference_is_decoded_once_and_reused(quality_run, tiny_checkpoint):
         quality_run["db"], "SELECT * FROM eval_cases WHERE run_id = ?", runs[1]["run_id"])}
     assert first == second
     assert [r["quant"] for r in data["quality"]] == ["BF16", "Q8_0", "Q4_0"]
+    # another thread count can choose other kernels (and other last bits): the reference is decoded again,
+    # beside the first one, which stays as it was
+    resolved = psutil.cpu_count(logical=False) or psutil.cpu_count() or 1       # the profile's 0: one per core
+    other = 1 if resolved > 1 else 2
+    res = run_cli("eval", "--model", str(tiny_checkpoint), "--profile", str(quality_run["profile"]),
+                  "--suite", str(quality_run["suite"]), "-t", str(other), env=quality_run["env"])
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert len(list(cache.iterdir())) == 2
+    assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} == before
 
 
 def test_table_and_gates(quality_run):
