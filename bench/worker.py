@@ -25,10 +25,11 @@ import traceback
 from dataclasses import dataclass, field
 from typing import Any, Callable, TextIO
 
-from edgequant.core.children import die_with_parent, raise_if_terminated
+from edgequant.core.children import raise_if_terminated
 from edgequant.core.status import RungStatus, classify_exit, exit_signal
 
 STDERR_TAIL = 20
+PARENT_ENV = "EDGEQUANT_WORKER_PARENT"     # the pid of the edgequant process that started the worker
 
 
 @dataclass
@@ -66,10 +67,12 @@ class _Run:
         self.config: dict[str, str] = {}
         self._partial = b""
         self._stdin = json.dumps(request).encode()
-        # its own session (a terminal's Ctrl-C reaches only us, and we stop its group); it dies with us
+        # its own session (a terminal's Ctrl-C reaches only us, and we stop its group); it dies with us, armed
+        # by the worker itself (``serve``): no preexec_fn, so no Python code runs around the fork, where a
+        # Ctrl-C would be lost (``edgequant.core.children``)
         self.proc = subprocess.Popen([sys.executable, "-m", module], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
-                                     preexec_fn=die_with_parent())
+                                     env={**os.environ, PARENT_ENV: str(os.getpid())})
 
     def _stderr_line(self, raw: bytes) -> None:
         line = raw.decode("utf-8", "replace").strip()
@@ -162,7 +165,7 @@ def run_worker(module: str, request: dict[str, Any], timeout: float,
     deadline = time.monotonic() + timeout
     run = _Run(module, request, on_progress)
     try:
-        raise_if_terminated()      # a SIGTERM that arrived while it forked
+        raise_if_terminated()      # a SIGTERM or Ctrl-C that arrived while it forked
         code: int | None = None
         if run.pump(deadline):
             try:
@@ -193,13 +196,17 @@ class WorkerError(Exception):
 
 
 def _die_with_parent() -> None:
-    """Ask Linux to SIGKILL this process if the parent dies first (best effort)."""
+    """Ask Linux to SIGKILL this process if the parent dies first (best effort); exit now if it is already
+    gone (``run_worker`` passes its pid)."""
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         PR_SET_PDEATHSIG = 1
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     except (OSError, AttributeError):
         pass
+    parent = os.environ.get(PARENT_ENV, "")
+    if parent.isdigit() and os.getppid() != int(parent):
+        os._exit(1)
 
 
 def _private_stdout() -> TextIO:

@@ -219,7 +219,7 @@ def compute_imatrix(tool: Path, reference: Path, reference_sha256: str, model_ha
                                       timeout=timeout, check=False, preexec_fn=die_with_parent())
             except subprocess.TimeoutExpired:
                 raise RunFailed(f"llama-imatrix took longer than {timeout:.0f} s (log: {log})") from None
-        raise_if_terminated()      # a SIGTERM that arrived while it forked: late, but not lost
+        raise_if_terminated()      # a SIGTERM or Ctrl-C that arrived while it forked: late, but not lost
         if proc.returncode != 0 or not out.is_file():
             tail = [ln.strip() for ln in log.read_text(errors="replace").splitlines() if ln.strip()][-1:]
             raise RunFailed(f"llama-imatrix failed (exit {proc.returncode}): {' '.join(tail)[:300]} "

@@ -163,7 +163,7 @@ def run_forked(work: Callable[[], tuple[int, str]], tick: Callable[[], None]) ->
             os._exit(code)
     os.close(write_fd)
     try:
-        raise_if_terminated()      # a SIGTERM that arrived while it forked
+        raise_if_terminated()      # a SIGTERM or Ctrl-C that arrived while it forked
         with StageMeter(pid) as meter:
             while True:
                 got, status, usage = os.wait4(pid, os.WNOHANG)
@@ -403,7 +403,7 @@ class Ladder:
                                     stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
                                     preexec_fn=die_with_parent())
             try:
-                raise_if_terminated()      # a SIGTERM that arrived while it forked
+                raise_if_terminated()      # a SIGTERM or Ctrl-C that arrived while it forked
                 with StageMeter(proc.pid) as meter:     # the converter's time and peak RSS, stored with the run
                     while proc.poll() is None:
                         time.sleep(0.2)

@@ -363,7 +363,7 @@ class OnnxLadder:
                                     stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
                                     preexec_fn=die_with_parent())
             try:
-                raise_if_terminated()      # a SIGTERM that arrived while it forked
+                raise_if_terminated()      # a SIGTERM or Ctrl-C that arrived while it forked
                 with StageMeter(proc.pid) as meter:
                     proc.wait()
             except BaseException:

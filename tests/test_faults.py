@@ -720,44 +720,75 @@ def test_resume_force_takes_over_a_run_that_still_looks_alive(tmp_path):
     assert (row["pid"], row["status"]) == (os.getpid(), "running") and row["hostname"] != "elsewhere"
 
 
-FORK_SIGTERM = """
+FORK_SIGNAL = """
 import os, signal, sys
-from edgequant.cli import on_sigterm
+from edgequant.cli import install_stop_handlers
 from edgequant.core.errors import Terminated
 from edgequant.bench.worker import run_worker
 from edgequant.quantize.ladder import run_forked
+from edgequant.core.children import die_with_parent, raise_if_terminated
+import subprocess
 
-signal.signal(signal.SIGTERM, on_sigterm)
+signal.signal(signal.SIGINT, signal.default_int_handler)      # as Python starts where Ctrl-C is not ignored
+install_stop_handlers()
+SIG = getattr(signal, sys.argv[2])
+hooks = []
 
 
-def hook():            # as logging's at-fork hooks: Python code that runs in the parent right after a fork
-    os.kill(os.getpid(), signal.SIGTERM)
+def in_parent():       # as logging's at-fork hooks: Python code that runs in the parent right after a fork
+    hooks.append("parent")
+    os.kill(os.getpid(), SIG)
     for _ in range(1000):
         pass
 
 
-os.register_at_fork(after_in_parent=hook)
+def in_child():        # the signal reaches the forked child too (the same process group), before it execs
+    os.kill(os.getpid(), SIG)
+    for _ in range(1000):
+        pass
+
+
+os.register_at_fork(after_in_parent=in_parent, after_in_child=in_child)
 try:
     if sys.argv[1] == "fork":
         run_forked(lambda: (0, ""), lambda: None)
+    elif sys.argv[1] == "popen":      # as the converter and llama-imatrix are started
+        subprocess.Popen([sys.executable, "-c", "pass"], preexec_fn=die_with_parent()).wait()
+        raise_if_terminated()
     else:
         run_worker("edgequant.bench.no_such_worker", {}, 30)
 except Terminated:
     print("terminated")
     sys.exit(0)
-print("went on")
+except KeyboardInterrupt:
+    print("interrupted")
+    sys.exit(0)
+print("went on", hooks)
 """
 
 
-@pytest.mark.parametrize("how", ["fork", "worker"])
-def test_a_sigterm_swallowed_by_an_at_fork_hook_still_stops_the_command(tmp_path, how):
-    # Python runs the SIGTERM handler at the next bytecode; inside an at-fork hook its exception is printed
-    # as "ignored" and lost, so without the recorded signal the command went on to the end (exit 0)
-    script = tmp_path / "fork_sigterm.py"
-    script.write_text(FORK_SIGTERM)
-    res = subprocess.run([sys.executable, str(script), how], capture_output=True, text=True, timeout=60)
-    assert "Exception ignored" in res.stderr, res.stderr          # the hook did swallow it
-    assert res.stdout.strip() == "terminated", res.stdout + res.stderr
+@pytest.mark.parametrize("how", ["fork", "popen"])
+@pytest.mark.parametrize("sig, said", [("SIGTERM", "terminated"), ("SIGINT", "interrupted")])
+def test_a_signal_swallowed_by_an_at_fork_hook_still_stops_the_command(tmp_path, sig, said, how):
+    # Python runs a signal's handler at the next bytecode; inside an at-fork hook its exception is printed as
+    # "ignored" and lost, so without the recorded signal the command went on to the end (exit 0, its run
+    # complete).  The forked child, hit by the same signal before it execs, says nothing.
+    script = tmp_path / "fork_signal.py"
+    script.write_text(FORK_SIGNAL)
+    res = subprocess.run([sys.executable, str(script), how, sig], capture_output=True, text=True, timeout=60)
+    assert res.stderr.count("Exception ignored") == 1, res.stderr     # the parent's hook swallowed it; not the child
+    assert res.stdout.strip() == said, res.stdout + res.stderr
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_starting_a_worker_runs_no_python_around_its_fork(tmp_path, sig):
+    # no preexec_fn: no at-fork hook runs, so a signal cannot be swallowed there (the worker arms its own
+    # parent-death signal); the worker here does not exist, so the command goes on
+    script = tmp_path / "fork_signal.py"
+    script.write_text(FORK_SIGNAL)
+    res = subprocess.run([sys.executable, str(script), "worker", sig], capture_output=True, text=True, timeout=60)
+    assert res.stdout.strip() == "went on []", res.stdout + res.stderr
+    assert "Traceback" not in res.stderr, res.stderr
 
 
 def test_sigterm_mid_run_is_partial_and_resumes(built, tmp_path):

@@ -25,30 +25,54 @@ from edgequant.cli.app import cli
 from edgequant.core.children import note_terminated
 from edgequant.core.errors import EdgequantError, Terminated, one_line
 
-__all__ = ["cli", "entry", "main", "on_sigterm"]
+__all__ = ["cli", "entry", "install_stop_handlers", "main", "on_sigint", "on_sigterm"]
 
 
 # ---------------------------------------------------------------------------
 # entry point: library errors become one clean line
 
 
+_OWNER = [0]        # the process whose command the handlers below stop (not a child forked from it)
+
+
 def on_sigterm(signum, frame) -> None:
     """SIGTERM unwinds like Ctrl-C; recorded as well, for a fork that swallows the exception
-    (``edgequant.core.children``)."""
+    (``edgequant.core.children``).  A child forked from this process, before it execs, does nothing."""
+    if os.getpid() != _OWNER[0]:
+        return
     note_terminated()
     raise Terminated()
 
 
+def on_sigint(signum, frame) -> None:
+    """Ctrl-C: Python's KeyboardInterrupt, recorded like SIGTERM for a fork that swallows it; nothing in a
+    child forked from this process before it execs (its traceback would land on this command's stderr)."""
+    if os.getpid() != _OWNER[0]:
+        return
+    note_terminated(KeyboardInterrupt)
+    raise KeyboardInterrupt()
+
+
+def install_stop_handlers() -> dict[int, object]:
+    """This process's SIGTERM and Ctrl-C handlers (call from the main thread); returns the previous ones.
+    SIGTERM (a CI job cancelled, `kill`) unwinds like Ctrl-C: partial files removed, the run marked partial.
+    Where Ctrl-C is ignored (a background job) it stays ignored."""
+    _OWNER[0] = os.getpid()
+    previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, on_sigterm)}
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        previous[signal.SIGINT] = signal.signal(signal.SIGINT, on_sigint)
+    return previous
+
+
 def main(argv: list[str] | None = None) -> int:
-    previous = None
+    previous: dict[int, object] = {}
     if threading.current_thread() is threading.main_thread():
-        # SIGTERM (a CI job cancelled, `kill`) unwinds like Ctrl-C: partial files removed, the run marked partial
-        previous = signal.signal(signal.SIGTERM, on_sigterm)
+        previous = install_stop_handlers()
     try:
         return _main(argv)
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def _main(argv: list[str] | None) -> int:

@@ -7,11 +7,14 @@ started with :func:`die_with_parent` as its ``preexec_fn``: Linux's parent-death
 should not see a terminal's Ctrl-C also get their own session (``start_new_session=True``); the parent
 then stops them itself.
 
-A SIGTERM can arrive while this process forks.  Python runs a signal's handler at the next bytecode, and if
-that is inside an at-fork hook (``logging`` registers some, and ``gguf`` imports logging) the exception the
-handler raises is printed as "ignored" there and lost: the command would go on to the end and exit 0.  The
-CLI's handler therefore also records the signal (:func:`note_terminated`), and every place that forks calls
-:func:`raise_if_terminated` right after.
+A SIGTERM or a Ctrl-C can arrive while this process forks.  Python runs a signal's handler at the next
+bytecode, and if that is inside an at-fork hook (``logging`` registers some, and ``gguf`` imports logging)
+the exception the handler raises is printed as "ignored" there, traceback and all, and lost: the command
+would go on to the end and exit 0, its run stored as complete.  The CLI's handlers therefore also record the
+signal (:func:`note_terminated`), and every place that forks calls :func:`raise_if_terminated` right after;
+in a forked child (before it execs) they do nothing.  The eval and bench workers are started with no
+``preexec_fn`` at all (no Python code runs around their fork) and arm the parent-death signal themselves
+(``bench.worker.serve``).
 """
 
 from __future__ import annotations
@@ -25,7 +28,9 @@ from edgequant.core.errors import Terminated
 
 PR_SET_PDEATHSIG = 1          # <linux/prctl.h>
 
-_terminated = [False]         # set by the CLI's SIGTERM handler, never cleared: the command is ending
+_stopped: list[type[KeyboardInterrupt] | None] = [None]   # what the CLI's signal handlers raised (Ctrl-C's
+#                                                          KeyboardInterrupt, SIGTERM's Terminated); never
+#                                                          cleared: the command is ending
 
 _prctl = None
 if sys.platform.startswith("linux"):
@@ -51,12 +56,14 @@ def die_with_parent():
     return arm
 
 
-def note_terminated() -> None:
-    """Called by the CLI's SIGTERM handler before it raises :class:`Terminated`."""
-    _terminated[0] = True
+def note_terminated(kind: type[KeyboardInterrupt] = Terminated) -> None:
+    """Called by the CLI's SIGTERM handler (and its Ctrl-C handler, with ``KeyboardInterrupt``) before it
+    raises ``kind``."""
+    _stopped[0] = kind
 
 
 def raise_if_terminated() -> None:
-    """After a fork: raise the :class:`Terminated` an at-fork hook may have swallowed (see the module doc)."""
-    if _terminated[0]:
-        raise Terminated()
+    """After a fork: raise the :class:`Terminated` or ``KeyboardInterrupt`` an at-fork hook may have swallowed
+    (see the module doc)."""
+    if _stopped[0] is not None:
+        raise _stopped[0]()
