@@ -13,7 +13,6 @@ SIGKILL, whether or not the worker is printing anything.  How it ended is classi
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import selectors
@@ -25,7 +24,7 @@ import traceback
 from dataclasses import dataclass, field
 from typing import Any, Callable, TextIO
 
-from edgequant.core.children import raise_if_terminated
+from edgequant.core.children import die_with_parent, raise_if_terminated
 from edgequant.core.status import RungStatus, classify_exit, exit_signal
 
 STDERR_TAIL = 20
@@ -196,17 +195,10 @@ class WorkerError(Exception):
 
 
 def _die_with_parent() -> None:
-    """Ask Linux to SIGKILL this process if the parent dies first (best effort); exit now if it is already
-    gone (``run_worker`` passes its pid)."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        PR_SET_PDEATHSIG = 1
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    except (OSError, AttributeError):
-        pass
+    """Ask Linux to SIGKILL this process if the parent dies first; exit now if it is already gone
+    (``run_worker`` passes its pid; a worker started by hand arms against whoever started it)."""
     parent = os.environ.get(PARENT_ENV, "")
-    if parent.isdigit() and os.getppid() != int(parent):
-        os._exit(1)
+    die_with_parent(int(parent) if parent.isdigit() else os.getppid())()
 
 
 def _private_stdout() -> TextIO:

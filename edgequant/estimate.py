@@ -58,7 +58,6 @@ BENCH_START_S = 0.6                         # a benchmark process beyond its mod
 LOAD_FIXED_S = 0.7                          # a model's load: 0.75-0.85 s for every rung of the 268M, ...
 LOAD_S_PER_GIB = 1.2                        # ... then read and repacked at about this (4B: Q8_0 0.8 s/GiB, Q4_0 1.3,
 LOAD_S_PER_GIB_FLOAT = 0.05                 # Q4_K_M 1.5); a float file is mapped (4B BF16: 0.9 s for 7.2 GiB)
-FLOAT_TYPES = ("BF16", "F16", "F32")
 EVAL_OVERHEAD_S = 4.0                       # an eval worker: start and load
 EVAL_TOKENS_FRACTION = 0.5                  # of max_tokens, generated on average before a stop (set, see above)
 EVAL_SLOT_SPEEDUP = 2.0                     # 8 slots side by side against single-stream tg (README: 44 -> 80-120)
@@ -241,11 +240,23 @@ def default_stage_seconds(stage: str, quant: str, n_params: int) -> float | None
     if stage == "onnx-export":
         return 45.0 / 268e6 * n_params
     if stage == "load":
+        from edgequant.profiles import FLOAT_TYPES
         from edgequant.profiles.variants import base_quant
 
         per_gib = LOAD_S_PER_GIB_FLOAT if base_quant(quant).upper() in FLOAT_TYPES else LOAD_S_PER_GIB
         return LOAD_FIXED_S + rung_bytes(n_params, quant) / GiB * per_gib
     return None
+
+
+def same_model(points: list[tuple[int, float]], n_params: int) -> list[float]:
+    """The values of (parameters, value) points, newest first, that are this model's own (within SAME_SIZE)."""
+    return [v for m, v in points if abs(m - n_params) <= SAME_SIZE * n_params]
+
+
+def nearest_size(points: list[tuple[int, float]], n_params: int) -> tuple[int, list[float]]:
+    """The stored model size nearest ``n_params`` (by ratio) and its values, newest first."""
+    size = min((m for m, _ in points), key=lambda m: abs(math.log(m / n_params)))
+    return size, [v for m, v in points if m == size]
 
 
 def scaled_seconds(points: list[tuple[int, float]], n_params: int,
@@ -259,7 +270,7 @@ def scaled_seconds(points: list[tuple[int, float]], n_params: int,
       used then only at or above the smallest size;
     * the nearest size's time, scaled along ``default`` (parameters -> seconds, the defaults' line) at this
       place's pace, or in proportion to the parameters where it gives none."""
-    same = [sec for m, sec in points if abs(m - n_params) <= SAME_SIZE * n_params]
+    same = same_model(points, n_params)
     if same:
         return statistics.median(same[:5])
     sizes = [m for m, _ in points]
@@ -270,8 +281,8 @@ def scaled_seconds(points: list[tuple[int, float]], n_params: int,
         start = my - slope * mx
         if slope > 0 and (start >= 0 or n_params >= min(sizes)):   # a negative start-up only between or above
             return start + slope * n_params
-    nearest = min(sizes, key=lambda m: abs(math.log(m / n_params)))
-    sec = statistics.median([s_ for m, s_ in points if m == nearest][:5])
+    nearest, secs = nearest_size(points, n_params)
+    sec = statistics.median(secs[:5])
     if default is not None and default(nearest):
         return sec * default(n_params) / default(nearest)
     return sec * n_params / nearest
@@ -295,11 +306,11 @@ class Speed:
         default = PP_TPS_PARAMS if kind == "pp" else TG_TPS_PARAMS
 
         def at(points: list[tuple[int, float]]) -> float:
-            same = [v for m, v in points if abs(m - n_params) <= SAME_SIZE * n_params]
+            same = same_model(points, n_params)
             if same:
                 return statistics.median(same[:5])
-            m, v = min(points, key=lambda p: abs(math.log(p[0] / n_params)))    # the newest of the nearest
-            return v * m / n_params
+            size, values = nearest_size(points, n_params)
+            return values[0] * size / n_params          # the newest of the nearest size
 
         if quant in table:
             return at(table[quant]), "history"

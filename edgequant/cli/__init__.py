@@ -35,22 +35,21 @@ __all__ = ["cli", "entry", "install_stop_handlers", "main", "on_sigint", "on_sig
 _OWNER = [0]        # the process whose command the handlers below stop (not a child forked from it)
 
 
-def on_sigterm(signum, frame) -> None:
-    """SIGTERM unwinds like Ctrl-C; recorded as well, for a fork that swallows the exception
-    (``edgequant.core.children``).  A child forked from this process, before it execs, does nothing."""
-    if os.getpid() != _OWNER[0]:
-        return
-    note_terminated()
-    raise Terminated()
+def _stop_handler(kind: type[KeyboardInterrupt]):
+    """A signal handler raising ``kind``, recorded as well for a fork that swallows the exception
+    (``edgequant.core.children``); in a child forked from this process, before it execs, it does nothing
+    (its traceback would land on this command's stderr)."""
+    def handler(signum, frame) -> None:
+        if os.getpid() != _OWNER[0]:
+            return
+        note_terminated(kind)
+        raise kind()
+
+    return handler
 
 
-def on_sigint(signum, frame) -> None:
-    """Ctrl-C: Python's KeyboardInterrupt, recorded like SIGTERM for a fork that swallows it; nothing in a
-    child forked from this process before it execs (its traceback would land on this command's stderr)."""
-    if os.getpid() != _OWNER[0]:
-        return
-    note_terminated(KeyboardInterrupt)
-    raise KeyboardInterrupt()
+on_sigterm = _stop_handler(Terminated)          # SIGTERM unwinds like Ctrl-C (exit 143)
+on_sigint = _stop_handler(KeyboardInterrupt)    # Ctrl-C: Python's KeyboardInterrupt (exit 130)
 
 
 def install_stop_handlers() -> dict[int, object]:

@@ -40,11 +40,12 @@ if sys.platform.startswith("linux"):
         _prctl = None
 
 
-def die_with_parent():
+def die_with_parent(parent: int | None = None):
     """A ``preexec_fn`` for ``subprocess``: the child is SIGKILLed when this process dies (it exits at once
     if this process is already gone).  The signal follows the *thread* that starts the child: start
-    long-lived children from a thread that lives as long as the command."""
-    parent = os.getpid()
+    long-lived children from a thread that lives as long as the command.  Called in a process with its
+    parent's pid (``parent``), the function it returns arms that process itself."""
+    parent = os.getpid() if parent is None else parent
 
     def arm() -> None:
         if _prctl is None:
